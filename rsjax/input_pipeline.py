@@ -1,0 +1,533 @@
+"""TFDS data source -> grain -> global batches sharded on a Mesh 'data' axis.
+
+The dataset stores tiles in physical units (see rsjax.data.contract). This
+module turns them into model inputs:
+
+    batch = {
+      'image': (B, H, W, 4) float32 in [-1, 1]   S2 B, G, R, NIR
+      'lulc':  (B, H, W, 9) float32 one-hot       if 'lulc' in sources (no data -> all zeros)
+      's1':    (B, H, W, 2) float32 in [-1, 1]    if 's1' in sources (VV, VH)
+      'dem':   (B, H, W, 5) float32               if 'dem' in sources:
+               elevation standardized, slope / 90, sin(aspect), cos(aspect), hillshade in [-1, 1]
+      'label': (B, H, W) int32, Dynamic World label, 255 = no data
+      'valid': (B, H, W) bool, True where the optical target and every selected source have data
+    }
+
+Normalization (from the statistics stored with the dataset, computed over the
+train split at build time; see rsjax.data.statistics):
+- optical (per band) and SAR (per polarization): clipped to the train split's
+  [1st, 99th] percentile and mapped linearly to [-1, 1];
+- elevation: (z - mean) / std;  slope: degrees / 90, in [0, 1];
+- aspect: sin and cos of the angle (it is circular); flat cells (no aspect) -> (0, 0);
+- hillshade: 0..255 mapped to [-1, 1];
+- land cover: one-hot over the 9 Dynamic World classes, no data -> all zeros.
+No data: every value that is missing in the record (s2 all-zero pixel, NaN in
+s1/dem, label 255) is 0 after normalization, and `valid` is False there.
+
+Augmentation (training only): a random left-right flip then a random number
+k of counterclockwise quarter turns, applied to every source alike. The
+pixels move, and the aspect angles (clockwise from north) move with them:
+a flip maps aspect a to 360 - a, a counterclockwise quarter turn to a - 90.
+Slope and hillshade are invariant (hillshade keeps its fixed sun, as does the
+optical image it explains).
+
+Data config fields (an ml_collections.ConfigDict, `data_cfg`):
+- name: TFDS name with config, e.g. 'rs_multisource/synthetic'.
+- data_dir: the TFDS data_dir (e.g. 'work/tensorflow_datasets').
+- tile_size: tile side in pixels; when it differs from the named config's,
+  a derived config '<config>_t<tile_size>' is used (see builder_config_for).
+- worker_count: grain worker processes (0 = read in the main process).
+- Optional: stride, max_nodata_fraction, manual_dir (for the manual config),
+  worker_buffer_size (default 2), statistics_split note: statistics always
+  come from the train split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from rsjax.data import contract
+
+SOURCE_CHANNELS = {"lulc": contract.NUM_CLASSES, "s1": 2, "dem": 5}
+IMAGE_CHANNELS = len(contract.S2_BANDS)
+
+
+# ----------------------------------------------------------------------------
+# Normalization
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """The constants that map stored physical units to model space."""
+
+    s2_low: np.ndarray      # (4,) reflectance x 10000 mapped to -1
+    s2_high: np.ndarray     # (4,) ... mapped to +1
+    s1_low: np.ndarray      # (2,) dB mapped to -1
+    s1_high: np.ndarray     # (2,) dB mapped to +1
+    elevation_mean: float
+    elevation_std: float
+
+    @classmethod
+    def from_statistics(cls, stats: Mapping[str, Any], low: str = "p1", high: str = "p99") -> "Normalizer":
+        """Builds the constants from the dataset's stored statistics (train split)."""
+        def pair(source: str) -> tuple[np.ndarray, np.ndarray]:
+            pct = stats[source]["percentiles"]
+            lo = np.asarray(pct[low], np.float64)
+            hi = np.asarray(pct[high], np.float64)
+            if np.any(~np.isfinite(lo)) or np.any(~np.isfinite(hi)):
+                raise ValueError(f"statistics of {source!r} have no {low}/{high} percentiles "
+                                 "(no valid pixel in the train split?); rebuild the dataset")
+            # A constant band would divide by zero: give it a 1-unit range.
+            hi = np.maximum(hi, lo + 1.0)
+            return lo.astype(np.float32), hi.astype(np.float32)
+
+        s2_low, s2_high = pair("s2")
+        s1_low, s1_high = pair("s1")
+        elevation = contract.DEM_CHANNELS.index("elevation")
+        mean = stats["dem"]["mean"][elevation]
+        std = stats["dem"]["std"][elevation]
+        if mean is None or std is None:
+            raise ValueError("statistics of 'dem' have no elevation mean/std; rebuild the dataset")
+        return cls(s2_low, s2_high, s1_low, s1_high, float(mean), max(float(std), 1.0))
+
+    def to_json(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def _scale_to_unit(x: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Clips x to [low, high] and maps that range linearly to [-1, 1]."""
+    x = np.clip(x, low, high)
+    return (2.0 * (x - low) / (high - low) - 1.0).astype(np.float32)
+
+
+def image_to_reflectance01(x):
+    """Model space [-1, 1] -> [0, 1] for metrics (PSNR/SSIM with data range 1, SAM).
+
+    The mapping is (x + 1) / 2, clipped to [0, 1]: 0 is a band's 1st percentile
+    of train-split reflectance and 1 its 99th, so it is reflectance rescaled
+    per band to the dataset's range (what the paper's metrics compare), not
+    physical reflectance; for that use `image_to_reflectance(x, normalizer)`.
+    Works on numpy and jax arrays.
+    """
+    y = (x + 1.0) * 0.5
+    return y.clip(0.0, 1.0)
+
+
+def image_to_reflectance(x, normalizer: Normalizer):
+    """Model space [-1, 1] -> physical surface reflectance (0..1, not x 10000)."""
+    low = normalizer.s2_low / 10000.0
+    high = normalizer.s2_high / 10000.0
+    return low + (x + 1.0) * 0.5 * (high - low)
+
+
+def normalize_tile(tile: Mapping[str, np.ndarray], norm: Normalizer,
+                   sources: Sequence[str]) -> dict[str, np.ndarray]:
+    """One contract tile (physical units) -> the model inputs of one example."""
+    s2 = np.asarray(tile["s2"])
+    lulc = np.asarray(tile["lulc"])
+    valid = np.any(s2 != contract.S2_NODATA, axis=-1)
+    image = _scale_to_unit(s2.astype(np.float32), norm.s2_low, norm.s2_high)
+    out = {"label": lulc.astype(np.int32)}
+
+    if "lulc" in sources:
+        # Comparing with 0..8 gives all zeros for 255 (and for any invalid label).
+        out["lulc"] = (lulc[..., None] == np.arange(contract.NUM_CLASSES, dtype=lulc.dtype)).astype(np.float32)
+        valid &= lulc != contract.LULC_NODATA
+    if "s1" in sources:
+        s1 = np.asarray(tile["s1"], np.float32)
+        present = np.isfinite(s1)
+        valid &= present.all(axis=-1)
+        out["s1"] = np.where(present, _scale_to_unit(s1, norm.s1_low, norm.s1_high), 0.0).astype(np.float32)
+    if "dem" in sources:
+        dem = np.asarray(tile["dem"], np.float32)
+        elevation, slope, aspect, hillshade = (dem[..., i] for i in range(4))
+        flat = aspect == contract.ASPECT_FLAT
+        angle = np.deg2rad(np.where(flat, 0.0, aspect))
+        channels = np.stack([
+            (elevation - norm.elevation_mean) / norm.elevation_std,
+            slope / 90.0,
+            np.where(flat, 0.0, np.sin(angle)),
+            np.where(flat, 0.0, np.cos(angle)),
+            hillshade / 127.5 - 1.0,
+        ], axis=-1)
+        present = np.isfinite(channels)
+        valid &= present.all(axis=-1)
+        out["dem"] = np.where(present, channels, 0.0).astype(np.float32)
+
+    out["image"] = np.where(valid[..., None], image, 0.0).astype(np.float32)
+    out["valid"] = valid
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------
+
+def transform_aspect(aspect: np.ndarray, *, flip: bool, quarter_turns: int) -> np.ndarray:
+    """Aspect (degrees clockwise from north) after `flip_and_rotate` of its tile.
+
+    Flat cells (-9999) and NaN stay as they are.
+    """
+    a = np.asarray(aspect, np.float32)
+    keep = ~np.isfinite(a) | (a == contract.ASPECT_FLAT)
+    turned = a
+    if flip:                      # left-right mirror: east <-> west
+        turned = 360.0 - turned
+    turned = np.mod(turned - 90.0 * quarter_turns, 360.0)
+    return np.where(keep, a, turned).astype(np.float32)
+
+
+def flip_and_rotate(tile: Mapping[str, np.ndarray], *, flip: bool, quarter_turns: int) -> dict:
+    """Mirrors the tile left-right (if flip), then turns it k quarter turns counterclockwise.
+
+    Every raster source moves alike; the aspect channel is transformed with it.
+    Keys other than the contract's rasters are dropped (the georeference no
+    longer describes the moved pixels).
+    """
+    out = {}
+    for key in ("s2", "s1", "lulc", "dem"):
+        x = np.asarray(tile[key])
+        if flip:
+            x = x[:, ::-1]
+        out[key] = np.ascontiguousarray(np.rot90(x, quarter_turns, axes=(0, 1)))
+    aspect = contract.DEM_CHANNELS.index("aspect")
+    dem = out["dem"].copy()
+    dem[..., aspect] = transform_aspect(dem[..., aspect], flip=flip, quarter_turns=quarter_turns)
+    out["dem"] = dem
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The dataset: builder, statistics
+# ----------------------------------------------------------------------------
+
+def _builder_module():
+    # Importing registers the builder with TFDS under the name 'rs_multisource'.
+    from tfds_builder.rs_multisource import rs_multisource_dataset_builder
+    return rs_multisource_dataset_builder
+
+
+def builder_config_for(data_cfg):
+    """The BuilderConfig named by data_cfg.name, with data_cfg's tiling options.
+
+    'rs_multisource/synthetic' with tile_size 128 (the named config has 256)
+    gives a derived config 'synthetic_t128': TFDS keeps it in its own folder,
+    so datasets of different tile sizes never overwrite each other.
+    """
+    module = _builder_module()
+    name, _, config_name = str(data_cfg.name).partition("/")
+    if name != module.Builder.name:
+        raise ValueError(f"data.name={data_cfg.name!r}: rsjax reads '{module.Builder.name}/<config>' "
+                         f"datasets (configs: {', '.join(module.Builder.builder_configs)})")
+    configs = module.Builder.builder_configs
+    base = configs.get(config_name or module.Builder.DEFAULT_BUILDER_CONFIG_NAME)
+    if base is None:
+        raise ValueError(f"data.name={data_cfg.name!r}: unknown config {config_name!r}; "
+                         f"choose one of {', '.join(configs)}")
+    changes = {}
+    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles"):
+        if key in data_cfg and data_cfg[key] is not None:
+            changes[key] = type(getattr(base, key) if getattr(base, key) is not None else data_cfg[key])(
+                data_cfg[key])
+    return module.derived_config(base, **changes)
+
+
+def get_builder(data_cfg):
+    import tensorflow_datasets as tfds  # noqa: F401
+    module = _builder_module()
+    return module.Builder(config=builder_config_for(data_cfg), data_dir=str(data_cfg.data_dir))
+
+
+def ensure_dataset(data_cfg, *, manual_dir: Optional[str] = None):
+    """Builds the dataset named by data_cfg unless it is already prepared; returns the builder.
+
+    The synthetic configs build themselves; the manual config reads
+    `manual_dir` (or data_cfg.manual_dir). On several hosts, process 0 builds
+    and the others wait for it (data_dir must be shared storage).
+    """
+    import jax
+    import tensorflow_datasets as tfds
+
+    builder = get_builder(data_cfg)
+    if builder.is_prepared():
+        return builder
+    manual_dir = manual_dir or (data_cfg.get("manual_dir") if hasattr(data_cfg, "get") else None)
+    if jax.process_index() == 0:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("rsjax.ensure_dataset")
+        builder = get_builder(data_cfg)
+    return builder
+
+
+def load_statistics(builder) -> dict:
+    """The train-split statistics stored with the dataset (metadata.json)."""
+    module = _builder_module()
+    metadata = builder.info.metadata
+    if metadata is not None and module.STATISTICS_KEY in metadata:
+        return metadata[module.STATISTICS_KEY]
+    path = builder.data_path / "metadata.json"
+    if path.exists():
+        stats = json.loads(path.read_text()).get(module.STATISTICS_KEY)
+        if stats is not None:
+            return stats
+    raise ValueError(f"{builder.data_path}: the dataset has no stored statistics "
+                     "(built by an older builder?); rebuild it with `python -m rsjax.build_dataset`.")
+
+
+def class_weights(data_cfg, power: float = 1.0) -> np.ndarray:
+    """Inverse-frequency class weights (9,) from the train split, normalized to mean 1.
+
+    Classes absent from the train split get weight 0 (they never occur in labels).
+    """
+    stats = load_statistics(get_builder(data_cfg))
+    freq = np.asarray(stats["lulc"]["frequencies"], np.float64)
+    weights = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12) ** power, 0.0)
+    present = weights > 0
+    if present.any():
+        weights[present] /= weights[present].mean()
+    return weights.astype(np.float32)
+
+
+
+# ----------------------------------------------------------------------------
+# grain: sharding, shuffling, repeat, per-record transforms, batching
+# ----------------------------------------------------------------------------
+
+_RASTERS = ("s2", "s1", "lulc", "dem")
+
+
+def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
+    """The selected sources in canonical order; () is allowed (optical image only)."""
+    bad = [s for s in sources if s not in SOURCE_CHANNELS]
+    if bad:
+        raise ValueError(f"sources {tuple(sources)}: unknown {bad}; choose a subset of "
+                         f"{tuple(SOURCE_CHANNELS)}")
+    return tuple(s for s in SOURCE_CHANNELS if s in sources)
+
+
+class Normalize(grain.transforms.Map):
+    """A stored tile -> model inputs (evaluation: no augmentation)."""
+
+    def __init__(self, normalizer: Normalizer, sources: tuple[str, ...]):
+        self.normalizer = normalizer
+        self.sources = sources
+
+    def map(self, element):
+        return normalize_tile({k: element[k] for k in _RASTERS}, self.normalizer, self.sources)
+
+
+class AugmentAndNormalize(grain.transforms.RandomMap):
+    """A random flip and quarter turns (aspect moved along), then normalize.
+
+    grain seeds `rng` from the sampler's seed and the record's position in the
+    sampled order, so a run and a run resumed from a checkpointed iterator
+    state draw the same augmentations.
+    """
+
+    def __init__(self, normalizer: Normalizer, sources: tuple[str, ...]):
+        self.normalizer = normalizer
+        self.sources = sources
+
+    def random_map(self, element, rng: np.random.Generator):
+        flip = bool(rng.integers(2))
+        quarter_turns = int(rng.integers(4))
+        tile = flip_and_rotate({k: element[k] for k in _RASTERS}, flip=flip, quarter_turns=quarter_turns)
+        return normalize_tile(tile, self.normalizer, self.sources)
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pads a short final batch to `size` examples that count for nothing:
+    zeros everywhere, label 255 (no data) and valid False."""
+    n = len(batch["valid"])
+    if n == size:
+        return batch
+    out = {}
+    for key, x in batch.items():
+        fill = contract.LULC_NODATA if key == "label" else 0
+        pad = np.full((size - n,) + x.shape[1:], fill, x.dtype)
+        out[key] = np.concatenate([x, pad])
+    return out
+
+
+
+class MixedSource:
+    """Real tiles followed by generated ones (1:1 when every tile has a generated image).
+
+    Record i < len(real) is the real tile i; record len(real) + j is the real
+    tile whose tile_id matches generated image j, with its optical image
+    replaced (land cover, SAR and terrain stay real, as the paper pairs them).
+    Pixels without real optical data stay without data.
+    """
+
+    def __init__(self, real, tile_ids: Sequence[str], s2: np.ndarray):
+        self._real = real
+        index = {}
+        for i in range(len(real)):
+            tid = real[i]["tile_id"]
+            index[tid.decode() if isinstance(tid, bytes) else str(tid)] = i
+        missing = [t for t in tile_ids if t not in index]
+        if missing:
+            raise ValueError(f"{len(missing)} generated image(s) name tiles that are not in this "
+                             f"split, e.g. {missing[:3]}; generate them from the same dataset and split")
+        self._pairs = [index[t] for t in tile_ids]
+        self._s2 = s2
+
+    def __len__(self) -> int:
+        return len(self._real) + len(self._pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self._real)
+        if i < n:
+            return self._real[i]
+        record = dict(self._real[self._pairs[i - n]])
+        nodata = np.all(record["s2"] == contract.S2_NODATA, axis=-1, keepdims=True)
+        record["s2"] = np.where(nodata, contract.S2_NODATA, self._s2[i - n])
+        return record
+
+
+def generated_source(real, generated_dir: str, normalizer: Normalizer) -> MixedSource:
+    """The real split plus the generated images of `generated_dir`.
+
+    The folder holds .npz files, each with `tile_id` (N,) strings and either
+    `s2` (N, H, W, 4) uint16 reflectance x 10000, or `image` (N, H, W, 4) float
+    in model space [-1, 1] (converted back with the dataset's normalizer).
+    """
+    from etils import epath
+
+    files = sorted(epath.Path(generated_dir).glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{generated_dir}: no .npz files of generated images "
+                                "(tile_id + s2 or image arrays)")
+    tile_ids, images = [], []
+    for path in files:
+        with path.open("rb") as f, np.load(f) as z:
+            if "tile_id" not in z or not ({"s2", "image"} & set(z.files)):
+                raise ValueError(f"{path}: needs arrays 'tile_id' and 's2' or 'image' (has {z.files})")
+            if "s2" in z:
+                s2 = np.asarray(z["s2"], np.uint16)
+            else:
+                reflectance = image_to_reflectance(np.asarray(z["image"], np.float32), normalizer)
+                s2 = np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
+            tile_ids += [str(t) for t in z["tile_id"]]
+            images.append(s2)
+    return MixedSource(real, tile_ids, np.concatenate(images))
+
+
+class BatchIterator:
+    """Yields batches as global jax.Arrays sharded on the mesh's 'data' axis.
+
+    Each process reads its own shard of the split (grain's ShardByJaxProcess)
+    and assembles its slice of the global batch; the slices are joined with
+    jax.make_array_from_process_local_data. With mesh=None the batches stay
+    numpy arrays on the host.
+
+    get_state() / set_state() save and restore the position (grain's
+    DataLoader iterator state, bytes): a restored iterator yields exactly the
+    batch that would have come next.
+    """
+
+    def __init__(self, loader: grain.DataLoader, mesh, per_process_batch: int, pad_final: bool):
+        self._loader = loader
+        self._iterator = iter(loader)
+        self._mesh = mesh
+        self._per_process_batch = per_process_batch
+        self._pad_final = pad_final
+        self._sharding = None
+        if mesh is not None:
+            import jax
+            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        if self._pad_final:
+            batch = pad_batch(batch, self._per_process_batch)
+        if self._sharding is None:
+            return batch
+        import jax
+        return {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
+                for k, v in batch.items()}
+
+    def get_state(self) -> bytes:
+        return self._iterator.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(state)
+
+
+def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, train: bool,
+                    seed: int, sources: Sequence[str] = ("lulc", "s1", "dem"),
+                    num_epochs: Optional[int] = None,
+                    generated_dir: Optional[str] = None) -> BatchIterator:
+    """Batches of one split of the dataset named by data_cfg (see the module docstring).
+
+    train=True: shuffled (seeded), repeated for num_epochs (None = forever),
+    augmented (unless data_cfg.augment is False), final partial batch dropped.
+    train=False: in order, not augmented, num_epochs defaults to 1, and the
+    final partial batch is padded with examples whose `valid` is all False
+    and label 255, so that every tile is seen once and masked metrics ignore
+    the padding.
+    generated_dir: add generated optical images to the split (see generated_source).
+    """
+    builder = get_builder(data_cfg)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"{data_cfg.name} (tile_size {data_cfg.tile_size}) is not built in {data_cfg.data_dir}: "
+            f"run `python -m rsjax.build_dataset --config {str(data_cfg.name).partition('/')[2] or 'synthetic'} "
+            f"--data_dir {data_cfg.data_dir} --tile_size {data_cfg.tile_size}`, or call ensure_dataset")
+    if split not in builder.info.splits:
+        raise ValueError(f"split {split!r} not in {data_cfg.name}: {list(builder.info.splits)}")
+    normalizer = Normalizer.from_statistics(load_statistics(builder))
+    source = builder.as_data_source(split=split)
+    if generated_dir is not None:
+        source = generated_source(source, generated_dir, normalizer)
+    return batch_iterator(
+        source, normalizer, global_batch_size=global_batch_size, mesh=mesh, train=train, seed=seed,
+        sources=sources, num_epochs=num_epochs, augment=train and bool(data_cfg.get("augment", True)),
+        worker_count=int(data_cfg.get("worker_count", 0)),
+        worker_buffer_size=int(data_cfg.get("worker_buffer_size", 2)))
+
+
+def batch_iterator(source, normalizer: Normalizer, *, global_batch_size: int, mesh, train: bool,
+                   seed: int, sources: Sequence[str], num_epochs: Optional[int] = None,
+                   augment: Optional[bool] = None, worker_count: int = 0,
+                   worker_buffer_size: int = 2) -> BatchIterator:
+    """The grain pipeline over any random-access source of contract tiles (len + getitem)."""
+    import jax
+
+    sources = check_sources(sources)
+    num_processes = jax.process_count()
+    if global_batch_size % num_processes:
+        raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the "
+                         f"number of processes ({num_processes})")
+    if mesh is not None and global_batch_size % mesh.shape["data"]:
+        raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the "
+                         f"mesh's 'data' axis ({mesh.shape['data']} devices)")
+    per_process_batch = global_batch_size // num_processes
+    if augment is None:
+        augment = train
+    if num_epochs is None and not train:
+        num_epochs = 1
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        shuffle=train, num_epochs=num_epochs, seed=seed)
+    transform = (AugmentAndNormalize if augment else Normalize)(normalizer, sources)
+    # Training drops the final partial batch (grain batches inside each worker,
+    # so with workers a kept remainder would mean one short batch per worker).
+    loader = grain.DataLoader(
+        data_source=source, sampler=sampler,
+        operations=[transform, grain.transforms.Batch(per_process_batch, drop_remainder=train)],
+        worker_count=worker_count, worker_buffer_size=worker_buffer_size)
+    return BatchIterator(loader, mesh, per_process_batch, pad_final=not train)
