@@ -1,0 +1,205 @@
+"""Tests of the rs_multisource builder on dummy_data/ (two tiny real GeoTIFF scenes).
+
+`RsMultisourceTest` is TFDS's own DatasetBuilderTestCase. That class derives
+from tf.test.TestCase and reads the splits with `as_dataset`, so it needs
+TensorFlow (the `tf` extra) and is skipped without it. The pytest tests below
+check the same things without TensorFlow, reading through `as_data_source`:
+the build under the same `os`/`open` ban inside the builder module, exact
+per-split counts, no example in two splits, keys free of local paths, the
+reload (counts and metadata) and the features' shapes and dtypes. They also
+cover bad input and the corrupt-file-mid-build case.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from rsjax.data import contract
+from tfds_builder.rs_multisource import rs_multisource_dataset_builder as rsm
+
+DUMMY_DATA = Path(__file__).resolve().parent / "dummy_data"
+# The manual config at a tile size that fits the 64 px dummy scenes (16 tiles
+# each; scene_b's empty corner tile is dropped), with one-tile blocks so that
+# 31 tiles spread over all three splits.
+DUMMY_CONFIG = dataclasses.replace(
+    rsm.Builder.builder_configs["manual"], name="manual_dummy", tile_size=16, block_tiles=1)
+EXPECTED_SPLITS = {"train": 21, "validation": 7, "test": 3}
+
+try:
+    import tensorflow  # noqa: F401  pylint: disable=unused-import
+    HAVE_TF = True
+except ImportError:
+    HAVE_TF = False
+
+if HAVE_TF:
+    class RsMultisourceTest(tfds.testing.DatasetBuilderTestCase):
+        """TFDS's standard builder test (needs TensorFlow)."""
+        DATASET_CLASS = rsm.Builder
+        BUILDER_CONFIG_NAMES_TO_TEST = [DUMMY_CONFIG]
+        SPLITS = EXPECTED_SPLITS
+        SKIP_CHECKSUMS = True
+
+
+# ----------------------------------------------------------------------------
+# The same checks without TensorFlow
+# ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def forbidden_os_in_builder_module():
+    """What DatasetBuilderTestCase does: `os` and `open` raise inside the builder module."""
+    err = AssertionError("use etils.epath, not os/open, in the builder module")
+    mock_path = mock.Mock(os.path, wraps=os.path)
+    mock_os = mock.Mock(os, path=mock_path, fspath=os.fspath)
+    for name in ("listdir", "walk", "makedirs", "mkdir", "remove", "rename", "stat", "scandir"):
+        getattr(mock_os, name).side_effect = err
+    for name in ("exists", "isdir", "isfile", "getsize"):
+        getattr(mock_path, name).side_effect = err
+    builtins = dict(__builtins__) if isinstance(__builtins__, dict) else dict(vars(__builtins__))
+    builtins["open"] = mock.Mock(side_effect=err)
+    with mock.patch(f"{rsm.__name__}.os", mock_os, create=True), \
+         mock.patch(f"{rsm.__name__}.__builtins__", builtins):
+        yield
+
+
+def _build(data_dir, manual_dir, config=DUMMY_CONFIG):
+    builder = rsm.Builder(config=config, data_dir=str(data_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+@pytest.fixture(scope="module")
+def dummy_dataset(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    keys = []
+    original = rsm.Builder._generate_examples
+
+    def recording(self, *args, **kwargs):
+        for key, example in original(self, *args, **kwargs):
+            keys.append(key)
+            yield key, example
+
+    with mock.patch.object(rsm.Builder, "_generate_examples", recording), \
+         forbidden_os_in_builder_module():
+        builder = _build(data_dir, DUMMY_DATA)
+    return builder, data_dir, keys
+
+
+def test_exact_split_counts_and_no_example_in_two_splits(dummy_dataset):
+    builder, data_dir, keys = dummy_dataset
+    counts = {name: s.num_examples for name, s in builder.info.splits.items()}
+    assert counts == EXPECTED_SPLITS
+    seen = {}
+    for split in EXPECTED_SPLITS:
+        ds = builder.as_data_source(split=split)
+        ids = {ds[i]["tile_id"] for i in range(len(ds))}
+        assert len(ids) == EXPECTED_SPLITS[split]
+        for other, other_ids in seen.items():
+            assert not ids & other_ids, f"{split} and {other} share tiles"
+        seen[split] = ids
+    assert len(keys) == sum(EXPECTED_SPLITS.values()) == len(set(keys))
+    assert not any(str(DUMMY_DATA) in k or "/" in k for k in keys)   # keys never hold paths
+
+
+def test_features_follow_the_data_contract(dummy_dataset):
+    builder, _, _ = dummy_dataset
+    ex = builder.as_data_source(split="train")[0]
+    assert ex["s2"].shape == (16, 16, 4) and ex["s2"].dtype == np.uint16
+    assert ex["s1"].shape == (16, 16, 2) and ex["s1"].dtype == np.float32
+    assert ex["lulc"].shape == (16, 16) and ex["lulc"].dtype == np.uint8
+    assert ex["dem"].shape == (16, 16, 4) and ex["dem"].dtype == np.float32
+    assert ex["transform"].shape == (6,) and ex["transform"].dtype == np.float64
+    assert ex["scene_id"] in (b"scene_a", b"scene_b")
+    assert b"32631" in ex["crs"]
+    assert set(np.unique(ex["lulc"])) <= set(range(9)) | {255}
+    assert builder.info.file_format.value == "array_record"
+
+
+def test_statistics_survive_reload_and_match_the_train_split(dummy_dataset):
+    builder, data_dir, _ = dummy_dataset
+    reloaded = tfds.builder(f"rs_multisource/{DUMMY_CONFIG.name}", data_dir=str(data_dir))
+    stats = reloaded.info.metadata[rsm.STATISTICS_KEY]
+    assert stats["num_tiles"] == EXPECTED_SPLITS["train"]
+    assert {name: s.num_examples for name, s in reloaded.info.splits.items()} == EXPECTED_SPLITS
+    # Recompute the S1 mean and class counts from the stored train tiles.
+    ds = reloaded.as_data_source(split="train")
+    s1 = np.concatenate([ds[i]["s1"].reshape(-1, 2) for i in range(len(ds))]).astype(np.float64)
+    np.testing.assert_allclose(stats["s1"]["mean"], np.nanmean(s1, axis=0), rtol=1e-9)
+    labels = np.concatenate([ds[i]["lulc"].ravel() for i in range(len(ds))])
+    assert stats["lulc"]["counts"] == np.bincount(labels[labels < 9], minlength=9).tolist()
+    report = reloaded.info.metadata[rsm.BUILD_REPORT_KEY]
+    assert report["num_scenes"] == 2 and report["config"]["tile_size"] == 16
+    # The data source API users see, also without the builder class registered.
+    tfds_ds = tfds.data_source(f"rs_multisource/{DUMMY_CONFIG.name}", split="test",
+                               data_dir=str(data_dir), download=False)
+    assert len(tfds_ds) == EXPECTED_SPLITS["test"]
+    read_only = tfds.builder_from_directory(str(reloaded.data_dir))
+    assert read_only.info.metadata[rsm.STATISTICS_KEY]["num_tiles"] == EXPECTED_SPLITS["train"]
+
+
+def test_builds_are_deterministic(dummy_dataset, tmp_path):
+    builder, _, _ = dummy_dataset
+    again = _build(tmp_path, DUMMY_DATA)
+    for split in ("validation", "test"):
+        a, b = builder.as_data_source(split=split), again.as_data_source(split=split)
+        assert [a[i]["tile_id"] for i in range(len(a))] == [b[i]["tile_id"] for i in range(len(b))]
+        np.testing.assert_array_equal(a[0]["dem"], b[0]["dem"])
+    assert again.info.metadata[rsm.STATISTICS_KEY] == builder.info.metadata[rsm.STATISTICS_KEY]
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+def _copy_dummy(tmp_path) -> Path:
+    folder = tmp_path / "scenes"
+    shutil.copytree(DUMMY_DATA, folder, ignore=shutil.ignore_patterns("*.py"))
+    return folder
+
+
+def test_a_scene_missing_a_source_is_named_or_skipped(tmp_path):
+    folder = _copy_dummy(tmp_path)
+    (folder / "scene_b_s1.tif").unlink()
+    with pytest.raises(contract.InputError, match=r"scene 'scene_b'.*missing s1"):
+        _build(tmp_path / "tfds", folder)
+    skipping = dataclasses.replace(DUMMY_CONFIG, name="manual_dummy_skip", skip_incomplete_scenes=True,
+                                   split_mode="random")
+    builder = _build(tmp_path / "tfds", folder, skipping)
+    report = builder.info.metadata[rsm.BUILD_REPORT_KEY]
+    assert report["skipped_scenes"] == [{"scene_id": "scene_b", "missing": ["s1"]}]
+    assert sum(s.num_examples for s in builder.info.splits.values()) == 16
+
+
+def test_scene_ids_that_differ_between_sources_are_reported(tmp_path):
+    folder = _copy_dummy(tmp_path)
+    for p in folder.glob("scene_b_*.tif"):
+        p.unlink()
+    (folder / "scene_a_s1.tif").rename(folder / "sceneA_s1.tif")
+    with pytest.raises(contract.InputError, match="scene ids probably differ"):
+        _build(tmp_path / "tfds", folder)
+
+
+def test_a_corrupt_file_mid_build_leaves_no_dataset(tmp_path):
+    folder = _copy_dummy(tmp_path)
+    path = folder / "scene_b_s2.tif"           # scene_b is read after scene_a
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # header intact, pixel data cut
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(Exception) as info:
+        _build(data_dir, folder)
+    assert "scene_b" in str(info.value)
+    builder = rsm.Builder(config=DUMMY_CONFIG, data_dir=str(data_dir))
+    assert not builder.is_prepared()
+    leftovers = [p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert leftovers == []                     # TFDS wrote into a tmp dir and removed it
+    with pytest.raises(Exception):
+        tfds.data_source(f"rs_multisource/{DUMMY_CONFIG.name}", split="train",
+                         data_dir=str(data_dir), download=False)
