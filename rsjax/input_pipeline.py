@@ -37,9 +37,11 @@ Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - tile_size: tile side in pixels; when it differs from the named config's,
   a derived config '<config>_t<tile_size>' is used (see builder_config_for).
 - worker_count: grain worker processes (0 = read in the main process).
-- Optional: stride, max_nodata_fraction, manual_dir (for the manual config),
-  worker_buffer_size (default 2), statistics_split note: statistics always
-  come from the train split.
+- augment: flips and quarter turns in training (default True).
+- Optional, tiling options that select a derived config: stride,
+  max_nodata_fraction, split_mode, block_tiles, split_seed; manual_dir (the
+  manual config's input folder); worker_buffer_size (default 2).
+Statistics always come from the train split.
 """
 from __future__ import annotations
 
@@ -231,7 +233,7 @@ def builder_config_for(data_cfg):
         raise ValueError(f"data.name={data_cfg.name!r}: unknown config {config_name!r}; "
                          f"choose one of {', '.join(configs)}")
     changes = {}
-    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles"):
+    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed"):
         if key in data_cfg and data_cfg[key] is not None:
             changes[key] = type(getattr(base, key) if getattr(base, key) is not None else data_cfg[key])(
                 data_cfg[key])

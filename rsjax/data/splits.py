@@ -82,30 +82,32 @@ def lattice_index(transform: Sequence[float], stride: int) -> tuple[int, int]:
 
 
 def block_split(scene_id: str, block_row: int, block_col: int,
-                fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
-    return split_from_unit(unit_hash(f"{scene_id}/block/{block_row}/{block_col}"), fractions)
+                fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> str:
+    salt = f"{seed}/" if seed else ""
+    return split_from_unit(unit_hash(f"{salt}{scene_id}/block/{block_row}/{block_col}"), fractions)
 
 
 def assign_split(*, scene_id: str, tile_id: str, transform: Sequence[float], tile_size: int,
                  stride: int, block_tiles: int = 4, mode: str = "block",
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Optional[str]:
+                 fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> Optional[str]:
     """The split of one tile, or None when the tile straddles blocks of two splits.
 
     See the module docstring for the scheme. Depends only on the tile's scene id,
     tile id and georeference, so every pass over the scenes agrees.
     """
     if mode == "random":
-        return split_from_unit(unit_hash(f"tile/{tile_id}"), fractions)
+        salt = f"{seed}/" if seed else ""
+        return split_from_unit(unit_hash(f"{salt}tile/{tile_id}"), fractions)
     if mode != "block":
         raise ValueError(f"split mode {mode!r} unknown; use one of {SPLIT_MODES}")
     if block_tiles < 1:
         raise ValueError(f"block_tiles must be >= 1, got {block_tiles}")
     row, col = lattice_index(transform, stride)
-    own = block_split(scene_id, row // block_tiles, col // block_tiles, fractions)
+    own = block_split(scene_id, row // block_tiles, col // block_tiles, fractions, seed)
     # Lattice cells the tile's footprint covers: one when stride == tile_size.
     span = math.ceil(tile_size / stride)
     blocks = {((row + i) // block_tiles, (col + j) // block_tiles)
               for i in range(span) for j in range(span)}
-    if any(block_split(scene_id, br, bc, fractions) != own for br, bc in blocks):
+    if any(block_split(scene_id, br, bc, fractions, seed) != own for br, bc in blocks):
         return None
     return own

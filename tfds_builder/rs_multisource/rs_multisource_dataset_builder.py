@@ -55,6 +55,7 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
       block_tiles: side of a split block, in tiles (see rsjax.data.splits).
       split_mode: 'block' (spatial blocks, default) or 'random' (per tile, the paper's).
       split_fractions: train, validation, test fractions.
+      split_seed: salt of the split hash; another value draws another partition.
       skip_incomplete_scenes: skip (and count) scenes missing a source instead of failing.
       synthetic_scenes: number of synthetic scenes to write; 0 = read manual_dir.
       synthetic_size: side of each synthetic scene in pixels (10 m).
@@ -68,6 +69,7 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
     block_tiles: int = 2
     split_mode: str = "block"
     split_fractions: tuple = splits_lib.DEFAULT_FRACTIONS
+    split_seed: int = 0
     skip_incomplete_scenes: bool = False
     synthetic_scenes: int = 0
     synthetic_size: int = 512
@@ -105,7 +107,7 @@ def derived_config(base: RsMultisourceConfig, **changes) -> RsMultisourceConfig:
 
 
 _SHORT = {"tile_size": "t", "stride": "s", "max_nodata_fraction": "nd", "split_mode": "split",
-          "block_tiles": "b", "synthetic_scenes": "n", "synthetic_size": "px"}
+          "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -178,8 +180,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
-        for scene in scenes:
-            ingest.validate_scene(scene)   # bad inputs fail before anything is written
+        for scene in scenes:               # bad inputs fail before anything is written
+            _validate(scene)
         logging.info("rs_multisource/%s: %d scenes", self.builder_config.name, len(scenes))
         self._statistics = statistics_lib.DatasetStatistics(seed=0)
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
@@ -208,7 +210,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     scene_id=str(tile["scene_id"]), tile_id=str(tile["tile_id"]),
                     transform=tile["transform"], tile_size=cfg.tile_size,
                     stride=cfg.effective_stride, block_tiles=cfg.block_tiles,
-                    mode=cfg.split_mode, fractions=cfg.split_fractions)
+                    mode=cfg.split_mode, fractions=cfg.split_fractions, seed=cfg.split_seed)
                 if chosen is None:
                     if split == "train":    # count once, not once per split pass
                         self._report["dropped_straddling_tiles"] += 1
@@ -229,7 +231,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             raise contract.InputError(
                 f"rs_multisource/{cfg.name}: the {split} split got no tiles from {len(scenes)} "
                 f"scene(s). Add scenes, use a smaller block_tiles (now {cfg.block_tiles}) or "
-                "tile_size, or split_mode='random'.")
+                "tile_size, another split_seed, or split_mode='random'.")
         logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
         if split == "train":
             # TFDS generates the splits before it writes dataset_info.json and
@@ -242,6 +244,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "dropped_straddling_tiles": int(self._report["dropped_straddling_tiles"]),
                 "ingest": _report_summary(report),
             }
+
+
+def _validate(scene: contract.ScenePaths) -> None:
+    """ingest.validate_scene, with an unreadable file turned into an error naming the scene."""
+    import rasterio.errors
+    from rsjax.data import ingest
+
+    try:
+        ingest.validate_scene(scene)
+    except rasterio.errors.RasterioError as e:
+        raise contract.InputError(
+            f"scene '{scene.scene_id}': a GeoTIFF cannot be opened ({e}). It is probably "
+            "truncated or corrupt: export it again.") from e
 
 
 def _tiles_of(scene: contract.ScenePaths, opts, report):
@@ -259,7 +274,7 @@ def _tiles_of(scene: contract.ScenePaths, opts, report):
 
 def _config_summary(cfg: RsMultisourceConfig) -> dict:
     keys = ("tile_size", "stride", "max_nodata_fraction", "block_tiles", "split_mode",
-            "split_fractions", "synthetic_scenes", "synthetic_size", "synthetic_seed",
+            "split_fractions", "split_seed", "synthetic_scenes", "synthetic_size", "synthetic_seed",
             "target_crs", "target_resolution")
     out = {k: getattr(cfg, k) for k in keys}
     out["split_fractions"] = list(out["split_fractions"])
