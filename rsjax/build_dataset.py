@@ -13,7 +13,6 @@ config's `name` and `tile_size`.
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -27,6 +26,7 @@ flags.DEFINE_integer("stride", None, "step between tiles in pixels (default: til
 flags.DEFINE_float("max_nodata_fraction", None, "drop tiles with more no-data than this")
 flags.DEFINE_enum("split_mode", None, ["block", "random"], "spatial blocks or the paper's random split")
 flags.DEFINE_integer("block_tiles", None, "side of a split block, in tiles")
+flags.DEFINE_integer("split_seed", None, "salt of the split hash (another value, another partition)")
 flags.DEFINE_string("manual_dir", None, "folder of <scene>_{s2,s1,lulc,dem}.tif (manual config)")
 flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
                   "tfrecord needs TensorFlow (the `tf` extra)")
@@ -37,43 +37,15 @@ def data_config_from_flags() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.name = f"rs_multisource/{FLAGS.config}"
     cfg.data_dir = FLAGS.data_dir
-    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles"):
+    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed"):
         cfg[key] = getattr(FLAGS, key)
     return cfg
 
 
-def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=False) -> dict:
-    """Builds (or finds) the dataset; returns a summary with split counts and tiles/s."""
-    import tensorflow_datasets as tfds
-    from rsjax import input_pipeline
-
-    tfds.display_progress_bar(True)   # TFDS's tqdm bars: examples generated, shuffled, written
-    config = input_pipeline.builder_config_for(data_cfg)
-    module = input_pipeline._builder_module()  # pylint: disable=protected-access
-    builder = module.Builder(config=config, data_dir=str(data_cfg.data_dir), file_format=file_format)
-    started = time.perf_counter()
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    built = overwrite or not builder.is_prepared()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
-    seconds = time.perf_counter() - started
-    counts = {name: split.num_examples for name, split in builder.info.splits.items()}
-    total = sum(counts.values())
-    return {
-        "dataset": f"{builder.name}/{builder.builder_config.name}",
-        "data_dir": str(builder.data_dir),
-        "splits": counts,
-        "built": built,
-        "seconds": round(seconds, 2),
-        "tiles_per_s": round(total / seconds, 2) if built and seconds > 0 else None,
-        "build_report": builder.info.metadata.get(module.BUILD_REPORT_KEY),
-    }
-
-
 def main(argv):
     del argv
-    summary = build(data_config_from_flags(), manual_dir=FLAGS.manual_dir,
+    from rsjax import input_pipeline
+    summary = input_pipeline.build(data_config_from_flags(), manual_dir=FLAGS.manual_dir,
                     file_format=FLAGS.file_format, overwrite=FLAGS.overwrite)
     print(json.dumps(summary, indent=2))
 

@@ -350,3 +350,85 @@ def test_batch_size_must_divide_the_mesh(tiles, normalizer):
     with pytest.raises(ValueError, match="'data' axis"):
         ip.batch_iterator(tiles, normalizer, global_batch_size=6, mesh=mesh, train=True, seed=0,
                           sources=())
+
+
+# ----------------------------------------------------------------------------
+# End to end: the dummy scenes built as a TFDS dataset, read by create_iterator
+# ----------------------------------------------------------------------------
+
+DUMMY_SCENES = __import__("pathlib").Path(__file__).resolve().parents[1] / "tfds_builder" / "rs_multisource" / "dummy_data"
+
+
+def dummy_data_cfg(data_dir):
+    import ml_collections
+    cfg = ml_collections.ConfigDict()
+    cfg.name = "rs_multisource/manual"
+    cfg.data_dir = str(data_dir)
+    cfg.tile_size = 16
+    cfg.block_tiles = 1
+    cfg.split_seed = 1
+    cfg.worker_count = 0
+    cfg.augment = True
+    cfg.manual_dir = str(DUMMY_SCENES)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cfg = dummy_data_cfg(tmp_path_factory.mktemp("tfds"))
+    with pytest.raises(FileNotFoundError, match="rsjax.build_dataset"):
+        ip.create_iterator(cfg, "train", global_batch_size=8, mesh=None, train=True, seed=0)
+    builder = ip.ensure_dataset(cfg)
+    assert builder.builder_config.name == "manual_b1_seed1_t16"
+    return cfg, builder
+
+
+def test_create_iterator_reads_the_built_dataset(built):
+    cfg, builder = built
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    train = ip.create_iterator(cfg, "train", global_batch_size=8, mesh=mesh, train=True, seed=0,
+                               sources=("lulc", "dem"))
+    batch = next(train)
+    assert set(batch) == {"image", "lulc", "dem", "label", "valid"}
+    assert batch["image"].shape == (8, 16, 16, 4) and batch["dem"].shape == (8, 16, 16, 5)
+    assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    image = np.asarray(batch["image"])
+    assert -1.0 <= image.min() < 0.0 < image.max() <= 1.0
+    # Evaluation sees every test tile once, in order, padded to whole batches.
+    n_test = builder.info.splits["test"].num_examples
+    batches = list(ip.create_iterator(cfg, "test", global_batch_size=8, mesh=mesh, train=False,
+                                      seed=0, sources=("s1",)))
+    assert len(batches) == math.ceil(n_test / 8)
+    real = sum(int(np.asarray(b["valid"]).any(axis=(1, 2)).sum()) for b in batches)
+    assert real == n_test
+    # The normalizer comes from the stored train statistics.
+    stats = ip.load_statistics(builder)
+    norm = ip.Normalizer.from_statistics(stats)
+    np.testing.assert_allclose(norm.s1_low, stats["s1"]["percentiles"]["p1"], rtol=1e-6)
+
+
+def test_class_weights_are_inverse_train_frequencies(built):
+    cfg, builder = built
+    freq = np.asarray(ip.load_statistics(builder)["lulc"]["frequencies"])
+    w = ip.class_weights(cfg)
+    present = freq > 0
+    assert np.all(w[~present] == 0)
+    np.testing.assert_allclose(w[present] * freq[present], (w[present] * freq[present])[0], rtol=1e-5)
+    np.testing.assert_allclose(w[present].mean(), 1.0, rtol=1e-6)
+
+
+def test_generated_images_mix_one_to_one_with_real_tiles(built, tmp_path):
+    cfg, builder = built
+    real = builder.as_data_source(split="train")
+    ids = [real[i]["tile_id"].decode() for i in range(4)]
+    norm = ip.Normalizer.from_statistics(ip.load_statistics(builder))
+    image = np.zeros((4, 16, 16, 4), np.float32)          # mid-range reflectance in model space
+    np.savez(tmp_path / "gen.npz", tile_id=np.array(ids), image=image)
+    mixed = ip.generated_source(real, str(tmp_path), norm)
+    assert len(mixed) == len(real) + 4
+    rec = mixed[len(real) + 2]
+    assert rec["tile_id"].decode() == ids[2]
+    np.testing.assert_array_equal(rec["lulc"], real[2]["lulc"])
+    back = ip.normalize_tile(rec, norm, ())["image"]
+    valid = np.any(real[2]["s2"] != 0, axis=-1)
+    np.testing.assert_allclose(back[valid], 0.0, atol=2e-3)
