@@ -80,6 +80,12 @@ def _pixel_weights(pred, valid_mask):
     return valid_mask.astype(jnp.float32)
 
 
+def _masked(values, weights):
+    """Values where weights > 0, else 0: unlike values * weights, a NaN or inf
+    under the mask (garbage in no-data areas) cannot leak into the sums."""
+    return jnp.where(weights > 0, values, 0.0)
+
+
 # --------------------------------------------------------------------------- PSNR
 
 def psnr_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
@@ -93,7 +99,7 @@ def psnr_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
     weights = _pixel_weights(pred, valid_mask)
     squared_error = jnp.sum((pred - target) ** 2, axis=-1)            # (B, H, W)
     n_values = jnp.sum(weights, axis=(1, 2)) * pred.shape[-1]
-    mse = jnp.sum(squared_error * weights, axis=(1, 2)) / jnp.maximum(n_values, 1.0)
+    mse = jnp.sum(_masked(squared_error, weights), axis=(1, 2)) / jnp.maximum(n_values, 1.0)
     value = 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, _MIN_MSE))
     return jnp.where(n_values > 0, value, jnp.nan)
 
@@ -135,7 +141,7 @@ def ssim_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
         return jnp.mean(per_pixel, axis=(1, 2))
     weights = _valid_windows(valid_mask).astype(jnp.float32)
     n_windows = jnp.sum(weights, axis=(1, 2))
-    mean = jnp.sum(per_pixel * weights, axis=(1, 2)) / jnp.maximum(n_windows, 1.0)
+    mean = jnp.sum(_masked(per_pixel, weights), axis=(1, 2)) / jnp.maximum(n_windows, 1.0)
     return jnp.where(n_windows > 0, mean, jnp.nan)
 
 
@@ -169,7 +175,7 @@ def sam(pred, target, valid_mask=None):
     _check_images(pred, target, valid_mask)
     weights = _pixel_weights(pred, valid_mask)
     count = jnp.sum(weights)
-    total = jnp.sum(spectral_angle(pred, target) * weights)
+    total = jnp.sum(_masked(spectral_angle(pred, target), weights))
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
 
 
@@ -238,7 +244,7 @@ def image_metric_sums(pred, target, valid_mask=None, data_range: float = 1.0) ->
         psnr_count=jnp.sum(~jnp.isnan(psnr_values)).astype(jnp.float32),
         ssim_sum=finite_sum(ssim_values),
         ssim_count=jnp.sum(~jnp.isnan(ssim_values)).astype(jnp.float32),
-        sam_sum=jnp.sum(angles * weights),
+        sam_sum=jnp.sum(_masked(angles, weights)),
         sam_count=jnp.sum(weights),
     )
 

@@ -1,6 +1,5 @@
 """Metric writer, progress line and config file."""
 import json
-import math
 
 import jax.numpy as jnp
 import ml_collections

@@ -126,24 +126,30 @@ def test_cross_entropy_by_hand_with_ignore_and_class_weights():
 
 
 def test_gradients_are_finite_even_on_degenerate_inputs():
-    flat = jnp.full((1, 16, 16, 4), 0.5)                              # zero variance everywhere
-    checks = {
-        "hinge_g": jax.grad(lambda x: losses.generator_loss([[x, x]]))(flat),
-        "vanilla_d": jax.grad(lambda x: sum(losses.discriminator_loss([[x]], [[-x]], "vanilla")))(
-            jnp.full((2, 3), 80.0)),
-        "lsgan_d": jax.grad(lambda x: sum(losses.discriminator_loss([[x]], [[x]], "lsgan")))(flat),
-        "l1_all_masked": jax.grad(lambda x: losses.l1_loss(x, flat, jnp.zeros((1, 16, 16), bool)))(flat),
-        "l1_at_zero_error": jax.grad(losses.l1_loss)(flat, flat),
-        "ssim_identical_flat": jax.jit(jax.grad(losses.ssim_loss))(flat, flat),
-        "ssim_random": jax.jit(jax.grad(losses.ssim_loss))(
-            jax.random.uniform(jax.random.key(0), (1, 16, 16, 4)), flat),
-        "ce_all_ignored": jax.grad(lambda z: losses.softmax_cross_entropy(z, jnp.full(4, 255)))(
-            jnp.zeros((4, 9))),
-        "ce_extreme_logits": jax.grad(lambda z: losses.softmax_cross_entropy(z, jnp.arange(4)))(
-            jnp.full((4, 9), 1e4).at[:, 0].set(-1e4)),
-    }
-    for name, grad in checks.items():
+    @jax.jit            # one compilation for all cases keeps the test fast
+    def all_gradients(noise):
+        flat = jnp.full((1, 16, 16, 4), 0.5)                          # zero variance everywhere
+        ssim_grad = jax.grad(losses.ssim_loss)
+        return {
+            "hinge_g": jax.grad(lambda x: losses.generator_loss([[x, x]]))(flat),
+            "vanilla_d": jax.grad(lambda x: sum(losses.discriminator_loss([[x]], [[-x]], "vanilla")))(
+                jnp.full((2, 3), 80.0)),
+            "lsgan_d": jax.grad(lambda x: sum(losses.discriminator_loss([[x]], [[x]], "lsgan")))(flat),
+            "l1_all_masked": jax.grad(lambda x: losses.l1_loss(x, flat, jnp.zeros((1, 16, 16), bool)))(flat),
+            "l1_at_zero_error": jax.grad(losses.l1_loss)(flat, flat),
+            "ssim_identical_flat": ssim_grad(flat, flat),
+            "ssim_random": ssim_grad(noise, flat),
+            "ce_all_ignored": jax.grad(lambda z: losses.softmax_cross_entropy(z, jnp.full(4, 255)))(
+                jnp.zeros((4, 9))),
+            "ce_extreme_logits": jax.grad(lambda z: losses.softmax_cross_entropy(z, jnp.arange(4)))(
+                jnp.full((4, 9), 1e4).at[:, 0].set(-1e4)),
+        }
+
+    noise = np.random.default_rng(0).uniform(0, 1, (1, 16, 16, 4)).astype(np.float32)
+    for name, grad in all_gradients(noise).items():
         assert bool(jnp.all(jnp.isfinite(grad))), name
+    # The random case has a real gradient (the test would not notice an all-zero one otherwise).
+    assert float(jnp.abs(all_gradients(noise)["ssim_random"]).sum()) > 0
 
 
 def test_losses_jit():

@@ -53,8 +53,8 @@ def test_masked_psnr_and_ssim_use_only_valid_pixels_and_windows():
     pred, target = (jnp.asarray(a, jnp.float32) for a in _image_pairs()[1])
     mask = np.ones(target.shape[:3], bool)
     mask[0, :, 20:] = False                                        # right strip is no-data
-    # Garbage under the mask must not change anything.
-    poisoned = pred.at[0, :, 20:, :].set(1.0)
+    # Garbage under the mask, NaN included, must not change anything.
+    poisoned = pred.at[0, :, 20:, :].set(1.0).at[0, 3, 25, :].set(jnp.nan)
     masked_psnr = metrics.psnr(poisoned, target, valid_mask=jnp.asarray(mask))
     np.testing.assert_allclose(
         masked_psnr, peak_signal_noise_ratio(np.asarray(target)[0, :, :20],
@@ -64,6 +64,8 @@ def test_masked_psnr_and_ssim_use_only_valid_pixels_and_windows():
     np.testing.assert_allclose(
         masked_ssim, _skimage_ssim(np.asarray(pred)[0, :, :20], np.asarray(target)[0, :, :20]),
         rtol=1e-4)
+    whole_sam = metrics.sam(pred[:, :, :20], target[:, :, :20])
+    np.testing.assert_allclose(metrics.sam(poisoned, target, jnp.asarray(mask)), whole_sam, rtol=1e-6)
 
 
 def test_perfect_reconstruction_has_finite_psnr():
