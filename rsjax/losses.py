@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 import optax
 
+from rsjax import metrics
 from rsjax.data.contract import LULC_NODATA
 
 GAN_LOSSES = ("hinge", "vanilla", "lsgan")
@@ -143,11 +143,10 @@ def l1_loss(pred, target, valid_mask=None):
 
 
 def ssim_loss(pred, target, data_range: float = 1.0):
-    """1 - mean SSIM (dm-pix, 11x11 Gaussian window, sigma 1.5), for (B, H, W, C)
-    images in [0, data_range] (map [-1, 1] outputs with (x + 1) / 2 first)."""
-    value = dm_pix.ssim(pred.astype(jnp.float32), target.astype(jnp.float32),
-                        max_val=data_range, filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03)
-    return 1.0 - jnp.mean(value)
+    """1 - mean SSIM (dm-pix, 11x11 Gaussian window, sigma 1.5; the same SSIM as
+    rsjax.metrics) for (B, H, W, C) images in [0, data_range] (map [-1, 1]
+    outputs with (x + 1) / 2 first)."""
+    return 1.0 - jnp.mean(metrics.ssim_map(pred, target, data_range))
 
 
 def softmax_cross_entropy(logits, labels, ignore_index: int = LULC_NODATA,

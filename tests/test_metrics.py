@@ -243,3 +243,23 @@ def test_empty_confusion_matrix_gives_nan_not_errors():
     assert math.isnan(scores["accuracy"]) and math.isnan(scores["miou"])
     assert set(scores["iou_by_class"]) == {"water", "trees", "grass", "flooded_vegetation", "crops",
                                            "shrub_and_scrub", "built", "bare", "snow_and_ice"}
+
+
+def test_fast_ssim_filter_matches_dm_pix_default_filter():
+    import dm_pix
+    pred, target = (jnp.asarray(a, jnp.float32) for a in _image_pairs()[0])
+    reference = dm_pix.ssim(pred, target, return_map=True)       # dm-pix's own jnp.convolve filter
+    np.testing.assert_allclose(metrics.ssim_map(pred, target), reference, atol=2e-5)
+    np.testing.assert_allclose(metrics.ssim_per_image(pred, target), reference.mean(axis=(1, 2, 3)),
+                               rtol=1e-6)
+
+
+def test_nan_on_valid_pixels_is_not_hidden():
+    rng = np.random.default_rng(4)
+    target = jnp.asarray(rng.uniform(0, 1, (2, 12, 12, 4)), jnp.float32)
+    pred = target.at[1, 6, 6, 0].set(jnp.nan)                 # a diverged generator's pixel
+    scores = metrics.ImageMetricSums.zeros().merge(
+        jax.device_get(metrics.image_metric_sums(pred, target))).compute()
+    assert scores["num_images"] == 2
+    assert math.isnan(scores["psnr"]) and math.isnan(scores["ssim"]) and math.isnan(scores["sam_rad"])
+    assert math.isnan(float(metrics.psnr(pred, target)))
