@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rsjax import metrics
@@ -174,3 +175,33 @@ def softmax_cross_entropy(logits, labels, ignore_index: int = LULC_NODATA,
                              f"got {class_weights.shape}.")
         weights = weights * class_weights[safe_labels]
     return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+CLASS_WEIGHTINGS = ("median_frequency", "inverse", "inverse_sqrt")
+
+
+def class_weights_from_counts(counts, method: str = "median_frequency"):
+    """(K,) float32 class weights for `softmax_cross_entropy` from per-class pixel
+    counts (e.g. the class frequencies stored with the dataset; no-data excluded).
+
+    median_frequency: median(f) / f_c over the classes present (Eigen & Fergus 2015);
+    inverse: 1 / f_c and inverse_sqrt: 1 / sqrt(f_c), both rescaled so the
+    pixel-weighted mean weight is 1 (the loss keeps its scale).
+    Classes with no pixels get weight 0: they never occur as labels.
+    """
+    if method not in CLASS_WEIGHTINGS:
+        raise ValueError(f"unknown class weighting '{method}'; choose one of {', '.join(CLASS_WEIGHTINGS)}.")
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or np.any(counts < 0) or not np.any(counts > 0):
+        raise ValueError(f"class counts must be a 1-D array of non-negative counts with at least "
+                         f"one positive entry, got {counts!r}.")
+    present = counts > 0
+    frequency = counts / counts.sum()
+    weights = np.zeros_like(frequency)
+    if method == "median_frequency":
+        weights[present] = np.median(frequency[present]) / frequency[present]
+    else:
+        power = 1.0 if method == "inverse" else 0.5
+        weights[present] = frequency[present] ** -power
+        weights /= np.sum(frequency * weights)
+    return weights.astype(np.float32)

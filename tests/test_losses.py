@@ -157,3 +157,19 @@ def test_losses_jit():
     jitted = jax.jit(lambda r, f: losses.discriminator_loss(r, f, "hinge"))
     d_real, d_fake = jitted(outputs, _outputs(FAKE_1, FAKE_2))
     assert math.isclose(float(d_real), (5 / 6 + 1 / 2) / 2, rel_tol=1e-6)
+
+
+def test_class_weights_from_counts_by_hand():
+    counts = [600, 300, 100, 0]
+    # Frequencies 0.6, 0.3, 0.1 (class 3 absent): median 0.3.
+    np.testing.assert_allclose(losses.class_weights_from_counts(counts), [0.5, 1.0, 3.0, 0.0], rtol=1e-6)
+    inverse = losses.class_weights_from_counts(counts, "inverse")
+    # 1/f = 1.667, 3.333, 10; pixel-weighted mean = 3 -> divided by 3.
+    np.testing.assert_allclose(inverse, [5 / 9, 10 / 9, 10 / 3, 0.0], rtol=1e-6)
+    sqrt = losses.class_weights_from_counts(counts, "inverse_sqrt")
+    assert np.dot([0.6, 0.3, 0.1, 0.0], sqrt) == pytest.approx(1.0, rel=1e-6)
+    assert sqrt[2] / sqrt[0] == pytest.approx(math.sqrt(6), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown class weighting"):
+        losses.class_weights_from_counts(counts, "focal")
+    with pytest.raises(ValueError, match="non-negative"):
+        losses.class_weights_from_counts([0, 0])
