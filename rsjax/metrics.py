@@ -113,7 +113,7 @@ def _mean_over_images(values, has_data):
                      jnp.nan)
 
 
-def psnr_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
+def psnr_per_image(pred, target, valid_mask=None, *, data_range: float = 1.0):
     """PSNR in dB of each image, (B,), from its MSE over valid pixels and all bands.
 
     Images without valid pixels get NaN.
@@ -122,7 +122,7 @@ def psnr_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
     return jnp.where(has_data, values, jnp.nan)
 
 
-def psnr(pred, target, data_range: float = 1.0, valid_mask=None):
+def psnr(pred, target, data_range: float = 1.0, *, valid_mask=None):
     """Mean over the batch's images (those with valid pixels) of per-image PSNR in dB."""
     return _mean_over_images(*_psnr_with_count(pred, target, valid_mask, data_range))
 
@@ -207,7 +207,7 @@ def _ssim_with_count(pred, target, valid_mask, data_range):
     return mean, n_windows > 0
 
 
-def ssim_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
+def ssim_per_image(pred, target, valid_mask=None, *, data_range: float = 1.0):
     """Mean SSIM of each image, (B,), over bands and (fully valid) 11x11 windows.
 
     Images without any fully valid window get NaN.
@@ -216,7 +216,7 @@ def ssim_per_image(pred, target, valid_mask=None, data_range: float = 1.0):
     return jnp.where(has_data, values, jnp.nan)
 
 
-def ssim(pred, target, data_range: float = 1.0, valid_mask=None):
+def ssim(pred, target, data_range: float = 1.0, *, valid_mask=None):
     """Mean over the batch's images (those with a fully valid window) of per-image SSIM."""
     return _mean_over_images(*_ssim_with_count(pred, target, valid_mask, data_range))
 
@@ -295,7 +295,7 @@ class ImageMetricSums(NamedTuple):
         }
 
 
-def image_metric_sums(pred, target, valid_mask=None, data_range: float = 1.0) -> ImageMetricSums:
+def image_metric_sums(pred, target, valid_mask=None, *, data_range: float = 1.0) -> ImageMetricSums:
     """One batch's contribution to the split's image metrics (jit-able).
 
     pred, target: (B, H, W, C) reflectance in [0, data_range]; valid_mask:

@@ -263,3 +263,14 @@ def test_nan_on_valid_pixels_is_not_hidden():
     assert scores["num_images"] == 2
     assert math.isnan(scores["psnr"]) and math.isnan(scores["ssim"]) and math.isnan(scores["sam_rad"])
     assert math.isnan(float(metrics.psnr(pred, target)))
+
+
+def test_data_range_other_than_one_matches_scikit_image():
+    pred, target = _image_pairs()[0]
+    pred, target = 2 * pred[:1] - 1, 2 * target[:1] - 1        # [-1, 1] images, range 2
+    np.testing.assert_allclose(metrics.psnr(jnp.asarray(pred), jnp.asarray(target), data_range=2.0),
+                               peak_signal_noise_ratio(target[0], pred[0], data_range=2.0), rtol=1e-5)
+    expected = structural_similarity(target[0], pred[0], gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False, data_range=2.0, channel_axis=-1)
+    np.testing.assert_allclose(metrics.ssim(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
+                                            data_range=2.0), expected, rtol=2e-5)
