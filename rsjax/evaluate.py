@@ -37,8 +37,8 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test",
     (out / f"eval_{split}_{step}.json").write_text(json.dumps(result, indent=2))
     (out / f"eval_{split}_{step}.md").write_text(markdown_table([(config.generator.name, scores)]))
     if shown is not None:
-        viz.image_grid({"real": shown["real"], "generated": shown["fake"]},
-                       out / f"eval_{split}_{step}.png", labels=shown["label"])
+        viz.image_grid({"real": shown["real"], "generated": shown["fake"],
+                        "land cover": shown["label"]}, out / f"eval_{split}_{step}.png")
     return result
 
 

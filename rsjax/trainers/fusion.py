@@ -163,7 +163,6 @@ def train_step(setup: Setup, state: dict, batch: dict):
     sources = setup.sources
     cond = condition_tensor(batch, sources)
     real = batch["image"]
-    mask = batch["valid"][..., None].astype(real.dtype)
     _, g_params, g_rest = nnx.split(nnx.merge(setup.g_train_graph, state["g"]), nnx.Param, ...)
     _, d_params, d_rest = nnx.split(nnx.merge(setup.d_train_graph, state["d"]), nnx.Param, ...)
     compute_dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
@@ -187,12 +186,12 @@ def train_step(setup: Setup, state: dict, batch: dict):
             lambda g: run_generator(g, cast(batch), sources, setup.generator_name))
         fake = fake.astype(jnp.float32)
         fake_out, _ = discriminate(d_params, d_rest, fake)
-        terms = {"g_adv": losses.generator_loss(cfg.loss, fake_out)}
+        terms = {"g_adv": losses.generator_loss(fake_out, kind=cfg.loss)}
         if cfg.lambda_feat > 0:
             real_out, _ = discriminate(d_params, d_rest, real)
             terms["g_feat"] = cfg.lambda_feat * losses.feature_matching_loss(real_out, fake_out)
         if cfg.lambda_l1 > 0:
-            terms["g_l1"] = cfg.lambda_l1 * losses.masked_l1(fake, real, mask)
+            terms["g_l1"] = cfg.lambda_l1 * losses.l1_loss(fake, real, valid_mask=batch["valid"])
         if cfg.lambda_ssim > 0:
             terms["g_ssim"] = cfg.lambda_ssim * losses.ssim_loss(fake, real)
         total = sum(terms.values())
@@ -214,7 +213,10 @@ def train_step(setup: Setup, state: dict, batch: dict):
     def d_loss_fn(d_p):
         fake_out, rest1 = discriminate(d_p, d_rest, fake)
         real_out, rest2 = discriminate(d_p, rest1, real)
-        return losses.discriminator_loss(cfg.loss, real_out, fake_out), rest2
+        real_term, fake_term = losses.discriminator_loss(real_out, fake_out, kind=cfg.loss)
+        # pix2pix halves D's objective to slow D down relative to G; SPADE does not.
+        scale = 0.5 if cfg.loss == "vanilla" else 1.0
+        return scale * (real_term + fake_term), rest2
 
     (d_loss, new_d_rest), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
     d_updates, new_d_opt = setup.d_tx.update(d_grads, state["d_opt"], d_params)
@@ -234,8 +236,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
     skipped = dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
     out_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
     step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms,
-                    "nonfinite": out_state["nonfinite"].astype(jnp.float32),
-                    "g_lr": jnp.asarray(0.0)}
+                    "nonfinite": out_state["nonfinite"].astype(jnp.float32)}
     return out_state, step_metrics
 
 
@@ -267,7 +268,8 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
     it = input_pipeline.create_iterator(
         config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
         seed=int(config.seed), sources=setup.sources, num_epochs=1)
-    acc = metrics.ImageMetricsAccumulator()
+    sums_fn = jax.jit(metrics.image_metric_sums)
+    sums = metrics.ImageMetricSums.zeros()
     shown = None
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
@@ -275,12 +277,14 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
         fake = gen(state, batch)
         pred01 = input_pipeline.image_to_reflectance01(fake)
         true01 = input_pipeline.image_to_reflectance01(batch["image"])
-        acc.update(pred01, true01, batch["valid"])
+        sums = sums.merge(jax.device_get(sums_fn(pred01, true01, batch["valid"])))
         if collect_images and shown is None:
             shown = {"fake": np.asarray(fake[:collect_images]),
                      "real": np.asarray(batch["image"][:collect_images]),
                      "label": np.asarray(batch["label"][:collect_images])}
-    return acc.compute(), shown
+    scores = sums.compute()
+    scores["sam"] = scores["sam_rad"]
+    return scores, shown
 
 
 # ---------------------------------------------------------------------------
@@ -346,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = logging_utils.MetricWriter(workdir)
     if start_step == 0:
         logging_utils.write_config(config, workdir)
-    progress = logging_utils.ProgressReporter(config.total_steps, start_step=start_step)
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
     preemption = common.PreemptionWatcher()
 
     step = start_step
@@ -363,11 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 host = jax.device_get(pending)
                 pending = []
                 summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
-                summary.pop("g_lr", None)
                 common.check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps,
                                        step, workdir)
                 writer.write_scalars(step, summary)
-                progress.update(step, summary)
+                progress(step, summary)
             if config.image_every_steps and step % config.image_every_steps == 0 and is_main:
                 _write_images(setup, state, batch, workdir, step, config)
             if config.eval_every_steps and step % config.eval_every_steps == 0 \
@@ -409,4 +412,5 @@ def _write_images(setup, state, batch, workdir, step, config):
     rows = {"real": np.asarray(batch["image"][:n]), "generated": np.asarray(fake[:n])}
     out = Path(workdir) / "images"
     out.mkdir(exist_ok=True)
-    viz.image_grid(rows, out / f"step_{step:07d}.png", labels=np.asarray(batch["label"][:n]))
+    rows["land cover"] = np.asarray(batch["label"][:n])
+    viz.image_grid(rows, out / f"step_{step:07d}.png")

@@ -69,7 +69,7 @@ def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     def loss_fn(p):
         model = nnx.merge(setup.train_graph, p, rest)
         logits = model(batch["image"])
-        loss = losses.masked_cross_entropy(logits, batch["label"], class_weights=class_weights)
+        loss = losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights)
         return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = logging_utils.MetricWriter(workdir)
     if start_step == 0:
         logging_utils.write_config(config, workdir)
-    progress = logging_utils.ProgressReporter(config.total_steps, start_step=start_step)
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
     preemption = common.PreemptionWatcher()
     history_path = Path(workdir) / "val_history.jsonl"
 
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 common.check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps,
                                        step, workdir)
                 writer.write_scalars(step, summary)
-                progress.update(step, summary)
+                progress(step, summary)
             if config.eval_every_steps and step % config.eval_every_steps == 0:
                 scores, _, _ = evaluate_split(setup, state, config, "validation", mesh)
                 writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()
@@ -216,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 default=lambda x: np.asarray(x).tolist()))
             if shown is not None:
                 from rsjax import viz
-                viz.segmentation_grid(shown["image"], shown["label"], shown["pred"],
-                                      Path(workdir) / f"eval_{config.final_eval_split}.png")
+                viz.image_grid({"image": shown["image"], "truth": shown["label"],
+                                "prediction": shown["pred"]},
+                               Path(workdir) / f"eval_{config.final_eval_split}.png")
     writer.close()
     return result
