@@ -460,8 +460,9 @@ def cloud_cover(truth_shape: tuple[int, int], geometry: SceneGeometry,
     reach = CLOUD_HEIGHT_M / np.tan(np.radians(geometry.sun_elevation)) / PIXEL_M
     away = np.radians(geometry.sun_azimuth + 180.0)
     shift = (int(round(-reach * np.cos(away))), int(round(reach * np.sin(away))))  # rows run south
-    shadow = np.roll(opacity, shift, axis=(0, 1)) * (opacity < 0.05)
-    return opacity, shadow
+    shadow = np.roll(opacity, shift, axis=(0, 1)) * (opacity == 0)
+    # Faint haze below 5 % is left out, so that the mask's "clear" is exactly clear.
+    return np.where(opacity < 0.05, 0.0, opacity), np.where(shadow < 0.05, 0.0, shadow)
 
 
 # ----------------------------------------------------------------------------- products
@@ -549,7 +550,7 @@ def render_scene_arrays(scene_id: str, size: int, seed: Seed, *, cloudy: bool = 
         cloud = np.array([0.60, 0.60, 0.61, 0.63])[:, None, None]
         surface = arrays.truth["reflectance"] * (1.0 - 0.7 * shadow)[None]
         arrays.s2_cloudy = _to_uint16_reflectance(surface * (1.0 - opacity) + cloud * opacity)
-        arrays.cloud_mask = np.where(opacity > 0.05, 1, np.where(shadow > 0.05, 2, 0)).astype(np.uint8)
+        arrays.cloud_mask = np.where(opacity > 0, 1, np.where(shadow > 0, 2, 0)).astype(np.uint8)
     return arrays
 
 
@@ -574,7 +575,7 @@ def scene_tiles(arrays: SceneArrays, tile_size: int = 256, seed: Seed = 0):
             yield dict(
                 s2=s2[window], s1=s1_db[window], lulc=arrays.lulc[window], dem=dem[window],
                 scene_id=arrays.geometry.scene_id, tile_id=f"{arrays.geometry.scene_id}_r{r}_c{c}",
-                crs=g.crs.to_string(), transform=np.array(g.transform * Affine.translation(c, r))[:6])
+                crs=g.crs.to_string(), transform=np.array(g.transform @ Affine.translation(c, r))[:6])
 
 
 # ----------------------------------------------------------------------------- writing
