@@ -19,27 +19,30 @@ All files are tiled 256 x 256 and deflate-compressed. Scene ids are
 
 The scene model
 ---------------
-Every field is computed once on a 10 m "truth" grid in the scene's UTM zone that
-covers all four products (the S2 grid plus a margin); each product then samples
-its own grid from it. The couplings are physical, and each source carries
+Each scene sits in a random UTM zone (29N-37N, Europe) at 36-58 deg N. Every
+field is computed once on a 10 m "truth" grid in that zone, aligned with the S2
+grid and large enough to cover all four products; each product then samples its
+own grid from it (S2 and land cover: a window; S1: bilinear resampling of the
+noise-free power, then speckle; DEM: `rasterio.warp.reproject`, average). The couplings are physical, and each source carries
 information the others lack:
 
 1. **Terrain** (seen by the DEM, and through illumination by S2 and S1):
    fractal relief by spectral synthesis (Gaussian noise shaped to a power
-   spectrum ~ f^-3.6), mapped through a power curve so lowlands are flat and
-   uplands steep, scaled to a per-scene base (50-600 m) and relief
-   (350-1500 m). Lakes fill the lowest basins to a flat water level (the DEM is
+   spectrum ~ f^-4.4, vectorised with numpy's FFT), mapped through a square
+   so lowlands are flat and uplands steep, scaled to a per-scene base
+   (50-600 m) and relief (250-1000 m; median slopes of 10-17 deg). Lakes fill
+   the lowest basins (3-8 % of the area) to a flat water level (the DEM is
    flat over water, as Copernicus DEM is). Slope and aspect come from Horn's
-   method on the 10 m grid. The DEM product is the 10 m truth averaged onto the
-   1 arc-second EPSG:4326 grid (so it is coarser than the truth), with a few
-   small voids.
+   method on the 10 m grid. The DEM product is the 10 m truth averaged onto
+   the 1 arc-second EPSG:4326 grid (so it is coarser than the truth: part of
+   the illumination is not in it), with 2-5 small voids.
 2. **Land cover** (seen only by the land-cover product, with sharp
    boundaries): rules on elevation, slope, a wetness index (elevation below
    its ~300 m neighbourhood mean, flatness) and independent noise, in priority
    order: water in the basins; flooded vegetation on the wet margin a few
-   metres above the lake level; snow above a snow line in the upper part of the
-   relief; built-up clusters around a few centres on flat lowland, cut into
-   blocks; bare rock on steep slopes and just below the snow line; crops in
+   metres above the lake level; snow above a snow line at 80-110 % of the
+   scene's relief (so some scenes have none); built-up clusters around a few
+   centres on flat lowland, cut into 50 m blocks; bare rock on steep slopes and just below the snow line; crops in
    rectangular parcels on flat lowland (whole parcels, so field edges are
    straight); trees on slopes and in wet/noisy patches; shrub on dry sites,
    grass elsewhere.
