@@ -1,4 +1,6 @@
 """Ridge-R² couplings: the regression and R² against independent references, and the ordering."""
+import json
+
 import numpy as np
 import pytest
 
@@ -148,3 +150,19 @@ def test_markdown_table(small_result):
     table = couplings.markdown_table(small_result).splitlines()
     assert table[0].startswith("| sources | R² (mean) | B2 | B3 | B4 | B8 |")
     assert len(table) == 2 + 7 and table[-1].startswith("| lulc+s1+dem |")
+
+
+def test_command_on_written_scenes_through_ingestion(tmp_path, capsys):
+    # The real path: GeoTIFFs from the writer, registered and tiled by rsjax.data.ingest.
+    pytest.importorskip("rsjax.data.ingest")     # until the ingestion branch is merged
+    synthetic.write_scenes(tmp_path / "scenes", num_scenes=2, size=256, seed=0)
+    out = tmp_path / "couplings.json"
+    code = couplings.main(["--scenes_dir", str(tmp_path / "scenes"), "--tile_size", "128",
+                           "--block", "16", "--json_out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| lulc+s1+dem |" in printed
+    result = json.loads(out.read_text())
+    assert code == 0 and result["ordering_holds"] and result["violations"] == []
+    assert result["tiles"] == 8
+    r2 = {name: row["r2"] for name, row in result["subsets"].items()}
+    assert couplings.ordering_violations(r2, margin=0.01) == []

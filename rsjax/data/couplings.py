@@ -237,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tile_size", type=int, default=256)
     parser.add_argument("--pixels_per_tile", type=int, default=4096)
     parser.add_argument("--test_every", type=int, default=4, help="hold out one pixel block in n")
+    parser.add_argument("--block", type=int, default=32, help="side of the held-out pixel blocks")
     parser.add_argument("--lam", type=float, default=1.0, help="ridge penalty (standardised features)")
     parser.add_argument("--seed", type=int, default=0, help="pixel sampling seed")
     parser.add_argument("--json_out", help="also write the JSON result here")
@@ -250,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             scenes_dir = tmp
         result = coupling_r2(_ingested_tiles(scenes_dir, args.tile_size), lam=args.lam,
                              pixels_per_tile=args.pixels_per_tile, test_every=args.test_every,
-                             seed=args.seed)
+                             block=args.block, seed=args.seed)
     violations = ordering_violations({k: v["r2"] for k, v in result["subsets"].items()})
     result["ordering_holds"] = not violations
     result["violations"] = violations
