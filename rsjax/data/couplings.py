@@ -23,9 +23,13 @@ one 32 x 32 block in four (diagonal stripes) is held out for scoring, the
 rest trains a ridge regression (closed form on standardised features,
 unpenalised intercept). Held-out blocks rather than held-out tiles: a few
 demo tiles cannot all contain snow, lakes and towns, and a test set without
-them would measure the split, not the sources.
-R² is 1 - SS_res / SS_tot per band on the held-out pixels, then averaged
-over the four bands.
+them would measure the split, not the sources. R² is 1 - SS_res / SS_tot
+per band on the held-out pixels, then averaged over the four bands.
+
+The functions take any iterable of tile dicts in the data-contract format
+(s2 (H, W, 4) uint16, s1 (H, W, 2) dB, lulc (H, W) uint8, dem (H, W, 4)); the
+command gets them from `rsjax.data.ingest.iter_scene_tiles`, prints a Markdown
+table and the JSON result, and exits with status 1 when the ordering fails.
 """
 from __future__ import annotations
 
