@@ -111,10 +111,9 @@ def test_cloudy_twin_and_mask(scenes):
         clear_px, cloudy_px, mask = clear.read(), cloudy.read(), mask_file.read(1)
     assert set(np.unique(mask)) <= {0, 1, 2}
     np.testing.assert_array_equal(clear_px[:, mask == 0], cloudy_px[:, mask == 0])
-    if (mask == 1).any():
-        assert cloudy_px[:, mask == 1].mean() > clear_px[:, mask == 1].mean()
-    if (mask == 2).any():
-        assert cloudy_px[:, mask == 2].mean() < clear_px[:, mask == 2].mean()
+    assert (mask == 1).any() and (mask == 2).any() and (mask == 0).any()
+    assert cloudy_px[:, mask == 1].mean() > clear_px[:, mask == 1].mean()      # clouds brighten
+    assert cloudy_px[:, mask == 2].mean() < clear_px[:, mask == 2].mean()      # shadows darken
 
 
 def test_sar_db_option_writes_the_same_scene_in_db(tmp_path):
@@ -232,3 +231,20 @@ def test_command_line(tmp_path, capsys):
     [scene] = find_scenes(tmp_path)
     with rasterio.open(scene.s1) as s1:
         assert s1.tags()["UNITS"] == "dB"
+
+
+def test_scene_tiles_follow_the_data_contract(big_scene):
+    tiles = list(synthetic.scene_tiles(big_scene, tile_size=128))
+    assert len(tiles) == 4
+    tile = tiles[3]                                          # bottom-right
+    assert tile["s2"].shape == (128, 128, 4) and tile["s2"].dtype == np.uint16
+    assert tile["s1"].shape == (128, 128, 2) and tile["s1"].dtype == np.float32
+    assert tile["lulc"].shape == (128, 128) and tile["lulc"].dtype == np.uint8
+    assert tile["dem"].shape == (128, 128, 4) and tile["dem"].dtype == np.float32
+    np.testing.assert_array_equal(tile["s2"], big_scene.s2[:, 128:, 128:].transpose(1, 2, 0))
+    g = big_scene.geometry.s2.transform
+    np.testing.assert_allclose(tile["transform"], [10, 0, g.c + 1280, 0, -10, g.f - 1280])
+    assert tile["tile_id"] == "synth_s0_000_r128_c128" and tile["scene_id"] == "synth_s0_000"
+    vv_db = tile["s1"][..., 0]
+    assert np.isfinite(vv_db).all() and -40 < np.median(vv_db) < 5
+    assert 1 <= tile["dem"][..., 3].min() and tile["dem"][..., 3].max() <= 255
