@@ -1,0 +1,128 @@
+"""Terrain derivatives by Horn's method, with exactly gdaldem's conventions.
+
+All functions take an elevation array that carries a one-pixel halo around the
+area of interest, shape (H + 2, W + 2), and return (H, W): the 3x3 window of
+every output pixel lies inside the input, so a tile's derivatives never depend
+on how the scene was cut into tiles. NaN marks missing elevation; an output
+pixel is NaN when any cell of its 3x3 window is NaN (gdaldem writes its
+no-data value there, we write NaN, the contract's no-data for `dem`).
+
+Conventions (those of `gdaldem slope|aspect|hillshade`, GDAL 3.x, Horn):
+- the grid is north-up with square-ish metric pixels: `xres` (> 0) is the
+  pixel width in metres, `yres` the pixel height as the affine transform stores
+  it (negative for north-up). `scale` is gdaldem's `-s`, the ratio of vertical
+  to horizontal units (1 for metres over metres). Derivatives are therefore
+  only meaningful on a projected metric grid, never on a geographic one.
+- slope: degrees, atan(|grad z|) with Horn's 3x3 weighted differences;
+- aspect: degrees clockwise from north, the direction the slope faces
+  (downhill), in [0, 360); flat cells (both Horn differences exactly 0, as
+  gdaldem tests them) get `contract.ASPECT_FLAT` = -9999, gdaldem's value;
+- hillshade: 1 + 254 cos(i) for the angle i between the surface normal and
+  the sun (azimuth 315, altitude 45 by default), 1 where the cell faces away
+  from the sun, rounded to a whole number as gdaldem's Byte output is; so
+  values lie in 1..255 and 0 never occurs (gdaldem's no-data is 0).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rsjax.data.contract import ASPECT_FLAT
+
+DEFAULT_AZIMUTH = 315.0
+DEFAULT_ALTITUDE = 45.0
+
+
+def _horn_sums(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Horn's weighted column and row differences of a haloed array, unscaled.
+
+    Returns (east_minus_west, south_minus_north), both (H, W), in elevation
+    units per 8 pixels. Row 0 of the array is north.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] < 3 or z.shape[1] < 3:
+        raise ValueError(f"elevation must be 2-D with a one-pixel halo (at least 3x3), got {z.shape}")
+    nw, n, ne = z[:-2, :-2], z[:-2, 1:-1], z[:-2, 2:]
+    w, e = z[1:-1, :-2], z[1:-1, 2:]
+    sw, s, se = z[2:, :-2], z[2:, 1:-1], z[2:, 2:]
+    east_minus_west = (ne + 2.0 * e + se) - (nw + 2.0 * w + sw)
+    south_minus_north = (sw + 2.0 * s + se) - (nw + 2.0 * n + ne)
+    return east_minus_west, south_minus_north
+
+
+def _gradient(z: np.ndarray, xres: float, yres: float, scale: float):
+    """dz/dx (towards east) and dz/dy (towards north), in vertical per horizontal units."""
+    if xres <= 0:
+        raise ValueError(f"xres must be positive (pixel width), got {xres}")
+    e_w, s_n = _horn_sums(z)
+    dz_dx = e_w / (8.0 * xres * scale)
+    # A north-up grid has yres < 0: south_minus_north / (8 * yres) is then the
+    # rise per metre towards the north, as gdaldem's inverse nsres makes it.
+    dz_dy = s_n / (8.0 * yres * scale)
+    return dz_dx, dz_dy, e_w, s_n
+
+
+def slope_degrees(z: np.ndarray, xres: float, yres: float, scale: float = 1.0) -> np.ndarray:
+    """Slope in degrees, Horn's method (gdaldem slope). NaN propagates from the 3x3 window."""
+    dz_dx, dz_dy, _, _ = _gradient(z, xres, yres, scale)
+    return np.degrees(np.arctan(np.hypot(dz_dx, dz_dy))).astype(np.float32)
+
+
+def aspect_degrees(z: np.ndarray) -> np.ndarray:
+    """Aspect in degrees clockwise from north, the downhill direction (gdaldem aspect).
+
+    Like gdaldem it uses the raw Horn differences (pixels are taken as square),
+    and flat cells get ASPECT_FLAT (-9999). NaN windows give NaN.
+    """
+    e_w, s_n = _horn_sums(z)
+    # gdaldem: atan2(dy, -dx) is the downhill direction counter-clockwise from
+    # east; 90 - angle turns it into an azimuth clockwise from north.
+    math_angle = np.degrees(np.arctan2(s_n, -e_w))
+    azimuth = np.mod(90.0 - math_angle, 360.0)
+    azimuth = np.where(azimuth >= 360.0, 0.0, azimuth)
+    azimuth = np.where((e_w == 0) & (s_n == 0), ASPECT_FLAT, azimuth)
+    azimuth = np.where(np.isnan(e_w) | np.isnan(s_n), np.nan, azimuth)
+    return azimuth.astype(np.float32)
+
+
+def hillshade(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
+              azimuth: float = DEFAULT_AZIMUTH, altitude: float = DEFAULT_ALTITUDE,
+              z_factor: float = 1.0) -> np.ndarray:
+    """Hillshade 1..255 (gdaldem hillshade, default algorithm, Horn gradient).
+
+    cos(i) = sin(alt) cos(slope) + cos(alt) sin(slope) cos(az - aspect), written
+    as gdaldem writes it with the gradient (p, q) = (dz/dx, dz/dy):
+        cos(i) = (sin(alt) + cos(alt) (p sin(az) + q cos(az)) * -1) / sqrt(1 + p^2 + q^2)
+    where the sign makes a slope facing the sun bright. The result is
+    round(1 + 254 max(cos i, 0)): Byte values as gdaldem writes them.
+    """
+    dz_dx, dz_dy, _, _ = _gradient(z, xres, yres, scale)
+    p = z_factor * dz_dx
+    q = z_factor * dz_dy
+    az = np.radians(azimuth)
+    alt = np.radians(altitude)
+    # The unit vector towards the sun is (sin az cos alt, cos az cos alt, sin alt)
+    # in (east, north, up); the surface normal is (-p, -q, 1) / sqrt(1 + p^2 + q^2).
+    cos_i = (np.sin(alt) - np.cos(alt) * (p * np.sin(az) + q * np.cos(az))) / np.sqrt(1.0 + p * p + q * q)
+    shade = 1.0 + 254.0 * np.maximum(cos_i, 0.0)
+    # Byte conversion in GDAL rounds half up; floor(x + 0.5) does the same.
+    shade = np.floor(shade + 0.5)
+    return shade.astype(np.float32)
+
+
+def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: float = 1.0) -> np.ndarray:
+    """The contract's four `dem` channels for the interior of a haloed elevation array.
+
+    Returns (H, W, 4) float32: elevation, slope, aspect, hillshade. Where any of
+    them is undefined (missing elevation in the 3x3 window) all four are NaN,
+    so one NaN test finds a no-data pixel.
+    """
+    z = np.asarray(z_haloed, dtype=np.float32)
+    out = np.stack([
+        z[1:-1, 1:-1],
+        slope_degrees(z, xres, yres, scale),
+        aspect_degrees(z),
+        hillshade(z, xres, yres, scale),
+    ], axis=-1).astype(np.float32)
+    missing = np.isnan(out).any(axis=-1)
+    out[missing] = np.nan
+    return out
