@@ -63,16 +63,26 @@ def test_flat_cells_get_the_flat_aspect_value():
     assert np.all(terrain.hillshade(z, RES, -RES) == 181.0)
 
 
-def test_missing_elevation_makes_its_3x3_neighbourhood_missing_in_every_channel():
+def test_without_compute_edges_missing_elevation_blanks_its_3x3_neighbourhood():
     z = plane(0.2, 0.1, size=10)
     z[4, 5] = np.nan
-    out = terrain.terrain_channels(z, RES, -RES)
+    out = terrain.terrain_channels(z, RES, -RES, compute_edges=False)
     assert out.shape == (8, 8, 4)
     missing = np.isnan(out).any(axis=-1)
     expected = np.zeros((8, 8), bool)
     expected[2:5, 3:6] = True        # output (i, j) sees input rows i..i+2, cols j..j+2
     np.testing.assert_array_equal(missing, expected)
     assert np.isnan(out[missing]).all()
+
+
+def test_with_compute_edges_only_the_missing_cell_is_missing():
+    z = plane(0.2, 0.1, size=10)
+    z[4, 5] = np.nan
+    out = terrain.terrain_channels(z, RES, -RES)
+    missing = np.isnan(out).any(axis=-1)
+    assert missing.sum() == 1 and missing[3, 4]
+    # Neighbours of the hole use the centre value in its place: still a slope, lower than the plane's.
+    assert 0 < out[3, 5, 1] < np.degrees(np.arctan(np.hypot(0.2, 0.1)))
 
 
 def test_slope_scales_with_pixel_size():
@@ -91,24 +101,40 @@ def rough_dem(height=40, width=50, seed=0) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def gdaldem(mode: str, src, dst) -> np.ndarray:
-    subprocess.run(["gdaldem", mode, str(src), str(dst), "-q"], check=True)
+def gdaldem(mode: str, src, dst, extra=()) -> np.ndarray:
+    subprocess.run(["gdaldem", mode, str(src), str(dst), "-q", *extra], check=True)
     with rasterio.open(dst) as ds:
         return ds.read(1).astype(np.float64)
 
 
-@pytest.mark.skipif(shutil.which("gdaldem") is None,
-                    reason="gdaldem not installed (Debian/Ubuntu: apt-get install gdal-bin); it is the reference")
-def test_slope_aspect_hillshade_agree_with_gdaldem(tmp_path):
+needs_gdaldem = pytest.mark.skipif(
+    shutil.which("gdaldem") is None,
+    reason="gdaldem not installed (Debian/Ubuntu: apt-get install gdal-bin); it is the reference")
+
+
+@needs_gdaldem
+@pytest.mark.parametrize("with_voids", [False, True], ids=["complete", "voids_compute_edges"])
+def test_slope_aspect_hillshade_agree_with_gdaldem(tmp_path, with_voids):
     z = rough_dem()
+    extra = []
+    if with_voids:
+        # Missing cells inside: next to them gdaldem -compute_edges uses the centre value.
+        z[20:23, 10:14] = -32767.0
+        z[30, 40] = -32767.0
+        extra = ["-compute_edges"]
     transform = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 5600000.0)
     src = write_geotiff(tmp_path / "dem.tif", z, "EPSG:32631", transform, nodata=-32767.0)
-    ref_slope = gdaldem("slope", src, tmp_path / "slope.tif")[1:-1, 1:-1]
-    ref_aspect = gdaldem("aspect", src, tmp_path / "aspect.tif")[1:-1, 1:-1]
-    ref_shade = gdaldem("hillshade", src, tmp_path / "shade.tif")[1:-1, 1:-1]
+    ref_slope = gdaldem("slope", src, tmp_path / "slope.tif", extra)[1:-1, 1:-1]
+    ref_aspect = gdaldem("aspect", src, tmp_path / "aspect.tif", extra)[1:-1, 1:-1]
+    ref_shade = gdaldem("hillshade", src, tmp_path / "shade.tif", extra)[1:-1, 1:-1]
 
-    ours = terrain.terrain_channels(z, transform.a, transform.e)
-    np.testing.assert_allclose(ours[..., 0], z[1:-1, 1:-1])
+    z = np.where(z == -32767.0, np.nan, z)
+    ours = terrain.terrain_channels(z, transform.a, transform.e, compute_edges=with_voids)
+    holes = np.isnan(z[1:-1, 1:-1])
+    np.testing.assert_array_equal(np.isnan(ours).all(axis=-1), holes)
+    assert np.all(ref_slope[holes] == -9999.0) and np.all(ref_shade[holes] == 0)
+    ours, ref_slope, ref_aspect, ref_shade = ours[~holes], ref_slope[~holes], ref_aspect[~holes], ref_shade[~holes]
+    np.testing.assert_allclose(ours[..., 0], z[1:-1, 1:-1][~holes])
     np.testing.assert_allclose(ours[..., 1], ref_slope, atol=1e-4)
 
     flat = ref_aspect == ASPECT_FLAT

@@ -20,15 +20,17 @@ Steps, in order:
 4. DEM voids filled up to `dem_fill_distance` source pixels, then slope,
    aspect and hillshade by Horn's method with gdaldem's conventions
    (`terrain.py`) on the metric target grid, from a window with a one-pixel
-   halo so tiles agree with a whole-scene computation;
+   halo so tiles agree with a whole-scene computation; flat cells get aspect
+   -9999 (`contract.ASPECT_FLAT`);
 5. tiles of `tile_size` at offsets 0, stride, 2 stride, ... that fit entirely
    in the grid (a remainder narrower than a tile at the right and bottom edges
    is not covered; a scene smaller than one tile yields no tile); tiles with a
    no-data fraction above `max_nodata_fraction` are dropped and counted.
 
 A pixel counts as no-data when any source is missing there: S2 (0 in a band),
-S1 (NaN in a band), DEM (NaN in any channel, e.g. a void too large to fill or
-the grid edge) or land cover (255). A scene without a land-cover file gets
+S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in
+a void too large to fill; pixels next to missing ones still get derivatives,
+as with gdaldem -compute_edges) or land cover (255). A scene without a land-cover file gets
 `lulc` all 255 and those pixels do not count as no-data, so such scenes are
 tiled on their other sources alone.
 

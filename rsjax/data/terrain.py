@@ -3,16 +3,22 @@
 All functions take an elevation array that carries a one-pixel halo around the
 area of interest, shape (H + 2, W + 2), and return (H, W): the 3x3 window of
 every output pixel lies inside the input, so a tile's derivatives never depend
-on how the scene was cut into tiles. NaN marks missing elevation; an output
-pixel is NaN when any cell of its 3x3 window is NaN (gdaldem writes its
-no-data value there, we write NaN, the contract's no-data for `dem`).
+on how the scene was cut into tiles.
+
+Missing elevation is NaN. A pixel whose own elevation is missing gets NaN in
+every output (the contract's no-data for `dem`; gdaldem writes its no-data
+value there). Next to missing cells (the edge of the DEM's footprint, a void
+too large to fill) we follow `gdaldem -compute_edges`: a missing neighbour
+takes the centre cell's value, so every pixel with an elevation gets
+derivatives. `compute_edges=False` gives gdaldem's default instead: no-data
+wherever the 3x3 window is incomplete.
 
 Conventions (those of `gdaldem slope|aspect|hillshade`, GDAL 3.x, Horn):
-- the grid is north-up with square-ish metric pixels: `xres` (> 0) is the
-  pixel width in metres, `yres` the pixel height as the affine transform stores
-  it (negative for north-up). `scale` is gdaldem's `-s`, the ratio of vertical
-  to horizontal units (1 for metres over metres). Derivatives are therefore
-  only meaningful on a projected metric grid, never on a geographic one.
+- the grid is north-up with metric pixels: `xres` (> 0) is the pixel width in
+  metres, `yres` the pixel height as the affine transform stores it (negative
+  for north-up). `scale` is gdaldem's `-s`, the ratio of vertical to
+  horizontal units (1 for metres over metres). Derivatives are therefore only
+  meaningful on a projected metric grid, never on a geographic one.
 - slope: degrees, atan(|grad z|) with Horn's 3x3 weighted differences;
 - aspect: degrees clockwise from north, the direction the slope faces
   (downhill), in [0, 360); flat cells (both Horn differences exactly 0, as
@@ -31,49 +37,65 @@ from rsjax.data.contract import ASPECT_FLAT
 DEFAULT_AZIMUTH = 315.0
 DEFAULT_ALTITUDE = 45.0
 
+_OFFSETS = {"nw": (0, 0), "n": (0, 1), "ne": (0, 2), "w": (1, 0), "c": (1, 1), "e": (1, 2),
+            "sw": (2, 0), "s": (2, 1), "se": (2, 2)}
 
-def _horn_sums(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Horn's weighted column and row differences of a haloed array, unscaled.
 
-    Returns (east_minus_west, south_minus_north), both (H, W), in elevation
-    units per 8 pixels. Row 0 of the array is north.
-    """
+def _window_cells(z: np.ndarray, compute_edges: bool) -> dict[str, np.ndarray]:
+    """The 3x3 window of every interior pixel as nine (H, W) arrays, keyed by compass direction."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or z.shape[0] < 3 or z.shape[1] < 3:
         raise ValueError(f"elevation must be 2-D with a one-pixel halo (at least 3x3), got {z.shape}")
-    nw, n, ne = z[:-2, :-2], z[:-2, 1:-1], z[:-2, 2:]
-    w, e = z[1:-1, :-2], z[1:-1, 2:]
-    sw, s, se = z[2:, :-2], z[2:, 1:-1], z[2:, 2:]
-    east_minus_west = (ne + 2.0 * e + se) - (nw + 2.0 * w + sw)
-    south_minus_north = (sw + 2.0 * s + se) - (nw + 2.0 * n + ne)
+    h, w = z.shape[0] - 2, z.shape[1] - 2
+    cells = {k: z[r:r + h, c:c + w] for k, (r, c) in _OFFSETS.items()}
+    if compute_edges:
+        centre = cells["c"]
+        cells = {k: (v if k == "c" else np.where(np.isnan(v), centre, v)) for k, v in cells.items()}
+    return cells
+
+
+def _horn_sums(z: np.ndarray, compute_edges: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Horn's weighted column and row differences of a haloed array, unscaled.
+
+    Returns (east_minus_west, south_minus_north), both (H, W), in elevation
+    units per 8 pixels. Row 0 of the array is north. NaN where the result is
+    undefined (see the module docstring).
+    """
+    k = _window_cells(z, compute_edges)
+    east_minus_west = (k["ne"] + 2.0 * k["e"] + k["se"]) - (k["nw"] + 2.0 * k["w"] + k["sw"])
+    south_minus_north = (k["sw"] + 2.0 * k["s"] + k["se"]) - (k["nw"] + 2.0 * k["n"] + k["ne"])
+    centre_missing = np.isnan(k["c"])
+    east_minus_west[centre_missing] = np.nan
+    south_minus_north[centre_missing] = np.nan
     return east_minus_west, south_minus_north
 
 
-def _gradient(z: np.ndarray, xres: float, yres: float, scale: float):
+def _gradient(z: np.ndarray, xres: float, yres: float, scale: float, compute_edges: bool):
     """dz/dx (towards east) and dz/dy (towards north), in vertical per horizontal units."""
     if xres <= 0:
         raise ValueError(f"xres must be positive (pixel width), got {xres}")
-    e_w, s_n = _horn_sums(z)
+    e_w, s_n = _horn_sums(z, compute_edges)
     dz_dx = e_w / (8.0 * xres * scale)
     # A north-up grid has yres < 0: south_minus_north / (8 * yres) is then the
     # rise per metre towards the north, as gdaldem's inverse nsres makes it.
     dz_dy = s_n / (8.0 * yres * scale)
-    return dz_dx, dz_dy, e_w, s_n
+    return dz_dx, dz_dy
 
 
-def slope_degrees(z: np.ndarray, xres: float, yres: float, scale: float = 1.0) -> np.ndarray:
-    """Slope in degrees, Horn's method (gdaldem slope). NaN propagates from the 3x3 window."""
-    dz_dx, dz_dy, _, _ = _gradient(z, xres, yres, scale)
+def slope_degrees(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
+                  compute_edges: bool = True) -> np.ndarray:
+    """Slope in degrees, Horn's method (gdaldem slope)."""
+    dz_dx, dz_dy = _gradient(z, xres, yres, scale, compute_edges)
     return np.degrees(np.arctan(np.hypot(dz_dx, dz_dy))).astype(np.float32)
 
 
-def aspect_degrees(z: np.ndarray) -> np.ndarray:
+def aspect_degrees(z: np.ndarray, compute_edges: bool = True) -> np.ndarray:
     """Aspect in degrees clockwise from north, the downhill direction (gdaldem aspect).
 
     Like gdaldem it uses the raw Horn differences (pixels are taken as square),
-    and flat cells get ASPECT_FLAT (-9999). NaN windows give NaN.
+    and flat cells get ASPECT_FLAT (-9999). Missing elevation gives NaN.
     """
-    e_w, s_n = _horn_sums(z)
+    e_w, s_n = _horn_sums(z, compute_edges)
     # gdaldem: atan2(dy, -dx) is the downhill direction counter-clockwise from
     # east; 90 - angle turns it into an azimuth clockwise from north.
     math_angle = np.degrees(np.arctan2(s_n, -e_w))
@@ -86,42 +108,41 @@ def aspect_degrees(z: np.ndarray) -> np.ndarray:
 
 def hillshade(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
               azimuth: float = DEFAULT_AZIMUTH, altitude: float = DEFAULT_ALTITUDE,
-              z_factor: float = 1.0) -> np.ndarray:
+              z_factor: float = 1.0, compute_edges: bool = True) -> np.ndarray:
     """Hillshade 1..255 (gdaldem hillshade, default algorithm, Horn gradient).
 
-    cos(i) = sin(alt) cos(slope) + cos(alt) sin(slope) cos(az - aspect), written
-    as gdaldem writes it with the gradient (p, q) = (dz/dx, dz/dy):
-        cos(i) = (sin(alt) + cos(alt) (p sin(az) + q cos(az)) * -1) / sqrt(1 + p^2 + q^2)
-    where the sign makes a slope facing the sun bright. The result is
-    round(1 + 254 max(cos i, 0)): Byte values as gdaldem writes them.
+    With the gradient (p, q) = (dz/dx, dz/dy) towards east and north, the
+    sun's unit vector s = (sin az cos alt, cos az cos alt, sin alt) and the
+    surface normal (-p, -q, 1) / sqrt(1 + p^2 + q^2):
+        cos(i) = (sin alt - cos alt (p sin az + q cos az)) / sqrt(1 + p^2 + q^2)
+    which equals the textbook cos(zenith) cos(slope) + sin(zenith) sin(slope)
+    cos(az - aspect). The result is round(1 + 254 max(cos i, 0)), the Byte
+    values gdaldem writes.
     """
-    dz_dx, dz_dy, _, _ = _gradient(z, xres, yres, scale)
+    dz_dx, dz_dy = _gradient(z, xres, yres, scale, compute_edges)
     p = z_factor * dz_dx
     q = z_factor * dz_dy
     az = np.radians(azimuth)
     alt = np.radians(altitude)
-    # The unit vector towards the sun is (sin az cos alt, cos az cos alt, sin alt)
-    # in (east, north, up); the surface normal is (-p, -q, 1) / sqrt(1 + p^2 + q^2).
     cos_i = (np.sin(alt) - np.cos(alt) * (p * np.sin(az) + q * np.cos(az))) / np.sqrt(1.0 + p * p + q * q)
     shade = 1.0 + 254.0 * np.maximum(cos_i, 0.0)
-    # Byte conversion in GDAL rounds half up; floor(x + 0.5) does the same.
-    shade = np.floor(shade + 0.5)
-    return shade.astype(np.float32)
+    # GDAL's float-to-Byte conversion rounds half up; floor(x + 0.5) does the same.
+    return np.floor(shade + 0.5).astype(np.float32)
 
 
-def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: float = 1.0) -> np.ndarray:
+def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: float = 1.0,
+                     compute_edges: bool = True) -> np.ndarray:
     """The contract's four `dem` channels for the interior of a haloed elevation array.
 
     Returns (H, W, 4) float32: elevation, slope, aspect, hillshade. Where any of
-    them is undefined (missing elevation in the 3x3 window) all four are NaN,
-    so one NaN test finds a no-data pixel.
+    them is undefined all four are NaN, so one NaN test finds a no-data pixel.
     """
     z = np.asarray(z_haloed, dtype=np.float32)
     out = np.stack([
         z[1:-1, 1:-1],
-        slope_degrees(z, xres, yres, scale),
-        aspect_degrees(z),
-        hillshade(z, xres, yres, scale),
+        slope_degrees(z, xres, yres, scale, compute_edges),
+        aspect_degrees(z, compute_edges),
+        hillshade(z, xres, yres, scale, compute_edges=compute_edges),
     ], axis=-1).astype(np.float32)
     missing = np.isnan(out).any(axis=-1)
     out[missing] = np.nan
