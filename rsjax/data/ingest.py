@@ -145,9 +145,15 @@ class IngestReport:
         }
 
 
+def _gdal_env(opts: IngestOptions) -> dict:
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM)."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20}
+
+
 def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()) -> None:
     """Checks every file of the scene; raises contract.InputError listing each problem (file, what, what to do)."""
-    inspect_scene(scene, opts)
+    with rasterio.Env(**_gdal_env(opts)):
+        inspect_scene(scene, opts)
 
 
 class RegisteredScene:
@@ -164,11 +170,12 @@ class RegisteredScene:
     def __init__(self, scene: ScenePaths, opts: IngestOptions = IngestOptions()):
         self.scene = scene
         self.opts = opts
-        self.grid, self.specs = inspect_scene(scene, opts)
+        self._env = _gdal_env(opts)
+        self._datasets = []
+        with rasterio.Env(**self._env):
+            self.grid, self.specs = inspect_scene(scene, opts)
         self.has_lulc = scene.lulc is not None
         self.s1_units = self.specs["s1"].units
-        self._datasets = []
-        self._env = {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20}
         try:
             with rasterio.Env(**self._env):
                 self._s2 = self._warped("s2", Resampling.bilinear, float(S2_NODATA))

@@ -89,8 +89,12 @@ def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None) ->
     try:
         for _, window in ds.block_windows(band):
             values = ds.read(band, window=window)
-            values = values[~_invalid(values, nodata)]
-            uniques = np.unique(values)
+            if values.dtype == np.uint8:
+                # Fast path for the usual label dtype: which of the 256 values occur.
+                present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+                uniques = present[present != (nodata if nodata is not None else -1)]
+            else:
+                uniques = np.unique(values[~_invalid(values, nodata)])
             if uniques.dtype.kind == "f":
                 whole = uniques == np.round(uniques)
                 fractional.update(uniques[~whole].tolist()[:_MAX_LISTED])
