@@ -314,3 +314,18 @@ def test_geographic_target_crs_is_refused(belgium):
 
 def test_input_error_is_a_value_error():
     assert issubclass(InputError, ValueError)
+
+
+def test_command_line_dry_run_reports_and_exits_2_on_bad_input(belgium, tmp_path, capsys):
+    import shutil
+    from rsjax.data.ingest import main
+    for role in ("s2", "s1", "dem"):
+        shutil.copy(getattr(belgium, role), tmp_path / f"be_{role}.tif")
+    shutil.copy(belgium.lulc, tmp_path / "be_lulc.tif")
+    out = main([str(tmp_path), "--tile-size", "50"])
+    assert out["scenes"]["be"]["tiles_kept"] == 4
+    (tmp_path / "be_s1.tif").write_bytes((tmp_path / "be_s1.tif").read_bytes()[:500])
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "--tile-size", "50"])
+    assert info.value.code == 2
+    assert "be_s1.tif" in capsys.readouterr().err

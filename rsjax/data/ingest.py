@@ -333,3 +333,44 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
                 "crs": crs,
                 "transform": np.array([t.a, t.b, t.c, t.d, t.e, t.f], dtype=np.float64),
             }
+
+
+def main(argv=None) -> dict:
+    """`python -m rsjax.data.ingest FOLDER`: validate and tile every scene of a folder, print the report.
+
+    A dry run (nothing is written): the check to run on new exports before
+    building a dataset. Exits with status 2 and the InputError's message on bad input.
+    """
+    import argparse  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from rsjax.data.contract import InputError, find_scenes  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m rsjax.data.ingest", description=main.__doc__)
+    parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files")
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=None)
+    parser.add_argument("--max-nodata-fraction", type=float, default=0.1)
+    parser.add_argument("--target-crs", default=None)
+    parser.add_argument("--target-resolution", type=float, default=None)
+    parser.add_argument("--s1-units", default="auto", choices=sar.UNITS)
+    parser.add_argument("--allow-missing-lulc", action="store_true", help="scenes may lack <scene>_lulc.tif")
+    args = parser.parse_args(argv)
+    opts = IngestOptions(tile_size=args.tile_size, stride=args.stride, max_nodata_fraction=args.max_nodata_fraction,
+                         target_crs=args.target_crs, target_resolution=args.target_resolution,
+                         s1_units=args.s1_units)
+    report = IngestReport()
+    try:
+        for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
+            for _ in iter_scene_tiles(scene, opts, report):
+                pass
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report.to_dict(), indent=2))
+    return report.to_dict()
+
+
+if __name__ == "__main__":
+    main()

@@ -47,12 +47,15 @@ def _normalize(name: str) -> str:
 @contextlib.contextmanager
 def open_raster(path: str | Path, role: str) -> Iterator[rasterio.DatasetReader]:
     """rasterio.open that turns GDAL's failure into an InputError naming the file."""
+    # No Python file-system call here (only GDAL's): TFDS builder tests patch
+    # os/open inside builders, and GDAL's own I/O is not affected.
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: {WHAT[role]} file does not exist. Check the path or the scene folder.")
     try:
         ds = rasterio.open(path)
     except rasterio.errors.RasterioError as err:
+        if "No such file" in str(err) or "does not exist" in str(err):
+            raise InputError(f"{path}: {WHAT[role]} file does not exist. Check the path or the scene "
+                             "folder.") from err
         raise InputError(
             f"{path}: cannot be opened as a raster ({err}). The file is probably truncated or "
             f"corrupt: export or copy the {WHAT[role]} GeoTIFF again.") from err

@@ -22,7 +22,9 @@ target grid at a time.
   data; larger voids stay missing), and it is then reprojected bilinearly onto
   the target window. Filling before resampling keeps a void from growing by
   the kernel width, and filling a window with margins gives the same values
-  whatever window a pixel is read through.
+  whatever window a pixel is read through. Like any void rim, a no-data
+  collar inside the DEM file is extrapolated up to `fill_distance` pixels;
+  beyond the file's own extent nothing is extrapolated (no-data).
 """
 from __future__ import annotations
 
