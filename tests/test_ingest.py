@@ -329,3 +329,21 @@ def test_command_line_dry_run_reports_and_exits_2_on_bad_input(belgium, tmp_path
         main([str(tmp_path), "--tile-size", "50"])
     assert info.value.code == 2
     assert "be_s1.tif" in capsys.readouterr().err
+
+
+def test_dynamic_world_export_label_band_chosen_among_probabilities(belgium, tmp_path):
+    """Dynamic World exports carry nine class-probability bands beside `label` (here placed last)."""
+    from rsjax.data.contract import LULC_CLASSES
+    labels = read(belgium.lulc, 1)
+    with rasterio.open(belgium.lulc) as ds:
+        profile = ds.profile
+    probabilities = np.random.default_rng(0).random((9, 100, 100)).astype(np.float32)
+    profile.update(count=10, dtype="float32", nodata=None)
+    path = tmp_path / "dw.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.concatenate([probabilities, labels[None].astype(np.float32)]))
+        for i, name in enumerate(list(LULC_CLASSES) + ["label"], start=1):
+            dst.set_band_description(i, name)
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=belgium.dem, lulc=path)
+    with RegisteredScene(scene) as reg:
+        np.testing.assert_array_equal(reg.read(Window(0, 0, 100, 100))["lulc"], labels)
