@@ -8,6 +8,10 @@ from rsjax.data.contract import InputError, ScenePaths
 from rsjax.data.geotiff import write_geotiff
 from rsjax.data.ingest import IngestOptions, iter_scene_tiles, validate_scene
 
+# rasterio 1.4 itself multiplies Affine objects with `*`, which affine 3 flags as pending deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
+
 CRS = "EPSG:32631"
 T = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5600000.0)
 N = 48

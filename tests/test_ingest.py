@@ -9,6 +9,10 @@ from rsjax.data.contract import LULC_NODATA, InputError, ScenePaths
 from rsjax.data.ingest import IngestOptions, IngestReport, RegisteredScene, iter_scene_tiles, validate_scene
 from rsjax.data.rasterio_io import open_raster, select_bands
 
+# rasterio 1.4 itself multiplies Affine objects with `*`, which affine 3 flags as pending deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
+
 
 @pytest.fixture
 def belgium(tests_data) -> ScenePaths:

@@ -9,6 +9,10 @@ from rsjax.data.contract import ASPECT_FLAT, LULC_NODATA, ScenePaths
 from rsjax.data.geotiff import write_geotiff
 from rsjax.data.ingest import IngestOptions, RegisteredScene
 
+# rasterio 1.4 itself multiplies Affine objects with `*`, which affine 3 flags as pending deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
+
 # Target: the S2 grid, UTM 31N, 10 m, 64 x 64 pixels.
 S2_CRS = "EPSG:32631"
 S2_TRANSFORM = Affine(10.0, 0.0, 600000.0, 0.0, -10.0, 5600000.0)

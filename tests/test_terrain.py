@@ -11,6 +11,10 @@ from rsjax.data import terrain
 from rsjax.data.contract import ASPECT_FLAT
 from rsjax.data.geotiff import write_geotiff
 
+# rasterio 1.4 itself multiplies Affine objects with `*`, which affine 3 flags as pending deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
+
 RES = 10.0
 
 

@@ -16,7 +16,9 @@ Steps, in order:
    nearest for labels, no-data carried through and wherever a source does not
    cover the grid;
 3. S1 to dB with a floor (`sar.py`); units detected from the values unless
-   `s1_units` says;
+   `s1_units` says. Resampling happens in the file's own units, before the
+   conversion: linear power is interpolated as power, dB files (Earth
+   Engine) are interpolated in dB;
 4. DEM voids filled up to `dem_fill_distance` source pixels, then slope,
    aspect and hillshade by Horn's method with gdaldem's conventions
    (`terrain.py`) on the metric target grid, from a window with a one-pixel
