@@ -351,3 +351,15 @@ def test_dynamic_world_export_label_band_chosen_among_probabilities(belgium, tmp
     scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=belgium.dem, lulc=path)
     with RegisteredScene(scene) as reg:
         np.testing.assert_array_equal(reg.read(Window(0, 0, 100, 100))["lulc"], labels)
+
+
+def test_benchmark_scene_writer_and_memory_probe(tmp_path):
+    """The benchmark's windowed writer gives a valid scene, and the child-side probe reports memory."""
+    from rsjax.data import bench_ingest
+    scene = bench_ingest.write_simple_scene(tmp_path, "bench", size=300, seed=1)
+    validate_scene(scene)
+    with rasterio.open(scene.dem) as ds:
+        assert ds.crs.to_epsg() == 4326 and (read(scene.dem) == -32767.0).any()     # geographic, with voids
+    result = bench_ingest.child_register(tmp_path, tile_size=100)
+    assert result["tiles"] == 9 and result["tiles_per_s"] > 0
+    assert 0 < result["peak_rss_mib"] < 2048
