@@ -48,7 +48,7 @@ def _window_cells(z: np.ndarray, compute_edges: bool) -> dict[str, np.ndarray]:
         raise ValueError(f"elevation must be 2-D with a one-pixel halo (at least 3x3), got {z.shape}")
     h, w = z.shape[0] - 2, z.shape[1] - 2
     cells = {k: z[r:r + h, c:c + w] for k, (r, c) in _OFFSETS.items()}
-    if compute_edges:
+    if compute_edges and np.isnan(z).any():
         centre = cells["c"]
         cells = {k: (v if k == "c" else np.where(np.isnan(v), centre, v)) for k, v in cells.items()}
     return cells
@@ -70,11 +70,10 @@ def _horn_sums(z: np.ndarray, compute_edges: bool = True) -> tuple[np.ndarray, n
     return east_minus_west, south_minus_north
 
 
-def _gradient(z: np.ndarray, xres: float, yres: float, scale: float, compute_edges: bool):
-    """dz/dx (towards east) and dz/dy (towards north), in vertical per horizontal units."""
+def _gradient(e_w: np.ndarray, s_n: np.ndarray, xres: float, yres: float, scale: float):
+    """dz/dx (towards east) and dz/dy (towards north) from Horn sums, in vertical per horizontal units."""
     if xres <= 0:
         raise ValueError(f"xres must be positive (pixel width), got {xres}")
-    e_w, s_n = _horn_sums(z, compute_edges)
     dz_dx = e_w / (8.0 * xres * scale)
     # A north-up grid has yres < 0: south_minus_north / (8 * yres) is then the
     # rise per metre towards the north, as gdaldem's inverse nsres makes it.
@@ -82,20 +81,12 @@ def _gradient(z: np.ndarray, xres: float, yres: float, scale: float, compute_edg
     return dz_dx, dz_dy
 
 
-def slope_degrees(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
-                  compute_edges: bool = True) -> np.ndarray:
-    """Slope in degrees, Horn's method (gdaldem slope)."""
-    dz_dx, dz_dy = _gradient(z, xres, yres, scale, compute_edges)
+def _slope(e_w, s_n, xres, yres, scale) -> np.ndarray:
+    dz_dx, dz_dy = _gradient(e_w, s_n, xres, yres, scale)
     return np.degrees(np.arctan(np.hypot(dz_dx, dz_dy))).astype(np.float32)
 
 
-def aspect_degrees(z: np.ndarray, compute_edges: bool = True) -> np.ndarray:
-    """Aspect in degrees clockwise from north, the downhill direction (gdaldem aspect).
-
-    Like gdaldem it uses the raw Horn differences (pixels are taken as square),
-    and flat cells get ASPECT_FLAT (-9999). Missing elevation gives NaN.
-    """
-    e_w, s_n = _horn_sums(z, compute_edges)
+def _aspect(e_w, s_n) -> np.ndarray:
     # gdaldem: atan2(dy, -dx) is the downhill direction counter-clockwise from
     # east; 90 - angle turns it into an azimuth clockwise from north.
     math_angle = np.degrees(np.arctan2(s_n, -e_w))
@@ -104,6 +95,33 @@ def aspect_degrees(z: np.ndarray, compute_edges: bool = True) -> np.ndarray:
     azimuth = np.where((e_w == 0) & (s_n == 0), ASPECT_FLAT, azimuth)
     azimuth = np.where(np.isnan(e_w) | np.isnan(s_n), np.nan, azimuth)
     return azimuth.astype(np.float32)
+
+
+def _hillshade(e_w, s_n, xres, yres, scale, azimuth, altitude, z_factor) -> np.ndarray:
+    dz_dx, dz_dy = _gradient(e_w, s_n, xres, yres, scale)
+    p = z_factor * dz_dx
+    q = z_factor * dz_dy
+    az = np.radians(azimuth)
+    alt = np.radians(altitude)
+    cos_i = (np.sin(alt) - np.cos(alt) * (p * np.sin(az) + q * np.cos(az))) / np.sqrt(1.0 + p * p + q * q)
+    shade = 1.0 + 254.0 * np.maximum(cos_i, 0.0)
+    # GDAL's float-to-Byte conversion rounds half up; floor(x + 0.5) does the same.
+    return np.floor(shade + 0.5).astype(np.float32)
+
+
+def slope_degrees(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
+                  compute_edges: bool = True) -> np.ndarray:
+    """Slope in degrees, Horn's method (gdaldem slope)."""
+    return _slope(*_horn_sums(z, compute_edges), xres, yres, scale)
+
+
+def aspect_degrees(z: np.ndarray, compute_edges: bool = True) -> np.ndarray:
+    """Aspect in degrees clockwise from north, the downhill direction (gdaldem aspect).
+
+    Like gdaldem it uses the raw Horn differences (pixels are taken as square),
+    and flat cells get ASPECT_FLAT (-9999). Missing elevation gives NaN.
+    """
+    return _aspect(*_horn_sums(z, compute_edges))
 
 
 def hillshade(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
@@ -119,15 +137,7 @@ def hillshade(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
     cos(az - aspect). The result is round(1 + 254 max(cos i, 0)), the Byte
     values gdaldem writes.
     """
-    dz_dx, dz_dy = _gradient(z, xres, yres, scale, compute_edges)
-    p = z_factor * dz_dx
-    q = z_factor * dz_dy
-    az = np.radians(azimuth)
-    alt = np.radians(altitude)
-    cos_i = (np.sin(alt) - np.cos(alt) * (p * np.sin(az) + q * np.cos(az))) / np.sqrt(1.0 + p * p + q * q)
-    shade = 1.0 + 254.0 * np.maximum(cos_i, 0.0)
-    # GDAL's float-to-Byte conversion rounds half up; floor(x + 0.5) does the same.
-    return np.floor(shade + 0.5).astype(np.float32)
+    return _hillshade(*_horn_sums(z, compute_edges), xres, yres, scale, azimuth, altitude, z_factor)
 
 
 def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: float = 1.0,
@@ -138,11 +148,12 @@ def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: floa
     them is undefined all four are NaN, so one NaN test finds a no-data pixel.
     """
     z = np.asarray(z_haloed, dtype=np.float32)
+    e_w, s_n = _horn_sums(z, compute_edges)          # once for all three derivatives
     out = np.stack([
         z[1:-1, 1:-1],
-        slope_degrees(z, xres, yres, scale, compute_edges),
-        aspect_degrees(z, compute_edges),
-        hillshade(z, xres, yres, scale, compute_edges=compute_edges),
+        _slope(e_w, s_n, xres, yres, scale),
+        _aspect(e_w, s_n),
+        _hillshade(e_w, s_n, xres, yres, scale, DEFAULT_AZIMUTH, DEFAULT_ALTITUDE, 1.0),
     ], axis=-1).astype(np.float32)
     missing = np.isnan(out).any(axis=-1)
     out[missing] = np.nan
