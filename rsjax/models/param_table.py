@@ -66,7 +66,7 @@ def count_params(model: nnx.Module) -> int:
 
 
 def param_counts(model: nnx.Module) -> dict[str, int]:
-    """Trainable parameters per top-level module, in definition order.
+    """Trainable parameters per top-level module (sorted by name, as NNX stores them).
 
     Containers (nnx.Dict / nnx.List: the per-source embeddings, the scales of a
     multi-scale discriminator, the levels of a U-Net) are split one level deeper.
@@ -77,13 +77,10 @@ def param_counts(model: nnx.Module) -> dict[str, int]:
         depth = 2 if isinstance(head, (nnx.Dict, nnx.List)) else 1
         key = ".".join(str(p) for p in path[:depth])
         counts[key] = counts.get(key, 0) + int(value.size)
-    order = list(vars(model))  # attribute definition order, not alphabetical
 
-    def definition_order(key: str):
-        parts = key.split(".")
-        sub = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        return order.index(parts[0]), sub
-    return dict(sorted(counts.items(), key=lambda item: definition_order(item[0])))
+    def natural_order(key: str):  # 'up_convs.10' after 'up_convs.9'
+        return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
+    return dict(sorted(counts.items(), key=lambda item: natural_order(item[0])))
 
 
 def markdown_table(label: str, counts: Mapping[str, int]) -> str:

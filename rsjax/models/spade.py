@@ -177,7 +177,8 @@ class RSSpadeGenerator(nnx.Module):
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
         _check_size((tile_size, tile_size))
-        self.source_channels = dict(source_channels)
+        # Stored as a tuple of pairs: static module attributes must be hashable.
+        self.sources = tuple((str(k), int(v)) for k, v in source_channels.items())
         self.tile_size = tile_size
         self.z_dim = z_dim
         self.embedding = embedding
@@ -204,6 +205,11 @@ class RSSpadeGenerator(nnx.Module):
         self.up_3 = SPADEResBlock(2 * nf, 1 * nf, modulation_channels, **kw)
         self.conv_img = Conv2d(nf, out_channels, 3, rngs=rngs)
 
+    @property
+    def source_channels(self) -> dict[str, int]:
+        """Source name -> channel count, in concatenation order."""
+        return dict(self.sources)
+
     def modulation_features(self, sources: Mapping[str, jax.Array],
                             size: tuple[int, int]) -> jax.Array:
         """The (B, H, W, C) features every SPADE layer is modulated by."""
@@ -217,19 +223,18 @@ class RSSpadeGenerator(nnx.Module):
                  out_size: tuple[int, int] | None = None) -> jax.Array:
         batch = _check_sources(sources, self.source_channels)
         size = _check_size(out_size or (self.tile_size, self.tile_size))
-        modulation = self.modulation_features(sources, size)
+        if self.z_dim and (z is None or z.shape != (batch, self.z_dim)):
+            raise ValueError(f"z must be ({batch}, {self.z_dim}) for z_dim={self.z_dim}, "
+                             f"got {None if z is None else z.shape}")
+        if not self.z_dim and z is not None:
+            raise ValueError("z given but the generator was built with z_dim=0")
 
+        modulation = self.modulation_features(sources, size)
         start = (size[0] >> NUM_UPSAMPLINGS, size[1] >> NUM_UPSAMPLINGS)
         x = resize_nearest(modulation, start)
         if self.z_dim:
-            if z is None or z.shape != (batch, self.z_dim):
-                raise ValueError(f"z must be ({batch}, {self.z_dim}) for z_dim={self.z_dim}, "
-                                 f"got {None if z is None else z.shape}")
             noise = jnp.broadcast_to(z[:, None, None, :].astype(x.dtype), (batch, *start, self.z_dim))
             x = jnp.concatenate([x, noise], axis=-1)
-        elif z is not None:
-            raise ValueError("z given but the generator was built with z_dim=0")
-
         x = self.fc(x)
         x = self.head_0(x, modulation)
         x = self.middle_0(upsample2x(x), modulation)
