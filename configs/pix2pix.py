@@ -1,0 +1,12 @@
+"""The pix2pix baseline (the paper's Table 1 comparison): configs/fusion.py with model=pix2pix.
+
+    python -m rsjax.train --config configs/pix2pix.py:demo --workdir work/pix2pix_demo
+"""
+import ml_collections
+
+from configs import fusion
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = ",".join(filter(None, [arg or "", "model=pix2pix"]))
+    return fusion.get_config(arg)

@@ -1,0 +1,378 @@
+"""Ingestion: one scene's GeoTIFFs to registered tiles in the data contract.
+
+    from rsjax.data.contract import find_scenes
+    from rsjax.data.ingest import IngestOptions, IngestReport, iter_scene_tiles
+
+    report = IngestReport()
+    for scene in find_scenes("scenes/"):
+        for tile in iter_scene_tiles(scene, IngestOptions(tile_size=256), report):
+            ...  # tile: dict per rsjax/data/contract.py
+    print(report.to_dict())
+
+Steps, in order:
+1. validate every file (`validate_scene`): errors name the file and what to do;
+2. register every source onto the target grid (`RegisteredScene`, see
+   `register.py`): the S2 grid by default, bilinear for S2, S1 and the DEM,
+   nearest for labels, no-data carried through and wherever a source does not
+   cover the grid;
+3. S1 to dB with a floor (`sar.py`); units detected from the values unless
+   `s1_units` says. Resampling happens in the file's own units, before the
+   conversion: linear power is interpolated as power, dB files (Earth
+   Engine) are interpolated in dB;
+4. DEM voids filled up to `dem_fill_distance` source pixels, then slope,
+   aspect and hillshade by Horn's method with gdaldem's conventions
+   (`terrain.py`) on the metric target grid, from a window with a one-pixel
+   halo so tiles agree with a whole-scene computation; flat cells get aspect
+   -9999 (`contract.ASPECT_FLAT`);
+5. tiles of `tile_size` at offsets 0, stride, 2 stride, ... that fit entirely
+   in the grid (a remainder narrower than a tile at the right and bottom edges
+   is not covered; a scene smaller than one tile yields no tile); tiles with a
+   no-data fraction above `max_nodata_fraction` are dropped and counted.
+
+A pixel counts as no-data when any source is missing there: S2 (0 in a band),
+S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in
+a void too large to fill; pixels next to missing ones still get derivatives,
+as with gdaldem -compute_edges) or land cover (255). A scene without a land-cover file gets
+`lulc` all 255 and those pixels do not count as no-data, so such scenes are
+tiled on their other sources alone.
+
+Memory is bounded by the tile size, not the scene size: only windows are read,
+and GDAL's block cache is capped at `gdal_cache_mb` while reading.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import rasterio
+import rasterio.errors
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from rsjax.data import sar, terrain
+from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
+from rsjax.data.rasterio_io import read_failure
+from rsjax.data.register import DemSource, TargetGrid, WarpedSource
+from rsjax.data.validate import SourceSpec, inspect_scene
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestOptions:
+    """How scenes are registered and tiled.
+
+    tile_size, stride: tile side and step in target-grid pixels (stride None
+        means tile_size, i.e. no overlap).
+    max_nodata_fraction: tiles with a larger fraction of no-data pixels (see the
+        module docstring) are dropped and counted in the report.
+    target_crs, target_resolution: the registration grid; None keeps the S2
+        file's grid (or its UTM zone when the S2 file is geographic). The CRS
+        must be projected in metres.
+    s1_units: "auto" (detect from values), "linear" or "db".
+    s1_floor_db: dB value given to zero/negative power, instead of -inf.
+    dem_fill_distance: DEM voids are filled by interpolation from valid cells
+        up to this many DEM (source) pixels away, i.e. about 480 m for GLO-30;
+        cells farther from data stay missing (NaN). 0 disables filling.
+    gdal_cache_mb: cap on GDAL's block cache while reading (memory bound).
+    """
+
+    tile_size: int = 256
+    stride: int | None = None
+    max_nodata_fraction: float = 0.1
+    target_crs: str | None = None
+    target_resolution: float | None = None
+    s1_units: str = "auto"
+    s1_floor_db: float = -50.0
+    dem_fill_distance: float = 16.0
+    gdal_cache_mb: int = 128
+
+    def __post_init__(self):
+        if self.tile_size < 3:
+            raise ValueError(f"tile_size must be at least 3 pixels, got {self.tile_size}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be a positive number of pixels, got {self.stride}")
+        if not 0.0 <= self.max_nodata_fraction <= 1.0:
+            raise ValueError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
+        if self.s1_units not in sar.UNITS:
+            raise ValueError(f"s1_units must be one of {sar.UNITS}, got {self.s1_units!r}")
+        if self.dem_fill_distance < 0:
+            raise ValueError(f"dem_fill_distance must be >= 0, got {self.dem_fill_distance}")
+
+    @property
+    def step(self) -> int:
+        return self.stride if self.stride is not None else self.tile_size
+
+
+@dataclasses.dataclass
+class SceneCounts:
+    """What ingestion did with one scene."""
+
+    tiles_kept: int = 0
+    tiles_dropped_nodata: int = 0
+    s1_units: str = ""
+    has_lulc: bool = True
+    crs: str = ""
+    width: int = 0
+    height: int = 0
+    resolution: float = 0.0
+
+    @property
+    def tiles_total(self) -> int:
+        return self.tiles_kept + self.tiles_dropped_nodata
+
+
+@dataclasses.dataclass
+class IngestReport:
+    """Counts per scene (`scenes[scene_id]`), and their totals."""
+
+    scenes: dict[str, SceneCounts] = dataclasses.field(default_factory=dict)
+
+    def scene(self, scene_id: str) -> SceneCounts:
+        return self.scenes.setdefault(scene_id, SceneCounts())
+
+    @property
+    def tiles_kept(self) -> int:
+        return sum(c.tiles_kept for c in self.scenes.values())
+
+    @property
+    def tiles_dropped_nodata(self) -> int:
+        return sum(c.tiles_dropped_nodata for c in self.scenes.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "tiles_kept": self.tiles_kept,
+            "tiles_dropped_nodata": self.tiles_dropped_nodata,
+            "scenes": {sid: {**dataclasses.asdict(c), "tiles_total": c.tiles_total}
+                       for sid, c in sorted(self.scenes.items())},
+        }
+
+
+def _gdal_env(opts: IngestOptions) -> dict:
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM)."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20}
+
+
+def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()) -> None:
+    """Checks every file of the scene; raises contract.InputError listing each problem (file, what, what to do)."""
+    with rasterio.Env(**_gdal_env(opts)):
+        inspect_scene(scene, opts)
+
+
+class RegisteredScene:
+    """One scene's sources registered on the target grid; a context manager.
+
+        with RegisteredScene(scene, opts) as reg:
+            arrays = reg.read(Window(0, 0, 256, 256))
+
+    `read` returns the contract's arrays for a window of the target grid
+    (s2, s1, lulc, dem) and reads only that window (plus a one-pixel halo of
+    DEM for the derivatives), never the whole scene.
+    """
+
+    def __init__(self, scene: ScenePaths, opts: IngestOptions = IngestOptions()):
+        self.scene = scene
+        self.opts = opts
+        self._env = _gdal_env(opts)
+        self._datasets = []
+        with rasterio.Env(**self._env):
+            self.grid, self.specs = inspect_scene(scene, opts)
+        self.has_lulc = scene.lulc is not None
+        self.s1_units = self.specs["s1"].units
+        try:
+            with rasterio.Env(**self._env):
+                self._s2 = self._warped("s2", Resampling.bilinear, float(S2_NODATA))
+                self._s1 = self._warped("s1", Resampling.bilinear, float("nan"))
+                self._lulc = (self._warped("lulc", Resampling.nearest, float(LULC_NODATA))
+                              if self.has_lulc else None)
+                dem = self.specs["dem"]
+                self._dem = DemSource(self._open(dem), dem.bands[0], self.grid, dem.nodata,
+                                      opts.dem_fill_distance)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- grid ---------------------------------------------------------------
+    @property
+    def crs(self):
+        return self.grid.crs
+
+    @property
+    def transform(self):
+        return self.grid.transform
+
+    @property
+    def width(self) -> int:
+        return self.grid.width
+
+    @property
+    def height(self) -> int:
+        return self.grid.height
+
+    # -- opening / closing --------------------------------------------------
+    def _open(self, spec: SourceSpec) -> rasterio.DatasetReader:
+        ds = rasterio.open(spec.path)
+        self._datasets.append(ds)
+        return ds
+
+    def _warped(self, role: str, resampling: Resampling, dst_nodata: float) -> WarpedSource:
+        spec = self.specs[role]
+        return WarpedSource(self._open(spec), spec.bands, self.grid, resampling, spec.nodata, dst_nodata)
+
+    def close(self) -> None:
+        for name in ("_s2", "_s1", "_lulc", "_dem"):
+            source = getattr(self, name, None)
+            if source is not None:
+                source.close()
+        for ds in self._datasets:
+            ds.close()
+        self._datasets = []
+
+    def __enter__(self) -> "RegisteredScene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------
+    def read(self, window: Window) -> dict:
+        """{'s2', 's1', 'lulc', 'dem'} for `window` of the target grid, contract dtypes and no-data."""
+        window = Window(int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+        if (window.col_off < 0 or window.row_off < 0 or window.col_off + window.width > self.width
+                or window.row_off + window.height > self.height):
+            raise ValueError(f"window {window} is not inside the {self.width}x{self.height} target grid")
+        with rasterio.Env(**self._env):
+            return {
+                "s2": self._guarded("s2", lambda: self._read_s2(window)),
+                "s1": self._guarded("s1", lambda: self._read_s1(window)),
+                "lulc": self._guarded("lulc", lambda: self._read_lulc(window)),
+                "dem": self._guarded("dem", lambda: self._read_dem(window)),
+            }
+
+    def _guarded(self, role: str, read):
+        try:
+            return read()
+        except rasterio.errors.RasterioError as err:
+            raise read_failure(self.specs[role].path, role, err) from err
+
+    def _read_s2(self, window: Window) -> np.ndarray:
+        bands = self._s2.read(window)                        # (4, h, w) float32, 0 = missing
+        missing = np.isnan(bands).any(axis=0) | (bands == S2_NODATA).any(axis=0)
+        s2 = np.clip(np.rint(np.nan_to_num(bands, nan=0.0)), 0, 65535).astype(np.uint16)
+        s2 = np.moveaxis(s2, 0, -1)
+        # A valid reflectance that rounds to 0 would read as missing: keep it at 1.
+        s2[~missing] = np.maximum(s2[~missing], 1)
+        s2[missing] = S2_NODATA
+        return s2
+
+    def _read_s1(self, window: Window) -> np.ndarray:
+        bands = self._s1.read(window)                        # (2, h, w), NaN = missing
+        db = sar.to_db(bands, self.s1_units, self.opts.s1_floor_db)
+        db[:, np.isnan(db).any(axis=0)] = np.nan
+        return np.moveaxis(db, 0, -1).astype(np.float32)
+
+    def _read_lulc(self, window: Window) -> np.ndarray:
+        h, w = int(window.height), int(window.width)
+        if self._lulc is None:
+            return np.full((h, w), LULC_NODATA, dtype=np.uint8)
+        labels = self._lulc.read(window)[0]
+        labels = np.where(np.isfinite(labels), labels, LULC_NODATA)
+        # Validation guarantees whole numbers in 0..8 or 255 for valid pixels.
+        return np.rint(labels).astype(np.uint8)
+
+    def _read_dem(self, window: Window) -> np.ndarray:
+        haloed = Window(window.col_off - 1, window.row_off - 1, window.width + 2, window.height + 2)
+        elevation = self._dem.read(haloed)
+        xres, yres = self.grid.transform.a, self.grid.transform.e
+        return terrain.terrain_channels(elevation, xres, yres)
+
+    def nodata_mask(self, arrays: dict) -> np.ndarray:
+        """(h, w) bool: pixels where any source is missing (lulc only when the scene has a file)."""
+        mask = (arrays["s2"] == S2_NODATA).any(axis=-1)
+        mask |= np.isnan(arrays["s1"]).any(axis=-1)
+        mask |= np.isnan(arrays["dem"]).any(axis=-1)
+        if self.has_lulc:
+            mask |= arrays["lulc"] == LULC_NODATA
+        return mask
+
+
+def tile_windows(width: int, height: int, tile_size: int, stride: int) -> Iterator[Window]:
+    """Row-major windows of tile_size that fit entirely in a width x height grid."""
+    for row in range(0, height - tile_size + 1, stride):
+        for col in range(0, width - tile_size + 1, stride):
+            yield Window(col, row, tile_size, tile_size)
+
+
+def tile_id(scene_id: str, row: int, col: int) -> str:
+    """Deterministic tile key from the scene id and the tile's pixel offsets (no paths)."""
+    return f"{scene_id}_r{row:06d}_c{col:06d}"
+
+
+def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
+                     report: IngestReport | None = None) -> Iterator[dict]:
+    """Validates, registers and tiles one scene; yields the kept tiles as contract dicts.
+
+    Counts kept and dropped tiles in `report` (when given) under the scene id.
+    """
+    with RegisteredScene(scene, opts) as reg:
+        counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
+        counts.s1_units = reg.s1_units
+        counts.has_lulc = reg.has_lulc
+        counts.crs = reg.grid.crs_string()
+        counts.width, counts.height = reg.width, reg.height
+        counts.resolution = float(reg.grid.resolution[0])
+        crs = reg.grid.crs_string()
+        for window in tile_windows(reg.width, reg.height, opts.tile_size, opts.step):
+            arrays = reg.read(window)
+            if reg.nodata_mask(arrays).mean() > opts.max_nodata_fraction:
+                counts.tiles_dropped_nodata += 1
+                continue
+            counts.tiles_kept += 1
+            t = reg.grid.window_transform(window)
+            yield {
+                **arrays,
+                "tile_id": tile_id(scene.scene_id, int(window.row_off), int(window.col_off)),
+                "scene_id": scene.scene_id,
+                "crs": crs,
+                "transform": np.array([t.a, t.b, t.c, t.d, t.e, t.f], dtype=np.float64),
+            }
+
+
+def main(argv=None) -> dict:
+    """`python -m rsjax.data.ingest FOLDER`: validate and tile every scene of a folder, print the report.
+
+    A dry run (nothing is written): the check to run on new exports before
+    building a dataset. Exits with status 2 and the InputError's message on bad input.
+    """
+    import argparse  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from rsjax.data.contract import InputError, find_scenes  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m rsjax.data.ingest", description=main.__doc__)
+    parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files")
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=None)
+    parser.add_argument("--max-nodata-fraction", type=float, default=0.1)
+    parser.add_argument("--target-crs", default=None)
+    parser.add_argument("--target-resolution", type=float, default=None)
+    parser.add_argument("--s1-units", default="auto", choices=sar.UNITS)
+    parser.add_argument("--allow-missing-lulc", action="store_true", help="scenes may lack <scene>_lulc.tif")
+    args = parser.parse_args(argv)
+    opts = IngestOptions(tile_size=args.tile_size, stride=args.stride, max_nodata_fraction=args.max_nodata_fraction,
+                         target_crs=args.target_crs, target_resolution=args.target_resolution,
+                         s1_units=args.s1_units)
+    report = IngestReport()
+    try:
+        for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
+            for _ in iter_scene_tiles(scene, opts, report):
+                pass
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report.to_dict(), indent=2))
+    return report.to_dict()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Checks every file of a scene before any work starts.
+
+Each source file must: open as a raster (a truncated or corrupt GeoTIFF gives
+an InputError, not a GDAL traceback), have the expected bands (see
+`rasterio_io.select_bands`), have a CRS, overlap the target grid, and not be
+entirely no-data. Land cover must hold Dynamic World labels: whole numbers in
+0..8, or 255 / the file's declared no-data for missing pixels; int32 and float
+files are accepted (and converted to uint8), fractional or out-of-range values
+are an error that lists the bad values.
+
+Costs are bounded whatever the scene size: the no-data and SAR-units checks
+look at a decimated read of at most `SAMPLE_PIXELS` per side (a valid area
+smaller than the sampling step may be missed, which no useful scene has),
+which also reads through every block row and so finds truncated data; the
+label check reads the whole label band block by block, because one bad value
+anywhere matters.
+
+All problems of a scene are collected and raised together in one InputError,
+one line per file, so a user fixes them in one round.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.errors
+from rasterio.enums import Resampling
+
+from rsjax.data import sar
+from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, InputError, ScenePaths
+from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands
+from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
+
+SAMPLE_PIXELS = 512
+_MAX_LISTED = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """What validation learned about one source file, for the readers."""
+
+    role: str
+    path: Path
+    bands: tuple[int, ...]
+    nodata: float | None          # the no-data value source pixels carry (file's, or the role's default)
+    units: str | None = None      # S1 only: 'linear' or 'db'
+
+
+def default_nodata(role: str, ds: rasterio.DatasetReader) -> float | None:
+    """The file's declared no-data, else the convention of its role.
+
+    S2 without a declared value uses 0 (the contract's no-data); float files
+    use NaN; labels use 255; a DEM without one has no missing pixels but NaN.
+    """
+    if ds.nodata is not None:
+        return float(ds.nodata)
+    if role == "s2":
+        return 0.0
+    if role == "lulc":
+        return float(LULC_NODATA)
+    return float("nan") if np.dtype(ds.dtypes[0]).kind == "f" else None
+
+
+def _invalid(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    bad = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, bool)
+    if nodata is not None and not np.isnan(nodata):
+        bad |= values == nodata
+    return bad
+
+
+def _sample(ds: rasterio.DatasetReader, bands: tuple[int, ...], role: str) -> np.ndarray:
+    """A decimated (bands, h, w) float64 read of at most SAMPLE_PIXELS per side."""
+    out_h = min(ds.height, SAMPLE_PIXELS)
+    out_w = min(ds.width, SAMPLE_PIXELS)
+    try:
+        data = ds.read(list(bands), out_shape=(len(bands), out_h, out_w), resampling=Resampling.nearest)
+    except rasterio.errors.RasterioError as err:
+        raise read_failure(ds.name, role, err) from err
+    return data.astype(np.float64)
+
+
+def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> None:
+    """Reads the label band block by block; raises InputError on fractional or out-of-range values."""
+    allowed = set(range(NUM_CLASSES)) | {LULC_NODATA}
+    bad: set = set()
+    fractional: set = set()
+    try:
+        for _, window in ds.block_windows(band):
+            values = ds.read(band, window=window)
+            if values.dtype == np.uint8:
+                # Fast path for the usual label dtype: which of the 256 values occur.
+                present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+                uniques = present[present != (nodata if nodata is not None else -1)]
+            else:
+                uniques = np.unique(values[~_invalid(values, nodata)])
+            if uniques.dtype.kind == "f":
+                whole = uniques == np.round(uniques)
+                fractional.update(uniques[~whole].tolist()[:_MAX_LISTED])
+                uniques = uniques[whole]
+            bad.update(v for v in uniques.tolist() if int(v) not in allowed)
+            if len(bad) + len(fractional) >= _MAX_LISTED:
+                break
+    except rasterio.errors.RasterioError as err:
+        raise read_failure(ds.name, "lulc", err) from err
+    if fractional:
+        raise InputError(
+            f"{ds.name}: land cover band {band} holds fractional values "
+            f"{sorted(fractional)[:_MAX_LISTED]}; labels must be whole numbers 0..{NUM_CLASSES - 1} "
+            f"(Dynamic World) or {LULC_NODATA} for no data. Export the `label` band, not class probabilities.")
+    if bad:
+        raise InputError(
+            f"{ds.name}: land cover band {band} holds values outside 0..{NUM_CLASSES - 1} and "
+            f"{LULC_NODATA}: {sorted(bad)[:_MAX_LISTED]}. Map them to Dynamic World labels, set them "
+            f"to {LULC_NODATA} (no data), or declare their value as the file's no-data value.")
+
+
+def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
+    """Validates one file; returns its SourceSpec or raises InputError naming it."""
+    with open_raster(path, role) as ds:
+        if ds.crs is None:
+            raise InputError(
+                f"{path}: has no CRS (coordinate reference system). Export it georeferenced, "
+                f"or assign one, e.g. `gdal_edit.py -a_srs EPSG:32631 {path}`.")
+        bands = select_bands(ds, role)
+        if grid is not None and not footprint_overlaps(ds, grid):
+            raise InputError(
+                f"{path}: its footprint {tuple(round(b, 6) for b in ds.bounds)} in {ds.crs} does not "
+                f"overlap the target grid (the optical scene's area). Check that this file belongs "
+                f"to the same scene and has the right CRS.")
+        nodata = default_nodata(role, ds)
+        sample = _sample(ds, bands, role)
+        invalid = _invalid(sample, nodata)
+        # A pixel is missing when any of its channels is (contract: one no-data per pixel).
+        pixel_missing = invalid.any(axis=0)
+        if pixel_missing.all():
+            raise InputError(
+                f"{path}: the {WHAT[role]} file is entirely no-data (no-data value {nodata}). "
+                f"Export the scene again" + (", or leave the land cover out." if role == "lulc" else "."))
+        units = None
+        valid_values = sample[:, ~pixel_missing]
+        if role == "s2" and valid_values.max() <= 2.0:
+            raise InputError(
+                f"{path}: optical values are at most {valid_values.max():.3g}: this looks like "
+                f"reflectance in 0..1. Provide reflectance x 10000 (as Sentinel-2 L2A products store it).")
+        if role == "s1":
+            units = opts.s1_units if opts.s1_units != "auto" else sar.detect_units(valid_values)
+        if role == "lulc":
+            check_labels(ds, bands[0], nodata)
+        return SourceSpec(role=role, path=Path(path), bands=bands, nodata=nodata, units=units)
+
+
+def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, SourceSpec]]:
+    """Validates all files of a scene. Returns the target grid and a SourceSpec per source.
+
+    Raises InputError listing every problem found (one line per file), or
+    ValueError for options that cannot work (e.g. a geographic target CRS).
+    """
+    problems: list[str] = []
+    specs: dict[str, SourceSpec] = {}
+    grid = None
+    try:
+        specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
+        with open_raster(scene.s2, "s2") as ds:
+            grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
+    except InputError as err:
+        problems.append(str(err))
+    roles = ["s1", "dem"] + (["lulc"] if scene.lulc is not None else [])
+    for role in roles:
+        try:
+            specs[role] = inspect_source(Path(getattr(scene, role)), role, grid, opts)
+        except InputError as err:
+            problems.append(str(err))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise InputError(f"scene '{scene.scene_id}': {len(problems)} problem(s) found before ingestion:\n{lines}")
+    return grid, specs

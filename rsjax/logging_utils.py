@@ -1,0 +1,268 @@
+"""What a training run writes for people: metrics as JSON lines (and TensorBoard
+event files when tensorboardX is installed), a progress line with steps/s and
+ETA, and the run's config.
+
+No TensorFlow and no clu (whose writers import TensorFlow). In a multi-host
+run only process 0 writes files or prints progress; the other processes get
+writers that do nothing, so call sites need no `if process_index == 0`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def _is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _to_json_number(name: str, value: Any) -> Optional[float | int]:
+    """A scalar (Python, numpy or jax) as a JSON number; NaN/inf become null
+    (strict JSON has no NaN; the non-finite step guard counts those anyway)."""
+    array = np.asarray(jax.device_get(value))
+    if array.size != 1:
+        raise ValueError(f"metric '{name}' has shape {array.shape}; only scalars can be written. "
+                         "Pass a {name: value} mapping (written as 'name/key') or one scalar per "
+                         "entry instead.")
+    item = array.reshape(()).item()
+    if isinstance(item, bool):
+        return int(item)
+    if isinstance(item, int):
+        return item
+    item = float(item)
+    return item if math.isfinite(item) else None
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict:
+    """{'iou': {'water': 0.5}, 'loss': x} -> {'iou/water': 0.5, 'loss': x}."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+class MetricWriter:
+    """Appends one JSON object per call to `<workdir>/metrics.jsonl`:
+
+        {"step": 100, "time": 1764090000.0, "g_loss": 1.23, "d_loss": 0.45}
+
+    `time` is Unix time in seconds. A resumed run appends to the same file, so
+    a step can appear twice (before and after a preemption): readers should keep
+    the last line of each step (`read_metrics(..., dedupe=True)` does).
+    TensorBoard event files go to the workdir too when tensorboardX is importable
+    (`tensorboard=None`, the default) or when asked for (`tensorboard=True`,
+    which fails without it).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, tensorboard: Optional[bool] = None,
+                 filename: str = METRICS_FILE):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / filename
+        self.enabled = _is_main_process()
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard is not False:
+            try:
+                import tensorboardX  # the optional `tensorboard` extra
+            except ImportError:
+                if tensorboard:
+                    raise ImportError("tensorboard=True needs tensorboardX: "
+                                      "pip install 'rsjax[tensorboard]'") from None
+            else:
+                self._tb = tensorboardX.SummaryWriter(logdir=str(self.workdir))
+
+    @property
+    def has_tensorboard(self) -> bool:
+        return self._tb is not None
+
+    def write_scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Writes scalar metrics of `step` (nested mappings become 'a/b' names)."""
+        if not self.enabled:
+            return
+        values = {name: _to_json_number(name, v) for name, v in flatten_metrics(metrics).items()}
+        for reserved in ("step", "time"):
+            if reserved in values:
+                raise ValueError(f"'{reserved}' is reserved in {self.path.name}; rename that metric.")
+        record = {"step": int(step), "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()          # a killed run keeps every line it logged
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, math.nan if value is None else value, global_step=int(step))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """(H, W, 3) uint8 images to TensorBoard only (PNG files: rsjax.viz)."""
+        if self._tb is None:
+            return
+        for name, image in images.items():
+            self._tb.add_image(name, np.asarray(image), global_step=int(step), dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
+    """Records of a metrics.jsonl (a workdir or the file), in step order.
+
+    With dedupe, records of the same step are merged, later lines winning (a
+    resumed run rewrites the steps after its checkpoint).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics file; is this a training workdir?")
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not dedupe:
+        return records
+    by_step: dict[int, dict] = {}
+    for record in records:
+        by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# --------------------------------------------------------------------------- progress
+
+def eta_seconds(steps_done: int, seconds: float, steps_left: int) -> Optional[float]:
+    """Time left at the rate of `steps_done` steps in `seconds`; None when unknown."""
+    if steps_left <= 0:
+        return 0.0
+    if steps_done <= 0 or seconds <= 0:
+        return None
+    return steps_left * seconds / steps_done
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 7 -> '7s', None -> '?'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _format_value(value: Any) -> str:
+    number = _to_json_number("progress", value)
+    if number is None:
+        return "nan"
+    if isinstance(number, int):
+        return str(number)
+    return f"{number:.4g}"
+
+
+class ProgressReporter:
+    """Prints `step 120/1000 (12.0%) | 2.31 steps/s | ETA 6m21s | g_loss=1.23 ...`.
+
+    Call it after every step with the number of steps done; it prints at most
+    once every `every_seconds` (and always at the first call and the last
+    step), so it can sit in the loop. Steps/s is measured since the previous
+    line, so it recovers quickly from the first step's compilation. Metrics are
+    only pulled from the device when a line is printed; pass device values as
+    they are. `first_step` is the step a resumed run starts from.
+    """
+
+    def __init__(self, total_steps: int, every_seconds: float = 30.0, first_step: int = 0,
+                 print_fn: Optional[Callable[[str], None]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}.")
+        self.total_steps = int(total_steps)
+        self.every_seconds = float(every_seconds)
+        self._print = print_fn or (lambda line: print(line, flush=True))
+        self._clock = clock
+        self._last_step = int(first_step)
+        self._last_time = clock()
+        self._printed_once = False
+        self.enabled = _is_main_process()
+
+    def __call__(self, step: int, metrics: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+        """Prints and returns the progress line when one is due, else returns None."""
+        now = self._clock()
+        due = (not self._printed_once or step >= self.total_steps
+               or now - self._last_time >= self.every_seconds)
+        if not due or not self.enabled:
+            return None
+        steps, seconds = step - self._last_step, now - self._last_time
+        rate = steps / seconds if steps > 0 and seconds > 0 else None
+        parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)",
+                 f"{rate:.3g} steps/s" if rate else "? steps/s",
+                 f"ETA {format_duration(eta_seconds(steps, seconds, self.total_steps - step))}"]
+        if metrics:
+            parts.append(" ".join(f"{k}={_format_value(v)}"
+                                  for k, v in flatten_metrics(metrics).items()))
+        line = " | ".join(parts)
+        self._print(line)
+        self._last_step, self._last_time, self._printed_once = step, now, True
+        return line
+
+
+# --------------------------------------------------------------------------- config
+
+def _config_as_dict(config: Any) -> Any:
+    if hasattr(config, "to_dict"):                     # ml_collections ConfigDict / FrozenConfigDict
+        return config.to_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"cannot write a config of type {type(config).__name__}; pass a ConfigDict, "
+                    "a dataclass or a dict.")
+
+
+def write_config(config: Any, workdir: str | os.PathLike, filename: str = CONFIG_FILE) -> Optional[Path]:
+    """Writes the run's config as indented JSON to `<workdir>/config.json` (process 0
+    only; returns the path there, None elsewhere). Values JSON cannot hold are
+    written with str(); the file is replaced atomically, so a reader never sees
+    half a config."""
+    if not _is_main_process():
+        return None
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / filename
+    text = json.dumps(_config_as_dict(config), indent=2, sort_keys=True, default=str)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

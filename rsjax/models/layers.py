@@ -1,0 +1,184 @@
+"""Building blocks shared by the rsjax models (Flax NNX, NHWC).
+
+Why our own convolution instead of `nnx.Conv` + `nnx.SpectralNorm`: in
+flax 0.12.8 `nnx.SpectralNorm` writes the normalized kernel W/sigma back into
+the wrapped layer's `Param` on every call. The stored weights then change in the
+forward pass (not only in the optimizer update), and a jitted step that keeps the
+mutated module behaves differently from one that discards it. PyTorch's
+`spectral_norm` (the one NVlabs SPADE uses) keeps the raw weight as the trainable
+parameter and divides by sigma on the fly; `Conv2d(spectral_norm=True)` does the
+same, keeping the power-iteration vectors u, v as `nnx.BatchStat` (like
+PyTorch's buffers they are state, not parameters).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+# NVlabs SPADE initializes every conv with xavier_normal(gain=0.02)
+# (BaseNetwork.init_weights, init_type='xavier', init_variance=0.02).
+spade_init = nnx.initializers.variance_scaling(0.02**2, "fan_avg", "normal")
+# pix2pix (junyanz) initializes conv weights from N(0, 0.02).
+pix2pix_init = nnx.initializers.normal(0.02)
+# He/Kaiming normal for ReLU networks trained without a GAN recipe (RS-UNet,
+# the per-source embeddings whose outputs should have unit scale from the start).
+he_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+_SPECTRAL_EPS = 1e-12  # as in torch.nn.utils.spectral_norm
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x), _SPECTRAL_EPS)
+
+
+def _pad(padding: int | Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    # A tuple, not a list: static module attributes must be hashable for NNX's graphdef.
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+class Conv2d(nnx.Module):
+    """2-D convolution with PyTorch-style explicit padding and optional spectral norm.
+
+    kernel (kh, kw, in, out) and bias (out,) are `nnx.Param`. With
+    `spectral_norm=True` the kernel used in the forward pass is W / sigma(W),
+    where sigma is estimated by one power iteration per call in training mode
+    (the vectors u, v are `nnx.BatchStat` and updated then) and taken from the
+    stored u, v in eval mode (`model.eval()` sets `use_running_average=True`).
+    Gradients flow through sigma but not through u and v, as in PyTorch.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: int | Sequence[tuple[int, int]] | None = None,
+        use_bias: bool = True,
+        spectral_norm: bool = False,
+        kernel_init: Initializer = spade_init,
+        init_power_iterations: int = 10,
+        rngs: nnx.Rngs,
+    ):
+        if padding is None:  # 'same' for odd kernels, as PyTorch's padding=k//2
+            padding = kernel_size // 2
+        self.stride = stride
+        self.padding = _pad(padding)
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels))
+        )
+        self.bias = nnx.Param(jnp.zeros((out_channels,))) if use_bias else None
+        self.spectral_norm = spectral_norm
+        # Read by model.train()/model.eval(): False -> update u, v each call.
+        self.use_running_average = False
+        if spectral_norm:
+            w = self.kernel[...].reshape(-1, out_channels)
+            u = _l2_normalize(jax.random.normal(rngs.params(), (out_channels,)))
+            # A few power iterations at construction so sigma is already accurate
+            # at the first step (PyTorch's parametrization does 15).
+            u, v = _power_iteration(w, u, init_power_iterations)
+            self.u = nnx.BatchStat(u)
+            self.v = nnx.BatchStat(v)
+
+    def normalized_kernel(self) -> jax.Array:
+        """The kernel the forward pass uses (W / sigma with spectral norm)."""
+        kernel = self.kernel[...]
+        if not self.spectral_norm:
+            return kernel
+        w = kernel.reshape(-1, kernel.shape[-1])  # (kh*kw*in, out)
+        if self.use_running_average:
+            u, v = self.u[...], self.v[...]
+        else:
+            u, v = _power_iteration(w, self.u[...], 1)
+            self.u[...] = u
+            self.v[...] = v
+        sigma = v @ w @ u
+        return kernel / sigma
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x,
+            self.normalized_kernel().astype(x.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+@functools.partial(jax.jit, static_argnums=2)  # one compile per shape, not per op
+def _power_iteration(w: jax.Array, u: jax.Array, steps: int) -> tuple[jax.Array, jax.Array]:
+    """`steps` power iterations on w (fan_in, out) from u (out,); no gradient."""
+    if steps < 1:
+        raise ValueError(f"power iteration needs at least 1 step, got {steps}")
+    w = jax.lax.stop_gradient(w)
+
+    def iteration(_, uv):
+        v = _l2_normalize(w @ uv[0])
+        return _l2_normalize(w.T @ v), v
+    # A rolled loop keeps the program small: unrolled, 10 steps in 40 layers
+    # made the model's initialization compile for seconds.
+    u, v = jax.lax.fori_loop(0, steps, iteration, (u, jnp.zeros(w.shape[0], w.dtype)))
+    return jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+
+
+def batch_norm(num_features: int, *, affine: bool, rngs: nnx.Rngs, scale_init=None) -> nnx.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1 = Flax 0.9, eps 1e-5).
+
+    Statistics are `jnp.mean` over batch and space; under `jax.jit` with the batch
+    sharded over a Mesh, XLA computes them over the global batch (SyncBatchNorm),
+    which tests/test_models.py checks on 8 fake devices.
+    """
+    kwargs = {} if scale_init is None else {"scale_init": scale_init}
+    return nnx.BatchNorm(
+        num_features, momentum=0.9, epsilon=1e-5,
+        use_scale=affine, use_bias=affine, rngs=rngs, **kwargs,
+    )
+
+
+def instance_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.InstanceNorm:
+    """InstanceNorm without affine parameters (PyTorch's InstanceNorm2d default)."""
+    return nnx.InstanceNorm(num_features, epsilon=1e-5, use_scale=False, use_bias=False, rngs=rngs)
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+    return jax.nn.leaky_relu(x, 0.2)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of NHWC `x` to `size` = (h, w).
+
+    Source index floor(i * in / out), the rule of PyTorch's
+    `F.interpolate(mode='nearest')` that SPADE uses for its segmentation map.
+    """
+    h, w = size
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (in_h, in_w) == (h, w):
+        return x
+    rows = (jnp.arange(h) * in_h) // h
+    cols = (jnp.arange(w) * in_w) // w
+    return x[:, rows][:, :, cols]
+
+
+def resize_linear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize (antialiased when shrinking) for continuous feature maps."""
+    if x.shape[1:3] == tuple(size):
+        return x
+    return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="linear")
+
+
+def upsample2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour upsampling by 2 (PyTorch nn.Upsample(scale_factor=2))."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

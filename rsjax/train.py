@@ -1,0 +1,31 @@
+"""`python -m rsjax.train --config configs/fusion.py[:args] --workdir DIR [--config.x=y]`
+
+Thin on purpose: flags, then the trainer named in the config. Tests call the
+same `train_and_evaluate(config, workdir)` this runs.
+"""
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rsjax.trainers import get_trainer
+from rsjax.trainers.common import maybe_initialize_distributed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/fusion.py:demo", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and figures go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    maybe_initialize_distributed()
+    config = _CONFIG.value
+    get_trainer(config.trainer)(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

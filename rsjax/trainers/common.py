@@ -1,0 +1,230 @@
+"""What every trainer shares: the device mesh, sharding of state and batches,
+checkpoints (Orbax, with the input iterator's state), preemption, and the
+non-finite guard's host side.
+
+Kept apart from the trainers so the fusion and the segmentation trainer run,
+save, resume and scale in exactly the same way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------------------
+# Mesh and sharding
+# ---------------------------------------------------------------------------
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-host job (Cloud TPU slice, or several local processes).
+
+    On a TPU VM slice `jax.distributed.initialize()` finds its peers by itself;
+    elsewhere the coordinator comes from RSJAX_COORDINATOR, RSJAX_NUM_PROCESSES
+    and RSJAX_PROCESS_ID. Single-process runs do nothing.
+    """
+    coordinator = os.environ.get("RSJAX_COORDINATOR")
+    if coordinator:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["RSJAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["RSJAX_PROCESS_ID"]))
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        jax.distributed.initialize()
+
+
+def create_mesh() -> Mesh:
+    """One `data` axis over every device of every process: pure data parallelism."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the `data` axis, everything else whole."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if global_batch_size % n:
+        raise ValueError(
+            f"config.global_batch_size={global_batch_size} is not divisible by the {n} devices "
+            f"of this run. Set --config.global_batch_size to a multiple of {n}.")
+
+
+def to_global_batch(batch: dict, mesh: Mesh) -> dict:
+    """Per-process numpy slices -> global jax.Arrays sharded on the `data` axis."""
+    sharding = batch_sharding(mesh)
+    return {k: (v if isinstance(v, jax.Array) else
+                jax.make_array_from_process_local_data(sharding, np.asarray(v)))
+            for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------
+def linear_decay_schedule(base_lr: float, total_steps: int, decay_start_step: Optional[int]):
+    """Constant, then linear to zero at `total_steps` (SPADE/pix2pix's `niter_decay`)."""
+    if decay_start_step is None or decay_start_step >= total_steps:
+        return lambda step: jnp.asarray(base_lr, jnp.float32)
+    span = max(1, total_steps - decay_start_step)
+
+    def schedule(step):
+        frac = jnp.clip((step - decay_start_step) / span, 0.0, 1.0)
+        return base_lr * (1.0 - frac)
+
+    return schedule
+
+
+# ---------------------------------------------------------------------------
+# Non-finite guard (host side; the device side lives in each train step)
+# ---------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str) -> None:
+    if consecutive >= limit:
+        raise NonFiniteLossError(
+            f"{limit} consecutive training steps (up to step {step}) had a non-finite loss or "
+            f"gradient; they were skipped and the model was not updated by them. The last "
+            f"checkpoint in {workdir}/checkpoints holds finite parameters. Lower the learning "
+            f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
+            f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
+
+
+def tree_all_finite(tree) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and
+              jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in leaves))
+
+
+# ---------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------
+class PreemptionWatcher:
+    """Turns SIGTERM (what schedulers and TPU maintenance send) into a flag the
+    loop polls, so the run saves a checkpoint and exits instead of dying."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self._flag.set()
+
+    def should_stop(self, manager: Optional[ocp.CheckpointManager] = None, step: int = 0) -> bool:
+        if self._flag.is_set():
+            return True
+        # Orbax knows about coordinated preemption on multi-host TPU slices.
+        return bool(manager is not None and jax.process_count() > 1
+                    and manager.reached_preemption(step))
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+class Checkpointer:
+    """Orbax CheckpointManager over (train state, input iterator state).
+
+    Orbax writes each step to a temporary directory and renames it when
+    complete, so a run killed mid-save leaves the previous checkpoint current.
+    Saves are asynchronous; `wait()` blocks until the last one is on disk.
+    """
+
+    def __init__(self, workdir: str | Path, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, int(every_steps)), max_to_keep=keep,
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data_iter"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter_state: Any = None, force: bool = False) -> bool:
+        if not tree_all_finite(state):
+            # Never make a poisoned state current: the last good checkpoint stays.
+            logging.error("Not saving step %d: the state holds non-finite values.", step)
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=ocp.args.JsonSave(_iter_state_to_json(data_iter_state)))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None):
+        """Returns (state, data_iter_state, step), or None when there is no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=ocp.args.JsonRestore()))
+        return restored["state"], _iter_state_from_json(restored["data_iter"]), step
+
+    def restore_state_only(self, abstract_state: Any, step: Optional[int] = None):
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}. Train first, or pass "
+                                    "the workdir of a finished run.")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"], step
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _iter_state_to_json(state: Any) -> dict:
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, bytes):
+        return {"kind": "bytes", "value": state.decode("utf-8")}
+    if isinstance(state, str):
+        return {"kind": "str", "value": state}
+    return {"kind": "json", "value": json.loads(json.dumps(state))}
+
+
+def _iter_state_from_json(blob: dict) -> Any:
+    kind = blob.get("kind")
+    if kind == "bytes":
+        return blob["value"].encode("utf-8")
+    if kind in ("str", "json"):
+        return blob["value"]
+    return None
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs with the shardings of `tree`, the target Orbax restores into."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    return max(1, math.floor(num_examples / global_batch_size))

@@ -1,0 +1,416 @@
+"""GAN training for multi-source fusion: RS-SPADE and the pix2pix baseline.
+
+`train_and_evaluate(config, workdir)` is what `python -m rsjax.train` runs and
+what the tests call. The stages, in order: mesh, data, models and optimizers
+(created already replicated on the mesh), the jitted GAN step, checkpoint
+restore, the loop (log, images, eval, checkpoint), and the final evaluation.
+
+One pytree holds the whole training state:
+
+    {"step", "g": generator state (params, batch stats, spectral-norm vectors),
+     "d": discriminator state, "g_opt", "d_opt", "ema": EMA of G's params,
+     "nonfinite": consecutive non-finite steps}
+
+and one jitted, donated step updates it. Both networks see one generator
+forward per step when `config.gan.reuse_generator_forward` (the default): the
+discriminator is trained on the fakes the generator made before its update, so
+the two updates are simultaneous. With it off, the generator runs again after
+its update, as the PyTorch references do (alternating updates), at the cost of
+a second forward.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from rsjax import input_pipeline, losses, metrics
+from rsjax import logging_utils, viz
+from rsjax.models import create_model
+from rsjax.trainers import common
+
+SOURCE_ORDER = ("lulc", "s1", "dem")
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+def selected_sources(config) -> tuple[str, ...]:
+    sources = tuple(s for s in SOURCE_ORDER if s in tuple(config.data.sources))
+    unknown = set(config.data.sources) - set(SOURCE_ORDER)
+    if unknown or not sources:
+        raise ValueError(f"config.data.sources={tuple(config.data.sources)}: choose a non-empty "
+                         f"subset of {SOURCE_ORDER}.")
+    return sources
+
+
+def condition_channels(sources) -> int:
+    return sum(input_pipeline.SOURCE_CHANNELS[s] for s in sources)
+
+
+def create_models(config, sources, seed: int):
+    """Generator and discriminator, chosen by name from the config."""
+    source_channels = {s: input_pipeline.SOURCE_CHANNELS[s] for s in sources}
+    cond_ch = condition_channels(sources)
+    out_ch = int(config.out_channels)
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1, noise=seed + 2)
+    g_kwargs = dict(config.generator.to_dict())
+    d_kwargs = dict(config.discriminator.to_dict())
+    g_name, d_name = g_kwargs.pop("name"), d_kwargs.pop("name")
+    if g_name == "rs_spade":
+        g = create_model(g_name, source_channels=source_channels, out_channels=out_ch,
+                         tile_size=int(config.data.tile_size), rngs=rngs, **g_kwargs)
+    else:
+        g = create_model(g_name, in_channels=cond_ch, out_channels=out_ch, rngs=rngs, **g_kwargs)
+    d = create_model(d_name, in_channels=cond_ch + out_ch, rngs=rngs, **d_kwargs)
+    return g, d
+
+
+def condition_tensor(batch: Mapping[str, jax.Array], sources) -> jax.Array:
+    """The sources concatenated on channels, at the image's resolution."""
+    return jnp.concatenate([batch[s] for s in sources], axis=-1)
+
+
+def run_generator(g, batch, sources, generator_name: str) -> jax.Array:
+    if generator_name == "rs_spade":
+        return g({s: batch[s] for s in sources})
+    return g(condition_tensor(batch, sources))
+
+
+def as_multiscale(outputs) -> list[list[jax.Array]]:
+    """Discriminator outputs as a list over scales of lists of features (last = logits)."""
+    if isinstance(outputs, jax.Array):
+        return [[outputs]]
+    if isinstance(outputs[0], jax.Array):
+        return [list(outputs)]
+    return [list(scale) for scale in outputs]
+
+
+# ---------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------
+def make_optimizers(config):
+    o = config.optim
+    g_lr = common.linear_decay_schedule(o.g_lr, config.total_steps, o.decay_start_step)
+    d_lr = common.linear_decay_schedule(o.d_lr, config.total_steps, o.decay_start_step)
+    g_tx = optax.adam(g_lr, b1=o.b1, b2=o.b2)
+    d_tx = optax.adam(d_lr, b1=o.b1, b2=o.b2)
+    return g_tx, d_tx
+
+
+class Setup:
+    """The static parts of training: graph definitions (train and eval mode),
+    optimizers, and the config values the step closes over."""
+
+    def __init__(self, config, sources):
+        self.config = config
+        self.sources = sources
+        g, d = create_models(config, sources, int(config.seed))
+        g.train(); d.train()
+        self.g_train_graph, _ = nnx.split(g)
+        self.d_train_graph, _ = nnx.split(d)
+        g.eval(); d.eval()
+        self.g_eval_graph, _ = nnx.split(g)
+        self.g_tx, self.d_tx = make_optimizers(config)
+        self.generator_name = config.generator.name
+
+    def init_state(self) -> dict:
+        g, d = create_models(self.config, self.sources, int(self.config.seed))
+        g.train(); d.train()
+        g_state, d_state = nnx.state(g), nnx.state(d)
+        g_params, d_params = nnx.state(g, nnx.Param), nnx.state(d, nnx.Param)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "g": g_state, "d": d_state,
+            "g_opt": self.g_tx.init(g_params), "d_opt": self.d_tx.init(d_params),
+            "ema": jax.tree.map(jnp.copy, g_params),
+            "nonfinite": jnp.zeros((), jnp.int32),
+        }
+
+
+def split_params(graph, state):
+    """(Param state, the rest) of a module state, through a merged module."""
+    module = nnx.merge(graph, state)
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    return params, rest
+
+
+def ema_update(ema, params, decay):
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+# ---------------------------------------------------------------------------
+# The GAN step
+# ---------------------------------------------------------------------------
+def _apply(graph, params, rest, fn):
+    module = nnx.merge(graph, params, rest)
+    out = fn(module)
+    return out, nnx.state(module, nnx.Not(nnx.Param))
+
+
+def train_step(setup: Setup, state: dict, batch: dict):
+    cfg = setup.config.gan
+    sources = setup.sources
+    cond = condition_tensor(batch, sources)
+    real = batch["image"]
+    _, g_params, g_rest = nnx.split(nnx.merge(setup.g_train_graph, state["g"]), nnx.Param, ...)
+    _, d_params, d_rest = nnx.split(nnx.merge(setup.d_train_graph, state["d"]), nnx.Param, ...)
+    compute_dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
+
+    def cast(tree):
+        if compute_dtype == jnp.float32:
+            return tree
+        return jax.tree.map(lambda x: x.astype(compute_dtype)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def discriminate(d_p, d_r, image):
+        x = jnp.concatenate([cond, image.astype(cond.dtype)], axis=-1)
+        out, new_rest = _apply(setup.d_train_graph, cast(d_p), d_r,
+                               lambda d: d(x.astype(compute_dtype)))
+        return as_multiscale(out), new_rest
+
+    # --- generator loss -------------------------------------------------
+    def g_loss_fn(g_p):
+        fake, new_g_rest = _apply(
+            setup.g_train_graph, cast(g_p), g_rest,
+            lambda g: run_generator(g, cast(batch), sources, setup.generator_name))
+        fake = fake.astype(jnp.float32)
+        fake_out, _ = discriminate(d_params, d_rest, fake)
+        terms = {"g_adv": losses.generator_loss(fake_out, kind=cfg.loss)}
+        if cfg.lambda_feat > 0:
+            real_out, _ = discriminate(d_params, d_rest, real)
+            terms["g_feat"] = cfg.lambda_feat * losses.feature_matching_loss(real_out, fake_out)
+        if cfg.lambda_l1 > 0:
+            terms["g_l1"] = cfg.lambda_l1 * losses.l1_loss(fake, real, valid_mask=batch["valid"])
+        if cfg.lambda_ssim > 0:
+            terms["g_ssim"] = cfg.lambda_ssim * losses.ssim_loss(fake, real)
+        total = sum(terms.values())
+        return total, (fake, new_g_rest, terms)
+
+    (g_loss, (fake, new_g_rest, g_terms)), g_grads = jax.value_and_grad(
+        g_loss_fn, has_aux=True)(g_params)
+    g_updates, new_g_opt = setup.g_tx.update(g_grads, state["g_opt"], g_params)
+    new_g_params = optax.apply_updates(g_params, g_updates)
+
+    # --- discriminator loss ---------------------------------------------
+    if not cfg.reuse_generator_forward:
+        fake, new_g_rest = _apply(
+            setup.g_train_graph, cast(new_g_params), new_g_rest,
+            lambda g: run_generator(g, cast(batch), sources, setup.generator_name))
+        fake = fake.astype(jnp.float32)
+    fake = jax.lax.stop_gradient(fake)
+
+    def d_loss_fn(d_p):
+        fake_out, rest1 = discriminate(d_p, d_rest, fake)
+        real_out, rest2 = discriminate(d_p, rest1, real)
+        real_term, fake_term = losses.discriminator_loss(real_out, fake_out, kind=cfg.loss)
+        # pix2pix halves D's objective to slow D down relative to G; SPADE does not.
+        scale = 0.5 if cfg.loss == "vanilla" else 1.0
+        return scale * (real_term + fake_term), rest2
+
+    (d_loss, new_d_rest), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
+    d_updates, new_d_opt = setup.d_tx.update(d_grads, state["d_opt"], d_params)
+    new_d_params = optax.apply_updates(d_params, d_updates)
+
+    # --- guard: a non-finite step changes nothing but the counter ------
+    finite = jnp.isfinite(g_loss) & jnp.isfinite(d_loss)
+    finite &= _tree_finite(g_grads) & _tree_finite(d_grads)
+    new_state = {
+        "step": state["step"] + 1,
+        "g": _merge_state(setup.g_train_graph, new_g_params, new_g_rest),
+        "d": _merge_state(setup.d_train_graph, new_d_params, new_d_rest),
+        "g_opt": new_g_opt, "d_opt": new_d_opt,
+        "ema": ema_update(state["ema"], new_g_params, setup.config.ema_decay),
+        "nonfinite": jnp.zeros((), jnp.int32),
+    }
+    skipped = dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
+    out_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
+    step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms,
+                    "nonfinite": out_state["nonfinite"].astype(jnp.float32)}
+    return out_state, step_metrics
+
+
+def _tree_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _merge_state(graph, params, rest):
+    return nnx.state(nnx.merge(graph, params, rest))
+
+
+def generate(setup: Setup, state: dict, batch: dict, use_ema: bool) -> jax.Array:
+    """Eval-mode generator (running BatchNorm statistics), optionally with EMA weights."""
+    _, params, rest = nnx.split(nnx.merge(setup.g_eval_graph, state["g"]), nnx.Param, ...)
+    if use_ema:
+        params = state["ema"]
+    g = nnx.merge(setup.g_eval_graph, params, rest)
+    return run_generator(g, batch, setup.sources, setup.generator_name)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
+                   max_batches: Optional[int] = None, collect_images: int = 0):
+    """PSNR/SSIM/SAM over a whole split, accumulated batch by batch."""
+    gen = jax.jit(functools.partial(generate, setup, use_ema=bool(config.eval_use_ema)))
+    it = input_pipeline.create_iterator(
+        config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
+        seed=int(config.seed), sources=setup.sources, num_epochs=1)
+    sums_fn = jax.jit(metrics.image_metric_sums)
+    sums = metrics.ImageMetricSums.zeros()
+    shown = None
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        fake = gen(state, batch)
+        pred01 = input_pipeline.image_to_reflectance01(fake)
+        true01 = input_pipeline.image_to_reflectance01(batch["image"])
+        sums = sums.merge(jax.device_get(sums_fn(pred01, true01, batch["valid"])))
+        if collect_images and shown is None:
+            shown = {"fake": np.asarray(fake[:collect_images]),
+                     "real": np.asarray(batch["image"][:collect_images]),
+                     "label": np.asarray(batch["label"][:collect_images])}
+    scores = sums.compute()
+    scores["sam"] = scores["sam_rad"]
+    return scores, shown
+
+
+# ---------------------------------------------------------------------------
+# train_and_evaluate
+# ---------------------------------------------------------------------------
+def _abstract_state(setup: Setup, mesh):
+    abstract = jax.eval_shape(setup.init_state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=common.replicated(mesh)), abstract)
+
+
+def create_sharded_state(setup: Setup, mesh):
+    """Parameters created directly replicated on the mesh (no host copy + broadcast)."""
+    out_sh = jax.tree.map(lambda _: common.replicated(mesh), jax.eval_shape(setup.init_state))
+    return jax.jit(setup.init_state, out_shardings=out_sh)()
+
+
+def restore_for_eval(config, workdir: str, step: Optional[int] = None):
+    """The state of a checkpoint written on any device count, on this run's mesh."""
+    mesh = common.create_mesh()
+    setup = Setup(config, selected_sources(config))
+    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    state, step = ckpt.restore_state_only(_abstract_state(setup, mesh), step)
+    ckpt.close()
+    return setup, state, step, mesh
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    workdir = str(Path(workdir).absolute())
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # --- mesh -------------------------------------------------------------
+    mesh = common.create_mesh()
+    common.check_batch_size(config.global_batch_size, mesh)
+    sources = selected_sources(config)
+    logging.info("Fusion training (%s) on %d devices, sources %s", config.generator.name,
+                 mesh.devices.size, sources)
+
+    # --- data -------------------------------------------------------------
+    input_pipeline.ensure_dataset(config.data)
+    train_iter = input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
+        train=True, seed=int(config.seed), sources=sources)
+
+    # --- models, optimizers, state ---------------------------------------
+    setup = Setup(config, sources)
+    state = create_sharded_state(setup, mesh)
+
+    # --- checkpoint: resume from this workdir if it has one ----------------
+    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    restored = ckpt.restore(common.abstract_like(state))
+    start_step = 0
+    if restored is not None:
+        state, iter_state, start_step = restored
+        if iter_state is not None:
+            train_iter.set_state(iter_state)
+        logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
+
+    # --- the step ------------------------------------------------------------
+    step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
+
+    writer = logging_utils.MetricWriter(workdir)
+    if start_step == 0:
+        logging_utils.write_config(config, workdir)
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
+    preemption = common.PreemptionWatcher()
+
+    step = start_step
+    pending = []
+    try:
+        while step < config.total_steps:
+            batch = next(train_iter)
+            state, m = step_fn(state, batch)
+            step += 1
+            pending.append(m)
+            # Pull metrics to the host only at log time; this also bounds how far
+            # the host runs ahead of the devices (see DESIGN.md's rendezvous trap).
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                host = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+                common.check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps,
+                                       step, workdir)
+                writer.write_scalars(step, summary)
+                progress(step, summary)
+            if config.image_every_steps and step % config.image_every_steps == 0 and is_main:
+                _write_images(setup, state, batch, workdir, step, config)
+            if config.eval_every_steps and step % config.eval_every_steps == 0 \
+                    and step != config.total_steps:
+                scores, _ = evaluate_split(setup, state, config, "validation", mesh,
+                                           max_batches=config.eval_max_batches)
+                writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
+            ckpt.save(step, state, train_iter.get_state())
+            if preemption.should_stop(ckpt.manager, step):
+                ckpt.save(step, state, train_iter.get_state(), force=True)
+                ckpt.wait()
+                logging.warning("Stopped at step %d on request; rerun the same command to resume.",
+                                step)
+                return {"step": step, "preempted": True}
+        jax.block_until_ready(state)
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+        ckpt.wait()
+    finally:
+        preemption.close()
+        ckpt.close()
+
+    # --- final evaluation ---------------------------------------------------
+    result = {"step": step}
+    if config.final_eval_split:
+        scores, shown = evaluate_split(setup, state, config, config.final_eval_split, mesh,
+                                       collect_images=4)
+        result.update(scores)
+        writer.write_scalars(step, {f"{config.final_eval_split}_{k}": v for k, v in scores.items()})
+        if is_main:
+            with open(Path(workdir) / f"eval_{config.final_eval_split}.json", "w") as f:
+                json.dump({"step": step, **scores}, f, indent=2)
+    writer.close()
+    return result
+
+
+def _write_images(setup, state, batch, workdir, step, config):
+    n = min(4, batch["image"].shape[0])
+    fake = jax.jit(functools.partial(generate, setup, use_ema=False))(state, batch)
+    rows = {"real": np.asarray(batch["image"][:n]), "generated": np.asarray(fake[:n])}
+    out = Path(workdir) / "images"
+    out.mkdir(exist_ok=True)
+    rows["land cover"] = np.asarray(batch["label"][:n])
+    viz.image_grid(rows, out / f"step_{step:07d}.png")

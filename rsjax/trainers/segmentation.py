@@ -1,0 +1,223 @@
+"""RS-UNet land-cover segmentation on the 4 optical bands (the paper's section 4).
+
+`config.data.train_data` chooses the training images: `real` (the paper's True
+Dataset) or `mix` (real and generated 1:1, each generated image paired with
+its tile's real land-cover map). Validation and test always use real tiles.
+Metrics come from one confusion matrix accumulated over the whole split.
+
+The loop, checkpoints, resume, data parallelism and logging are the fusion
+trainer's (rsjax.trainers.common); only the model, loss and metrics differ.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from rsjax import input_pipeline, logging_utils, losses, metrics
+from rsjax.data.contract import NUM_CLASSES
+from rsjax.models import create_model
+from rsjax.trainers import common
+
+
+class Setup:
+    def __init__(self, config):
+        self.config = config
+        model = self._create()
+        model.train()
+        self.train_graph, _ = nnx.split(model)
+        model.eval()
+        self.eval_graph, _ = nnx.split(model)
+        lr = common.linear_decay_schedule(config.optim.lr, config.total_steps,
+                                          config.optim.decay_start_step)
+        self.tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
+                              weight_decay=config.optim.weight_decay)
+        self.class_weights = None
+
+    def _create(self):
+        kw = dict(self.config.model.to_dict())
+        name = kw.pop("name")
+        return create_model(name, in_channels=int(self.config.in_channels),
+                            num_classes=NUM_CLASSES, rngs=nnx.Rngs(params=int(self.config.seed)),
+                            **kw)
+
+    def init_state(self) -> dict:
+        model = self._create()
+        model.train()
+        return {"step": jnp.zeros((), jnp.int32), "model": nnx.state(model),
+                "opt": self.tx.init(nnx.state(model, nnx.Param)),
+                "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def _tree_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def train_step(setup: Setup, class_weights, state: dict, batch: dict):
+    _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
+
+    def loss_fn(p):
+        model = nnx.merge(setup.train_graph, p, rest)
+        logits = model(batch["image"])
+        loss = losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights)
+        return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, new_opt = setup.tx.update(grads, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & _tree_finite(grads)
+    new_state = {"step": state["step"] + 1,
+                 "model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
+                 "opt": new_opt, "nonfinite": jnp.zeros((), jnp.int32)}
+    skipped = dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
+    out = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, skipped)
+    cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
+    acc = jnp.trace(cm) / jnp.maximum(cm.sum(), 1)
+    return out, {"loss": loss, "train_accuracy": acc,
+                 "nonfinite": out["nonfinite"].astype(jnp.float32)}
+
+
+def predict(setup: Setup, state: dict, image: jax.Array) -> jax.Array:
+    model = nnx.merge(setup.eval_graph, state["model"])
+    return model(image)
+
+
+def eval_step(setup: Setup, state: dict, batch: dict) -> jax.Array:
+    logits = predict(setup, state, batch["image"])
+    return metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
+
+
+def evaluate_split(setup: Setup, state, config, split: str, mesh,
+                   max_batches: Optional[int] = None, collect: int = 0):
+    step = jax.jit(functools.partial(eval_step, setup))
+    it = input_pipeline.create_iterator(
+        config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
+        seed=int(config.seed), sources=(), num_epochs=1)
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    shown = None
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        cm += np.asarray(jax.device_get(step(state, batch)), np.int64)
+        if collect and shown is None:
+            logits = jax.jit(functools.partial(predict, setup))(state, batch["image"])
+            shown = {"image": np.asarray(batch["image"][:collect]),
+                     "label": np.asarray(batch["label"][:collect]),
+                     "pred": np.asarray(jnp.argmax(logits[:collect], -1))}
+    scores = metrics.segmentation_scores(cm)
+    return scores, cm, shown
+
+
+def _abstract_state(setup, mesh):
+    abstract = jax.eval_shape(setup.init_state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=common.replicated(mesh)), abstract)
+
+
+def restore_for_eval(config, workdir: str, step: Optional[int] = None):
+    mesh = common.create_mesh()
+    setup = Setup(config)
+    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    state, step = ckpt.restore_state_only(_abstract_state(setup, mesh), step)
+    ckpt.close()
+    return setup, state, step, mesh
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    workdir = str(Path(workdir).absolute())
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    mesh = common.create_mesh()
+    common.check_batch_size(config.global_batch_size, mesh)
+
+    input_pipeline.ensure_dataset(config.data)
+    train_iter = input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
+        train=True, seed=int(config.seed), sources=(),
+        generated_dir=config.data.generated_dir if config.data.train_data == "mix" else None)
+
+    setup = Setup(config)
+    class_weights = None
+    if config.class_weights:
+        class_weights = jnp.asarray(input_pipeline.class_weights(config.data), jnp.float32)
+    out_sh = jax.tree.map(lambda _: common.replicated(mesh), jax.eval_shape(setup.init_state))
+    state = jax.jit(setup.init_state, out_shardings=out_sh)()
+
+    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    restored = ckpt.restore(common.abstract_like(state))
+    start_step = 0
+    if restored is not None:
+        state, iter_state, start_step = restored
+        if iter_state is not None:
+            train_iter.set_state(iter_state)
+        logging.info("Resumed from step %d", start_step)
+
+    step_fn = jax.jit(functools.partial(train_step, setup, class_weights), donate_argnums=(0,))
+    writer = logging_utils.MetricWriter(workdir)
+    if start_step == 0:
+        logging_utils.write_config(config, workdir)
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
+    preemption = common.PreemptionWatcher()
+    history_path = Path(workdir) / "val_history.jsonl"
+
+    step, pending = start_step, []
+    try:
+        while step < config.total_steps:
+            batch = next(train_iter)
+            state, m = step_fn(state, batch)
+            step += 1
+            pending.append(m)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                host = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+                common.check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps,
+                                       step, workdir)
+                writer.write_scalars(step, summary)
+                progress(step, summary)
+            if config.eval_every_steps and step % config.eval_every_steps == 0:
+                scores, _, _ = evaluate_split(setup, state, config, "validation", mesh)
+                writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()
+                                            if np.isscalar(v)})
+                if is_main:
+                    with open(history_path, "a") as f:
+                        f.write(json.dumps({"step": step, "miou": scores["miou"],
+                                            "accuracy": scores["accuracy"]}) + "\n")
+            ckpt.save(step, state, train_iter.get_state())
+            if preemption.should_stop(ckpt.manager, step):
+                ckpt.save(step, state, train_iter.get_state(), force=True)
+                ckpt.wait()
+                return {"step": step, "preempted": True}
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+        ckpt.wait()
+    finally:
+        preemption.close()
+        ckpt.close()
+
+    result = {"step": step}
+    if config.final_eval_split:
+        scores, cm, shown = evaluate_split(setup, state, config, config.final_eval_split, mesh,
+                                           collect=4)
+        result.update({k: v for k, v in scores.items()})
+        if is_main:
+            (Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(json.dumps(
+                {"step": step, **scores, "confusion_matrix": cm.tolist()}, indent=2,
+                default=lambda x: np.asarray(x).tolist()))
+            if shown is not None:
+                from rsjax import viz
+                viz.image_grid({"image": shown["image"], "truth": shown["label"],
+                                "prediction": shown["pred"]},
+                               Path(workdir) / f"eval_{config.final_eval_split}.png")
+    writer.close()
+    return result

@@ -1,0 +1,365 @@
+"""Ingestion end to end: real samples with their quirks, SAR units, tiling and the report."""
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from rsjax.data import sar
+from rsjax.data.contract import LULC_NODATA, InputError, ScenePaths
+from rsjax.data.ingest import IngestOptions, IngestReport, RegisteredScene, iter_scene_tiles, validate_scene
+from rsjax.data.rasterio_io import open_raster, select_bands
+
+# rasterio 1.4 itself multiplies Affine objects with `*`, which affine 3 flags as pending deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
+
+
+@pytest.fixture
+def belgium(tests_data) -> ScenePaths:
+    d = tests_data / "worldcereal_belgium_2021"
+    # cropland.tif is not the Dynamic World legend: 0/1 only, used for dtype/alignment.
+    return ScenePaths("belgium", s2=d / "s2.tif", s1=d / "s1.tif", dem=d / "dem.tif", lulc=d / "cropland.tif")
+
+
+@pytest.fixture
+def togo(tests_data) -> ScenePaths:
+    d = tests_data / "cropharvest_togo_2019"
+    return ScenePaths("togo", s2=d / "s2.tif", s1=d / "s1.tif", dem=d / "dem.tif")
+
+
+def read(path, band=None):
+    with rasterio.open(path) as ds:
+        return ds.read(band) if band else ds.read()
+
+
+def derived(path, tmp_path, name, edit, **profile_changes):
+    """A copy of `path` in tmp_path with its pixels changed by `edit(array) -> array`."""
+    with rasterio.open(path) as ds:
+        data, profile, descriptions = ds.read(), ds.profile, ds.descriptions
+    profile.update(profile_changes)
+    out = tmp_path / name
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(edit(data).astype(profile["dtype"]))
+        for i, d in enumerate(descriptions, start=1):
+            if d:
+                dst.set_band_description(i, d)
+    return out
+
+
+# -- contract --------------------------------------------------------------------------
+
+def test_belgium_tiles_follow_the_contract(belgium):
+    report = IngestReport()
+    tiles = list(iter_scene_tiles(belgium, IngestOptions(tile_size=32, stride=32), report))
+    assert len(tiles) == 9                                     # 3 x 3 full tiles in 100 x 100
+    t = tiles[4]
+    assert t["s2"].shape == (32, 32, 4) and t["s2"].dtype == np.uint16
+    assert t["s1"].shape == (32, 32, 2) and t["s1"].dtype == np.float32
+    assert t["lulc"].shape == (32, 32) and t["lulc"].dtype == np.uint8
+    assert t["dem"].shape == (32, 32, 4) and t["dem"].dtype == np.float32
+    assert t["transform"].dtype == np.float64 and t["transform"].shape == (6,)
+    np.testing.assert_array_equal(t["transform"], [10.0, 0.0, 664320.0, 0.0, -10.0, 5611800.0])
+    assert t["crs"] == "EPSG:32631"
+    assert t["scene_id"] == "belgium" and t["tile_id"] == "belgium_r000032_c000032"
+    assert len({x["tile_id"] for x in tiles}) == 9
+    assert report.to_dict()["scenes"]["belgium"]["tiles_kept"] == 9
+    assert report.scenes["belgium"].s1_units == "linear"
+
+
+def test_belgium_on_its_own_grid_is_copied_without_resampling(belgium):
+    """All four files share the S2 grid: registration must be the identity."""
+    with RegisteredScene(belgium) as reg:
+        a = reg.read(Window(0, 0, 100, 100))
+    np.testing.assert_array_equal(a["s2"], np.moveaxis(read(belgium.s2), 0, -1))
+    np.testing.assert_allclose(a["s1"], np.moveaxis(10 * np.log10(read(belgium.s1)), 0, -1), atol=1e-5)
+    np.testing.assert_array_equal(a["lulc"], read(belgium.lulc, 1))
+    np.testing.assert_array_equal(a["dem"][..., 0], read(belgium.dem, 1))
+    # The DEM covers exactly the S2 grid: the outer ring lacks part of its 3x3
+    # window and still gets derivatives (gdaldem -compute_edges convention).
+    assert np.isfinite(a["dem"]).all()
+
+
+def test_tiles_are_deterministic_and_stride_overlaps(belgium):
+    opts = IngestOptions(tile_size=40, stride=20)
+    first = list(iter_scene_tiles(belgium, opts))
+    again = list(iter_scene_tiles(belgium, opts))
+    assert [t["tile_id"] for t in first] == [t["tile_id"] for t in again]
+    assert len(first) == 16                                     # offsets 0, 20, 40, 60 in both axes
+    for a, b in zip(first, again):
+        for key in ("s2", "s1", "lulc", "dem"):
+            np.testing.assert_array_equal(a[key], b[key])
+    by_id = {t["tile_id"]: t for t in first}
+    left, right = by_id["belgium_r000020_c000020"], by_id["belgium_r000020_c000040"]
+    np.testing.assert_array_equal(left["s2"][:, 20:], right["s2"][:, :20])
+
+
+def test_scene_smaller_than_a_tile_yields_nothing_and_counts_nothing(belgium):
+    report = IngestReport()
+    assert list(iter_scene_tiles(belgium, IngestOptions(tile_size=256), report)) == []
+    assert report.scenes["belgium"].tiles_total == 0
+
+
+# -- quirks of real exports ------------------------------------------------------------
+
+def test_togo_earth_engine_export_in_4326_with_db_sar_and_no_land_cover(togo):
+    report = IngestReport()
+    opts = IngestOptions(tile_size=8, stride=4, max_nodata_fraction=0.3)
+    tiles = list(iter_scene_tiles(togo, opts, report))
+    counts = report.scenes["togo"]
+    # Geographic S2 -> registered on its UTM zone (31N) at 10 m.
+    assert counts.crs == "EPSG:32631" and counts.resolution == 10.0
+    assert counts.s1_units == "db" and not counts.has_lulc
+    assert tiles and counts.tiles_kept == len(tiles)
+    for t in tiles:
+        assert np.all(t["lulc"] == LULC_NODATA)                # no land cover: all 255 ...
+    # ... and that does not make tiles no-data: an interior tile is complete.
+    inner = [t for t in tiles if t["tile_id"] == "togo_r000004_c000004"][0]
+    assert np.isfinite(inner["s1"]).all() and np.isfinite(inner["dem"]).all() and inner["s2"].min() > 0
+    # dB passes through (bilinear in dB): registered values stay in the file's range.
+    vv = np.concatenate([t["s1"][..., 0].ravel() for t in tiles])
+    vv = vv[np.isfinite(vv)]
+    assert -14.7 < vv.min() and vv.max() < -5.7
+
+
+def test_bands_chosen_by_description_in_the_206_band_export(tests_data, tmp_path):
+    d = tests_data / "cropharvest_togo_2019"
+    original = d / "export_original.tif"
+    with rasterio.open(original) as ds:
+        names = list(ds.descriptions)
+    assert len(names) == 206
+    # Un-suffixed names are timestep 0 (the README): found wherever they are.
+    with open_raster(original, "s2") as ds:
+        assert select_bands(ds, "s2") == tuple(names.index(b) + 1 for b in ("B2", "B3", "B4", "B8"))
+        assert select_bands(ds, "s1") == (names.index("VV") + 1, names.index("VH") + 1)
+        assert select_bands(ds, "dem") == (names.index("elevation") + 1,)
+
+    # Ingesting the raw export equals ingesting a 4-band file cut from it by position.
+    data = read(original)
+    cut = tmp_path / "s2_cut.tif"
+    with rasterio.open(original) as ds:
+        profile = ds.profile
+    profile.update(count=4)
+    with rasterio.open(cut, "w", **profile) as dst:
+        dst.write(np.stack([data[names.index(b)] for b in ("B2", "B3", "B4", "B8")]))
+    opts = IngestOptions(tile_size=8, stride=4, max_nodata_fraction=1.0)
+    raw = ScenePaths("t", s2=original, s1=original, dem=original)
+    cut_scene = ScenePaths("t", s2=cut, s1=d / "s1.tif", dem=d / "dem.tif")
+    raw_tiles = list(iter_scene_tiles(raw, opts))
+    cut_tiles = list(iter_scene_tiles(cut_scene, opts))
+    assert len(raw_tiles) == len(cut_tiles) > 0
+    for a, b in zip(raw_tiles, cut_tiles):
+        np.testing.assert_array_equal(a["s2"], b["s2"])
+    # February (timestep 0) S1 is not the November file: selection really took the raw bands.
+    assert not np.allclose(np.nan_to_num(raw_tiles[0]["s1"]), np.nan_to_num(cut_tiles[0]["s1"]))
+
+
+def test_s1_with_an_extra_angle_band_first(tmp_path, togo):
+    with rasterio.open(togo.s1) as ds:
+        vv_vh, profile = ds.read(), ds.profile
+    angle = np.full(vv_vh.shape[1:], 38.5, np.float32)
+    profile.update(count=3)
+    path = tmp_path / "s1_angle.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.stack([angle, vv_vh[0], vv_vh[1]]))
+        for i, name in enumerate(["angle", "VV", "VH"], start=1):
+            dst.set_band_description(i, name)
+    opts = IngestOptions(tile_size=8, stride=4, max_nodata_fraction=1.0)
+    with_angle = list(iter_scene_tiles(ScenePaths("t", s2=togo.s2, s1=path, dem=togo.dem), opts))
+    plain = list(iter_scene_tiles(togo, opts))
+    for a, b in zip(with_angle, plain):
+        np.testing.assert_array_equal(a["s1"], b["s1"])
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float32"])
+def test_labels_as_int32_or_float_are_converted(belgium, tmp_path, dtype):
+    labels = derived(belgium.lulc, tmp_path, f"lulc_{dtype}.tif", lambda a: a, dtype=dtype)
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=belgium.dem, lulc=labels)
+    with RegisteredScene(scene) as reg:
+        lulc = reg.read(Window(0, 0, 100, 100))["lulc"]
+    assert lulc.dtype == np.uint8
+    np.testing.assert_array_equal(lulc, read(belgium.lulc, 1))
+
+
+def test_int32_labels_with_their_own_nodata_become_255(belgium, tmp_path):
+    def mark(a):
+        a = a.astype(np.int32)
+        a[:, :10, :] = -1
+        return a
+    labels = derived(belgium.lulc, tmp_path, "lulc_neg.tif", mark, dtype="int32", nodata=-1)
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=belgium.dem, lulc=labels)
+    with RegisteredScene(scene) as reg:
+        lulc = reg.read(Window(0, 0, 100, 100))["lulc"]
+    assert np.all(lulc[:10] == LULC_NODATA)
+    np.testing.assert_array_equal(lulc[10:], read(belgium.lulc, 1)[10:])
+
+
+def test_partial_land_cover_coverage_is_nodata_and_drops_tiles(belgium, tmp_path):
+    """Land cover for the north 50 rows only: the south is 255 (not class 0) and its tiles are dropped."""
+    with rasterio.open(belgium.lulc) as ds:
+        north, profile = ds.read(window=Window(0, 0, 100, 50)), ds.profile
+    profile.update(height=50)
+    path = tmp_path / "lulc_north.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(north)
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=belgium.dem, lulc=path)
+    report = IngestReport()
+    tiles = list(iter_scene_tiles(scene, IngestOptions(tile_size=25, stride=25), report))
+    assert report.scenes["b"].tiles_dropped_nodata == 8          # rows 50..99: 2 x 4 tiles
+    assert report.scenes["b"].tiles_kept == len(tiles) == 8
+    with RegisteredScene(scene) as reg:
+        lulc = reg.read(Window(0, 0, 100, 100))["lulc"]
+    assert np.all(lulc[50:] == LULC_NODATA)
+    np.testing.assert_array_equal(lulc[:50], north[0])
+
+
+def test_dem_voids_small_filled_large_left_missing(belgium, tmp_path):
+    original = read(belgium.dem, 1)
+
+    def voids(a):
+        a = a.copy()
+        a[0, 20:23, 20:23] = -32767.0           # small: filled by interpolation
+        a[0, 50:90, 40:80] = -32767.0           # 40 x 40: only its rim (16 px deep) is filled
+        return a
+    dem = derived(belgium.dem, tmp_path, "dem_voids.tif", voids)
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=dem, lulc=belgium.lulc)
+    with RegisteredScene(scene) as reg:
+        d = reg.read(Window(0, 0, 100, 100))["dem"]
+    small = d[20:23, 20:23, 0]
+    assert np.isfinite(d[19:24, 19:24]).all()
+    assert np.abs(small - original[20:23, 20:23]).max() < 3.0     # whole-metre terrain, gentle
+    assert np.isnan(d[68:72, 58:62]).all()                         # > 16 px from any valid cell
+    assert np.isfinite(d[50:54, 40:44, 0]).all()                   # the rim is filled
+    report = IngestReport()
+    list(iter_scene_tiles(scene, IngestOptions(tile_size=25, stride=25), report))
+    assert report.scenes["b"].tiles_dropped_nodata >= 1
+
+
+def test_dem_fill_can_be_disabled(belgium, tmp_path):
+    dem = derived(belgium.dem, tmp_path, "dem_void.tif", lambda a: np.where(
+        (np.arange(100)[None, :, None] == 30) & (np.arange(100)[None, None, :] == 30), -32767.0, a))
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=dem)
+    with RegisteredScene(scene, IngestOptions(dem_fill_distance=0)) as reg:
+        d = reg.read(Window(20, 20, 20, 20))["dem"]
+    missing = np.isnan(d).any(axis=-1)
+    assert missing[10, 10] and missing.sum() == 1
+
+
+# -- SAR units -------------------------------------------------------------------------
+
+def test_sar_zero_power_gives_the_floor_not_minus_infinity():
+    power = np.array([0.0, -1e-4, 1e-7, 1.0, np.nan], dtype=np.float32)
+    db = sar.linear_to_db(power, floor_db=-50.0)
+    np.testing.assert_array_equal(db[:3], [-50.0, -50.0, -50.0])
+    assert db[3] == 0.0 and np.isnan(db[4])
+    assert not np.isinf(db).any()
+
+
+def test_sar_db_input_passes_through():
+    db = np.array([-25.3, -12.0, 3.1, np.nan], dtype=np.float32)
+    np.testing.assert_array_equal(sar.to_db(db, "db"), db)
+    assert sar.to_db(np.array([-np.inf], np.float32), "db")[0] == -50.0
+
+
+def test_sar_units_detected_from_values(belgium, togo):
+    assert sar.detect_units(read(belgium.s1)) == "linear"
+    assert sar.detect_units(read(togo.s1)) == "db"
+
+
+def test_sar_zeros_in_a_file_give_the_floor_end_to_end(belgium, tmp_path):
+    def zero_block(a):
+        a = a.copy()
+        a[:, 40:60, 40:60] = 0.0
+        return a
+    s1 = derived(belgium.s1, tmp_path, "s1_zeros.tif", zero_block)
+    scene = ScenePaths("b", s2=belgium.s2, s1=s1, dem=belgium.dem, lulc=belgium.lulc)
+    with RegisteredScene(scene, IngestOptions(s1_floor_db=-45.0)) as reg:
+        s = reg.read(Window(0, 0, 100, 100))["s1"]
+    assert np.all(s[40:60, 40:60] == -45.0)
+    assert np.isfinite(s).all()
+
+
+def test_explicit_s1_units_override_detection(belgium):
+    with RegisteredScene(belgium, IngestOptions(s1_units="db")) as reg:
+        s = reg.read(Window(0, 0, 100, 100))["s1"]
+    # Declared dB: the linear values pass through untouched.
+    np.testing.assert_allclose(s, np.moveaxis(read(belgium.s1), 0, -1), rtol=1e-6)
+
+
+# -- options and report ----------------------------------------------------------------
+
+def test_max_nodata_fraction_drops_and_counts(belgium, tmp_path):
+    s2 = derived(belgium.s2, tmp_path, "s2_gap.tif", lambda a: np.where(np.arange(100)[None, None, :] < 30, 0, a))
+    scene = ScenePaths("b", s2=s2, s1=belgium.s1, dem=belgium.dem, lulc=belgium.lulc)
+    strict, lenient = IngestReport(), IngestReport()
+    list(iter_scene_tiles(scene, IngestOptions(tile_size=50, max_nodata_fraction=0.1), strict))
+    list(iter_scene_tiles(scene, IngestOptions(tile_size=50, max_nodata_fraction=0.7), lenient))
+    # Columns 0..29 are missing: the western tiles are 60 % no-data.
+    assert (strict.tiles_kept, strict.tiles_dropped_nodata) == (2, 2)
+    assert (lenient.tiles_kept, lenient.tiles_dropped_nodata) == (4, 0)
+    assert strict.to_dict()["tiles_dropped_nodata"] == 2
+
+
+def test_validate_scene_accepts_the_real_samples(belgium, togo):
+    validate_scene(belgium)
+    validate_scene(togo)
+
+
+@pytest.mark.parametrize("bad", [dict(tile_size=0), dict(stride=0), dict(max_nodata_fraction=1.5),
+                                 dict(s1_units="dB10"), dict(dem_fill_distance=-1)])
+def test_bad_options_are_value_errors(bad):
+    with pytest.raises(ValueError):
+        IngestOptions(**bad)
+
+
+def test_geographic_target_crs_is_refused(belgium):
+    with pytest.raises(ValueError, match="metric"):
+        validate_scene(belgium, IngestOptions(target_crs="EPSG:4326"))
+
+
+def test_input_error_is_a_value_error():
+    assert issubclass(InputError, ValueError)
+
+
+def test_command_line_dry_run_reports_and_exits_2_on_bad_input(belgium, tmp_path, capsys):
+    import shutil
+    from rsjax.data.ingest import main
+    for role in ("s2", "s1", "dem"):
+        shutil.copy(getattr(belgium, role), tmp_path / f"be_{role}.tif")
+    shutil.copy(belgium.lulc, tmp_path / "be_lulc.tif")
+    out = main([str(tmp_path), "--tile-size", "50"])
+    assert out["scenes"]["be"]["tiles_kept"] == 4
+    (tmp_path / "be_s1.tif").write_bytes((tmp_path / "be_s1.tif").read_bytes()[:500])
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "--tile-size", "50"])
+    assert info.value.code == 2
+    assert "be_s1.tif" in capsys.readouterr().err
+
+
+def test_dynamic_world_export_label_band_chosen_among_probabilities(belgium, tmp_path):
+    """Dynamic World exports carry nine class-probability bands beside `label` (here placed last)."""
+    from rsjax.data.contract import LULC_CLASSES
+    labels = read(belgium.lulc, 1)
+    with rasterio.open(belgium.lulc) as ds:
+        profile = ds.profile
+    probabilities = np.random.default_rng(0).random((9, 100, 100)).astype(np.float32)
+    profile.update(count=10, dtype="float32", nodata=None)
+    path = tmp_path / "dw.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.concatenate([probabilities, labels[None].astype(np.float32)]))
+        for i, name in enumerate(list(LULC_CLASSES) + ["label"], start=1):
+            dst.set_band_description(i, name)
+    scene = ScenePaths("b", s2=belgium.s2, s1=belgium.s1, dem=belgium.dem, lulc=path)
+    with RegisteredScene(scene) as reg:
+        np.testing.assert_array_equal(reg.read(Window(0, 0, 100, 100))["lulc"], labels)
+
+
+def test_benchmark_scene_writer_and_memory_probe(tmp_path):
+    """The benchmark's windowed writer gives a valid scene, and the child-side probe reports memory."""
+    from rsjax.data import bench_ingest
+    scene = bench_ingest.write_simple_scene(tmp_path, "bench", size=300, seed=1)
+    validate_scene(scene)
+    with rasterio.open(scene.dem) as ds:
+        assert ds.crs.to_epsg() == 4326 and (read(scene.dem) == -32767.0).any()     # geographic, with voids
+    result = bench_ingest.child_register(tmp_path, tile_size=100)
+    assert result["tiles"] == 9 and result["tiles_per_s"] > 0
+    assert 0 < result["peak_rss_mib"] < 2048

@@ -1,0 +1,104 @@
+"""PNG figures: files, sizes, and that each band lands in the right colour channel."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsjax import viz
+from rsjax.data.contract import LULC_PALETTE
+
+H = W = 6
+LABEL_WIDTH = 110
+
+
+def _cell_pixel(grid, row, column, scale=1, y=0, x=0):
+    """Pixel (y, x) of a tile at display row/column, per the layout in viz's docstring."""
+    top = viz.GAP + row * (max(H * scale, viz.MIN_ROW_HEIGHT) + viz.GAP)
+    left = LABEL_WIDTH + viz.GAP + column * (W * scale + viz.GAP)
+    return tuple(int(v) for v in grid[top + y, left + x])
+
+
+def _red_and_nir_image():
+    """Left half: only red (B4) reflects; right half: only NIR (B8) reflects."""
+    image = np.zeros((1, H, W, 4), np.float32)
+    image[0, :, : W // 2, 2] = 0.3
+    image[0, :, W // 2:, 3] = 0.4
+    return image
+
+
+def test_rgb_and_false_colour_channel_order(tmp_path):
+    path = viz.image_grid({"real": _red_and_nir_image()}, tmp_path / "grid.png", scale=2)
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    # True colour (B4, B3, B2): red pixels red, NIR-only pixels black.
+    assert _cell_pixel(grid, 0, 0, scale=2, x=0) == (255, 0, 0)
+    assert _cell_pixel(grid, 0, 0, scale=2, x=2 * W - 1) == (0, 0, 0)
+    # False colour (B8, B4, B3): NIR shows red, red shows green.
+    assert _cell_pixel(grid, 1, 0, scale=2, x=0) == (0, 255, 0)
+    assert _cell_pixel(grid, 1, 0, scale=2, x=2 * W - 1) == (255, 0, 0)
+
+
+def test_grid_png_size_and_shared_stretch_per_column(tmp_path):
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0.0, 0.3, (3, H, W, 4)).astype(np.float32)
+    rows = {"s1 VV": rng.normal(-12, 3, (3, H, W, 1)), "generated": real * 0.5, "real": real}
+    path = viz.image_grid(rows, tmp_path / "sub" / "grid.png")
+    image = Image.open(path)
+    assert image.format == "PNG"
+    # 1 gray row + 2 optical rows x (RGB, NIR-R-G); 3 columns.
+    assert image.size == (LABEL_WIDTH + viz.GAP + 3 * (W + viz.GAP), viz.GAP + 5 * (viz.MIN_ROW_HEIGHT + viz.GAP))
+    grid = np.asarray(image.convert("RGB"))
+    # generated is real/2 under one stretch: its tiles are darker, not re-stretched to look alike.
+    generated = np.array([_cell_pixel(grid, 1, 0, y=y, x=x) for y in range(H) for x in range(W)])
+    real_tile = np.array([_cell_pixel(grid, 3, 0, y=y, x=x) for y in range(H) for x in range(W)])
+    assert generated.mean() < 0.7 * real_tile.mean()
+
+
+def test_land_cover_palette_no_data_black_and_legend(tmp_path):
+    labels = np.full((2, H, W), 255, np.uint8)
+    labels[:, :, :3] = 0                       # water
+    labels[1, :, :3] = 6                       # built
+    onehot_pred = np.eye(9)[np.where(labels == 255, 1, labels)]   # scores: argmax
+    path = viz.image_grid({"truth": labels, "prediction": onehot_pred},
+                          tmp_path / "seg.png", kinds={"prediction": "labels"})
+    image = Image.open(path)
+    grid = np.asarray(image.convert("RGB"))
+    hex_rgb = lambda h: tuple(int(h[i:i + 2], 16) for i in (1, 3, 5))
+    assert _cell_pixel(grid, 0, 0) == hex_rgb(LULC_PALETTE[0])
+    assert _cell_pixel(grid, 0, 1) == hex_rgb(LULC_PALETTE[6])
+    assert _cell_pixel(grid, 0, 0, x=W - 1) == (0, 0, 0)            # 255 -> black
+    assert _cell_pixel(grid, 1, 0, x=W - 1) == hex_rgb(LULC_PALETTE[1])  # argmax of scores
+    # A legend below the grid holds every class colour.
+    grid_bottom = viz.GAP + 2 * (viz.MIN_ROW_HEIGHT + viz.GAP)
+    assert image.size[1] > grid_bottom
+    legend = grid[grid_bottom:].reshape(-1, 3)
+    for colour in LULC_PALETTE + ("#000000",):
+        assert (legend == hex_rgb(colour)).all(axis=1).any(), colour
+
+
+def test_percentile_stretch_is_robust_to_outliers():
+    image = np.linspace(0, 1, 100).reshape(1, 10, 10, 1)
+    image[0, 0, 0, 0] = 1000.0                  # one hot pixel must not darken the rest
+    out = viz.percentile_stretch(image)
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert 0.4 < out[0, 5, 0, 0] < 0.6
+    assert (viz.percentile_stretch(np.full((1, 2, 2, 1), 3.0)) == 0).all()   # constant: no NaN
+    nan_image = np.full((1, 2, 2, 1), np.nan)
+    assert (viz.percentile_stretch(nan_image) == 0).all()
+
+
+def test_grid_errors_name_the_row(tmp_path):
+    with pytest.raises(ValueError, match="row 'real'.*B2, B3, B4, B8"):
+        viz.image_grid({"real": np.zeros((1, H, W, 3))}, tmp_path / "x.png", kinds={"real": "optical"})
+    with pytest.raises(ValueError, match="same number of images"):
+        viz.image_grid({"a": np.zeros((1, H, W, 4)), "b": np.zeros((2, H, W, 4))}, tmp_path / "x.png")
+
+
+def test_plot_curves_png(tmp_path):
+    path = viz.plot_curves({"real": ([1, 2, 3], [0.2, 0.3, 0.35]), "mix": ([1, 2, 3], [0.25, 0.33, 0.4])},
+                           tmp_path / "miou.png", xlabel="epoch", ylabel="validation mIoU",
+                           title="real vs mix")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (600, 400)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 10          # something was drawn, not a blank canvas
+    with pytest.raises(ValueError, match="series 'mix'"):
+        viz.plot_curves({"mix": ([1, 2], [0.1])}, tmp_path / "bad.png")
