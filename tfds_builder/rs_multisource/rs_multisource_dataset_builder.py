@@ -180,11 +180,21 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
+        opts = self._ingest_options()
         for scene in scenes:               # bad inputs fail before anything is written
-            _validate(scene)
+            _validate(scene, opts)
         logging.info("rs_multisource/%s: %d scenes", self.builder_config.name, len(scenes))
         self._statistics = statistics_lib.DatasetStatistics(seed=0)
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
+
+    def _ingest_options(self):
+        from rsjax.data import ingest
+
+        cfg = self.builder_config
+        return ingest.IngestOptions(
+            tile_size=cfg.tile_size, stride=cfg.effective_stride,
+            max_nodata_fraction=cfg.max_nodata_fraction,
+            target_crs=cfg.target_crs, target_resolution=cfg.target_resolution)
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
@@ -197,10 +207,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         from rsjax.data import ingest
 
         cfg = self.builder_config
-        opts = ingest.IngestOptions(
-            tile_size=cfg.tile_size, stride=cfg.effective_stride,
-            max_nodata_fraction=cfg.max_nodata_fraction,
-            target_crs=cfg.target_crs, target_resolution=cfg.target_resolution)
+        opts = self._ingest_options()
         report = ingest.IngestReport()
         count = 0
         started = time.perf_counter()
@@ -246,13 +253,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def _validate(scene: contract.ScenePaths) -> None:
+def _validate(scene: contract.ScenePaths, opts) -> None:
     """ingest.validate_scene, with an unreadable file turned into an error naming the scene."""
     import rasterio.errors
     from rsjax.data import ingest
 
     try:
-        ingest.validate_scene(scene)
+        ingest.validate_scene(scene, opts)
     except rasterio.errors.RasterioError as e:
         raise contract.InputError(
             f"scene '{scene.scene_id}': a GeoTIFF cannot be opened ({e}). It is probably "
@@ -283,7 +290,9 @@ def _config_summary(cfg: RsMultisourceConfig) -> dict:
 
 
 def _report_summary(report) -> dict:
-    """The ingestion report as JSON-able data, whatever fields it carries."""
+    """The ingestion report as JSON-able data."""
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
     if dataclasses.is_dataclass(report):
         items = dataclasses.asdict(report)
     else:
