@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -65,7 +66,7 @@ def main(argv):
     cfg.split_seed = FLAGS.split_seed
     cfg.augment = True
     summary = input_pipeline.build(cfg, manual_dir=FLAGS.manual_dir)
-    cfg.tile_size = input_pipeline.builder_config_for(cfg).tile_size
+    cfg.tile_size = input_pipeline.get_builder(cfg).builder_config.tile_size
     out = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "dataset": summary["dataset"],
@@ -80,6 +81,8 @@ def main(argv):
         out["pipeline"][f"workers_{workers}"] = time_pipeline(
             cfg, batch_size=FLAGS.batch_size, batches=FLAGS.batches, worker_count=workers)
     print(json.dumps(out, indent=2))
+    if not FLAGS.data_dir:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

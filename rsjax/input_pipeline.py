@@ -217,7 +217,8 @@ def _builder_module():
 
 
 def builder_config_for(data_cfg):
-    """The BuilderConfig named by data_cfg.name, with data_cfg's tiling options.
+    """The BuilderConfig named by data_cfg.name, with data_cfg's tiling options
+    (a config name when they are the named config's, else a derived config).
 
     'rs_multisource/synthetic' with tile_size 128 (the named config has 256)
     gives a derived config 'synthetic_t128': TFDS keeps it in its own folder,
@@ -238,7 +239,10 @@ def builder_config_for(data_cfg):
         if key in data_cfg and data_cfg[key] is not None:
             changes[key] = type(getattr(base, key) if getattr(base, key) is not None else data_cfg[key])(
                 data_cfg[key])
-    return module.derived_config(base, **changes)
+    config = module.derived_config(base, **changes)
+    # A registered config goes by name: TFDS insists on its own instance, and
+    # a pickled copy (grain worker processes) is another instance.
+    return config.name if config is base else config
 
 
 def get_builder(data_cfg):

@@ -248,14 +248,23 @@ def test_reflectance_mappings_invert_the_normalization(normalizer):
 # Augmentation keeps the terrain honest
 # ----------------------------------------------------------------------------
 
+def _terrain_aspect(z):
+    from rsjax.data import terrain    # the ingestion's Horn aspect, checked against gdaldem there
+    out = terrain.aspect_degrees(np.asarray(z, np.float64))
+    if out.shape != z.shape:          # interior only: give it a halo like the local version
+        out = terrain.aspect_degrees(np.pad(np.asarray(z, np.float64), 1, mode="edge"))
+    return out
+
+
+@pytest.mark.parametrize("reference", [horn_aspect, _terrain_aspect], ids=["local_horn", "rsjax_terrain"])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("quarter_turns", [0, 1, 2, 3])
-def test_moved_aspect_equals_aspect_recomputed_on_the_moved_elevation(flip, quarter_turns):
+def test_moved_aspect_equals_aspect_recomputed_on_the_moved_elevation(flip, quarter_turns, reference):
     tile = make_tile(32, 7)
     tile["dem"][3, 3, 0] = 1.0   # keep the elevation finite for Horn
-    tile["dem"][..., 2] = horn_aspect(tile["dem"][..., 0])
+    tile["dem"][..., 2] = reference(tile["dem"][..., 0])
     moved = ip.flip_and_rotate(tile, flip=flip, quarter_turns=quarter_turns)
-    recomputed = horn_aspect(moved["dem"][..., 0])
+    recomputed = reference(moved["dem"][..., 0])
     got = moved["dem"][..., 2]
     inner = (slice(1, -1), slice(1, -1))              # edge padding is not rotation-symmetric
     flat = recomputed[inner] == contract.ASPECT_FLAT
@@ -432,3 +441,16 @@ def test_generated_images_mix_one_to_one_with_real_tiles(built, tmp_path):
     back = ip.normalize_tile(rec, norm, ())["image"]
     valid = np.any(real[2]["s2"] != 0, axis=-1)
     np.testing.assert_allclose(back[valid], 0.0, atol=2e-3)
+
+
+def test_builders_of_named_and_derived_configs_survive_pickling(tmp_path):
+    # grain's worker processes receive the data source, and with it the builder, pickled.
+    import pickle
+    cfg = dummy_data_cfg(tmp_path)
+    cfg.tile_size, cfg.block_tiles, cfg.split_seed = 256, None, None      # exactly 'manual'
+    named = ip.get_builder(cfg)
+    assert named.builder_config.name == "manual"
+    assert pickle.loads(pickle.dumps(named)).builder_config.name == "manual"
+    cfg.tile_size = 128
+    derived = ip.get_builder(cfg)
+    assert pickle.loads(pickle.dumps(derived)).builder_config.name == "manual_t128"
