@@ -28,8 +28,17 @@ Augmentation (training only): a random left-right flip then a random number
 k of counterclockwise quarter turns, applied to every source alike. The
 pixels move, and the aspect angles (clockwise from north) move with them:
 a flip maps aspect a to 360 - a, a counterclockwise quarter turn to a - 90.
-Slope and hillshade are invariant (hillshade keeps its fixed sun, as does the
-optical image it explains).
+Slope is invariant. Hillshade moves with the pixels unchanged: it then shows
+the moved terrain lit from a sun moved with it, which is how the moved optical
+image is lit too, so the two stay consistent.
+
+Evaluation (train=False) reads each tile once, in order, and pads the last
+batch with examples whose `valid` is all False and label all 255.
+
+Metrics: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)` maps model
+space to [0, 1], where 0 and 1 are a band's train-split 1st and 99th
+percentile of reflectance; `image_to_reflectance(x, normalizer)` gives
+physical reflectance.
 
 Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - name: TFDS name with config, e.g. 'rs_multisource/synthetic'.
@@ -48,8 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
