@@ -454,3 +454,12 @@ def test_builders_of_named_and_derived_configs_survive_pickling(tmp_path):
     cfg.tile_size = 128
     derived = ip.get_builder(cfg)
     assert pickle.loads(pickle.dumps(derived)).builder_config.name == "manual_t128"
+
+
+def test_build_summary_reports_split_counts_and_reuses_a_built_dataset(built):
+    cfg, builder = built
+    summary = ip.build(cfg, manual_dir=cfg.manual_dir)
+    assert summary["built"] is False and summary["tiles_per_s"] is None
+    assert summary["dataset"] == "rs_multisource/manual_b1_seed1_t16"
+    assert summary["splits"] == {"train": 21, "validation": 5, "test": 5}
+    assert summary["build_report"]["ingest"]["tiles_dropped_nodata"] == 1   # scene_b's empty corner

@@ -49,6 +49,11 @@ if HAVE_TF:
         SPLITS = EXPECTED_SPLITS
         SKIP_CHECKSUMS = True
 
+        def _make_builder(self, config=None):
+            # as_dataset reads TFRecord files with tf.data.
+            return self.dataset_class(data_dir=self.tmp_dir, config=config, version=self.VERSION,
+                                      file_format="tfrecord")
+
 
 # ----------------------------------------------------------------------------
 # The same checks without TensorFlow
@@ -214,3 +219,18 @@ def test_a_corrupt_file_mid_build_leaves_no_dataset(tmp_path):
     with pytest.raises(Exception):
         tfds.data_source(f"rs_multisource/{DUMMY_CONFIG.name}", split="train",
                          data_dir=str(data_dir), download=False)
+
+
+def test_synthetic_config_writes_its_scenes_and_builds(tmp_path):
+    config = dataclasses.replace(
+        rsm.Builder.builder_configs["synthetic_demo"], name="synthetic_tiny", synthetic_scenes=2,
+        synthetic_size=128, tile_size=32, block_tiles=1)
+    builder = rsm.Builder(config=config, data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    counts = {name: s.num_examples for name, s in builder.info.splits.items()}
+    report = builder.info.metadata[rsm.BUILD_REPORT_KEY]
+    assert sum(counts.values()) == report["ingest"]["tiles_kept"] > 0
+    assert report["ingest"]["tiles_kept"] + report["ingest"]["tiles_dropped_nodata"] == 2 * 16
+    assert builder.info.metadata[rsm.STATISTICS_KEY]["num_tiles"] == counts["train"]
+    scenes = sorted(p.name for p in (tmp_path / "downloads" / "rs_multisource_synthetic").rglob("*.tif"))
+    assert len(scenes) >= 8 and scenes[0].endswith(("_dem.tif", "_lulc.tif", "_s1.tif", "_s2.tif"))
