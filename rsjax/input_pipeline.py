@@ -597,6 +597,12 @@ def batch_iterator(source, normalizer: Normalizer, *, global_batch_size: int, me
         augment = train
     if num_epochs is None and not train:
         num_epochs = 1
+    if worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            # grain's worker processes read absl flags; outside absl.app.run
+            # (notebooks, tests) nothing parsed them, and the workers would fail.
+            flags.FLAGS.mark_as_parsed()
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),

@@ -337,9 +337,8 @@ def test_training_batches_are_seeded_and_resume_exactly(tiles, normalizer):
 
 
 def test_pipeline_with_a_worker_process_resumes_exactly(tiles, normalizer):
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()   # grain's workers read absl flags
-    def make():
+    def make():   # batch_iterator marks absl flags parsed for grain's workers
+
         return ip.batch_iterator(tiles, normalizer, global_batch_size=4, mesh=None, train=True,
                                  seed=3, sources=("s1",), worker_count=1)
     a = make()
