@@ -1,7 +1,6 @@
 """Each bad input gets a clear InputError that names the file and says what to do."""
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 
 from rsjax.data.contract import InputError, ScenePaths
@@ -189,5 +188,3 @@ def test_entirely_void_dem(tmp_path):
 def test_options_errors_are_value_errors_not_input_errors(tmp_path):
     with pytest.raises(ValueError, match="metric grid"):
         validate_scene(good_scene(tmp_path), IngestOptions(target_crs="EPSG:4326"))
-    with rasterio.Env():
-        pass

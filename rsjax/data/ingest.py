@@ -53,7 +53,7 @@ from rasterio.windows import Window
 from rsjax.data import sar, terrain
 from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
 from rsjax.data.rasterio_io import read_failure
-from rsjax.data.register import DemSource, TargetGrid, WarpedSource
+from rsjax.data.register import DemSource, WarpedSource
 from rsjax.data.validate import SourceSpec, inspect_scene
 
 

@@ -153,7 +153,9 @@ def ema_update(ema, params, decay):
 # The GAN step
 # ---------------------------------------------------------------------------
 def _apply(graph, params, rest, fn):
-    module = nnx.merge(graph, params, rest)
+    # copy=True: fresh Variables owned by the current trace (inside jax.grad), so
+    # BatchNorm and spectral-norm updates don't mutate state of an outer trace.
+    module = nnx.merge(graph, params, rest, copy=True)
     out = fn(module)
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
