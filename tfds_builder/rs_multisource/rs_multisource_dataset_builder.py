@@ -17,9 +17,11 @@ from typing import Optional
 
 from etils import epath
 import numpy as np
+import rasterio.errors
 import tensorflow_datasets as tfds
 
 from rsjax.data import contract
+from rsjax.data import ingest
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -175,8 +177,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                self._report)
 
     def _split_generators(self, dl_manager):
-        from rsjax.data import ingest  # noqa: F401  (fail early if ingestion is missing)
-
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
         opts = self._ingest_options()
@@ -187,8 +187,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
 
     def _ingest_options(self):
-        from rsjax.data import ingest
-
         cfg = self.builder_config
         return ingest.IngestOptions(
             tile_size=cfg.tile_size, stride=cfg.effective_stride,
@@ -203,8 +201,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         other), and the split of a tile depends on its georeference only, so
         the three passes agree without holding tiles in memory.
         """
-        from rsjax.data import ingest
-
         cfg = self.builder_config
         opts = self._ingest_options()
         report = ingest.IngestReport()
@@ -254,9 +250,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 def _validate(scene: contract.ScenePaths, opts) -> None:
     """ingest.validate_scene, with an unreadable file turned into an error naming the scene."""
-    import rasterio.errors
-    from rsjax.data import ingest
-
     try:
         ingest.validate_scene(scene, opts)
     except rasterio.errors.RasterioError as e:
@@ -267,9 +260,6 @@ def _validate(scene: contract.ScenePaths, opts) -> None:
 
 def _tiles_of(scene: contract.ScenePaths, opts, report):
     """ingest.iter_scene_tiles, with a read failure turned into an error that names the scene."""
-    import rasterio.errors
-    from rsjax.data import ingest
-
     try:
         yield from ingest.iter_scene_tiles(scene, opts, report)
     except rasterio.errors.RasterioError as e:
