@@ -33,7 +33,9 @@ the moved terrain lit from a sun moved with it, which is how the moved optical
 image is lit too, so the two stay consistent.
 
 Evaluation (train=False) reads each tile once, in order, and pads the last
-batch with examples whose `valid` is all False and label all 255.
+batch with examples whose `valid` is all False and label all 255. (On several
+hosts each reads an equal share; the few tiles left over by the division are
+skipped, as grain's ShardByJaxProcess(drop_remainder=True) does.)
 
 Metrics: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)` maps model
 space to [0, 1], where 0 and 1 are a band's train-split 1st and 99th
