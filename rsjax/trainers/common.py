@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+log = logging.getLogger("rsjax")
 
 
 # ---------------------------------------------------------------------------
@@ -45,9 +46,10 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def create_mesh() -> Mesh:
-    """One `data` axis over every device of every process: pure data parallelism."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def create_mesh(devices=None) -> Mesh:
+    """One `data` axis over every device of every process (or the `devices`
+    given, e.g. a subset in tests): pure data parallelism."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -128,7 +130,7 @@ class PreemptionWatcher:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):  # noqa: ARG002
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        log.warning("SIGTERM received: saving a checkpoint and stopping.")
         self._flag.set()
 
     def should_stop(self, manager: Optional[ocp.CheckpointManager] = None, step: int = 0) -> bool:
@@ -168,7 +170,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter_state: Any = None, force: bool = False) -> bool:
         if not tree_all_finite(state):
             # Never make a poisoned state current: the last good checkpoint stays.
-            logging.error("Not saving step %d: the state holds non-finite values.", step)
+            log.error("Not saving step %d: the state holds non-finite values.", step)
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),

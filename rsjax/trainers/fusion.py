@@ -39,6 +39,8 @@ from rsjax import logging_utils, viz
 from rsjax.models import create_model
 from rsjax.trainers import common
 
+log = logging.getLogger("rsjax")
+
 SOURCE_ORDER = ("lulc", "s1", "dem")
 
 
@@ -161,6 +163,16 @@ def _apply(graph, params, rest, fn):
 
 
 def train_step(setup: Setup, state: dict, batch: dict):
+    """One GAN step for both networks, with one discriminator pass over the
+    fake and the real images shared by both losses.
+
+    The discriminator runs once on (condition, fake) and once on (condition,
+    real); `jax.vjp` then pulls two cotangents back through that single pass:
+    the discriminator's loss into D's parameters, and the generator's
+    adversarial + feature-matching loss into the fake image, which continues
+    (with the pixel losses' gradient added) back through the generator's own
+    forward. The PyTorch references run D four times and G twice per step.
+    """
     cfg = setup.config.gan
     sources = setup.sources
     cond = condition_tensor(batch, sources)
@@ -168,6 +180,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
     _, g_params, g_rest = nnx.split(nnx.merge(setup.g_train_graph, state["g"]), nnx.Param, ...)
     _, d_params, d_rest = nnx.split(nnx.merge(setup.d_train_graph, state["d"]), nnx.Param, ...)
     compute_dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
+    d_scale = 0.5 if cfg.loss == "vanilla" else 1.0   # pix2pix halves D's objective; SPADE does not
 
     def cast(tree):
         if compute_dtype == jnp.float32:
@@ -175,52 +188,61 @@ def train_step(setup: Setup, state: dict, batch: dict):
         return jax.tree.map(lambda x: x.astype(compute_dtype)
                             if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
+    def generate_fake(g_p, g_r):
+        fake, new_rest = _apply(setup.g_train_graph, cast(g_p), g_r,
+                                lambda g: run_generator(g, cast(batch), sources,
+                                                        setup.generator_name))
+        return fake.astype(jnp.float32), new_rest
+
     def discriminate(d_p, d_r, image):
         x = jnp.concatenate([cond, image.astype(cond.dtype)], axis=-1)
         out, new_rest = _apply(setup.d_train_graph, cast(d_p), d_r,
                                lambda d: d(x.astype(compute_dtype)))
         return as_multiscale(out), new_rest
 
-    # --- generator loss -------------------------------------------------
-    def g_loss_fn(g_p):
-        fake, new_g_rest = _apply(
-            setup.g_train_graph, cast(g_p), g_rest,
-            lambda g: run_generator(g, cast(batch), sources, setup.generator_name))
-        fake = fake.astype(jnp.float32)
-        fake_out, _ = discriminate(d_params, d_rest, fake)
-        terms = {"g_adv": losses.generator_loss(fake_out, kind=cfg.loss)}
+    def adversarial(d_p, fake):
+        """(D's loss, G's adversarial loss) from one pass of D over fake and real."""
+        fake_out, rest = discriminate(d_p, d_rest, fake)
+        real_out, rest = discriminate(d_p, rest, real)
+        real_term, fake_term = losses.discriminator_loss(real_out, fake_out, kind=cfg.loss)
+        g_terms = {"g_adv": losses.generator_loss(fake_out, kind=cfg.loss)}
         if cfg.lambda_feat > 0:
-            real_out, _ = discriminate(d_params, d_rest, real)
-            terms["g_feat"] = cfg.lambda_feat * losses.feature_matching_loss(real_out, fake_out)
+            g_terms["g_feat"] = cfg.lambda_feat * losses.feature_matching_loss(real_out, fake_out)
+        return (d_scale * (real_term + fake_term), sum(g_terms.values())), (rest, g_terms)
+
+    def pixel_losses(fake):
+        terms = {}
         if cfg.lambda_l1 > 0:
             terms["g_l1"] = cfg.lambda_l1 * losses.l1_loss(fake, real, valid_mask=batch["valid"])
         if cfg.lambda_ssim > 0:
-            terms["g_ssim"] = cfg.lambda_ssim * losses.ssim_loss(fake, real)
-        total = sum(terms.values())
-        return total, (fake, new_g_rest, terms)
+            terms["g_ssim"] = cfg.lambda_ssim * losses.ssim_loss(
+                (fake + 1) / 2, (real + 1) / 2)
+        return sum(terms.values()) if terms else jnp.zeros((), jnp.float32), terms
 
-    (g_loss, (fake, new_g_rest, g_terms)), g_grads = jax.value_and_grad(
-        g_loss_fn, has_aux=True)(g_params)
+    # --- one generator forward; its backward waits for the fake's cotangent --
+    fake, g_vjp, new_g_rest = jax.vjp(lambda p: generate_fake(p, g_rest), g_params, has_aux=True)
+    (pix_loss, pix_terms), pix_grad = jax.value_and_grad(pixel_losses, has_aux=True)(fake)
+
+    # --- one discriminator pass, two cotangents ----------------------------
+    (d_loss, g_gan), adv_vjp, (new_d_rest, g_terms) = jax.vjp(
+        adversarial, d_params, fake, has_aux=True)
+    one, zero = jnp.ones((), d_loss.dtype), jnp.zeros((), d_loss.dtype)
+    _, fake_grad = adv_vjp((zero, one))
+    (g_grads,) = g_vjp(fake_grad + pix_grad)
+    g_loss = g_gan + pix_loss
     g_updates, new_g_opt = setup.g_tx.update(g_grads, state["g_opt"], g_params)
     new_g_params = optax.apply_updates(g_params, g_updates)
 
-    # --- discriminator loss ---------------------------------------------
-    if not cfg.reuse_generator_forward:
-        fake, new_g_rest = _apply(
-            setup.g_train_graph, cast(new_g_params), new_g_rest,
-            lambda g: run_generator(g, cast(batch), sources, setup.generator_name))
-        fake = fake.astype(jnp.float32)
-    fake = jax.lax.stop_gradient(fake)
-
-    def d_loss_fn(d_p):
-        fake_out, rest1 = discriminate(d_p, d_rest, fake)
-        real_out, rest2 = discriminate(d_p, rest1, real)
-        real_term, fake_term = losses.discriminator_loss(real_out, fake_out, kind=cfg.loss)
-        # pix2pix halves D's objective to slow D down relative to G; SPADE does not.
-        scale = 0.5 if cfg.loss == "vanilla" else 1.0
-        return scale * (real_term + fake_term), rest2
-
-    (d_loss, new_d_rest), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
+    if cfg.reuse_generator_forward:
+        # Simultaneous updates: D learns from the fakes G made before its update.
+        d_grads, _ = adv_vjp((one, zero))
+    else:
+        # Alternating updates, as the PyTorch references: G runs again after its
+        # update and D learns from those fakes (a second G forward and D pass).
+        fake2, new_g_rest = generate_fake(new_g_params, new_g_rest)
+        fake2 = jax.lax.stop_gradient(fake2)
+        (d_loss, (new_d_rest, _)), d_grads = jax.value_and_grad(
+            lambda p: (lambda o: (o[0][0], o[1]))(adversarial(p, fake2)), has_aux=True)(d_params)
     d_updates, new_d_opt = setup.d_tx.update(d_grads, state["d_opt"], d_params)
     new_d_params = optax.apply_updates(d_params, d_updates)
 
@@ -237,7 +259,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
     }
     skipped = dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
     out_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
-    step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms,
+    step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms, **pix_terms,
                     "nonfinite": out_state["nonfinite"].astype(jnp.float32)}
     return out_state, step_metrics
 
@@ -304,9 +326,9 @@ def create_sharded_state(setup: Setup, mesh):
     return jax.jit(setup.init_state, out_shardings=out_sh)()
 
 
-def restore_for_eval(config, workdir: str, step: Optional[int] = None):
+def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
     """The state of a checkpoint written on any device count, on this run's mesh."""
-    mesh = common.create_mesh()
+    mesh = common.create_mesh(devices)
     setup = Setup(config, selected_sources(config))
     ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     state, step = ckpt.restore_state_only(_abstract_state(setup, mesh), step)
@@ -314,16 +336,17 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None):
     return setup, state, step, mesh
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir = str(Path(workdir).absolute())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     # --- mesh -------------------------------------------------------------
-    mesh = common.create_mesh()
+    mesh = common.create_mesh(devices)
     common.check_batch_size(config.global_batch_size, mesh)
     sources = selected_sources(config)
-    logging.info("Fusion training (%s) on %d devices, sources %s", config.generator.name,
+    log.info("Fusion training (%s) on %d devices, sources %s", config.generator.name,
                  mesh.devices.size, sources)
 
     # --- data -------------------------------------------------------------
@@ -344,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, iter_state, start_step = restored
         if iter_state is not None:
             train_iter.set_state(iter_state)
-        logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
+        log.info("Resumed from step %d in %s", start_step, ckpt.directory)
 
     # --- the step ------------------------------------------------------------
     step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
@@ -384,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if preemption.should_stop(ckpt.manager, step):
                 ckpt.save(step, state, train_iter.get_state(), force=True)
                 ckpt.wait()
-                logging.warning("Stopped at step %d on request; rerun the same command to resume.",
+                log.warning("Stopped at step %d on request; rerun the same command to resume.",
                                 step)
                 return {"step": step, "preempted": True}
         jax.block_until_ready(state)

@@ -28,6 +28,8 @@ from rsjax.data.contract import NUM_CLASSES
 from rsjax.models import create_model
 from rsjax.trainers import common
 
+log = logging.getLogger("rsjax")
+
 
 class Setup:
     def __init__(self, config):
@@ -124,8 +126,8 @@ def _abstract_state(setup, mesh):
                                                        sharding=common.replicated(mesh)), abstract)
 
 
-def restore_for_eval(config, workdir: str, step: Optional[int] = None):
-    mesh = common.create_mesh()
+def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
+    mesh = common.create_mesh(devices)
     setup = Setup(config)
     ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     state, step = ckpt.restore_state_only(_abstract_state(setup, mesh), step)
@@ -133,12 +135,13 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None):
     return setup, state, step, mesh
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir = str(Path(workdir).absolute())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
-    mesh = common.create_mesh()
+    mesh = common.create_mesh(devices)
     common.check_batch_size(config.global_batch_size, mesh)
 
     input_pipeline.ensure_dataset(config.data)
@@ -161,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, iter_state, start_step = restored
         if iter_state is not None:
             train_iter.set_state(iter_state)
-        logging.info("Resumed from step %d", start_step)
+        log.info("Resumed from step %d", start_step)
 
     step_fn = jax.jit(functools.partial(train_step, setup, class_weights), donate_argnums=(0,))
     writer = logging_utils.MetricWriter(workdir)
