@@ -115,7 +115,7 @@ def test_conv_transpose_matches_pytorch_definition(kernel_size, padding):
 
 
 @pytest.mark.parametrize("shape,size", [((43, 43), (128, 128)), ((256, 256), (8, 8)),
-                                        ((7, 5), (3, 4))])
+                                        ((7, 5), (3, 4)), ((8, 4), (32, 8))])
 def test_resize_nearest_follows_pytorch_rule(shape, size):
     x = np.random.default_rng(0).normal(size=(1, *shape, 2))
     np.testing.assert_array_equal(layers.resize_nearest(jnp.asarray(x), size),
