@@ -159,7 +159,7 @@ def measure(step, state, batch, *, steps: int) -> dict[str, Any]:
     flops = flops_of(compiled)
     return {"seconds_per_step": round(seconds, 4),
             "seconds_min": round(min(times), 4),
-            "gflop_per_step": None if flops is None else round(flops / 1e9, 2),
+            "gflop_per_step": None if flops is None else float(f"{flops / 1e9:.5g}"),
             "gflop_per_s": None if flops is None else round(flops / 1e9 / seconds, 1),
             "compile_s": round(compile_s, 1)}
 
