@@ -64,6 +64,19 @@ def np_conv(x, kernel, bias=None, stride=1, pad=1):
     return y if bias is None else y + bias
 
 
+def np_conv_transpose(x, kernel, pad):
+    """PyTorch ConvTranspose2d(stride=2, padding=pad) by scattering:
+    out[2i - pad + t] += x[i] @ kernel[t] along each axis."""
+    b, h, w, _ = x.shape
+    k = kernel.shape[0]
+    full = np.zeros((b, 2 * (h - 1) + k, 2 * (w - 1) + k, kernel.shape[3]))
+    for i in range(h):
+        for j in range(w):
+            full[:, 2 * i:2 * i + k, 2 * j:2 * j + k] += np.einsum("bc,xyco->bxyo", x[:, i, j], kernel)
+    out_h, out_w = 2 * (h - 1) - 2 * pad + k, 2 * (w - 1) - 2 * pad + k
+    return full[:, pad:pad + out_h, pad:pad + out_w]
+
+
 def np_nearest(x, size):
     """PyTorch F.interpolate(mode='nearest'): source index floor(dst * in / out)."""
     rows = np.floor(np.arange(size[0]) * (x.shape[1] / size[0])).astype(int)
@@ -81,10 +94,28 @@ def test_conv2d_matches_numpy_convolution():
     want = np_conv(x, np.asarray(strided.kernel[...]), stride=2, pad=1)
     assert want.shape == (2, 3, 3, 4)  # PyTorch: floor((7 + 2 - 4) / 2) + 1 = 3
     np.testing.assert_allclose(strided(jnp.asarray(x)), want, atol=1e-5)
+    # SPADE's discriminator: 4x4, stride 1, padding 2 (padded first, see Conv2d).
+    wide = layers.Conv2d(3, 2, 4, padding=2, rngs=rngs(2))
+    assert wide.pad_first
+    want = np_conv(x, np.asarray(wide.kernel[...]), np.zeros(2), pad=2)
+    assert want.shape == (2, 8, 7, 2)
+    np.testing.assert_allclose(wide(jnp.asarray(x)), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,padding", [(4, 1), (2, 0)])  # pix2pix, RS-UNet
+def test_conv_transpose_matches_pytorch_definition(kernel_size, padding):
+    conv = layers.ConvTranspose2d(3, 5, kernel_size, padding=padding, rngs=rngs(0))
+    conv.bias[...] = jnp.arange(5.0)
+    x = np.random.default_rng(0).normal(size=(2, 4, 3, 3)).astype(np.float32)
+    want = np_conv_transpose(x, np.asarray(conv.kernel[...]), padding) + np.arange(5.0)
+    assert want.shape == (2, 8, 6, 5)
+    np.testing.assert_allclose(conv(jnp.asarray(x)), want, atol=1e-5)
+    with pytest.raises(ValueError, match="output = 2 x input"):
+        layers.ConvTranspose2d(3, 5, 3, padding=0, rngs=rngs(0))
 
 
 @pytest.mark.parametrize("shape,size", [((43, 43), (128, 128)), ((256, 256), (8, 8)),
-                                        ((7, 5), (3, 4))])
+                                        ((7, 5), (3, 4)), ((8, 4), (32, 8))])
 def test_resize_nearest_follows_pytorch_rule(shape, size):
     x = np.random.default_rng(0).normal(size=(1, *shape, 2))
     np.testing.assert_array_equal(layers.resize_nearest(jnp.asarray(x), size),
@@ -300,9 +331,10 @@ def assert_every_param_gets_a_gradient(grads):
 
 
 @pytest.mark.parametrize("name,kwargs,shape", [
-    ("pix2pix_unet", dict(in_channels=3, out_channels=4, ngf=2, num_downs=6), (2, 64, 64, 3)),
-    # depth 3 instead of 5 to keep the compile short: every level is the same code.
-    ("rs_unet", dict(in_channels=10, num_classes=9, width=2, depth=3), (2, 16, 16, 10)),
+    # Shallower than the reference (num_downs 8, depth 5) to keep the compile short:
+    # every level is the same code, and each kind of level is present.
+    ("pix2pix_unet", dict(in_channels=3, out_channels=4, ngf=2, num_downs=5), (2, 32, 32, 3)),
+    ("rs_unet", dict(in_channels=10, num_classes=9, width=2, depth=2), (2, 16, 16, 10)),
     ("patchgan", dict(in_channels=7, ndf=2), (2, 32, 32, 7)),
 ])
 def test_baseline_gradients_reach_every_parameter(name, kwargs, shape):

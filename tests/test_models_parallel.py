@@ -91,6 +91,7 @@ def gan_losses(d_real, d_fake_for_d, d_fake_for_g):
     return d_loss, g_loss + 10 * matching / len(d_real)
 
 
+@pytest.mark.slow  # about 25 s, nearly all of it compiling the generator's backward pass
 def test_gan_forward_backward_on_8_devices(mesh):
     """One jitted G+D step on a sharded global batch; every parameter gets a gradient."""
     generator = RSSpadeGenerator(SOURCES, 4, ngf=2, embed_dim=4, tile_size=64, rngs=rngs(0))

@@ -33,7 +33,7 @@ class NLayerDiscriminator(nnx.Module):
     """A PatchGAN. `__call__(x)` -> patch logits (B, h, w, 1); with
     `return_features=True` -> list of every layer's output, logits last."""
 
-    def __init__(self, in_channels: int, *, ndf: int = 64, n_layers: int = 3,
+    def __init__(self, in_channels: int, ndf: int = 64, n_layers: int = 3, *,
                  norm: str = "batch", use_spectral_norm: bool = False, padding: int = 1,
                  rngs: nnx.Rngs):
         if norm not in NORMS:
@@ -108,14 +108,21 @@ class MultiscaleDiscriminator(nnx.Module):
         return outputs
 
 
-def conditional_input(sources: Mapping[str, jax.Array], image: jax.Array,
-                      order: tuple[str, ...] | None = None) -> jax.Array:
-    """Concatenates the conditioning sources (resized, nearest, to the image grid)
-    with the image, channels last: the input of a conditional discriminator.
+def concat_sources(sources: Mapping[str, jax.Array], size: tuple[int, int],
+                   order: tuple[str, ...] | None = None) -> jax.Array:
+    """The sources resized (nearest) to `size` and concatenated, channels last:
+    the input of pix2pix's U-Net and the condition of the discriminators.
 
-    `order` fixes the channel order (default: the mapping's order).
+    `order` fixes the channel order (default: the mapping's order; pass the
+    generator's `tuple(source_channels)` to keep G and D consistent).
     """
     order = tuple(sources) if order is None else order
-    size = image.shape[1:3]
-    parts = [resize_nearest(sources[k].astype(image.dtype), size) for k in order]
-    return jnp.concatenate(parts + [image], axis=-1)
+    return jnp.concatenate([resize_nearest(sources[k], size) for k in order], axis=-1)
+
+
+def conditional_input(sources: Mapping[str, jax.Array], image: jax.Array,
+                      order: tuple[str, ...] | None = None) -> jax.Array:
+    """The conditional discriminator's input: `concat_sources` on the image grid,
+    then the image's bands."""
+    condition = concat_sources(sources, image.shape[1:3], order).astype(image.dtype)
+    return jnp.concatenate([condition, image], axis=-1)

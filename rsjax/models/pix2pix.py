@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rsjax.models.layers import Conv2d, batch_norm, leaky_relu, pix2pix_init
+from rsjax.models.layers import Conv2d, ConvTranspose2d, batch_norm, leaky_relu, pix2pix_init
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
@@ -57,10 +57,8 @@ class UNetGenerator(nnx.Module):
             # Decoder of this level: from the inner features (concatenated with the
             # skip except at the innermost level) back to `outer` channels.
             up_in = inner[level] if level == innermost else 2 * inner[level]
-            up_convs.append(nnx.ConvTranspose(
-                up_in, outer[level], (4, 4), strides=(2, 2),
-                # PyTorch ConvTranspose2d(k=4, s=2, p=1) == lax padding k-1-p = 2.
-                padding=((2, 2), (2, 2)), use_bias=level == 0,
+            up_convs.append(ConvTranspose2d(  # PyTorch ConvTranspose2d(k=4, s=2, p=1)
+                up_in, outer[level], 4, padding=1, use_bias=level == 0,
                 kernel_init=pix2pix_init, rngs=rngs))
             up_norms.append(batch_norm(outer[level], affine=True, scale_init=_bn_scale_init,
                                        rngs=rngs) if level else None)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rsjax.models.layers import Conv2d, batch_norm, he_init
+from rsjax.models.layers import Conv2d, ConvTranspose2d, batch_norm, he_init
 
 
 class DoubleConv(nnx.Module):
@@ -54,8 +54,7 @@ class RSUNet(nnx.Module):
             + [DoubleConv(widths[l - 1], widths[l], rngs=rngs) for l in range(1, depth + 1)])
         # Decoder l (depth .. 1) brings level l back to level l-1's resolution and width.
         self.upsamplers = nnx.List([
-            nnx.ConvTranspose(widths[l], widths[l - 1], (2, 2), strides=(2, 2), padding="VALID",
-                              kernel_init=he_init, rngs=rngs)
+            ConvTranspose2d(widths[l], widths[l - 1], 2, padding=0, kernel_init=he_init, rngs=rngs)
             for l in range(1, depth + 1)])
         self.decoders = nnx.List([
             DoubleConv(2 * widths[l - 1], widths[l - 1], rngs=rngs) for l in range(1, depth + 1)])
