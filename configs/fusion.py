@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.model == "rs_spade":
         # NVlabs SPADE defaults: ngf/ndf 64, multi-scale PatchGAN (2 scales, 4 layers),
         # hinge loss, feature matching x10, TTUR Adam (G 1e-4, D 4e-4, betas 0/0.9).
-        c.generator = ml_collections.ConfigDict(dict(name="rs_spade", ngf=64))
+        c.generator = ml_collections.ConfigDict(dict(name="rs_spade", ngf=64, embed_dim=32,
+                                                     spade_hidden=128))
         c.discriminator = ml_collections.ConfigDict(dict(
             name="multiscale_patchgan", ndf=64, n_layers=4, num_scales=2))
         c.gan = ml_collections.ConfigDict(dict(loss="hinge", lambda_feat=10.0, lambda_l1=0.0,
@@ -63,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 2 CPU cores in minutes, big enough that the sources visibly help.
         if a.model == "rs_spade":
             c.generator.ngf = 16
+            c.generator.spade_hidden = 32
             c.discriminator.ndf = 16
             c.discriminator.n_layers = 3
         else:

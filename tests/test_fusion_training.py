@@ -17,10 +17,19 @@ import pytest
 from trainer_utils import ROOT, tiny_fusion_config
 
 
+def _numpy(tree):
+    """Host copies, PRNG keys (dropout streams) as their raw key data."""
+    def one(x):
+        if jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
 def _final_params(config, workdir, devices=None):
     from rsjax.trainers import fusion
     _, state, step, _ = fusion.restore_for_eval(config, str(workdir), devices=devices)
-    return step, jax.tree.map(np.asarray, jax.device_get(state["g"]))
+    return step, _numpy(state["g"])
 
 
 def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
@@ -84,10 +93,10 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
         sources=setup.sources))
     poisoned = dict(batch, image=batch["image"] * np.nan)
     step = jax.jit(functools.partial(fusion.train_step, setup))
-    before = jax.device_get(state["g"])
+    before = _numpy(state["g"])
     state, m = step(state, poisoned)
     assert int(m["nonfinite"]) == 1 and int(state["step"]) == 1
-    jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state["g"]))
+    jax.tree.map(np.testing.assert_array_equal, before, _numpy(state["g"]))
     state, m = step(state, batch)          # a finite step resets the counter
     assert int(m["nonfinite"]) == 0
     with pytest.raises(common.NonFiniteLossError, match="non-finite"):

@@ -61,15 +61,16 @@ class SPADEResBlock(nnx.Module):
     """
 
     def __init__(self, fin: int, fout: int, modulation_channels: int, *,
-                 use_spectral_norm: bool = True, rngs: nnx.Rngs):
+                 use_spectral_norm: bool = True, spade_hidden: int = SPADE_HIDDEN,
+                 rngs: nnx.Rngs):
         fmiddle = min(fin, fout)
         self.learned_shortcut = fin != fout
-        self.norm_0 = SPADE(fin, modulation_channels, rngs=rngs)
+        self.norm_0 = SPADE(fin, modulation_channels, hidden=spade_hidden, rngs=rngs)
         self.conv_0 = Conv2d(fin, fmiddle, 3, spectral_norm=use_spectral_norm, rngs=rngs)
-        self.norm_1 = SPADE(fmiddle, modulation_channels, rngs=rngs)
+        self.norm_1 = SPADE(fmiddle, modulation_channels, hidden=spade_hidden, rngs=rngs)
         self.conv_1 = Conv2d(fmiddle, fout, 3, spectral_norm=use_spectral_norm, rngs=rngs)
         if self.learned_shortcut:
-            self.norm_s = SPADE(fin, modulation_channels, rngs=rngs)
+            self.norm_s = SPADE(fin, modulation_channels, hidden=spade_hidden, rngs=rngs)
             self.conv_s = Conv2d(fin, fout, 1, use_bias=False, spectral_norm=use_spectral_norm,
                                  rngs=rngs)
 
@@ -167,6 +168,7 @@ class RSSpadeGenerator(nnx.Module):
         z_dim: int = 0,
         use_spectral_norm: bool = True,
         embedding: str = "per_source",
+        spade_hidden: int = SPADE_HIDDEN,
         rngs: nnx.Rngs,
     ):
         if not source_channels:
@@ -194,7 +196,9 @@ class RSSpadeGenerator(nnx.Module):
             modulation_channels = sum(self.source_channels.values())
 
         nf = ngf
-        kw = dict(use_spectral_norm=use_spectral_norm, rngs=rngs)
+        # spade_hidden: width of every SPADE modulation MLP (128 in NVlabs SPADE).
+        # It dominates the FLOPs at small ngf, so the CPU demo narrows it.
+        kw = dict(use_spectral_norm=use_spectral_norm, spade_hidden=spade_hidden, rngs=rngs)
         self.fc = Conv2d(modulation_channels + z_dim, 16 * nf, 3, rngs=rngs)
         self.head_0 = SPADEResBlock(16 * nf, 16 * nf, modulation_channels, **kw)
         self.middle_0 = SPADEResBlock(16 * nf, 16 * nf, modulation_channels, **kw)

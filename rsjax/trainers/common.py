@@ -163,11 +163,17 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter"))
+        self._saved_step = self.manager.latest_step()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter_state: Any = None, force: bool = False) -> bool:
+        """Saves when the interval says so (or `force`); a step is saved once."""
+        if step == self._saved_step:
+            return False
+        if not force and not self.manager.should_save(step):
+            return False
         if not tree_all_finite(state):
             # Never make a poisoned state current: the last good checkpoint stays.
             log.error("Not saving step %d: the state holds non-finite values.", step)
@@ -175,7 +181,10 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=ocp.args.JsonSave(_iter_state_to_json(data_iter_state)))
-        return self.manager.save(step, args=args, force=force)
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self._saved_step = step
+        return saved
 
     def restore(self, abstract_state: Any, step: Optional[int] = None):
         """Returns (state, data_iter_state, step), or None when there is no checkpoint."""
