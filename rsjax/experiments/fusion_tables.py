@@ -41,9 +41,14 @@ RUNS = {
 }
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def load_config(path: str, arg: str):
+    """get_config(arg) of a config file (relative to the repository root)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", path)
+    full = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    spec = importlib.util.spec_from_file_location(f"cfg_{full.stem}", full)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg)

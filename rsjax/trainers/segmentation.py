@@ -69,7 +69,7 @@ def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
 
     def loss_fn(p):
-        model = nnx.merge(setup.train_graph, p, rest)
+        model = nnx.merge(setup.train_graph, p, rest, copy=True)
         logits = model(batch["image"])
         loss = losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights)
         return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
