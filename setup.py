@@ -17,14 +17,15 @@ CORE = [
     "dm-pix>=0.4.3",
     "numpy>=1.26",
     "etils[epath]>=1.7",
-    "matplotlib>=3.8",           # PNG figures
+    "matplotlib>=3.8",           # PNG plots (metric curves)
+    "pillow>=10",                # PNG image grids, pixel-exact
     "tqdm>=4.66",
     "psutil>=5.9",               # peak-memory figures in the benchmarks
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.24", "scipy>=1.11"],
-    "tf": ["tensorflow-cpu>=2.18"],
+    "test": ["pytest>=8", "scikit-image>=0.24"],   # scikit-image: the SSIM/PSNR reference
+    "tf": ["tensorflow-cpu>=2.18", "dill"],          # dill: TFDS's DatasetBuilderTestCase
     "tensorboard": ["tensorboardX>=2.6"],
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11"],
