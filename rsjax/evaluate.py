@@ -25,15 +25,17 @@ METRIC_ROWS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
 
 
 def evaluate_checkpoint(config, workdir: str, split: str = "test",
-                        step: Optional[int] = None) -> dict:
+                        step: Optional[int] = None, devices=None) -> dict:
+    """Scores a checkpoint on `split`; the mesh (default: every device) need not
+    match the one the checkpoint was written on."""
     from rsjax import viz
     from rsjax.trainers import fusion
 
-    setup, state, step, mesh = fusion.restore_for_eval(config, workdir, step)
+    setup, state, step, mesh = fusion.restore_for_eval(config, workdir, step, devices=devices)
     scores, shown = fusion.evaluate_split(setup, state, config, split, mesh, collect_images=4)
     out = Path(workdir)
     result = {"step": int(step), "split": split, "sources": list(setup.sources),
-              "generator": config.generator.name, **scores}
+              "generator": config.generator.name, "devices": int(mesh.devices.size), **scores}
     (out / f"eval_{split}_{step}.json").write_text(json.dumps(result, indent=2))
     (out / f"eval_{split}_{step}.md").write_text(markdown_table([(config.generator.name, scores)]))
     if shown is not None:

@@ -50,6 +50,28 @@ def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                   if p.name.isdigit()) == [2, 4]
 
+    # Written on 8 devices, scored on 1: same numbers, plus the table and figure.
+    from rsjax import evaluate
+    scored = evaluate.evaluate_checkpoint(config, str(tmp_path), "test", devices=jax.devices()[:1])
+    assert scored["devices"] == 1 and scored["step"] == 4
+    for key in ("psnr", "ssim", "sam"):
+        assert scored[key] == pytest.approx(result[key], rel=1e-4), key
+    assert "| pix2pix_unet |" in (tmp_path / "eval_test_4.md").read_text()
+    assert (tmp_path / "eval_test_4.png").exists()
+
+
+def test_bfloat16_compute_trains(demo_data_dir, tmp_path):
+    from rsjax.trainers import fusion
+
+    config = tiny_fusion_config(demo_data_dir, "pix2pix", steps=2)
+    config.dtype = "bfloat16"
+    config.final_eval_split = ""
+    fusion.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(np.isfinite(r["g_loss"]) for r in records)
+    _, params = _final_params(config, tmp_path)
+    assert all(x.dtype != jax.numpy.bfloat16 for x in jax.tree.leaves(params))  # params stay f32
+
 
 def test_one_and_eight_devices_give_the_same_losses(demo_data_dir, tmp_path):
     """Data parallelism changes where the work runs, not the result."""

@@ -103,7 +103,9 @@ def write_tables(results: dict, root: Path) -> str:
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    from rsjax.train import enable_compilation_cache, setup_logging
+    setup_logging()
+    enable_compilation_cache()
     root = Path(_WORKDIR.value)
     root.mkdir(parents=True, exist_ok=True)
     names = _ONLY.value or list(RUNS)

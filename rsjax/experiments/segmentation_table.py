@@ -86,7 +86,9 @@ def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.WARNING)
+    from rsjax.train import enable_compilation_cache, setup_logging
+    setup_logging()
+    enable_compilation_cache()
     root = Path(_WORKDIR.value)
     root.mkdir(parents=True, exist_ok=True)
     out = run(root, _VARIANT.value, _FUSION_WORKDIR.value, _SEG_STEPS.value, _FUSION_STEPS.value)
