@@ -103,7 +103,7 @@ def write_tables(results: dict, root: Path) -> str:
 
 def main(argv):
     del argv
-    from rsjax.train import enable_compilation_cache, setup_logging
+    from rsjax.trainers.common import enable_compilation_cache, setup_logging
     setup_logging()
     enable_compilation_cache()
     root = Path(_WORKDIR.value)

@@ -86,7 +86,7 @@ def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps
 
 def main(argv):
     del argv
-    from rsjax.train import enable_compilation_cache, setup_logging
+    from rsjax.trainers.common import enable_compilation_cache, setup_logging
     setup_logging()
     enable_compilation_cache()
     root = Path(_WORKDIR.value)
