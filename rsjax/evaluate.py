@@ -14,11 +14,8 @@ from typing import Optional
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to score: train, validation or test.")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
 
 METRIC_ROWS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
                ("sam", "SAM (rad)", "{:.3f}"), ("sam_deg", "SAM (deg)", "{:.2f}"))
@@ -61,9 +58,20 @@ def markdown_table(rows, paper: Optional[dict] = None) -> str:
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
-    result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _STEP.value)
+    result = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.step)
     print(json.dumps(result, indent=2))
 
 
+def define_flags():
+    """Command-line flags, defined only when run as a command, so that importing
+    this module beside other commands (tests, experiments) defines nothing."""
+    config_flags.DEFINE_config_file("config", None, "The training config.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The training run's workdir.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("split", "test", "Split to score: train, validation or test.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -16,7 +16,6 @@ part that the pipeline would read.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -28,14 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The fusion training config.",
-                                          lock_config=True)
-_FUSION_WORKDIR = flags.DEFINE_string("fusion_workdir", None, "Workdir of the fusion run.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split whose tiles get a generated image.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default <fusion_workdir>/generated/<split>).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_PART_SIZE = flags.DEFINE_integer("part_size", 64, "Tiles per output part.")
-
+FLAGS = flags.FLAGS
 log = logging.getLogger("rsjax")
 
 
@@ -70,8 +62,7 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
     builder = input_pipeline.get_builder(config.data)
     normalizer = input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
     source = builder.as_data_source(split=split)
-    generate = jax.jit(functools.partial(fusion.generate, setup,
-                                         use_ema=bool(config.eval_use_ema)))
+    generate = setup.generate_jit(bool(config.eval_use_ema))
     n = len(source)
     num_parts = math.ceil(n / part_size)
     batch_size = int(config.eval_batch_size)
@@ -113,10 +104,23 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
 
 def main(argv):
     del argv
-    print(json.dumps(synthesize(_CONFIG.value, _FUSION_WORKDIR.value, _SPLIT.value, _OUT.value,
-                                _STEP.value, _PART_SIZE.value), indent=2))
+    print(json.dumps(synthesize(FLAGS.config, FLAGS.fusion_workdir, FLAGS.split, FLAGS.out,
+                                FLAGS.step, FLAGS.part_size), indent=2))
+
+
+def define_flags():
+    """Command-line flags, defined only when run as a command, so that importing
+    this module beside other commands (tests, experiments) defines nothing."""
+    config_flags.DEFINE_config_file("config", None, "The fusion training config.",
+                                    lock_config=True)
+    flags.DEFINE_string("fusion_workdir", None, "Workdir of the fusion run.")
+    flags.DEFINE_string("split", "train", "Split whose tiles get a generated image.")
+    flags.DEFINE_string("out", None, "Output folder (default <fusion_workdir>/generated/<split>).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_integer("part_size", 64, "Tiles per output part.")
+    flags.mark_flags_as_required(["config", "fusion_workdir"])
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "fusion_workdir"])
+    define_flags()
     app.run(main)

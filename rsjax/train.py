@@ -5,7 +5,6 @@ same `train_and_evaluate(config, workdir)` this runs.
 """
 from __future__ import annotations
 
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags

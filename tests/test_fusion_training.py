@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -109,7 +108,7 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
     config = tiny_fusion_config(demo_data_dir, "pix2pix")
     mesh = common.create_mesh()
     setup = fusion.Setup(config, fusion.selected_sources(config))
-    state = fusion.create_sharded_state(setup, mesh)
+    state = common.init_replicated(setup.init_state, mesh)
     batch = next(input_pipeline.create_iterator(
         config.data, "train", global_batch_size=8, mesh=mesh, train=True, seed=0,
         sources=setup.sources))

@@ -40,7 +40,6 @@ def generated_dir(demo_data_dir, tmp_path_factory):
 
 def test_synthesis_covers_every_train_tile_and_resumes(generated_dir, demo_data_dir):
     from rsjax import input_pipeline
-    from rsjax.trainers import fusion
 
     cfg = tiny_fusion_config(demo_data_dir)
     source = input_pipeline.get_builder(cfg.data).as_data_source(split="train")

@@ -12,16 +12,13 @@ numbers beside ours.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "work/tables", "Root of the experiment's runs.")
-_VARIANT = flags.DEFINE_string("variant", "demo", "Config argument every run gets ('' = full size).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Override total_steps of every run (0: the config's).")
-_ONLY = flags.DEFINE_list("only", [], "Run only these run names (default: all).")
+FLAGS = flags.FLAGS
+
 
 # The paper's numbers (PSNR, SSIM, SAM).
 PAPER_TABLE1 = {"pix2pix": (18.84, 0.62, 0.23), "RS-SPADE": (23.14, 0.84, 0.19)}
@@ -106,16 +103,26 @@ def main(argv):
     from rsjax.trainers.common import enable_compilation_cache, setup_logging
     setup_logging()
     enable_compilation_cache()
-    root = Path(_WORKDIR.value)
+    root = Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    names = _ONLY.value or list(RUNS)
+    names = FLAGS.only or list(RUNS)
     results = {}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}", flush=True)
-        results[name] = run_one(name, root, _VARIANT.value, _STEPS.value)
+        results[name] = run_one(name, root, FLAGS.variant, FLAGS.steps)
         print(json.dumps({name: results[name]}, default=float), flush=True)
     print(write_tables(results, root))
 
 
+def define_flags():
+    """Command-line flags, defined only when run as a command, so that importing
+    this module beside other commands (tests, experiments) defines nothing."""
+    flags.DEFINE_string("workdir", "work/tables", "Root of the experiment's runs.")
+    flags.DEFINE_string("variant", "demo", "Config argument every run gets ('' = full size).")
+    flags.DEFINE_integer("steps", 0, "Override total_steps of every run (0: the config's).")
+    flags.DEFINE_list("only", [], "Run only these run names (default: all).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -13,19 +13,14 @@ experiment resumes where it stopped.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from absl import app, flags
 
 from rsjax.experiments.fusion_tables import load_config
 
-_WORKDIR = flags.DEFINE_string("workdir", "work/table3", "Root of the experiment's runs.")
-_VARIANT = flags.DEFINE_string("variant", "demo", "Config argument of every run ('' = full size).")
-_FUSION_WORKDIR = flags.DEFINE_string("fusion_workdir", None,
-                                      "A trained RS-SPADE run to reuse (default: train one).")
-_SEG_STEPS = flags.DEFINE_integer("seg_steps", 0, "Override the segmentation runs' total_steps.")
-_FUSION_STEPS = flags.DEFINE_integer("fusion_steps", 0, "Override the fusion run's total_steps.")
+FLAGS = flags.FLAGS
+
 
 PAPER_TABLE3 = {"Mix Data": (0.480, 0.746), "True Data": (0.467, 0.734)}
 
@@ -36,7 +31,7 @@ def _finished(workdir: Path, steps: int) -> bool:
 
 
 def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps=0) -> dict:
-    from rsjax import logging_utils, synthesize, viz
+    from rsjax import synthesize, viz
     from rsjax.trainers import fusion, segmentation
 
     fusion_cfg = load_config("configs/fusion.py", variant)
@@ -89,11 +84,23 @@ def main(argv):
     from rsjax.trainers.common import enable_compilation_cache, setup_logging
     setup_logging()
     enable_compilation_cache()
-    root = Path(_WORKDIR.value)
+    root = Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    out = run(root, _VARIANT.value, _FUSION_WORKDIR.value, _SEG_STEPS.value, _FUSION_STEPS.value)
+    out = run(root, FLAGS.variant, FLAGS.fusion_workdir, FLAGS.seg_steps, FLAGS.fusion_steps)
     print(out["table"])
 
 
+def define_flags():
+    """Command-line flags, defined only when run as a command, so that importing
+    this module beside other commands (tests, experiments) defines nothing."""
+    flags.DEFINE_string("workdir", "work/table3", "Root of the experiment's runs.")
+    flags.DEFINE_string("variant", "demo", "Config argument of every run ('' = full size).")
+    flags.DEFINE_string("fusion_workdir", None,
+                                          "A trained RS-SPADE run to reuse (default: train one).")
+    flags.DEFINE_integer("seg_steps", 0, "Override the segmentation runs' total_steps.")
+    flags.DEFINE_integer("fusion_steps", 0, "Override the fusion run's total_steps.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -260,9 +260,87 @@ def _iter_state_from_json(blob: dict) -> Any:
     return None
 
 
+def init_replicated(init_fn, mesh: Mesh):
+    """`init_fn()`'s state created directly replicated on the mesh (no host copy
+    and broadcast: every device builds its own copy inside one jit)."""
+    out_sh = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init_fn))
+    return jax.jit(init_fn, out_shardings=out_sh)()
+
+
+def abstract_replicated(init_fn, mesh: Mesh):
+    """Shapes, dtypes and replicated shardings of `init_fn()`'s state, allocating
+    nothing: the target a checkpoint from any device count is restored into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
+                        jax.eval_shape(init_fn))
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with the shardings of `tree`, the target Orbax restores into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# ---------------------------------------------------------------------------
+# The loop every trainer shares
+# ---------------------------------------------------------------------------
+def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=()):
+    """Resume, step, log, run periodic actions, checkpoint, stop on preemption.
+
+    `step_fn(state, batch) -> (state, metrics)` is the trainer's jitted step;
+    its metrics must include `nonfinite` (consecutive skipped steps).
+    `periodic` holds `(every_steps, action)` pairs, `action(step, state, batch,
+    writer)`, run on every process (actions that write files check
+    `jax.process_index()` themselves). Returns (state, step, preempted, writer);
+    the caller writes its final evaluation with the writer, then closes it.
+    """
+    from rsjax import logging_utils
+
+    ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    restored = ckpt.restore(abstract_like(state))
+    start_step = 0
+    if restored is not None:
+        state, iter_state, start_step = restored
+        if iter_state is not None:
+            train_iter.set_state(iter_state)
+        log.info("Resumed from step %d in %s", start_step, ckpt.directory)
+    writer = logging_utils.MetricWriter(workdir)
+    if start_step == 0:
+        logging_utils.write_config(config, workdir)
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
+    preemption = PreemptionWatcher()
+
+    step, pending, preempted = start_step, [], False
+    try:
+        while step < config.total_steps:
+            batch = next(train_iter)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            # Pull metrics to the host only at log time; this also bounds how far
+            # the host runs ahead of the devices (DESIGN.md's rendezvous trap).
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                host = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+                check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps, step,
+                                workdir)
+                writer.write_scalars(step, summary)
+                progress(step, summary)
+            for every, action in periodic:
+                if every and step % every == 0:
+                    action(step, state, batch, writer)
+            ckpt.save(step, state, train_iter.get_state())
+            if preemption.should_stop(ckpt.manager, step):
+                preempted = True
+                log.warning("Stopped at step %d on request; rerun the same command to resume.",
+                            step)
+                break
+        jax.block_until_ready(state)
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+        ckpt.wait()
+    finally:
+        preemption.close()
+        ckpt.close()
+    return state, step, preempted, writer
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

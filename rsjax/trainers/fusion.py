@@ -23,9 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ import optax
 from flax import nnx
 
 from rsjax import input_pipeline, losses, metrics
-from rsjax import logging_utils, viz
+from rsjax import viz
 from rsjax.models import create_model
 from rsjax.trainers import common
 
@@ -125,6 +124,13 @@ class Setup:
         self.g_eval_graph, _ = nnx.split(g)
         self.g_tx, self.d_tx = make_optimizers(config)
         self.generator_name = config.generator.name
+        self._generate = {}
+
+    def generate_jit(self, use_ema: bool):
+        """The jitted eval-mode generator, compiled once per run (not per call)."""
+        if use_ema not in self._generate:
+            self._generate[use_ema] = jax.jit(functools.partial(generate, self, use_ema=use_ema))
+        return self._generate[use_ema]
 
     def init_state(self) -> dict:
         g, d = create_models(self.config, self.sources, int(self.config.seed))
@@ -288,7 +294,7 @@ def generate(setup: Setup, state: dict, batch: dict, use_ema: bool) -> jax.Array
 def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
                    max_batches: Optional[int] = None, collect_images: int = 0):
     """PSNR/SSIM/SAM over a whole split, accumulated batch by batch."""
-    gen = jax.jit(functools.partial(generate, setup, use_ema=bool(config.eval_use_ema)))
+    gen = setup.generate_jit(bool(config.eval_use_ema))
     it = input_pipeline.create_iterator(
         config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
         seed=int(config.seed), sources=setup.sources, num_epochs=1)
@@ -314,24 +320,12 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
 # ---------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------
-def _abstract_state(setup: Setup, mesh):
-    abstract = jax.eval_shape(setup.init_state)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=common.replicated(mesh)), abstract)
-
-
-def create_sharded_state(setup: Setup, mesh):
-    """Parameters created directly replicated on the mesh (no host copy + broadcast)."""
-    out_sh = jax.tree.map(lambda _: common.replicated(mesh), jax.eval_shape(setup.init_state))
-    return jax.jit(setup.init_state, out_shardings=out_sh)()
-
-
 def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
     """The state of a checkpoint written on any device count, on this run's mesh."""
     mesh = common.create_mesh(devices)
     setup = Setup(config, selected_sources(config))
     ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    state, step = ckpt.restore_state_only(_abstract_state(setup, mesh), step)
+    state, step = ckpt.restore_state_only(common.abstract_replicated(setup.init_state, mesh), step)
     ckpt.close()
     return setup, state, step, mesh
 
@@ -357,65 +351,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     # --- models, optimizers, state ---------------------------------------
     setup = Setup(config, sources)
-    state = create_sharded_state(setup, mesh)
+    state = common.init_replicated(setup.init_state, mesh)
 
-    # --- checkpoint: resume from this workdir if it has one ----------------
-    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    restored = ckpt.restore(common.abstract_like(state))
-    start_step = 0
-    if restored is not None:
-        state, iter_state, start_step = restored
-        if iter_state is not None:
-            train_iter.set_state(iter_state)
-        log.info("Resumed from step %d in %s", start_step, ckpt.directory)
-
-    # --- the step ------------------------------------------------------------
+    # --- the step, periodic images and validation, the loop ----------------
     step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
 
-    writer = logging_utils.MetricWriter(workdir)
-    if start_step == 0:
-        logging_utils.write_config(config, workdir)
-    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
-    preemption = common.PreemptionWatcher()
+    def write_images(step, state, batch, writer):
+        if is_main:
+            _write_images(setup, state, batch, workdir, step)
 
-    step = start_step
-    pending = []
-    try:
-        while step < config.total_steps:
-            batch = next(train_iter)
-            state, m = step_fn(state, batch)
-            step += 1
-            pending.append(m)
-            # Pull metrics to the host only at log time; this also bounds how far
-            # the host runs ahead of the devices (see DESIGN.md's rendezvous trap).
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                host = jax.device_get(pending)
-                pending = []
-                summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
-                common.check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps,
-                                       step, workdir)
-                writer.write_scalars(step, summary)
-                progress(step, summary)
-            if config.image_every_steps and step % config.image_every_steps == 0 and is_main:
-                _write_images(setup, state, batch, workdir, step, config)
-            if config.eval_every_steps and step % config.eval_every_steps == 0 \
-                    and step != config.total_steps:
-                scores, _ = evaluate_split(setup, state, config, "validation", mesh,
-                                           max_batches=config.eval_max_batches)
-                writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
-            ckpt.save(step, state, train_iter.get_state())
-            if preemption.should_stop(ckpt.manager, step):
-                ckpt.save(step, state, train_iter.get_state(), force=True)
-                ckpt.wait()
-                log.warning("Stopped at step %d on request; rerun the same command to resume.",
-                                step)
-                return {"step": step, "preempted": True}
-        jax.block_until_ready(state)
-        ckpt.save(step, state, train_iter.get_state(), force=True)
-        ckpt.wait()
-    finally:
-        preemption.close()
-        ckpt.close()
+    def validate(step, state, batch, writer):
+        if step != config.total_steps:     # the final evaluation follows anyway
+            scores, _ = evaluate_split(setup, state, config, "validation", mesh,
+                                       max_batches=config.eval_max_batches)
+            writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
+
+    state, step, preempted, writer = common.run_loop(
+        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
+        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)))
+    if preempted:
+        writer.close()
+        return {"step": step, "preempted": True}
 
     # --- final evaluation ---------------------------------------------------
     result = {"step": step}
@@ -431,9 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     return result
 
 
-def _write_images(setup, state, batch, workdir, step, config):
+def _write_images(setup, state, batch, workdir, step):
     n = min(4, batch["image"].shape[0])
-    fake = jax.jit(functools.partial(generate, setup, use_ema=False))(state, batch)
+    fake = setup.generate_jit(False)(state, batch)
     rows = {"real": np.asarray(batch["image"][:n]), "generated": np.asarray(fake[:n])}
     out = Path(workdir) / "images"
     out.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rsjax import input_pipeline, logging_utils, losses, metrics
+from rsjax import input_pipeline, losses, metrics
 from rsjax.data.contract import NUM_CLASSES
 from rsjax.models import create_model
 from rsjax.trainers import common
@@ -43,7 +43,13 @@ class Setup:
                                           config.optim.decay_start_step)
         self.tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
                               weight_decay=config.optim.weight_decay)
-        self.class_weights = None
+        self._jitted = {}
+
+    def jitted(self, name: str, fn):
+        """`jax.jit(fn)`, compiled once per run under `name` (not at every evaluation)."""
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn)
+        return self._jitted[name]
 
     def _create(self):
         kw = dict(self.config.model.to_dict())
@@ -101,7 +107,7 @@ def eval_step(setup: Setup, state: dict, batch: dict) -> jax.Array:
 
 def evaluate_split(setup: Setup, state, config, split: str, mesh,
                    max_batches: Optional[int] = None, collect: int = 0):
-    step = jax.jit(functools.partial(eval_step, setup))
+    step = setup.jitted("eval_step", functools.partial(eval_step, setup))
     it = input_pipeline.create_iterator(
         config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
         seed=int(config.seed), sources=(), num_epochs=1)
@@ -112,7 +118,7 @@ def evaluate_split(setup: Setup, state, config, split: str, mesh,
             break
         cm += np.asarray(jax.device_get(step(state, batch)), np.int64)
         if collect and shown is None:
-            logits = jax.jit(functools.partial(predict, setup))(state, batch["image"])
+            logits = setup.jitted("predict", functools.partial(predict, setup))(state, batch["image"])
             shown = {"image": np.asarray(batch["image"][:collect]),
                      "label": np.asarray(batch["label"][:collect]),
                      "pred": np.asarray(jnp.argmax(logits[:collect], -1))}
@@ -120,17 +126,11 @@ def evaluate_split(setup: Setup, state, config, split: str, mesh,
     return scores, cm, shown
 
 
-def _abstract_state(setup, mesh):
-    abstract = jax.eval_shape(setup.init_state)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=common.replicated(mesh)), abstract)
-
-
 def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
     mesh = common.create_mesh(devices)
     setup = Setup(config)
     ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    state, step = ckpt.restore_state_only(_abstract_state(setup, mesh), step)
+    state, step = ckpt.restore_state_only(common.abstract_replicated(setup.init_state, mesh), step)
     ckpt.close()
     return setup, state, step, mesh
 
@@ -154,59 +154,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     class_weights = None
     if config.class_weights:
         class_weights = jnp.asarray(input_pipeline.class_weights(config.data), jnp.float32)
-    out_sh = jax.tree.map(lambda _: common.replicated(mesh), jax.eval_shape(setup.init_state))
-    state = jax.jit(setup.init_state, out_shardings=out_sh)()
-
-    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    restored = ckpt.restore(common.abstract_like(state))
-    start_step = 0
-    if restored is not None:
-        state, iter_state, start_step = restored
-        if iter_state is not None:
-            train_iter.set_state(iter_state)
-        log.info("Resumed from step %d", start_step)
+    state = common.init_replicated(setup.init_state, mesh)
 
     step_fn = jax.jit(functools.partial(train_step, setup, class_weights), donate_argnums=(0,))
-    writer = logging_utils.MetricWriter(workdir)
-    if start_step == 0:
-        logging_utils.write_config(config, workdir)
-    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
-    preemption = common.PreemptionWatcher()
     history_path = Path(workdir) / "val_history.jsonl"
 
-    step, pending = start_step, []
-    try:
-        while step < config.total_steps:
-            batch = next(train_iter)
-            state, m = step_fn(state, batch)
-            step += 1
-            pending.append(m)
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                host = jax.device_get(pending)
-                pending = []
-                summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
-                common.check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps,
-                                       step, workdir)
-                writer.write_scalars(step, summary)
-                progress(step, summary)
-            if config.eval_every_steps and step % config.eval_every_steps == 0:
-                scores, _, _ = evaluate_split(setup, state, config, "validation", mesh)
-                writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()
-                                            if np.isscalar(v)})
-                if is_main:
-                    with open(history_path, "a") as f:
-                        f.write(json.dumps({"step": step, "miou": scores["miou"],
-                                            "accuracy": scores["accuracy"]}) + "\n")
-            ckpt.save(step, state, train_iter.get_state())
-            if preemption.should_stop(ckpt.manager, step):
-                ckpt.save(step, state, train_iter.get_state(), force=True)
-                ckpt.wait()
-                return {"step": step, "preempted": True}
-        ckpt.save(step, state, train_iter.get_state(), force=True)
-        ckpt.wait()
-    finally:
-        preemption.close()
-        ckpt.close()
+    def validate(step, state, batch, writer):
+        scores, _, _ = evaluate_split(setup, state, config, "validation", mesh)
+        writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items() if np.isscalar(v)})
+        if is_main:   # the learning curve of Figure 8
+            with open(history_path, "a") as f:
+                f.write(json.dumps({"step": step, "miou": scores["miou"],
+                                    "accuracy": scores["accuracy"]}) + "\n")
+
+    state, step, preempted, writer = common.run_loop(
+        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
+        periodic=((config.eval_every_steps, validate),))
+    if preempted:
+        writer.close()
+        return {"step": step, "preempted": True}
 
     result = {"step": step}
     if config.final_eval_split:
