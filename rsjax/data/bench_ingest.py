@@ -124,7 +124,20 @@ def time_ingestion(scenes: list[ScenePaths], opts: IngestOptions) -> dict:
 
 
 def _maxrss_mib() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    """This process's peak resident memory.
+
+    On Linux, VmHWM of /proc/self/status: getrusage's ru_maxrss survives
+    execve, so a child started from a large parent (pytest with JAX loaded)
+    would report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024          # kB -> MiB
+    except OSError:
+        pass
+    # Elsewhere ru_maxrss: KiB on Linux, bytes on macOS.
     scale = 1.0 if sys.platform != "darwin" else 1.0 / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
 
