@@ -274,6 +274,16 @@ def abstract_replicated(init_fn, mesh: Mesh):
                         jax.eval_shape(init_fn))
 
 
+def restore_state(config, workdir: str, init_fn, mesh: Mesh, step: Optional[int] = None):
+    """(state, step) of a checkpoint in `workdir` (default: the latest), restored
+    onto `mesh` whatever the device count it was written on."""
+    ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    try:
+        return ckpt.restore_state_only(abstract_replicated(init_fn, mesh), step)
+    finally:
+        ckpt.close()
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with the shardings of `tree`, the target Orbax restores into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -324,9 +324,7 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=N
     """The state of a checkpoint written on any device count, on this run's mesh."""
     mesh = common.create_mesh(devices)
     setup = Setup(config, selected_sources(config))
-    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    state, step = ckpt.restore_state_only(common.abstract_replicated(setup.init_state, mesh), step)
-    ckpt.close()
+    state, step = common.restore_state(config, workdir, setup.init_state, mesh, step)
     return setup, state, step, mesh
 
 

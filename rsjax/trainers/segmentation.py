@@ -129,9 +129,7 @@ def evaluate_split(setup: Setup, state, config, split: str, mesh,
 def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
     mesh = common.create_mesh(devices)
     setup = Setup(config)
-    ckpt = common.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    state, step = ckpt.restore_state_only(common.abstract_replicated(setup.init_state, mesh), step)
-    ckpt.close()
+    state, step = common.restore_state(config, workdir, setup.init_state, mesh, step)
     return setup, state, step, mesh
 
 
