@@ -10,8 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rsjax.trainers import get_trainer
-from rsjax.trainers.common import (enable_compilation_cache, maybe_initialize_distributed,
-                                   setup_logging)
+from rsjax.trainers.common import prepare_process
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fusion.py:demo", lock_config=True)
@@ -21,9 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    setup_logging()
-    enable_compilation_cache()
-    maybe_initialize_distributed()
+    prepare_process()
     config = _CONFIG.value
     get_trainer(config.trainer)(config, _WORKDIR.value)
 

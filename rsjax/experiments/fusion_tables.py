@@ -100,9 +100,8 @@ def write_tables(results: dict, root: Path) -> str:
 
 def main(argv):
     del argv
-    from rsjax.trainers.common import enable_compilation_cache, setup_logging
-    setup_logging()
-    enable_compilation_cache()
+    from rsjax.trainers.common import prepare_process
+    prepare_process()
     root = Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
     names = FLAGS.only or list(RUNS)

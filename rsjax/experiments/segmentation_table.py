@@ -81,9 +81,8 @@ def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps
 
 def main(argv):
     del argv
-    from rsjax.trainers.common import enable_compilation_cache, setup_logging
-    setup_logging()
-    enable_compilation_cache()
+    from rsjax.trainers.common import prepare_process
+    prepare_process()
     root = Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
     out = run(root, FLAGS.variant, FLAGS.fusion_workdir, FLAGS.seg_steps, FLAGS.fusion_steps)

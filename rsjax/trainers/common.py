@@ -57,6 +57,14 @@ def enable_compilation_cache(directory: str = "work/jax_cache") -> None:
 # ---------------------------------------------------------------------------
 # Mesh and sharding
 # ---------------------------------------------------------------------------
+def prepare_process() -> None:
+    """What every rsjax command does first: quiet library logs, the compile
+    cache, and joining a multi-host job when there is one."""
+    setup_logging()
+    enable_compilation_cache()
+    maybe_initialize_distributed()
+
+
 def maybe_initialize_distributed() -> None:
     """Joins a multi-host job (Cloud TPU slice, or several local processes).
 
