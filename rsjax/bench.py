@@ -1,0 +1,324 @@
+"""The training benchmark: the real train steps, their FLOP rate and MFU. JSON out.
+
+    python -m rsjax.bench                                   # everything, float32
+    python -m rsjax.bench --parts fusion --sizes 128 --batches 1
+    python -m rsjax.bench --dtype bfloat16                  # on a GPU or TPU
+    python -m rsjax.bench --out work/bench.json
+
+Parts (`--parts`, comma-separated):
+- `matmul`: the machine's measured matmul peak (square matmuls in the bench's
+  dtype, the best median over the sizes tried); the denominator of MFU.
+- `fusion`: one step of `rsjax.trainers.fusion.train_step`, exactly what
+  `python -m rsjax.train --config configs/fusion.py` runs (RS-SPADE and the
+  multi-scale PatchGAN at full width, hinge + feature matching, both Adam
+  updates, EMA, the non-finite guard), jitted with the state donated, on random
+  inputs already on the device. images/s, FLOP per step from XLA's cost
+  analysis of the compiled step, achieved FLOP/s, MFU = achieved / peak, and
+  the speed-up over the PyTorch reference (NVlabs SPADE) measured on the
+  development machine (DESIGN.md), for the sizes the reference has.
+- `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
+  width 64, depth 5, AdamW).
+- `pipeline`: the training input pipeline's rate (host batches, 0 grain
+  workers) on the demo dataset, in megapixels/s, against what each measured
+  fusion step consumes.
+
+Run with XLA_FLAGS unset: the figures are for one device (`--devices` uses
+more, data-parallel, and reports per-step figures for the global batch).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARTS = ("matmul", "fusion", "unet", "pipeline")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# NVlabs SPADE (PyTorch, oneDNN) on the development machine, 2 cores of an AMD
+# EPYC (Zen 4), float32, batch 1, 15 conditioning channels, ngf/ndf 64: seconds
+# per GAN step (DESIGN.md). The faster end of each range is the reference, so a
+# speed-up is never flattered by a slow reference run.
+PYTORCH_REFERENCE = {
+    128: {"seconds_per_step": (2.8, 3.2), "gflop_per_step": 311.0},
+    256: {"seconds_per_step": (8.2, 8.8), "gflop_per_step": 1230.0},
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+# ---------------------------------------------------------------------------
+# Matmul peak
+# ---------------------------------------------------------------------------
+def matmul_peak(dtype: str, sizes: tuple[int, ...], device=None, repeats: int = 5) -> dict:
+    """Best median FLOP/s of square `n x n @ n x n` matmuls on one device."""
+    device = device or jax.devices()[0]
+    per_size = {}
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        a = jax.device_put(jnp.asarray(rng.standard_normal((n, n)), dtype), device)
+        b = jax.device_put(jnp.asarray(rng.standard_normal((n, n)), dtype), device)
+        mm = jax.jit(jnp.matmul)
+        mm(a, b).block_until_ready()
+        median, _ = _median_seconds(lambda: mm(a, b), repeats)
+        per_size[str(n)] = round(2 * n**3 / median / 1e9, 1)
+    return {"dtype": dtype, "gflop_per_s_by_size": per_size,
+            "gflop_per_s": max(per_size.values())}
+
+
+# ---------------------------------------------------------------------------
+# Train steps
+# ---------------------------------------------------------------------------
+def _load_config(path: str, arg: str | None = None):
+    from rsjax.experiments.fusion_tables import load_config
+    return load_config(path, arg)
+
+
+def fusion_config(size: int, batch: int, dtype: str):
+    config = _load_config("configs/fusion.py")
+    config.data.tile_size = size
+    config.global_batch_size = batch
+    config.dtype = dtype
+    config.total_steps = 1000
+    return config
+
+
+def unet_config(size: int, batch: int, dtype: str):
+    config = _load_config("configs/segmentation.py")
+    config.data.tile_size = size
+    config.global_batch_size = batch
+    return config
+
+
+def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict:
+    """A training batch with the pipeline's keys, shapes and value ranges."""
+    from rsjax import input_pipeline
+    from rsjax.trainers import common
+    rng = np.random.default_rng(seed)
+    shape = (batch, size, size)
+    host = {
+        "image": rng.uniform(-1, 1, (*shape, 4)).astype(np.float32),
+        "label": rng.integers(0, 9, shape).astype(np.int32),
+        "valid": np.ones(shape, bool),
+    }
+    for s in sources:
+        c = input_pipeline.SOURCE_CHANNELS[s]
+        host[s] = (np.eye(c, dtype=np.float32)[rng.integers(0, c, shape)] if s == "lulc"
+                   else rng.standard_normal((*shape, c)).astype(np.float32))
+    return jax.device_put(host, common.batch_sharding(mesh))
+
+
+def fusion_step(size: int, batch: int, dtype: str, mesh):
+    """(jitted step, state, batch) of the fusion trainer at the full configuration."""
+    from rsjax.trainers import common, fusion
+    config = fusion_config(size, batch, dtype)
+    sources = fusion.selected_sources(config)
+    setup = fusion.Setup(config, sources)
+    state = common.init_replicated(setup.init_state, mesh)
+    step = jax.jit(functools.partial(fusion.train_step, setup), donate_argnums=(0,))
+    return step, state, random_batch(size, batch, sources, mesh)
+
+
+def unet_step(size: int, batch: int, dtype: str, mesh):
+    from rsjax.trainers import common, segmentation
+    config = unet_config(size, batch, dtype)
+    setup = segmentation.Setup(config)
+    state = common.init_replicated(setup.init_state, mesh)
+    weights = jnp.ones((9,), jnp.float32)
+    step = jax.jit(functools.partial(segmentation.train_step, setup, weights),
+                   donate_argnums=(0,))
+    return step, state, random_batch(size, batch, (), mesh)
+
+
+def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
+                    steps: int) -> dict:
+    """Compiles one train step and times `steps` calls of it, state fed back
+    (donated) as in training, waiting on each step's metrics."""
+    step, state, data = make(size, batch, dtype, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    flops = compiled_flops(compiled)
+    state, m = compiled(state, data)          # warm-up (first-call allocations)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, data)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    out = {"size": size, "batch": batch, "dtype": dtype,
+           "seconds_per_step": round(seconds, 4), "seconds_min": round(min(times), 4),
+           "images_per_s": round(batch / seconds, 4), "compile_s": round(compile_s, 1)}
+    if flops is not None:
+        out["gflop_per_step"] = round(flops / 1e9, 2)
+        out["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
+    return out
+
+
+def add_ratios(entry: dict, peak_gflops: float | None, num_devices: int) -> dict:
+    """MFU against the measured peak (of all devices in the mesh) and, for the
+    fusion step, the speed-up over the PyTorch reference at batch 1."""
+    if peak_gflops and "gflop_per_s" in entry:
+        entry["mfu"] = round(entry["gflop_per_s"] / (peak_gflops * num_devices), 3)
+    return entry
+
+
+def add_reference(entry: dict) -> dict:
+    ref = PYTORCH_REFERENCE.get(entry["size"])
+    if ref and entry["batch"] == 1 and entry["dtype"] == "float32":
+        ref_images_per_s = 1.0 / ref["seconds_per_step"][0]
+        entry["pytorch_reference_images_per_s"] = round(ref_images_per_s, 4)
+        entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / ref_images_per_s, 2)
+        entry["pytorch_reference_gflop_per_step"] = ref["gflop_per_step"]
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# Input pipeline
+# ---------------------------------------------------------------------------
+def pipeline_rate(data_dir: str, batch: int, batches: int) -> dict:
+    """Host-side tiles/s (and megapixels/s) of the fusion training pipeline on
+    the demo dataset, built first if missing."""
+    from rsjax import bench_pipeline, input_pipeline
+    config = _load_config("configs/fusion.py", "demo")
+    config.data.data_dir = data_dir
+    input_pipeline.ensure_dataset(config.data)
+    rate = bench_pipeline.time_pipeline(config.data, batch_size=batch, batches=batches,
+                                        worker_count=0)
+    tile = int(config.data.tile_size)
+    return {"dataset": config.data.name, "tile_size": tile, "batch": batch, "workers": 0,
+            "tiles_per_s": rate["tiles_per_s"],
+            "megapixels_per_s": round(rate["tiles_per_s"] * tile * tile / 1e6, 3)}
+
+
+def pipeline_headroom(pipe: dict, fusion_results: list[dict]) -> list[dict]:
+    """How many times faster the pipeline delivers pixels than each step eats them."""
+    out = []
+    for r in fusion_results:
+        need = r["images_per_s"] * r["size"] ** 2 / 1e6
+        out.append({"size": r["size"], "batch": r["batch"],
+                    "step_megapixels_per_s": round(need, 3),
+                    "pipeline_over_step": round(pipe["megapixels_per_s"] / need, 1)})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m rsjax.bench",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    p.add_argument("--sizes", type=_ints, default=[128, 256], help="tile sizes")
+    p.add_argument("--batches", type=_ints, default=[1, 4], help="global batch sizes")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the steps and the matmul peak")
+    p.add_argument("--devices", type=int, default=1, help="devices in the mesh (data parallel)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per entry (median)")
+    p.add_argument("--matmul_sizes", type=_ints, default=None,
+                   help="square matmul sizes for the peak (default 2048,4096; 8192 on GPU/TPU)")
+    p.add_argument("--data_dir", default=str(REPO_ROOT / "work" / "tensorflow_datasets"),
+                   help="where the demo dataset is (built if missing) for the pipeline part")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    args = p.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    if unknown := sorted(set(parts) - set(PARTS)):
+        p.error(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
+    args.parts = parts
+    if args.devices < 1 or args.devices > jax.device_count():
+        p.error(f"--devices={args.devices}: this machine has {jax.device_count()} devices")
+    for b in args.batches:
+        if b % args.devices:
+            p.error(f"--batches: {b} is not divisible by --devices={args.devices}")
+    return args
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind,
+            "num_devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from rsjax.trainers import common
+    mesh = common.create_mesh(jax.devices()[:args.devices])
+    report: dict[str, Any] = {"machine": machine(), "config": {
+        k: v for k, v in vars(args).items() if k not in ("out",)}}
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak = None
+    if "matmul" in args.parts:
+        sizes = args.matmul_sizes or ((2048, 4096) if on_cpu else (4096, 8192))
+        _log(f"matmul peak ({args.dtype}, sizes {sizes}) ...")
+        report["matmul_peak"] = matmul_peak(args.dtype, tuple(sizes))
+        peak = report["matmul_peak"]["gflop_per_s"]
+        _log(f"  {peak} GFLOP/s")
+
+    for part, make in (("fusion", fusion_step), ("unet", unet_step)):
+        if part not in args.parts:
+            continue
+        results = report.setdefault(part, [])
+        for size in args.sizes:
+            for batch in args.batches:
+                _log(f"{part} train step {batch}x{size}x{size} ({args.dtype}) ...")
+                entry = time_train_step(make, size, batch, args.dtype, mesh, steps=args.steps)
+                add_ratios(entry, peak, args.devices)
+                if part == "fusion":
+                    add_reference(entry)
+                _log("  " + json.dumps(entry))
+                results.append(entry)
+
+    if "pipeline" in args.parts:
+        _log("input pipeline (demo dataset, host batches) ...")
+        pipe = pipeline_rate(args.data_dir, batch=8, batches=40)
+        if report.get("fusion"):
+            pipe["against_fusion_step"] = pipeline_headroom(pipe, report["fusion"])
+        report["pipeline"] = pipe
+
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
