@@ -56,6 +56,11 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
     from rsjax import input_pipeline
     from rsjax.trainers import fusion
 
+    if jax.process_count() > 1:
+        # Each host would read its own shard of every chunk and the parts would
+        # not line up with their tile ids; synthesis is cheap next to training.
+        raise ValueError("synthesize runs on one host: start it without RSJAX_COORDINATOR "
+                         "(or on worker 0 of the slice only).")
     out_dir = Path(out or Path(fusion_workdir) / "generated" / split)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup, state, step, mesh = fusion.restore_for_eval(config, fusion_workdir, step)
