@@ -68,9 +68,12 @@ def prepare_process() -> None:
 def maybe_initialize_distributed() -> None:
     """Joins a multi-host job (Cloud TPU slice, or several local processes).
 
-    On a TPU VM slice `jax.distributed.initialize()` finds its peers by itself;
-    elsewhere the coordinator comes from RSJAX_COORDINATOR, RSJAX_NUM_PROCESSES
-    and RSJAX_PROCESS_ID. Single-process runs do nothing.
+    On a TPU VM slice `jax.distributed.initialize()` finds its peers by itself
+    (from the VM's metadata server, which no environment variable announces:
+    the launcher, `launch.tpu run`, sets RSJAX_DISTRIBUTED=1 to ask for it; on
+    GKE TPU_WORKER_HOSTNAMES is set); elsewhere the coordinator comes from
+    RSJAX_COORDINATOR, RSJAX_NUM_PROCESSES and RSJAX_PROCESS_ID (e.g. several
+    local CPU processes). Single-process runs do nothing.
     """
     coordinator = os.environ.get("RSJAX_COORDINATOR")
     if coordinator:
@@ -84,7 +87,8 @@ def maybe_initialize_distributed() -> None:
             coordinator_address=coordinator,
             num_processes=int(os.environ["RSJAX_NUM_PROCESSES"]),
             process_id=int(os.environ["RSJAX_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    elif (os.environ.get("RSJAX_DISTRIBUTED", "0") not in ("", "0")
+          or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")):
         jax.distributed.initialize()
 
 
