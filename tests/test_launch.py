@@ -137,3 +137,12 @@ def test_real_run_stops_at_the_first_failure_and_says_so(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit, match="gcloud is not installed"):
         tpu.execute([["touch", str(never)], tpu.delete_command(tpu.Tpu("t", "z"))])
     assert not never.exists()
+
+
+def test_workdir_paths_keep_gs_uris_and_make_local_paths_absolute(tmp_path, monkeypatch):
+    """pathlib would turn gs://b/run into gs:/b/run; rsjax keeps URIs as they are."""
+    from rsjax.trainers.common import workdir_path
+
+    assert workdir_path("gs://bucket/runs/run 1") == "gs://bucket/runs/run 1"
+    monkeypatch.chdir(tmp_path)
+    assert workdir_path("runs/a") == str(tmp_path / "runs" / "a")
