@@ -121,6 +121,10 @@ def test_two_processes_match_one_and_only_process_0_writes(demo_data_dir, tmp_pa
     written_by_0 = {os.path.relpath(p, multi) for p in outside_checkpoints(reports[0])}
     assert {"metrics.jsonl", "config.json", "images/step_0000002.png",
             "images/step_0000004.png", "eval_test.json"} <= written_by_0
+    # ... and prints the INFO and progress lines (each worker has its own log).
+    log_0, log_1 = (log.read_text() for log in logs[:2])
+    assert "Fusion training" in log_0 and "step 4/4" in log_0
+    assert "Fusion training" not in log_1 and "step 4/4" not in log_1
     final = json.loads((multi / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(final["test_psnr"])        # the final evaluation ran on both hosts
     # The collective checkpoints completed.

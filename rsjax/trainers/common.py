@@ -62,10 +62,12 @@ def prepare_process() -> None:
     cache, and joining a multi-host job when there is one."""
     setup_logging()
     enable_compilation_cache()
-    maybe_initialize_distributed()
+    if maybe_initialize_distributed() and jax.process_index() > 0:
+        # Every host would print the same INFO lines; warnings and errors stay.
+        logging.getLogger("rsjax").setLevel(logging.WARNING)
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed() -> bool:
     """Joins a multi-host job (Cloud TPU slice, or several local processes).
 
     On a TPU VM slice `jax.distributed.initialize()` finds its peers by itself
@@ -73,7 +75,8 @@ def maybe_initialize_distributed() -> None:
     the launcher, `launch.tpu run`, sets RSJAX_DISTRIBUTED=1 to ask for it; on
     GKE TPU_WORKER_HOSTNAMES is set); elsewhere the coordinator comes from
     RSJAX_COORDINATOR, RSJAX_NUM_PROCESSES and RSJAX_PROCESS_ID (e.g. several
-    local CPU processes). Single-process runs do nothing.
+    local CPU processes). Single-process runs do nothing. Returns whether it
+    joined a job.
     """
     coordinator = os.environ.get("RSJAX_COORDINATOR")
     if coordinator:
@@ -87,9 +90,12 @@ def maybe_initialize_distributed() -> None:
             coordinator_address=coordinator,
             num_processes=int(os.environ["RSJAX_NUM_PROCESSES"]),
             process_id=int(os.environ["RSJAX_PROCESS_ID"]))
-    elif (os.environ.get("RSJAX_DISTRIBUTED", "0") not in ("", "0")
-          or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")):
+        return True
+    if (os.environ.get("RSJAX_DISTRIBUTED", "0") not in ("", "0")
+            or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")):
         jax.distributed.initialize()
+        return True
+    return False
 
 
 def _enable_cpu_collectives() -> None:
