@@ -192,7 +192,7 @@ def execute(commands: Sequence[Sequence[str]], runner=subprocess.run) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m launch.tpu", description=__doc__.split("\n\n")[0],
+        prog="python -m launch.tpu", description=__doc__.split("\nEvery command is built")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Arguments after `--` go to rsjax.train, e.g. -- --config.total_steps=1000")
     p.add_argument("action", choices=ACTIONS)
