@@ -16,10 +16,10 @@ The steps:
    (`rsjax.data.ingest.RegisteredScene`): the same validation, resampling,
    SAR-to-dB conversion, DEM void filling and slope/aspect/hillshade on the
    target grid. The target grid is `target_grid` (any GeoTIFF) when given,
-   else the land-cover file (fusion; then S1, then DEM when the model takes no
-   land cover) or the S2 file (segmentation), by ingestion's rule: a metric
-   file's own grid, a geographic one's UTM zone at its pixel size in whole
-   metres; `target_crs` / `target_resolution` change it as in ingestion.
+   else the land-cover file (fusion; without one the S1 file, then the DEM
+   file) or the S2 file (segmentation), by ingestion's rule: a metric file's
+   own grid, a geographic one's UTM zone at its pixel size in whole metres;
+   `target_crs` / `target_resolution` change it as in ingestion.
 2. tiled inference: tiles of the training tile size at a step of
    `tile - overlap` (default overlap: a quarter tile), the last tile of a row
    or column flush with the scene's edge; a scene smaller than a tile is
@@ -326,6 +326,15 @@ def _overlap(overlap: Optional[int], tile: int) -> int:
     return overlap
 
 
+def _local_devices(devices):
+    import jax
+
+    if jax.process_count() > 1:
+        raise ValueError("rsjax.predict runs in one process (on its local devices); run it "
+                         "without jax.distributed, one scene per process.")
+    return list(devices) if devices is not None else jax.local_devices()
+
+
 def _sharded_predictor(fn, state, mesh):
     """numpy batch -> device outputs of the jitted `fn(state, batch)`, batch split over the mesh."""
     import jax
@@ -411,8 +420,6 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     (default: the workdir's config.json); `data_dir`: where the training
     dataset is, when not where the config says. Returns a summary dict.
     """
-    import jax
-
     from rasterio.windows import Window
 
     from rsjax import input_pipeline
@@ -443,7 +450,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                        lulc=given["lulc"] if "lulc" in sources else None)
     normalizer = dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = list(devices) if devices is not None else jax.local_devices()
+        devices = _local_devices(devices)
         setup, state, ckpt_step, mesh = fusion.restore_for_eval(config, str(workdir), step, devices=devices)
         generate = setup.generate_jit(bool(config.get("eval_use_ema", False)))
         size = _batch_size(batch_size, config, mesh.devices.size)
@@ -500,7 +507,7 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     scene = ScenePaths(scene_id=out.stem, s2=Path(s2), s1=None, dem=None, lulc=None)
     normalizer = dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = list(devices) if devices is not None else jax.local_devices()
+        devices = _local_devices(devices)
         setup, state, ckpt_step, mesh = segmentation.restore_for_eval(config, str(workdir), step,
                                                                       devices=devices)
 

@@ -187,8 +187,10 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
         problems.append(str(err))
-    # A scene read for prediction may lack any source but the one the grid comes from.
-    roles = [r for r in ("s2", "s1", "dem", "lulc") if r not in specs and getattr(scene, r) is not None]
+    # A scene read for prediction may lack any source but the one the grid comes from;
+    # S2 was inspected above unless another file gives the grid.
+    roles = [r for r in ("s2", "s1", "dem", "lulc")
+             if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:
             specs[role] = inspect_source(Path(getattr(scene, role)), role, grid, opts)
