@@ -346,3 +346,51 @@ def test_landcover_map_on_the_s2_grid(segmentation_workdir, scene, demo_data_dir
         row, col = _window_of(tile["transform"], s2_transform)
         agree.append(labels[row:row + 64, col:col + 64] == exp)
     assert np.mean(agree) > 0.999        # argmax ties of near-equal probabilities may flip
+
+
+# ---------------------------------------------------------------------------
+# Registration without an S2 file (the ingest.py change prediction needs)
+# ---------------------------------------------------------------------------
+def test_scene_without_s2_registers_on_a_chosen_grid(scene):
+    """Another file's grid (here the S2 file's, named as target_grid) gives the
+    same arrays as ingestion of the full scene; the absent S2 reads as no-data
+    and does not count as missing."""
+    import dataclasses
+
+    from rasterio.windows import Window
+
+    from rsjax.data.ingest import IngestOptions, RegisteredScene
+
+    window = Window(64, 128, 64, 64)
+    with RegisteredScene(scene, IngestOptions(tile_size=64)) as full:
+        expected = full.read(window)
+        expected_mask = full.nodata_mask(expected)
+    no_s2 = dataclasses.replace(scene, s2=None)
+    with RegisteredScene(no_s2, IngestOptions(tile_size=64, target_grid=str(scene.s2))) as reg:
+        assert (reg.crs, reg.transform) == (full.crs, full.transform)
+        arrays = reg.read(window)
+        assert not arrays["s2"].any()
+        for key in ("s1", "lulc", "dem"):
+            np.testing.assert_array_equal(arrays[key], expected[key])
+        s2_missing = (expected["s2"] == S2_NODATA).any(axis=-1)
+        np.testing.assert_array_equal(reg.nodata_mask(arrays) | s2_missing, expected_mask)
+    with pytest.raises(InputError, match="no optical"):
+        RegisteredScene(no_s2, IngestOptions(tile_size=64))
+    with pytest.raises(InputError, match="missing_grid.tif.*target grid"):
+        RegisteredScene(no_s2, IngestOptions(tile_size=64, target_grid="missing_grid.tif"))
+
+
+def test_command_line_reports_bad_input_and_exits_2(fusion_workdir, scene, tmp_path):
+    import subprocess
+    import sys
+
+    from trainer_utils import ROOT
+
+    out = tmp_path / "out.tif"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rsjax.predict", f"--workdir={fusion_workdir}", f"--s1={scene.s1}",
+         f"--lulc={scene.lulc}", f"--dem={tmp_path / 'no_dem.tif'}", f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no_dem.tif" in proc.stderr and "does not exist" in proc.stderr
+    assert not out.exists()
