@@ -265,7 +265,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _palette_colormap() -> dict[int, tuple[int, int, int, int]]:
-    """Dynamic World's colours for labels 0..8, black for no data (255)."""
+    """Dynamic World's colours for labels 0..8; every other value (255 = no data) transparent."""
     cmap = {i: (0, 0, 0, 0) for i in range(256)}
     for label, hex_colour in enumerate(LULC_PALETTE):
         h = hex_colour.lstrip("#")
