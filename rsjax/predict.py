@@ -42,9 +42,10 @@ The steps:
 
 Each tile is read through its own window of the target grid, exactly as
 ingestion reads a training tile, so a tile of the scene at a training tile's
-place gets the very inputs that tile had. Memory is bounded by one batch of
-tiles and the output accumulators of at most one row of tiles plus one block
-row (about `(tile + 256) x width x channels` float32), never by the scene's
+place gets the very inputs that tile had. Memory is bounded by two batches of
+tiles and the output accumulators of the rows that tiles in flight touch (a
+row of tiles plus one block row, about `(tile + 256) x width x channels`
+float32, when a batch holds less than a row of tiles), never by the scene's
 height. Runs in one process, on its local devices.
 """
 from __future__ import annotations
@@ -192,49 +193,53 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
     write_rows(row, values, nodata): blended (nrows, width, channels) float32 rows,
         called in order, `flush_rows` rows at a time (block-aligned writes) and
         once for the remainder.
-    Tiles go row of tiles by row of tiles; a short batch is padded with zero tiles.
+    Tiles stream in row-major order and batches run across rows of tiles (only
+    the scene's last batch is padded, with zero tiles); rows are written once
+    every tile that touches them is in.
     Returns the number of tiles run.
     """
     step = tile - overlap
     rows = tile_offsets(height, tile, step)
     cols = tile_offsets(width, tile, step)
+    positions = [(i, row, col) for i, row in enumerate(rows) for col in cols]
     window = blend_window(tile, overlap)
     acc = RowAccumulator(width, channels)
-    done = 0
-    for i, row in enumerate(rows):
-        nrows = min(tile, height - row)
-        acc.extend_to(row + nrows)
-        pending: collections.deque = collections.deque()
+    missing = [len(cols)] * len(rows)        # tiles of each row of tiles not yet accumulated
+    first_open = 0                           # the first row of tiles with tiles missing
 
-        def collect(batch_cols, outputs):
-            outputs = np.asarray(outputs, np.float32)
-            for k, col in enumerate(batch_cols):
-                ncols = min(tile, width - col)
-                acc.add(row, col, outputs[k, :nrows, :ncols], window[:nrows, :ncols])
-
-        for b in range(0, len(cols), batch_size):
-            batch_cols = cols[b:b + batch_size]
-            tiles = []
-            for col in batch_cols:
-                ncols = min(tile, width - col)
-                inputs, nodata = read_tile(row, col, nrows, ncols)
-                acc.or_nodata(row, col, nodata)
-                tiles.append({k: _pad_tile(v, tile) for k, v in inputs.items()})
-            tiles += [{k: np.zeros_like(v) for k, v in tiles[0].items()}] * (batch_size - len(tiles))
-            batch = {k: np.stack([t[k] for t in tiles]) for k in tiles[0]}
-            pending.append((batch_cols, predict_batch(batch)))
-            if len(pending) > 1:
-                collect(*pending.popleft())
-        while pending:
-            collect(*pending.popleft())
-        done += len(cols)
-        if on_tiles is not None:
-            on_tiles(len(cols))
-        last = i == len(rows) - 1
-        # Rows above the next tile row are final; write them in whole blocks.
-        upto = height if last else (rows[i + 1] // flush_rows) * flush_rows
+    def collect(batch, outputs):
+        nonlocal first_open
+        outputs = np.asarray(outputs, np.float32)
+        for k, (i, row, col) in enumerate(batch):
+            h, w = min(tile, height - row), min(tile, width - col)
+            acc.add(row, col, outputs[k, :h, :w], window[:h, :w])
+            missing[i] -= 1
+        while first_open < len(rows) and missing[first_open] == 0:
+            first_open += 1
+        # Rows above the first incomplete row of tiles are final: write them in whole blocks.
+        upto = height if first_open == len(rows) else (rows[first_open] // flush_rows) * flush_rows
         acc.flush(upto, write_rows)
-    return done
+        if on_tiles is not None:
+            on_tiles(len(batch))
+
+    pending: collections.deque = collections.deque()
+    for b in range(0, len(positions), batch_size):
+        batch = positions[b:b + batch_size]
+        tiles = []
+        for _, row, col in batch:
+            h, w = min(tile, height - row), min(tile, width - col)
+            inputs, nodata = read_tile(row, col, h, w)
+            acc.extend_to(row + h)
+            acc.or_nodata(row, col, nodata)
+            tiles.append({k: _pad_tile(v, tile) for k, v in inputs.items()})
+        tiles += [{k: np.zeros_like(v) for k, v in tiles[0].items()}] * (batch_size - len(tiles))
+        stacked = {k: np.stack([t[k] for t in tiles]) for k in tiles[0]}
+        pending.append((batch, predict_batch(stacked)))
+        if len(pending) > 1:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+    return len(positions)
 
 
 # ---------------------------------------------------------------------------
