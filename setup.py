@@ -28,7 +28,8 @@ EXTRAS = {
     "tf": ["tensorflow-cpu>=2.18", "dill"],          # dill: TFDS's DatasetBuilderTestCase
     "tensorboard": ["tensorboardX>=2.6"],
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
-    "tpu": ["jax[tpu]>=0.10,<0.11"],
+    "tpu": ["jax[tpu]>=0.10,<0.11", "etils[epath-gcs]"],
+    "gcs": ["etils[epath-gcs]"],   # gs:// workdirs and data_dirs off TPU VMs
 }
 
 setup(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Optional
 
 from absl import app, flags
@@ -25,14 +24,19 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test",
                         step: Optional[int] = None, devices=None) -> dict:
     """Scores a checkpoint on `split`; the mesh (default: every device) need not
     match the one the checkpoint was written on."""
+    import jax
+    from etils import epath
+
     from rsjax import viz
-    from rsjax.trainers import fusion
+    from rsjax.trainers import common, fusion
 
     setup, state, step, mesh = fusion.restore_for_eval(config, workdir, step, devices=devices)
     scores, shown = fusion.evaluate_split(setup, state, config, split, mesh, collect_images=4)
-    out = Path(workdir)
+    out = epath.Path(common.workdir_path(workdir))
     result = {"step": int(step), "split": split, "sources": list(setup.sources),
               "generator": config.generator.name, "devices": int(mesh.devices.size), **scores}
+    if jax.process_index() != 0:       # every host scored; one writes
+        return result
     (out / f"eval_{split}_{step}.json").write_text(json.dumps(result, indent=2))
     (out / f"eval_{split}_{step}.md").write_text(markdown_table([(config.generator.name, scores)]))
     if shown is not None:

@@ -605,15 +605,21 @@ def batch_iterator(source, normalizer: Normalizer, *, global_batch_size: int, me
             # grain's worker processes read absl flags; outside absl.app.run
             # (notebooks, tests) nothing parsed them, and the workers would fail.
             flags.FLAGS.mark_as_parsed()
+    # One global order (shuffled over every record), and the DataLoader gives
+    # process p the records at global positions p, p + P, p + 2P, ... (grain's
+    # sharding in the DataLoader, not the sampler). The P per-process batches
+    # k then hold exactly the records of global batch k of a one-process run,
+    # with the same augmentation draws (seeded by global position): a run on
+    # any number of hosts trains on the same batches.
     sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        num_records=len(source), shard_options=grain.sharding.NoSharding(),
         shuffle=train, num_epochs=num_epochs, seed=seed)
     transform = (AugmentAndNormalize if augment else Normalize)(normalizer, sources)
     # Training drops the final partial batch (grain batches inside each worker,
     # so with workers a kept remainder would mean one short batch per worker).
     loader = grain.DataLoader(
         data_source=source, sampler=sampler,
+        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
         operations=[transform, grain.transforms.Batch(per_process_batch, drop_remainder=train)],
         worker_count=worker_count, worker_buffer_size=worker_buffer_size,
         # grain's default of 16 reader threads thrashes a few cores; records are

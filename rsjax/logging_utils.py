@@ -5,6 +5,9 @@ ETA, and the run's config.
 No TensorFlow and no clu (whose writers import TensorFlow). In a multi-host
 run only process 0 writes files or prints progress; the other processes get
 writers that do nothing, so call sites need no `if process_index == 0`.
+
+Paths go through etils.epath, so a workdir on Cloud Storage (gs://bucket/run,
+with gcsfs installed) works like a local one.
 """
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -25,6 +28,29 @@ CONFIG_FILE = "config.json"
 
 def _is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def _is_remote(path) -> bool:
+    return "://" in str(path)
+
+
+class _RewritingAppender:
+    """Append-only text file on object storage (GCS objects cannot be appended
+    to): keeps the file's text and rewrites the whole object on each flush.
+    Metrics files are small (a line per logged step), so this stays cheap."""
+
+    def __init__(self, path: epath.Path):
+        self._path = path
+        self._text = path.read_text(encoding="utf-8") if path.exists() else ""
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        self._path.write_text(self._text, encoding="utf-8")
+
+    def close(self) -> None:
+        self.flush()
 
 
 def _to_json_number(name: str, value: Any) -> Optional[float | int]:
@@ -71,7 +97,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: Optional[bool] = None,
                  filename: str = METRICS_FILE):
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(os.fspath(workdir))
         self.path = self.workdir / filename
         self.enabled = _is_main_process()
         self._file = None
@@ -79,7 +105,8 @@ class MetricWriter:
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = (_RewritingAppender(self.path) if _is_remote(self.path)
+                      else self.path.open("a", encoding="utf-8"))
         if tensorboard is not False:
             try:
                 import tensorboardX  # the optional `tensorboard` extra
@@ -143,13 +170,13 @@ def read_metrics(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
     With dedupe, records of the same step are merged, later lines winning (a
     resumed run rewrites the steps after its checkpoint).
     """
-    path = Path(path)
+    path = epath.Path(os.fspath(path))
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics file; is this a training workdir?")
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip()]
     if not dedupe:
         return records
     by_step: dict[int, dict] = {}
@@ -251,17 +278,21 @@ def _config_as_dict(config: Any) -> Any:
                     "a dataclass or a dict.")
 
 
-def write_config(config: Any, workdir: str | os.PathLike, filename: str = CONFIG_FILE) -> Optional[Path]:
+def write_config(config: Any, workdir: str | os.PathLike,
+                 filename: str = CONFIG_FILE) -> Optional[epath.Path]:
     """Writes the run's config as indented JSON to `<workdir>/config.json` (process 0
     only; returns the path there, None elsewhere). Values JSON cannot hold are
     written with str(); the file is replaced atomically, so a reader never sees
     half a config."""
     if not _is_main_process():
         return None
-    workdir = Path(workdir)
+    workdir = epath.Path(os.fspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / filename
     text = json.dumps(_config_as_dict(config), indent=2, sort_keys=True, default=str)
+    if _is_remote(path):
+        path.write_text(text + "\n", encoding="utf-8")   # an object upload is atomic already
+        return path
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)

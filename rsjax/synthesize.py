@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -56,7 +55,17 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
     from rsjax import input_pipeline
     from rsjax.trainers import fusion
 
-    out_dir = Path(out or Path(fusion_workdir) / "generated" / split)
+    if jax.process_count() > 1:
+        # Each host would read its own shard of every chunk and the parts would
+        # not line up with their tile ids; synthesis is cheap next to training.
+        raise ValueError("synthesize runs on one host: start it without RSJAX_COORDINATOR "
+                         "(or on worker 0 of the slice only).")
+    from etils import epath
+
+    from rsjax.trainers.common import workdir_path
+
+    # epath: a gs:// workdir or output folder works like a local one.
+    out_dir = epath.Path(out or epath.Path(workdir_path(fusion_workdir)) / "generated" / split)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup, state, step, mesh = fusion.restore_for_eval(config, fusion_workdir, step)
     builder = input_pipeline.get_builder(config.data)
@@ -85,7 +94,7 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
         s2 = np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
         tile_ids = np.array([_tile_id(chunk[i]) for i in range(len(chunk))])
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with tmp.open("wb") as f:
             np.savez(f, tile_id=tile_ids, s2=s2)
         tmp.replace(path)
         done_tiles += len(chunk)
@@ -93,7 +102,7 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
         left = (n - stop) / rate if rate else float("nan")
         print(f"part {part + 1}/{num_parts} | {stop}/{n} tiles | {rate:.1f} tiles/s | "
               f"ETA {left:.0f}s", flush=True)
-    provenance = {"checkpoint_step": int(step), "fusion_workdir": str(Path(fusion_workdir).absolute()),
+    provenance = {"checkpoint_step": int(step), "fusion_workdir": workdir_path(fusion_workdir),
                   "dataset": str(config.data.name), "tile_size": int(config.data.tile_size),
                   "split": split, "num_tiles": n, "sources": list(setup.sources),
                   "generator": str(config.generator.name), "use_ema": bool(config.eval_use_ema),

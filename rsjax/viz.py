@@ -16,6 +16,7 @@ follows below the grid.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -192,10 +193,9 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
     Optical rows share a 2-98 % per-band stretch per column, so generated and
     real images of one example are on the same scale. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_grid(rows, kinds, max_columns, scale, label_width)).save(path, format="PNG")
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(render_grid(rows, kinds, max_columns, scale, label_width)).save(buffer, format="PNG")
+    return _write_bytes(path, buffer.getvalue())
 
 
 def plot_curves(series: Mapping[str, tuple], path: str | os.PathLike, xlabel: str = "epoch",
@@ -225,7 +225,17 @@ def plot_curves(series: Mapping[str, tuple], path: str | os.PathLike, xlabel: st
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=dpi)
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return _write_bytes(path, buffer.getvalue())
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes a file through etils.epath, so gs:// paths work as local ones do;
+    returns a pathlib.Path for a local file, an epath.Path for a URI."""
+    from etils import epath
+
+    target = epath.Path(os.fspath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target if "://" in os.fspath(path) else Path(path)

@@ -109,3 +109,20 @@ def test_write_config(tmp_path):
     assert not list((tmp_path / "run").glob("*.tmp"))
     with pytest.raises(TypeError, match="ConfigDict"):
         logging_utils.write_config(42, tmp_path)
+
+
+def test_object_storage_appender_keeps_earlier_lines(tmp_path):
+    """On gs:// (objects cannot be appended to) metrics are rewritten whole on each
+    flush: a resumed run's writer must keep the lines already there."""
+    from etils import epath
+
+    path = epath.Path(tmp_path) / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    appender = logging_utils._RewritingAppender(path)
+    appender.write('{"step": 2}\n')
+    assert path.read_text() == '{"step": 1}\n'            # nothing uploaded before a flush
+    appender.flush()
+    appender.write('{"step": 3}\n')
+    appender.close()
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert [r["step"] for r in logging_utils.read_metrics(path)] == [1, 2, 3]

@@ -34,7 +34,9 @@ S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in
 a void too large to fill; pixels next to missing ones still get derivatives,
 as with gdaldem -compute_edges) or land cover (255). A scene without a land-cover file gets
 `lulc` all 255 and those pixels do not count as no-data, so such scenes are
-tiled on their other sources alone.
+tiled on their other sources alone. The same holds for a scene read for
+prediction without S2, S1 or DEM (`RegisteredScene` with `target_grid` when
+there is no S2 file): the absent source reads as its no-data.
 
 Memory is bounded by the tile size, not the scene size: only windows are read,
 and GDAL's block cache is capped at `gdal_cache_mb` while reading.
@@ -68,6 +70,10 @@ class IngestOptions:
     target_crs, target_resolution: the registration grid; None keeps the S2
         file's grid (or its UTM zone when the S2 file is geographic). The CRS
         must be projected in metres.
+    target_grid: a GeoTIFF whose grid to register onto instead of the S2
+        file's, by the same rule (target_crs / target_resolution apply to it
+        as they would to S2). Needed when a scene has no S2 file, as in
+        whole-scene prediction of optical images (rsjax.predict).
     s1_units: "auto" (detect from values), "linear" or "db".
     s1_floor_db: dB value given to zero/negative power, instead of -inf.
     dem_fill_distance: DEM voids are filled by interpolation from valid cells
@@ -81,6 +87,7 @@ class IngestOptions:
     max_nodata_fraction: float = 0.1
     target_crs: str | None = None
     target_resolution: float | None = None
+    target_grid: str | None = None
     s1_units: str = "auto"
     s1_floor_db: float = -50.0
     dem_fill_distance: float = 16.0
@@ -167,6 +174,10 @@ class RegisteredScene:
     `read` returns the contract's arrays for a window of the target grid
     (s2, s1, lulc, dem) and reads only that window (plus a one-pixel halo of
     DEM for the derivatives), never the whole scene.
+
+    Any of scene.s2, s1, dem, lulc may be None (prediction reads only what a
+    model takes; without S2, opts.target_grid names the grid): that source
+    reads as no-data and does not count in `nodata_mask`.
     """
 
     def __init__(self, scene: ScenePaths, opts: IngestOptions = IngestOptions()):
@@ -177,16 +188,20 @@ class RegisteredScene:
         with rasterio.Env(**self._env):
             self.grid, self.specs = inspect_scene(scene, opts)
         self.has_lulc = scene.lulc is not None
-        self.s1_units = self.specs["s1"].units
+        self.s1_units = self.specs["s1"].units if "s1" in self.specs else None
+        self._s2 = self._s1 = self._lulc = self._dem = None
         try:
             with rasterio.Env(**self._env):
-                self._s2 = self._warped("s2", Resampling.bilinear, float(S2_NODATA))
-                self._s1 = self._warped("s1", Resampling.bilinear, float("nan"))
-                self._lulc = (self._warped("lulc", Resampling.nearest, float(LULC_NODATA))
-                              if self.has_lulc else None)
-                dem = self.specs["dem"]
-                self._dem = DemSource(self._open(dem), dem.bands[0], self.grid, dem.nodata,
-                                      opts.dem_fill_distance)
+                if "s2" in self.specs:
+                    self._s2 = self._warped("s2", Resampling.bilinear, float(S2_NODATA))
+                if "s1" in self.specs:
+                    self._s1 = self._warped("s1", Resampling.bilinear, float("nan"))
+                if self.has_lulc:
+                    self._lulc = self._warped("lulc", Resampling.nearest, float(LULC_NODATA))
+                if "dem" in self.specs:
+                    dem = self.specs["dem"]
+                    self._dem = DemSource(self._open(dem), dem.bands[0], self.grid, dem.nodata,
+                                          opts.dem_fill_distance)
         except BaseException:
             self.close()
             raise
@@ -255,6 +270,8 @@ class RegisteredScene:
             raise read_failure(self.specs[role].path, role, err) from err
 
     def _read_s2(self, window: Window) -> np.ndarray:
+        if self._s2 is None:
+            return np.full((int(window.height), int(window.width), 4), S2_NODATA, np.uint16)
         bands = self._s2.read(window)                        # (4, h, w) float32, 0 = missing
         missing = np.isnan(bands).any(axis=0) | (bands == S2_NODATA).any(axis=0)
         s2 = np.clip(np.rint(np.nan_to_num(bands, nan=0.0)), 0, 65535).astype(np.uint16)
@@ -265,6 +282,8 @@ class RegisteredScene:
         return s2
 
     def _read_s1(self, window: Window) -> np.ndarray:
+        if self._s1 is None:
+            return np.full((int(window.height), int(window.width), 2), np.nan, np.float32)
         bands = self._s1.read(window)                        # (2, h, w), NaN = missing
         db = sar.to_db(bands, self.s1_units, self.opts.s1_floor_db)
         db[:, np.isnan(db).any(axis=0)] = np.nan
@@ -280,16 +299,22 @@ class RegisteredScene:
         return np.rint(labels).astype(np.uint8)
 
     def _read_dem(self, window: Window) -> np.ndarray:
+        if self._dem is None:
+            return np.full((int(window.height), int(window.width), 4), np.nan, np.float32)
         haloed = Window(window.col_off - 1, window.row_off - 1, window.width + 2, window.height + 2)
         elevation = self._dem.read(haloed)
         xres, yres = self.grid.transform.a, self.grid.transform.e
         return terrain.terrain_channels(elevation, xres, yres)
 
     def nodata_mask(self, arrays: dict) -> np.ndarray:
-        """(h, w) bool: pixels where any source is missing (lulc only when the scene has a file)."""
-        mask = (arrays["s2"] == S2_NODATA).any(axis=-1)
-        mask |= np.isnan(arrays["s1"]).any(axis=-1)
-        mask |= np.isnan(arrays["dem"]).any(axis=-1)
+        """(h, w) bool: pixels where any source is missing (only sources the scene has a file for)."""
+        mask = np.zeros(arrays["lulc"].shape, bool)
+        if self._s2 is not None:
+            mask |= (arrays["s2"] == S2_NODATA).any(axis=-1)
+        if self._s1 is not None:
+            mask |= np.isnan(arrays["s1"]).any(axis=-1)
+        if self._dem is not None:
+            mask |= np.isnan(arrays["dem"]).any(axis=-1)
         if self.has_lulc:
             mask |= arrays["lulc"] == LULC_NODATA
         return mask
@@ -356,11 +381,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-nodata-fraction", type=float, default=0.1)
     parser.add_argument("--target-crs", default=None)
     parser.add_argument("--target-resolution", type=float, default=None)
+    parser.add_argument("--target-grid", default=None, help="GeoTIFF whose grid to use (default: each S2 file's)")
     parser.add_argument("--s1-units", default="auto", choices=sar.UNITS)
     parser.add_argument("--allow-missing-lulc", action="store_true", help="scenes may lack <scene>_lulc.tif")
     args = parser.parse_args(argv)
     opts = IngestOptions(tile_size=args.tile_size, stride=args.stride, max_nodata_fraction=args.max_nodata_fraction,
                          target_crs=args.target_crs, target_resolution=args.target_resolution,
+                         target_grid=args.target_grid,
                          s1_units=args.s1_units)
     report = IngestReport()
     try:

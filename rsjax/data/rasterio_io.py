@@ -35,6 +35,7 @@ WHAT = {
     "s1": "Sentinel-1 SAR (VV, VH)",
     "lulc": "land cover labels",
     "dem": "elevation (DEM)",
+    "grid": "target grid",
 }
 
 

@@ -151,8 +151,21 @@ def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> Sour
         return SourceSpec(role=role, path=Path(path), bands=bands, nodata=nodata, units=units)
 
 
+def grid_of_file(path: Path, opts) -> TargetGrid:
+    """The target grid taken from any GeoTIFF (`opts.target_grid`), by the rule used for S2 files."""
+    with open_raster(path, "grid") as ds:
+        if ds.crs is None:
+            raise InputError(f"{path}: has no CRS, so its grid cannot be the target grid. Choose a "
+                             "georeferenced GeoTIFF as the target grid.")
+        return target_grid_for(ds, opts.target_crs, opts.target_resolution)
+
+
 def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, SourceSpec]]:
     """Validates all files of a scene. Returns the target grid and a SourceSpec per source.
+
+    The grid comes from `opts.target_grid` (a GeoTIFF path) when set, else from
+    the S2 file. Sources that are None are skipped (lulc in training data;
+    any of s2, s1, dem when predicting from the others, with a target grid).
 
     Raises InputError listing every problem found (one line per file), or
     ValueError for options that cannot work (e.g. a geographic target CRS).
@@ -160,13 +173,24 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
     problems: list[str] = []
     specs: dict[str, SourceSpec] = {}
     grid = None
+    grid_file = getattr(opts, "target_grid", None)
     try:
-        specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
-        with open_raster(scene.s2, "s2") as ds:
-            grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
+        if grid_file is not None:
+            grid = grid_of_file(Path(grid_file), opts)
+        elif scene.s2 is None:
+            raise InputError(
+                f"scene '{scene.scene_id}' has no optical (S2) file to take the target grid from: "
+                "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
+        else:
+            specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
+            with open_raster(scene.s2, "s2") as ds:
+                grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
         problems.append(str(err))
-    roles = ["s1", "dem"] + (["lulc"] if scene.lulc is not None else [])
+    # A scene read for prediction may lack any source but the one the grid comes from;
+    # S2 was inspected above unless another file gives the grid.
+    roles = [r for r in ("s2", "s1", "dem", "lulc")
+             if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:
             specs[role] = inspect_source(Path(getattr(scene, role)), role, grid, opts)

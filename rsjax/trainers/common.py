@@ -13,13 +13,13 @@ import math
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import flags as absl_flags
 from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -62,24 +62,72 @@ def prepare_process() -> None:
     cache, and joining a multi-host job when there is one."""
     setup_logging()
     enable_compilation_cache()
-    maybe_initialize_distributed()
+    if maybe_initialize_distributed() and jax.process_index() > 0:
+        # Every host would print the same INFO lines; warnings and errors stay.
+        logging.getLogger("rsjax").setLevel(logging.WARNING)
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed() -> bool:
     """Joins a multi-host job (Cloud TPU slice, or several local processes).
 
-    On a TPU VM slice `jax.distributed.initialize()` finds its peers by itself;
-    elsewhere the coordinator comes from RSJAX_COORDINATOR, RSJAX_NUM_PROCESSES
-    and RSJAX_PROCESS_ID. Single-process runs do nothing.
+    On a TPU VM slice `jax.distributed.initialize()` finds its peers by itself
+    (from the VM's metadata server, which no environment variable announces:
+    the launcher, `launch.tpu run`, sets RSJAX_DISTRIBUTED=1 to ask for it; on
+    GKE TPU_WORKER_HOSTNAMES is set); elsewhere the coordinator comes from
+    RSJAX_COORDINATOR, RSJAX_NUM_PROCESSES and RSJAX_PROCESS_ID (e.g. several
+    local CPU processes). Single-process runs do nothing. Returns whether it
+    joined a job.
     """
     coordinator = os.environ.get("RSJAX_COORDINATOR")
     if coordinator:
+        missing = [k for k in ("RSJAX_NUM_PROCESSES", "RSJAX_PROCESS_ID") if k not in os.environ]
+        if missing:
+            raise ValueError(f"RSJAX_COORDINATOR={coordinator} is set but {', '.join(missing)} "
+                             "is not: set all three (coordinator host:port, the number of "
+                             "processes, and this process's id from 0).")
+        _enable_cpu_collectives()
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(os.environ["RSJAX_NUM_PROCESSES"]),
             process_id=int(os.environ["RSJAX_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        return True
+    if (os.environ.get("RSJAX_DISTRIBUTED", "0") not in ("", "0")
+            or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")):
         jax.distributed.initialize()
+        return True
+    return False
+
+
+def _enable_cpu_collectives() -> None:
+    """Several CPU processes need a cross-process collectives library for their
+    all-reduces (gradients, BatchNorm statistics); without one XLA fails at
+    the first cross-process step. jax 0.10 defaults to gloo; an environment
+    that turned it off ('none') gets it back. TPUs and GPUs ignore the option."""
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def workdir_path(workdir) -> str:
+    """The run directory as a string every library takes: a local path made
+    absolute (Orbax wants absolute paths), a URI (gs://bucket/run) unchanged.
+    pathlib would turn 'gs://b/x' into 'gs:/b/x'; use etils.epath.Path(...) on
+    the result to join and write."""
+    text = os.fspath(workdir)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def gather_to_host(tree):
+    """Global jax.Arrays -> numpy arrays holding the whole global value, on every
+    process. A batch sharded over several hosts is not addressable by any one of
+    them (np.asarray raises), so its shards are all-gathered first. Collective
+    on multi-host runs: every process must call it, with the same tree."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
 
 
 def create_mesh(devices=None) -> Mesh:
@@ -192,8 +240,9 @@ class Checkpointer:
     Saves are asynchronous; `wait()` blocks until the last one is on disk.
     """
 
-    def __init__(self, workdir: str | Path, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int, async_save: bool = True):
+        # epath: a gs:// workdir stays a URI (Orbax and tensorstore write GCS natively).
+        self.directory = epath.Path(workdir_path(workdir)) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, int(every_steps)), max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)

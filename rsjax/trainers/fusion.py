@@ -23,14 +23,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from pathlib import Path
 from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from rsjax import input_pipeline, losses, metrics
@@ -309,9 +308,10 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
         true01 = input_pipeline.image_to_reflectance01(batch["image"])
         sums = sums.merge(jax.device_get(sums_fn(pred01, true01, batch["valid"])))
         if collect_images and shown is None:
-            shown = {"fake": np.asarray(fake[:collect_images]),
-                     "real": np.asarray(batch["image"][:collect_images]),
-                     "label": np.asarray(batch["label"][:collect_images])}
+            # Gathered from every host (collective: all processes take this branch).
+            shown = common.gather_to_host({"fake": fake, "real": batch["image"],
+                                           "label": batch["label"]})
+            shown = {k: v[:collect_images] for k, v in shown.items()}
     scores = sums.compute()
     scores["sam"] = scores["sam_rad"]
     return scores, shown
@@ -330,8 +330,8 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=N
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
-    workdir = str(Path(workdir).absolute())
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = common.workdir_path(workdir)      # local (made absolute) or gs://
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     # --- mesh -------------------------------------------------------------
@@ -355,8 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
 
     def write_images(step, state, batch, writer):
-        if is_main:
-            _write_images(setup, state, batch, workdir, step)
+        # Every process runs the generator on its part of the batch (a jitted
+        # step over a global array is collective); only process 0 writes.
+        _write_images(setup, state, batch, workdir, step, write=is_main)
 
     def validate(step, state, batch, writer):
         if step != config.total_steps:     # the final evaluation follows anyway
@@ -379,17 +380,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         result.update(scores)
         writer.write_scalars(step, {f"{config.final_eval_split}_{k}": v for k, v in scores.items()})
         if is_main:
-            with open(Path(workdir) / f"eval_{config.final_eval_split}.json", "w") as f:
-                json.dump({"step": step, **scores}, f, indent=2)
+            (epath.Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(
+                json.dumps({"step": step, **scores}, indent=2))
     writer.close()
     return result
 
 
-def _write_images(setup, state, batch, workdir, step):
+def _write_images(setup, state, batch, workdir, step, write: bool = True):
+    """The first 4 examples of `batch` (real, generated, land cover) as a PNG grid.
+    Collective on multi-host runs: call it on every process, `write` on one."""
     n = min(4, batch["image"].shape[0])
     fake = setup.generate_jit(False)(state, batch)
-    rows = {"real": np.asarray(batch["image"][:n]), "generated": np.asarray(fake[:n])}
-    out = Path(workdir) / "images"
-    out.mkdir(exist_ok=True)
-    rows["land cover"] = np.asarray(batch["label"][:n])
-    viz.image_grid(rows, out / f"step_{step:07d}.png")
+    host = common.gather_to_host({"real": batch["image"], "generated": fake,
+                                  "land cover": batch["label"]})
+    if write:
+        rows = {k: v[:n] for k, v in host.items()}
+        viz.image_grid(rows, epath.Path(workdir) / "images" / f"step_{step:07d}.png")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from pathlib import Path
 from typing import Optional
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from rsjax import input_pipeline, losses, metrics
@@ -119,9 +119,10 @@ def evaluate_split(setup: Setup, state, config, split: str, mesh,
         cm += np.asarray(jax.device_get(step(state, batch)), np.int64)
         if collect and shown is None:
             logits = setup.jitted("predict", functools.partial(predict, setup))(state, batch["image"])
-            shown = {"image": np.asarray(batch["image"][:collect]),
-                     "label": np.asarray(batch["label"][:collect]),
-                     "pred": np.asarray(jnp.argmax(logits[:collect], -1))}
+            # Gathered from every host (collective: all processes take this branch).
+            shown = common.gather_to_host({"image": batch["image"], "label": batch["label"],
+                                           "pred": jnp.argmax(logits, -1)})
+            shown = {k: v[:collect] for k, v in shown.items()}
     scores = metrics.segmentation_scores(cm)
     return scores, cm, shown
 
@@ -135,8 +136,8 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=N
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
-    workdir = str(Path(workdir).absolute())
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = common.workdir_path(workdir)      # local (made absolute) or gs://
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     mesh = common.create_mesh(devices)
@@ -155,15 +156,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state = common.init_replicated(setup.init_state, mesh)
 
     step_fn = jax.jit(functools.partial(train_step, setup, class_weights), donate_argnums=(0,))
-    history_path = Path(workdir) / "val_history.jsonl"
+    history_path = epath.Path(workdir) / "val_history.jsonl"
+    history = []
 
     def validate(step, state, batch, writer):
         scores, _, _ = evaluate_split(setup, state, config, "validation", mesh)
         writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items() if np.isscalar(v)})
         if is_main:   # the learning curve of Figure 8
-            with open(history_path, "a") as f:
-                f.write(json.dumps({"step": step, "miou": scores["miou"],
-                                    "accuracy": scores["accuracy"]}) + "\n")
+            if not history and history_path.exists():     # a resumed run extends its file
+                history.append(history_path.read_text())
+            history.append(json.dumps({"step": step, "miou": scores["miou"],
+                                       "accuracy": scores["accuracy"]}) + "\n")
+            # Rewritten whole: objects on Cloud Storage cannot be appended to.
+            history_path.write_text("".join(history))
 
     state, step, preempted, writer = common.run_loop(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
@@ -178,13 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                            collect=4)
         result.update({k: v for k, v in scores.items()})
         if is_main:
-            (Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(json.dumps(
+            (epath.Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(json.dumps(
                 {"step": step, **scores, "confusion_matrix": cm.tolist()}, indent=2,
                 default=lambda x: np.asarray(x).tolist()))
             if shown is not None:
                 from rsjax import viz
                 viz.image_grid({"image": shown["image"], "truth": shown["label"],
                                 "prediction": shown["pred"]},
-                               Path(workdir) / f"eval_{config.final_eval_split}.png")
+                               epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
     writer.close()
     return result

@@ -1,0 +1,1 @@
+"""Cloud TPU VM launch scripts for rsjax: `python -m launch.tpu --help`."""

@@ -1,0 +1,639 @@
+"""Whole-scene prediction to GeoTIFF.
+
+    # synthetic optical image from SAR, land cover and terrain (a fusion run)
+    python -m rsjax.predict --workdir work/fusion_demo --s1 scene_s1.tif \\
+        --lulc scene_lulc.tif --dem scene_dem.tif --out scene_synthetic_s2.tif
+    # land-cover map from an optical image (a segmentation run)
+    python -m rsjax.predict --workdir work/seg_real --s2 scene_s2.tif --out scene_lulc_pred.tif
+
+The workdir's saved config (`config.json`, written by `python -m rsjax.train`)
+says which trainer made the checkpoint, so which inputs are needed (`--config`
+overrides it, as in `rsjax.evaluate`), the tile size, and the dataset whose
+stored train-split statistics normalize the inputs exactly as in training.
+
+The steps:
+1. registration: the inputs go through ingestion's own code
+   (`rsjax.data.ingest.RegisteredScene`): the same validation, resampling,
+   SAR-to-dB conversion, DEM void filling and slope/aspect/hillshade on the
+   target grid. The target grid is `target_grid` (any GeoTIFF) when given,
+   else the land-cover file (fusion; without one the S1 file, then the DEM
+   file) or the S2 file (segmentation), by ingestion's rule: a metric file's
+   own grid, a geographic one's UTM zone at its pixel size in whole metres;
+   `target_crs` / `target_resolution` change it as in ingestion.
+2. tiled inference: tiles of the training tile size at a step of
+   `tile - overlap` (default overlap: a quarter tile), the last tile of a row
+   or column flush with the scene's edge; a scene smaller than a tile is
+   padded with no-data. Tiles go through the trainer's jitted eval-mode model
+   (EMA weights when the config evaluates with them) in batches sharded over
+   the devices of this process.
+3. blending: each tile's output is weighted by a flat-top window with
+   squared-cosine ramps over the overlap (`blend_window`); weighted sums and
+   weights are accumulated and divided, so overlapping tiles cross-fade with
+   weights that sum to one and there are no seams. Fusion blends the model's
+   image, segmentation blends softmax probabilities and then takes the argmax.
+4. writing: a tiled (256 x 256 blocks), deflate-compressed (horizontal
+   predictor) GeoTIFF with the target grid's CRS and transform. Fusion:
+   uint16 surface reflectance x 10000 (B2, B3, B4, B8; the dataset's S2 unit),
+   0 = no data wherever a source the model takes is missing. Segmentation:
+   uint8 Dynamic World labels with Dynamic World's colour map, 255 = no data
+   wherever the optical image is missing. The file is written under a
+   temporary name in the output folder and renamed when complete, so a failed
+   run leaves no half-written output (and keeps an older file of that name).
+
+Each tile is read through its own window of the target grid, exactly as
+ingestion reads a training tile, so a tile of the scene at a training tile's
+place gets the very inputs that tile had. Memory is bounded by two batches of
+tiles and the output accumulators of the rows that tiles in flight touch (a
+row of tiles plus one block row, about `(tile + 256) x width x channels`
+float32, when a batch holds less than a row of tiles), never by the scene's
+height. Runs in one process, on its local devices.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from rsjax.data.contract import (LULC_CLASSES, LULC_NODATA, LULC_PALETTE, NUM_CLASSES, S2_BANDS,
+                                 S2_NODATA, InputError, ScenePaths)
+
+log = logging.getLogger("rsjax")
+
+OUTPUT_BLOCK = 256          # GeoTIFF block side of the outputs (and rows written at a time)
+
+
+# ---------------------------------------------------------------------------
+# Tiling and blending (pure numpy)
+# ---------------------------------------------------------------------------
+def tile_offsets(length: int, tile: int, step: int) -> list[int]:
+    """Offsets of tiles of side `tile` that cover [0, length): 0, step, 2 step, ...
+    and a last tile flush with the far edge (nearer than `step` to the one
+    before it when the length is not a multiple). A length shorter than a
+    tile gets one tile at 0 that reaches past the edge (its input is padded)."""
+    if tile < 1 or not 1 <= step <= tile:
+        raise ValueError(f"need tile >= 1 and 1 <= step <= tile, got tile={tile}, step={step}")
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    if length <= tile:
+        return [0]
+    offsets = list(range(0, length - tile + 1, step))
+    if offsets[-1] != length - tile:
+        offsets.append(length - tile)
+    return offsets
+
+
+def blend_weights_1d(tile: int, overlap: int) -> np.ndarray:
+    """(tile,) float64 weights: 1 in the middle, squared-cosine ramps over
+    `overlap` pixels at both ends.
+
+    The rising ramp is sin^2(pi/2 (i + 1/2) / overlap) for i < overlap. Tiles
+    `tile - overlap` apart overlap where one falls as cos^2 and the next rises
+    as sin^2, so their weights sum to exactly 1 there (a partition of unity):
+    the blend cross-fades from one tile to the next. The half-pixel offset
+    keeps every weight above 0, so a pixel covered by one ramp only (at the
+    scene's edges) still gets that tile's value once divided by the weights.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
+    i = np.arange(tile, dtype=np.float64)
+    if overlap == 0:
+        return np.ones(tile)
+    rise = np.sin(0.5 * np.pi * np.minimum((i + 0.5) / overlap, 1.0)) ** 2
+    return np.minimum(rise, rise[::-1])
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """(tile, tile) float32: the separable product of `blend_weights_1d`."""
+    w = blend_weights_1d(tile, overlap)
+    return np.outer(w, w).astype(np.float32)
+
+
+class RowAccumulator:
+    """Weighted sums and weights of the output rows not yet written.
+
+    Holds rows [start, start + n) of the scene's full width; `add` accumulates
+    a tile, `flush` hands finished rows (weighted average, no-data mask) to a
+    writer and drops them.
+    """
+
+    def __init__(self, width: int, channels: int):
+        self.width, self.channels = width, channels
+        self.start = 0
+        self.sums = np.zeros((0, width, channels), np.float32)
+        self.weights = np.zeros((0, width), np.float32)
+        self.nodata = np.zeros((0, width), bool)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.weights)
+
+    def extend_to(self, end: int) -> None:
+        extra = end - self.end
+        if extra > 0:
+            self.sums = np.concatenate([self.sums, np.zeros((extra, self.width, self.channels), np.float32)])
+            self.weights = np.concatenate([self.weights, np.zeros((extra, self.width), np.float32)])
+            self.nodata = np.concatenate([self.nodata, np.zeros((extra, self.width), bool)])
+
+    def add(self, row: int, col: int, values: np.ndarray, weights: np.ndarray) -> None:
+        """values (h, w, C) and weights (h, w) of a tile at (row, col), already cropped to the scene."""
+        h, w = weights.shape
+        r = row - self.start
+        self.sums[r:r + h, col:col + w] += values * weights[..., None]
+        self.weights[r:r + h, col:col + w] += weights
+
+    def or_nodata(self, row: int, col: int, nodata: np.ndarray) -> None:
+        h, w = nodata.shape
+        r = row - self.start
+        self.nodata[r:r + h, col:col + w] |= nodata
+
+    def flush(self, upto: int, write: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+        """Writes rows [start, upto) as weighted averages and forgets them."""
+        k = upto - self.start
+        if k <= 0:
+            return
+        weights = self.weights[:k]
+        if not np.all(weights > 0):
+            raise AssertionError("an output pixel was covered by no tile (tiling bug)")
+        write(self.start, self.sums[:k] / weights[..., None], self.nodata[:k])
+        self.sums, self.weights, self.nodata = self.sums[k:], self.weights[k:], self.nodata[k:]
+        self.start = upto
+
+
+def _pad_tile(array: np.ndarray, tile: int) -> np.ndarray:
+    """A (h, w, ...) tile cut by the scene's edge, padded with zeros (no-data in model space)."""
+    pad = [(0, tile - array.shape[0]), (0, tile - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad) if pad[0][1] or pad[1][1] else array
+
+
+def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels: int,
+                  read_tile: Callable[[int, int, int, int], tuple[dict, np.ndarray]],
+                  predict_batch: Callable[[dict], object],
+                  write_rows: Callable[[int, np.ndarray, np.ndarray], None],
+                  batch_size: int, flush_rows: int = OUTPUT_BLOCK,
+                  on_tiles: Optional[Callable[[int], None]] = None) -> int:
+    """Runs a model over a height x width scene tile by tile and blends the outputs.
+
+    read_tile(row, col, h, w) -> (inputs, nodata): model inputs {name: (h, w, c)}
+        of the window at (row, col) and its (h, w) no-data mask. Each tile is
+        read through its own window, as ingestion reads training tiles (GDAL's
+        warper gives values that differ slightly with the window read through);
+        a pixel is no-data when any tile read says so;
+    predict_batch({name: (batch_size, tile, tile, c)}) -> (batch_size, tile, tile,
+        channels) outputs (numpy or a device array, fetched one batch later, so the
+        host reads the next batch while the devices work);
+    write_rows(row, values, nodata): blended (nrows, width, channels) float32 rows,
+        called in order, `flush_rows` rows at a time (block-aligned writes) and
+        once for the remainder.
+    Tiles stream in row-major order and batches run across rows of tiles (only
+    the scene's last batch is padded, with zero tiles); rows are written once
+    every tile that touches them is in.
+    Returns the number of tiles run.
+    """
+    step = tile - overlap
+    rows = tile_offsets(height, tile, step)
+    cols = tile_offsets(width, tile, step)
+    positions = [(i, row, col) for i, row in enumerate(rows) for col in cols]
+    window = blend_window(tile, overlap)
+    acc = RowAccumulator(width, channels)
+    missing = [len(cols)] * len(rows)        # tiles of each row of tiles not yet accumulated
+    first_open = 0                           # the first row of tiles with tiles missing
+
+    def collect(batch, outputs):
+        nonlocal first_open
+        outputs = np.asarray(outputs, np.float32)
+        for k, (i, row, col) in enumerate(batch):
+            h, w = min(tile, height - row), min(tile, width - col)
+            acc.add(row, col, outputs[k, :h, :w], window[:h, :w])
+            missing[i] -= 1
+        while first_open < len(rows) and missing[first_open] == 0:
+            first_open += 1
+        # Rows above the first incomplete row of tiles are final: write them in whole blocks.
+        upto = height if first_open == len(rows) else (rows[first_open] // flush_rows) * flush_rows
+        acc.flush(upto, write_rows)
+        if on_tiles is not None:
+            on_tiles(len(batch))
+
+    pending: collections.deque = collections.deque()
+    for b in range(0, len(positions), batch_size):
+        batch = positions[b:b + batch_size]
+        tiles = []
+        for _, row, col in batch:
+            h, w = min(tile, height - row), min(tile, width - col)
+            inputs, nodata = read_tile(row, col, h, w)
+            acc.extend_to(row + h)
+            acc.or_nodata(row, col, nodata)
+            tiles.append({k: _pad_tile(v, tile) for k, v in inputs.items()})
+        tiles += [{k: np.zeros_like(v) for k, v in tiles[0].items()}] * (batch_size - len(tiles))
+        stacked = {k: np.stack([t[k] for t in tiles]) for k in tiles[0]}
+        pending.append((batch, predict_batch(stacked)))
+        if len(pending) > 1:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+    return len(positions)
+
+
+# ---------------------------------------------------------------------------
+# Output GeoTIFFs
+# ---------------------------------------------------------------------------
+def output_profile(grid, count: int, dtype: str, nodata: float, block: int = OUTPUT_BLOCK) -> dict:
+    """Tiled, deflate-compressed GeoTIFF on the target grid (horizontal predictor for integers)."""
+    return dict(driver="GTiff", width=grid.width, height=grid.height, count=count, dtype=dtype,
+                crs=grid.crs, transform=grid.transform, nodata=nodata, tiled=True,
+                blockxsize=block, blockysize=block, compress="deflate", predictor=2,
+                BIGTIFF="IF_SAFER")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it to `path` when the block
+    succeeds and deletes it when it fails, so `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _palette_colormap() -> dict[int, tuple[int, int, int, int]]:
+    """Dynamic World's colours for labels 0..8; every other value (255 = no data) transparent."""
+    cmap = {i: (0, 0, 0, 0) for i in range(256)}
+    for label, hex_colour in enumerate(LULC_PALETTE):
+        h = hex_colour.lstrip("#")
+        cmap[label] = (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255)
+    return cmap
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, configs and statistics
+# ---------------------------------------------------------------------------
+def load_run_config(workdir: str | os.PathLike):
+    """The config a training run saved in its workdir (`config.json`) as a ConfigDict."""
+    import ml_collections
+
+    from rsjax import logging_utils
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise InputError(f"{workdir}: workdir does not exist. Pass the workdir of a training run "
+                         "(python -m rsjax.train --workdir ...).")
+    path = workdir / logging_utils.CONFIG_FILE
+    if not path.exists():
+        raise InputError(f"{path}: no saved config in the workdir. Pass the workdir of a training run, "
+                         "or give the training config with --config.")
+    raw = json.loads(path.read_text())
+    # JSON has no tuples: the sources come back as a list.
+    raw["data"]["sources"] = tuple(raw["data"].get("sources") or ())
+    return ml_collections.ConfigDict(raw)
+
+
+def dataset_normalizer(data_cfg, data_dir: Optional[str] = None):
+    """The training dataset's Normalizer (its stored train-split statistics)."""
+    from rsjax import input_pipeline
+
+    if data_dir is not None:
+        data_cfg = data_cfg.copy_and_resolve_references()
+        data_cfg.data_dir = str(data_dir)
+    builder = input_pipeline.get_builder(data_cfg)
+    if not builder.is_prepared():
+        raise InputError(
+            f"the training dataset {data_cfg.name} (tile size {data_cfg.tile_size}) is not in "
+            f"{data_cfg.data_dir}: its stored statistics normalize the inputs as in training. "
+            "Pass --data_dir with the TFDS data_dir of the training run.")
+    return input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
+
+
+def _batch_size(requested: Optional[int], config, num_devices: int) -> int:
+    size = int(requested or config.get("eval_batch_size", num_devices))
+    if size < 1:
+        raise ValueError(f"batch_size must be positive, got {size}")
+    return math.ceil(size / num_devices) * num_devices       # a whole share per device
+
+
+def _overlap(overlap: Optional[int], tile: int) -> int:
+    overlap = tile // 4 if overlap is None else int(overlap)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap={overlap}: must be in [0, {tile}) pixels (the tile size is {tile})")
+    return overlap
+
+
+def _local_devices(devices):
+    import jax
+
+    if jax.process_count() > 1:
+        raise ValueError("rsjax.predict runs in one process (on its local devices); run it "
+                         "without jax.distributed, one scene per process.")
+    return list(devices) if devices is not None else jax.local_devices()
+
+
+def _sharded_predictor(fn, state, mesh):
+    """numpy batch -> device outputs of the jitted `fn(state, batch)`, batch split over the mesh."""
+    import jax
+
+    from rsjax.trainers import common
+
+    sharding = common.batch_sharding(mesh)
+
+    def predict_batch(batch):
+        return fn(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+
+    return predict_batch
+
+
+# ---------------------------------------------------------------------------
+# The two modes
+# ---------------------------------------------------------------------------
+def _run(reg, *, tile: int, overlap: int, channels: int, read_tile, predict_batch, batch_size: int,
+         out: Path, profile: dict, to_output: Callable[[np.ndarray, np.ndarray], np.ndarray],
+         descriptions: Sequence[str], tags: Mapping[str, str], colormap=None,
+         progress: bool = True) -> dict:
+    """Tiled prediction of a registered scene into an atomically written GeoTIFF."""
+    import rasterio
+    from rasterio.windows import Window
+    from tqdm import tqdm
+
+    step = tile - overlap
+    total = len(tile_offsets(reg.height, tile, step)) * len(tile_offsets(reg.width, tile, step))
+    started = time.perf_counter()
+    with atomic_output(out) as tmp, rasterio.Env(GDAL_CACHEMAX=64 * 2**20), \
+            rasterio.open(tmp, "w", **profile) as dst, \
+            tqdm(total=total, unit="tile", desc=f"predict {out.name}", disable=not progress) as bar:
+
+        def write_rows(row, values, nodata):
+            data = to_output(values, nodata)                  # (count, nrows, width)
+            dst.write(data, window=Window(0, row, reg.width, data.shape[1]))
+
+        tiles = tiled_predict(reg.height, reg.width, tile=tile, overlap=overlap, channels=channels,
+                              read_tile=read_tile, predict_batch=predict_batch, write_rows=write_rows,
+                              batch_size=batch_size, on_tiles=bar.update)
+        for i, name in enumerate(descriptions, start=1):
+            dst.set_band_description(i, name)
+        dst.update_tags(**tags)
+        if colormap is not None:
+            dst.write_colormap(1, colormap)
+    seconds = time.perf_counter() - started
+    return {"out": str(out), "width": reg.width, "height": reg.height, "crs": reg.grid.crs_string(),
+            "transform": list(reg.grid.transform)[:6], "tile_size": tile, "overlap": overlap,
+            "tiles": tiles, "seconds": round(seconds, 2),
+            "tiles_per_s": round(tiles / seconds, 2) if seconds > 0 else None}
+
+
+def _ingest_options(tile: int, target_grid, target_crs, target_resolution, s1_units: str):
+    from rsjax.data.ingest import IngestOptions
+
+    return IngestOptions(tile_size=max(tile, 3), target_grid=None if target_grid is None else str(target_grid),
+                         target_crs=target_crs, target_resolution=target_resolution, s1_units=s1_units)
+
+
+def _check_trainer(config, expected: str, workdir) -> None:
+    trainer = config.get("trainer")
+    if trainer != expected:
+        other = {"fusion": "predict_fusion (--s1/--lulc/--dem)",
+                 "segmentation": "predict_landcover (--s2)"}.get(trainer, "another command")
+        raise InputError(f"{workdir}: its config is a {trainer!r} run, not {expected!r}; use {other}.")
+
+
+def _as_path(path) -> Optional[Path]:
+    return None if path is None else Path(path)
+
+
+def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_grid=None,
+                   target_crs: Optional[str] = None, target_resolution: Optional[float] = None,
+                   step: Optional[int] = None, overlap: Optional[int] = None,
+                   batch_size: Optional[int] = None, devices=None, config=None,
+                   data_dir: Optional[str] = None, s1_units: str = "auto",
+                   progress: bool = True) -> dict:
+    """A fusion checkpoint over whole-scene S1 / land cover / DEM GeoTIFFs -> a
+    synthetic 4-band optical GeoTIFF at `out` (see the module docstring).
+
+    Only the sources the model was trained on are needed (and read). `step`:
+    checkpoint step (default: the latest); `config`: the training config
+    (default: the workdir's config.json); `data_dir`: where the training
+    dataset is, when not where the config says. Returns a summary dict.
+    """
+    from rasterio.windows import Window
+
+    from rsjax import input_pipeline
+    from rsjax.data.ingest import RegisteredScene
+    from rsjax.trainers import fusion
+
+    if out is None:
+        raise ValueError("out: give the path of the GeoTIFF to write")
+    out = Path(out)
+    config = config if config is not None else load_run_config(workdir)
+    _check_trainer(config, "fusion", workdir)
+    sources = fusion.selected_sources(config)
+    given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem)}
+    flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)", "dem": "--dem (elevation)"}
+    missing = [flags_of[s] for s in sources if given[s] is None]
+    if missing:
+        raise InputError(f"{workdir}: the model was trained on sources {', '.join(sources)}; "
+                         f"also give {', '.join(missing)}.")
+    unused = [s for s in given if given[s] is not None and s not in sources]
+    if unused:
+        log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
+    grid_file = target_grid or next(given[s] for s in ("lulc", "s1", "dem") if given[s] is not None)
+    tile = int(config.data.tile_size)
+    overlap = _overlap(overlap, tile)
+    opts = _ingest_options(tile, grid_file, target_crs, target_resolution, s1_units)
+    scene = ScenePaths(scene_id=out.stem, s2=None, s1=given["s1"] if "s1" in sources else None,
+                       dem=given["dem"] if "dem" in sources else None,
+                       lulc=given["lulc"] if "lulc" in sources else None)
+    normalizer = dataset_normalizer(config.data, data_dir)
+    with RegisteredScene(scene, opts) as reg:
+        devices = _local_devices(devices)
+        setup, state, ckpt_step, mesh = fusion.restore_for_eval(config, str(workdir), step, devices=devices)
+        generate = setup.generate_jit(bool(config.get("eval_use_ema", False)))
+        size = _batch_size(batch_size, config, mesh.devices.size)
+
+        def read_tile(row, col, nrows, ncols):
+            arrays = reg.read(Window(col, row, ncols, nrows))
+            model_inputs = input_pipeline.normalize_tile(arrays, normalizer, sources)
+            return {s: model_inputs[s] for s in sources}, source_nodata(arrays, sources)
+
+        def to_output(values, nodata):
+            s2 = image_to_uint16(values, normalizer)
+            s2[nodata] = S2_NODATA
+            return np.moveaxis(s2, -1, 0)
+
+        tags = {"RSJAX_MODE": "fusion", "RSJAX_WORKDIR": str(Path(workdir).absolute()),
+                "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_GENERATOR": str(config.generator.name),
+                "RSJAX_SOURCES": ",".join(sources), "RSJAX_TILE_SIZE": str(tile),
+                "RSJAX_OVERLAP": str(overlap), "UNITS": "surface reflectance x 10000"}
+        result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
+                      predict_batch=_sharded_predictor(generate, state, mesh), batch_size=size,
+                      out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
+                      to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
+    result.update(mode="fusion", checkpoint_step=int(ckpt_step), sources=list(sources),
+                  devices=int(mesh.devices.size), batch_size=size)
+    return result
+
+
+def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
+                      target_crs: Optional[str] = None, target_resolution: Optional[float] = None,
+                      step: Optional[int] = None, overlap: Optional[int] = None,
+                      batch_size: Optional[int] = None, devices=None, config=None,
+                      data_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """A segmentation checkpoint over a whole-scene S2 GeoTIFF -> a uint8
+    land-cover GeoTIFF at `out` (Dynamic World labels, 255 = no data, with
+    Dynamic World's colour map). Arguments as in `predict_fusion`."""
+    import jax
+
+    from rasterio.windows import Window
+
+    from rsjax import input_pipeline
+    from rsjax.data.ingest import RegisteredScene
+    from rsjax.trainers import segmentation
+
+    if out is None:
+        raise ValueError("out: give the path of the GeoTIFF to write")
+    if s2 is None:
+        raise InputError(f"{workdir}: a land-cover model needs the optical image: give --s2.")
+    out = Path(out)
+    config = config if config is not None else load_run_config(workdir)
+    _check_trainer(config, "segmentation", workdir)
+    tile = int(config.data.tile_size)
+    overlap = _overlap(overlap, tile)
+    opts = _ingest_options(tile, target_grid, target_crs, target_resolution, "auto")
+    scene = ScenePaths(scene_id=out.stem, s2=Path(s2), s1=None, dem=None, lulc=None)
+    normalizer = dataset_normalizer(config.data, data_dir)
+    with RegisteredScene(scene, opts) as reg:
+        devices = _local_devices(devices)
+        setup, state, ckpt_step, mesh = segmentation.restore_for_eval(config, str(workdir), step,
+                                                                      devices=devices)
+
+        def probabilities(state, batch):
+            logits = segmentation.predict(setup, state, batch["image"])
+            return jax.nn.softmax(logits.astype(jax.numpy.float32), axis=-1)
+
+        size = _batch_size(batch_size, config, mesh.devices.size)
+
+        def read_tile(row, col, nrows, ncols):
+            arrays = reg.read(Window(col, row, ncols, nrows))
+            model_inputs = input_pipeline.normalize_tile(arrays, normalizer, ())
+            return {"image": model_inputs["image"]}, ~model_inputs["valid"]
+
+        def to_output(values, nodata):
+            labels = np.argmax(values, axis=-1).astype(np.uint8)
+            labels[nodata] = LULC_NODATA
+            return labels[None]
+
+        tags = {"RSJAX_MODE": "segmentation", "RSJAX_WORKDIR": str(Path(workdir).absolute()),
+                "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_TILE_SIZE": str(tile),
+                "RSJAX_OVERLAP": str(overlap), "CLASSES": ",".join(LULC_CLASSES)}
+        result = _run(reg, tile=tile, overlap=overlap, channels=NUM_CLASSES, read_tile=read_tile,
+                      predict_batch=_sharded_predictor(setup.jitted("predict_probabilities", probabilities),
+                                                       state, mesh),
+                      batch_size=size, out=out,
+                      profile=output_profile(reg.grid, 1, "uint8", LULC_NODATA),
+                      to_output=to_output, descriptions=("label",), tags=tags,
+                      colormap=_palette_colormap(), progress=progress)
+    result.update(mode="segmentation", checkpoint_step=int(ckpt_step),
+                  devices=int(mesh.devices.size), batch_size=size)
+    return result
+
+
+def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> np.ndarray:
+    """(h, w) bool: pixels where any of `sources` is missing (contract no-data)."""
+    mask = np.zeros(arrays["lulc"].shape, bool)
+    if "lulc" in sources:
+        mask |= arrays["lulc"] == LULC_NODATA
+    if "s1" in sources:
+        mask |= np.isnan(arrays["s1"]).any(axis=-1)
+    if "dem" in sources:
+        mask |= np.isnan(arrays["dem"]).any(axis=-1)
+    return mask
+
+
+def image_to_uint16(image: np.ndarray, normalizer) -> np.ndarray:
+    """Model space [-1, 1] -> uint16 reflectance x 10000, valid pixels at least 1
+    (0 is the contract's no-data), as `rsjax.synthesize` stores generated tiles."""
+    from rsjax import input_pipeline
+
+    reflectance = input_pipeline.image_to_reflectance(np.asarray(image, np.float32), normalizer)
+    return np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
+
+
+def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, config=None, **kwargs) -> dict:
+    """Either mode, chosen by the workdir's trainer (fusion or segmentation)."""
+    config = config if config is not None else load_run_config(workdir)
+    if config.get("trainer") == "segmentation":
+        given = [name for name, v in (("--s1", s1), ("--lulc", lulc), ("--dem", dem)) if v is not None]
+        if given:
+            raise InputError(f"{workdir}: a segmentation run maps an optical image (--s2) to land "
+                             f"cover; it takes no {', '.join(given)}.")
+        return predict_landcover(workdir, s2, out, config=config, **kwargs)
+    if s2 is not None:
+        raise InputError(f"{workdir}: a fusion run generates the optical image from --s1, --lulc "
+                         "and --dem; it takes no --s2.")
+    return predict_fusion(workdir, s1, lulc, dem, out, config=config, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def main(argv):
+    del argv
+    import sys
+
+    from absl import flags
+
+    from rsjax.trainers import common
+
+    f = flags.FLAGS
+    common.prepare_process()
+    kwargs = dict(target_grid=f.target_grid, target_crs=f.target_crs,
+                  target_resolution=f.target_resolution, step=f.step, overlap=f.overlap,
+                  batch_size=f.batch_size, data_dir=f.data_dir, config=f.config)
+    try:
+        result = predict(f.workdir, f.out, s1=f.s1, lulc=f.lulc, dem=f.dem, s2=f.s2, **kwargs)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result, indent=2))
+
+
+def define_flags():
+    """Command-line flags, defined only when run as a command, so that importing
+    this module beside other commands (tests, experiments) defines nothing."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, "Workdir of the training run (checkpoints + config.json).")
+    flags.DEFINE_string("out", None, "GeoTIFF to write.")
+    flags.DEFINE_string("s1", None, "Fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB).")
+    flags.DEFINE_string("lulc", None, "Fusion: Dynamic World land-cover GeoTIFF (label).")
+    flags.DEFINE_string("dem", None, "Fusion: elevation GeoTIFF (slope, aspect, hillshade are derived).")
+    flags.DEFINE_string("s2", None, "Segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8).")
+    flags.DEFINE_string("target_grid", None, "GeoTIFF whose grid the output is on (default: the land "
+                        "cover file for fusion, the S2 file for segmentation).")
+    flags.DEFINE_string("target_crs", None, "Output CRS (projected, metres), as in ingestion.")
+    flags.DEFINE_float("target_resolution", None, "Output pixel size in metres, as in ingestion.")
+    flags.DEFINE_integer("overlap", None, "Tile overlap in pixels (default: a quarter of the tile).")
+    flags.DEFINE_integer("batch_size", None, "Tiles per batch (default: the config's eval_batch_size).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir of the training dataset (default: the config's).")
+    config_flags.DEFINE_config_file("config", None, "Training config (default: the workdir's config.json).",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,397 @@
+"""Whole-scene prediction: real GeoTIFFs (the demo dataset's synthetic scenes),
+real Orbax checkpoints written as the trainers write them, the real models on
+8 fake CPU devices."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from trainer_utils import load_config, tiny_fusion_config
+
+from rsjax import predict
+from rsjax.data.contract import InputError, LULC_NODATA, LULC_PALETTE, S2_NODATA
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: workdirs as `python -m rsjax.train` leaves them, and a scene
+# ---------------------------------------------------------------------------
+def _write_workdir(root: Path, config, init_state) -> Path:
+    """config.json and an Orbax checkpoint of the model's initial state (step 0):
+    what a training run writes, without spending the tests' time on GAN steps."""
+    from rsjax import logging_utils
+    from rsjax.trainers import common
+
+    ckpt = common.Checkpointer(root, every_steps=1, keep=1, async_save=False)
+    ckpt.save(0, init_state(), None, force=True)
+    ckpt.close()
+    logging_utils.write_config(config, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fusion_workdir(demo_data_dir, tmp_path_factory) -> Path:
+    from rsjax.trainers import fusion
+
+    config = tiny_fusion_config(demo_data_dir, "pix2pix")
+    setup = fusion.Setup(config, fusion.selected_sources(config))
+    return _write_workdir(tmp_path_factory.mktemp("fusion_run"), config, setup.init_state)
+
+
+@pytest.fixture(scope="module")
+def segmentation_workdir(demo_data_dir, tmp_path_factory) -> Path:
+    from rsjax.trainers import segmentation
+
+    config = load_config("segmentation", "demo")
+    config.data.data_dir = str(demo_data_dir)
+    config.model.width = 4
+    setup = segmentation.Setup(config)
+    return _write_workdir(tmp_path_factory.mktemp("segmentation_run"), config, setup.init_state)
+
+
+@pytest.fixture(scope="module")
+def scene(demo_data_dir):
+    """The first synthetic scene the demo dataset was built from (256 x 256 px S2)."""
+    from rsjax.data.contract import find_scenes
+
+    folder = next(demo_data_dir.rglob("*_s2.tif")).parent
+    return find_scenes(folder)[0]
+
+
+def _scene_tiles(demo_data_dir, scene_id: str) -> list[dict]:
+    """Every tile of one scene in the dataset, from all splits."""
+    from rsjax import input_pipeline
+
+    cfg = tiny_fusion_config(demo_data_dir).data
+    builder = input_pipeline.get_builder(cfg)
+    tiles = []
+    for split in builder.info.splits:
+        source = builder.as_data_source(split=split)
+        for i in range(len(source)):
+            record = source[i]
+            sid = record["scene_id"]
+            if (sid.decode() if isinstance(sid, bytes) else str(sid)) == scene_id:
+                tiles.append(record)
+    return tiles
+
+
+def _window_of(tile_transform, grid_transform: Affine) -> tuple[int, int]:
+    """(row, col) of a tile's origin in the output grid."""
+    t = Affine(*tile_transform)
+    col = (t.c - grid_transform.c) / grid_transform.a
+    row = (t.f - grid_transform.f) / grid_transform.e
+    assert abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
+    return int(round(row)), int(round(col))
+
+
+def _assert_tiled_and_compressed(path) -> None:
+    """Checked in the TIFF's own tags (tifffile), not through GDAL, which wrote them."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and (page.tilewidth, page.tilelength) == (256, 256)
+        assert page.compression.name == "ADOBE_DEFLATE" and page.predictor.name == "HORIZONTAL"
+
+
+def _grid_of(path) -> tuple:
+    with rasterio.open(path) as ds:
+        return ds.crs, ds.transform, ds.width, ds.height
+
+
+# ---------------------------------------------------------------------------
+# Blending (pure numpy)
+# ---------------------------------------------------------------------------
+def test_tile_offsets_cover_the_scene_and_end_flush():
+    assert predict.tile_offsets(256, 64, 64) == [0, 64, 128, 192]      # ingestion's tiles
+    assert predict.tile_offsets(256, 64, 48) == [0, 48, 96, 144, 192]
+    assert predict.tile_offsets(200, 64, 48) == [0, 48, 96, 136]        # last flush with the edge
+    assert predict.tile_offsets(50, 64, 48) == [0]                      # smaller than a tile
+    with pytest.raises(ValueError):
+        predict.tile_offsets(100, 64, 65)
+
+
+def test_blend_weights_are_a_partition_of_unity():
+    tile, overlap = 64, 16
+    w = predict.blend_weights_1d(tile, overlap)
+    assert np.all(w > 0) and w.max() == 1.0
+    np.testing.assert_allclose(w[:overlap] + w[tile - overlap:], 1.0, atol=1e-12)
+    # Tiles at a regular step: the weights sum to 1 away from the scene's ends.
+    length = tile + 3 * (tile - overlap)
+    total = np.zeros(length)
+    for off in predict.tile_offsets(length, tile, tile - overlap):
+        total[off:off + tile] += w
+    np.testing.assert_allclose(total[overlap:length - overlap], 1.0, atol=1e-12)
+    assert np.all(total > 0)
+    np.testing.assert_array_equal(predict.blend_weights_1d(tile, 0), np.ones(tile))
+    window = predict.blend_window(tile, overlap)
+    np.testing.assert_allclose(window, np.outer(w, w), rtol=1e-6)
+
+
+@pytest.mark.parametrize("height,width,tile,overlap", [
+    (150, 170, 32, 8),      # not a multiple of the step: last tiles flush with the edges
+    (20, 50, 32, 8),        # shorter than a tile: padded
+    (64, 64, 32, 0),        # no overlap
+    (97, 33, 16, 15),       # overlap almost a tile: many tiles on each pixel
+])
+def test_blending_identical_tiles_is_the_identity(height, width, tile, overlap):
+    """A model that returns (an affine map of) its input: the blended scene must be
+    exactly that map of the scene, whatever the overlap, at edges and corners too."""
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(height, width, 3)).astype(np.float32)
+    nodata = rng.random((height, width)) < 0.1
+    out = np.full((height, width, 3), np.nan, np.float32)
+    out_nodata = np.zeros((height, width), bool)
+    written = []
+
+    reads = []
+
+    def read_tile(row, col, nrows, ncols):
+        reads.append((row, col, nrows, ncols))
+        return {"x": field[row:row + nrows, col:col + ncols]}, nodata[row:row + nrows, col:col + ncols]
+
+    def write_rows(row, values, mask):
+        written.append((row, len(values)))
+        out[row:row + len(values)] = values
+        out_nodata[row:row + len(values)] = mask
+
+    calls = []
+
+    def model(batch):
+        calls.append(batch["x"].shape)
+        return 2.0 * batch["x"] + 1.0
+
+    n = predict.tiled_predict(height, width, tile=tile, overlap=overlap, channels=3,
+                              read_tile=read_tile, predict_batch=model, write_rows=write_rows,
+                              batch_size=4, flush_rows=16)
+    np.testing.assert_allclose(out, 2.0 * field + 1.0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out_nodata, nodata)
+    rows = predict.tile_offsets(height, tile, tile - overlap)
+    cols = predict.tile_offsets(width, tile, tile - overlap)
+    assert n == len(rows) * len(cols)
+    assert reads == [(r, c, min(tile, height - r), min(tile, width - c)) for r in rows for c in cols]
+    # Batches run across rows of tiles: only the last one is padded (to the batch size).
+    assert len(calls) == -(-n // 4) and all(shape == (4, tile, tile, 3) for shape in calls)
+    # Rows written once each, in order, in whole blocks of 16 except the last write.
+    starts = [r for r, _ in written]
+    assert starts == sorted(starts) and sum(k for _, k in written) == height
+    assert all(r % 16 == 0 for r in starts) and all(k % 16 == 0 for _, k in written[:-1])
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    """atomic_output: a failure mid-write removes the partial file and keeps an older output."""
+    out = tmp_path / "pred.tif"
+    out.write_bytes(b"older result")
+    with pytest.raises(RuntimeError):
+        with predict.atomic_output(out) as tmp:
+            with rasterio.open(tmp, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8",
+                               crs="EPSG:32631", transform=Affine(10, 0, 0, 0, -10, 0)) as dst:
+                dst.write(np.ones((1, 4, 8), np.uint8), window=rasterio.windows.Window(0, 0, 8, 4))
+                raise RuntimeError("the model failed")
+    assert out.read_bytes() == b"older result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.tif"]
+
+
+# ---------------------------------------------------------------------------
+# Fusion
+# ---------------------------------------------------------------------------
+def test_fusion_scene_reproduces_the_training_tiles(fusion_workdir, scene, demo_data_dir, tmp_path):
+    """Predicting the whole scene on the S2 grid with tiles at ingestion's
+    offsets (overlap 0) gives, in every tile's window, what the model gives on
+    that tile as the evaluation pipeline feeds it from the dataset."""
+    import jax
+
+    from rsjax import input_pipeline
+    from rsjax.trainers import fusion
+
+    out = tmp_path / "synthetic_s2.tif"
+    result = predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, out,
+                                    target_grid=scene.s2, overlap=0, progress=False)
+    assert result["checkpoint_step"] == 0 and result["devices"] == len(jax.devices())
+
+    config = predict.load_run_config(fusion_workdir)
+    setup, state, _, mesh = fusion.restore_for_eval(config, str(fusion_workdir))
+    normalizer = predict.dataset_normalizer(config.data)
+    tiles = _scene_tiles(demo_data_dir, scene.scene_id)
+    assert len(tiles) >= 4
+    batches = input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=mesh,
+                                            train=False, seed=0, sources=setup.sources)
+    generated = np.concatenate([np.asarray(setup.generate_jit(False)(state, b)) for b in batches])
+    with rasterio.open(out) as ds:
+        scene_pred = ds.read()                                    # (4, H, W) uint16
+        grid_transform = ds.transform
+    assert scene_pred.std() > 10           # the model's output varies: the comparison can fail
+    for tile, image in zip(tiles, generated):
+        row, col = _window_of(tile["transform"], grid_transform)
+        expected = np.moveaxis(predict.image_to_uint16(image, normalizer), -1, 0)
+        nodata = predict.source_nodata(tile, setup.sources)
+        expected[:, nodata] = S2_NODATA
+        got = scene_pred[:, row:row + 64, col:col + 64]
+        np.testing.assert_array_equal(got == S2_NODATA, expected == S2_NODATA)
+        assert np.abs(got.astype(np.int32) - expected).max() <= 1, tile["tile_id"]
+
+
+def test_fusion_output_is_on_the_target_grid_tiled_and_compressed(fusion_workdir, scene, tmp_path):
+    """Default grid: the land-cover file's. Any other GeoTIFF can give the grid
+    (here the DEM, in EPSG:4326), by ingestion's rule."""
+    from rsjax.data.ingest import IngestOptions
+    from rsjax.data.validate import grid_of_file
+
+    out = tmp_path / "default_grid.tif"
+    predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, out, progress=False)
+    lulc_crs, lulc_transform, lulc_w, lulc_h = _grid_of(scene.lulc)
+    with rasterio.open(out) as ds:
+        assert ds.crs == lulc_crs and ds.transform == lulc_transform
+        assert (ds.width, ds.height) == (lulc_w, lulc_h)
+        assert ds.count == 4 and ds.dtypes == ("uint16",) * 4 and ds.nodata == S2_NODATA
+        assert ds.descriptions == ("B2", "B3", "B4", "B8")
+        assert ds.tags()["RSJAX_MODE"] == "fusion"
+        data = ds.read()
+    _assert_tiled_and_compressed(out)
+    assert (data > 0).mean() > 0.5
+
+    out30 = tmp_path / "dem_grid.tif"
+    predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, out30,
+                           target_grid=scene.dem, overlap=8, progress=False)
+    expected = grid_of_file(Path(scene.dem), IngestOptions())
+    with rasterio.open(out30) as ds:
+        assert ds.crs == expected.crs and ds.transform.almost_equals(expected.transform)
+        assert (ds.width, ds.height) == (expected.width, expected.height)
+        # The DEM is geographic (1 arc-second): its UTM zone at its pixel size in whole metres.
+        assert ds.crs.is_projected and ds.transform.a == round(ds.transform.a) > 20
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp left
+
+
+def test_bad_inputs_name_the_file_and_leave_no_output(fusion_workdir, scene, tmp_path):
+    out = tmp_path / "out.tif"
+    missing = tmp_path / "no_such_dem.tif"
+    with pytest.raises(InputError, match="no_such_dem.tif") as err:
+        predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, missing, out, progress=False)
+    assert "does not exist" in str(err.value)
+
+    three_bands = tmp_path / "s1_three_bands.tif"
+    with rasterio.open(scene.s1) as src:
+        data, profile = src.read(), src.profile
+    profile.update(count=3)
+    with rasterio.open(three_bands, "w", **profile) as dst:
+        dst.write(np.concatenate([data, data[:1]]))          # no band descriptions
+    with pytest.raises(InputError, match="s1_three_bands.tif.*3 band"):
+        predict.predict_fusion(fusion_workdir, three_bands, scene.lulc, scene.dem, out,
+                               progress=False)
+
+    with pytest.raises(InputError, match="--dem"):
+        predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, None, out, progress=False)
+    with pytest.raises(InputError, match="no saved config"):
+        predict.predict_fusion(tmp_path, scene.s1, scene.lulc, scene.dem, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1_three_bands.tif"]
+
+
+def test_failure_mid_run_keeps_the_older_output(fusion_workdir, scene, tmp_path, monkeypatch):
+    """Reading fails at the third strip of tiles, after the output file was opened."""
+    out = tmp_path / "pred.tif"
+    out.write_bytes(b"older result")
+    real = predict.source_nodata
+    calls = []
+
+    def fails_on_third_strip(arrays, sources):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(arrays, sources)
+
+    monkeypatch.setattr(predict, "source_nodata", fails_on_third_strip)
+    with pytest.raises(RuntimeError, match="disk full"):
+        predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, out,
+                               target_grid=scene.s2, overlap=0, progress=False)
+    assert len(calls) == 3 and out.read_bytes() == b"older result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.tif"]
+
+
+# ---------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------
+def test_landcover_map_on_the_s2_grid(segmentation_workdir, scene, demo_data_dir, tmp_path):
+    from rsjax import input_pipeline
+    from rsjax.trainers import segmentation
+
+    out = tmp_path / "landcover.tif"
+    result = predict.predict(segmentation_workdir, out, s2=scene.s2, overlap=0, progress=False)
+    assert result["mode"] == "segmentation"
+    s2_crs, s2_transform, width, height = _grid_of(scene.s2)
+    with rasterio.open(out) as ds:
+        assert ds.crs == s2_crs and ds.transform == s2_transform
+        assert (ds.width, ds.height) == (width, height)
+        assert ds.count == 1 and ds.dtypes == ("uint8",) and ds.nodata == LULC_NODATA
+        cmap = ds.colormap(1)
+        labels = ds.read(1)
+    _assert_tiled_and_compressed(out)
+    assert cmap[1][:3] == tuple(int(LULC_PALETTE[1][i:i + 2], 16) for i in (1, 3, 5))
+    assert set(np.unique(labels)) <= set(range(9)) | {LULC_NODATA}
+
+    # The tiles of the dataset, as the evaluation feeds them: the same labels.
+    config = predict.load_run_config(segmentation_workdir)
+    setup, state, _, mesh = segmentation.restore_for_eval(config, str(segmentation_workdir))
+    normalizer = predict.dataset_normalizer(config.data)
+    tiles = _scene_tiles(demo_data_dir, scene.scene_id)
+    batches = input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=mesh,
+                                            train=False, seed=0, sources=())
+    model = setup.jitted("predict", functools.partial(segmentation.predict, setup))
+    logits = [(np.asarray(model(state, b["image"])), np.asarray(b["valid"])) for b in batches]
+    expected = np.concatenate([np.where(v, np.argmax(l, -1), LULC_NODATA) for l, v in logits])
+    agree = []
+    for tile, exp in zip(tiles, expected):
+        row, col = _window_of(tile["transform"], s2_transform)
+        agree.append(labels[row:row + 64, col:col + 64] == exp)
+    assert np.mean(agree) > 0.999        # argmax ties of near-equal probabilities may flip
+
+
+# ---------------------------------------------------------------------------
+# Registration without an S2 file (the ingest.py change prediction needs)
+# ---------------------------------------------------------------------------
+def test_scene_without_s2_registers_on_a_chosen_grid(scene):
+    """Another file's grid (here the S2 file's, named as target_grid) gives the
+    same arrays as ingestion of the full scene; the absent S2 reads as no-data
+    and does not count as missing."""
+    import dataclasses
+
+    from rasterio.windows import Window
+
+    from rsjax.data.ingest import IngestOptions, RegisteredScene
+
+    window = Window(64, 128, 64, 64)
+    with RegisteredScene(scene, IngestOptions(tile_size=64)) as full:
+        expected = full.read(window)
+        expected_mask = full.nodata_mask(expected)
+    no_s2 = dataclasses.replace(scene, s2=None)
+    with RegisteredScene(no_s2, IngestOptions(tile_size=64, target_grid=str(scene.s2))) as reg:
+        assert (reg.crs, reg.transform) == (full.crs, full.transform)
+        arrays = reg.read(window)
+        assert not arrays["s2"].any()
+        for key in ("s1", "lulc", "dem"):
+            np.testing.assert_array_equal(arrays[key], expected[key])
+        s2_missing = (expected["s2"] == S2_NODATA).any(axis=-1)
+        np.testing.assert_array_equal(reg.nodata_mask(arrays) | s2_missing, expected_mask)
+    with pytest.raises(InputError, match="no optical"):
+        RegisteredScene(no_s2, IngestOptions(tile_size=64))
+    with pytest.raises(InputError, match="missing_grid.tif.*target grid"):
+        RegisteredScene(no_s2, IngestOptions(tile_size=64, target_grid="missing_grid.tif"))
+
+
+def test_command_line_reports_bad_input_and_exits_2(fusion_workdir, scene, tmp_path):
+    import subprocess
+    import sys
+
+    from trainer_utils import ROOT
+
+    out = tmp_path / "out.tif"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rsjax.predict", f"--workdir={fusion_workdir}", f"--s1={scene.s1}",
+         f"--lulc={scene.lulc}", f"--dem={tmp_path / 'no_dem.tif'}", f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no_dem.tif" in proc.stderr and "does not exist" in proc.stderr
+    assert not out.exists()
