@@ -102,6 +102,45 @@ def test_conv2d_matches_numpy_convolution():
     np.testing.assert_allclose(wide(jnp.asarray(x)), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 1, 1), (4, 2, 1), (4, 1, 2), (1, 1, 0)])
+def test_conv2d_matmul_path_matches_numpy_and_the_convolution_gradients(
+        kernel_size, stride, padding, monkeypatch):
+    """The im2col matmul form Conv2d uses on CPU for big kernels on small images
+    gives NumPy's convolution, and the same output and gradients (kernel, input,
+    through spectral norm's sigma) as the convolution form."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 6, 3)), jnp.float32)
+    conv = layers.Conv2d(3, 5, kernel_size, stride=stride, padding=padding, spectral_norm=True,
+                         rngs=rngs(0))
+    conv.bias[...] = jnp.arange(5.0)
+    conv.eval()  # fixed u, v: both forms see the same sigma
+    graph, params, rest = nnx.split(conv, nnx.Param, ...)
+
+    def loss_and_grads(use_matmul):
+        monkeypatch.setattr(layers.Conv2d, "_use_matmul", lambda self, x: use_matmul)
+
+        def loss(params, x):
+            y = nnx.merge(graph, params, rest)(x)
+            return jnp.sum(jnp.sin(y)), y
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return y, grads
+
+    y_mm, g_mm = loss_and_grads(True)
+    y_conv, g_conv = loss_and_grads(False)
+    kernel = np.asarray(conv.normalized_kernel())
+    want = np_conv(np.asarray(x), kernel, np.arange(5.0), stride=stride, pad=padding)
+    np.testing.assert_allclose(y_mm, want, atol=1e-5)
+    np.testing.assert_allclose(y_mm, y_conv, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_mm), jax.tree.leaves(g_conv)):
+        assert float(jnp.max(jnp.abs(b))) > 0
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_conv2d_chooses_the_matmul_form_only_for_big_kernels_on_small_images():
+    conv = layers.Conv2d(64, 64, 3, rngs=rngs(0))
+    assert conv._use_matmul(jnp.zeros((1, 4, 4, 64)))        # 576 kernel columns >= 4 * 16 pixels
+    assert not conv._use_matmul(jnp.zeros((1, 64, 64, 64)))
+
+
 @pytest.mark.parametrize("kernel_size,padding", [(4, 1), (2, 0)])  # pix2pix, RS-UNet
 def test_conv_transpose_matches_pytorch_definition(kernel_size, padding):
     conv = layers.ConvTranspose2d(3, 5, kernel_size, padding=padding, rngs=rngs(0))
