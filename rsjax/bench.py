@@ -13,8 +13,8 @@ Parts (`--parts`, comma-separated):
   multi-scale PatchGAN at full width, hinge + feature matching, both Adam
   updates, EMA, the non-finite guard), jitted with the state donated, on random
   inputs already on the device. images/s, FLOP per step from XLA's cost
-  analysis of the compiled step, achieved FLOP/s, MFU = achieved / peak, and
-  the speed-up over the PyTorch reference (NVlabs SPADE) measured on the
+  analysis of the step traced with plain convolutions (`model_flops`),
+  achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch reference (NVlabs SPADE) measured on the
   development machine (DESIGN.md), for the sizes the reference has.
 - `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
   width 64, depth 5, AdamW).
@@ -69,11 +69,25 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+    """FLOPs of one call of a compiled (or lowered) function, from XLA's cost analysis."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def model_flops(step, *args) -> float | None:
+    """FLOPs of one call of the jitted `step` as the model defines them.
+
+    XLA's cost analysis of the step traced with plain convolutions
+    (`layers.plain_convolutions`), before optimization: Conv2d's CPU rewrites
+    do the same multiply-adds, but partly in a loop whose body the analysis
+    counts once. A fresh `jax.jit` of the same function, so the trace is new.
+    """
+    from rsjax.models import layers
+    with layers.plain_convolutions():
+        fresh = jax.jit(functools.partial(step.__wrapped__))
+        return compiled_flops(fresh.lower(*args))
 
 
 # ---------------------------------------------------------------------------
@@ -103,8 +117,8 @@ def _load_config(path: str, arg: str | None = None):
     return load_config(path, arg)
 
 
-def fusion_config(size: int, batch: int, dtype: str):
-    config = _load_config("configs/fusion.py")
+def fusion_config(size: int, batch: int, dtype: str, config_arg: str = ""):
+    config = _load_config("configs/fusion.py", config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
     config.dtype = dtype
@@ -112,8 +126,8 @@ def fusion_config(size: int, batch: int, dtype: str):
     return config
 
 
-def unet_config(size: int, batch: int, dtype: str):
-    config = _load_config("configs/segmentation.py")
+def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
+    config = _load_config("configs/segmentation.py", config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
     return config
@@ -137,10 +151,11 @@ def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict
     return jax.device_put(host, common.batch_sharding(mesh))
 
 
-def fusion_step(size: int, batch: int, dtype: str, mesh):
-    """(jitted step, state, batch) of the fusion trainer at the full configuration."""
+def fusion_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
+    """(jitted step, state, batch) of the fusion trainer (full configuration
+    unless `config_arg` names a variant, e.g. "demo")."""
     from rsjax.trainers import common, fusion
-    config = fusion_config(size, batch, dtype)
+    config = fusion_config(size, batch, dtype, config_arg)
     sources = fusion.selected_sources(config)
     setup = fusion.Setup(config, sources)
     state = common.init_replicated(setup.init_state, mesh)
@@ -148,9 +163,9 @@ def fusion_step(size: int, batch: int, dtype: str, mesh):
     return step, state, random_batch(size, batch, sources, mesh)
 
 
-def unet_step(size: int, batch: int, dtype: str, mesh):
+def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
     from rsjax.trainers import common, segmentation
-    config = unet_config(size, batch, dtype)
+    config = unet_config(size, batch, dtype, config_arg)
     setup = segmentation.Setup(config)
     state = common.init_replicated(setup.init_state, mesh)
     weights = jnp.ones((9,), jnp.float32)
@@ -160,14 +175,14 @@ def unet_step(size: int, batch: int, dtype: str, mesh):
 
 
 def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
-                    steps: int) -> dict:
+                    steps: int, config_arg: str = "") -> dict:
     """Compiles one train step and times `steps` calls of it, state fed back
     (donated) as in training, waiting on each step's metrics."""
-    step, state, data = make(size, batch, dtype, mesh)
+    step, state, data = make(size, batch, dtype, mesh, config_arg)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
+    flops = model_flops(step, state, data)
     state, m = compiled(state, data)          # warm-up (first-call allocations)
     jax.block_until_ready(m)
     times = []
@@ -180,6 +195,8 @@ def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
     out = {"size": size, "batch": batch, "dtype": dtype,
            "seconds_per_step": round(seconds, 4), "seconds_min": round(min(times), 4),
            "images_per_s": round(batch / seconds, 4), "compile_s": round(compile_s, 1)}
+    if config_arg:
+        out["config_arg"] = config_arg
     if flops is not None:
         out["gflop_per_step"] = round(flops / 1e9, 2)
         out["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
@@ -196,7 +213,8 @@ def add_ratios(entry: dict, peak_gflops: float | None, num_devices: int) -> dict
 
 def add_reference(entry: dict) -> dict:
     ref = PYTORCH_REFERENCE.get(entry["size"])
-    if ref and entry["batch"] == 1 and entry["dtype"] == "float32":
+    # The reference is the full-width model: a variant is not comparable.
+    if ref and entry["batch"] == 1 and entry["dtype"] == "float32" and not entry.get("config_arg"):
         ref_images_per_s = 1.0 / ref["seconds_per_step"][0]
         entry["pytorch_reference_images_per_s"] = round(ref_images_per_s, 4)
         entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / ref_images_per_s, 2)
@@ -254,6 +272,8 @@ def parse_args(argv):
                    help="square matmul sizes for the peak (default 2048,4096; 8192 on GPU/TPU)")
     p.add_argument("--data_dir", default=str(REPO_ROOT / "work" / "tensorflow_datasets"),
                    help="where the demo dataset is (built if missing) for the pipeline part")
+    p.add_argument("--config_arg", default="",
+                   help="config variant for both steps, e.g. 'demo' (default: the full model)")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
@@ -298,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             for batch in args.batches:
                 _log(f"{part} train step {batch}x{size}x{size} ({args.dtype}) ...")
-                entry = time_train_step(make, size, batch, args.dtype, mesh, steps=args.steps)
+                entry = time_train_step(make, size, batch, args.dtype, mesh, steps=args.steps,
+                                        config_arg=args.config_arg)
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
                     add_reference(entry)

@@ -141,6 +141,49 @@ def test_conv2d_chooses_the_matmul_form_only_for_big_kernels_on_small_images():
     assert not conv._use_matmul(jnp.zeros((1, 64, 64, 64)))
 
 
+@pytest.mark.parametrize("kernel_size,padding", [(3, 1), (4, 2), (3, ((0, 2), (1, 0)))])
+def test_conv2d_row_chunked_kernel_gradient_matches_the_convolution_gradients(
+        kernel_size, padding):
+    """Conv2d's CPU kernel gradient (patches^T @ dy over chunks of rows, the last
+    chunk padded: 37 rows in chunks of 25) gives the convolution's output and
+    gradients (kernel, input, through spectral norm's sigma)."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 37, 40, 5)), jnp.float32)
+    conv = layers.Conv2d(5, 128, kernel_size, padding=padding, spectral_norm=True, rngs=rngs(0))
+    conv.bias[...] = jnp.linspace(-1, 1, 128)
+    conv.eval()
+    graph, params, rest = nnx.split(conv, nnx.Param, ...)
+
+    def loss_and_grads(params, x):
+        def loss(params, x):
+            y = nnx.merge(graph, params, rest)(x)
+            return jnp.sum(jnp.sin(y)), y
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return y, grads
+
+    if jax.default_backend() == "cpu":
+        assert conv._use_row_kernel_grad(x) and not conv._use_matmul(x)
+    y_rows, g_rows = loss_and_grads(params, x)
+    with layers.plain_convolutions():
+        assert not conv._use_row_kernel_grad(x)
+        y_conv, g_conv = jax.jit(loss_and_grads)(params, x)
+    np.testing.assert_allclose(y_rows, y_conv, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_rows), jax.tree.leaves(g_conv)):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert scale > 0
+        # Sums over 2960 pixels in another order: float32 noise relative to the
+        # largest entry (~2e4 for the kernel), not to each entry.
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_conv2d_uses_the_row_kernel_gradient_for_wide_stride_1_outputs_only():
+    x = jnp.zeros((1, 64, 64, 32))
+    assert layers.Conv2d(32, 128, 3, rngs=rngs(0))._use_row_kernel_grad(x) == (
+        jax.default_backend() == "cpu")
+    assert not layers.Conv2d(32, 64, 3, rngs=rngs(0))._use_row_kernel_grad(x)
+    assert not layers.Conv2d(32, 128, 4, stride=2, rngs=rngs(0))._use_row_kernel_grad(x)
+    assert not layers.Conv2d(32, 128, 1, rngs=rngs(0))._use_row_kernel_grad(x)
+
+
 @pytest.mark.parametrize("kernel_size,padding", [(4, 1), (2, 0)])  # pix2pix, RS-UNet
 def test_conv_transpose_matches_pytorch_definition(kernel_size, padding):
     conv = layers.ConvTranspose2d(3, 5, kernel_size, padding=padding, rngs=rngs(0))

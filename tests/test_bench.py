@@ -1,0 +1,98 @@
+"""python -m rsjax.bench: the JSON report's figures are consistent with each other,
+the FLOP count with an analytic one, and the MFU with the measured peak."""
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rsjax import bench
+
+
+def test_matmul_peak_is_the_best_size():
+    peak = bench.matmul_peak("float32", (128, 256), repeats=2)
+    by_size = peak["gflop_per_s_by_size"]
+    assert set(by_size) == {"128", "256"} and min(by_size.values()) > 0
+    assert peak["gflop_per_s"] == max(by_size.values())
+
+
+def test_compiled_flops_of_a_matmul_match_the_analytic_count():
+    a = jnp.ones((64, 96))
+    b = jnp.ones((96, 32))
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    assert bench.compiled_flops(compiled) == pytest.approx(2 * 64 * 96 * 32, rel=0.01)
+
+
+def test_reference_ratio_is_only_given_for_the_full_model_at_batch_1():
+    full = bench.add_reference({"size": 128, "batch": 1, "dtype": "float32",
+                                "images_per_s": 0.5})
+    # The reference is 2.8 s per image: 0.5 images/s is 1.4x.
+    assert full["speedup_vs_pytorch"] == pytest.approx(0.5 * 2.8, abs=0.01)
+    for other in ({"size": 128, "batch": 4, "dtype": "float32", "images_per_s": 1.0},
+                  {"size": 128, "batch": 1, "dtype": "bfloat16", "images_per_s": 1.0},
+                  {"size": 128, "batch": 1, "dtype": "float32", "images_per_s": 1.0,
+                   "config_arg": "demo"},
+                  {"size": 64, "batch": 1, "dtype": "float32", "images_per_s": 1.0}):
+        assert "speedup_vs_pytorch" not in bench.add_reference(dict(other))
+
+
+def test_bench_reports_steps_mfu_and_pipeline_headroom_as_json(demo_data_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--parts", "matmul,fusion,unet,pipeline", "--sizes", "64",
+                         "--batches", "2", "--steps", "1", "--config_arg", "demo",
+                         "--matmul_sizes", "512", "--data_dir", str(demo_data_dir),
+                         "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert json.loads(capsys.readouterr().out) == report
+    peak = report["matmul_peak"]["gflop_per_s"]
+    for part in ("fusion", "unet"):
+        (entry,) = report[part]
+        assert (entry["size"], entry["batch"], entry["config_arg"]) == (64, 2, "demo")
+        assert entry["images_per_s"] == pytest.approx(2 / entry["seconds_per_step"], rel=0.01)
+        assert entry["gflop_per_step"] > 0
+        assert entry["gflop_per_s"] == pytest.approx(
+            entry["gflop_per_step"] / entry["seconds_per_step"], rel=0.01)
+        assert entry["mfu"] == pytest.approx(entry["gflop_per_s"] / peak, abs=0.002)
+    # The GAN step (two networks, two updates) costs more than the U-Net's.
+    assert report["fusion"][0]["gflop_per_step"] > report["unet"][0]["gflop_per_step"]
+    pipe = report["pipeline"]
+    assert pipe["megapixels_per_s"] == pytest.approx(
+        pipe["tiles_per_s"] * 64 * 64 / 1e6, rel=0.01)
+    (headroom,) = pipe["against_fusion_step"]
+    need = report["fusion"][0]["images_per_s"] * 64 * 64 / 1e6
+    assert headroom["pipeline_over_step"] == pytest.approx(pipe["megapixels_per_s"] / need,
+                                                           rel=0.05)
+
+
+def test_bench_rejects_unknown_parts_and_indivisible_batches():
+    with pytest.raises(SystemExit):
+        bench.main(["--parts", "fusion,gpu"])
+    with pytest.raises(SystemExit):
+        bench.main(["--batches", "3", "--devices", str(max(2, jax.device_count()))])
+
+
+def test_model_flops_count_the_convolution_rewrites_in_full():
+    from flax import nnx
+
+    from rsjax.models import layers
+
+    # 3x3, 8 -> 128 channels on 64x64: on CPU the kernel gradient runs as a
+    # loop over 2 chunks of rows, whose body XLA's cost analysis counts once.
+    conv = layers.Conv2d(8, 128, 3, use_bias=False, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 64, 64, 8))
+
+    graphdef, kernel = nnx.split(conv)
+
+    @jax.jit
+    def step(kernel, x):
+        def loss(kernel, x):
+            return jnp.sum(nnx.merge(graphdef, kernel)(x) ** 2)  # needs the forward
+        return jax.grad(loss, argnums=(0, 1))(kernel, x)
+
+    # Forward, input gradient, kernel gradient: 3 x 2 x taps x C x O per pixel
+    # (SAME padding: XLA leaves out the taps on the zero border, a few %).
+    analytic = 3 * 2 * 64 * 64 * 9 * 8 * 128
+    assert bench.model_flops(step, kernel, x) == pytest.approx(analytic, rel=0.05)
+    if jax.default_backend() == "cpu" and conv._use_row_kernel_grad(x):
+        counted = bench.compiled_flops(step.lower(kernel, x).compile())
+        assert counted < 0.9 * analytic
