@@ -114,12 +114,18 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
         sources=setup.sources))
     poisoned = dict(batch, image=batch["image"] * np.nan)
     step = jax.jit(functools.partial(fusion.train_step, setup))
-    before = _numpy(state["g"])
+    frozen = ("g", "d", "g_opt", "d_opt", "ema")
+    before = _numpy({k: state[k] for k in frozen})
     state, m = step(state, poisoned)
     assert int(m["nonfinite"]) == 1 and int(state["step"]) == 1
-    jax.tree.map(np.testing.assert_array_equal, before, _numpy(state["g"]))
+    # Everything but the step and the counter is as it was: both networks (and
+    # their statistics), both optimizers, the EMA.
+    jax.tree.map(np.testing.assert_array_equal, before, _numpy({k: state[k] for k in frozen}))
     state, m = step(state, batch)          # a finite step resets the counter
-    assert int(m["nonfinite"]) == 0
+    assert int(m["nonfinite"]) == 0 and int(state["step"]) == 2
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["g"],
+                           _numpy(state["g"]))
+    assert any(jax.tree.leaves(changed))
     with pytest.raises(common.NonFiniteLossError, match="non-finite"):
         common.check_nonfinite(3, 3, step=7, workdir="w")
 

@@ -76,3 +76,30 @@ def test_segmentation_trains_and_scores(demo_data_dir, generated_dir, tmp_path, 
     history = [json.loads(l) for l in (tmp_path / "val_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4]
     assert (tmp_path / "eval_test.png").exists()
+
+
+def test_nonfinite_segmentation_step_is_skipped_and_counted(demo_data_dir):
+    import functools
+
+    import jax
+
+    from rsjax import input_pipeline
+    from rsjax.trainers import common, segmentation
+
+    config = tiny_segmentation_config(demo_data_dir)
+    mesh = common.create_mesh()
+    setup = segmentation.Setup(config)
+    state = common.init_replicated(setup.init_state, mesh)
+    batch = next(input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=8, mesh=mesh, train=True, seed=0, sources=()))
+    step = jax.jit(functools.partial(segmentation.train_step, setup, None))
+    host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
+    before = host({"model": state["model"], "opt": state["opt"]})
+    state, m = step(state, dict(batch, image=batch["image"] * np.nan))
+    assert int(m["nonfinite"]) == 1 and int(state["step"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, before,
+                 host({"model": state["model"], "opt": state["opt"]}))
+    state, m = step(state, batch)
+    assert int(m["nonfinite"]) == 0 and int(state["step"]) == 2
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(before["model"]), jax.tree.leaves(host(state["model"]))))

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -178,8 +178,28 @@ def linear_decay_schedule(base_lr: float, total_steps: int, decay_start_step: Op
 
 
 # ---------------------------------------------------------------------------
-# Non-finite guard (host side; the device side lives in each train step)
+# Non-finite guard: the device side (used by each train step) and the host side
 # ---------------------------------------------------------------------------
+def all_finite(tree) -> jax.Array:
+    """One boolean on the device: every leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def guarded_update(finite: jax.Array, updated_state: Callable[[], dict], state: dict) -> dict:
+    """`updated_state()` if `finite`, else `state` with only the step and the
+    consecutive non-finite counter advanced.
+
+    A conditional, not a select over every leaf: the optimizer and EMA updates
+    write the new state once, where a select computes it and then reads it
+    again beside the old state (3 memory-bound passes over every parameter,
+    optimizer moment and EMA: 0.3 s of a 2.1 s fusion step at 1x128 on CPU).
+    `updated_state()` must reset "nonfinite" to 0 and advance "step".
+    """
+    def skipped_state():
+        return dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
+    return jax.lax.cond(finite, updated_state, skipped_state)
+
 class NonFiniteLossError(RuntimeError):
     pass
 

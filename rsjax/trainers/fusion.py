@@ -235,43 +235,45 @@ def train_step(setup: Setup, state: dict, batch: dict):
     _, fake_grad = adv_vjp((zero, one))
     (g_grads,) = g_vjp(fake_grad + pix_grad)
     g_loss = g_gan + pix_loss
-    g_updates, new_g_opt = setup.g_tx.update(g_grads, state["g_opt"], g_params)
-    new_g_params = optax.apply_updates(g_params, g_updates)
+
+    def update_g():
+        g_updates, new_g_opt = setup.g_tx.update(g_grads, state["g_opt"], g_params)
+        return optax.apply_updates(g_params, g_updates), new_g_opt
 
     if cfg.reuse_generator_forward:
         # Simultaneous updates: D learns from the fakes G made before its update.
         d_grads, _ = adv_vjp((one, zero))
+        g_updated = None  # G's update happens under the guard below
     else:
         # Alternating updates, as the PyTorch references: G runs again after its
         # update and D learns from those fakes (a second G forward and D pass).
-        fake2, new_g_rest = generate_fake(new_g_params, new_g_rest)
+        g_updated = update_g()
+        fake2, new_g_rest = generate_fake(g_updated[0], new_g_rest)
         fake2 = jax.lax.stop_gradient(fake2)
         (d_loss, (new_d_rest, _)), d_grads = jax.value_and_grad(
             lambda p: (lambda o: (o[0][0], o[1]))(adversarial(p, fake2)), has_aux=True)(d_params)
-    d_updates, new_d_opt = setup.d_tx.update(d_grads, state["d_opt"], d_params)
-    new_d_params = optax.apply_updates(d_params, d_updates)
 
     # --- guard: a non-finite step changes nothing but the counter ------
     finite = jnp.isfinite(g_loss) & jnp.isfinite(d_loss)
-    finite &= _tree_finite(g_grads) & _tree_finite(d_grads)
-    new_state = {
-        "step": state["step"] + 1,
-        "g": _merge_state(setup.g_train_graph, new_g_params, new_g_rest),
-        "d": _merge_state(setup.d_train_graph, new_d_params, new_d_rest),
-        "g_opt": new_g_opt, "d_opt": new_d_opt,
-        "ema": ema_update(state["ema"], new_g_params, setup.config.ema_decay),
-        "nonfinite": jnp.zeros((), jnp.int32),
-    }
-    skipped = dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
-    out_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
+    finite &= common.all_finite(g_grads) & common.all_finite(d_grads)
+
+    def updated_state():
+        new_g_params, new_g_opt = g_updated if g_updated is not None else update_g()
+        d_updates, new_d_opt = setup.d_tx.update(d_grads, state["d_opt"], d_params)
+        return {
+            "step": state["step"] + 1,
+            "g": _merge_state(setup.g_train_graph, new_g_params, new_g_rest),
+            "d": _merge_state(setup.d_train_graph, optax.apply_updates(d_params, d_updates),
+                              new_d_rest),
+            "g_opt": new_g_opt, "d_opt": new_d_opt,
+            "ema": ema_update(state["ema"], new_g_params, setup.config.ema_decay),
+            "nonfinite": jnp.zeros((), jnp.int32),
+        }
+
+    out_state = common.guarded_update(finite, updated_state, state)
     step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms, **pix_terms,
                     "nonfinite": out_state["nonfinite"].astype(jnp.float32)}
     return out_state, step_metrics
-
-
-def _tree_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _merge_state(graph, params, rest):

@@ -66,11 +66,6 @@ class Setup:
                 "nonfinite": jnp.zeros((), jnp.int32)}
 
 
-def _tree_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
 
@@ -81,14 +76,16 @@ def train_step(setup: Setup, class_weights, state: dict, batch: dict):
         return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, new_opt = setup.tx.update(grads, state["opt"], params)
-    new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & _tree_finite(grads)
-    new_state = {"step": state["step"] + 1,
-                 "model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
-                 "opt": new_opt, "nonfinite": jnp.zeros((), jnp.int32)}
-    skipped = dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
-    out = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, skipped)
+    finite = jnp.isfinite(loss) & common.all_finite(grads)
+
+    def updated_state():
+        updates, new_opt = setup.tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        return {"step": state["step"] + 1,
+                "model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
+                "opt": new_opt, "nonfinite": jnp.zeros((), jnp.int32)}
+
+    out = common.guarded_update(finite, updated_state, state)
     cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
     acc = jnp.trace(cm) / jnp.maximum(cm.sum(), 1)
     return out, {"loss": loss, "train_accuracy": acc,
