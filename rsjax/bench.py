@@ -183,6 +183,10 @@ def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     flops = model_flops(step, state, data)
+    if flops is None:
+        # Some backends (GPU) analyse only compiled programs; off CPU Conv2d has
+        # no rewrites, so the compiled step's count is the model's.
+        flops = compiled_flops(compiled)
     state, m = compiled(state, data)          # warm-up (first-call allocations)
     jax.block_until_ready(m)
     times = []

@@ -59,10 +59,11 @@ def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
     assert (tmp_path / "eval_test_4.png").exists()
 
 
-def test_bfloat16_compute_trains(demo_data_dir, tmp_path):
+@pytest.mark.parametrize("model", ["pix2pix", "rs_spade"])  # rs_spade: spectral norm in bf16
+def test_bfloat16_compute_trains(demo_data_dir, tmp_path, model):
     from rsjax.trainers import fusion
 
-    config = tiny_fusion_config(demo_data_dir, "pix2pix", steps=2)
+    config = tiny_fusion_config(demo_data_dir, model, steps=2)
     config.dtype = "bfloat16"
     config.final_eval_split = ""
     fusion.train_and_evaluate(config, str(tmp_path))

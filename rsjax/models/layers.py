@@ -122,7 +122,9 @@ class Conv2d(nnx.Module):
         if not self.spectral_norm:
             return None
         kernel = self.kernel[...]
-        w = kernel.reshape(-1, kernel.shape[-1])  # (kh*kw*in, out)
+        # In float32 whatever the compute dtype: u, v are float32 state, and a
+        # bfloat16 power iteration would carry bfloat16 into their loop.
+        w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)  # (kh*kw*in, out)
         if self.use_running_average:
             u, v = self.u[...], self.v[...]
         else:
