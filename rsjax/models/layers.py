@@ -173,6 +173,10 @@ class Conv2d(nnx.Module):
         """
         if not _cpu_rewrites or jax.default_backend() != "cpu" or self.stride != 1:
             return False
+        if _explicitly_sharded(x):
+            # The gradient contracts the (sharded) batch axis; under explicit
+            # sharding that needs an output sharding we leave to XLA's own.
+            return False
         return self.kernel.shape[-1] >= 128 and self.kernel.shape[0] > 1
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -214,6 +218,13 @@ def _patches(x: jax.Array, kh: int, kw: int, stride: int,
     taps = [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
             for i in range(kh) for j in range(kw)]
     return jnp.concatenate(taps, axis=-1)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether x's type carries an explicit sharding (jax.make_mesh's default
+    axis types) on some axis; the trainers' meshes are automatic."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return any(axis is not None for axis in (spec or ()))
 
 
 # Output pixels (batch x rows x width) per chunk of the row-wise kernel gradient:
