@@ -186,19 +186,24 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def guarded_update(finite: jax.Array, updated_state: Callable[[], dict], state: dict) -> dict:
-    """`updated_state()` if `finite`, else `state` with only the step and the
-    consecutive non-finite counter advanced.
+def guarded_update(finite: jax.Array, updates: Callable[[], dict], state: dict) -> dict:
+    """The train state after one step: `state` with the entries `updates()`
+    returns (new parameters, optimizer states, ...) if `finite`, else `state`
+    unchanged; either way "step" advances, and "nonfinite" (consecutive
+    non-finite steps) is reset or counted.
 
     A conditional, not a select over every leaf: the optimizer and EMA updates
     write the new state once, where a select computes it and then reads it
     again beside the old state (3 memory-bound passes over every parameter,
     optimizer moment and EMA: 0.3 s of a 2.1 s fusion step at 1x128 on CPU).
-    `updated_state()` must reset "nonfinite" to 0 and advance "step".
     """
-    def skipped_state():
-        return dict(state, step=state["step"] + 1, nonfinite=state["nonfinite"] + 1)
-    return jax.lax.cond(finite, updated_state, skipped_state)
+    def updated():
+        return dict(state, **updates(), nonfinite=jnp.zeros_like(state["nonfinite"]))
+
+    def skipped():
+        return dict(state, nonfinite=state["nonfinite"] + 1)
+
+    return dict(jax.lax.cond(finite, updated, skipped), step=state["step"] + 1)
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -215,9 +220,10 @@ def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str) -> No
 
 
 def tree_all_finite(tree) -> bool:
+    """Host-side `all_finite` over the floating-point leaves (skips integers, keys)."""
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and
               jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in leaves))
+    return bool(all_finite(leaves))
 
 
 # ---------------------------------------------------------------------------

@@ -257,20 +257,18 @@ def train_step(setup: Setup, state: dict, batch: dict):
     finite = jnp.isfinite(g_loss) & jnp.isfinite(d_loss)
     finite &= common.all_finite(g_grads) & common.all_finite(d_grads)
 
-    def updated_state():
+    def updates():
         new_g_params, new_g_opt = g_updated if g_updated is not None else update_g()
         d_updates, new_d_opt = setup.d_tx.update(d_grads, state["d_opt"], d_params)
         return {
-            "step": state["step"] + 1,
             "g": _merge_state(setup.g_train_graph, new_g_params, new_g_rest),
             "d": _merge_state(setup.d_train_graph, optax.apply_updates(d_params, d_updates),
                               new_d_rest),
             "g_opt": new_g_opt, "d_opt": new_d_opt,
             "ema": ema_update(state["ema"], new_g_params, setup.config.ema_decay),
-            "nonfinite": jnp.zeros((), jnp.int32),
         }
 
-    out_state = common.guarded_update(finite, updated_state, state)
+    out_state = common.guarded_update(finite, updates, state)
     step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms, **pix_terms,
                     "nonfinite": out_state["nonfinite"].astype(jnp.float32)}
     return out_state, step_metrics

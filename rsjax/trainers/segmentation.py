@@ -78,14 +78,13 @@ def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     finite = jnp.isfinite(loss) & common.all_finite(grads)
 
-    def updated_state():
-        updates, new_opt = setup.tx.update(grads, state["opt"], params)
-        new_params = optax.apply_updates(params, updates)
-        return {"step": state["step"] + 1,
-                "model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
-                "opt": new_opt, "nonfinite": jnp.zeros((), jnp.int32)}
+    def updates():
+        param_updates, new_opt = setup.tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, param_updates)
+        return {"model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
+                "opt": new_opt}
 
-    out = common.guarded_update(finite, updated_state, state)
+    out = common.guarded_update(finite, updates, state)
     cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
     acc = jnp.trace(cm) / jnp.maximum(cm.sum(), 1)
     return out, {"loss": loss, "train_accuracy": acc,
