@@ -14,8 +14,9 @@ Parts (`--parts`, comma-separated):
   updates, EMA, the non-finite guard), jitted with the state donated, on random
   inputs already on the device. images/s, FLOP per step from XLA's cost
   analysis of the step traced with plain convolutions (`model_flops`),
-  achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch reference (NVlabs SPADE) measured on the
-  development machine (DESIGN.md), for the sizes the reference has.
+  achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch
+  reference (NVlabs SPADE) measured on the development machine (DESIGN.md),
+  for the sizes the reference has.
 - `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
   width 64, depth 5, AdamW).
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain

@@ -38,6 +38,10 @@ _SPECTRAL_EPS = 1e-12  # as in torch.nn.utils.spectral_norm
 _cpu_rewrites = True
 
 
+def _cpu_rewrites_apply() -> bool:
+    return _cpu_rewrites and jax.default_backend() == "cpu"
+
+
 @contextlib.contextmanager
 def plain_convolutions():
     """Trace every Conv2d as one XLA convolution, without the CPU rewrites.
@@ -153,7 +157,7 @@ class Conv2d(nnx.Module):
         activations, so the rule is kernel columns (kh*kw*out) at least 4x the
         output pixels (batch*H*W); big images keep the convolution.
         """
-        if not _cpu_rewrites or jax.default_backend() != "cpu":
+        if not _cpu_rewrites_apply():
             return False
         kh, kw, _, out = self.kernel.shape
         b, h, w = x.shape[0], x.shape[1], x.shape[2]
@@ -171,7 +175,7 @@ class Conv2d(nnx.Module):
         chunks of rows it runs at 68-83 (2-core EPYC Zen 4). With fewer than
         128 outputs XLA's own is faster (66-77 against 20-53), so they keep it.
         """
-        if not _cpu_rewrites or jax.default_backend() != "cpu" or self.stride != 1:
+        if not _cpu_rewrites_apply() or self.stride != 1:
             return False
         if _explicitly_sharded(x):
             # The gradient contracts the (sharded) batch axis; under explicit
