@@ -13,22 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from trainer_utils import ROOT, tiny_fusion_config
-
-
-def _numpy(tree):
-    """Host copies, PRNG keys (dropout streams) as their raw key data."""
-    def one(x):
-        if jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        return np.asarray(jax.device_get(x))
-    return jax.tree.map(one, tree)
+from trainer_utils import ROOT, host_numpy, tiny_fusion_config
 
 
 def _final_params(config, workdir, devices=None):
     from rsjax.trainers import fusion
     _, state, step, _ = fusion.restore_for_eval(config, str(workdir), devices=devices)
-    return step, _numpy(state["g"])
+    return step, host_numpy(state["g"])
 
 
 def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
@@ -116,16 +107,16 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
     poisoned = dict(batch, image=batch["image"] * np.nan)
     step = jax.jit(functools.partial(fusion.train_step, setup))
     frozen = ("g", "d", "g_opt", "d_opt", "ema")
-    before = _numpy({k: state[k] for k in frozen})
+    before = host_numpy({k: state[k] for k in frozen})
     state, m = step(state, poisoned)
     assert int(m["nonfinite"]) == 1 and int(state["step"]) == 1
     # Everything but the step and the counter is as it was: both networks (and
     # their statistics), both optimizers, the EMA.
-    jax.tree.map(np.testing.assert_array_equal, before, _numpy({k: state[k] for k in frozen}))
+    jax.tree.map(np.testing.assert_array_equal, before, host_numpy({k: state[k] for k in frozen}))
     state, m = step(state, batch)          # a finite step resets the counter
     assert int(m["nonfinite"]) == 0 and int(state["step"]) == 2
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["g"],
-                           _numpy(state["g"]))
+                           host_numpy(state["g"]))
     assert any(jax.tree.leaves(changed))
     with pytest.raises(common.NonFiniteLossError, match="non-finite"):
         common.check_nonfinite(3, 3, step=7, workdir="w")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer_utils import load_config, tiny_fusion_config
+from trainer_utils import host_numpy, load_config, tiny_fusion_config
 
 
 def tiny_segmentation_config(data_dir, data="real", steps=4):
@@ -93,13 +93,12 @@ def test_nonfinite_segmentation_step_is_skipped_and_counted(demo_data_dir):
     batch = next(input_pipeline.create_iterator(
         config.data, "train", global_batch_size=8, mesh=mesh, train=True, seed=0, sources=()))
     step = jax.jit(functools.partial(segmentation.train_step, setup, None))
-    host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
-    before = host({"model": state["model"], "opt": state["opt"]})
+    before = host_numpy({"model": state["model"], "opt": state["opt"]})
     state, m = step(state, dict(batch, image=batch["image"] * np.nan))
     assert int(m["nonfinite"]) == 1 and int(state["step"]) == 1
     jax.tree.map(np.testing.assert_array_equal, before,
-                 host({"model": state["model"], "opt": state["opt"]}))
+                 host_numpy({"model": state["model"], "opt": state["opt"]}))
     state, m = step(state, batch)
     assert int(m["nonfinite"]) == 0 and int(state["step"]) == 2
     assert not all(np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(before["model"]), jax.tree.leaves(host(state["model"]))))
+        jax.tree.leaves(before["model"]), jax.tree.leaves(host_numpy(state["model"]))))

@@ -4,7 +4,19 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def host_numpy(tree):
+    """Host copies, PRNG keys (dropout streams) as their raw key data."""
+    def one(x):
+        if jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
 
 
 def load_config(name: str, arg: str = "demo"):
