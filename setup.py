@@ -1,48 +1,77 @@
-"""rsjax: multi-source remote-sensing fusion (RS-SPADE) and segmentation in JAX/Flax."""
+"""rsjax: multi-source remote-sensing fusion (RS-SPADE) and segmentation in JAX/Flax.
+
+The checkout's top-level folders `configs/`, `launch/` and `tfds_builder/` are
+installed under the package (`rsjax.configs`, `rsjax.launch`,
+`rsjax.tfds_builder`), so configs are found by name from any directory after
+`pip install .`, and rsjax adds no top-level packages with generic names.
+"""
 from setuptools import find_packages, setup
 
 CORE = [
-    # Checked together on Python 3.11, CPU, 2026-11 (see README "Dependencies").
+    # Checked together on Python 3.11, CPU, 2026-11 (see docs/dependencies.md).
+    # Upper bounds where the API moves fast between minor releases.
     "jax>=0.10,<0.11",
     "flax>=0.12,<0.13",          # the NNX API
-    "optax>=0.2.5",
-    "orbax-checkpoint>=0.11",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
     "tensorflow-datasets>=4.9.7,<5",
     "importlib_resources",       # tensorflow-datasets needs it and does not declare it
-    "array-record>=0.8",
-    "grain>=0.2.12",
+    "array-record>=0.8,<0.9",
+    "grain>=0.2.12,<0.3",
     "rasterio>=1.4,<1.5",        # the wheel carries GDAL
-    "ml-collections>=1.0",
+    "ml-collections>=1.0,<2",
     "absl-py>=2.1",
     "dm-pix>=0.4.3",
     "numpy>=1.26",
     "etils[epath]>=1.7",
-    "matplotlib>=3.8",           # PNG plots (metric curves)
+    "matplotlib>=3.8",           # PNG plots (metric curves, the report)
     "pillow>=10",                # PNG image grids, pixel-exact
     "tqdm>=4.66",
     "psutil>=5.9",               # peak-memory figures in the benchmarks
+    "tensorboardX>=2.6,<3",      # TensorBoard event files without TensorFlow (small, pure Python)
 ]
 
 EXTRAS = {
     "test": ["pytest>=8", "scikit-image>=0.24"],   # scikit-image: the SSIM/PSNR reference
     "tf": ["tensorflow-cpu>=2.18", "dill"],          # dill: TFDS's DatasetBuilderTestCase
-    "tensorboard": ["tensorboardX>=2.6"],
+    "tensorboard": [],           # kept so `pip install rsjax[tensorboard]` still works: now core
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11", "etils[epath-gcs]"],
     "gcs": ["etils[epath-gcs]"],   # gs:// workdirs and data_dirs off TPU VMs
 }
 
+# Where each installed package lives in the checkout.
+PACKAGE_DIRS = {
+    "rsjax.configs": "configs",
+    "rsjax.launch": "launch",
+    "rsjax.tfds_builder": "tfds_builder",
+}
+
+
+def packages() -> list[str]:
+    found = find_packages(include=["rsjax", "rsjax.*"])
+    for name, folder in PACKAGE_DIRS.items():
+        found.append(name)
+        found += [f"{name}.{sub}" for sub in find_packages(where=folder)]
+    return found
+
+
 setup(
     name="rsjax",
-    version="0.1.0",
+    version="0.2.0",
     description="Multi-source remote-sensing fusion (RS-SPADE) and segmentation in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["rsjax", "rsjax.*", "tfds_builder", "tfds_builder.*"]),
-    package_data={"tfds_builder.rs_multisource": ["*.md", "*.bib", "*.tsv", "dummy_data/**/*"]},
+    python_requires=">=3.11",
+    packages=packages(),
+    package_dir=PACKAGE_DIRS,
+    package_data={"rsjax.tfds_builder.rs_multisource": [
+        "*.md", "*.bib", "*.txt", "*.tsv", "dummy_data/*", "dummy_data/**/*"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["rsjax = rsjax.cli:main"]},
     license="Apache-2.0",
+    classifiers=["License :: OSI Approved :: Apache Software License",
+                 "Programming Language :: Python :: 3.11"],
 )

@@ -9,7 +9,7 @@ run on 2 CPU cores in minutes), `sources=lulc+s1+dem` (any non-empty subset),
 """
 import ml_collections
 
-from configs import common
+from rsjax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -4,7 +4,7 @@
 """
 import ml_collections
 
-from configs import fusion
+from rsjax.configs import fusion
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ land-cover map. Validation and test always use real tiles.
 """
 import ml_collections
 
-from configs import common
+from rsjax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -255,7 +255,7 @@ def flip_and_rotate(tile: Mapping[str, np.ndarray], *, flip: bool, quarter_turns
 
 def _builder_module():
     # Importing registers the builder with TFDS under the name 'rs_multisource'.
-    from tfds_builder.rs_multisource import rs_multisource_dataset_builder
+    from rsjax.tfds_builder.rs_multisource import rs_multisource_dataset_builder
     return rs_multisource_dataset_builder
 
 

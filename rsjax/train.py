@@ -1,29 +1,47 @@
-"""`python -m rsjax.train --config configs/fusion.py[:args] --workdir DIR [--config.x=y]`
+"""Train a model: RS-SPADE or pix2pix (fusion), or RS-UNet (segmentation), as the config says.
 
-Thin on purpose: flags, then the trainer named in the config. Tests call the
-same `train_and_evaluate(config, workdir)` this runs.
+    rsjax train --config fusion:demo --workdir work/demo
+    rsjax train --config pix2pix:demo --workdir work/pix2pix
+    rsjax train --config segmentation:demo,data=real --workdir work/seg_real
+    rsjax train --config fusion:demo,sources=lulc+s1 --workdir DIR --config.total_steps=1000
+    rsjax train --config my_config.py:arg --workdir DIR
+
+The workdir receives metrics.jsonl and TensorBoard event files, config.json,
+image grids, Orbax checkpoints and the final evaluation. Rerun the same command
+on the same workdir to resume from its last checkpoint. Thin on purpose: tests
+call the same `train_and_evaluate(config, workdir)` this runs.
 """
 from __future__ import annotations
 
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from rsjax.trainers import get_trainer
-from rsjax.trainers.common import prepare_process
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/fusion.py:demo", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and figures go.")
-flags.mark_flags_as_required(["config", "workdir"])
+from rsjax import cli
 
 
-def main(argv):
-    del argv
+def add_arguments(parser) -> None:
+    cli.add_config_argument(parser, required=True)
+    parser.add_argument("--workdir", required=True,
+                        help="where checkpoints, metrics and figures go (local path or gs://)")
+    parser.add_argument("--show_config", action="store_true",
+                        help="print the resolved config (after overrides) and exit")
+
+
+def run(args) -> int:
+    config = cli.load_config_arg(args)
+    if args.show_config:
+        print(config)
+        return 0
+    from rsjax.trainers import get_trainer
+    from rsjax.trainers.common import prepare_process
+
+    trainer = get_trainer(config.trainer)
     prepare_process()
-    config = _CONFIG.value
-    get_trainer(config.trainer)(config, _WORKDIR.value)
+    result = trainer(config, args.workdir)
+    cli.print_json(result)
+    return 143 if result.get("preempted") else 0
 
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from launch import tpu
+from rsjax.launch import tpu
 from trainer_utils import ROOT
 
 BASE = ["--name", "rsjax-1", "--zone", "us-central1-a"]
@@ -16,7 +16,7 @@ BASE = ["--name", "rsjax-1", "--zone", "us-central1-a"]
 
 def _dry_run(*args: str) -> list[list[str]]:
     """Runs the real CLI with --dry_run; returns the printed commands as argv lists."""
-    out = subprocess.run([sys.executable, "-m", "launch.tpu", "--dry_run", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "rsjax.launch.tpu", "--dry_run", *args], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     return [shlex.split(line) for line in out.splitlines()]
 
@@ -118,7 +118,7 @@ def test_single_actions_and_options():
     (["run", *BASE, "--bucket", "gs://b", "--", "--steps=3"], "only --config.KEY=VALUE"),
 ])
 def test_bad_options_fail_clearly(args, message):
-    proc = subprocess.run([sys.executable, "-m", "launch.tpu", "--dry_run", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "rsjax.launch.tpu", "--dry_run", *args], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert message in proc.stderr

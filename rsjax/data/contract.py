@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from rsjax.errors import UserError
+
 S2_BANDS = ("B2", "B3", "B4", "B8")          # blue, green, red, NIR
 S1_BANDS = ("VV", "VH")
 DEM_CHANNELS = ("elevation", "slope", "aspect", "hillshade")
@@ -47,7 +49,7 @@ SOURCES = ("lulc", "s1", "dem")
 ASPECT_FLAT = -9999.0
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A user-facing problem with an input file: the message names the file,
     what is wrong, and what to do about it."""
 

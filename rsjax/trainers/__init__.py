@@ -1,10 +1,22 @@
-"""Trainers, chosen by name from `config.trainer`."""
+"""Trainers, chosen by name from `config.trainer`.
+
+Each trainer module exposes `train_and_evaluate(config, workdir)` (training)
+and `evaluate_checkpoint(config, workdir, split, step)` (scores of a saved
+checkpoint), so commands never reach into a trainer's internals.
+"""
 import importlib
+
+from rsjax.errors import ConfigError
 
 _TRAINERS = {"fusion": "rsjax.trainers.fusion", "segmentation": "rsjax.trainers.segmentation"}
 
 
-def get_trainer(name: str):
+def trainer_module(name: str):
+    """The module of the trainer named by `config.trainer`."""
     if name not in _TRAINERS:
-        raise ValueError(f"config.trainer='{name}': choose one of {', '.join(_TRAINERS)}.")
-    return importlib.import_module(_TRAINERS[name]).train_and_evaluate
+        raise ConfigError(f"config.trainer='{name}': choose one of {', '.join(_TRAINERS)}.")
+    return importlib.import_module(_TRAINERS[name])
+
+
+def get_trainer(name: str):
+    return trainer_module(name).train_and_evaluate

@@ -328,6 +328,21 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=N
     return setup, state, step, mesh
 
 
+def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optional[int] = None,
+                        devices=None) -> tuple[dict, Optional[dict]]:
+    """(scores, image-grid rows) of a checkpoint (default: the latest) on a whole
+    split. The mesh (default: every device) need not match the one the
+    checkpoint was written on. Collective on multi-host runs."""
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4)
+    result = {"trainer": "fusion", "model": config.generator.name, "step": int(step),
+              "split": split, "sources": list(setup.sources),
+              "devices": int(mesh.devices.size), **scores}
+    rows = None if shown is None else {"real": shown["real"], "generated": shown["fake"],
+                                       "land cover": shown["label"]}
+    return result, rows
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir = common.workdir_path(workdir)      # local (made absolute) or gs://

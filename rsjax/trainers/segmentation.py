@@ -130,6 +130,21 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=N
     return setup, state, step, mesh
 
 
+def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optional[int] = None,
+                        devices=None) -> tuple[dict, Optional[dict]]:
+    """(scores with the confusion matrix, image-grid rows) of a checkpoint
+    (default: the latest) on a whole split, on any mesh."""
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    scores, cm, shown = evaluate_split(setup, state, config, split, mesh, collect=4)
+    result = {"trainer": "segmentation", "model": config.model.name, "step": int(step),
+              "split": split, "devices": int(mesh.devices.size),
+              **jax.tree.map(lambda x: np.asarray(x).tolist(), scores),
+              "confusion_matrix": cm.tolist()}
+    rows = None if shown is None else {"image": shown["image"], "truth": shown["label"],
+                                       "prediction": shown["pred"]}
+    return result, rows
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir = common.workdir_path(workdir)      # local (made absolute) or gs://

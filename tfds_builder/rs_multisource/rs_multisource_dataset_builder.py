@@ -120,6 +120,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                  "block splits 7:2:1; train-split statistics in metadata.json.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+    # Where README.md, CITATIONS.bib and TAGS.txt live. TFDS infers it from the
+    # module name under its top-level package, which is wrong for a package
+    # installed from another folder (rsjax.tfds_builder maps tfds_builder/).
+    pkg_dir_path = epath.Path(__file__).parent
     BUILDER_CONFIGS = [
         RsMultisourceConfig(
             name="synthetic", description="8 synthetic scenes of 1024 x 1024 px, 256 px tiles.",

@@ -23,7 +23,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rsjax.data import contract
-from tfds_builder.rs_multisource import rs_multisource_dataset_builder as rsm
+from rsjax.tfds_builder.rs_multisource import rs_multisource_dataset_builder as rsm
 
 DUMMY_DATA = Path(__file__).resolve().parent / "dummy_data"
 # The manual config at a tile size that fits the 64 px dummy scenes (16 tiles

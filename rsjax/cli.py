@@ -1,0 +1,238 @@
+"""The `rsjax` command line: one console script, a subcommand per command.
+
+    rsjax train --config fusion:demo --workdir work/demo
+    rsjax evaluate --workdir work/demo
+    rsjax --help                      # every subcommand
+    rsjax train --help                # what it does, every option with its default
+
+Every subcommand is also `python -m <its module>` (`python -m rsjax.train`),
+with the same options. One flag style everywhere: `--snake_case` (as absl and
+ml_collections write them; `--kebab-case` spellings are accepted too), and
+config overrides as `--config.key=value`.
+
+A command module provides `add_arguments(parser)` and `run(args)`; this module
+builds the parser, loads `--config` (name or file, then the overrides), runs
+the command under `report_errors`, and prints user errors as one
+`error: ...` line with exit status 2 (`--verbose` adds the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import textwrap
+from typing import Any, Callable, Optional, Sequence
+
+from rsjax.errors import RunFailed, UserError
+
+# name -> (module, one-line summary). Order is the order of `rsjax --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "scenes": ("rsjax.data.synthetic", "write synthetic multi-source scenes as GeoTIFFs"),
+    "ingest": ("rsjax.data.ingest", "check your own exports: validate, register, tile (dry run)"),
+    "build": ("rsjax.build_dataset", "build the rs_multisource TFDS dataset"),
+    "train": ("rsjax.train", "train RS-SPADE, pix2pix or RS-UNet"),
+    "evaluate": ("rsjax.evaluate", "score a checkpoint on a split"),
+    "synthesize": ("rsjax.synthesize", "generated optical images for every tile of a split"),
+    "predict": ("rsjax.predict", "whole-scene prediction to a georeferenced GeoTIFF"),
+    "report": ("rsjax.report", "an HTML page of one run or a folder of runs"),
+    "experiments": ("rsjax.experiments", "the paper's experiments (Tables 1-3)"),
+    "couplings": ("rsjax.data.couplings", "how much each source tells about the optical bands"),
+    "params": ("rsjax.models.param_table", "parameter table of the models"),
+    "bench": ("rsjax.bench", "benchmark the train steps (JSON)"),
+    "bench_ingest": ("rsjax.data.bench_ingest", "benchmark ingestion (JSON)"),
+    "bench_pipeline": ("rsjax.bench_pipeline", "benchmark the input pipeline (JSON)"),
+    "bench_layers": ("rsjax.models.bench", "benchmark single layers (JSON)"),
+    "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),
+}
+
+log = logging.getLogger("rsjax")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and appends every option's default."""
+
+
+def normalize_flags(argv: Sequence[str]) -> list[str]:
+    """`--tile-size=64` -> `--tile_size=64`: one flag style, the other accepted.
+
+    Config overrides (`--config.a.b`) and values are left alone."""
+    out = []
+    for token in argv:
+        if token.startswith("--") and not token.startswith("--config.") and len(token) > 2:
+            name, sep, value = token[2:].partition("=")
+            token = "--" + name.replace("-", "_") + sep + value
+        out.append(token)
+    return out
+
+
+def description(doc: Optional[str]) -> str:
+    return textwrap.dedent(doc or "").strip()
+
+
+def make_parser(prog: str, doc: Optional[str], add_arguments: Callable) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description(doc),
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
+    add_arguments(parser)
+    add_common_arguments(parser)
+    return parser
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show tracebacks and the libraries' INFO logs")
+
+
+def add_config_argument(parser: argparse.ArgumentParser, *, required: bool,
+                        help: str = "config name or .py file, with an optional ':arg' "
+                                    "(e.g. fusion:demo,sources=lulc+s1); override fields "
+                                    "with --config.KEY=VALUE") -> None:
+    """`--config SPEC`; overrides `--config.a.b=v` are collected apart (see `parse`)."""
+    parser.add_argument("--config", required=required, default=None, metavar="SPEC", help=help)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parses `argv`; `--config.*` overrides land in `args.config_overrides`."""
+    from rsjax.config_loader import split_override_args
+
+    rest, overrides = split_override_args(normalize_flags(argv))
+    args = parser.parse_args(rest)
+    args.config_overrides = overrides
+    if overrides and "config" not in vars(args):
+        parser.error(f"{overrides[0].split('=')[0]}: this command takes no config overrides")
+    return args
+
+
+def load_config_arg(args: argparse.Namespace, workdir: Optional[str] = None):
+    """The command's config: `--config` if given, else the workdir's saved
+    config.json (when `workdir` is given), with the overrides applied. None
+    when neither is there."""
+    from rsjax import config_loader
+
+    if getattr(args, "config", None):
+        return config_loader.load_config(args.config, args.config_overrides)
+    if workdir is not None:
+        return config_loader.config_from_workdir(workdir, args.config_overrides)
+    if args.config_overrides:
+        raise UserError("--config.KEY=VALUE overrides need --config.")
+    return None
+
+
+def print_json(result: Any) -> None:
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str), flush=True)
+
+
+def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
+    """Runs `fn`; returns the exit status: 0, 2 for user errors, 1 for failed runs."""
+    try:
+        status = fn()
+    except UserError as err:
+        if verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except RunFailed as err:
+        if verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(status) if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def setup_process(verbose: bool = False) -> None:
+    """Logging for people (rsjax's INFO lines, the libraries' warnings), absl
+    flags marked parsed (grain's worker processes read them)."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    rsjax_log = logging.getLogger("rsjax")
+    if not rsjax_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        rsjax_log.addHandler(handler)
+        rsjax_log.propagate = False
+    rsjax_log.setLevel(logging.INFO)
+
+
+def run_command(module, argv: Optional[Sequence[str]], prog: str) -> int:
+    """Parses `argv` with the module's arguments and runs it; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser(prog, module.__doc__, module.add_arguments)
+    verbose = "--verbose" in argv
+    try:
+        args = parse(parser, argv)
+    except UserError as err:           # a malformed override
+        if verbose:
+            raise
+        parser.print_usage(sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup_process(args.verbose)
+    return report_errors(lambda: module.run(args), args.verbose)
+
+
+def command_main(module_name: str) -> Callable[[Optional[Sequence[str]]], int]:
+    """`main(argv=None)` for `python -m module_name` (the module's own options)."""
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        module = sys.modules[module_name]
+        prog = f"python -m {module_name}"
+        return run_command(module, argv, prog)
+    return main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`rsjax SUBCOMMAND ...`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    width = max(len(n) for n in COMMANDS)
+    listing = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in COMMANDS.items())
+    usage = (f"usage: rsjax [--version] SUBCOMMAND [options]\n\n{description(__doc__).splitlines()[0]}"
+             f"\n\nsubcommands:\n{listing}\n\n`rsjax SUBCOMMAND --help` describes each one.")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from rsjax import __version__
+        print(f"rsjax {__version__}")
+        return 0
+    name = argv[0].replace("-", "_")
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown subcommand '{argv[0]}'.{hint} `rsjax --help` lists them.",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments tables ...`
+        return _run_group(name, module, argv[1:])
+    return run_command(module, argv[1:], prog=f"rsjax {name}")
+
+
+def _run_group(group: str, package, argv: Sequence[str]) -> int:
+    """`rsjax GROUP NAME ...` for a package that lists `SUBCOMMANDS = {name: (module, summary)}`."""
+    commands = package.SUBCOMMANDS
+    width = max(len(n) for n in commands)
+    listing = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in commands.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: rsjax {group} NAME [options]\n\n{description(package.__doc__)}\n\n"
+              f"{group}:\n{listing}")
+        return 0 if argv else 2
+    name = argv[0].replace("-", "_")
+    if name not in commands:
+        print(f"error: unknown {group} '{argv[0]}'; choose one of {', '.join(commands)}.",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(commands[name][0])
+    return run_command(module, argv[1:], prog=f"rsjax {group} {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
