@@ -79,12 +79,14 @@ Metric = Callable[[Mapping[str, np.ndarray]], float]
 
 def image_metric(name: str) -> Metric:
     """PSNR and SSIM are means over tiles, SAM a mean over valid pixels:
-    parts `psnr`, `ssim` (per tile) and `sam_sum`, `sam_count` (per tile)."""
+    parts `psnr`, `ssim` (per tile; `has_psnr`/`has_ssim` say which tiles
+    count, default: the finite ones) and `sam_sum`, `sam_count` (per tile),
+    as rsjax.metrics.image_metric_parts gives them."""
     if name in ("psnr", "ssim"):
         def mean_over_tiles(parts):
             v = np.asarray(parts[name], np.float64)
-            v = v[np.isfinite(v)]
-            return float(v.mean()) if v.size else math.nan
+            counts = np.asarray(parts.get(f"has_{name}", np.isfinite(v)), bool)
+            return float(v[counts].mean()) if counts.any() else math.nan
         return mean_over_tiles
     if name in ("sam", "sam_rad", "sam_deg"):
         scale = math.degrees(1.0) if name == "sam_deg" else 1.0
