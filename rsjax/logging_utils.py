@@ -218,15 +218,30 @@ def read_metrics(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
     """Records of a metrics.jsonl (a workdir or the file), in step order.
 
     With dedupe, records of the same step are merged, later lines winning (a
-    resumed run rewrites the steps after its checkpoint).
+    resumed run rewrites the steps after its checkpoint). A last line without
+    its newline (a run writing it now, or killed while writing) is left out;
+    any other line that is not a JSON object is a ValueError naming it.
     """
     path = epath.Path(os.fspath(path))
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics file; is this a training workdir?")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]                 # unfinished: not a record yet
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON object ({err}).") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{number}: expected an object with an integer 'step'.")
+        records.append(record)
     if not dedupe:
         return records
     by_step: dict[int, dict] = {}

@@ -167,3 +167,15 @@ def test_object_storage_appender_keeps_earlier_lines(tmp_path):
     appender.close()
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
     assert [r["step"] for r in logging_utils.read_metrics(path)] == [1, 2, 3]
+
+
+def test_read_metrics_skips_a_line_being_written_and_names_a_bad_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')     # a run writing step 2
+    assert logging_utils.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
+        logging_utils.read_metrics(tmp_path)
+    path.write_text('{"loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected an object with an integer 'step'"):
+        logging_utils.read_metrics(path)
