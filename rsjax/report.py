@@ -236,11 +236,21 @@ def _flatten(scores: dict, prefix: str = "") -> dict:
 
 
 def evaluation_tables(scores: dict) -> str:
-    """The scalar scores as a two-column table; per-class lists as one table
-    (a row per class) and square matrices (the confusion matrix) as a grid."""
+    """The scalar scores as a two-column table; per-class lists (and
+    {class name: score} mappings) as one table with a row per class, each
+    column once; square matrices (the confusion matrix) as a grid."""
     from rsjax.data.contract import LULC_CLASSES
 
-    flat = _flatten(scores)
+    as_lists = {k: [v[c] for c in LULC_CLASSES]
+                if isinstance(v, dict) and list(v) == list(LULC_CLASSES) else v
+                for k, v in scores.items()}
+    seen, unique = set(), {}
+    for key, value in as_lists.items():      # iou_by_class repeats per_class_iou: show it once
+        text = json.dumps(value) if isinstance(value, list) else None
+        if text is None or text not in seen:
+            unique[key] = value
+            seen.add(text)
+    flat = _flatten(unique)
     scalars = [[_text(k), _text(_number(v))] for k, v in flat.items() if not isinstance(v, list)]
     vectors = {k: v for k, v in flat.items()
                if isinstance(v, list) and v and not isinstance(v[0], list)}
