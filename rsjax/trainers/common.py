@@ -395,8 +395,9 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     `periodic` holds `(every_steps, action)` pairs, `action(step, state, batch,
     writer)`, run on every process (actions that write files check
     `jax.process_index()` themselves). `learning_rates` ({name: optax
-    schedule}) are logged with the metrics, as is steps/s. Returns (state, step, preempted, writer);
-    the caller writes its final evaluation with the writer, then closes it.
+    schedule}) are logged with the metrics as learning_rate/<name>, and so is
+    steps_per_second. Returns (state, step, preempted, writer); the caller
+    writes its final evaluation with the writer, then closes it.
     """
     from rsjax import logging_utils
 
