@@ -12,7 +12,8 @@ on the left, then one column per example; every cell is (H*scale, W*scale)
 and cells are separated and framed by GAP pixels of white. Rows are
 row_height = max(H*scale, MIN_ROW_HEIGHT) apart so their two-line titles fit;
 display row r, column c starts at x = label_width + GAP + c*(W*scale + GAP),
-y = GAP + r*(row_height + GAP). Display rows come in the order of the `rows`
+y = top + GAP + r*(row_height + GAP), where top is 0, or COLUMN_TITLE_HEIGHT
+when column titles are given (a line of text above each column). Display rows come in the order of the `rows`
 mapping given. A row's title is its name, with a second line saying what is
 shown (RGB, NIR-R-G, land cover) unless the name says it already. When any
 row is a land-cover map a legend follows below the grid.
@@ -31,6 +32,7 @@ from rsjax.data.contract import LULC_CLASSES, LULC_PALETTE
 
 GAP = 4
 MIN_ROW_HEIGHT = 30              # room for a two-line row title beside tiny tiles
+COLUMN_TITLE_HEIGHT = 18         # one line of text above each column, when asked for
 MIN_CELL = 192                   # default upsampling target: small tiles stay readable
 # Band positions in the stored s2 order (B2, B3, B4, B8 = blue, green, red, NIR).
 RGB_BANDS = (2, 1, 0)            # B4, B3, B2: true colour
@@ -153,7 +155,8 @@ def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], colu
 
 def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str]] = None,
                 max_columns: int = 8, scale: Optional[int] = None,
-                label_width: int = 110) -> np.ndarray:
+                label_width: int = 110,
+                column_titles: Optional[Sequence[str]] = None) -> np.ndarray:
     """The grid of `image_grid` as an (H, W, 3) uint8 array (e.g. for TensorBoard)."""
     if not rows:
         raise ValueError("image_grid needs at least one row.")
@@ -162,10 +165,13 @@ def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str
     display, with_legend = _display_rows(rows, kinds or {}, max_columns)
     columns, tile_h, tile_w = display[0][1].shape[:3]
     scale = auto_scale(tile_h, tile_w) if scale is None else int(scale)
+    if column_titles is not None and len(column_titles) != columns:
+        raise ValueError(f"{len(column_titles)} column titles for {columns} columns.")
+    top = COLUMN_TITLE_HEIGHT if column_titles is not None else 0
     cell_h, cell_w = tile_h * scale, tile_w * scale
     width = label_width + GAP + columns * (cell_w + GAP)
     row_height = max(cell_h, MIN_ROW_HEIGHT)
-    grid_h = GAP + len(display) * (row_height + GAP)
+    grid_h = top + GAP + len(display) * (row_height + GAP)
     palette = palette_rgb()
     legend = [(f"{i} {name}", palette[i]) for i, name in enumerate(LULC_CLASSES)]
     legend.append(("255 no data", palette[255]))
@@ -177,11 +183,13 @@ def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=12)
     for r, (title, tiles) in enumerate(display):
-        y = GAP + r * (row_height + GAP)
+        y = top + GAP + r * (row_height + GAP)
         draw.multiline_text((GAP, y + 2), "\n".join(title), fill="black", font=font)
         for c, tile in enumerate(tiles):
             block = np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)
             canvas.paste(Image.fromarray(block), (label_width + GAP + c * (cell_w + GAP), y))
+    for c, text in enumerate(column_titles or ()):
+        draw.text((label_width + GAP + c * (cell_w + GAP), 3), str(text), fill="black", font=font)
     if with_legend:
         for i, (text, colour) in enumerate(legend):
             x = GAP + (i % per_line) * _LEGEND_ENTRY_WIDTH
@@ -194,7 +202,8 @@ def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str
 
 def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
                kinds: Optional[Mapping[str, str]] = None, max_columns: int = 8,
-               scale: Optional[int] = None, label_width: int = 110) -> Path:
+               scale: Optional[int] = None, label_width: int = 110,
+               column_titles: Optional[Sequence[str]] = None) -> Path:
     """Writes a PNG with one display row per entry of `rows` and one column per example.
 
     rows: {name: array}, drawn top to bottom in the mapping's order, e.g.
@@ -212,9 +221,12 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
     Optical rows share a 2-98 % per-band stretch per column, so generated and
     real images of one example are on the same scale.
     scale: integer upsampling of every tile (nearest neighbour); default: the
-      smallest that makes cells at least MIN_CELL pixels. Returns the path.
+      smallest that makes cells at least MIN_CELL pixels.
+    column_titles: one line of text above each drawn column (e.g. a score).
+    Returns the path.
     """
-    return save_png(render_grid(rows, kinds, max_columns, scale, label_width), path)
+    return save_png(render_grid(rows, kinds, max_columns, scale, label_width, column_titles),
+                    path)
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:

@@ -176,3 +176,17 @@ def test_fusion_grid_rows_real_generated_land_cover(demo_data_dir, tmp_path):
     top, left = viz.GAP + 4 * (cell + viz.GAP), LABEL_WIDTH + viz.GAP
     tile = written[top:top + cell:3, left:left + cell:3]
     assert np.array_equal(tile, viz.colorize_labels(labels[0]))
+
+
+def test_column_titles_above_each_column(tmp_path):
+    labels = np.zeros((2, H, W), np.uint8)
+    plain = np.asarray(viz.render_grid({"truth": labels}, scale=1))
+    titled = np.asarray(viz.render_grid({"truth": labels}, scale=1, column_titles=["best", "worst"]))
+    assert titled.shape[0] == plain.shape[0] + viz.COLUMN_TITLE_HEIGHT
+    assert np.array_equal(titled[viz.COLUMN_TITLE_HEIGHT:], plain)      # the grid moves down whole
+    header = titled[:viz.COLUMN_TITLE_HEIGHT].min(axis=-1) < 128
+    for column in range(2):
+        left = LABEL_WIDTH + viz.GAP + column * (W + viz.GAP)
+        assert header[:, left:left + 20].any(), column                # text over each column
+    with pytest.raises(ValueError, match="1 column titles for 2 columns"):
+        viz.image_grid({"truth": labels}, tmp_path / "x.png", column_titles=["one"])
