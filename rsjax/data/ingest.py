@@ -302,9 +302,9 @@ class RegisteredScene:
         if self._dem is None:
             return np.full((int(window.height), int(window.width), 4), np.nan, np.float32)
         haloed = Window(window.col_off - 1, window.row_off - 1, window.width + 2, window.height + 2)
-        elevation = self._dem.read(haloed)
+        elevation, beyond_extent = self._dem.read(haloed)
         xres, yres = self.grid.transform.a, self.grid.transform.e
-        return terrain.terrain_channels(elevation, xres, yres)
+        return terrain.terrain_channels(elevation, xres, yres, outside=beyond_extent)
 
     def nodata_mask(self, arrays: dict) -> np.ndarray:
         """(h, w) bool: pixels where any source is missing (only sources the scene has a file for)."""
