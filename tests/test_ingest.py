@@ -23,13 +23,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 def belgium(tests_data) -> ScenePaths:
     d = tests_data / "worldcereal_belgium_2021"
     # cropland.tif is not the Dynamic World legend: 0/1 only, used for dtype/alignment.
-    return ScenePaths("belgium", s2=d / "s2.tif", s1=d / "s1.tif", dem=d / "dem.tif", lulc=d / "cropland.tif")
+    return ScenePaths("belgium", s2=d / "belgium_s2.tif", s1=d / "belgium_s1.tif", dem=d / "belgium_dem.tif",
+                      lulc=d / "belgium_cropland.tif")
 
 
 @pytest.fixture
 def togo(tests_data) -> ScenePaths:
     d = tests_data / "cropharvest_togo_2019"
-    return ScenePaths("togo", s2=d / "s2.tif", s1=d / "s1.tif", dem=d / "dem.tif")
+    return ScenePaths("togo", s2=d / "togo_s2.tif", s1=d / "togo_s1.tif", dem=d / "togo_dem.tif")
 
 
 def read(path, band=None):
@@ -148,7 +149,7 @@ def test_bands_chosen_by_description_in_the_206_band_export(tests_data, tmp_path
         dst.write(np.stack([data[names.index(b)] for b in ("B2", "B3", "B4", "B8")]))
     opts = IngestOptions(tile_size=8, stride=4, max_nodata_fraction=1.0)
     raw = ScenePaths("t", s2=original, s1=original, dem=original)
-    cut_scene = ScenePaths("t", s2=cut, s1=d / "s1.tif", dem=d / "dem.tif")
+    cut_scene = ScenePaths("t", s2=cut, s1=d / "togo_s1.tif", dem=d / "togo_dem.tif")
     raw_tiles = list(iter_scene_tiles(raw, opts))
     cut_tiles = list(iter_scene_tiles(cut_scene, opts))
     assert len(raw_tiles) == len(cut_tiles) > 0
