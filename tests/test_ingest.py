@@ -400,3 +400,70 @@ def test_synthetic_scenes_with_linear_or_db_sar_agree(tmp_path):
     # Same backscatter, resampled in power for one and in dB for the other: a
     # power average is above the dB average (Jensen), by well under a dB here.
     assert 0.0 <= linear - db < 1.0
+
+
+# -- Earth Engine split exports ---------------------------------------------------------------
+
+def split_like_earth_engine(path, out_dir, prefix, piece):
+    """Cuts a GeoTIFF into `piece`-pixel pieces named as Earth Engine names a split export:
+    `<prefix>-RRRRRRRRRR-CCCCCCCCCC.tif`, the row and column offsets of each piece."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with rasterio.open(path) as src:
+        for row in range(0, src.height, piece):
+            for col in range(0, src.width, piece):
+                window = Window(col, row, min(piece, src.width - col), min(piece, src.height - row))
+                profile = dict(src.profile, width=int(window.width), height=int(window.height),
+                               transform=src.window_transform(window))
+                name = out_dir / f"{prefix}-{row:010d}-{col:010d}.tif"
+                with rasterio.open(name, "w", **profile) as dst:
+                    dst.write(src.read(window=window))
+                    dst.update_tags(**src.tags())
+                    for i, d in enumerate(src.descriptions, start=1):
+                        if d:
+                            dst.set_band_description(i, d)
+                written.append(name)
+    return written
+
+
+@pytest.mark.parametrize("sample", ["belgium", "togo"])
+def test_split_earth_engine_export_ingests_like_the_whole_file(sample, belgium, togo, tmp_path):
+    """Pieces of 64 (Belgium, on the grid) or 10 px (Togo, EPSG:4326, warped) found by find_scenes
+    and read as one mosaic give exactly the tiles of the whole files."""
+    from rsjax.data.contract import Mosaic, find_scenes
+    scene = {"belgium": belgium, "togo": togo}[sample]
+    piece = 64 if sample == "belgium" else 10
+    folder = tmp_path / "exports"
+    for role in ("s2", "s1", "dem"):
+        pieces = split_like_earth_engine(getattr(scene, role), folder, f"{sample}_{role}", piece)
+        assert len(pieces) == 4
+    (found,) = find_scenes(folder, require_lulc=False)
+    assert found.scene_id == sample and isinstance(found.s2, Mosaic) and len(found.s2.pieces) == 4
+    whole = ScenePaths(sample, s2=scene.s2, s1=scene.s1, dem=scene.dem)
+    opts = IngestOptions(tile_size=8 if sample == "togo" else 32, stride=4 if sample == "togo" else 32,
+                         max_nodata_fraction=1.0)
+    split_tiles = list(iter_scene_tiles(found, opts))
+    whole_tiles = list(iter_scene_tiles(whole, opts))
+    assert len(split_tiles) == len(whole_tiles) > 0
+    for a, b in zip(split_tiles, whole_tiles):
+        assert a["tile_id"] == b["tile_id"]
+        for key in ("s2", "s1", "lulc", "dem"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} of {a['tile_id']}")
+
+
+def test_split_export_pieces_that_do_not_fit_are_named(belgium, tmp_path):
+    from rsjax.data.contract import find_scenes
+    folder = tmp_path / "exports"
+    pieces = split_like_earth_engine(belgium.s2, folder, "be_s2", 64)
+    for role in ("s1", "dem"):
+        split_like_earth_engine(getattr(belgium, role), folder, f"be_{role}", 64)
+    # A piece shifted by half a pixel, as if from another export.
+    with rasterio.open(pieces[1], "r+") as ds:
+        ds.transform = ds.transform * ds.transform.translation(0.5, 0)
+    (scene,) = find_scenes(folder, require_lulc=False)
+    with pytest.raises(InputError, match=r"be_s2-0000000000-0000000064\.tif.*not on whole pixels"):
+        validate_scene(scene)
+    # The whole file beside its pieces is ambiguous.
+    (folder / "be_s2.tif").write_bytes(belgium.s2.read_bytes())
+    with pytest.raises(InputError, match="both as be_s2.tif and as 4 split export piece"):
+        find_scenes(folder, require_lulc=False)

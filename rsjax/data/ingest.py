@@ -54,7 +54,7 @@ from rasterio.windows import Window
 
 from rsjax.data import sar, terrain
 from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
-from rsjax.data.rasterio_io import read_failure
+from rsjax.data.rasterio_io import open_source, read_failure
 from rsjax.data.register import DemSource, WarpedSource
 from rsjax.data.validate import SourceSpec, inspect_scene
 
@@ -225,7 +225,7 @@ class RegisteredScene:
 
     # -- opening / closing --------------------------------------------------
     def _open(self, spec: SourceSpec) -> rasterio.DatasetReader:
-        ds = rasterio.open(spec.path)
+        ds = open_source(spec.path, spec.role)
         self._datasets.append(ds)
         return ds
 

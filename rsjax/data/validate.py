@@ -29,8 +29,8 @@ import rasterio.errors
 from rasterio.enums import Resampling
 
 from rsjax.data import sar
-from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, InputError, ScenePaths
-from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands
+from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, InputError, ScenePaths, Source, as_source
+from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
 
 SAMPLE_PIXELS = 512
@@ -42,7 +42,7 @@ class SourceSpec:
     """What validation learned about one source file, for the readers."""
 
     role: str
-    path: Path
+    path: Source                  # a file, or the pieces of a split export
     bands: tuple[int, ...]
     nodata: float | None          # the no-data value source pixels carry (file's, or the role's default)
     units: str | None = None      # S1 only: 'linear' or 'db'
@@ -77,7 +77,7 @@ def _sample(ds: rasterio.DatasetReader, bands: tuple[int, ...], role: str) -> np
     try:
         data = ds.read(list(bands), out_shape=(len(bands), out_h, out_w), resampling=Resampling.nearest)
     except rasterio.errors.RasterioError as err:
-        raise read_failure(ds.name, role, err) from err
+        raise read_failure(source_name(ds), role, err) from err
     return data.astype(np.float64)
 
 
@@ -103,20 +103,20 @@ def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None) ->
             if len(bad) + len(fractional) >= _MAX_LISTED:
                 break
     except rasterio.errors.RasterioError as err:
-        raise read_failure(ds.name, "lulc", err) from err
+        raise read_failure(source_name(ds), "lulc", err) from err
     if fractional:
         raise InputError(
-            f"{ds.name}: land cover band {band} holds fractional values "
+            f"{source_name(ds)}: land cover band {band} holds fractional values "
             f"{sorted(fractional)[:_MAX_LISTED]}; labels must be whole numbers 0..{NUM_CLASSES - 1} "
             f"(Dynamic World) or {LULC_NODATA} for no data. Export the `label` band, not class probabilities.")
     if bad:
         raise InputError(
-            f"{ds.name}: land cover band {band} holds values outside 0..{NUM_CLASSES - 1} and "
+            f"{source_name(ds)}: land cover band {band} holds values outside 0..{NUM_CLASSES - 1} and "
             f"{LULC_NODATA}: {sorted(bad)[:_MAX_LISTED]}. Map them to Dynamic World labels, set them "
             f"to {LULC_NODATA} (no data), or declare their value as the file's no-data value.")
 
 
-def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
+def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
     """Validates one file; returns its SourceSpec or raises InputError naming it."""
     with open_raster(path, role) as ds:
         if ds.crs is None:
@@ -148,7 +148,7 @@ def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> Sour
             units = opts.s1_units if opts.s1_units != "auto" else sar.detect_units(valid_values)
         if role == "lulc":
             check_labels(ds, bands[0], nodata)
-        return SourceSpec(role=role, path=Path(path), bands=bands, nodata=nodata, units=units)
+        return SourceSpec(role=role, path=path, bands=bands, nodata=nodata, units=units)
 
 
 def grid_of_file(path: Path, opts) -> TargetGrid:
@@ -182,7 +182,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
                 f"scene '{scene.scene_id}' has no optical (S2) file to take the target grid from: "
                 "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
         else:
-            specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
+            specs["s2"] = inspect_source(as_source(scene.s2), "s2", None, opts)
             with open_raster(scene.s2, "s2") as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
@@ -193,7 +193,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
              if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:
-            specs[role] = inspect_source(Path(getattr(scene, role)), role, grid, opts)
+            specs[role] = inspect_source(as_source(getattr(scene, role)), role, grid, opts)
         except InputError as err:
             problems.append(str(err))
     if problems:

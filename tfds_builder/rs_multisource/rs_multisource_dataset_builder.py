@@ -308,7 +308,7 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
                     report: Optional[dict] = None) -> list[contract.ScenePaths]:
     """Groups `<scene>_{s2,s1,lulc,dem}.tif` files of `folder` into scenes.
 
-    The same convention as contract.find_scenes, listed through epath. A scene
+    The same convention as contract.find_scenes (split exports included), listed through epath. A scene
     missing a source is an InputError naming it (or, with skip_incomplete,
     skipped and recorded in report['skipped_scenes']). When the incomplete
     scenes together hold every source, the ids most likely differ between
@@ -318,11 +318,8 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
         raise contract.InputError(
             f"{folder}: manual_dir is not a folder. Put <scene>_s2.tif, <scene>_s1.tif, "
             f"<scene>_lulc.tif and <scene>_dem.tif files there.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    found: dict[str, dict[str, epath.Path]] = {}
-    for path in sorted(folder.iterdir()):
-        m = contract._SCENE_FILE.match(path.name)  # pylint: disable=protected-access
-        if m:
-            found.setdefault(m["scene"], {})[m["source"].lower()] = path
+    # Split Earth Engine exports (<scene>_s2-0000000000-0000000000.tif, ...) become one Mosaic.
+    found = contract.group_scene_files(folder.iterdir(), folder)
     if not found:
         raise contract.InputError(
             f"{folder}: no scene files found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
