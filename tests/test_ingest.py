@@ -602,3 +602,10 @@ def test_lulc_map_parses_text_and_json_alike():
     from rsjax.data.landcover import parse_lulc_map
     assert parse_lulc_map("1:4, 0:255") == parse_lulc_map('{"0": 255, "1": 4}') == ((0, 255), (1, 4))
     assert IngestOptions(lulc_map="1:4,0:255") == IngestOptions(lulc_map={1: 4, 0: 255})
+
+
+def test_only_water_or_only_trees_is_still_plausible_dynamic_world():
+    from rsjax.data.landcover import not_dynamic_world
+    assert not_dynamic_world([0]) is None and not_dynamic_world([1]) is None     # a lake, a forest
+    assert not_dynamic_world([0, 1, 4]) is None
+    assert "binary map" in not_dynamic_world([0, 1])

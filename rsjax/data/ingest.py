@@ -13,8 +13,10 @@ Steps, in order:
 1. validate every file (`validate_scene`): errors name the file and what to do;
 2. register every source onto the target grid (`RegisteredScene`, see
    `register.py`): the S2 grid by default, bilinear for S2, S1 and the DEM,
-   nearest for labels, no-data carried through and wherever a source does not
-   cover the grid;
+   nearest for labels, with GDAL's exact transformer (a pixel's value does not
+   depend on the window read), no-data carried through and wherever a source
+   does not cover the grid; S2 gets its declared BOA offset (`optical.py`),
+   land cover its legend mapping (`landcover.py`);
 3. S1 to dB with a floor (`sar.py`); units detected from the values unless
    `s1_units` says. Resampling happens in the file's own units, before the
    conversion: linear power is interpolated as power, dB files (Earth
@@ -26,8 +28,11 @@ Steps, in order:
    -9999 (`contract.ASPECT_FLAT`);
 5. tiles of `tile_size` at offsets 0, stride, 2 stride, ... that fit entirely
    in the grid (a remainder narrower than a tile at the right and bottom edges
-   is not covered; a scene smaller than one tile yields no tile); tiles with a
-   no-data fraction above `max_nodata_fraction` are dropped and counted.
+   is not covered); tiles with a no-data fraction above `max_nodata_fraction`
+   are dropped and counted. A scene that yields no tile (smaller than a tile,
+   or every tile dropped) is logged as a warning that says why, kept in the
+   report (`SceneCounts.warning`), and `IngestReport.require_tiles` makes no
+   tile from any scene an error.
 
 A pixel counts as no-data when any source is missing there: S2 (0 in a band),
 S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in

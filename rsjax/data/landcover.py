@@ -8,9 +8,10 @@ water and trees. Validation therefore looks at the set of values a file holds:
 
 - values outside 0..8 (and the file's no-data) cannot be Dynamic World: an
   error lists them;
-- a file holding only 0 and/or 1 is a binary map (crop / no crop, water /
-  land, forest / non-forest), not a Dynamic World composite, which over any
-  scene of useful size holds more classes: an error says so. If it really is
+- a file holding exactly the values 0 and 1 is a binary map (crop / no crop,
+  water / land, forest / non-forest), not a Dynamic World composite, which
+  over a scene of useful size holds more classes: an error says so. (Only 0,
+  or only 1, is a plausible scene: all water, all trees.) If it really is
   Dynamic World (a scene of nothing but water and trees), say
   `lulc_legend="dynamic_world"` and it is taken as it is.
 
@@ -83,12 +84,11 @@ def format_lulc_map(pairs: Optional[LulcMap]) -> str:
 
 def not_dynamic_world(values: Iterable[float]) -> Optional[str]:
     """Why a file holding `values` (its valid, whole values) cannot be Dynamic World; None if it can."""
-    values = sorted({int(v) for v in values})
-    if values and set(values) <= {0, 1}:
-        shown = " and ".join(str(v) for v in values)
-        return (f"holds only the value{'s' if len(values) > 1 else ''} {shown}: a binary map (e.g. crop / "
-                f"no crop, water / land), not a Dynamic World label composite, in which 0 is water and "
-                f"1 is trees")
+    # Only 0 or only 1 is a plausible Dynamic World scene (all water, all trees); both and
+    # nothing else is the signature of a binary mask.
+    if {int(v) for v in values} == {0, 1}:
+        return ("holds only the values 0 and 1: a binary map (e.g. crop / no crop, water / land), "
+                "not a Dynamic World label composite, in which 0 is water and 1 is trees")
     return None
 
 
