@@ -1,4 +1,14 @@
-"""Ingestion: one scene's GeoTIFFs to registered tiles in the data contract.
+"""Ingestion: validate, register and tile scenes' GeoTIFFs into the data contract.
+
+As a command, a dry run over a folder of exports (nothing is written), the
+check to run before `rsjax build --config manual --manual_dir FOLDER`; it
+prints the report (tiles kept and dropped per scene, grid, S1 units) as JSON,
+and a bad file as one `error:` line naming it (exit 2):
+
+    rsjax ingest work/exports
+    rsjax ingest work/exports --tile_size 128 --allow_missing_lulc
+
+As a library:
 
     from rsjax.data.contract import find_scenes
     from rsjax.data.ingest import IngestOptions, IngestReport, iter_scene_tiles
@@ -44,6 +54,7 @@ and GDAL's block cache is capped at `gdal_cache_mb` while reading.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -52,8 +63,10 @@ import rasterio.errors
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from rsjax import cli
 from rsjax.data import sar, terrain
-from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
+from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths, find_scenes
+from rsjax.errors import UserError
 from rsjax.data.rasterio_io import read_failure
 from rsjax.data.register import DemSource, WarpedSource
 from rsjax.data.validate import SourceSpec, inspect_scene
@@ -94,16 +107,17 @@ class IngestOptions:
     gdal_cache_mb: int = 128
 
     def __post_init__(self):
+        # UserError (a ValueError): the command line prints it as one line.
         if self.tile_size < 3:
-            raise ValueError(f"tile_size must be at least 3 pixels, got {self.tile_size}")
+            raise UserError(f"tile_size must be at least 3 pixels, got {self.tile_size}")
         if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be a positive number of pixels, got {self.stride}")
+            raise UserError(f"stride must be a positive number of pixels, got {self.stride}")
         if not 0.0 <= self.max_nodata_fraction <= 1.0:
-            raise ValueError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
+            raise UserError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
         if self.s1_units not in sar.UNITS:
-            raise ValueError(f"s1_units must be one of {sar.UNITS}, got {self.s1_units!r}")
+            raise UserError(f"s1_units must be one of {sar.UNITS}, got {self.s1_units!r}")
         if self.dem_fill_distance < 0:
-            raise ValueError(f"dem_fill_distance must be >= 0, got {self.dem_fill_distance}")
+            raise UserError(f"dem_fill_distance must be >= 0, got {self.dem_fill_distance}")
 
     @property
     def step(self) -> int:
@@ -362,44 +376,42 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
             }
 
 
-def main(argv=None) -> dict:
-    """`python -m rsjax.data.ingest FOLDER`: validate and tile every scene of a folder, print the report.
-
-    A dry run (nothing is written): the check to run on new exports before
-    building a dataset. Exits with status 2 and the InputError's message on bad input.
-    """
-    import argparse  # noqa: PLC0415
-    import json  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    from rsjax.data.contract import InputError, find_scenes  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(prog="python -m rsjax.data.ingest", description=main.__doc__)
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def add_arguments(parser) -> None:
     parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files")
-    parser.add_argument("--tile-size", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=None)
-    parser.add_argument("--max-nodata-fraction", type=float, default=0.1)
-    parser.add_argument("--target-crs", default=None)
-    parser.add_argument("--target-resolution", type=float, default=None)
-    parser.add_argument("--target-grid", default=None, help="GeoTIFF whose grid to use (default: each S2 file's)")
-    parser.add_argument("--s1-units", default="auto", choices=sar.UNITS)
-    parser.add_argument("--allow-missing-lulc", action="store_true", help="scenes may lack <scene>_lulc.tif")
-    args = parser.parse_args(argv)
-    opts = IngestOptions(tile_size=args.tile_size, stride=args.stride, max_nodata_fraction=args.max_nodata_fraction,
-                         target_crs=args.target_crs, target_resolution=args.target_resolution,
-                         target_grid=args.target_grid,
+    parser.add_argument("--tile_size", type=int, default=256, help="tile side in target-grid pixels")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="step between tiles in pixels (default: tile_size)")
+    parser.add_argument("--max_nodata_fraction", type=float, default=0.1,
+                        help="tiles with a larger no-data fraction are dropped and counted")
+    parser.add_argument("--target_crs", default=None,
+                        help="registration CRS, projected in metres (default: each S2 file's)")
+    parser.add_argument("--target_resolution", type=float, default=None,
+                        help="registration pixel size in metres (default: the S2 file's)")
+    parser.add_argument("--target_grid", default=None,
+                        help="GeoTIFF whose grid to use (default: each S2 file's)")
+    parser.add_argument("--s1_units", default="auto", choices=sar.UNITS,
+                        help="units of the S1 files (auto: detected from the values)")
+    parser.add_argument("--allow_missing_lulc", action="store_true",
+                        help="scenes may lack <scene>_lulc.tif")
+
+
+def run(args) -> int:
+    opts = IngestOptions(tile_size=args.tile_size, stride=args.stride,
+                         max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
+                         target_resolution=args.target_resolution, target_grid=args.target_grid,
                          s1_units=args.s1_units)
     report = IngestReport()
-    try:
-        for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
-            for _ in iter_scene_tiles(scene, opts, report):
-                pass
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(report.to_dict(), indent=2))
-    return report.to_dict()
+    for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
+        for _ in iter_scene_tiles(scene, opts, report):
+            pass
+    cli.print_json(report.to_dict())
+    return 0
 
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
