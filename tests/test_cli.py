@@ -137,6 +137,21 @@ def test_user_errors_are_one_line_exit_2_and_create_nothing(argv, message, tmp_p
     assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.parametrize("argv", [["synthesize", "--fusion_workdir", "run"],
+                                  ["evaluate", "--workdir", "run"]], ids=" ".join)
+def test_a_workdir_without_checkpoint_is_an_error_that_writes_nothing(argv, tmp_path, monkeypatch,
+                                                                      capsys):
+    from rsjax.config_loader import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(load_config("fusion:demo").to_json_best_effort())
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "Traceback" not in err
+    assert os.listdir(tmp_path / "run") == ["config.json"]
+
+
 def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from rsjax.errors import ConfigError
