@@ -216,7 +216,7 @@ def test_demo_runs_from_a_non_editable_install_in_another_directory(tmp_path):
         "--config.generator.ngf=4", "--config.discriminator.ndf=4")
     assert (workdir / "checkpoints" / "2").is_dir()
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["generator"]["name"] == "pix2pix" and saved["total_steps"] == 2
+    assert saved["generator"]["name"] == "pix2pix_unet" and saved["total_steps"] == 2
 
     scores = json.loads(run(sys.executable, "-m", "rsjax.cli", "evaluate", "--workdir", "runs/demo"))
     assert scores["step"] == 2 and scores["split"] == "test" and scores["num_images"] > 0
