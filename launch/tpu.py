@@ -11,10 +11,10 @@ Actions (each a list of gcloud commands, run in order):
   install  the committed HEAD of the checkout this runs in (git archive) copied
            to every worker and installed with `pip install -e .[tpu]` (or
            --git_url: a clone on every worker)
-  run      `python -m rsjax.train` (= `rsjax train`) on every worker at once, under nohup with a
-           log file per worker (~/rsjax_run.log), so it survives ssh drops; a
-           gs:// data_dir is first copied to the worker's disk (ArrayRecord
-           files cannot be read from Cloud Storage directly)
+  run      `python -m rsjax.train` (`rsjax train`) on every worker at once,
+           under nohup with a log file per worker (~/rsjax_run.log), so it
+           survives ssh drops; a gs:// data_dir is first copied to the
+           worker's disk (ArrayRecord files cannot be read from Cloud Storage)
   logs     follows worker 0's log (--worker all: every worker's) until training ends
   delete   gcloud compute tpus tpu-vm delete
   all      create, install, run, logs, delete
@@ -23,10 +23,9 @@ Actions (each a list of gcloud commands, run in order):
 relative to the checkout on the workers; `--config.KEY=VALUE` overrides are
 passed on to rsjax.train (and checked here first when the config is a name or
 a local file, so a typo fails before any VM exists).
-
-Every command is built by a pure function returning an argv list, so tests
-check the exact commands; `run` only checks, plans and runs.
 """
+# Every command is built by a pure function returning an argv list, so tests
+# check the exact commands; `run` only checks, plans and runs.
 from __future__ import annotations
 
 import argparse

@@ -10,7 +10,6 @@ numpy batches) with 0, 1 and 2 grain worker processes.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil

@@ -68,8 +68,9 @@ def check_builder_config(data_cfg):
     """The builder config `data_cfg` names, with its options; ConfigError names
     the flag at fault. Creates nothing."""
     from rsjax import input_pipeline
+    from rsjax.tfds_builder.rs_multisource import rs_multisource_dataset_builder as builder
 
-    names = list(input_pipeline._builder_module().Builder.builder_configs)
+    names = list(builder.Builder.builder_configs)
     name = str(data_cfg.name).partition("/")[2]
     if name not in names:
         import difflib
