@@ -192,6 +192,10 @@ def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # `rsjax ... | head`: the reader left; no traceback
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's own advice
+        return 141
     return int(status) if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
