@@ -25,7 +25,7 @@ from rsjax.errors import ConfigError, UserError
 
 DATASET = "rs_multisource"
 TILING_OPTIONS = ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles",
-                  "split_seed")
+                  "split_seed", "s2_offset", "lulc_map", "lulc_legend")
 
 
 def add_arguments(parser) -> None:
@@ -46,6 +46,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split_seed", type=int, default=None,
                         help="salt of the split hash: another value, another partition "
                              "(default: the config's)")
+    parser.add_argument("--s2_offset", type=float, default=None,
+                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of "
+                             "baseline 04.00+; default: what each file declares)")
+    parser.add_argument("--lulc_map", default=None,
+                        help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
+    parser.add_argument("--lulc_legend", default=None, choices=("auto", "dynamic_world"),
+                        help="'dynamic_world': take land cover that looks like another legend as it is "
+                             "(default: the config's, auto)")
     parser.add_argument("--manual_dir", default=None,
                         help="folder of <scene>_{s2,s1,lulc,dem}.tif (the manual config)")
     parser.add_argument("--file_format", default="array_record", choices=("array_record", "tfrecord"),
