@@ -80,17 +80,17 @@ def compiled_flops(compiled) -> float | None:
 def model_flops(step, *args) -> float | None:
     """FLOPs of one call of the jitted `step` (global batch) as the model defines them.
 
-    XLA's cost analysis of the step traced with plain convolutions
-    (`layers.plain_convolutions`) and lowered for CPU, before optimization,
+    XLA's cost analysis of the step traced without the CPU convolution
+    rewrites (`cpu_conv.rewrites("off")`) and lowered for CPU, before optimization,
     whatever device runs it: Conv2d's CPU rewrites do the same multiply-adds,
     but partly in a loop whose body the analysis counts once, and on GPU the
     compiled program's convolutions are library calls that its analysis does
     not count (an H200 run reported 4 GFLOP for a 237 GFLOP step). Abstract
     arguments, so nothing is copied, and a fresh `jax.jit`, so the trace is new.
     """
-    from rsjax.models import layers
+    from rsjax.models import cpu_conv
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    with layers.plain_convolutions():
+    with cpu_conv.rewrites("off"):
         fresh = jax.jit(functools.partial(step.__wrapped__))
         return compiled_flops(fresh.trace(*abstract).lower(lowering_platforms=("cpu",)))
 
