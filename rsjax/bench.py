@@ -141,7 +141,7 @@ def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
 def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict:
     """A training batch with the pipeline's keys, shapes and value ranges."""
     from rsjax import input_pipeline
-    from rsjax.trainers import common
+    from rsjax import mesh as mesh_lib
     rng = np.random.default_rng(seed)
     shape = (batch, size, size)
     host = {
@@ -153,26 +153,28 @@ def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict
         c = input_pipeline.SOURCE_CHANNELS[s]
         host[s] = (np.eye(c, dtype=np.float32)[rng.integers(0, c, shape)] if s == "lulc"
                    else rng.standard_normal((*shape, c)).astype(np.float32))
-    return jax.device_put(host, common.batch_sharding(mesh))
+    return jax.device_put(host, mesh_lib.batch_sharding(mesh))
 
 
 def fusion_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
     """(jitted step, state, batch) of the fusion trainer (full configuration
     unless `config_arg` names a variant, e.g. "demo")."""
-    from rsjax.trainers import common, fusion
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import fusion
     config = fusion_config(size, batch, dtype, config_arg)
     sources = fusion.selected_sources(config)
     setup = fusion.Setup(config, sources)
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     step = jax.jit(functools.partial(fusion.train_step, setup), donate_argnums=(0,))
     return step, state, random_batch(size, batch, sources, mesh)
 
 
 def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
-    from rsjax.trainers import common, segmentation
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import segmentation
     config = unet_config(size, batch, dtype, config_arg)
     setup = segmentation.Setup(config)
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     weights = jnp.ones((9,), jnp.float32)
     step = jax.jit(functools.partial(segmentation.train_step, setup, weights),
                    donate_argnums=(0,))
@@ -303,8 +305,8 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from rsjax.trainers import common
-    mesh = common.create_mesh(jax.devices()[:args.devices])
+    from rsjax import mesh as mesh_lib
+    mesh = mesh_lib.create_mesh(jax.devices()[:args.devices])
     report: dict[str, Any] = {"machine": machine(), "config": {
         k: v for k, v in vars(args).items() if k not in ("out",)}}
     on_cpu = jax.devices()[0].platform == "cpu"

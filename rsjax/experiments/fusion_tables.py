@@ -100,7 +100,7 @@ def write_tables(results: dict, root: Path) -> str:
 
 def main(argv):
     del argv
-    from rsjax.trainers.common import prepare_process
+    from rsjax.runtime import prepare_process
     prepare_process()
     root = Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)

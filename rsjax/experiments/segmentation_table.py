@@ -81,7 +81,7 @@ def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps
 
 def main(argv):
     del argv
-    from rsjax.trainers.common import prepare_process
+    from rsjax.runtime import prepare_process
     prepare_process()
     root = Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
