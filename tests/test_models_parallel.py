@@ -4,6 +4,8 @@
 Every step waits on its results (block_until_ready): a loop that runs ahead
 of 8 fake devices on 2 cores can abort in an XLA all-reduce rendezvous.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +26,8 @@ def rngs(seed=0):
 @pytest.fixture(scope="module")
 def mesh():
     if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+        pytest.skip(f"needs 8 devices, this process has {jax.device_count()}: "
+                    f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} sets another device count")
     return jax.make_mesh((8,), ("data",))
 
 
