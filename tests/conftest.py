@@ -6,8 +6,11 @@ set in XLA_FLAGS is kept (tests needing 8 devices then skip, saying so). Tests c
 programs and run each a few steps, so XLA's backend optimizations are turned
 down (compiles about twice as fast, runs slower: the right trade for tests).
 """
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Each flag is added unless XLA_FLAGS already sets it: flags a user exported
@@ -27,6 +30,13 @@ def with_test_xla_flags(preset: str) -> str:
 
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands the tests run in-process (rsjax.cli.main) turn on JAX's persistent
+# compilation cache in work/jax_cache, relative to the current directory,
+# unless a cache is set: give them a temporary one, so the tests write nothing
+# into the checkout (and programs compiled alike in several tests compile once).
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="rsjax_tests_jax_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Run against this checkout even when another copy of rsjax is installed.

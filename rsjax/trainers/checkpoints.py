@@ -73,6 +73,9 @@ class Checkpointer:
         """(state, step) of checkpoint `step` (default: the latest), or None when
         there is none; `data_iter` (if given and saved) is moved to the saved
         position."""
+        if step is not None and step not in self.manager.all_steps():
+            raise UserError(f"{self.directory}: no checkpoint of step {step}; there are steps "
+                            f"{', '.join(map(str, sorted(self.manager.all_steps()))) or 'none'}.")
         step = self.latest_step() if step is None else step
         if step is None:
             return None
