@@ -105,6 +105,18 @@ def check_manual_dir(config_name: str, manual_dir) -> None:
     find_scenes(manual_dir)              # InputError: not a folder, no scenes, a missing source
 
 
+def check_file_format(file_format: str) -> None:
+    """TFDS writes TFRecord files with TensorFlow: without it a build would stop
+    at the end of its first split with an import error."""
+    if file_format != "tfrecord":
+        return
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise UserError("--file_format tfrecord needs TensorFlow: pip install 'rsjax[tf]', or "
+                        "build array_record files (the default), which read without it.") from None
+
+
 def run(args) -> int:
     if args.config_overrides:
         raise UserError(f"--config.{args.config_overrides[0]}: `rsjax build` takes a dataset "
@@ -117,6 +129,7 @@ def run(args) -> int:
     if args.manual_dir is not None and args.config != "manual":
         raise UserError(f"--manual_dir {args.manual_dir}: only the manual config reads it; "
                         f"--config {args.config} writes its own synthetic scenes.")
+    check_file_format(args.file_format)
     from rsjax import input_pipeline
 
     manual_dir = None if args.manual_dir is None else os.path.abspath(args.manual_dir)
