@@ -155,6 +155,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             description="8 synthetic scenes of 256 x 256 px, 64 px tiles: the quick-start demo.",
             tile_size=64, synthetic_scenes=8, synthetic_size=256),
         RsMultisourceConfig(
+            name="synthetic_bench",
+            description="16 synthetic scenes of 512 x 512 px, 64 px tiles: the experiments' "
+                        "scale on 2 CPU cores (rsjax experiments report --scale bench).",
+            tile_size=64, synthetic_scenes=16, synthetic_size=512),
+        RsMultisourceConfig(
+            name="synthetic_paper",
+            description="36 synthetic scenes of 2048 x 2048 px, 256 px tiles: about 1,600 training "
+                        "tiles, the paper's segmentation setting (1,558).",
+            tile_size=256, synthetic_scenes=36, synthetic_size=2048),
+        RsMultisourceConfig(
             name="manual", description="The user's GeoTIFF exports from manual_dir, 256 px tiles.",
             tile_size=256),
     ]
