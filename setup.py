@@ -38,6 +38,7 @@ EXTRAS = {
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11", "etils[epath-gcs]"],
     "gcs": ["etils[epath-gcs]"],   # gs:// workdirs and data_dirs off TPU VMs
+    "ee": ["earthengine-api>=1.0"],  # rsjax export_ee (not needed for its --dry_run)
 }
 
 # Where each installed package lives in the checkout.

@@ -30,6 +30,7 @@ from rsjax.errors import RunFailed, UserError
 # name -> (module, one-line summary). Order is the order of `rsjax --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "scenes": ("rsjax.data.synthetic", "write synthetic multi-source scenes as GeoTIFFs"),
+    "export_ee": ("rsjax.data.export_ee", "export scenes from Earth Engine as ingestion's GeoTIFFs"),
     "ingest": ("rsjax.data.ingest", "check your own exports: validate, register, tile (dry run)"),
     "build": ("rsjax.build_dataset", "build the rs_multisource TFDS dataset"),
     "train": ("rsjax.train", "train RS-SPADE, pix2pix or RS-UNet"),

@@ -40,8 +40,8 @@ Put the co-registered scene exports in one folder (the manual_dir, by default
 
 Scene ids must match across the four files. Sources may come in different
 CRSs and resolutions; they are registered onto the Sentinel-2 grid (or the
-configured target grid). See README.md beside this builder for an Earth
-Engine export script.
+configured target grid). `rsjax export_ee` exports them from Earth Engine
+(see README.md beside this builder).
 """
 
 
