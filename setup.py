@@ -32,13 +32,17 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "scikit-image>=0.24"],   # scikit-image: the SSIM/PSNR reference
+    # scikit-image: the SSIM/PSNR reference; apache-beam: the Beam build's tests
+    "test": ["pytest>=8", "scikit-image>=0.24", "apache-beam>=2.77,<3"],
     "tf": ["tensorflow-cpu>=2.18", "dill"],          # dill: TFDS's DatasetBuilderTestCase
     "tensorboard": [],           # kept so `pip install rsjax[tensorboard]` still works: now core
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11", "etils[epath-gcs]"],
     "gcs": ["etils[epath-gcs]"],   # gs:// workdirs and data_dirs off TPU VMs
     "ee": ["earthengine-api>=1.0"],  # rsjax export_ee (not needed for its --dry_run)
+    # The dataset built on Apache Beam (DirectRunner here; Dataflow, Flink or Spark runners).
+    # Checked with the pins above: it moves protobuf to 6.x, pyarrow to 25 (no conflict).
+    "beam": ["apache-beam>=2.77,<3"],
 }
 
 # Where each installed package lives in the checkout.

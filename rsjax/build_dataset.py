@@ -3,6 +3,8 @@
     python -m rsjax.build_dataset --config synthetic_demo --data_dir work/tensorflow_datasets
     python -m rsjax.build_dataset --config synthetic --tile_size 128
     python -m rsjax.build_dataset --config manual --manual_dir /path/to/exports --tile_size 256
+    python -m rsjax.build_dataset --config synthetic --beam_pipeline_options \
+        direct_num_workers=2,direct_running_mode=multi_processing       # on Apache Beam
 
 The same build as `tfds build tfds_builder/rs_multisource --config NAME`
 (array_record files that read without TensorFlow). Options that differ from
@@ -31,6 +33,11 @@ flags.DEFINE_string("manual_dir", None, "folder of <scene>_{s2,s1,lulc,dem}.tif 
 flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
                   "tfrecord needs TensorFlow (the `tf` extra)")
 flags.DEFINE_boolean("overwrite", False, "rebuild even if the dataset is already there")
+flags.DEFINE_string("beam_pipeline_options", None,
+                    "build with Apache Beam (the `beam` extra): comma-separated key=value "
+                    "pipeline options, as `tfds build` takes them, e.g. "
+                    "'direct_num_workers=2,direct_running_mode=multi_processing' or "
+                    "'runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp'")
 
 
 def data_config_from_flags() -> ml_collections.ConfigDict:
@@ -46,7 +53,8 @@ def main(argv):
     del argv
     from rsjax import input_pipeline
     summary = input_pipeline.build(data_config_from_flags(), manual_dir=FLAGS.manual_dir,
-                    file_format=FLAGS.file_format, overwrite=FLAGS.overwrite)
+                    file_format=FLAGS.file_format, overwrite=FLAGS.overwrite,
+                    beam_pipeline_options=FLAGS.beam_pipeline_options)
     print(json.dumps(summary, indent=2))
 
 

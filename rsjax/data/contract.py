@@ -18,10 +18,10 @@ Stored per tile (physical units, channels last):
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Optional
 
+from rsjax.data import storage
 from rsjax.errors import UserError
 
 S2_BANDS = ("B2", "B3", "B4", "B8")          # blue, green, red, NIR
@@ -56,38 +56,38 @@ class InputError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class ScenePaths:
-    """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover."""
+    """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover.
+
+    Paths are pathlib.Path for local files and strings for URLs (gs://, s3://,
+    http(s)://; see rsjax.data.storage), which rasterio opens as they are."""
 
     scene_id: str
-    s2: Path
-    s1: Path
-    dem: Path
-    lulc: Optional[Path] = None
+    s2: Path | str
+    s1: Path | str
+    dem: Path | str
+    lulc: Optional[Path | str] = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "scene_id"}
 
 
-# Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem
-# (".tiff" accepted too). Extra files such as <scene_id>_s2_cloudy.tif are ignored.
-_SCENE_FILE = re.compile(r"^(?P<scene>.+)_(?P<source>s2|s1|lulc|dem)\.tiff?$", re.IGNORECASE)
+# Folder naming convention (in storage.py, which lists folders local and remote).
+_SCENE_FILE = storage.SCENE_FILE
 
 
 def find_scenes(folder: str | Path, require_lulc: bool = True) -> list[ScenePaths]:
     """Groups `<scene_id>_{s2,s1,lulc,dem}.tif` files of a folder into scenes.
 
-    Raises InputError naming the scene and the missing source when a scene is
-    incomplete, so that a build never starts on half a scene.
+    `folder` may be local, gs://, s3:// or http(s)://, or a list file of
+    scene prefixes (see rsjax.data.storage). Raises InputError naming the
+    scene and the missing source when a scene is incomplete, so that a build
+    never starts on half a scene.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not storage.is_list_file(folder) and not storage.is_dir(folder):
         raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
-                         "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
-    found: dict[str, dict[str, Path]] = {}
-    for path in sorted(folder.iterdir()):
-        m = _SCENE_FILE.match(path.name)
-        if m:
-            found.setdefault(m["scene"], {})[m["source"].lower()] = path
+                         "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files, or to a "
+                         ".txt file listing scene prefixes.")
+    found = storage.scene_files(folder)
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")

@@ -52,7 +52,7 @@ import rasterio.errors
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from rsjax.data import sar, terrain
+from rsjax.data import sar, storage, terrain
 from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
 from rsjax.data.rasterio_io import read_failure
 from rsjax.data.register import DemSource, WarpedSource
@@ -155,14 +155,19 @@ class IngestReport:
 
 
 def _gdal_env(opts: IngestOptions) -> dict:
-    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM)."""
-    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20}
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM),
+    and no probing for sidecar files (a request each on object storage, see storage.py)."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20, **storage.gdal_options()}
 
 
-def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()) -> None:
-    """Checks every file of the scene; raises contract.InputError listing each problem (file, what, what to do)."""
+def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()):
+    """Checks every file of the scene; raises contract.InputError listing each problem (file, what, what to do).
+
+    Returns the scene's target grid (`register.TargetGrid`), e.g. to plan
+    which tiles it has before reading any of them."""
     with rasterio.Env(**_gdal_env(opts)):
-        inspect_scene(scene, opts)
+        grid, _ = inspect_scene(scene, opts)
+    return grid
 
 
 class RegisteredScene:
@@ -333,10 +338,12 @@ def tile_id(scene_id: str, row: int, col: int) -> str:
 
 
 def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
-                     report: IngestReport | None = None) -> Iterator[dict]:
+                     report: IngestReport | None = None, rows: range | None = None) -> Iterator[dict]:
     """Validates, registers and tiles one scene; yields the kept tiles as contract dicts.
 
     Counts kept and dropped tiles in `report` (when given) under the scene id.
+    `rows`: only the tiles whose top pixel row is in this range (a strip of
+    the scene, so that strips of one scene can be ingested in parallel).
     """
     with RegisteredScene(scene, opts) as reg:
         counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
@@ -347,6 +354,8 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
         counts.resolution = float(reg.grid.resolution[0])
         crs = reg.grid.crs_string()
         for window in tile_windows(reg.width, reg.height, opts.tile_size, opts.step):
+            if rows is not None and int(window.row_off) not in rows:
+                continue
             arrays = reg.read(window)
             if reg.nodata_mask(arrays).mean() > opts.max_nodata_fraction:
                 counts.tiles_dropped_nodata += 1

@@ -19,6 +19,7 @@ from typing import Iterator
 import rasterio
 import rasterio.errors
 
+from rsjax.data import storage
 from rsjax.data.contract import InputError
 
 # Descriptions accepted for each source, in channel order. Each channel lists
@@ -50,11 +51,12 @@ def open_raster(path: str | Path, role: str) -> Iterator[rasterio.DatasetReader]
     """rasterio.open that turns GDAL's failure into an InputError naming the file."""
     # No Python file-system call here (only GDAL's): TFDS builder tests patch
     # os/open inside builders, and GDAL's own I/O is not affected.
-    path = Path(path)
+    path = storage.as_path(path)       # URLs stay strings: GDAL opens them (/vsigs/, /vsicurl/ ...)
     try:
         ds = rasterio.open(path)
     except rasterio.errors.RasterioError as err:
-        if "No such file" in str(err) or "does not exist" in str(err):
+        if any(text in str(err) for text in ("No such file", "does not exist",
+                                             "response code: 404", "HTTP error code: 404")):
             raise InputError(f"{path}: {WHAT[role]} file does not exist. Check the path or the scene "
                              "folder.") from err
         raise InputError(

@@ -28,7 +28,7 @@ import rasterio
 import rasterio.errors
 from rasterio.enums import Resampling
 
-from rsjax.data import sar
+from rsjax.data import sar, storage
 from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, InputError, ScenePaths
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
@@ -42,7 +42,7 @@ class SourceSpec:
     """What validation learned about one source file, for the readers."""
 
     role: str
-    path: Path
+    path: Path | str              # a string for URLs (rsjax.data.storage)
     bands: tuple[int, ...]
     nodata: float | None          # the no-data value source pixels carry (file's, or the role's default)
     units: str | None = None      # S1 only: 'linear' or 'db'
@@ -148,7 +148,7 @@ def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> Sour
             units = opts.s1_units if opts.s1_units != "auto" else sar.detect_units(valid_values)
         if role == "lulc":
             check_labels(ds, bands[0], nodata)
-        return SourceSpec(role=role, path=Path(path), bands=bands, nodata=nodata, units=units)
+        return SourceSpec(role=role, path=storage.as_path(path), bands=bands, nodata=nodata, units=units)
 
 
 def grid_of_file(path: Path, opts) -> TargetGrid:
@@ -176,13 +176,13 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
     grid_file = getattr(opts, "target_grid", None)
     try:
         if grid_file is not None:
-            grid = grid_of_file(Path(grid_file), opts)
+            grid = grid_of_file(storage.as_path(grid_file), opts)
         elif scene.s2 is None:
             raise InputError(
                 f"scene '{scene.scene_id}' has no optical (S2) file to take the target grid from: "
                 "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
         else:
-            specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
+            specs["s2"] = inspect_source(storage.as_path(scene.s2), "s2", None, opts)
             with open_raster(scene.s2, "s2") as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
@@ -193,7 +193,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
              if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:
-            specs[role] = inspect_source(Path(getattr(scene, role)), role, grid, opts)
+            specs[role] = inspect_source(storage.as_path(getattr(scene, role)), role, grid, opts)
         except InputError as err:
             problems.append(str(err))
     if problems:
