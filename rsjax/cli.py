@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("rsjax.models.param_table", "parameter table of the models"),
     "bench": ("rsjax.bench", "benchmark the train steps (JSON)"),
     "bench_ingest": ("rsjax.data.bench_ingest", "benchmark ingestion (JSON)"),
+    "bench_build": ("rsjax.data.bench_build", "benchmark the dataset build, with and without Beam (JSON)"),
     "bench_pipeline": ("rsjax.bench_pipeline", "benchmark the input pipeline (JSON)"),
     "bench_layers": ("rsjax.models.bench", "benchmark single layers (JSON)"),
     "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),

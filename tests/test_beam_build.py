@@ -158,6 +158,16 @@ def test_a_bad_scene_fails_the_beam_build_by_name_and_leaves_nothing(tmp_path):
     _assert_nothing_loads(data_dir)
 
 
+def test_an_empty_split_is_the_same_error_as_without_beam(tmp_path):
+    empty = dataclasses.replace(CONFIG, split_seed=0)   # this draw leaves the test split empty
+    with pytest.raises(contract.InputError, match="the test split got no tiles from 2 scene"):
+        rsm.Builder(config=empty, data_dir=str(tmp_path / "local")).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(DUMMY_DATA)))
+    with pytest.raises(contract.InputError, match="the test split got no tiles from 2 scene"):
+        rsm.Builder(config=empty, data_dir=str(tmp_path / "beam")).download_and_prepare(
+            download_config=_download_config(DUMMY_DATA, mode="in_memory", workers=1))
+
+
 _KILLED_BUILD = """
 import sys, tensorflow_datasets as tfds, apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions

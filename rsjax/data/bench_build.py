@@ -1,13 +1,15 @@
 """Benchmark the dataset build: in one process, and on Apache Beam's DirectRunner with N workers (JSON).
 
     python -m rsjax.data.synthetic --out work/bench_scenes --scenes 16 --size 1024
-    python -m rsjax.data.bench_build --scenes_dir work/bench_scenes --workers 1 2
+    python -m rsjax.data.bench_build --scenes_dir work/bench_scenes --workers 0 1 2
 
 Each build runs in a fresh process (the `manual` config over `--scenes_dir`,
 into a temporary data_dir), and this process samples the resident memory of
 that process and all its children (the Beam workers) every 0.1 s: `peak_mib`
 is the largest sum seen (shared pages counted once per process, so an upper
-bound). Every mode is run twice, on one scene and on all of them: the
+bound), `peak_main_mib` the building process's own (with Beam: the
+DirectRunner, which holds the data passed between stages), `peak_worker_mib`
+the largest of the other processes (Beam's SDK workers, which ingest). Every mode is run twice, on one scene and on all of them: the
 difference, (tiles_all - tiles_one) / (seconds_all - seconds_one), is the
 rate at which the build turns scenes into tiles once it runs (`marginal
 tiles/s`), without the start-up that does not grow with the data (Beam
@@ -51,14 +53,14 @@ print("RESULT " + json.dumps({"seconds": seconds, "tiles": tiles}))
 """
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def _rss_by_pid(proc: psutil.Process) -> dict[int, int]:
+    out = {}
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            out[p.pid] = p.memory_info().rss
         except psutil.Error:
             pass
-    return total
+    return out
 
 
 def run_build(scenes_dir: str, tile_size: int, workers: int) -> dict:
@@ -68,6 +70,7 @@ def run_build(scenes_dir: str, tile_size: int, workers: int) -> dict:
                                  str(tile_size), str(workers)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         peak = 0
+        peak_by_pid: dict[int, int] = {}
         done = threading.Event()
 
         def sample():
@@ -75,9 +78,12 @@ def run_build(scenes_dir: str, tile_size: int, workers: int) -> dict:
             ps = psutil.Process(proc.pid)
             while not done.is_set():
                 try:
-                    peak = max(peak, _tree_rss(ps))
+                    rss = _rss_by_pid(ps)
                 except psutil.Error:
                     break
+                peak = max(peak, sum(rss.values()))
+                for pid, value in rss.items():
+                    peak_by_pid[pid] = max(peak_by_pid.get(pid, 0), value)
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -89,6 +95,9 @@ def run_build(scenes_dir: str, tile_size: int, workers: int) -> dict:
         raise RuntimeError(f"build with {workers} worker(s) failed:\n{err[-3000:]}")
     result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
     result["peak_mib"] = round(peak / 2**20, 1)
+    result["peak_main_mib"] = round(peak_by_pid.pop(proc.pid, 0) / 2**20, 1)
+    # The largest other process: a Beam SDK worker (what one Dataflow worker would hold).
+    result["peak_worker_mib"] = round(max(peak_by_pid.values(), default=0) / 2**20, 1)
     return result
 
 
@@ -108,9 +117,8 @@ def add_arguments(parser) -> None:
                         help="folder of <scene>_{s2,s1,lulc,dem}.tif (e.g. written by "
                              "python -m rsjax.data.synthetic)")
     parser.add_argument("--tile_size", type=int, default=256, help="tile side in pixels")
-    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2],
-                        help="DirectRunner worker counts to measure (the single-process build "
-                             "is always measured too)")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2],
+                        help="DirectRunner worker counts to measure; 0 is the build without Beam")
 
 
 def run(args) -> int:
@@ -122,7 +130,7 @@ def run(args) -> int:
                "cpu_count": psutil.cpu_count(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="rsjax_one_scene_") as tmp:
         one = _one_scene_dir(scenes_dir, Path(tmp))
-        for workers in [0, *args.workers]:
+        for workers in args.workers:
             small = run_build(one, args.tile_size, workers)
             full = run_build(str(scenes_dir), args.tile_size, workers)
             marginal = ((full["tiles"] - small["tiles"]) / (full["seconds"] - small["seconds"])
@@ -134,6 +142,8 @@ def run(args) -> int:
                 "marginal_tiles_per_s": round(marginal, 2) if marginal else None,
                 "one_scene_seconds": round(small["seconds"], 1),
                 "peak_mib": full["peak_mib"],
+                "peak_main_mib": full["peak_main_mib"],
+                "peak_worker_mib": full["peak_worker_mib"],
             }
             results["runs"].append(run_result)
             print(json.dumps(run_result), file=sys.stderr, flush=True)

@@ -219,6 +219,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         except Exception as err:  # pylint: disable=broad-except
             if use_beam:
                 _raise_input_error_of_worker(err)
+                empty = re.search(r"examples is 0 for split (\w+)", str(err))
+                if empty:        # TFDS's Beam writer checks this before we can
+                    raise _empty_split_error(self.builder_config, empty[1],
+                                             self._num_scenes) from err
             raise
         finally:
             self.__dict__.pop("_split_generators", None)
