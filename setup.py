@@ -28,6 +28,7 @@ CORE = [
     "pillow>=10",                # PNG image grids, pixel-exact
     "tqdm>=4.66",
     "psutil>=5.9",               # peak-memory figures in the benchmarks
+    "scipy>=1.11",               # Student-t quantiles for the experiments' intervals
     "tensorboardX>=2.6,<3",      # TensorBoard event files without TensorFlow (small, pure Python)
 ]
 

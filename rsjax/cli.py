@@ -185,8 +185,10 @@ def command_main(module_name: str) -> Callable[[Optional[Sequence[str]]], int]:
     """`main(argv=None)` for `python -m module_name` (the module's own options)."""
     def main(argv: Optional[Sequence[str]] = None) -> int:
         module = sys.modules[module_name]
-        prog = f"python -m {module_name}"
-        return run_command(module, argv, prog)
+        # Run as `python -m rsjax.train`, the module is '__main__': its spec has the name.
+        spec = getattr(module, "__spec__", None)
+        name = spec.name if module_name == "__main__" and spec is not None else module_name
+        return run_command(module, argv, f"python -m {name}")
     return main
 
 

@@ -1,8 +1,9 @@
-"""What a training run writes for people: metrics as JSON lines (and TensorBoard
-event files when tensorboardX is installed), a progress line with steps/s and
-ETA, and the run's config.
+"""What a training run writes for people: metrics as JSON lines and, beside
+them, TensorBoard event files (scalars and image grids), a progress line with
+steps/s and ETA, and the run's config.
 
-No TensorFlow and no clu (whose writers import TensorFlow). In a multi-host
+No TensorFlow and no clu (whose writers import TensorFlow): event files are
+written by tensorboardX, a small pure-Python writer. In a multi-host
 run only process 0 writes files or prints progress; the other processes get
 writers that do nothing, so call sites need no `if process_index == 0`.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -21,6 +23,8 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 from etils import epath
+
+log = logging.getLogger("rsjax")
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -90,12 +94,15 @@ class MetricWriter:
     `time` is Unix time in seconds. A resumed run appends to the same file, so
     a step can appear twice (before and after a preemption): readers should keep
     the last line of each step (`read_metrics(..., dedupe=True)` does).
-    TensorBoard event files go to the workdir too when tensorboardX is importable
-    (`tensorboard=None`, the default) or when asked for (`tensorboard=True`,
-    which fails without it).
+
+    The same scalars, and the images given to `write_images`, go to TensorBoard
+    event files in the workdir (`tensorboard --logdir WORKDIR`; a resumed run
+    adds a new event file, TensorBoard reads them all). NaN and inf are
+    written to TensorBoard as they are (JSON gets null). `tensorboard=False`
+    writes JSON lines only.
     """
 
-    def __init__(self, workdir: str | os.PathLike, tensorboard: Optional[bool] = None,
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True,
                  filename: str = METRICS_FILE):
         self.workdir = epath.Path(os.fspath(workdir))
         self.path = self.workdir / filename
@@ -107,15 +114,8 @@ class MetricWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._file = (_RewritingAppender(self.path) if _is_remote(self.path)
                       else self.path.open("a", encoding="utf-8"))
-        if tensorboard is not False:
-            try:
-                import tensorboardX  # the optional `tensorboard` extra
-            except ImportError:
-                if tensorboard:
-                    raise ImportError("tensorboard=True needs tensorboardX: "
-                                      "pip install 'rsjax[tensorboard]'") from None
-            else:
-                self._tb = tensorboardX.SummaryWriter(logdir=str(self.workdir))
+        if tensorboard:
+            self._tb = _summary_writer(self.workdir)
 
     @property
     def has_tensorboard(self) -> bool:
@@ -125,7 +125,8 @@ class MetricWriter:
         """Writes scalar metrics of `step` (nested mappings become 'a/b' names)."""
         if not self.enabled:
             return
-        values = {name: _to_json_number(name, v) for name, v in flatten_metrics(metrics).items()}
+        flat = flatten_metrics(metrics)
+        values = {name: _to_json_number(name, v) for name, v in flat.items()}
         for reserved in ("step", "time"):
             if reserved in values:
                 raise ValueError(f"'{reserved}' is reserved in {self.path.name}; rename that metric.")
@@ -134,14 +135,22 @@ class MetricWriter:
         self._file.flush()          # a killed run keeps every line it logged
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, math.nan if value is None else value, global_step=int(step))
+                if value is None:       # NaN or inf: TensorBoard can show which
+                    value = float(np.asarray(jax.device_get(flat[name])).reshape(()))
+                self._tb.add_scalar(name, value, global_step=int(step))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """(H, W, 3) uint8 images to TensorBoard only (PNG files: rsjax.viz)."""
+        """(H, W, 3) uint8 images (e.g. `viz.render_grid`) to TensorBoard, stored
+        there as PNG with the same pixels. The PNG files of a run are written by
+        its trainer with rsjax.viz; this adds them to the event files."""
         if self._tb is None:
             return
         for name, image in images.items():
-            self._tb.add_image(name, np.asarray(image), global_step=int(step), dataformats="HWC")
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image '{name}': expected (H, W, 3) uint8, got {image.dtype} "
+                                 f"{image.shape}.")
+            self._tb.add_image(name, image, global_step=int(step), dataformats="HWC")
 
     def flush(self) -> None:
         if self._file is not None:
@@ -164,19 +173,75 @@ class MetricWriter:
         self.close()
 
 
+def _summary_writer(workdir: epath.Path):
+    """tensorboardX's writer for the workdir. On Cloud Storage it needs
+    google-cloud-storage (installed with gcsfs); without it the run goes on with
+    JSON lines only, and says so."""
+    import tensorboardX
+
+    try:
+        return tensorboardX.SummaryWriter(logdir=os.fspath(workdir))
+    except ImportError as err:
+        if not _is_remote(workdir):
+            raise
+        log.warning("No TensorBoard event files in %s (%s); metrics.jsonl has every metric.",
+                    workdir, err)
+        return None
+
+
+def learning_rate_scalars(schedules: Mapping[str, Callable], step: int) -> dict:
+    """{"learning_rate/<name>": rate} of each optax schedule for the update that
+    made `step`: optax calls a schedule with the number of updates before it,
+    so step s was made at schedule(s - 1). (A step skipped as non-finite does
+    not advance optax's count; the few such steps a run survives are ignored.)"""
+    return {f"learning_rate/{name}": float(schedule(max(int(step) - 1, 0)))
+            for name, schedule in schedules.items()}
+
+
+class StepRate:
+    """Training steps per second between successive calls: wall-clock time,
+    including whatever the loop did meanwhile (logging, images, validation,
+    checkpoints), and the first call includes compilation."""
+
+    def __init__(self, first_step: int = 0, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._last_step, self._last_time = int(first_step), clock()
+
+    def __call__(self, step: int) -> float:
+        now = self._clock()
+        steps, seconds = int(step) - self._last_step, now - self._last_time
+        self._last_step, self._last_time = int(step), now
+        return steps / seconds if seconds > 0 else math.nan
+
+
 def read_metrics(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
     """Records of a metrics.jsonl (a workdir or the file), in step order.
 
     With dedupe, records of the same step are merged, later lines winning (a
-    resumed run rewrites the steps after its checkpoint).
+    resumed run rewrites the steps after its checkpoint). A last line without
+    its newline (a run writing it now, or killed while writing) is left out;
+    any other line that is not a JSON object is a ValueError naming it.
     """
     path = epath.Path(os.fspath(path))
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics file; is this a training workdir?")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]                 # unfinished: not a record yet
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON object ({err}).") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{number}: expected an object with an integer 'step'.")
+        records.append(record)
     if not dedupe:
         return records
     by_step: dict[int, dict] = {}

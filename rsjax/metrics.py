@@ -295,6 +295,32 @@ class ImageMetricSums(NamedTuple):
         }
 
 
+def image_metric_parts(pred, target, valid_mask=None, *, data_range: float = 1.0) -> dict:
+    """Per-image parts of the split's image metrics (jit-able), each (B,):
+    `psnr` and `ssim` (NaN for an image without valid data), `has_psnr` and
+    `has_ssim` (whether the image counts: valid pixels, a fully valid SSIM
+    window; a NaN on valid pixels still counts, so a broken generator shows),
+    `sam_sum` (sum of the valid pixels' spectral angles, rad) and `sam_count`
+    (valid pixels).
+
+    Split-level PSNR and SSIM are means over images, SAM a mean over valid
+    pixels; keeping the parts per image lets the experiments resample test
+    tiles and recompute every metric exactly (rsjax.experiments.stats).
+    """
+    psnr_values, psnr_has_data = _psnr_with_count(pred, target, valid_mask, data_range)
+    ssim_values, ssim_has_data = _ssim_with_count(pred, target, valid_mask, data_range)
+    weights = _pixel_weights(pred, valid_mask)
+    angles = _masked(spectral_angle(pred, target), weights)
+    return {
+        "psnr": jnp.where(psnr_has_data, psnr_values, jnp.nan),
+        "ssim": jnp.where(ssim_has_data, ssim_values, jnp.nan),
+        "has_psnr": psnr_has_data,
+        "has_ssim": ssim_has_data,
+        "sam_sum": jnp.sum(angles, axis=(-2, -1)),
+        "sam_count": jnp.sum(weights, axis=(-2, -1)),
+    }
+
+
 def image_metric_sums(pred, target, valid_mask=None, *, data_range: float = 1.0) -> ImageMetricSums:
     """One batch's contribution to the split's image metrics (jit-able).
 
@@ -302,17 +328,20 @@ def image_metric_sums(pred, target, valid_mask=None, *, data_range: float = 1.0)
     optional (B, H, W) bool, True where the target has data. In a data-parallel
     eval step with batch-sharded inputs the sums come back as replicated scalars.
     """
-    psnr_values, psnr_has_data = _psnr_with_count(pred, target, valid_mask, data_range)
-    ssim_values, ssim_has_data = _ssim_with_count(pred, target, valid_mask, data_range)
-    weights = _pixel_weights(pred, valid_mask)
-    angles = spectral_angle(pred, target)
+    return sums_of_parts(image_metric_parts(pred, target, valid_mask, data_range=data_range))
+
+
+def sums_of_parts(parts: dict) -> ImageMetricSums:
+    """Per-image parts (numpy or jax) -> the running sums of a split."""
+    xp = jnp if isinstance(parts["psnr"], jax.Array) else np
+    psnr_ok, ssim_ok = parts["has_psnr"], parts["has_ssim"]
     return ImageMetricSums(
-        psnr_sum=jnp.sum(jnp.where(psnr_has_data, psnr_values, 0.0)),
-        psnr_count=jnp.sum(psnr_has_data).astype(jnp.float32),
-        ssim_sum=jnp.sum(jnp.where(ssim_has_data, ssim_values, 0.0)),
-        ssim_count=jnp.sum(ssim_has_data).astype(jnp.float32),
-        sam_sum=jnp.sum(_masked(angles, weights)),
-        sam_count=jnp.sum(weights),
+        psnr_sum=xp.sum(xp.where(psnr_ok, parts["psnr"], 0.0)),
+        psnr_count=xp.sum(psnr_ok).astype(xp.float32),
+        ssim_sum=xp.sum(xp.where(ssim_ok, parts["ssim"], 0.0)),
+        ssim_count=xp.sum(ssim_ok).astype(xp.float32),
+        sam_sum=xp.sum(parts["sam_sum"]),
+        sam_count=xp.sum(parts["sam_count"]),
     )
 
 

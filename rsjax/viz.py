@@ -3,7 +3,8 @@ in the Dynamic World palette) and metric curves (the paper's Figure 8).
 
 Grids are composed pixel-exactly with PIL (each tile pixel becomes a
 `scale` x `scale` block, no interpolation), so what is drawn is what the
-model produced. Curves use matplotlib's Agg canvas without pyplot's global
+model produced. By default `scale` is the smallest integer that makes a cell
+at least MIN_CELL pixels wide (3 for the demo's 64 px tiles, 1 from 192 px). Curves use matplotlib's Agg canvas without pyplot's global
 state, which is safe in any thread and needs no display.
 
 Layout of a grid (all in output pixels): a `label_width` column of row names
@@ -11,8 +12,11 @@ on the left, then one column per example; every cell is (H*scale, W*scale)
 and cells are separated and framed by GAP pixels of white. Rows are
 row_height = max(H*scale, MIN_ROW_HEIGHT) apart so their two-line titles fit;
 display row r, column c starts at x = label_width + GAP + c*(W*scale + GAP),
-y = GAP + r*(row_height + GAP). When any row is a land-cover map a legend
-follows below the grid.
+y = top + GAP + r*(row_height + GAP), where top is 0, or COLUMN_TITLE_HEIGHT
+when column titles are given (a line of text above each column). Display rows come in the order of the `rows`
+mapping given. A row's title is its name, with a second line saying what is
+shown (RGB, NIR-R-G, land cover) unless the name says it already. When any
+row is a land-cover map a legend follows below the grid.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from rsjax.data.contract import LULC_CLASSES, LULC_PALETTE
 
 GAP = 4
 MIN_ROW_HEIGHT = 30              # room for a two-line row title beside tiny tiles
+COLUMN_TITLE_HEIGHT = 18         # one line of text above each column, when asked for
+MIN_CELL = 192                   # default upsampling target: small tiles stay readable
 # Band positions in the stored s2 order (B2, B3, B4, B8 = blue, green, red, NIR).
 RGB_BANDS = (2, 1, 0)            # B4, B3, B2: true colour
 FALSE_COLOR_BANDS = (3, 2, 1)    # B8, B4, B3: NIR-R-G, vegetation shows red
@@ -85,6 +91,18 @@ def _as_labels(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def auto_scale(tile_h: int, tile_w: int, min_cell: int = MIN_CELL) -> int:
+    """The smallest integer factor that makes a (tile_h, tile_w) tile at least
+    `min_cell` pixels on its longer side (1 for tiles that are already)."""
+    return max(1, -(-min_cell // max(tile_h, tile_w)))
+
+
+def _title(name: str, shown: str) -> list[str]:
+    """Title lines of a display row: the row's name, then what is shown unless
+    the name already says it ("land cover" needs no second "land cover")."""
+    return [name] if shown.lower() in name.lower() else [name, shown]
+
+
 def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], columns: int):
     """[(title lines, (columns, H, W, 3) uint8)] and whether any row is a land-cover map."""
     arrays, row_kinds = {}, {}
@@ -124,11 +142,11 @@ def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], colu
     for name, images in arrays.items():
         kind = row_kinds[name]
         if kind in ("optical", "rgb"):
-            display.append(([name, "RGB"], to_uint8(stretched[name][..., list(RGB_BANDS)])))
+            display.append((_title(name, "RGB"), to_uint8(stretched[name][..., list(RGB_BANDS)])))
         if kind in ("optical", "false_color"):
-            display.append(([name, "NIR-R-G"], to_uint8(stretched[name][..., list(FALSE_COLOR_BANDS)])))
+            display.append((_title(name, "NIR-R-G"), to_uint8(stretched[name][..., list(FALSE_COLOR_BANDS)])))
         if kind == "labels":
-            display.append(([name, "land cover"], colorize_labels(_as_labels(images))))
+            display.append((_title(name, "land cover"), colorize_labels(_as_labels(images))))
         if kind == "gray":
             gray = np.stack([percentile_stretch(image[None, ..., :1])[0] for image in images])
             display.append(([name], to_uint8(np.repeat(gray, 3, axis=-1))))
@@ -136,18 +154,24 @@ def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], colu
 
 
 def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str]] = None,
-                max_columns: int = 8, scale: int = 1, label_width: int = 110) -> np.ndarray:
+                max_columns: int = 8, scale: Optional[int] = None,
+                label_width: int = 110,
+                column_titles: Optional[Sequence[str]] = None) -> np.ndarray:
     """The grid of `image_grid` as an (H, W, 3) uint8 array (e.g. for TensorBoard)."""
     if not rows:
         raise ValueError("image_grid needs at least one row.")
-    if scale < 1:
+    if scale is not None and (int(scale) != scale or scale < 1):
         raise ValueError(f"scale must be a positive integer, got {scale}.")
     display, with_legend = _display_rows(rows, kinds or {}, max_columns)
     columns, tile_h, tile_w = display[0][1].shape[:3]
+    scale = auto_scale(tile_h, tile_w) if scale is None else int(scale)
+    if column_titles is not None and len(column_titles) != columns:
+        raise ValueError(f"{len(column_titles)} column titles for {columns} columns.")
+    top = COLUMN_TITLE_HEIGHT if column_titles is not None else 0
     cell_h, cell_w = tile_h * scale, tile_w * scale
     width = label_width + GAP + columns * (cell_w + GAP)
     row_height = max(cell_h, MIN_ROW_HEIGHT)
-    grid_h = GAP + len(display) * (row_height + GAP)
+    grid_h = top + GAP + len(display) * (row_height + GAP)
     palette = palette_rgb()
     legend = [(f"{i} {name}", palette[i]) for i, name in enumerate(LULC_CLASSES)]
     legend.append(("255 no data", palette[255]))
@@ -159,11 +183,13 @@ def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=12)
     for r, (title, tiles) in enumerate(display):
-        y = GAP + r * (row_height + GAP)
+        y = top + GAP + r * (row_height + GAP)
         draw.multiline_text((GAP, y + 2), "\n".join(title), fill="black", font=font)
         for c, tile in enumerate(tiles):
             block = np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)
             canvas.paste(Image.fromarray(block), (label_width + GAP + c * (cell_w + GAP), y))
+    for c, text in enumerate(column_titles or ()):
+        draw.text((label_width + GAP + c * (cell_w + GAP), 3), str(text), fill="black", font=font)
     if with_legend:
         for i, (text, colour) in enumerate(legend):
             x = GAP + (i % per_line) * _LEGEND_ENTRY_WIDTH
@@ -175,13 +201,15 @@ def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str
 
 
 def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
-               kinds: Optional[Mapping[str, str]] = None, max_columns: int = 8, scale: int = 1,
-               label_width: int = 110) -> Path:
+               kinds: Optional[Mapping[str, str]] = None, max_columns: int = 8,
+               scale: Optional[int] = None, label_width: int = 110,
+               column_titles: Optional[Sequence[str]] = None) -> Path:
     """Writes a PNG with one display row per entry of `rows` and one column per example.
 
-    rows: {name: array}, e.g. {"s1 VV": s1[..., :1], "lulc": labels,
-      "generated": fake, "real": real}; every array has the same batch size
-      and tile size; the first `max_columns` examples are drawn.
+    rows: {name: array}, drawn top to bottom in the mapping's order, e.g.
+      {"real": real, "generated": fake, "land cover": labels}; every array
+      has the same batch size and tile size; the first `max_columns`
+      examples are drawn.
     kinds: {name: kind} where the guess is wrong. Kinds:
       "optical"     (B, H, W, 4) B2,B3,B4,B8 -> two rows, RGB (B4,B3,B2) and
                     NIR-R-G false colour (B8,B4,B3); default for 4-channel floats;
@@ -191,10 +219,20 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
                     and 3-D arrays; adds the Dynamic World legend;
       "gray"        first channel, stretched per image; default otherwise.
     Optical rows share a 2-98 % per-band stretch per column, so generated and
-    real images of one example are on the same scale. Returns the path.
+    real images of one example are on the same scale.
+    scale: integer upsampling of every tile (nearest neighbour); default: the
+      smallest that makes cells at least MIN_CELL pixels.
+    column_titles: one line of text above each drawn column (e.g. a score).
+    Returns the path.
     """
+    return save_png(render_grid(rows, kinds, max_columns, scale, label_width, column_titles),
+                    path)
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Writes an (H, W, 3) uint8 array (e.g. from `render_grid`) as a PNG; returns the path."""
     buffer = io.BytesIO()
-    Image.fromarray(render_grid(rows, kinds, max_columns, scale, label_width)).save(buffer, format="PNG")
+    Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
     return _write_bytes(path, buffer.getvalue())
 
 

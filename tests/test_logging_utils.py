@@ -46,13 +46,54 @@ def test_metric_writer_rejects_arrays_and_reserved_names(tmp_path):
             writer.write_scalars(1, {"step": 3})
 
 
-def test_tensorboard_event_files_when_installed(tmp_path):
-    pytest.importorskip("tensorboardX")
-    with logging_utils.MetricWriter(tmp_path, tensorboard=True) as writer:
+def test_tensorboard_event_files_hold_the_scalars_and_images(tmp_path):
+    """Read back with an independent TFRecord reader (CRCs checked): tags, steps,
+    values, and the image's pixels."""
+    from event_files import crc32c, read_events
+
+    assert crc32c(b"123456789") == 0xE3069283          # the reader's CRC-32C: the check value
+    grid = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    with logging_utils.MetricWriter(tmp_path) as writer:          # event files by default
         assert writer.has_tensorboard
+        writer.write_scalars(2, {"loss": jnp.float32(1.5), "iou": {"water": 0.25},
+                                 "learning_rate/generator": 2e-4, "bad": float("inf")})
+        writer.write_scalars(4, {"loss": 0.75})
+        writer.write_images(4, {"images": grid})
+        with pytest.raises(ValueError, match="image 'floats'"):
+            writer.write_images(4, {"floats": grid / 255.0})
+    events = read_events(tmp_path)
+    scalars = events["scalars"]
+    assert scalars["loss"] == [(2, 1.5), (4, 0.75)]
+    assert scalars["iou/water"] == [(2, 0.25)]
+    assert scalars["learning_rate/generator"] == [(2, pytest.approx(2e-4))]
+    assert scalars["bad"] == [(2, float("inf"))]                  # null in JSON, inf here
+    [(step, image)] = events["images"]["images"]
+    assert step == 4 and np.array_equal(image, grid)               # PNG: the same pixels
+    assert logging_utils.read_metrics(tmp_path)[0]["bad"] is None  # JSON lines stay beside
+
+
+def test_tensorboard_off_writes_json_lines_only(tmp_path):
+    with logging_utils.MetricWriter(tmp_path, tensorboard=False) as writer:
+        assert not writer.has_tensorboard
         writer.write_scalars(1, {"loss": 1.0})
-        writer.write_images(1, {"grid": np.zeros((8, 8, 3), np.uint8)})
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+        writer.write_images(1, {"grid": np.zeros((8, 8, 3), np.uint8)})   # ignored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_learning_rate_scalars_and_step_rate():
+    import optax
+
+    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=10)
+    # Step 1 was made by optax's first update, at count 0.
+    assert logging_utils.learning_rate_scalars({"model": schedule}, 1) == {"learning_rate/model": 1.0}
+    assert logging_utils.learning_rate_scalars({"g": schedule, "d": schedule}, 6) == {
+        "learning_rate/g": pytest.approx(0.5), "learning_rate/d": pytest.approx(0.5)}
+    clock = FakeClock()
+    rate = logging_utils.StepRate(first_step=10, clock=clock)
+    clock.now += 4.0
+    assert rate(30) == 5.0                                  # 20 steps in 4 s
+    clock.now += 1.0
+    assert rate(31) == 1.0                                  # since the previous call only
 
 
 def test_eta_and_duration_formatting():
@@ -126,3 +167,15 @@ def test_object_storage_appender_keeps_earlier_lines(tmp_path):
     appender.close()
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
     assert [r["step"] for r in logging_utils.read_metrics(path)] == [1, 2, 3]
+
+
+def test_read_metrics_skips_a_line_being_written_and_names_a_bad_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')     # a run writing step 2
+    assert logging_utils.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
+        logging_utils.read_metrics(tmp_path)
+    path.write_text('{"loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected an object with an integer 'step'"):
+        logging_utils.read_metrics(path)

@@ -135,6 +135,41 @@ def test_split_accumulation_equals_whole_split_computation():
     np.testing.assert_allclose(scores["sam_deg"], np.degrees(whole_sam), rtol=1e-5)
 
 
+def test_per_tile_parts_recompute_the_split_metrics_and_match_skimage():
+    """The experiments resample tiles from per-tile parts: each tile's PSNR is
+    scikit-image's, and the stats module's metrics of all parts equal the
+    split-level scores."""
+    from rsjax.experiments import stats
+
+    rng = np.random.default_rng(7)
+    target = rng.uniform(0, 1, (5, 16, 16, 4)).astype(np.float32)
+    pred = np.clip(target + rng.normal(0, 0.05, target.shape), 0, 1).astype(np.float32)
+    mask = np.ones(target.shape[:3], bool)
+    mask[2] = False                              # no data: counts for nothing
+    mask[3, 4:9, :] = False
+    parts = jax.device_get(jax.jit(metrics.image_metric_parts)(pred, target, mask))
+    assert np.isnan(parts["psnr"][2]) and not parts["has_psnr"][2] and parts["sam_count"][2] == 0
+    for i in (0, 1, 3, 4):
+        assert parts["psnr"][i] == pytest.approx(
+            peak_signal_noise_ratio(target[i][mask[i]], pred[i][mask[i]], data_range=1.0), rel=1e-5)
+    scores = metrics.ImageMetricSums.zeros().merge(metrics.sums_of_parts(parts)).compute()
+    whole = metrics.ImageMetricSums.zeros().merge(
+        jax.device_get(metrics.image_metric_sums(pred, target, mask))).compute()
+    for name in ("psnr", "ssim", "sam"):
+        assert stats.image_metric(name)(parts) == pytest.approx(whole[name if name != "sam" else "sam_rad"], rel=1e-6)
+        assert scores[name if name != "sam" else "sam_rad"] == pytest.approx(
+            whole[name if name != "sam" else "sam_rad"], rel=1e-6)
+
+
+def test_a_nan_on_valid_pixels_still_shows_in_the_split_psnr():
+    target = np.full((2, 16, 16, 4), 0.5, np.float32)
+    pred = target.copy()
+    pred[0, 3, 3, 0] = np.nan                    # a broken generator
+    parts = jax.device_get(metrics.image_metric_parts(pred, target))
+    scores = metrics.ImageMetricSums.zeros().merge(metrics.sums_of_parts(parts)).compute()
+    assert np.isnan(scores["psnr"])
+
+
 def test_sums_on_a_batch_sharded_over_devices_match_one_device():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     devices = np.array(jax.devices())

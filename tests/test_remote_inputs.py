@@ -169,7 +169,7 @@ def test_a_missing_remote_file_is_named(served, tmp_path):
     _, url, _ = served
     listing = tmp_path / "scenes.txt"
     listing.write_text(f"{url}no_such_scene\n")
-    with pytest.raises(contract.InputError, match="no_such_scene.*missing source"):
+    with pytest.raises(storage.UserError, match="no_such_scene has none of the files"):
         contract.find_scenes(listing)
 
 

@@ -40,7 +40,7 @@ def test_grid_png_size_and_shared_stretch_per_column(tmp_path):
     rng = np.random.default_rng(0)
     real = rng.uniform(0.0, 0.3, (3, H, W, 4)).astype(np.float32)
     rows = {"s1 VV": rng.normal(-12, 3, (3, H, W, 1)), "generated": real * 0.5, "real": real}
-    path = viz.image_grid(rows, tmp_path / "sub" / "grid.png")
+    path = viz.image_grid(rows, tmp_path / "sub" / "grid.png", scale=1)
     image = Image.open(path)
     assert image.format == "PNG"
     # 1 gray row + 2 optical rows x (RGB, NIR-R-G); 3 columns.
@@ -58,7 +58,7 @@ def test_land_cover_palette_no_data_black_and_legend(tmp_path):
     labels[1, :, :3] = 6                       # built
     onehot_pred = np.eye(9)[np.where(labels == 255, 1, labels)]   # scores: argmax
     path = viz.image_grid({"truth": labels, "prediction": onehot_pred},
-                          tmp_path / "seg.png", kinds={"prediction": "labels"})
+                          tmp_path / "seg.png", kinds={"prediction": "labels"}, scale=1)
     image = Image.open(path)
     grid = np.asarray(image.convert("RGB"))
     hex_rgb = lambda h: tuple(int(h[i:i + 2], 16) for i in (1, 3, 5))
@@ -102,3 +102,91 @@ def test_plot_curves_png(tmp_path):
     assert len(np.unique(pixels, axis=0)) > 10          # something was drawn, not a blank canvas
     with pytest.raises(ValueError, match="series 'mix'"):
         viz.plot_curves({"mix": ([1, 2], [0.1])}, tmp_path / "bad.png")
+
+
+def _ink_rows(grid, display_row, row_height):
+    """Offsets (from the row's top) of the lines with dark pixels in a display row's title."""
+    top = viz.GAP + display_row * (row_height + viz.GAP)
+    title = grid[top:top + row_height, :LABEL_WIDTH].min(axis=-1)
+    return np.nonzero((title < 128).any(axis=1))[0]
+
+
+def test_small_tiles_upsampled_nearest_and_single_line_titles(tmp_path):
+    labels = np.random.default_rng(1).integers(0, 9, (2, 64, 64)).astype(np.uint8)
+    real = np.random.default_rng(2).uniform(0, 0.3, (2, 64, 64, 4)).astype(np.float32)
+    path = viz.image_grid({"real": real, "land cover": labels, "lulc": labels}, tmp_path / "g.png")
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    scale, cell = 3, 192                         # a 64 px tile: the smallest factor to >= 192 px
+    assert viz.auto_scale(64, 64) == scale and viz.auto_scale(256, 256) == 1
+    assert viz.auto_scale(100, 100) == 2
+    assert grid.shape[1] == LABEL_WIDTH + viz.GAP + 2 * (cell + viz.GAP)
+    # Display rows: real RGB, real NIR-R-G, land cover, lulc.
+    top = viz.GAP + 2 * (cell + viz.GAP)
+    left = LABEL_WIDTH + viz.GAP + (cell + viz.GAP)
+    tile = grid[top:top + cell, left:left + cell]
+    expected = np.repeat(np.repeat(viz.colorize_labels(labels[1]), scale, 0), scale, 1)
+    assert np.array_equal(tile, expected)        # every pixel a 3x3 block, no interpolation
+    # Titles: "land cover" is not followed by a second "land cover" line; the
+    # other rows say what is shown on a second line.
+    one_line = _ink_rows(grid, 2, cell)
+    assert one_line.size and one_line.max() < 17
+    for row in (0, 1, 3):                        # real/RGB, real/NIR-R-G, lulc/land cover
+        assert _ink_rows(grid, row, cell).max() > 17, row
+
+
+def test_gather_to_host_keeps_key_order():
+    import jax.numpy as jnp
+
+    from rsjax.trainers import common
+
+    tree = {"real": jnp.ones(2), "generated": {"z": jnp.zeros(1), "a": 3}, "land cover": [
+        {"y": jnp.ones(1), "b": jnp.ones(1)}]}
+    host = common.gather_to_host(tree)
+    assert list(host) == ["real", "generated", "land cover"]       # not sorted
+    assert list(host["generated"]) == ["z", "a"] and list(host["land cover"][0]) == ["y", "b"]
+    assert isinstance(host["real"], np.ndarray) and host["generated"]["a"] == 3
+
+
+def test_fusion_grid_rows_real_generated_land_cover(demo_data_dir, tmp_path):
+    """The trainer's own call path (generator on a batch sharded over 8 devices,
+    gather, grid): rows top to bottom are real, generated, land cover."""
+    import jax
+
+    from rsjax import input_pipeline
+    from rsjax.trainers import common, fusion
+    from trainer_utils import tiny_fusion_config
+
+    config = tiny_fusion_config(demo_data_dir)
+    mesh = common.create_mesh()
+    setup = fusion.Setup(config, fusion.selected_sources(config))
+    state = common.init_replicated(setup.init_state, mesh)
+    batch = next(iter(input_pipeline.create_iterator(
+        config.data, "validation", global_batch_size=8, mesh=mesh, train=False, seed=0,
+        sources=setup.sources, num_epochs=1)))
+    fusion._write_images(setup, state, batch, str(tmp_path), step=3)
+    written = np.asarray(Image.open(tmp_path / "images" / "step_0000003.png").convert("RGB"))
+
+    fake = np.asarray(jax.device_get(setup.generate_jit(False)(state, batch)))
+    real, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+    expected = viz.render_grid({"real": real[:4], "generated": fake[:4], "land cover": labels[:4]})
+    assert np.array_equal(written, expected)
+    # Independently of render_grid: the last display row (below real RGB/NIR,
+    # generated RGB/NIR) is the land-cover map of the first example.
+    cell = 64 * viz.auto_scale(64, 64)
+    top, left = viz.GAP + 4 * (cell + viz.GAP), LABEL_WIDTH + viz.GAP
+    tile = written[top:top + cell:3, left:left + cell:3]
+    assert np.array_equal(tile, viz.colorize_labels(labels[0]))
+
+
+def test_column_titles_above_each_column(tmp_path):
+    labels = np.zeros((2, H, W), np.uint8)
+    plain = np.asarray(viz.render_grid({"truth": labels}, scale=1))
+    titled = np.asarray(viz.render_grid({"truth": labels}, scale=1, column_titles=["best", "worst"]))
+    assert titled.shape[0] == plain.shape[0] + viz.COLUMN_TITLE_HEIGHT
+    assert np.array_equal(titled[viz.COLUMN_TITLE_HEIGHT:], plain)      # the grid moves down whole
+    header = titled[:viz.COLUMN_TITLE_HEIGHT].min(axis=-1) < 128
+    for column in range(2):
+        left = LABEL_WIDTH + viz.GAP + column * (W + viz.GAP)
+        assert header[:, left:left + 20].any(), column                # text over each column
+    with pytest.raises(ValueError, match="1 column titles for 2 columns"):
+        viz.image_grid({"truth": labels}, tmp_path / "x.png", column_titles=["one"])

@@ -18,8 +18,9 @@ Stored per tile (physical units, channels last):
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 from rsjax.data import storage
 from rsjax.errors import UserError
@@ -55,39 +56,114 @@ class InputError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Mosaic:
+    """One source exported in pieces, read as one raster.
+
+    Earth Engine splits a large export into `<prefix>-RRRRRRRRRR-CCCCCCCCCC.tif`
+    files, the ten-digit numbers being the piece's row and column offsets in
+    the whole image. `find_scenes` groups the pieces of a source into a
+    Mosaic; `rasterio_io.open_source` opens it as one raster (a VRT described
+    in memory, so reads stay windowed: a window reads only the pieces under it).
+    """
+
+    pieces: tuple[Union[Path, str], ...]
+
+    def __str__(self) -> str:
+        first = self.pieces[0]
+        name = storage.name(first)
+        m = _SCENE_FILE.match(name)
+        prefix = name[:m.start("row") - 1] if m and m["row"] else name.rsplit(".", 1)[0]
+        return f"{storage.join(storage.parent(first), prefix)}-*.tif ({len(self.pieces)} pieces)"
+
+
+# A source is one GeoTIFF (a local Path, or a URL string: gs://, s3://, http(s)://,
+# see storage.py) or the pieces of a split export.
+Source = Union[Path, str, Mosaic]
+
+
+@dataclasses.dataclass(frozen=True)
 class ScenePaths:
     """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover.
 
-    Paths are pathlib.Path for local files and strings for URLs (gs://, s3://,
-    http(s)://; see rsjax.data.storage), which rasterio opens as they are."""
+    Each source is a path (pathlib.Path for local files, a string for URLs,
+    which rasterio opens as they are), or a `Mosaic` of the pieces of a split
+    export.
+    """
 
     scene_id: str
-    s2: Path | str
-    s1: Path | str
-    dem: Path | str
-    lulc: Optional[Path | str] = None
+    s2: Source
+    s1: Source
+    dem: Source
+    lulc: Optional[Source] = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "scene_id"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scene_id"}
 
 
-# Folder naming convention (in storage.py, which lists folders local and remote).
-_SCENE_FILE = storage.SCENE_FILE
+def as_source(source) -> Optional[Source]:
+    """A path-like as a Path, a Mosaic as it is, None as None."""
+    if source is None or isinstance(source, Mosaic):
+        return source
+    return storage.as_path(source)
+
+
+# Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem
+# (".tiff" accepted too); a source split by Earth Engine comes as
+# <scene_id>_<source>-RRRRRRRRRR-CCCCCCCCCC.tif pieces. Extra files such as
+# <scene_id>_s2_cloudy.tif are ignored.
+_SCENE_FILE = re.compile(
+    r"^(?P<scene>.+)_(?P<source>s2|s1|lulc|dem)(?:-(?P<row>\d{10})-(?P<col>\d{10}))?\.tiff?$",
+    re.IGNORECASE)
+
+
+def split_offsets(name: str) -> Optional[tuple[int, int]]:
+    """(row, column) offsets from a split export piece's file name, None for a whole file."""
+    m = _SCENE_FILE.match(name)
+    return (int(m["row"]), int(m["col"])) if m and m["row"] else None
+
+
+def group_scene_files(paths: Iterable, folder) -> dict[str, dict[str, Source]]:
+    """{scene_id: {source: Path or Mosaic}} for the scene files among `paths` (others ignored).
+
+    Raises InputError when a source comes both as a whole file and in pieces.
+    """
+    found: dict[str, dict[str, list]] = {}
+    for path in sorted(paths, key=storage.name):
+        m = _SCENE_FILE.match(storage.name(path))
+        if m:
+            found.setdefault(m["scene"], {}).setdefault(m["source"].lower(), []).append(
+                storage.as_path(path))
+    scenes: dict[str, dict[str, Source]] = {}
+    for scene_id, sources in found.items():
+        scenes[scene_id] = {}
+        for source, files in sources.items():
+            whole = [f for f in files if split_offsets(storage.name(f)) is None]
+            if len(whole) > 1:
+                raise InputError(f"scene '{scene_id}' in {folder}: {source} comes as "
+                                 f"{' and '.join(storage.name(f) for f in whole)}. Keep one of them.")
+            if whole and len(files) > 1:
+                raise InputError(
+                    f"scene '{scene_id}' in {folder}: {source} comes both as {storage.name(whole[0])} and as "
+                    f"{len(files) - len(whole)} split export piece(s) ({', '.join(storage.name(f) for f in files if f not in whole)}). "
+                    "Keep either the whole file or the pieces.")
+            scenes[scene_id][source] = whole[0] if whole else Mosaic(tuple(files))
+    return scenes
 
 
 def find_scenes(folder: str | Path, require_lulc: bool = True) -> list[ScenePaths]:
     """Groups `<scene_id>_{s2,s1,lulc,dem}.tif` files of a folder into scenes.
 
-    `folder` may be local, gs://, s3:// or http(s)://, or a list file of
-    scene prefixes (see rsjax.data.storage). Raises InputError naming the
-    scene and the missing source when a scene is incomplete, so that a build
-    never starts on half a scene.
+    The pieces of a split Earth Engine export (`<scene_id>_s2-0000000000-0000000000.tif`,
+    ...) become one `Mosaic` source. `folder` may be local, gs://, s3:// or
+    http(s)://, or a `.txt` list of scene prefixes (see rsjax.data.storage).
+    Raises InputError naming the scene and the missing source when a scene is
+    incomplete, so that a build never starts on half a scene.
     """
     if not storage.is_list_file(folder) and not storage.is_dir(folder):
         raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
                          "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files, or to a "
                          ".txt file listing scene prefixes.")
-    found = storage.scene_files(folder)
+    found = group_scene_files(storage.scene_paths(folder), folder)
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")

@@ -32,9 +32,7 @@ from rsjax.errors import UserError
 PathLike = Union[str, Path]
 URL_SCHEMES = ("gs", "s3", "http", "https")
 _URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
-# Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem
-# (".tiff" accepted too). Extra files such as <scene_id>_s2_cloudy.tif are ignored.
-SCENE_FILE = re.compile(r"^(?P<scene>.+)_(?P<source>s2|s1|lulc|dem)\.tiff?$", re.IGNORECASE)
+# The sources of a scene, as the files' suffixes name them (<scene>_s2.tif, ...).
 SOURCES = ("s2", "s1", "lulc", "dem")
 
 
@@ -56,6 +54,19 @@ def as_path(path: PathLike) -> PathLike:
                             "gs://, s3://, http:// or https://.")
         return str(path)
     return Path(path)
+
+
+def gdal_path(path: PathLike) -> str:
+    """The name GDAL itself opens a path or URL by (/vsigs/, /vsis3/, /vsicurl/), for
+    places where rasterio does not translate it, such as a VRT's source files."""
+    s, text = scheme(path), str(path)
+    if s == "gs":
+        return "/vsigs/" + text[len("gs://"):]
+    if s == "s3":
+        return "/vsis3/" + text[len("s3://"):]
+    if s in ("http", "https"):
+        return "/vsicurl/" + text
+    return text
 
 
 def name(path: PathLike) -> str:
@@ -174,35 +185,31 @@ def is_list_file(source: PathLike) -> bool:
     return name(source).lower().endswith(".txt")
 
 
-def scene_files(source: PathLike) -> dict[str, dict[str, PathLike]]:
-    """{scene_id: {source: path}} of a folder or a list file of scene prefixes.
+def scene_paths(source: PathLike) -> list[PathLike]:
+    """The files a folder or a list file names, for contract.group_scene_files to pair.
 
-    Files that do not follow `<scene>_{s2,s1,lulc,dem}.tif` are ignored. A
-    scene of a list file gets the files of its prefix that exist; the caller
-    decides what a missing one means.
+    A folder gives all its entries. A list file gives the files it names, and
+    for each scene prefix the prefix's `_s2.tif`, `_s1.tif`, `_lulc.tif` and
+    `_dem.tif` that exist (the pieces of a split export must be listed one
+    by one); missing ones are for the caller to report.
     """
-    found: dict[str, dict[str, PathLike]] = {}
-    if is_list_file(source):
-        base = parent(source)
-        for line in read_text(source).splitlines():
-            entry = line.split("#", 1)[0].strip()
-            if not entry:
-                continue
-            if not is_url(entry) and not Path(entry).is_absolute():
-                entry = str(join(base, entry))
-            m = SCENE_FILE.match(name(entry))
-            if m:
-                found.setdefault(m["scene"], {})[m["source"].lower()] = as_path(entry)
-                continue
-            scene_id = name(entry)
-            for role in SOURCES:
-                candidate = as_path(f"{entry}_{role}.tif")
-                if exists(candidate):
-                    found.setdefault(scene_id, {})[role] = candidate
-            found.setdefault(scene_id, {})
-        return found
-    for path in list_folder(source):
-        m = SCENE_FILE.match(name(path))
-        if m:
-            found.setdefault(m["scene"], {})[m["source"].lower()] = as_path(path)
-    return found
+    if not is_list_file(source):
+        return list_folder(source)
+    base = parent(source)
+    paths: list[PathLike] = []
+    for line in read_text(source).splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if not is_url(entry) and not Path(entry).is_absolute():
+            entry = str(join(base, entry))
+        if entry.lower().endswith((".tif", ".tiff")):
+            paths.append(as_path(entry))
+            continue
+        found = [as_path(f"{entry}_{role}.tif") for role in SOURCES]
+        found = [p for p in found if exists(p)]
+        if not found:
+            raise UserError(f"{source}: scene prefix {entry} has none of the files "
+                            f"{entry}_{{s2,s1,lulc,dem}}.tif. Check the prefix and the storage.")
+        paths.extend(found)
+    return paths

@@ -120,14 +120,25 @@ def gather_to_host(tree):
     """Global jax.Arrays -> numpy arrays holding the whole global value, on every
     process. A batch sharded over several hosts is not addressable by any one of
     them (np.asarray raises), so its shards are all-gathered first. Collective
-    on multi-host runs: every process must call it, with the same tree."""
+    on multi-host runs: every process must call it, with the same tree.
+    Dicts keep their key order (jax.tree.map would sort it), so an image
+    grid's rows stay in the order they were given."""
     from jax.experimental import multihost_utils
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
-    return jax.tree.map(one, tree)
+    return _in_key_order_of(tree, jax.tree.map(one, tree))
+
+
+def _in_key_order_of(like, tree):
+    """`tree` (a jax.tree.map result: dict keys sorted) with the dict key order of `like`."""
+    if isinstance(like, dict):
+        return {k: _in_key_order_of(like[k], tree[k]) for k in like}
+    if isinstance(like, (list, tuple)) and not hasattr(like, "_fields"):
+        return type(like)(_in_key_order_of(a, b) for a, b in zip(like, tree))
+    return tree
 
 
 def create_mesh(devices=None) -> Mesh:
@@ -375,15 +386,18 @@ def abstract_like(tree: Any) -> Any:
 # ---------------------------------------------------------------------------
 # The loop every trainer shares
 # ---------------------------------------------------------------------------
-def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=()):
+def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
+             learning_rates=None):
     """Resume, step, log, run periodic actions, checkpoint, stop on preemption.
 
     `step_fn(state, batch) -> (state, metrics)` is the trainer's jitted step;
     its metrics must include `nonfinite` (consecutive skipped steps).
     `periodic` holds `(every_steps, action)` pairs, `action(step, state, batch,
     writer)`, run on every process (actions that write files check
-    `jax.process_index()` themselves). Returns (state, step, preempted, writer);
-    the caller writes its final evaluation with the writer, then closes it.
+    `jax.process_index()` themselves). `learning_rates` ({name: optax
+    schedule}) are logged with the metrics as learning_rate/<name>, and so is
+    steps_per_second. Returns (state, step, preempted, writer); the caller
+    writes its final evaluation with the writer, then closes it.
     """
     from rsjax import logging_utils
 
@@ -399,6 +413,7 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=()):
     if start_step == 0:
         logging_utils.write_config(config, workdir)
     progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
+    step_rate = logging_utils.StepRate(first_step=start_step)
     preemption = PreemptionWatcher()
 
     step, pending, preempted = start_step, [], False
@@ -416,7 +431,9 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=()):
                 summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
                 check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps, step,
                                 workdir)
-                writer.write_scalars(step, summary)
+                writer.write_scalars(step, {
+                    **summary, "steps_per_second": step_rate(step),
+                    **logging_utils.learning_rate_scalars(learning_rates or {}, step)})
                 progress(step, summary)
             for every, action in periodic:
                 if every and step % every == 0:

@@ -99,12 +99,21 @@ def as_multiscale(outputs) -> list[list[jax.Array]]:
 # ---------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------
-def make_optimizers(config):
+def learning_rate_schedules(config) -> dict:
+    """{"generator": schedule, "discriminator": schedule}: what the optimizers
+    use, and what the loop logs as learning_rate/<name>."""
     o = config.optim
-    g_lr = common.linear_decay_schedule(o.g_lr, config.total_steps, o.decay_start_step)
-    d_lr = common.linear_decay_schedule(o.d_lr, config.total_steps, o.decay_start_step)
-    g_tx = optax.adam(g_lr, b1=o.b1, b2=o.b2)
-    d_tx = optax.adam(d_lr, b1=o.b1, b2=o.b2)
+    return {"generator": common.linear_decay_schedule(o.g_lr, config.total_steps,
+                                                      o.decay_start_step),
+            "discriminator": common.linear_decay_schedule(o.d_lr, config.total_steps,
+                                                          o.decay_start_step)}
+
+
+def make_optimizers(config, schedules: Optional[dict] = None):
+    o = config.optim
+    schedules = schedules or learning_rate_schedules(config)
+    g_tx = optax.adam(schedules["generator"], b1=o.b1, b2=o.b2)
+    d_tx = optax.adam(schedules["discriminator"], b1=o.b1, b2=o.b2)
     return g_tx, d_tx
 
 
@@ -121,7 +130,8 @@ class Setup:
         self.d_train_graph, _ = nnx.split(d)
         g.eval(); d.eval()
         self.g_eval_graph, _ = nnx.split(g)
-        self.g_tx, self.d_tx = make_optimizers(config)
+        self.learning_rates = learning_rate_schedules(config)
+        self.g_tx, self.d_tx = make_optimizers(config, self.learning_rates)
         self.generator_name = config.generator.name
         self._generate = {}
 
@@ -338,9 +348,13 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optiona
     result = {"trainer": "fusion", "model": config.generator.name, "step": int(step),
               "split": split, "sources": list(setup.sources),
               "devices": int(mesh.devices.size), **scores}
-    rows = None if shown is None else {"real": shown["real"], "generated": shown["fake"],
-                                       "land cover": shown["label"]}
+    rows = None if shown is None else grid_rows(shown["real"], shown["fake"], shown["label"])
     return result, rows
+
+
+def grid_rows(real, generated, labels) -> dict:
+    """The image grid's rows, top to bottom: real, generated, land cover."""
+    return {"real": real, "generated": generated, "land cover": labels}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
@@ -372,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     def write_images(step, state, batch, writer):
         # Every process runs the generator on its part of the batch (a jitted
         # step over a global array is collective); only process 0 writes.
-        _write_images(setup, state, batch, workdir, step, write=is_main)
+        _write_images(setup, state, batch, workdir, step, write=is_main, writer=writer)
 
     def validate(step, state, batch, writer):
         if step != config.total_steps:     # the final evaluation follows anyway
@@ -382,7 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     state, step, preempted, writer = common.run_loop(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
-        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)))
+        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
+        learning_rates=setup.learning_rates)
     if preempted:
         writer.close()
         return {"step": step, "preempted": True}
@@ -397,17 +412,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if is_main:
             (epath.Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(
                 json.dumps({"step": step, **scores}, indent=2))
+            if shown is not None:
+                grid = viz.render_grid(grid_rows(shown["real"], shown["fake"], shown["label"]))
+                viz.save_png(grid, epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
+                writer.write_images(step, {f"{config.final_eval_split}_images": grid})
     writer.close()
     return result
 
 
-def _write_images(setup, state, batch, workdir, step, write: bool = True):
-    """The first 4 examples of `batch` (real, generated, land cover) as a PNG grid.
+def _write_images(setup, state, batch, workdir, step, write: bool = True, writer=None):
+    """The first 4 examples of `batch` (real, generated, land cover) as a PNG grid
+    in <workdir>/images, and the same image to TensorBoard through `writer`.
     Collective on multi-host runs: call it on every process, `write` on one."""
     n = min(4, batch["image"].shape[0])
     fake = setup.generate_jit(False)(state, batch)
-    host = common.gather_to_host({"real": batch["image"], "generated": fake,
-                                  "land cover": batch["label"]})
+    host = common.gather_to_host(grid_rows(batch["image"], fake, batch["label"]))
     if write:
-        rows = {k: v[:n] for k, v in host.items()}
-        viz.image_grid(rows, epath.Path(workdir) / "images" / f"step_{step:07d}.png")
+        grid = viz.render_grid({k: v[:n] for k, v in host.items()})
+        viz.save_png(grid, epath.Path(workdir) / "images" / f"step_{step:07d}.png")
+        if writer is not None:
+            writer.write_images(step, {"images": grid})

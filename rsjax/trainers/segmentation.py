@@ -41,6 +41,7 @@ class Setup:
         self.eval_graph, _ = nnx.split(model)
         lr = common.linear_decay_schedule(config.optim.lr, config.total_steps,
                                           config.optim.decay_start_step)
+        self.learning_rates = {"model": lr}      # logged as learning_rate/model
         self.tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
                               weight_decay=config.optim.weight_decay)
         self._jitted = {}
@@ -183,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     state, step, preempted, writer = common.run_loop(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
-        periodic=((config.eval_every_steps, validate),))
+        periodic=((config.eval_every_steps, validate),), learning_rates=setup.learning_rates)
     if preempted:
         writer.close()
         return {"step": step, "preempted": True}
@@ -199,8 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 default=lambda x: np.asarray(x).tolist()))
             if shown is not None:
                 from rsjax import viz
-                viz.image_grid({"image": shown["image"], "truth": shown["label"],
-                                "prediction": shown["pred"]},
-                               epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
+                grid = viz.render_grid({"image": shown["image"], "truth": shown["label"],
+                                        "prediction": shown["pred"]})
+                viz.save_png(grid, epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
+                writer.write_images(step, {f"{config.final_eval_split}_images": grid})
     writer.close()
     return result

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import apache_beam as beam
 
-from rsjax.data import ingest
-from rsjax.data.contract import ScenePaths
+from rsjax.data import ingest, storage
+from rsjax.data.contract import Mosaic, ScenePaths
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -59,7 +59,7 @@ def split_pcollections(pipeline, scenes: Sequence, cfg, opts, *, scene_examples:
          ingested[COUNTS_TAG])
         | "SummaryInputs" >> beam.Flatten())
     _ = (summary_inputs
-         | "Summary" >> beam.CombineGlobally(SummaryCombineFn(statistics_seed))
+         | "Summary" >> beam.CombineGlobally(SummaryCombineFn(opts, statistics_seed))
          | "SummaryJson" >> beam.Map(json.dumps)
          | "WriteSummary" >> beam.io.WriteToText(summary_path, num_shards=1,
                                                  shard_name_template=""))
@@ -92,15 +92,25 @@ def strips(height: int, tile_size: int, stride: int, tiles_per_row: int,
 
 
 def scene_record(scene: ScenePaths) -> tuple:
-    """A scene as plain data, (scene_id, ((source, path), ...)): Beam would otherwise
-    turn the ScenePaths dataclass into a schema row of its own."""
-    return scene.scene_id, tuple((k, None if v is None else str(v))
-                                 for k, v in sorted(scene.as_dict().items()))
+    """A scene as plain data, (scene_id, ((source, path or (piece, ...)), ...)): Beam
+    would otherwise turn the ScenePaths dataclass into a schema row of its own."""
+    def plain(source):
+        if source is None:
+            return None
+        if isinstance(source, Mosaic):
+            return tuple(str(p) for p in source.pieces)
+        return str(source)
+    return scene.scene_id, tuple((k, plain(v)) for k, v in sorted(scene.as_dict().items()))
 
 
 def scene_from_record(record: tuple) -> ScenePaths:
     scene_id, paths = record
-    return ScenePaths(scene_id=scene_id, **dict(paths))
+
+    def source(value):
+        if isinstance(value, tuple):
+            return Mosaic(tuple(storage.as_path(p) for p in value))
+        return None if value is None else storage.as_path(value)
+    return ScenePaths(scene_id=scene_id, **{k: source(v) for k, v in paths})
 
 
 def plan_strips(record, *, opts, validate: Callable, tiles_per_element: int):
@@ -137,8 +147,8 @@ class IngestStrip(beam.DoFn):
 class SummaryCombineFn(beam.CombineFn):
     """Train statistics, split counts and per-scene ingestion counts, in one accumulator."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, opts, seed: int = 0):
+        self.opts, self.seed = opts, seed
 
     def create_accumulator(self):
         return {"statistics": statistics_lib.DatasetStatistics(seed=self.seed),
@@ -171,16 +181,18 @@ class SummaryCombineFn(beam.CombineFn):
 
     def extract_output(self, acc):
         scenes = dict(sorted(acc["scenes"].items()))
+        for scene_id, c in scenes.items():
+            # Strips leave this to the whole scene: why a scene yields no tile at all.
+            if c["tiles_kept"] == 0:
+                counts = ingest.SceneCounts(**{k: v for k, v in c.items() if k != "tiles_total"})
+                c["warning"] = ingest.no_tile_reason(scene_id, c["width"], c["height"], self.opts,
+                                                     counts)
         return {
             "statistics": acc["statistics"].result(),
             "split_counts": {s: acc["splits"].get(s, 0) for s in splits_lib.SPLITS},
             "dropped_straddling_tiles": acc["straddling"],
-            # The layout of ingest.IngestReport.to_dict(), as the single-process build stores it.
-            "ingest": {
-                "tiles_kept": sum(c["tiles_kept"] for c in scenes.values()),
-                "tiles_dropped_nodata": sum(c["tiles_dropped_nodata"] for c in scenes.values()),
-                "scenes": scenes,
-            },
+            # Per scene, as in ingest.IngestReport.to_dict(): the driver rebuilds the report.
+            "ingest": {"scenes": scenes},
         }
 
 

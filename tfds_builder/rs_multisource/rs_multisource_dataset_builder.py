@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from rsjax.data import contract
 from rsjax.data import ingest
+from rsjax.data import landcover
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 from rsjax.data import storage
@@ -78,6 +79,12 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
       synthetic_size: side of each synthetic scene in pixels (10 m).
       synthetic_seed: seed of the synthetic scene writer.
       target_crs, target_resolution: optional registration grid (default: the S2 file's).
+      s2_offset: added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of
+        processing baseline 04.00+); None: what each file declares (rsjax.data.optical).
+      lulc_map: another land-cover legend mapped onto Dynamic World, "1:4,0:255"
+        (rsjax.data.landcover); "" for none.
+      lulc_legend: "auto" refuses land cover that cannot be Dynamic World (a 0/1 map);
+        "dynamic_world" takes it as it is.
     """
 
     tile_size: int = 256
@@ -93,6 +100,9 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
     synthetic_seed: int = 0
     target_crs: Optional[str] = None
     target_resolution: Optional[float] = None
+    s2_offset: Optional[float] = None
+    lulc_map: str = ""
+    lulc_legend: str = "auto"
 
     def __post_init__(self):
         if self.tile_size < 8:
@@ -101,6 +111,13 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
             raise ValueError(f"config {self.name}: stride={self.stride} must be in (0, tile_size]")
         if not 0.0 <= self.max_nodata_fraction <= 1.0:
             raise ValueError(f"config {self.name}: max_nodata_fraction must be in [0, 1]")
+        try:   # one canonical spelling, so equal mappings name the same derived config
+            self.lulc_map = landcover.format_lulc_map(landcover.parse_lulc_map(self.lulc_map))
+        except ValueError as err:
+            raise ValueError(f"config {self.name}: {err}") from None
+        if self.lulc_legend not in landcover.LEGENDS:
+            raise ValueError(f"config {self.name}: lulc_legend={self.lulc_legend!r}; use one of "
+                             f"{landcover.LEGENDS}")
         if self.split_mode not in splits_lib.SPLIT_MODES:
             raise ValueError(f"config {self.name}: split_mode={self.split_mode!r}; "
                              f"use one of {splits_lib.SPLIT_MODES}")
@@ -116,15 +133,19 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
 
 def derived_config(base: RsMultisourceConfig, **changes) -> RsMultisourceConfig:
     """A copy of `base` with other options, under a name that says which (TFDS keys data by name)."""
+    if changes.get("lulc_map"):
+        changes["lulc_map"] = landcover.format_lulc_map(landcover.parse_lulc_map(changes["lulc_map"]))
     changes = {k: v for k, v in changes.items() if getattr(base, k) != v}
     if not changes:
         return base
-    suffix = "_".join(f"{_SHORT.get(k, k)}{v}" for k, v in sorted(changes.items()))
+    # TFDS config names allow word characters, '+', '-' and '.': "1:4,0:255" -> "1_4_0_255".
+    suffix = "_".join(re.sub(r"[^\w+.-]", "_", f"{_SHORT.get(k, k)}{v}") for k, v in sorted(changes.items()))
     return dataclasses.replace(base, name=f"{base.name}_{suffix}", **changes)
 
 
 _SHORT = {"tile_size": "t", "stride": "s", "max_nodata_fraction": "nd", "split_mode": "split",
-          "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px"}
+          "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px",
+          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -264,20 +285,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         path = self._beam_summary_path()
         summary = json.loads(path.read_text())
         path.unlink()
+        report = ingest.IngestReport(scenes={
+            sid: ingest.SceneCounts(**{k: v for k, v in c.items() if k != "tiles_total"})
+            for sid, c in summary["ingest"]["scenes"].items()})
+        for counts in report.scenes.values():
+            if counts.warning:
+                logging.warning("%s", counts.warning)
+        report.require_tiles()         # no scene yields a tile: say why, scene by scene
         for split in splits_lib.SPLITS:
             if not summary["split_counts"].get(split):
                 raise _empty_split_error(self.builder_config, split, self._num_scenes)
         self.info.metadata[STATISTICS_KEY] = summary["statistics"]
         self.info.metadata[BUILD_REPORT_KEY] = build_report(
             self.builder_config, self._num_scenes, self._report["skipped_scenes"],
-            summary["dropped_straddling_tiles"], summary["ingest"])
+            summary["dropped_straddling_tiles"], _report_summary(report))
 
     def _ingest_options(self):
         cfg = self.builder_config
         return ingest.IngestOptions(
             tile_size=cfg.tile_size, stride=cfg.effective_stride,
             max_nodata_fraction=cfg.max_nodata_fraction,
-            target_crs=cfg.target_crs, target_resolution=cfg.target_resolution)
+            target_crs=cfg.target_crs, target_resolution=cfg.target_resolution,
+            s2_offset=cfg.s2_offset, lulc_map=cfg.lulc_map or None, lulc_legend=cfg.lulc_legend)
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
@@ -304,6 +333,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     self._statistics.update(example)
                 count += 1
                 yield key, example
+        report.require_tiles()         # no scene yields a tile: say why, scene by scene
         if count == 0:
             raise _empty_split_error(cfg, split, len(scenes))
         logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
@@ -403,7 +433,7 @@ def _tiles_of(scene: contract.ScenePaths, opts, report, rows: Optional[range] = 
 def _config_summary(cfg: RsMultisourceConfig) -> dict:
     keys = ("tile_size", "stride", "max_nodata_fraction", "block_tiles", "split_mode",
             "split_fractions", "split_seed", "synthetic_scenes", "synthetic_size", "synthetic_seed",
-            "target_crs", "target_resolution")
+            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend")
     out = {k: getattr(cfg, k) for k in keys}
     out["split_fractions"] = list(out["split_fractions"])
     out["stride"] = cfg.effective_stride
@@ -436,9 +466,10 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
                     report: Optional[dict] = None) -> list[contract.ScenePaths]:
     """Groups `<scene>_{s2,s1,lulc,dem}.tif` files of `folder` into scenes.
 
-    The same convention as contract.find_scenes. `folder` (the manual_dir) may
-    be local, gs:// or s3://; a `scenes.txt` in it lists scene prefixes
-    anywhere, including https:// (see rsjax.data.storage). A scene
+    The same convention as contract.find_scenes (split exports included).
+    `folder` (the manual_dir) may be local, gs:// or s3://; a `scenes.txt` in
+    it lists scene prefixes anywhere, including https:// (see
+    rsjax.data.storage). A scene
     missing a source is an InputError naming it (or, with skip_incomplete,
     skipped and recorded in report['skipped_scenes']). When the incomplete
     scenes together hold every source, the ids most likely differ between
@@ -448,8 +479,10 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
         raise contract.InputError(
             f"{folder}: manual_dir is not a folder. Put <scene>_s2.tif, <scene>_s1.tif, "
             f"<scene>_lulc.tif and <scene>_dem.tif files there.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    # Split Earth Engine exports (<scene>_s2-0000000000-0000000000.tif, ...) become one Mosaic.
     scene_list = folder / SCENE_LIST_FILE
-    found = storage.scene_files(str(scene_list) if scene_list.exists() else str(folder))
+    source = str(scene_list) if scene_list.exists() else str(folder)
+    found = contract.group_scene_files(storage.scene_paths(source), folder)
     if not found:
         raise contract.InputError(
             f"{folder}: no scene files found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")

@@ -1,0 +1,137 @@
+"""PyTorch side of `rsjax bench --against torch`: the RS-UNet train step in PyTorch.
+
+    python -m rsjax.bench_torch --batch 4 --size 256 --steps 3
+
+A plain PyTorch U-Net with RS-UNet's layout (rsjax/models/unet.py): 4 input
+bands, 9 classes, widths 64 to 1024 (doubling per level, capped at 16 x 64),
+two (3x3 conv without bias, BatchNorm, ReLU) per level, 2x2 max-pool down,
+2x2 stride-2 transposed conv up and concatenation, a 1x1 head; 82,428,169
+parameters, like rsjax's. One step is forward, cross-entropy, backward and
+Adam, in float32 (or bfloat16 autocast), channels-last, on the CPU threads
+given. Printed as JSON.
+
+It runs in its own process (rsjax.bench starts it), so PyTorch's and XLA's
+thread pools never compete, and the two frameworks are timed in the same run
+on the same machine. Needs the `bench` extra (PyTorch's CPU build).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+from rsjax import cli
+from rsjax.errors import UserError
+
+RS_UNET_PARAMETERS = 82_428_169    # RS-UNet at width 64, 4 bands, 9 classes (rsjax params)
+
+
+def build_unet(in_channels: int = 4, num_classes: int = 9, width: int = 64, depth: int = 5):
+    """The PyTorch U-Net, written for this benchmark from RS-UNet's description."""
+    import torch
+    from torch import nn
+
+    def double_conv(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    widths = [width * 2 ** min(level, 4) for level in range(depth + 1)]
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoders = nn.ModuleList(
+                [double_conv(in_channels, widths[0])]
+                + [double_conv(widths[l - 1], widths[l]) for l in range(1, depth + 1)])
+            self.upsamplers = nn.ModuleList(
+                [nn.ConvTranspose2d(widths[l], widths[l - 1], 2, stride=2) for l in range(1, depth + 1)])
+            self.decoders = nn.ModuleList(
+                [double_conv(2 * widths[l - 1], widths[l - 1]) for l in range(1, depth + 1)])
+            self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+        def forward(self, x):
+            skips = []
+            for level, encoder in enumerate(self.encoders):
+                if level:
+                    x = nn.functional.max_pool2d(x, 2)
+                x = encoder(x)
+                skips.append(x)
+            for level in range(depth, 0, -1):
+                x = self.upsamplers[level - 1](x)
+                x = self.decoders[level - 1](torch.cat([skips[level - 1], x], dim=1))
+            return self.head(x)
+
+    return UNet()
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
+                   dtype: str = "float32", seed: int = 0) -> dict:
+    """Seconds per train step (median of `steps` after one warm-up step)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = build_unet().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
+    x = torch.randn(batch, 4, size, size).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 9, (batch, size, size))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach().item()
+
+    start = time.perf_counter()
+    step()
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"framework": "pytorch", "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(), "batch": batch, "size": size, "dtype": dtype,
+            "parameters": count_parameters(model), "seconds_per_step": seconds,
+            "seconds_min": min(times), "images_per_second": batch / seconds,
+            "first_step_seconds": warmup, "steps": steps}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--batch", type=int, default=4, help="images per step")
+    parser.add_argument("--size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch CPU threads (0: PyTorch's default, one per core)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype (bfloat16 through CPU autocast)")
+
+
+def run(args) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError("rsjax bench --against torch needs PyTorch: pip install 'rsjax[bench]' "
+                        "(on CPU-only machines take the CPU build: pip install torch "
+                        "--index-url https://download.pytorch.org/whl/cpu).") from None
+    if args.size % 32:
+        raise UserError(f"--size {args.size}: the 5-level U-Net needs a multiple of 32.")
+    cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads, args.dtype))
+    return 0
+
+
+main = cli.command_main(__name__)
+
+if __name__ == "__main__":
+    sys.exit(main())

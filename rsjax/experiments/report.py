@@ -1,0 +1,362 @@
+"""The paper's experiments at one scale, with seeds, intervals and verdicts, in one command.
+
+    rsjax experiments report --scale demo  --workdir work/exp_demo    # minutes, 1 seed
+    rsjax experiments report --scale bench --workdir work/exp_bench   # hours on 2 CPU cores, 3 seeds
+    rsjax experiments report --scale paper --workdir work/exp_paper   # the paper's setting (GPU)
+
+Runs every run of the scale's plan that has not finished yet (resuming an
+interrupted one from its checkpoint), then writes into the workdir:
+- report.md and report.json: Tables 1-3, each cell the mean over seeds with a
+  95% interval, the paper's numbers beside them, and one row per paper claim
+  with its verdict (holds / reversed / not resolved) from the interval of
+  the paired difference over seeds and test tiles (rsjax.experiments.stats);
+  the wall time of every run;
+- figure8.png: validation mIoU during training, mean and 95% band over
+  seeds, for each training set;
+- grids/*.png: each method's best and worst test tiles (seed 0).
+Every number comes from the runs' JSON and npz files; `--no_run` writes the
+report from what has finished so far.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Optional
+
+import numpy as np
+from etils import epath
+
+from rsjax import cli
+from rsjax.experiments import plan as plan_lib
+from rsjax.experiments import runner, stats
+
+PAPER_TABLE1 = {"pix2pix": (18.84, 0.62, 0.23), "rs_spade": (23.14, 0.84, 0.19)}
+PAPER_TABLE2 = {"s1": (18.83, 0.76, 0.25), "lulc": (20.77, 0.80, 0.21),
+                "lulc_s1": (21.10, 0.80, 0.22), "lulc_dem": (21.36, 0.81, 0.21),
+                "s1_dem": (21.89, 0.82, 0.20), "all": (23.14, 0.84, 0.19)}
+PAPER_TABLE3 = {"real": (0.467, 0.734), "mix_1": (0.480, 0.746)}
+
+LABELS = {"pix2pix": "pix2pix", "rs_spade": "RS-SPADE", "rs_spade_l1": "RS-SPADE + L1",
+          "s1": "S1", "lulc": "LULC", "lulc_s1": "LULC+S1", "lulc_dem": "LULC+DEM",
+          "s1_dem": "S1+DEM", "all": "S1+LULC+DEM", "real": "True Data (real only)",
+          "mix_0.5": "Mix 0.5:1", "mix_1": "Mix 1:1 (the paper's)", "mix_2": "Mix 2:1",
+          "real_optical_half": "real, optical half only",
+          "new_layouts": "optical half + generated for the other half"}
+IMAGE_METRICS = (("psnr", "PSNR (dB)", True, "{:.2f}"), ("ssim", "SSIM", True, "{:.3f}"),
+                 ("sam", "SAM (rad)", False, "{:.3f}"))
+SEG_METRICS = (("miou", "mIoU", True, "{:.3f}"), ("accuracy", "accuracy", True, "{:.3f}"))
+# Figure 8's speed claim: steps until validation mIoU first reaches this share
+# of the real-only runs' final validation mIoU (mean over seeds), fixed in advance.
+SPEED_THRESHOLD = 0.9
+
+
+# ---------------------------------------------------------------------------
+# Loading finished runs
+# ---------------------------------------------------------------------------
+def load_results(root: epath.Path, runs) -> dict:
+    """{(table, method): {seed: {"record": run.json, "tiles": per-tile parts}}}."""
+    out: dict = {}
+    for run in runs:
+        if run.kind == "synthesize" or not run.table:
+            continue
+        record = runner.load_finished(run, root)
+        if record is None:
+            continue
+        tiles_path = root / run.name / runner.TILES_FILE
+        with tiles_path.open("rb") as f, np.load(f) as z:
+            tiles = {k: np.asarray(z[k]) for k in z.files}
+        out.setdefault((run.table, run.method), {})[run.seed] = {"record": record, "tiles": tiles}
+    return out
+
+
+def metric_fn(name: str):
+    return stats.segmentation_metric(name) if name in ("miou", "accuracy") else stats.image_metric(name)
+
+
+def cell(entries: dict, metric: str) -> stats.Interval:
+    """Mean over seeds of the split-level metric (from the per-tile parts)."""
+    fn = metric_fn(metric)
+    return stats.seed_interval([fn(e["tiles"]) for _, e in sorted(entries.items())])
+
+
+def claim(results: dict, a: tuple, b: tuple, metric: str, higher: bool, text: str) -> dict:
+    """One claim row: A beats B on `metric`, from the paired difference over common seeds."""
+    ea, eb = results.get(a, {}), results.get(b, {})
+    seeds = sorted(set(ea) & set(eb))
+    row = {"claim": text, "a": list(a), "b": list(b), "metric": metric, "seeds": seeds}
+    if not seeds:
+        row.update(difference=None, verdict="not run")
+        return row
+    iv = stats.paired_difference([ea[s]["tiles"] for s in seeds], [eb[s]["tiles"] for s in seeds],
+                                 metric_fn(metric))
+    row.update(difference=iv.as_dict(), verdict=stats.verdict(iv, higher) if len(seeds) > 1
+               else f"{stats.NOT_RESOLVED} (1 seed)")
+    return row
+
+
+def claims(results: dict) -> list[dict]:
+    rows = []
+    t1 = lambda m: ("table1", m)  # noqa: E731
+    for a, b, what in (("rs_spade", "pix2pix", "RS-SPADE beats pix2pix"),
+                       ("rs_spade_l1", "pix2pix", "RS-SPADE + L1 beats pix2pix (same objective terms: the method)"),
+                       ("rs_spade_l1", "rs_spade", "the L1 term improves RS-SPADE (the objective)")):
+        for metric, label, higher, _ in IMAGE_METRICS:
+            rows.append(claim(results, t1(a), t1(b), metric, higher, f"{what} on {label}"))
+    for subset in plan_lib.TABLE2:
+        key = subset.replace("+", "_")
+        for metric, label, higher, _ in IMAGE_METRICS:
+            rows.append(claim(results, t1("rs_spade"), ("table2", key), metric, higher,
+                              f"all three sources beat {LABELS[key]} on {label}"))
+    t3 = lambda m: ("table3", m)  # noqa: E731
+    for a, b, what in (("mix_1", "real", "Mix 1:1 beats True Data"),
+                       ("mix_0.5", "real", "Mix 0.5:1 beats True Data"),
+                       ("mix_2", "real", "Mix 2:1 beats True Data"),
+                       ("new_layouts", "real_optical_half",
+                        "generated images for optical-less scenes beat leaving them out")):
+        for metric, label, higher, _ in SEG_METRICS:
+            rows.append(claim(results, t3(a), t3(b), metric, higher, f"{what} on {label}"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Figure 8: validation mIoU during training, and the speed claim
+# ---------------------------------------------------------------------------
+def curves(results: dict, method: str) -> dict:
+    """{seed: (steps, val mIoU)} of one Table 3 method."""
+    out = {}
+    for seed, e in results.get(("table3", method), {}).items():
+        history = e["record"].get("val_history") or []
+        out[seed] = ([h["step"] for h in history], [h["miou"] for h in history])
+    return out
+
+
+def steps_to_reach(steps, values, threshold: float) -> float:
+    """First step at which values >= threshold; NaN when never reached."""
+    for step, value in zip(steps, values):
+        if value >= threshold:
+            return float(step)
+    return math.nan
+
+
+def speed_claim(results: dict, a: str = "mix_1", b: str = "real") -> dict:
+    ca, cb = curves(results, a), curves(results, b)
+    seeds = sorted(set(ca) & set(cb))
+    row = {"claim": f"{LABELS[a]} reaches a validation mIoU of {SPEED_THRESHOLD:g} x True Data's "
+                    "final one in fewer steps", "metric": "steps", "seeds": seeds}
+    if not seeds or not all(cb[s][1] for s in seeds):
+        row.update(difference=None, verdict="not run")
+        return row
+    threshold = SPEED_THRESHOLD * float(np.mean([cb[s][1][-1] for s in seeds]))
+    last = max(max(cb[s][0][-1], ca[s][0][-1]) for s in seeds)
+    # Never reached: counted as one evaluation interval past the end (censored).
+    interval = cb[seeds[0]][0][0] if cb[seeds[0]][0] else 1
+
+    def reach(c):
+        v = steps_to_reach(*c, threshold)
+        return last + interval if math.isnan(v) else v
+    saved = [reach(cb[s]) - reach(ca[s]) for s in seeds]
+    iv = stats.seed_interval(saved)
+    row.update(threshold=threshold, steps_saved_per_seed=saved, difference=iv.as_dict(),
+               verdict=stats.verdict(iv, True) if len(seeds) > 1
+               else f"{stats.NOT_RESOLVED} (1 seed)")
+    return row
+
+
+def figure8(results: dict, path: epath.Path) -> Optional[str]:
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    del matplotlib
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = 0
+    for method in ("real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts"):
+        c = curves(results, method)
+        if not c:
+            continue
+        length = min(len(v[1]) for v in c.values())
+        if length == 0:
+            continue
+        steps = next(iter(c.values()))[0][:length]
+        mean, low, high = stats.band([v[1][:length] for v in c.values()])
+        line, = ax.plot(steps, mean, label=f"{LABELS[method]} ({len(c)} seeds)")
+        if len(c) > 1:
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation mIoU")
+    ax.set_title("RS-UNet: validation mIoU, mean and 95% band over seeds")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png")
+    return path.name
+
+
+def grids(root: epath.Path, runs, out: epath.Path) -> dict:
+    """Each trained method's best and worst test tiles (lowest seed) as PNG grids."""
+    from rsjax import viz
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    seen = set()
+    for run in sorted((r for r in runs if r.kind != "synthesize" and r.table),
+                      key=lambda r: r.seed):
+        key = (run.table, run.method)
+        path = root / run.name / runner.SHOWN_FILE
+        if key in seen or not path.exists():
+            continue
+        seen.add(key)
+        with path.open("rb") as f, np.load(f) as z:
+            shown = {k: np.asarray(z[k]) for k in z.files}
+        rows = {k: shown[k] for k in shown if k not in ("tile_index", "score", "score_name")}
+        name = f"{run.table}_{run.method}.png"
+        viz.image_grid(rows, out / name, column_titles=[
+            f"{'best' if i < len(shown['score']) // 2 else 'worst'} {float(s):.3g}"
+            for i, s in enumerate(shown["score"])])
+        written[f"{run.table}/{run.method}"] = f"{out.name}/{name}"
+    return written
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+def fmt(iv: stats.Interval, spec: str) -> str:
+    if iv.n_seeds == 0:
+        return "not run"
+    if not np.isfinite(iv.low):
+        return spec.format(iv.mean)
+    return f"{spec.format(iv.mean)} [{spec.format(iv.low)}, {spec.format(iv.high)}]"
+
+
+def table_rows(results: dict, table: str, methods, metrics, paper: dict) -> tuple[list[str], dict]:
+    head = "| model / data | seeds | " + " | ".join(m[1] for m in metrics) + " | " + \
+        " | ".join(f"paper {m[1]}" for m in metrics) + " |"
+    lines = [head, "|---|---:|" + "---:|" * (2 * len(metrics))]
+    data = {}
+    for method, source in methods:
+        entries = results.get(source, {})
+        cells = {m: cell(entries, m) for m, *_ in metrics}
+        data[method] = {m: iv.as_dict() for m, iv in cells.items()}
+        p = paper.get(method)
+        paper_cells = [spec.format(v) for v, (_, _, _, spec) in zip(p, metrics)] if p else [""] * len(metrics)
+        lines.append(f"| {LABELS[method]} | {len(entries)} | "
+                     + " | ".join(fmt(cells[m], spec) for m, _, _, spec in metrics) + " | "
+                     + " | ".join(paper_cells) + " |")
+    return lines, data
+
+
+def claim_lines(rows: list[dict]) -> list[str]:
+    lines = ["| claim | seeds | difference (A - B) [95% interval] | verdict |", "|---|---:|---|---|"]
+    for r in rows:
+        d = r.get("difference")
+        diff = "" if not d else (f"{d['mean']:+.4g}" + (
+            f" [{d['low']:+.4g}, {d['high']:+.4g}]" if d["low"] == d["low"] else ""))
+        lines.append(f"| {r['claim']} | {len(r['seeds'])} | {diff} | **{r['verdict']}** |")
+    return lines
+
+
+def build_report(root: epath.Path, scale: str, runs) -> dict:
+    results = load_results(root, runs)
+    report = {"scale": scale, "workdir": str(root)}
+    md = [f"# rsjax experiments, scale `{scale}`", ""]
+
+    t1_methods = [(m, ("table1", m)) for m in plan_lib.TABLE1]
+    lines, report["table1"] = table_rows(results, "table1", t1_methods, IMAGE_METRICS, PAPER_TABLE1)
+    md += ["## Table 1: RS-SPADE against pix2pix (all sources)", "",
+           "Mean over seeds [95% interval over seeds]; test split.", "", *lines, ""]
+    t2_methods = [(s.replace("+", "_"), ("table2", s.replace("+", "_"))) for s in plan_lib.TABLE2]
+    t2_methods.append(("all", ("table1", "rs_spade")))
+    lines, report["table2"] = table_rows(results, "table2", t2_methods, IMAGE_METRICS, PAPER_TABLE2)
+    md += ["## Table 2: RS-SPADE on source subsets", "", *lines, ""]
+    t3_methods = [(m, ("table3", m)) for m in ("real", "mix_0.5", "mix_1", "mix_2",
+                                               "real_optical_half", "new_layouts")]
+    lines, report["table3"] = table_rows(results, "table3", t3_methods, SEG_METRICS, PAPER_TABLE3)
+    md += ["## Table 3: RS-UNet with generated images", "", *lines, ""]
+
+    rows = claims(results) + [speed_claim(results)]
+    report["claims"] = rows
+    md += ["## The paper's claims", "",
+           "From the paired difference over seeds and test tiles (the same seeds and tiles "
+           "for both sides); **holds** / **reversed** when the whole 95% interval is on one side "
+           "of zero, else **not resolved**.", "", *claim_lines(rows), ""]
+
+    fig = figure8(results, root / "figure8.png")
+    report["figure8"] = fig
+    if fig:
+        md += ["## Figure 8", "", f"![validation mIoU]({fig})", ""]
+    report["grids"] = grids(root, runs, root / "grids")
+    if report["grids"]:
+        md += ["## Best and worst test tiles (seed 0)", ""]
+        md += [f"- {k}: ![{k}]({v})" for k, v in report["grids"].items()] + [""]
+
+    times = []
+    for run in runs:
+        record = runner.load_finished(run, root)
+        if record is not None:
+            times.append((run.name, record["seconds"]))
+    report["wall_seconds"] = {"runs": dict(times), "total": round(sum(t for _, t in times), 1)}
+    from rsjax import logging_utils
+    md += ["## Wall time", "", f"{len(times)} of {len(runs)} runs finished, "
+           f"{logging_utils.format_duration(report['wall_seconds']['total'])} in all.", ""]
+    (root / "report.md").write_text("\n".join(md) + "\n")
+    (root / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--scale", default="demo", choices=plan_lib.SCALES, help="experiment scale")
+    parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per method (default: the scale's, "
+                             + ", ".join(f"{k} {v}" for k, v in plan_lib.SEEDS.items()) + ")")
+    parser.add_argument("--tables", default="table1,table2,table3",
+                        help="comma-separated subset of table1, table2, table3")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data_dir of the datasets (default: the configs')")
+    parser.add_argument("--no_run", action="store_true",
+                        help="write the report from the finished runs only")
+    parser.add_argument("--list", action="store_true", help="print the plan's runs and exit")
+
+
+def run(args) -> int:
+    from rsjax.errors import UserError
+
+    tables = tuple(t.strip() for t in args.tables.split(",") if t.strip())
+    bad = [t for t in tables if t not in ("table1", "table2", "table3")]
+    if bad or not tables:
+        raise UserError(f"--tables {args.tables}: choose from table1, table2, table3.")
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give at least 1.")
+    runs = plan_lib.plan(args.scale, args.seeds, tables)
+    if args.list:
+        for r in runs:
+            print(f"{r.name:45s} {r.kind:12s} {r.config} {' '.join(r.overrides)}")
+        return 0
+    root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
+    if not args.no_run:
+        from rsjax.trainers.common import prepare_process
+        prepare_process()
+        runner.run_plan(runs, root, args.data_dir)
+    elif not root.exists():
+        raise UserError(f"{args.workdir}: no such experiment folder (run without --no_run first).")
+    report = build_report(root, args.scale, runs)
+    print((root / "report.md").read_text())
+    cli.print_json({"report": str(root / "report.md"), "json": str(root / "report.json"),
+                    "verdicts": {r["claim"]: r["verdict"] for r in report["claims"]}})
+    return 0
+
+
+main = cli.command_main(__name__)
+
+if __name__ == "__main__":
+    sys.exit(main())

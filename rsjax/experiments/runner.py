@@ -1,0 +1,137 @@
+"""Runs an experiment plan run by run, resumably.
+
+Every run lives in `<workdir>/<run name>/`. A finished run holds `run.json`
+(its resolved config, wall time and scores) and, for trained models,
+`tiles_test.npz` (per-test-tile metric parts, for the paired intervals) and
+`shown_test.npz` (the best and worst test tiles, for the report's grids).
+An unfinished run is resumed: the trainer continues from its last
+checkpoint, so an experiment can be run in pieces, and a killed one
+continues where it stopped. A finished run whose config no longer matches
+the plan is an error (never a silent mix of two settings): remove that run's
+folder, or use another workdir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from etils import epath
+
+from rsjax.errors import UserError
+from rsjax.experiments.plan import Run
+
+log = logging.getLogger("rsjax")
+
+RUN_FILE = "run.json"
+TILES_FILE = "tiles_test.npz"
+SHOWN_FILE = "shown_test.npz"
+
+
+def run_config(run: Run, root: epath.Path, data_dir: Optional[str] = None):
+    """The locked ConfigDict of a training or synthesis run."""
+    from rsjax import config_loader
+
+    overrides = list(run.overrides)
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    if run.kind == "segmentation" and run.generator:
+        dirs = "+".join(str(root / name) for name in run.generator.split(","))
+        overrides.append(f"data.generated_dirs={dirs}")
+    return config_loader.load_config(run.config, overrides)
+
+
+def _resolved(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str, sort_keys=True))
+
+
+def _portable(config_dict: dict, root: epath.Path) -> dict:
+    """The config with the experiment's own folder written as '<workdir>', so a
+    moved or copied experiment still matches its plan."""
+    text = json.dumps(config_dict, sort_keys=True).replace(str(root), "<workdir>")
+    return json.loads(text)
+
+
+def load_finished(run: Run, root: epath.Path) -> Optional[dict]:
+    path = root / run.name / RUN_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def check_matches(run: Run, record: dict, config, root: epath.Path) -> None:
+    want = _portable(_resolved(config), root)
+    if record.get("config") != want:
+        raise UserError(
+            f"{root / run.name}: this run finished with another config than the plan now asks "
+            f"for (e.g. other steps or sizes). Remove that folder to redo it, or use another "
+            f"--workdir for the new settings.")
+
+
+def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None) -> dict:
+    """Runs one run (resuming it if it was interrupted) and writes its run.json."""
+    from rsjax.trainers import trainer_module
+
+    out = root / run.name
+    config = run_config(run, root, data_dir)
+    started = time.time()
+    if run.kind == "synthesize":
+        from rsjax import synthesize
+
+        # The generator's own config; `scenes` picks the training tiles to generate for.
+        summary = synthesize.synthesize(config, str(root / run.generator), "train",
+                                        out=str(out), scenes=run.scenes)
+        record = {"kind": run.kind, "summary": summary}
+    else:
+        trainer = trainer_module(config.trainer)
+        result = trainer.train_and_evaluate(config, str(out))
+        if result.get("preempted"):
+            raise KeyboardInterrupt(f"{run.name} stopped on request; rerun to resume")
+        # Per-tile metric parts (paired intervals) and the best and worst tiles (grids).
+        tiles, shown = trainer.score_tiles(config, str(out), "test")
+        np.savez_compressed((out / TILES_FILE).open("wb"), **tiles)
+        np.savez_compressed((out / SHOWN_FILE).open("wb"), **shown)
+        record = {"kind": run.kind, "scores": _jsonable(result)}
+        history = out / "val_history.jsonl"
+        if history.exists():
+            record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
+    record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
+                  config=_portable(_resolved(config), root),
+                  seconds=round(time.time() - started, 1))
+    (out / RUN_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _jsonable(tree):
+    return json.loads(json.dumps(tree, default=lambda x: np.asarray(x).tolist()))
+
+
+def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = None,
+             print_fn: Callable[[str], None] = print) -> list[dict]:
+    """Runs every unfinished run of `runs` in order; returns every run's record."""
+    from rsjax import logging_utils
+
+    root.mkdir(parents=True, exist_ok=True)
+    records, todo = [], []
+    for run in runs:
+        record = load_finished(run, root)
+        if record is not None:
+            check_matches(run, record, run_config(run, root, data_dir), root)
+        records.append(record)
+        if record is None:
+            todo.append(run)
+    print_fn(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to run.")
+    spent, done = 0.0, 0
+    for i, run in enumerate(runs):
+        if records[i] is not None:
+            continue
+        eta = logging_utils.format_duration(
+            spent / done * (len(todo) - done) if done else None)
+        print_fn(f"[{done + 1}/{len(todo)}] {run.name} ({run.kind}) | ETA of the rest {eta}")
+        records[i] = execute(run, root, data_dir)
+        spent += records[i]["seconds"]
+        done += 1
+        print_fn(f"    done in {logging_utils.format_duration(records[i]['seconds'])}")
+    return records

@@ -1,0 +1,188 @@
+"""Uncertainty for the experiments: a result is a distribution over seeds and
+test tiles, never one number.
+
+Two sources of variation decide whether a difference between two methods is
+real: the training run (model initialisation and data order, i.e. the seed)
+and the finite test set (which tiles happen to be in it). The experiments
+train every method with the same seeds and score every run on the same test
+tiles, so differences are *paired* by seed and by tile.
+
+- A table cell is the mean over seeds of the split-level metric, with a 95%
+  Student-t interval over seeds (`seed_interval`).
+- A claim ("A beats B on PSNR") is judged from the paired difference
+  `paired_difference`: D = mean over seeds of (metric_A(s) - metric_B(s)),
+  with variance  var_seed / S  +  var_tiles, where var_seed is the sample
+  variance of the per-seed differences (training noise on this test set)
+  and var_tiles the bootstrap variance of D when the test tiles are
+  resampled with replacement (the same resample for both methods and every
+  seed, which keeps the pairing). The interval uses Student's t with S - 1
+  degrees of freedom: with 3 seeds it is wide (t = 4.30), on purpose, since
+  percentile bootstraps over 3 seeds cover far less than their nominal level.
+- `verdict` turns the interval into holds / reversed / not resolved.
+
+Metrics are given per tile as additive parts, so that split-level metrics
+that are ratios (SAM is a pixel-weighted mean, mIoU comes from a summed
+confusion matrix) are recomputed exactly on every resample: see
+`image_metric` and `segmentation_metric`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+LEVEL = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n_seeds: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2.0
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n_seeds": self.n_seeds}
+
+
+def t_quantile(level: float, df: int) -> float:
+    """Two-sided Student-t quantile, e.g. 4.303 for 95% and 2 degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2.0, df))
+
+
+def seed_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+    """Mean of per-seed values with a Student-t interval (NaN bounds for one seed)."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+    n = x.size
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = t_quantile(level, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+# ---------------------------------------------------------------------------
+# Per-tile parts -> split-level metrics
+# ---------------------------------------------------------------------------
+Metric = Callable[[Mapping[str, np.ndarray]], float]
+
+
+def image_metric(name: str) -> Metric:
+    """PSNR and SSIM are means over tiles, SAM a mean over valid pixels:
+    parts `psnr`, `ssim` (per tile; `has_psnr`/`has_ssim` say which tiles
+    count, default: the finite ones) and `sam_sum`, `sam_count` (per tile),
+    as rsjax.metrics.image_metric_parts gives them."""
+    if name in ("psnr", "ssim"):
+        def mean_over_tiles(parts):
+            v = np.asarray(parts[name], np.float64)
+            counts = np.asarray(parts.get(f"has_{name}", np.isfinite(v)), bool)
+            return float(v[counts].mean()) if counts.any() else math.nan
+        return mean_over_tiles
+    if name in ("sam", "sam_rad", "sam_deg"):
+        scale = math.degrees(1.0) if name == "sam_deg" else 1.0
+
+        def pixel_mean(parts):
+            count = float(np.sum(parts["sam_count"]))
+            return scale * float(np.sum(parts["sam_sum"])) / count if count > 0 else math.nan
+        return pixel_mean
+    raise ValueError(f"unknown image metric {name!r}: psnr, ssim, sam, sam_deg")
+
+
+def segmentation_metric(name: str) -> Metric:
+    """mIoU and overall accuracy from the sum of per-tile confusion matrices
+    (part `cm`, shape (tiles, K, K)); a class absent from truth and prediction
+    is left out of the mean, as rsjax.metrics.segmentation_scores does."""
+    if name not in ("miou", "accuracy"):
+        raise ValueError(f"unknown segmentation metric {name!r}: miou, accuracy")
+
+    def from_confusion(parts):
+        cm = np.asarray(parts["cm"], np.float64).sum(axis=0)
+        total = cm.sum()
+        if total <= 0:
+            return math.nan
+        if name == "accuracy":
+            return float(np.trace(cm) / total)
+        tp = np.diag(cm)
+        union = cm.sum(0) + cm.sum(1) - tp
+        present = union > 0
+        return float(np.mean(tp[present] / union[present]))
+    return from_confusion
+
+
+def _take(parts: Mapping[str, np.ndarray], tiles: np.ndarray) -> dict:
+    return {k: np.asarray(v)[tiles] for k, v in parts.items()}
+
+
+def _check_runs(runs: Sequence[Mapping[str, np.ndarray]]) -> int:
+    lengths = {len(next(iter(r.values()))) for r in runs}
+    if len(lengths) != 1:
+        raise ValueError(f"every run must be scored on the same tiles; got tile counts {lengths}")
+    return lengths.pop()
+
+
+def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
+                      b_runs: Sequence[Mapping[str, np.ndarray]], metric: Metric,
+                      level: float = LEVEL, n_boot: int = 1000, seed: int = 0) -> Interval:
+    """Interval of mean_s [metric(A_s) - metric(B_s)] over seeds and test tiles.
+
+    a_runs[s], b_runs[s]: per-tile parts of method A and B trained with seed s,
+    every run scored on the same tiles in the same order.
+    """
+    if len(a_runs) != len(b_runs) or not a_runs:
+        raise ValueError(f"need the same non-zero number of seeds for both methods, got "
+                         f"{len(a_runs)} and {len(b_runs)}")
+    n_tiles = _check_runs(list(a_runs) + list(b_runs))
+    per_seed = np.array([metric(a) - metric(b) for a, b in zip(a_runs, b_runs)])
+    mean = float(np.mean(per_seed))
+    s = len(per_seed)
+    if s < 2:
+        return Interval(mean, math.nan, math.nan, s)
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        tiles = rng.integers(0, n_tiles, n_tiles)
+        boots[i] = np.mean([metric(_take(a, tiles)) - metric(_take(b, tiles))
+                            for a, b in zip(a_runs, b_runs)])
+    var_seed = float(np.var(per_seed, ddof=1)) / s
+    var_tiles = float(np.nanvar(boots, ddof=1))
+    # Degrees of freedom of the seed part (the smaller, noisier one): the
+    # Welch-Satterthwaite value covered only 0.88-0.92 in simulations with 3
+    # seeds (tests/test_stats.py), this 0.95-1.0.
+    half = t_quantile(level, s - 1) * math.sqrt(var_seed + var_tiles)
+    return Interval(mean, mean - half, mean + half, s)
+
+
+HOLDS, REVERSED, NOT_RESOLVED = "holds", "reversed", "not resolved"
+
+
+def verdict(interval: Interval, higher_is_better: bool = True) -> str:
+    """'holds' when the whole interval of (claimed winner - other) is on the
+    winning side of 0, 'reversed' when it is all on the other side."""
+    if not (np.isfinite(interval.low) and np.isfinite(interval.high)):
+        return NOT_RESOLVED
+    low, high = (interval.low, interval.high) if higher_is_better else (-interval.high, -interval.low)
+    if low > 0:
+        return HOLDS
+    if high < 0:
+        return REVERSED
+    return NOT_RESOLVED
+
+
+def band(curves: Sequence[Sequence[float]], level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and t-interval band over seeds of equally long curves (Figure 8)."""
+    y = np.asarray(curves, np.float64)
+    mean = y.mean(axis=0)
+    if y.shape[0] < 2:
+        return mean, mean, mean
+    half = t_quantile(level, y.shape[0] - 1) * y.std(axis=0, ddof=1) / math.sqrt(y.shape[0])
+    return mean, mean - half, mean + half

@@ -1,0 +1,118 @@
+"""The experiments' statistics: intervals that cover what they claim, paired
+differences that keep the pairing, metrics recomputed exactly from per-tile parts."""
+import math
+
+import numpy as np
+import pytest
+
+from rsjax import metrics
+from rsjax.experiments import stats
+
+
+def test_t_quantile_matches_the_table():
+    # Student-t 97.5% quantiles from any statistics table.
+    assert stats.t_quantile(0.95, 2) == pytest.approx(4.303, abs=1e-3)
+    assert stats.t_quantile(0.95, 9) == pytest.approx(2.262, abs=1e-3)
+
+
+def test_seed_interval_covers_the_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    trials = 4000
+    covered = 0
+    for _ in range(trials):
+        iv = stats.seed_interval(rng.normal(10.0, 2.0, size=3))
+        covered += iv.low <= 10.0 <= iv.high
+    # Exact for normal data: 0.95; binomial sd over 4000 trials is 0.0034.
+    assert covered / trials == pytest.approx(0.95, abs=0.012)
+
+
+def test_seed_interval_by_hand():
+    iv = stats.seed_interval([1.0, 2.0, 3.0])
+    assert iv.mean == 2.0
+    assert iv.half_width == pytest.approx(4.3027 * 1.0 / math.sqrt(3), rel=1e-4)
+    assert math.isnan(stats.seed_interval([5.0]).low)
+
+
+def _crossed_runs(rng, mu, seeds=3, tiles=40, sd_seed=0.3, sd_tile=1.0, sd_noise=0.5):
+    """PSNR-like per-tile scores of two methods trained with the same seeds and
+    scored on the same tiles: the difference has seed, tile and residual parts."""
+    base = rng.normal(20.0, 2.0, tiles)              # how hard each tile is
+    tile_effect = rng.normal(0.0, sd_tile, tiles)     # where A's advantage varies
+    a_runs, b_runs = [], []
+    for _ in range(seeds):
+        seed_effect = rng.normal(0.0, sd_seed)
+        b = base + rng.normal(0.0, sd_noise, tiles)
+        a = b + mu + seed_effect + tile_effect + rng.normal(0.0, sd_noise, tiles)
+        a_runs.append({"psnr": a})
+        b_runs.append({"psnr": b})
+    return a_runs, b_runs
+
+
+@pytest.mark.parametrize("effects", [dict(sd_seed=0.3, sd_tile=1.0),    # tiles dominate
+                                     dict(sd_seed=1.0, sd_tile=1.0),    # training noise large
+                                     dict(sd_seed=0.5, sd_tile=0.1)])   # seeds dominate
+def test_paired_difference_covers_the_true_difference(effects):
+    """Crossed random effects (seeds x tiles): the true mean difference is mu
+    over the population of seeds and tiles; the interval must cover it at least
+    at its nominal rate (it is built to be conservative with 3 seeds; an
+    interval from the seeds alone covers 0.89 in the first case)."""
+    rng = np.random.default_rng(1)
+    metric = stats.image_metric("psnr")
+    trials, covered = 300, 0
+    for i in range(trials):
+        a, b = _crossed_runs(rng, mu=0.5, **effects)
+        iv = stats.paired_difference(a, b, metric, n_boot=200, seed=i)
+        covered += iv.low <= 0.5 <= iv.high
+    assert 0.93 <= covered / trials <= 1.0
+
+
+def test_paired_difference_resolves_a_clear_effect_and_not_noise():
+    rng = np.random.default_rng(2)
+    metric = stats.image_metric("psnr")
+    a, b = _crossed_runs(rng, mu=3.0, sd_seed=0.1, sd_tile=0.3)
+    assert stats.verdict(stats.paired_difference(a, b, metric, n_boot=300)) == stats.HOLDS
+    assert stats.verdict(stats.paired_difference(b, a, metric, n_boot=300)) == stats.REVERSED
+    a, b = _crossed_runs(rng, mu=0.0)
+    assert stats.verdict(stats.paired_difference(a, b, metric, n_boot=300)) == stats.NOT_RESOLVED
+
+
+def test_verdict_for_lower_is_better():
+    iv = stats.Interval(-0.02, -0.03, -0.01, 3)      # A - B on SAM: A lower
+    assert stats.verdict(iv, higher_is_better=False) == stats.HOLDS
+    assert stats.verdict(iv, higher_is_better=True) == stats.REVERSED
+
+
+def test_pairing_matters():
+    """A per-tile difference that is constant is certain, however different the
+    tiles are: unpaired resampling would call it unresolved."""
+    rng = np.random.default_rng(3)
+    b = [{"psnr": rng.normal(20, 5, 30)} for _ in range(3)]
+    a = [{"psnr": r["psnr"] + 0.2 + 0.01 * s} for s, r in enumerate(b)]
+    iv = stats.paired_difference(a, b, stats.image_metric("psnr"), n_boot=200)
+    assert iv.low > 0.15 and iv.high < 0.25
+
+
+def test_sam_and_miou_from_parts_match_the_split_level_metrics():
+    rng = np.random.default_rng(4)
+    sums = rng.uniform(0, 5, 10)
+    counts = rng.integers(1, 100, 10)
+    assert stats.image_metric("sam")({"sam_sum": sums, "sam_count": counts}) == pytest.approx(
+        sums.sum() / counts.sum())
+    truth = rng.integers(0, 9, (6, 16, 16))
+    pred = np.where(rng.random((6, 16, 16)) < 0.7, truth, rng.integers(0, 9, (6, 16, 16)))
+    per_tile = np.stack([np.asarray(metrics.confusion_matrix(p, t, 9)) for p, t in zip(pred, truth)])
+    # Hand-computed reference on all pixels at once.
+    cm = np.zeros((9, 9))
+    np.add.at(cm, (truth.ravel(), pred.ravel()), 1)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    assert stats.segmentation_metric("miou")({"cm": per_tile}) == pytest.approx(
+        np.mean(tp[union > 0] / union[union > 0]))
+    assert stats.segmentation_metric("accuracy")({"cm": per_tile}) == pytest.approx(
+        (pred == truth).mean())
+
+
+def test_band_over_seeds():
+    mean, low, high = stats.band([[0.1, 0.2], [0.3, 0.4], [0.2, 0.3]])
+    np.testing.assert_allclose(mean, [0.2, 0.3])
+    np.testing.assert_allclose(high - mean, 4.3027 * 0.1 / math.sqrt(3), rtol=1e-4)
