@@ -50,12 +50,15 @@ place gets the very inputs that tile had. Memory is bounded by two batches of
 tiles and the output accumulators of the rows that tiles in flight touch (a
 row of tiles plus one block row, about `(tile + 256) x width x channels`
 float32, when a batch holds less than a row of tiles), never by the scene's
-height. Runs in one process, on its local devices.
+height. Runs in one process, on its local devices. Many scenes: `--scenes`
+and `--out_dir` run them on Apache Beam, one model load per worker
+(`rsjax.predict_beam`, `load_model` and the `model=` argument here).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -63,7 +66,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -375,6 +378,36 @@ def dataset_normalizer(data_cfg, data_dir: Optional[str] = None):
     return input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
 
 
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint restored once for many scenes (`rsjax.predict_beam`'s workers).
+
+    restored: (setup, state, checkpoint step, mesh), as the trainer's
+    `restore_for_eval` returns them; the setup keeps its jitted functions, so
+    the model compiles once, not once per scene.
+    """
+
+    workdir: str
+    config: Any
+    normalizer: Any
+    restored: tuple
+
+
+def load_model(workdir, *, config=None, step: Optional[int] = None, data_dir: Optional[str] = None,
+               devices=None) -> LoadedModel:
+    """Restores a training run's checkpoint (default: the latest) and its dataset's statistics."""
+    from rsjax.trainers import trainer_module
+
+    config = config if config is not None else load_run_config(workdir)
+    if config.get("trainer") not in ("fusion", "segmentation"):
+        raise InputError(f"{workdir}: its config is a {config.get('trainer')!r} run; prediction "
+                         "takes fusion and segmentation runs.")
+    normalizer = dataset_normalizer(config.data, data_dir)
+    restored = trainer_module(config.trainer).restore_for_eval(
+        config, str(workdir), step, devices=_local_devices(devices))
+    return LoadedModel(str(workdir), config, normalizer, restored)
+
+
 def _batch_size(requested: Optional[int], config, num_devices: int) -> int:
     size = int(requested or config.get("eval_batch_size", num_devices))
     if size < 1:
@@ -464,8 +497,11 @@ def _check_trainer(config, expected: str, workdir) -> None:
         raise InputError(f"{workdir}: its config is a {trainer!r} run, not {expected!r}; use {other}.")
 
 
-def _as_path(path) -> Optional[Path]:
-    return None if path is None else Path(path)
+def _as_path(path):
+    """A local path as Path; a URL (gs://, s3://, http(s)://) as it is; a Mosaic as it is."""
+    from rsjax.data.contract import as_source
+
+    return as_source(path)
 
 
 def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_grid=None,
@@ -473,14 +509,16 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                    step: Optional[int] = None, overlap: Optional[int] = None,
                    batch_size: Optional[int] = None, devices=None, config=None,
                    data_dir: Optional[str] = None, s1_units: str = "auto",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, model: Optional[LoadedModel] = None) -> dict:
     """A fusion checkpoint over whole-scene S1 / land cover / DEM GeoTIFFs -> a
     synthetic 4-band optical GeoTIFF at `out` (see the module docstring).
 
     Only the sources the model was trained on are needed (and read). `step`:
     checkpoint step (default: the latest); `config`: the training config
     (default: the workdir's config.json); `data_dir`: where the training
-    dataset is, when not where the config says. Returns a summary dict.
+    dataset is, when not where the config says; `model`: a `load_model`
+    result to use instead of restoring the checkpoint (config, step, data_dir
+    and devices then come from it). Returns a summary dict.
     """
     from rasterio.windows import Window
 
@@ -491,6 +529,8 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
     out = Path(out)
+    if model is not None:
+        config = model.config
     config = config if config is not None else load_run_config(workdir)
     _check_trainer(config, "fusion", workdir)
     sources = fusion.selected_sources(config)
@@ -510,10 +550,13 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     scene = ScenePaths(scene_id=out.stem, s2=None, s1=given["s1"] if "s1" in sources else None,
                        dem=given["dem"] if "dem" in sources else None,
                        lulc=given["lulc"] if "lulc" in sources else None)
-    normalizer = dataset_normalizer(config.data, data_dir)
+    normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = _local_devices(devices)
-        setup, state, ckpt_step, mesh = fusion.restore_for_eval(config, str(workdir), step, devices=devices)
+        if model is not None:
+            setup, state, ckpt_step, mesh = model.restored
+        else:
+            setup, state, ckpt_step, mesh = fusion.restore_for_eval(
+                config, str(workdir), step, devices=_local_devices(devices))
         generate = setup.generate_jit(bool(config.get("eval_use_ema", False)))
         size = _batch_size(batch_size, config, mesh.devices.size)
 
@@ -544,7 +587,8 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
                       target_crs: Optional[str] = None, target_resolution: Optional[float] = None,
                       step: Optional[int] = None, overlap: Optional[int] = None,
                       batch_size: Optional[int] = None, devices=None, config=None,
-                      data_dir: Optional[str] = None, progress: bool = True) -> dict:
+                      data_dir: Optional[str] = None, progress: bool = True,
+                      model: Optional[LoadedModel] = None) -> dict:
     """A segmentation checkpoint over a whole-scene S2 GeoTIFF -> a uint8
     land-cover GeoTIFF at `out` (Dynamic World labels, 255 = no data, with
     Dynamic World's colour map). Arguments as in `predict_fusion`."""
@@ -561,17 +605,21 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     if s2 is None:
         raise InputError(f"{workdir}: a land-cover model needs the optical image: give --s2.")
     out = Path(out)
+    if model is not None:
+        config = model.config
     config = config if config is not None else load_run_config(workdir)
     _check_trainer(config, "segmentation", workdir)
     tile = int(config.data.tile_size)
     overlap = _overlap(overlap, tile)
     opts = _ingest_options(tile, target_grid, target_crs, target_resolution, "auto")
-    scene = ScenePaths(scene_id=out.stem, s2=Path(s2), s1=None, dem=None, lulc=None)
-    normalizer = dataset_normalizer(config.data, data_dir)
+    scene = ScenePaths(scene_id=out.stem, s2=_as_path(s2), s1=None, dem=None, lulc=None)
+    normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = _local_devices(devices)
-        setup, state, ckpt_step, mesh = segmentation.restore_for_eval(config, str(workdir), step,
-                                                                      devices=devices)
+        if model is not None:
+            setup, state, ckpt_step, mesh = model.restored
+        else:
+            setup, state, ckpt_step, mesh = segmentation.restore_for_eval(
+                config, str(workdir), step, devices=_local_devices(devices))
 
         def probabilities(state, batch):
             logits = segmentation.predict(setup, state, batch["image"])
@@ -627,6 +675,8 @@ def image_to_uint16(image: np.ndarray, normalizer) -> np.ndarray:
 
 def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, config=None, **kwargs) -> dict:
     """Either mode, chosen by the workdir's trainer (fusion or segmentation)."""
+    if kwargs.get("model") is not None:
+        config = kwargs["model"].config
     config = config if config is not None else load_run_config(workdir)
     if config.get("trainer") == "segmentation":
         given = [name for name, v in (("--s1", s1), ("--lulc", lulc), ("--dem", dem)) if v is not None]
@@ -651,14 +701,28 @@ def main(argv):
 
     from rsjax.trainers import common
 
+    from rsjax.errors import UserError
+
     f = flags.FLAGS
     common.prepare_process()
     kwargs = dict(target_grid=f.target_grid, target_crs=f.target_crs,
                   target_resolution=f.target_resolution, step=f.step, overlap=f.overlap,
                   batch_size=f.batch_size, data_dir=f.data_dir, config=f.config)
     try:
+        if f.scenes:                       # many scenes, on Apache Beam
+            if f.out or any(v for v in (f.s1, f.lulc, f.dem, f.s2)):
+                raise UserError("--scenes takes --out_dir, not --out/--s1/--lulc/--dem/--s2.")
+            if not f.out_dir:
+                raise UserError("--scenes needs --out_dir (one output per scene goes there).")
+            from rsjax import predict_beam
+            result = predict_beam.run_from_flags(f.workdir, f.scenes, f.out_dir,
+                                                 f.beam_pipeline_options, **kwargs)
+            print(json.dumps(result, indent=2, default=str))
+            sys.exit(1 if result["failed"] else 0)
+        if not f.out:
+            raise UserError("give --out (one scene) or --scenes with --out_dir (many).")
         result = predict(f.workdir, f.out, s1=f.s1, lulc=f.lulc, dem=f.dem, s2=f.s2, **kwargs)
-    except InputError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=2))
@@ -686,7 +750,14 @@ def define_flags():
     flags.DEFINE_string("data_dir", None, "TFDS data_dir of the training dataset (default: the config's).")
     config_flags.DEFINE_config_file("config", None, "Training config (default: the workdir's config.json).",
                                     lock_config=True)
-    flags.mark_flags_as_required(["workdir", "out"])
+    flags.DEFINE_string("scenes", None, "Many scenes: a folder of <scene>_{s2,s1,lulc,dem}.tif (local, "
+                        "gs://, s3://, https://) or a .txt list of scene prefixes; run on Apache Beam.")
+    flags.DEFINE_string("out_dir", None, "With --scenes: folder for <scene>_synthetic_s2.tif / "
+                        "<scene>_landcover.tif (local, gs:// or s3://).")
+    flags.DEFINE_string("beam_pipeline_options", None, "With --scenes: Beam options as key=value,... "
+                        "(e.g. direct_num_workers=2,direct_running_mode=multi_processing or "
+                        "runner=DataflowRunner,...); default: the DirectRunner in this process.")
+    flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":

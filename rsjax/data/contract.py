@@ -100,6 +100,29 @@ class ScenePaths:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scene_id"}
 
 
+def scene_to_record(scene: ScenePaths) -> tuple:
+    """A scene as plain data, (scene_id, ((source, path or (piece, ...) or None), ...)),
+    to hand to other processes (Beam would turn the dataclass into a schema row)."""
+    def plain(source):
+        if source is None:
+            return None
+        if isinstance(source, Mosaic):
+            return tuple(str(p) for p in source.pieces)
+        return str(source)
+    return scene.scene_id, tuple((k, plain(v)) for k, v in sorted(scene.as_dict().items()))
+
+
+def scene_from_record(record: tuple) -> ScenePaths:
+    """The inverse of `scene_to_record`."""
+    scene_id, paths = record
+
+    def source(value):
+        if isinstance(value, tuple):
+            return Mosaic(tuple(storage.as_path(p) for p in value))
+        return None if value is None else storage.as_path(value)
+    return ScenePaths(scene_id=scene_id, **{k: source(v) for k, v in paths})
+
+
 def as_source(source) -> Optional[Source]:
     """A path-like as a Path, a Mosaic as it is, None as None."""
     if source is None or isinstance(source, Mosaic):

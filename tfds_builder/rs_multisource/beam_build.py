@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import apache_beam as beam
 
-from rsjax.data import ingest, storage
-from rsjax.data.contract import Mosaic, ScenePaths
+from rsjax.data import ingest
+from rsjax.data.contract import scene_from_record, scene_to_record
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -40,7 +40,7 @@ def split_pcollections(pipeline, scenes: Sequence, cfg, opts, *, scene_examples:
                        statistics_seed: int = 0) -> dict:
     """{split: PCollection of (key, example)}; the summary JSON is written to `summary_path`."""
     units = (pipeline
-             | "Scenes" >> beam.Create([scene_record(s) for s in scenes])
+             | "Scenes" >> beam.Create([scene_to_record(s) for s in scenes])
              | "SpreadScenes" >> beam.Reshuffle()
              | "PlanStrips" >> beam.FlatMap(plan_strips, opts=opts, validate=validate,
                                            tiles_per_element=tiles_per_element)
@@ -89,28 +89,6 @@ def strips(height: int, tile_size: int, stride: int, tiles_per_row: int,
         chunk = tile_rows[i:i + rows_per_strip]
         out.append(range(chunk[0], chunk[-1] + 1))
     return out
-
-
-def scene_record(scene: ScenePaths) -> tuple:
-    """A scene as plain data, (scene_id, ((source, path or (piece, ...)), ...)): Beam
-    would otherwise turn the ScenePaths dataclass into a schema row of its own."""
-    def plain(source):
-        if source is None:
-            return None
-        if isinstance(source, Mosaic):
-            return tuple(str(p) for p in source.pieces)
-        return str(source)
-    return scene.scene_id, tuple((k, plain(v)) for k, v in sorted(scene.as_dict().items()))
-
-
-def scene_from_record(record: tuple) -> ScenePaths:
-    scene_id, paths = record
-
-    def source(value):
-        if isinstance(value, tuple):
-            return Mosaic(tuple(storage.as_path(p) for p in value))
-        return None if value is None else storage.as_path(value)
-    return ScenePaths(scene_id=scene_id, **{k: source(v) for k, v in paths})
 
 
 def plan_strips(record, *, opts, validate: Callable, tiles_per_element: int):
