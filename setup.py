@@ -47,7 +47,7 @@ EXTRAS = {
     "remote": ["etils[epath-gcs,epath-s3]", "fsspec[http]"],
     "ee": ["earthengine-api>=1.0"],  # rsjax export_ee (not needed for its --dry_run)
     # The dataset built on Apache Beam (DirectRunner here; Dataflow, Flink or Spark runners).
-    # Checked with the pins above: it moves protobuf to 6.x, pyarrow to 25 (no conflict).
+    # Checked with the pins above: it moves protobuf to 6.33, pyarrow to 25, pillow to 12.3 (no conflict).
     "beam": ["apache-beam>=2.77,<3"],
 }
 

@@ -206,11 +206,9 @@ def _remove(path) -> None:
 
 def beam_options_from(text: Optional[str]):
     """PipelineOptions from `--beam_pipeline_options` (None: Beam's defaults, the DirectRunner)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from rsjax import input_pipeline
 
-    if not text:
-        return PipelineOptions([])
-    return PipelineOptions([f"--{opt.strip()}" for opt in text.split(",") if opt.strip()])
+    return input_pipeline.beam_options(text or "")
 
 
 def run_from_flags(workdir, scenes, out_dir, beam_pipeline_options: Optional[str],

@@ -131,6 +131,8 @@ def check_options(opts: ExportOptions) -> None:
         raise UserError(f"destination {opts.destination!r}: use one of {DESTINATIONS}.")
     if opts.destination == "gcs" and not opts.bucket:
         raise UserError("Cloud Storage exports need --bucket (or use --drive_folder for Drive).")
+    if opts.destination == "drive" and not opts.drive_folder:
+        raise UserError("Drive exports need --drive_folder (or use --bucket for Cloud Storage).")
     if opts.bucket and (opts.bucket.startswith("gs://") or "/" in opts.bucket):
         raise UserError(f"--bucket {opts.bucket!r}: give the bucket name alone (no gs://, no "
                         "folders); put folders in --prefix.")

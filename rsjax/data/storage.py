@@ -123,7 +123,8 @@ def _epath(path: PathLike):
 def is_dir(path: PathLike) -> bool:
     s = scheme(path)
     if s in ("http", "https"):
-        return str(path).endswith("/")
+        # HTTP has no folders to ask about: a URL that names no file is taken as one.
+        return not name(path).lower().endswith((".tif", ".tiff", ".txt"))
     try:
         return _epath(path).is_dir()
     except ImportError as err:
