@@ -693,75 +693,86 @@ def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, config=None,
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-def main(argv):
-    del argv
-    import sys
+# The command line of this module; the other sections are its library.
+import sys  # noqa: E402
 
-    from absl import flags
+from rsjax import cli  # noqa: E402
 
-    from rsjax.trainers import common
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--workdir", required=True,
+                        help="workdir of the training run (checkpoints and config.json)")
+    parser.add_argument("--out", default=None, help="GeoTIFF to write (one scene)")
+    parser.add_argument("--s1", default=None, help="fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB)")
+    parser.add_argument("--lulc", default=None, help="fusion: Dynamic World land-cover GeoTIFF (label)")
+    parser.add_argument("--dem", default=None,
+                        help="fusion: elevation GeoTIFF (slope, aspect, hillshade are derived)")
+    parser.add_argument("--s2", default=None, help="segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
+    parser.add_argument("--target_grid", default=None,
+                        help="GeoTIFF whose grid the output is on (default: the land-cover file "
+                             "for fusion, the S2 file for segmentation)")
+    parser.add_argument("--target_crs", default=None,
+                        help="output CRS (projected, metres), as in ingestion")
+    parser.add_argument("--target_resolution", type=float, default=None,
+                        help="output pixel size in metres, as in ingestion")
+    parser.add_argument("--overlap", type=cli.nonnegative_int, default=None,
+                        help="tile overlap in pixels (default: a quarter of the tile)")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=None,
+                        help="tiles per batch (default: the config's eval_batch_size)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data_dir of the training dataset (default: the config's)")
+    cli.add_config_argument(parser, required=False,
+                            help="the training config (default: the workdir's config.json)")
+    parser.add_argument("--scenes", default=None,
+                        help="many scenes, on Apache Beam (the `beam` extra): a folder of "
+                             "<scene>_{s2,s1,lulc,dem}.tif (local, gs://, s3://, https://) or a .txt "
+                             "list of scene prefixes; with --out_dir instead of --out and the inputs")
+    parser.add_argument("--out_dir", default=None,
+                        help="with --scenes: folder (local, gs://, s3://) for "
+                             "<scene>_synthetic_s2.tif / <scene>_landcover.tif")
+    parser.add_argument("--beam_pipeline_options", default=None, metavar="KEY=VALUE,...",
+                        help="with --scenes: Beam pipeline options, e.g. "
+                             "'direct_num_workers=2,direct_running_mode=multi_processing' or "
+                             "'runner=DataflowRunner,...' (default: the DirectRunner in this process)")
+
+
+def run(args) -> int:
     from rsjax.errors import UserError
 
-    f = flags.FLAGS
+    if args.scenes:
+        if args.out or any(v for v in (args.s1, args.lulc, args.dem, args.s2)):
+            raise UserError("--scenes takes --out_dir and finds each scene's files itself: "
+                            "leave out --out, --s1, --lulc, --dem and --s2.")
+        if not args.out_dir:
+            raise UserError("--scenes needs --out_dir (one output per scene goes there).")
+    elif args.out is None:
+        raise UserError("give --out (one scene), or --scenes with --out_dir (many scenes).")
+    elif args.out_dir or args.beam_pipeline_options:
+        raise UserError("--out_dir and --beam_pipeline_options go with --scenes.")
+    config = cli.load_config_arg(args, workdir=args.workdir)
+    from rsjax.trainers import common
+
     common.prepare_process()
-    kwargs = dict(target_grid=f.target_grid, target_crs=f.target_crs,
-                  target_resolution=f.target_resolution, step=f.step, overlap=f.overlap,
-                  batch_size=f.batch_size, data_dir=f.data_dir, config=f.config)
-    try:
-        if f.scenes:                       # many scenes, on Apache Beam
-            if f.out or any(v for v in (f.s1, f.lulc, f.dem, f.s2)):
-                raise UserError("--scenes takes --out_dir, not --out/--s1/--lulc/--dem/--s2.")
-            if not f.out_dir:
-                raise UserError("--scenes needs --out_dir (one output per scene goes there).")
-            from rsjax import predict_beam
-            result = predict_beam.run_from_flags(f.workdir, f.scenes, f.out_dir,
-                                                 f.beam_pipeline_options, **kwargs)
-            print(json.dumps(result, indent=2, default=str))
-            sys.exit(1 if result["failed"] else 0)
-        if not f.out:
-            raise UserError("give --out (one scene) or --scenes with --out_dir (many).")
-        result = predict(f.workdir, f.out, s1=f.s1, lulc=f.lulc, dem=f.dem, s2=f.s2, **kwargs)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result, indent=2))
+    if args.scenes:
+        from rsjax import predict_beam
+
+        result = predict_beam.run_from_flags(
+            args.workdir, args.scenes, args.out_dir, args.beam_pipeline_options, config=config,
+            step=args.step, data_dir=args.data_dir, target_grid=args.target_grid,
+            target_crs=args.target_crs, target_resolution=args.target_resolution,
+            overlap=args.overlap, batch_size=args.batch_size)
+        cli.print_json(result)
+        return 1 if result["failed"] else 0
+    result = predict(args.workdir, args.out, s1=args.s1, lulc=args.lulc, dem=args.dem, s2=args.s2,
+                     config=config, target_grid=args.target_grid, target_crs=args.target_crs,
+                     target_resolution=args.target_resolution, step=args.step,
+                     overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir)
+    cli.print_json(result)
+    return 0
 
 
-def define_flags():
-    """Command-line flags, defined only when run as a command, so that importing
-    this module beside other commands (tests, experiments) defines nothing."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    flags.DEFINE_string("workdir", None, "Workdir of the training run (checkpoints + config.json).")
-    flags.DEFINE_string("out", None, "GeoTIFF to write.")
-    flags.DEFINE_string("s1", None, "Fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB).")
-    flags.DEFINE_string("lulc", None, "Fusion: Dynamic World land-cover GeoTIFF (label).")
-    flags.DEFINE_string("dem", None, "Fusion: elevation GeoTIFF (slope, aspect, hillshade are derived).")
-    flags.DEFINE_string("s2", None, "Segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8).")
-    flags.DEFINE_string("target_grid", None, "GeoTIFF whose grid the output is on (default: the land "
-                        "cover file for fusion, the S2 file for segmentation).")
-    flags.DEFINE_string("target_crs", None, "Output CRS (projected, metres), as in ingestion.")
-    flags.DEFINE_float("target_resolution", None, "Output pixel size in metres, as in ingestion.")
-    flags.DEFINE_integer("overlap", None, "Tile overlap in pixels (default: a quarter of the tile).")
-    flags.DEFINE_integer("batch_size", None, "Tiles per batch (default: the config's eval_batch_size).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_string("data_dir", None, "TFDS data_dir of the training dataset (default: the config's).")
-    config_flags.DEFINE_config_file("config", None, "Training config (default: the workdir's config.json).",
-                                    lock_config=True)
-    flags.DEFINE_string("scenes", None, "Many scenes: a folder of <scene>_{s2,s1,lulc,dem}.tif (local, "
-                        "gs://, s3://, https://) or a .txt list of scene prefixes; run on Apache Beam.")
-    flags.DEFINE_string("out_dir", None, "With --scenes: folder for <scene>_synthetic_s2.tif / "
-                        "<scene>_landcover.tif (local, gs:// or s3://).")
-    flags.DEFINE_string("beam_pipeline_options", None, "With --scenes: Beam options as key=value,... "
-                        "(e.g. direct_num_workers=2,direct_running_mode=multi_processing or "
-                        "runner=DataflowRunner,...); default: the DirectRunner in this process.")
-    flags.mark_flags_as_required(["workdir"])
-
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags()
-    app.run(main)
+    sys.exit(main())
