@@ -28,7 +28,7 @@ import os
 import tempfile
 import traceback
 import uuid
-from typing import Optional, Sequence
+from typing import Optional
 
 from rsjax.data import contract, storage
 from rsjax.errors import UserError
@@ -213,12 +213,10 @@ def beam_options_from(text: Optional[str]):
 
 def run_from_flags(workdir, scenes, out_dir, beam_pipeline_options: Optional[str],
                    config=None, step=None, data_dir=None, **options) -> dict:
-    try:
-        import apache_beam  # noqa: F401
-    except ImportError:
-        raise UserError("--scenes runs on Apache Beam: pip install rsjax[beam]") from None
+    import importlib.util
+
+    if importlib.util.find_spec("apache_beam") is None:
+        raise UserError("--scenes runs on Apache Beam: pip install rsjax[beam]")
     return predict_scenes(workdir, scenes, out_dir, config=config, step=step, data_dir=data_dir,
                           beam_options=beam_options_from(beam_pipeline_options), **options)
 
-
-__all__: Sequence[str] = ("predict_scenes", "list_scenes", "output_name")

@@ -14,7 +14,6 @@ import re
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rasterio
 import rasterio.shutil
