@@ -84,22 +84,17 @@ def _predict_fn():
     class PredictScene(beam.DoFn):
         """One scene in, one result dict out; the model is loaded once per worker process."""
 
-        def __init__(self, workdir: str, config_json: str, step, data_dir, out_dir: str,
-                     options: dict):
-            self.workdir, self.config_json, self.step = workdir, config_json, step
+        def __init__(self, workdir: str, config, step, data_dir, out_dir: str, options: dict):
+            self.workdir, self.config, self.step = workdir, config, step
             self.data_dir, self.out_dir, self.options = data_dir, out_dir, options
             self._shared = shared.Shared()
 
         def _load(self):
-            import ml_collections
-
             from rsjax import predict
-            from rsjax.trainers import common
+            from rsjax.runtime import prepare_process
 
-            common.prepare_process()
-            config = ml_collections.ConfigDict(json.loads(self.config_json))
-            config.data.sources = tuple(config.data.get("sources") or ())
-            return _ModelHolder(predict.load_model(self.workdir, config=config, step=self.step,
+            prepare_process()
+            return _ModelHolder(predict.load_model(self.workdir, config=self.config, step=self.step,
                                                    data_dir=self.data_dir))
 
         def setup(self):
@@ -164,7 +159,7 @@ def predict_scenes(workdir, scenes, out_dir, *, config=None, step: Optional[int]
 
     from rsjax import predict
 
-    config = config if config is not None else predict.load_run_config(workdir)
+    config = predict.run_config(workdir, config)
     if config.get("trainer") not in SUFFIX:
         raise UserError(f"{workdir}: its config is a {config.get('trainer')!r} run; prediction "
                         "takes fusion and segmentation runs.")
@@ -177,8 +172,7 @@ def predict_scenes(workdir, scenes, out_dir, *, config=None, step: Optional[int]
     # The workers write their results here (shared storage for a distributed runner).
     report = storage.join(report_dir, f".rsjax_predict_{uuid.uuid4().hex}.jsonl")
     records = [contract.scene_to_record(s) for s in listed]
-    predict_scene = _predict_fn()(str(workdir), json.dumps(config.to_dict()), step, data_dir,
-                                  str(report_dir), options)
+    predict_scene = _predict_fn()(str(workdir), config, step, data_dir, str(report_dir), options)
     with beam.Pipeline(options=beam_options) as pipeline:
         _ = (pipeline
              | "Scenes" >> beam.Create(records)

@@ -22,12 +22,13 @@ from rsjax.data.contract import find_scenes  # noqa: E402
 def fusion_workdir(demo_data_dir, tmp_path_factory) -> Path:
     """config.json and an Orbax checkpoint of the initial state, as a training run leaves them."""
     from rsjax import logging_utils
-    from rsjax.trainers import common, fusion
+    from rsjax.trainers import fusion
+    from rsjax.trainers.checkpoints import Checkpointer
 
     config = tiny_fusion_config(demo_data_dir, "pix2pix")
     setup = fusion.Setup(config, fusion.selected_sources(config))
     root = tmp_path_factory.mktemp("fusion_run")
-    ckpt = common.Checkpointer(root, every_steps=1, keep=1, async_save=False)
+    ckpt = Checkpointer(root, every_steps=1, keep=1, async_save=False)
     ckpt.save(0, setup.init_state(), None, force=True)
     ckpt.close()
     logging_utils.write_config(config, root)
