@@ -29,7 +29,7 @@ OBJECTIVES = {
     "pix2pix": ("vanilla", 0.0, 100.0),
     "spade+l1": ("hinge", 10.0, 100.0),
 }
-BENCH_STEPS = 1000
+BENCH_STEPS = 600
 
 
 def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
