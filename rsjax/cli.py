@@ -288,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments tables ...`
+    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments report ...`
         return _run_group(name, module, argv[1:])
     return run_command(module, argv[1:], prog=f"rsjax {name}")
 
