@@ -1,7 +1,7 @@
 """The data contract shared by ingestion, the TFDS builder and the input pipeline.
 
 One place for the names, units and no-data conventions of every source, so the
-writer of a record and its reader cannot drift apart. See DESIGN.md / README.
+writer of a record and its reader cannot drift apart. See docs/data.md.
 
 Stored per tile (physical units, channels last):
 
