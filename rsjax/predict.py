@@ -226,6 +226,17 @@ def load_model(workdir, *, config=None, step: Optional[int] = None, data_dir: Op
     return LoadedModel(str(workdir), config, normalizer, inference, len(devices))
 
 
+def _inference(model, trainer, config, workdir, step, devices):
+    """(the model's function, checkpoint step, device count): of a model loaded
+    once (`load_model`, e.g. one per Beam worker) or restored here."""
+    if model is not None:
+        fn, ckpt_step = model.inference
+        return fn, ckpt_step, model.num_devices
+    devices = _local_devices(devices)
+    fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    return fn, ckpt_step, len(devices)
+
+
 def _batch_size(requested: Optional[int], config, num_devices: int) -> int:
     size = int(requested or config.get("eval_batch_size", num_devices))
     if size < 1:
@@ -354,13 +365,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                        lulc=given["lulc"] if "lulc" in sources else None)
     normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        if model is not None:
-            generate, ckpt_step = model.inference
-            num_devices = model.num_devices
-        else:
-            devices = _local_devices(devices)
-            generate, ckpt_step = fusion.load_inference(config, str(workdir), step, devices=devices)
-            num_devices = len(devices)
+        generate, ckpt_step, num_devices = _inference(model, fusion, config, workdir, step, devices)
         size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
@@ -414,14 +419,8 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     scene = ScenePaths(scene_id=out.stem, s2=_as_path(s2), s1=None, dem=None, lulc=None)
     normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        if model is not None:
-            probabilities, ckpt_step = model.inference
-            num_devices = model.num_devices
-        else:
-            devices = _local_devices(devices)
-            probabilities, ckpt_step = segmentation.load_inference(config, str(workdir), step,
-                                                                   devices=devices)
-            num_devices = len(devices)
+        probabilities, ckpt_step, num_devices = _inference(model, segmentation, config, workdir,
+                                                           step, devices)
         size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
