@@ -186,8 +186,8 @@ def test_mix_training_data_holds_each_generated_image_with_its_tile(demo_data_di
     """data=mix trains on the real tiles and one generated image per tile: an
     epoch of the pipeline the trainer builds has 2N records, N of them the
     generated images (marker images here, one constant value per tile), each
-    with the land cover of the tile it names (matched by id: the file lists the
-    tiles in reverse)."""
+    with the land cover of the tile it names (matched by id, not by position:
+    the file lists the tiles in reverse)."""
     from rsjax import input_pipeline
     from rsjax.trainers import segmentation
 
@@ -195,7 +195,8 @@ def test_mix_training_data_holds_each_generated_image_with_its_tile(demo_data_di
     builder = input_pipeline.get_builder(config.data)
     source = builder.as_data_source(split="train")
     n = len(source)
-    ids = [_tile_id(source[i]) for i in range(n)][::-1]
+    real = {_tile_id(source[i]): source[i] for i in range(n)}
+    ids = list(real)[::-1]
     normalizer = input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
     # Reflectance x 10000 inside every band's p1..p99, where normalization does not clip.
     low, high = float(np.max(normalizer.s2_low)) + 1, float(np.min(normalizer.s2_high)) - 1
@@ -205,6 +206,10 @@ def test_mix_training_data_holds_each_generated_image_with_its_tile(demo_data_di
     folder.mkdir()
     np.savez(folder / "part-00000.npz", tile_id=np.array(ids),
              s2=np.stack([np.full((64, 64, 4), marker[t], np.uint16) for t in ids]))
+    expected = {t: input_pipeline.normalize_tile(
+        {**real[t], "s2": np.full((64, 64, 4), marker[t], np.uint16)}, normalizer, ()) for t in ids}
+    tile_of = {round(float(e["image"][e["valid"]][0, 0]), 5): t for t, e in expected.items()}
+    assert len(tile_of) == n
 
     # In order (no shuffle, no augmentation): the real tiles, then the generated.
     records = []
@@ -214,15 +219,15 @@ def test_mix_training_data_holds_each_generated_image_with_its_tile(demo_data_di
         records += [(batch["image"][i], batch["label"][i], batch["valid"][i])
                     for i in range(len(batch["valid"])) if batch["valid"][i].any()]
     assert len(records) == 2 * n
-    real = {_tile_id(source[i]): source[i] for i in range(n)}
-    for j, tile_id in enumerate(ids):
-        image, label, valid = records[n + j]
-        want = input_pipeline.normalize_tile(
-            {**real[tile_id], "s2": np.full((64, 64, 4), marker[tile_id], np.uint16)}, normalizer, ())
-        np.testing.assert_allclose(image[valid], want["image"][valid], atol=1e-6)
-        np.testing.assert_array_equal(label, want["label"])
-        assert np.ptp(image[valid], axis=0).max() == 0
     assert not any(np.ptp(image[valid], axis=0).max() == 0 for image, _, valid in records[:n])
+    found = []
+    for image, label, valid in records[n:]:
+        assert np.ptp(image[valid], axis=0).max() == 0            # a marker
+        tile_id = tile_of[round(float(image[valid][0, 0]), 5)]
+        np.testing.assert_allclose(image[valid], expected[tile_id]["image"][valid], atol=1e-6)
+        np.testing.assert_array_equal(label, real[tile_id]["lulc"])
+        found.append(tile_id)
+    assert sorted(found) == sorted(ids)
 
     # Shuffled and augmented, as training reads it: each marker at most once per
     # epoch, and all but the last partial batch's (training drops it).
