@@ -54,8 +54,9 @@ from rasterio.windows import Window
 
 from rsjax.data import sar, terrain
 from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
-from rsjax.data.rasterio_io import read_failure
+from rsjax.data.rasterio_io import WHAT, read_failure
 from rsjax.data.register import DemSource, WarpedSource
+from rsjax.data.untrusted import SIDECARS_OFF, open_input
 from rsjax.data.validate import SourceSpec, inspect_scene
 
 
@@ -80,6 +81,11 @@ class IngestOptions:
         up to this many DEM (source) pixels away, i.e. about 480 m for GLO-30;
         cells farther from data stay missing (NaN). 0 disables filling.
     gdal_cache_mb: cap on GDAL's block cache while reading (memory bound).
+    allow_any_format: open source files with any GDAL format and their sidecar
+        files (VRTs included, following the files and URLs they name). Off by
+        default: sources are read as plain GeoTIFFs only (`untrusted.py`),
+        because such files can make GDAL read any local file or URL. Only for
+        files you made yourself.
     """
 
     tile_size: int = 256
@@ -92,6 +98,7 @@ class IngestOptions:
     s1_floor_db: float = -50.0
     dem_fill_distance: float = 16.0
     gdal_cache_mb: int = 128
+    allow_any_format: bool = False
 
     def __post_init__(self):
         if self.tile_size < 3:
@@ -155,8 +162,10 @@ class IngestReport:
 
 
 def _gdal_env(opts: IngestOptions) -> dict:
-    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM)."""
-    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20}
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM), and
+    sidecar files never read (`untrusted.SIDECARS_OFF`) unless any format is allowed."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20,
+            **({} if opts.allow_any_format else SIDECARS_OFF)}
 
 
 def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()) -> None:
@@ -225,7 +234,7 @@ class RegisteredScene:
 
     # -- opening / closing --------------------------------------------------
     def _open(self, spec: SourceSpec) -> rasterio.DatasetReader:
-        ds = rasterio.open(spec.path)
+        ds = open_input(spec.path, WHAT[spec.role], self.opts.allow_any_format)
         self._datasets.append(ds)
         return ds
 

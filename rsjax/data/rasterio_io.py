@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 import rasterio
-import rasterio.errors
 
 from rsjax.data.contract import InputError
+from rsjax.data.untrusted import open_input
 
 # Descriptions accepted for each source, in channel order. Each channel lists
 # the names it may go by (the first is the canonical one).
@@ -46,20 +46,11 @@ def _normalize(name: str) -> str:
 
 
 @contextlib.contextmanager
-def open_raster(path: str | Path, role: str) -> Iterator[rasterio.DatasetReader]:
-    """rasterio.open that turns GDAL's failure into an InputError naming the file."""
-    # No Python file-system call here (only GDAL's): TFDS builder tests patch
-    # os/open inside builders, and GDAL's own I/O is not affected.
-    path = Path(path)
-    try:
-        ds = rasterio.open(path)
-    except rasterio.errors.RasterioError as err:
-        if "No such file" in str(err) or "does not exist" in str(err):
-            raise InputError(f"{path}: {WHAT[role]} file does not exist. Check the path or the scene "
-                             "folder.") from err
-        raise InputError(
-            f"{path}: cannot be opened as a raster ({err}). The file is probably truncated or "
-            f"corrupt: export or copy the {WHAT[role]} GeoTIFF again.") from err
+def open_raster(path: str | Path, role: str, any_format: bool = False) -> Iterator[rasterio.DatasetReader]:
+    """Opens a source file as data only (`untrusted.open_input`): InputError names the file."""
+    # No Python file-system call here beyond untrusted's checks of the file and its
+    # sidecars: TFDS builder tests patch os/open inside builders only, not here.
+    ds = open_input(path, WHAT[role], any_format)
     try:
         yield ds
     finally:

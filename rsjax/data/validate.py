@@ -48,6 +48,11 @@ class SourceSpec:
     units: str | None = None      # S1 only: 'linear' or 'db'
 
 
+def _any_format(opts) -> bool:
+    """Whether the user allowed formats other than GeoTIFF (see `untrusted`)."""
+    return bool(getattr(opts, "allow_any_format", False))
+
+
 def default_nodata(role: str, ds: rasterio.DatasetReader) -> float | None:
     """The file's declared no-data, else the convention of its role.
 
@@ -118,7 +123,7 @@ def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None) ->
 
 def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
     """Validates one file; returns its SourceSpec or raises InputError naming it."""
-    with open_raster(path, role) as ds:
+    with open_raster(path, role, _any_format(opts)) as ds:
         if ds.crs is None:
             raise InputError(
                 f"{path}: has no CRS (coordinate reference system). Export it georeferenced, "
@@ -153,7 +158,7 @@ def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> Sour
 
 def grid_of_file(path: Path, opts) -> TargetGrid:
     """The target grid taken from any GeoTIFF (`opts.target_grid`), by the rule used for S2 files."""
-    with open_raster(path, "grid") as ds:
+    with open_raster(path, "grid", _any_format(opts)) as ds:
         if ds.crs is None:
             raise InputError(f"{path}: has no CRS, so its grid cannot be the target grid. Choose a "
                              "georeferenced GeoTIFF as the target grid.")
@@ -183,7 +188,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
                 "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
         else:
             specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
-            with open_raster(scene.s2, "s2") as ds:
+            with open_raster(scene.s2, "s2", _any_format(opts)) as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
         problems.append(str(err))
