@@ -125,6 +125,7 @@ class SceneCounts:
     tiles_dropped_nodata: int = 0
     s1_units: str = ""
     has_lulc: bool = True
+    warnings: list = dataclasses.field(default_factory=list)   # implausible or constant values, per file
     crs: str = ""
     width: int = 0
     height: int = 0
@@ -350,6 +351,7 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
     with RegisteredScene(scene, opts) as reg:
         counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
         counts.s1_units = reg.s1_units
+        counts.warnings = [w for spec in reg.specs.values() for w in spec.warnings]
         counts.has_lulc = reg.has_lulc
         counts.crs = reg.grid.crs_string()
         counts.width, counts.height = reg.width, reg.height

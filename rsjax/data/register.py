@@ -42,6 +42,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import aligned_target, calculate_default_transform, reproject, transform_bounds
 from rasterio.windows import Window
 
+from rsjax.data.plausible import implausible_elevation
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetGrid:
@@ -197,6 +199,7 @@ class DemSource:
         valid = np.isfinite(elevation)
         if self.src_nodata is not None and not np.isnan(self.src_nodata):
             valid &= elevation != np.float32(self.src_nodata)
+        valid &= ~implausible_elevation(elevation)      # undeclared voids (-9999, -3.4e38, ...)
         if not valid.any():
             return out
         elevation[~valid] = np.nan
