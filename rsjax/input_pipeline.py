@@ -50,7 +50,9 @@ Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - worker_count: grain worker processes (0 = read in the main process).
 - augment: flips and quarter turns in training (default True).
 - Optional, tiling options that select a derived config: stride,
-  max_nodata_fraction, split_mode, block_tiles, split_seed; manual_dir (the
+  max_nodata_fraction, split_mode, block_tiles, split_seed; how the manual
+  config reads exports: s2_offset (e.g. -1000), lulc_map ("1:4,0:255"),
+  lulc_legend ("dynamic_world"); manual_dir (the
   manual config's input folder); worker_buffer_size (default 2);
   read_threads (grain reader threads per process, default 2).
 Statistics always come from the train split.
@@ -278,7 +280,8 @@ def builder_config_for(data_cfg):
         raise ValueError(f"data.name={data_cfg.name!r}: unknown config {config_name!r}; "
                          f"choose one of {', '.join(configs)}")
     changes = {}
-    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed"):
+    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed",
+                "s2_offset", "lulc_map", "lulc_legend"):
         if key in data_cfg and data_cfg[key] is not None:
             changes[key] = type(getattr(base, key) if getattr(base, key) is not None else data_cfg[key])(
                 data_cfg[key])

@@ -31,14 +31,18 @@ The steps:
    weights are accumulated and divided, so overlapping tiles cross-fade with
    weights that sum to one and there are no seams. Fusion blends the model's
    image, segmentation blends softmax probabilities and then takes the argmax.
-4. writing: a tiled (256 x 256 blocks), deflate-compressed (horizontal
-   predictor) GeoTIFF with the target grid's CRS and transform. Fusion:
-   uint16 surface reflectance x 10000 (B2, B3, B4, B8; the dataset's S2 unit),
-   0 = no data wherever a source the model takes is missing. Segmentation:
-   uint8 Dynamic World labels with Dynamic World's colour map, 255 = no data
-   wherever the optical image is missing. The file is written under a
-   temporary name in the output folder and renamed when complete, so a failed
-   run leaves no half-written output (and keeps an older file of that name).
+4. writing: a Cloud Optimized GeoTIFF (GDAL's COG driver: 256 x 256 tiles,
+   deflate with a predictor, overviews down to one tile, IFDs before the
+   data) with the target grid's CRS and transform. Fusion: uint16 surface
+   reflectance x 10000 (B2, B3, B4, B8; the dataset's S2 unit), 0 = no data
+   wherever a source the model takes is missing, overviews by averaging.
+   Segmentation: uint8 Dynamic World labels with Dynamic World's colour map,
+   255 = no data wherever the optical image is missing, overviews by the
+   most frequent label (mode). The rows are written into a tiled GeoTIFF in a
+   temporary folder beside the output, copied as a COG under a temporary
+   name and renamed when complete, with the permissions a new file of the
+   user gets (their umask), so a failed run leaves no half-written output
+   (and keeps an older file of that name).
 
 Each tile is read through its own window of the target grid, exactly as
 ingestion reads a training tile, so a tile of the scene at a training tile's
@@ -245,18 +249,36 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
 # ---------------------------------------------------------------------------
 # Output GeoTIFFs
 # ---------------------------------------------------------------------------
-def output_profile(grid, count: int, dtype: str, nodata: float, block: int = OUTPUT_BLOCK) -> dict:
-    """Tiled, deflate-compressed GeoTIFF on the target grid (horizontal predictor for integers)."""
+def output_profile(grid, count: int, dtype: str, nodata: float, block: int = OUTPUT_BLOCK,
+                   overviews: str = "average") -> dict:
+    """Tiled, deflate-compressed GeoTIFF on the target grid (horizontal predictor for integers).
+
+    `overviews`: how the COG's overviews are resampled, "average" for
+    reflectance, "mode" for labels (`cog_output` takes it out of the profile).
+    """
     return dict(driver="GTiff", width=grid.width, height=grid.height, count=count, dtype=dtype,
                 crs=grid.crs, transform=grid.transform, nodata=nodata, tiled=True,
                 blockxsize=block, blockysize=block, compress="deflate", predictor=2,
-                BIGTIFF="IF_SAFER")
+                BIGTIFF="IF_SAFER", overviews=overviews)
+
+
+def _new_file_mode() -> int:
+    """The permissions a new file of this user gets: 0o666 less the umask."""
+    # Python 3.11 has no os.getumask(): set and restore it (this process writes
+    # no other file at that moment).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it to `path` when the block
-    succeeds and deletes it when it fails, so `path` is never half-written."""
+    succeeds and deletes it when it fails, so `path` is never half-written.
+
+    The renamed file gets the user's normal permissions (0o666 less the umask),
+    not the owner-only mode of a temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -264,9 +286,45 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_cog(src: Path, dst: Path, overviews: str, block: int = OUTPUT_BLOCK) -> None:
+    """Copies a GeoTIFF as a Cloud Optimized GeoTIFF (GDAL's COG driver, in rasterio's wheel).
+
+    Overviews halve the size down to one block, resampled by `overviews`
+    ("average" or "mode"); tiles of `block` pixels, deflate with a predictor.
+    Band descriptions, tags, no-data and the colour map are copied.
+    """
+    import rasterio.shutil
+
+    rasterio.shutil.copy(str(src), str(dst), driver="COG", BLOCKSIZE=str(block), COMPRESS="DEFLATE",
+                         PREDICTOR="YES", OVERVIEWS="AUTO", OVERVIEW_RESAMPLING=overviews.upper(),
+                         BIGTIFF="IF_SAFER")
+
+
+@contextlib.contextmanager
+def cog_output(path: str | os.PathLike, profile: Mapping) -> Iterator:
+    """Yields an open rasterio dataset to write the output into; when the block
+    succeeds, the output becomes a COG at `path` (see `write_cog`), atomically
+    (`atomic_output`). The dataset is a tiled GeoTIFF in a temporary folder
+    beside `path` (the COG driver cannot be written window by window); the
+    profile's `overviews` entry names the overview resampling.
+    """
+    import rasterio
+
+    profile = dict(profile)
+    overviews = profile.pop("overviews", "average")
+    path = Path(path)
+    with atomic_output(path) as final, \
+            tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging_dir:
+        staging = Path(staging_dir) / "staging.tif"
+        with rasterio.open(staging, "w", **profile) as dst:
+            yield dst
+        write_cog(staging, final, overviews, int(profile.get("blockxsize", OUTPUT_BLOCK)))
 
 
 def _palette_colormap() -> dict[int, tuple[int, int, int, int]]:
@@ -369,8 +427,7 @@ def _run(reg, *, tile: int, overlap: int, channels: int, read_tile, predict_batc
     step = tile - overlap
     total = len(tile_offsets(reg.height, tile, step)) * len(tile_offsets(reg.width, tile, step))
     started = time.perf_counter()
-    with atomic_output(out) as tmp, rasterio.Env(GDAL_CACHEMAX=64 * 2**20), \
-            rasterio.open(tmp, "w", **profile) as dst, \
+    with rasterio.Env(GDAL_CACHEMAX=64 * 2**20), cog_output(out, profile) as dst, \
             tqdm(total=total, unit="tile", desc=f"predict {out.name}", disable=not progress) as bar:
 
         def write_rows(row, values, nodata):
@@ -539,7 +596,7 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
                       predict_batch=_sharded_predictor(setup.jitted("predict_probabilities", probabilities),
                                                        state, mesh),
                       batch_size=size, out=out,
-                      profile=output_profile(reg.grid, 1, "uint8", LULC_NODATA),
+                      profile=output_profile(reg.grid, 1, "uint8", LULC_NODATA, overviews="mode"),
                       to_output=to_output, descriptions=("label",), tags=tags,
                       colormap=_palette_colormap(), progress=progress)
     result.update(mode="segmentation", checkpoint_step=int(ckpt_step),

@@ -107,7 +107,7 @@ def test_undeclared_dem_voids_are_voids(tmp_path, caplog, void):
     terrain = np.stack([t["dem"] for t in tiles])
     assert np.nanmin(terrain[..., 0]) > 90          # no void stored as an elevation
     assert np.nanmax(terrain[..., 1]) < 10          # the ramp: about 4 deg; 89.96 next to a stored void
-    assert any("dem.tif" in w and "voids" in w for w in counts.warnings), counts.warnings
+    assert any("dem.tif" in w and "voids" in w for w in counts.data_warnings), counts.data_warnings
     assert any("dem.tif" in r.getMessage() and "%" in r.getMessage() for r in caplog.records)
 
 
@@ -125,7 +125,7 @@ def test_out_of_range_values_are_warned_with_their_fraction(tmp_path):
     db = rng.uniform(-25, -5, (2, N, N)).astype(np.float32)
     db[:, :, :6] = 45.0                             # an eighth: +45 dB
     _, counts = ingest(scene(tmp_path, s2=s2, s1=db))
-    by_file = {w.split(":")[0]: w for w in counts.warnings}
+    by_file = {w.split(":")[0]: w for w in counts.data_warnings}
     s2_warning = by_file[str(tmp_path / "s2.tif")]
     s1_warning = by_file[str(tmp_path / "s1.tif")]
     assert "25.00%" in s2_warning and "20000" in s2_warning
@@ -134,11 +134,11 @@ def test_out_of_range_values_are_warned_with_their_fraction(tmp_path):
 
 def test_plausible_scene_has_no_warning(tmp_path):
     _, counts = ingest(scene(tmp_path))
-    assert counts.warnings == []
+    assert counts.data_warnings == []
 
 
 def test_all_zero_sar_is_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _, counts = ingest(scene(tmp_path, s1=np.zeros((2, N, N), np.float32)))
-    assert any("s1.tif" in w and "one value (0)" in w for w in counts.warnings), counts.warnings
+    assert any("s1.tif" in w and "one value (0)" in w for w in counts.data_warnings), counts.data_warnings
     assert any("one value" in r.getMessage() for r in caplog.records)

@@ -89,13 +89,22 @@ def _window_of(tile_transform, grid_transform: Affine) -> tuple[int, int]:
 
 
 def _assert_tiled_and_compressed(path) -> None:
-    """Checked in the TIFF's own tags (tifffile), not through GDAL, which wrote them."""
+    """Checked in the TIFF's own tags (tifffile), not through GDAL, which wrote them; a COG
+    (tests/test_predict_outputs.py checks the layout in detail) with the user's permissions."""
+    import os
+    import stat
+
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         assert page.is_tiled and (page.tilewidth, page.tilelength) == (256, 256)
         assert page.compression.name == "ADOBE_DEFLATE" and page.predictor.name == "HORIZONTAL"
+    with rasterio.open(path) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
 
 
 def _grid_of(path) -> tuple:

@@ -1,6 +1,10 @@
 """Registration: sources in other CRSs and resolutions land on the right target pixels."""
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
+import rasterio
 from affine import Affine
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
@@ -8,6 +12,7 @@ from rasterio.windows import Window
 from rsjax.data.contract import ASPECT_FLAT, LULC_NODATA, ScenePaths
 from rsjax.data.geotiff import write_geotiff
 from rsjax.data.ingest import IngestOptions, RegisteredScene
+from rsjax.data.register import resampling_scale
 
 # rasterio 1.4 itself multiplies Affine objects with `*`, which affine 3 flags as pending deprecation.
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
@@ -225,10 +230,182 @@ def test_windows_agree_with_a_larger_read(multi_crs_scene, tmp_path):
             crop = {k: v[row:row + 24, col:col + 24] for k, v in big.items()}
             for key in ("s2", "s1", "lulc"):
                 np.testing.assert_array_equal(small[key], crop[key], err_msg=f"{key} at {(row, col)}")
-            # GDAL's reprojection of the DEM window differs between windows by
-            # about 1e-5 m (its approximate coordinate transformer); derivatives
-            # inherit that, and a hillshade at a rounding boundary may move by 1.
+            # The DEM is warped with the exact transformer from each window's own source
+            # window: values differ only by floating-point rounding (about 1e-5 m), and a
+            # hillshade on a rounding boundary may move by 1.
             for channel, atol in enumerate((1e-3, 1e-3, 1e-2, 1.0)):
                 np.testing.assert_allclose(small["dem"][..., channel], crop["dem"][..., channel], atol=atol,
                                            err_msg=f"dem channel {channel} at {(row, col)}")
             np.testing.assert_array_equal(np.isnan(small["dem"]), np.isnan(crop["dem"]))
+
+
+# -- exactness: values do not depend on the read window, and equal gdalwarp -et 0 ---------------
+#
+# An Earth Engine-like scene: the optical grid in UTM 31N at 10 m (288 x 288 px), the DEM at
+# 1 arc-second in EPSG:4326 like Earth Engine's COP-DEM, S1 at about 10 m in EPSG:4326, labels at
+# 20 m; and the same sources in the next UTM zone (EPSG:32632). GDAL's default approximate
+# transformer made values depend on the window they were read through (up to metres of elevation).
+
+EXACT_SIZE = 288
+EXACT_T = Affine(10.0, 0.0, 600000.0, 0.0, -10.0, 5600000.0)
+WINDOW_SIZES = (16, 64, 256)
+
+needs_gdal = pytest.mark.skipif(
+    shutil.which("gdalwarp") is None or shutil.which("gdaldem") is None,
+    reason="gdalwarp/gdaldem not installed (Debian/Ubuntu: apt-get install gdal-bin); they are the reference")
+
+
+def fractal_surface(x, y, seed=0):
+    """A rough but smooth terrain sampled at arbitrary metric coordinates: a sum of random waves."""
+    rng = np.random.default_rng(seed)
+    z = np.zeros_like(x, dtype=np.float64)
+    for k in range(24):
+        wavelength = 2500.0 / 1.35 ** k                        # 2.5 km down to ~2 pixels of 1"
+        theta = rng.uniform(0, np.pi)
+        phase = rng.uniform(0, 2 * np.pi)
+        z += 0.09 * wavelength * np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / wavelength + phase)
+    return 400.0 + z
+
+
+def source_grid(crs, res, margin=400.0):
+    """A north-up grid in `crs` at `res` (its units) over the target area plus a margin (metres)."""
+    x0, y1 = EXACT_T.c - margin, EXACT_T.f + margin
+    x1, y0 = EXACT_T.c + 10 * EXACT_SIZE + margin, EXACT_T.f - 10 * EXACT_SIZE - margin
+    xs = np.array([x0, x1, x0, x1, (x0 + x1) / 2, (x0 + x1) / 2, x0, x1])
+    ys = np.array([y0, y0, y1, y1, y0, y1, (y0 + y1) / 2, (y0 + y1) / 2])
+    tx, ty = transform_points(S2_CRS, crs, xs, ys)
+    west, east, south, north = min(tx), max(tx), min(ty), max(ty)
+    return Affine(res, 0.0, west, 0.0, -res, north), int(np.ceil((east - west) / res)), int(np.ceil((north - south) / res))
+
+
+def write_exact_scene(d, crs):
+    """S2 on the target grid; DEM, S1 and labels in `crs` (EPSG:4326 or EPSG:32632)."""
+    geographic = crs == "EPSG:4326"
+    rng = np.random.default_rng(3)
+    s2 = rng.integers(300, 4000, size=(4, EXACT_SIZE, EXACT_SIZE), dtype=np.uint16)
+    paths = {"s2": write_geotiff(d / "s2.tif", s2, S2_CRS, EXACT_T, nodata=0, descriptions=["B2", "B3", "B4", "B8"])}
+    # DEM: 1" (about 30 m) or 30 m; heights follow the UTM 31N coordinates of each pixel centre.
+    t, w, h = source_grid(crs, 1 / 3600 if geographic else 30.0)
+    cx, cy = source_centres_in(crs, t, w, h)
+    paths["dem"] = write_geotiff(d / "dem.tif", fractal_surface(cx, cy).astype(np.float32), crs, t,
+                                 nodata=-32767.0, descriptions=["DEM"])
+    # S1: linear power finer than the grid east-west (about 8 m), with detail at every scale.
+    t, w, h = source_grid(crs, 0.00011 if geographic else 7.5)
+    cx, cy = source_centres_in(crs, t, w, h)
+    vv = (0.02 + 0.015 * np.sin(cx / 37.0) * np.cos(cy / 23.0) + 0.01 * rng.random(cx.shape)).astype(np.float32)
+    paths["s1"] = write_geotiff(d / "s1.tif", np.stack([vv, vv / 5]), crs, t, nodata=np.nan,
+                                descriptions=["VV", "VH"])
+    # Labels: 20 m (or 0.0002 deg) cells, blobs of the nine classes.
+    t, w, h = source_grid(crs, 0.0002 if geographic else 20.0)
+    cx, cy = source_centres_in(crs, t, w, h)
+    labels = ((np.floor(cx / 130.0) * 7 + np.floor(cy / 90.0) * 3) % 9).astype(np.uint8)
+    paths["lulc"] = write_geotiff(d / "lulc.tif", labels, crs, t, nodata=LULC_NODATA, descriptions=["label"])
+    return ScenePaths("exact", **paths)
+
+
+@pytest.fixture(scope="module", params=["EPSG:4326", "EPSG:32632"], ids=["geographic", "utm32"])
+def exact_scene(request, tmp_path_factory):
+    return write_exact_scene(tmp_path_factory.mktemp("exact"), request.param)
+
+
+def window_reads(reg):
+    """(window, arrays) for the whole grid and for windows of 16, 64 and 256 px at a few places."""
+    yield Window(0, 0, EXACT_SIZE, EXACT_SIZE), reg.read(Window(0, 0, EXACT_SIZE, EXACT_SIZE))
+    for size in WINDOW_SIZES:
+        for col, row in [(0, 0), (EXACT_SIZE - size, EXACT_SIZE - size), (13, 29)]:
+            if col + size <= EXACT_SIZE and row + size <= EXACT_SIZE:
+                window = Window(col, row, size, size)
+                yield window, reg.read(window)
+
+
+def crop(array, window):
+    r, c, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+    return array[r:r + h, c:c + w]
+
+
+def test_registered_values_do_not_depend_on_the_read_window(exact_scene):
+    with RegisteredScene(exact_scene) as reg:
+        reads = list(window_reads(reg))
+    (_, whole), windows = reads[0], reads[1:]
+    assert np.isfinite(whole["dem"]).all() and np.isfinite(whole["s1"]).all()
+    for window, arrays in windows:
+        where = f"window {window}"
+        np.testing.assert_array_equal(arrays["lulc"], crop(whole["lulc"], window), err_msg=where)
+        np.testing.assert_array_equal(arrays["s2"], crop(whole["s2"], window), err_msg=where)
+        np.testing.assert_allclose(arrays["s1"], crop(whole["s1"], window), rtol=0, atol=1e-3, err_msg=where)
+        np.testing.assert_allclose(arrays["dem"][..., 0], crop(whole["dem"], window)[..., 0], rtol=0, atol=1e-3,
+                                   err_msg=where)
+        np.testing.assert_allclose(arrays["dem"][..., 1], crop(whole["dem"], window)[..., 1], rtol=0, atol=0.01,
+                                   err_msg=where)
+
+
+def gdalwarp(src, dst, grid_transform, width, height, resampling, extra=()):
+    """`gdalwarp -et 0` (GDAL's exact transformer) onto a UTM 31N grid: the reference."""
+    left, top = grid_transform.c, grid_transform.f
+    right, bottom = left + grid_transform.a * width, top + grid_transform.e * height
+    subprocess.run(["gdalwarp", "-q", "-overwrite", "-et", "0", "-r", resampling, "-t_srs", S2_CRS,
+                    "-te", repr(left), repr(bottom), repr(right), repr(top), "-tr", "10", "10", *extra,
+                    str(src), str(dst)], check=True)
+    with rasterio.open(dst) as ds:
+        assert (ds.width, ds.height) == (width, height)
+        return ds.read()
+
+
+def gdaldem_terrain(src, tmp_path):
+    """Slope, aspect and hillshade by gdaldem -compute_edges."""
+    out = {}
+    for mode in ("slope", "aspect", "hillshade"):
+        dst = tmp_path / f"{mode}.tif"
+        subprocess.run(["gdaldem", mode, str(src), str(dst), "-q", "-compute_edges"], check=True)
+        with rasterio.open(dst) as ds:
+            out[mode] = ds.read(1).astype(np.float64)
+    return out
+
+
+@needs_gdal
+def test_registration_equals_gdalwarp_exact_and_terrain_equals_gdaldem_in_every_window(exact_scene, tmp_path):
+    """Every window's DEM, terrain, S1 and labels against gdalwarp -et 0 (+ gdaldem on the exact DEM)."""
+    # The DEM is warped onto the grid plus its one-pixel halo, as a read gets it, so gdaldem's
+    # edge rule only touches the halo, which is cut off.
+    halo_t = EXACT_T * Affine.translation(-1, -1)
+    ref_dem_path = tmp_path / "dem_utm.tif"
+    ref_dem = gdalwarp(exact_scene.dem, ref_dem_path, halo_t, EXACT_SIZE + 2, EXACT_SIZE + 2, "bilinear",
+                       ["-ot", "Float32"])[0]
+    ref = {k: v[1:-1, 1:-1] for k, v in gdaldem_terrain(ref_dem_path, tmp_path).items()}
+    ref["elevation"] = ref_dem[1:-1, 1:-1].astype(np.float64)
+    # S1 is finer than the grid east-west: GDAL widens the bilinear kernel by the ratio of pixel
+    # sizes, which it derives per warped chunk unless told. rsjax fixes it for the grid (XSCALE,
+    # YSCALE); the reference is warped with the same ratios.
+    with RegisteredScene(exact_scene) as reg, rasterio.open(exact_scene.s1) as s1:
+        xscale, yscale = resampling_scale(s1, reg.grid)
+        assert xscale < 1.0                                  # really downsampled east-west
+        t, _ = transform_points(S2_CRS, s1.crs, [EXACT_T.c + 1440.0, EXACT_T.c + 1450.0],
+                                   [EXACT_T.f - 1440.0] * 2)
+        assert xscale == pytest.approx(s1.transform.a / abs(t[1] - t[0]), rel=0.01)   # source px / 10 m
+    ref_s1 = gdalwarp(exact_scene.s1, tmp_path / "s1_utm.tif", EXACT_T, EXACT_SIZE, EXACT_SIZE, "bilinear",
+                      ["-srcnodata", "nan", "-dstnodata", "nan", "-wo", f"XSCALE={xscale!r}",
+                       "-wo", f"YSCALE={yscale!r}"])
+    ref_s1_db = np.moveaxis(10.0 * np.log10(ref_s1.astype(np.float64)), 0, -1)
+    ref_lulc = gdalwarp(exact_scene.lulc, tmp_path / "lulc_utm.tif", EXACT_T, EXACT_SIZE, EXACT_SIZE, "near")[0]
+    assert np.isfinite(ref["elevation"]).all() and (ref["slope"] > 1.0).mean() > 0.9
+
+    with RegisteredScene(exact_scene) as reg:
+        for window, arrays in window_reads(reg):
+            where = f"window {window}"
+            dem = arrays["dem"].astype(np.float64)
+            np.testing.assert_allclose(dem[..., 0], crop(ref["elevation"], window), rtol=0, atol=1e-3, err_msg=where)
+            np.testing.assert_allclose(dem[..., 1], crop(ref["slope"], window), rtol=0, atol=0.01, err_msg=where)
+            steep = crop(ref["slope"], window) > 1.0
+            aspect_diff = np.abs((dem[..., 2] - crop(ref["aspect"], window) + 180.0) % 360.0 - 180.0)
+            assert aspect_diff[steep].max() < 0.1, where
+            assert np.abs(dem[..., 3] - crop(ref["hillshade"], window)).max() <= 1.0, where
+            np.testing.assert_allclose(arrays["s1"], crop(ref_s1_db, window), rtol=0, atol=1e-3, err_msg=where)
+            np.testing.assert_array_equal(arrays["lulc"], crop(ref_lulc, window), err_msg=where)
+
+
+def test_the_exact_transformer_reaches_gdal(exact_scene):
+    """The warped VRT that reads a source has no approximating transformer left (gdalwarp -et 0)."""
+    with RegisteredScene(exact_scene) as reg:
+        description = reg._s1.vrt.tags(ns="xml:VRT")["xml:VRT"]
+    assert "GenImgProjTransformer" in description
+    assert "ApproxTransformer" not in description and "MaxError" not in description

@@ -155,3 +155,98 @@ def test_slope_aspect_hillshade_agree_with_gdaldem(tmp_path, with_voids):
     diff = np.abs(ours[..., 3] - ref_shade)
     assert diff.max() <= 1.0
     assert (diff == 0).mean() > 0.99
+
+
+# -- the raster's edge: gdaldem -compute_edges extrapolates linearly --------------------------
+
+def fractal_dem(size=64, seed=0, beta=3.2) -> np.ndarray:
+    """Spectral synthesis: a random surface with a power-law spectrum (fractal terrain)."""
+    rng = np.random.default_rng(seed)
+    k = np.hypot(np.fft.fftfreq(size)[:, None], np.fft.fftfreq(size)[None, :])
+    k[0, 0] = 1.0
+    spectrum = (rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) / k ** (beta / 2)
+    z = np.real(np.fft.ifft2(spectrum))
+    return (200.0 + 400.0 * (z - z.min()) / (z.max() - z.min())).astype(np.float32)
+
+
+def gdaldem_all(z, tmp_path, transform=Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5600000.0)):
+    src = write_geotiff(tmp_path / "edge_dem.tif", z, "EPSG:32631", transform)
+    return {mode: gdaldem(mode, src, tmp_path / f"edge_{mode}.tif", ["-compute_edges"])
+            for mode in ("slope", "aspect", "hillshade")}
+
+
+def assert_like_gdaldem(ours, ref, slope_atol=2e-4):
+    np.testing.assert_allclose(ours[..., 1], ref["slope"], rtol=0, atol=slope_atol)
+    steep = ref["slope"] > 1.0
+    circular = np.abs((ours[..., 2] - ref["aspect"] + 180.0) % 360.0 - 180.0)
+    assert circular[steep].max() < 0.01
+    diff = np.abs(ours[..., 3] - ref["hillshade"])
+    assert diff.max() <= 1.0 and (diff == 0).mean() > 0.99
+
+
+@needs_gdaldem
+def test_a_20_degree_plane_keeps_its_slope_at_the_raster_edge_like_gdaldem(tmp_path):
+    """Beyond the raster's edge gdaldem extrapolates linearly: the plane's slope holds up to the border."""
+    tan = np.tan(np.radians(20.0))
+    z = plane(0.6 * tan, -0.8 * tan, size=24).astype(np.float32)        # 20 degrees, facing north-west
+    ref = gdaldem_all(z, tmp_path)
+    ours = terrain.terrain_channels(*terrain.edge_halo(z)[:1], RES, -RES, outside=terrain.edge_halo(z)[1])
+    assert ours.shape == (24, 24, 4) and np.isfinite(ours).all()
+    assert_like_gdaldem(ours, ref)
+    # Every border pixel but the four corners (where gdaldem repeats the centre column) has the plane's slope.
+    border = np.zeros((24, 24), bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    border[[0, 0, -1, -1], [0, -1, 0, -1]] = False
+    np.testing.assert_allclose(ours[..., 1][border], 20.0, atol=1e-3)
+    # Centre replacement (the rule for voids) would bend the edge by degrees.
+    voids = terrain.terrain_channels(terrain.edge_halo(z)[0], RES, -RES)
+    assert np.abs(voids[..., 1][border] - 20.0).max() > 5.0
+
+
+@needs_gdaldem
+def test_fractal_dem_equals_gdaldem_everywhere_including_edges_and_corners(tmp_path):
+    z = fractal_dem()
+    haloed, outside = terrain.edge_halo(z)
+    ours = terrain.terrain_channels(haloed, RES, -RES, outside=outside)
+    ref = gdaldem_all(z, tmp_path)
+    assert (ref["slope"] > 1.0).mean() > 0.9
+    assert_like_gdaldem(ours, ref)
+
+
+@needs_gdaldem
+def test_edge_and_voids_together_like_gdaldem(tmp_path):
+    """A void touching the raster's edge: beyond the edge extrapolation, in the void the centre rule."""
+    z = fractal_dem(seed=1)
+    z[20:26, 0:5] = -32767.0                    # a void on the west edge
+    z[40:43, 30:34] = -32767.0                  # and one inside
+    src = write_geotiff(tmp_path / "voids.tif", z, "EPSG:32631",
+                        Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5600000.0), nodata=-32767.0)
+    ref = {mode: gdaldem(mode, src, tmp_path / f"v_{mode}.tif", ["-compute_edges"])
+           for mode in ("slope", "aspect", "hillshade")}
+    haloed, outside = terrain.edge_halo(np.where(z == -32767.0, np.nan, z))
+    ours = terrain.terrain_channels(haloed, RES, -RES, outside=outside)
+    holes = z == -32767.0
+    assert np.isnan(ours[holes]).all() and np.isfinite(ours[~holes]).all()
+    assert_like_gdaldem(np.where(holes[..., None], 0.0, ours),
+                        {k: np.where(holes, 0.0, v) for k, v in ref.items()})
+
+
+@needs_gdaldem
+def test_registered_scene_border_follows_gdaldem_on_the_dem_file(tests_data, tmp_path):
+    """A real DEM exactly on the optical grid (WorldCereal Belgium): the halo of the scene lies beyond
+    the DEM file, so the scene's border pixels get what gdaldem -compute_edges gives on that file."""
+    from rasterio.windows import Window
+
+    from rsjax.data.contract import ScenePaths
+    from rsjax.data.ingest import RegisteredScene
+
+    d = tests_data / "worldcereal_belgium_2021"
+    scene = ScenePaths("belgium", s2=d / "belgium_s2.tif", s1=d / "belgium_s1.tif", dem=d / "belgium_dem.tif")
+    with RegisteredScene(scene) as reg:
+        whole = reg.read(Window(0, 0, 100, 100))["dem"]
+        corner = reg.read(Window(60, 0, 40, 40))["dem"]           # a window at the north-east corner
+    ref = {mode: gdaldem(mode, scene.dem, tmp_path / f"b_{mode}.tif", ["-compute_edges"])
+           for mode in ("slope", "aspect", "hillshade")}
+    assert np.isfinite(whole).all()
+    assert_like_gdaldem(whole, ref)
+    np.testing.assert_array_equal(corner, whole[:40, 60:])

@@ -176,3 +176,22 @@ def test_remote_geotiff_named_on_purpose_is_read(tmp_path, server):
     assert len(tiles) == 4 and any("x_dem.tif" in r for r in server.requests)
     # No sidecar of the remote file was asked for (GDAL lists nothing beside it).
     assert not any(r.endswith((".ovr", ".aux.xml", ".msk", "/")) for r in server.requests), server.requests
+
+
+def test_split_export_mosaic_is_read_but_a_piece_that_is_a_vrt_is_refused(tmp_path, server):
+    """rsjax's own in-memory VRT of an Earth Engine split export is fine; a piece that is a VRT is not."""
+    from rsjax.data.contract import find_scenes
+    folder = tmp_path / "scenes"
+    s = scene(folder)
+    with rasterio.open(s.s2) as ds:
+        pixels, descriptions = ds.read(), ds.descriptions
+    s.s2.unlink()
+    pieces = [write_geotiff(folder / f"x_s2-0000000000-{col:010d}.tif", pixels[:, :, col:col + N // 2], CRS,
+                            T * T.translation(col, 0), nodata=0, descriptions=descriptions)
+              for col in (0, N // 2)]
+    (found,) = find_scenes(folder)
+    assert len(list(iter_scene_tiles(found, OPTS))) == 4
+    pieces[1].write_text(vrt_xml(f"/vsicurl/{server.url}/piece.tif", size=N // 2))
+    message = refused(found)
+    assert str(pieces[1]) in message and "VRT" in message
+    assert server.requests == []

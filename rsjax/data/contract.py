@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 from rsjax.errors import UserError
 
@@ -55,39 +55,108 @@ class InputError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Mosaic:
+    """One source exported in pieces, read as one raster.
+
+    Earth Engine splits a large export into `<prefix>-RRRRRRRRRR-CCCCCCCCCC.tif`
+    files, the ten-digit numbers being the piece's row and column offsets in
+    the whole image. `find_scenes` groups the pieces of a source into a
+    Mosaic; `rasterio_io.open_source` opens it as one raster (a VRT described
+    in memory, so reads stay windowed: a window reads only the pieces under it).
+    """
+
+    pieces: tuple[Path, ...]
+
+    def __str__(self) -> str:
+        first = Path(self.pieces[0])
+        m = _SCENE_FILE.match(first.name)
+        prefix = first.name[:m.start("row") - 1] if m and m["row"] else first.stem
+        return f"{first.parent / prefix}-*.tif ({len(self.pieces)} pieces)"
+
+
+# A source is one GeoTIFF or the pieces of a split export.
+Source = Union[Path, Mosaic]
+
+
+@dataclasses.dataclass(frozen=True)
 class ScenePaths:
-    """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover."""
+    """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover.
+
+    Each source is a path, or a `Mosaic` of the pieces of a split export.
+    """
 
     scene_id: str
-    s2: Path
-    s1: Path
-    dem: Path
-    lulc: Optional[Path] = None
+    s2: Source
+    s1: Source
+    dem: Source
+    lulc: Optional[Source] = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "scene_id"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scene_id"}
+
+
+def as_source(source) -> Optional[Source]:
+    """A path-like as a Path, a Mosaic as it is, None as None."""
+    if source is None or isinstance(source, Mosaic):
+        return source
+    return Path(source)
 
 
 # Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem
-# (".tiff" accepted too). Extra files such as <scene_id>_s2_cloudy.tif are ignored.
-_SCENE_FILE = re.compile(r"^(?P<scene>.+)_(?P<source>s2|s1|lulc|dem)\.tiff?$", re.IGNORECASE)
+# (".tiff" accepted too); a source split by Earth Engine comes as
+# <scene_id>_<source>-RRRRRRRRRR-CCCCCCCCCC.tif pieces. Extra files such as
+# <scene_id>_s2_cloudy.tif are ignored.
+_SCENE_FILE = re.compile(
+    r"^(?P<scene>.+)_(?P<source>s2|s1|lulc|dem)(?:-(?P<row>\d{10})-(?P<col>\d{10}))?\.tiff?$",
+    re.IGNORECASE)
+
+
+def split_offsets(name: str) -> Optional[tuple[int, int]]:
+    """(row, column) offsets from a split export piece's file name, None for a whole file."""
+    m = _SCENE_FILE.match(name)
+    return (int(m["row"]), int(m["col"])) if m and m["row"] else None
+
+
+def group_scene_files(paths: Iterable, folder) -> dict[str, dict[str, Source]]:
+    """{scene_id: {source: Path or Mosaic}} for the scene files among `paths` (others ignored).
+
+    Raises InputError when a source comes both as a whole file and in pieces.
+    """
+    found: dict[str, dict[str, list]] = {}
+    for path in sorted(paths, key=lambda p: p.name):
+        m = _SCENE_FILE.match(path.name)
+        if m:
+            found.setdefault(m["scene"], {}).setdefault(m["source"].lower(), []).append(path)
+    scenes: dict[str, dict[str, Source]] = {}
+    for scene_id, sources in found.items():
+        scenes[scene_id] = {}
+        for source, files in sources.items():
+            whole = [f for f in files if split_offsets(f.name) is None]
+            if len(whole) > 1:
+                raise InputError(f"scene '{scene_id}' in {folder}: {source} comes as "
+                                 f"{' and '.join(f.name for f in whole)}. Keep one of them.")
+            if whole and len(files) > 1:
+                raise InputError(
+                    f"scene '{scene_id}' in {folder}: {source} comes both as {whole[0].name} and as "
+                    f"{len(files) - len(whole)} split export piece(s) ({', '.join(f.name for f in files if f not in whole)}). "
+                    "Keep either the whole file or the pieces.")
+            scenes[scene_id][source] = whole[0] if whole else Mosaic(tuple(files))
+    return scenes
 
 
 def find_scenes(folder: str | Path, require_lulc: bool = True) -> list[ScenePaths]:
     """Groups `<scene_id>_{s2,s1,lulc,dem}.tif` files of a folder into scenes.
 
-    Raises InputError naming the scene and the missing source when a scene is
-    incomplete, so that a build never starts on half a scene.
+    The pieces of a split Earth Engine export (`<scene_id>_s2-0000000000-0000000000.tif`,
+    ...) become one `Mosaic` source. Raises InputError naming the scene and
+    the missing source when a scene is incomplete, so that a build never
+    starts on half a scene.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
                          "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
-    found: dict[str, dict[str, Path]] = {}
-    for path in sorted(folder.iterdir()):
-        m = _SCENE_FILE.match(path.name)
-        if m:
-            found.setdefault(m["scene"], {})[m["source"].lower()] = path
+    found = group_scene_files(folder.iterdir(), folder)
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")

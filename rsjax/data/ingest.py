@@ -13,8 +13,10 @@ Steps, in order:
 1. validate every file (`validate_scene`): errors name the file and what to do;
 2. register every source onto the target grid (`RegisteredScene`, see
    `register.py`): the S2 grid by default, bilinear for S2, S1 and the DEM,
-   nearest for labels, no-data carried through and wherever a source does not
-   cover the grid;
+   nearest for labels, with GDAL's exact transformer (a pixel's value does not
+   depend on the window read), no-data carried through and wherever a source
+   does not cover the grid; S2 gets its declared BOA offset (`optical.py`),
+   land cover its legend mapping (`landcover.py`);
 3. S1 to dB with a floor (`sar.py`); units detected from the values unless
    `s1_units` says. Resampling happens in the file's own units, before the
    conversion: linear power is interpolated as power, dB files (Earth
@@ -26,8 +28,11 @@ Steps, in order:
    -9999 (`contract.ASPECT_FLAT`);
 5. tiles of `tile_size` at offsets 0, stride, 2 stride, ... that fit entirely
    in the grid (a remainder narrower than a tile at the right and bottom edges
-   is not covered; a scene smaller than one tile yields no tile); tiles with a
-   no-data fraction above `max_nodata_fraction` are dropped and counted.
+   is not covered); tiles with a no-data fraction above `max_nodata_fraction`
+   are dropped and counted. A scene that yields no tile (smaller than a tile,
+   or every tile dropped) is logged as a warning that says why, kept in the
+   report (`SceneCounts.warning`), and `IngestReport.require_tiles` makes no
+   tile from any scene an error.
 
 A pixel counts as no-data when any source is missing there: S2 (0 in a band),
 S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in
@@ -44,6 +49,7 @@ and GDAL's block cache is capped at `gdal_cache_mb` while reading.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -52,12 +58,14 @@ import rasterio.errors
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from rsjax.data import sar, terrain
-from rsjax.data.contract import LULC_NODATA, S2_NODATA, ScenePaths
-from rsjax.data.rasterio_io import WHAT, read_failure
+from rsjax.data import landcover, sar, terrain
+from rsjax.data.contract import LULC_NODATA, S2_NODATA, InputError, ScenePaths
+from rsjax.data.rasterio_io import open_source, read_failure
 from rsjax.data.register import DemSource, WarpedSource
-from rsjax.data.untrusted import SIDECARS_OFF, open_input
+from rsjax.data.untrusted import SIDECARS_OFF
 from rsjax.data.validate import SourceSpec, inspect_scene
+
+log = logging.getLogger("rsjax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,15 @@ class IngestOptions:
         up to this many DEM (source) pixels away, i.e. about 480 m for GLO-30;
         cells farther from data stay missing (NaN). 0 disables filling.
     gdal_cache_mb: cap on GDAL's block cache while reading (memory bound).
+    s2_offset: added to the S2 values to give reflectance x 10000, e.g. -1000
+        for L2A of processing baseline 04.00 and later; None takes what the
+        file declares (BOA_ADD_OFFSET metadata, GDAL offset/scale; 0 when it
+        declares nothing). See `optical.py`.
+    lulc_map: another legend mapped onto Dynamic World labels, {file value:
+        label 0..8 or 255}, or its text form "1:4,0:255" / JSON; stored as
+        sorted pairs. See `landcover.py`.
+    lulc_legend: "auto" refuses a land-cover file whose values cannot be
+        Dynamic World (a 0/1 map); "dynamic_world" takes it as it is.
     allow_any_format: open source files with any GDAL format and their sidecar
         files (VRTs included, following the files and URLs they name). Off by
         default: sources are read as plain GeoTIFFs only (`untrusted.py`),
@@ -98,9 +115,18 @@ class IngestOptions:
     s1_floor_db: float = -50.0
     dem_fill_distance: float = 16.0
     gdal_cache_mb: int = 128
+    s2_offset: float | None = None
+    lulc_map: landcover.LulcMap | str | None = None
+    lulc_legend: str = "auto"
     allow_any_format: bool = False
 
     def __post_init__(self):
+        # Frozen: normalize the legend mapping once, to hashable sorted pairs.
+        object.__setattr__(self, "lulc_map", landcover.parse_lulc_map(self.lulc_map))
+        if self.s2_offset is not None and not np.isfinite(self.s2_offset):
+            raise ValueError(f"s2_offset must be a finite number (e.g. -1000) or None, got {self.s2_offset}")
+        if self.lulc_legend not in landcover.LEGENDS:
+            raise ValueError(f"lulc_legend must be one of {landcover.LEGENDS}, got {self.lulc_legend!r}")
         if self.tile_size < 3:
             raise ValueError(f"tile_size must be at least 3 pixels, got {self.tile_size}")
         if self.stride is not None and self.stride < 1:
@@ -125,11 +151,13 @@ class SceneCounts:
     tiles_dropped_nodata: int = 0
     s1_units: str = ""
     has_lulc: bool = True
-    warnings: list = dataclasses.field(default_factory=list)   # implausible or constant values, per file
     crs: str = ""
     width: int = 0
     height: int = 0
     resolution: float = 0.0
+    s2_offset: list = dataclasses.field(default_factory=list)   # added to B2, B3, B4, B8
+    warning: str = ""                                           # why the scene yields no tile
+    data_warnings: list = dataclasses.field(default_factory=list)  # implausible or constant values (plausible.py)
 
     @property
     def tiles_total(self) -> int:
@@ -152,6 +180,12 @@ class IngestReport:
     @property
     def tiles_dropped_nodata(self) -> int:
         return sum(c.tiles_dropped_nodata for c in self.scenes.values())
+
+    def require_tiles(self) -> None:
+        """Raises InputError when no scene yielded a tile, with each scene's reason."""
+        if self.scenes and self.tiles_kept == 0:
+            reasons = "\n".join(f"  - {c.warning or f'scene {sid!r}: no tile'}" for sid, c in sorted(self.scenes.items()))
+            raise InputError(f"no scene yields a tile ({len(self.scenes)} scene(s)):\n{reasons}")
 
     def to_dict(self) -> dict:
         return {
@@ -235,7 +269,7 @@ class RegisteredScene:
 
     # -- opening / closing --------------------------------------------------
     def _open(self, spec: SourceSpec) -> rasterio.DatasetReader:
-        ds = open_input(spec.path, WHAT[spec.role], self.opts.allow_any_format)
+        ds = open_source(spec.path, spec.role, self.opts.allow_any_format)
         self._datasets.append(ds)
         return ds
 
@@ -284,6 +318,9 @@ class RegisteredScene:
             return np.full((int(window.height), int(window.width), 4), S2_NODATA, np.uint16)
         bands = self._s2.read(window)                        # (4, h, w) float32, 0 = missing
         missing = np.isnan(bands).any(axis=0) | (bands == S2_NODATA).any(axis=0)
+        offsets = self.specs["s2"].offsets
+        if offsets is not None and any(offsets):
+            bands = bands + np.asarray(offsets, np.float32)[:, None, None]
         s2 = np.clip(np.rint(np.nan_to_num(bands, nan=0.0)), 0, 65535).astype(np.uint16)
         s2 = np.moveaxis(s2, 0, -1)
         # A valid reflectance that rounds to 0 would read as missing: keep it at 1.
@@ -304,6 +341,8 @@ class RegisteredScene:
         if self._lulc is None:
             return np.full((h, w), LULC_NODATA, dtype=np.uint8)
         labels = self._lulc.read(window)[0]
+        if self.opts.lulc_map is not None:
+            return landcover.apply_lulc_map(labels, self.opts.lulc_map)
         labels = np.where(np.isfinite(labels), labels, LULC_NODATA)
         # Validation guarantees whole numbers in 0..8 or 255 for valid pixels.
         return np.rint(labels).astype(np.uint8)
@@ -312,9 +351,9 @@ class RegisteredScene:
         if self._dem is None:
             return np.full((int(window.height), int(window.width), 4), np.nan, np.float32)
         haloed = Window(window.col_off - 1, window.row_off - 1, window.width + 2, window.height + 2)
-        elevation = self._dem.read(haloed)
+        elevation, beyond_extent = self._dem.read(haloed)
         xres, yres = self.grid.transform.a, self.grid.transform.e
-        return terrain.terrain_channels(elevation, xres, yres)
+        return terrain.terrain_channels(elevation, xres, yres, outside=beyond_extent)
 
     def nodata_mask(self, arrays: dict) -> np.ndarray:
         """(h, w) bool: pixels where any source is missing (only sources the scene has a file for)."""
@@ -351,11 +390,12 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
     with RegisteredScene(scene, opts) as reg:
         counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
         counts.s1_units = reg.s1_units
-        counts.warnings = [w for spec in reg.specs.values() for w in spec.warnings]
+        counts.data_warnings = [w for spec in reg.specs.values() for w in spec.warnings]
         counts.has_lulc = reg.has_lulc
         counts.crs = reg.grid.crs_string()
         counts.width, counts.height = reg.width, reg.height
         counts.resolution = float(reg.grid.resolution[0])
+        counts.s2_offset = list(reg.specs["s2"].offsets) if "s2" in reg.specs else []
         crs = reg.grid.crs_string()
         for window in tile_windows(reg.width, reg.height, opts.tile_size, opts.step):
             arrays = reg.read(window)
@@ -371,6 +411,21 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
                 "crs": crs,
                 "transform": np.array([t.a, t.b, t.c, t.d, t.e, t.f], dtype=np.float64),
             }
+        if counts.tiles_kept == 0:
+            counts.warning = no_tile_reason(scene.scene_id, reg.width, reg.height, opts, counts)
+            log.warning("%s", counts.warning)
+
+
+def no_tile_reason(scene_id: str, width: int, height: int, opts: IngestOptions, counts: SceneCounts) -> str:
+    """Why a scene yields no tile, and what to do, for the warning and the report."""
+    if width < opts.tile_size or height < opts.tile_size:
+        return (f"scene '{scene_id}': {width} x {height} pixels on the target grid is smaller than the "
+                f"tile size {opts.tile_size} x {opts.tile_size}, so it yields no tile. Use a tile_size of "
+                f"at most {min(width, height)}, or export a larger area.")
+    return (f"scene '{scene_id}': all {counts.tiles_dropped_nodata} tiles of {opts.tile_size} x "
+            f"{opts.tile_size} have more than {opts.max_nodata_fraction:.0%} no-data pixels (a source "
+            "missing) and were dropped, so it yields no tile. Check the sources' coverage, or raise "
+            "max_nodata_fraction.")
 
 
 def main(argv=None) -> dict:
@@ -383,7 +438,7 @@ def main(argv=None) -> dict:
     import json  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    from rsjax.data.contract import InputError, find_scenes  # noqa: PLC0415
+    from rsjax.data.contract import find_scenes  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m rsjax.data.ingest", description=main.__doc__)
     parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files")
@@ -395,17 +450,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--target-grid", default=None, help="GeoTIFF whose grid to use (default: each S2 file's)")
     parser.add_argument("--s1-units", default="auto", choices=sar.UNITS)
     parser.add_argument("--allow-missing-lulc", action="store_true", help="scenes may lack <scene>_lulc.tif")
+    parser.add_argument("--s2-offset", type=float, default=None,
+                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of baseline "
+                             "04.00+); default: what the file declares")
+    parser.add_argument("--lulc-map", default=None,
+                        help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
+    parser.add_argument("--lulc-legend", default="auto", choices=landcover.LEGENDS,
+                        help="'dynamic_world': take a land-cover file whose values look like another legend as it is")
     args = parser.parse_args(argv)
-    opts = IngestOptions(tile_size=args.tile_size, stride=args.stride, max_nodata_fraction=args.max_nodata_fraction,
-                         target_crs=args.target_crs, target_resolution=args.target_resolution,
-                         target_grid=args.target_grid,
-                         s1_units=args.s1_units)
     report = IngestReport()
     try:
+        opts = IngestOptions(tile_size=args.tile_size, stride=args.stride,
+                             max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
+                             target_resolution=args.target_resolution, target_grid=args.target_grid,
+                             s1_units=args.s1_units, s2_offset=args.s2_offset, lulc_map=args.lulc_map,
+                             lulc_legend=args.lulc_legend)
         for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
             for _ in iter_scene_tiles(scene, opts, report):
                 pass
-    except InputError as err:
+        report.require_tiles()
+    except (InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(report.to_dict(), indent=2))

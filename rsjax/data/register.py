@@ -9,8 +9,18 @@ the S2 footprint and its origin is aligned to multiples of the resolution, so
 scenes of one area share pixel edges.
 
 Reading never loads a whole scene: each source is read for one window of the
-target grid at a time.
-- S2, S1 and land cover go through a rasterio `WarpedVRT` on the target grid
+target grid at a time. Every warp uses GDAL's exact coordinate transformer
+(`gdalwarp -et 0`): GDAL's default approximates the transformation by
+interpolating between exactly transformed points, to within 0.125 pixel,
+over whatever chunk it warps, so a value would depend on the window it was
+read through (metres of elevation between a 768-pixel read and 64-pixel
+tiles of an Earth Engine-like scene, and a tenth of that in slope). With the
+exact transformer a pixel's value is the same in every window, and equals
+`gdalwarp -et 0` (tests/test_registration.py). rasterio 1.4 cannot ask for it
+(`reproject` always approximates; `WarpedVRT(tolerance=0)` fails), so
+`exact_warped_vrt` takes the warped VRT GDAL builds for rasterio, removes its
+approximating transformer and opens the VRT description that remains.
+- S2, S1 and land cover are read through such a VRT on the target grid
   (bilinear for continuous values, nearest for labels). A source already on
   the target grid is read directly (no resampling at all). Source no-data is
   passed to GDAL's warper, which leaves it out of the bilinear kernel; target
@@ -19,17 +29,21 @@ target grid at a time.
 - The DEM is read in its own CRS for the source window under the target
   window (plus margins), its voids are filled there by
   `rasterio.fill.fillnodata` (up to `fill_distance` source pixels from valid
-  data; larger voids stay missing), and it is then reprojected bilinearly onto
-  the target window. Filling before resampling keeps a void from growing by
-  the kernel width, and filling a window with margins gives the same values
-  whatever window a pixel is read through. Like any void rim, a no-data
-  collar inside the DEM file is extrapolated up to `fill_distance` pixels;
-  beyond the file's own extent nothing is extrapolated (no-data).
+  data; larger voids stay missing), and it is then warped bilinearly onto the
+  target window (an exact VRT over the filled window, held in memory). Filling
+  before resampling keeps a void from growing by the kernel width, and
+  filling a window with margins gives the same values whatever window a pixel
+  is read through. Like any void rim, a no-data collar inside the DEM file is
+  extrapolated up to `fill_distance` pixels; beyond the file's own extent
+  nothing is extrapolated (no-data), and `DemSource.read` says which missing
+  pixels lie beyond that extent, so the terrain derivatives can treat them as
+  gdaldem treats its raster's edge (`terrain.py`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import rasterio
@@ -38,8 +52,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.fill import fillnodata
+from rasterio.io import MemoryFile
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import aligned_target, calculate_default_transform, reproject, transform_bounds
+from rasterio.warp import aligned_target, calculate_default_transform, transform_bounds
+from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from rsjax.data.plausible import implausible_elevation
@@ -139,6 +155,73 @@ def footprint_overlaps(ds: rasterio.DatasetReader, grid: TargetGrid) -> bool:
     return min(right, g_right) > max(left, g_left) and min(top, g_top) > max(bottom, g_bottom)
 
 
+def exact_vrt_xml(vrt_xml: str, source: str) -> str:
+    """A warped VRT description with GDAL's approximating transformer removed.
+
+    GDAL serializes the transformer of a warped VRT as
+    `<ApproxTransformer><MaxError/><BaseTransformer>T</BaseTransformer>`;
+    keeping only T makes the warper call T for every pixel (gdalwarp -et 0).
+    `source` (the source dataset's name) is written as an absolute reference:
+    the description is opened from a string, which has no folder to be
+    relative to. Raises RuntimeError when the description has no
+    approximating transformer to remove (another GDAL layout): an approximate
+    warp must never pass as an exact one.
+    """
+    root = ET.fromstring(vrt_xml)
+    transformers = root.findall("GDALWarpOptions/Transformer")
+    if not transformers or transformers[0].find("ApproxTransformer") is None:
+        raise RuntimeError("GDAL's warped VRT has no <ApproxTransformer> to remove; rsjax cannot "
+                           "make this warp exact with this GDAL version")
+    for transformer in transformers:
+        approx = transformer.find("ApproxTransformer")
+        if approx is not None:
+            base = approx.find("BaseTransformer")
+            transformer.remove(approx)
+            transformer.extend(list(base))
+    dataset = root.find("GDALWarpOptions/SourceDataset")
+    dataset.text = source
+    dataset.set("relativeToVRT", "0")
+    return ET.tostring(root, encoding="unicode")
+
+
+def resampling_scale(ds: rasterio.DatasetReader, grid: TargetGrid) -> tuple[float, float]:
+    """Target pixels per source pixel along the grid's x and y, at the grid's centre.
+
+    GDAL's warper widens its resampling kernel by the inverse of this ratio
+    when it downsamples (a source finer than the target, like Earth Engine's
+    S1 in EPSG:4326 at 8.98e-5 degrees, about 6 m east-west at 50 degrees
+    north) and otherwise derives the ratio from the shape of each chunk it
+    warps, so a pixel would depend on the window read. Passed as the warp
+    options XSCALE and YSCALE, one ratio holds for the whole grid.
+    """
+    col, row = grid.width / 2.0, grid.height / 2.0
+    xs, ys = grid.transform * (np.array([col, col + 1.0, col]), np.array([row, row, row + 1.0]))
+    sx, sy = transform_points(grid.crs, ds.crs, xs, ys)
+    src_cols, src_rows = ~ds.transform * (np.asarray(sx), np.asarray(sy))
+    cols_per_x = abs(src_cols[1] - src_cols[0])          # source columns per target pixel along x
+    rows_per_y = abs(src_rows[2] - src_rows[0])
+    if not (np.isfinite(cols_per_x) and np.isfinite(rows_per_y)) or cols_per_x == 0 or rows_per_y == 0:
+        return 1.0, 1.0
+    return float(1.0 / cols_per_x), float(1.0 / rows_per_y)
+
+
+def exact_warped_vrt(ds: rasterio.DatasetReader, crs: CRS, transform: Affine, width: int, height: int,
+                     resampling: Resampling, src_nodata: float | None, nodata: float,
+                     scale: tuple[float, float], dtype: str = "float32") -> rasterio.DatasetReader:
+    """`ds` warped onto a grid with GDAL's exact transformer, as a dataset to read windows from.
+
+    The warp options are rasterio's `WarpedVRT` ones (source/destination
+    no-data, working type, INIT_DEST) and the fixed resampling `scale`
+    (`resampling_scale`); only the transformer differs. The caller closes the
+    returned dataset.
+    """
+    with WarpedVRT(ds, crs=crs, transform=transform, width=width, height=height,
+                   resampling=resampling, src_nodata=src_nodata, nodata=nodata, dtype=dtype,
+                   XSCALE=repr(float(scale[0])), YSCALE=repr(float(scale[1]))) as vrt:
+        description = vrt.tags(ns="xml:VRT")["xml:VRT"]
+    return rasterio.open(exact_vrt_xml(description, ds.name))
+
+
 class WarpedSource:
     """One source's bands on the target grid, read one window at a time, as float32.
 
@@ -154,9 +237,8 @@ class WarpedSource:
         self.dst_nodata = dst_nodata
         self.vrt = None
         if not on_grid(ds, grid):
-            self.vrt = WarpedVRT(
-                ds, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                resampling=resampling, src_nodata=src_nodata, nodata=dst_nodata, dtype="float32")
+            self.vrt = exact_warped_vrt(ds, grid.crs, grid.transform, grid.width, grid.height,
+                                        resampling, src_nodata, dst_nodata, resampling_scale(ds, grid))
 
     def read(self, window: Window) -> np.ndarray:
         """(bands, h, w) float32 for a window inside the target grid."""
@@ -186,32 +268,61 @@ class DemSource:
         # Margin of source pixels read around the window: the fill search
         # distance, plus the bilinear kernel, plus rounding.
         self.margin = int(math.ceil(self.fill_distance)) + 3
+        self.scale = resampling_scale(ds, grid)
 
-    def read(self, window: Window) -> np.ndarray:
-        """(h, w) float32 elevation for `window`, which may extend past the grid's edges (halos)."""
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Elevation for `window`, which may extend past the grid's edges (halos).
+
+        Returns ((h, w) float32 elevation, NaN = missing; (h, w) bool, True
+        where a missing pixel's centre lies beyond the DEM file's extent, as
+        opposed to a void inside it).
+        """
         height, width = int(window.height), int(window.width)
         dst_transform = self.grid.window_transform(window)
         out = np.full((height, width), np.nan, dtype=np.float32)
         src_window = self._source_window(dst_transform, height, width)
-        if src_window is None:
-            return out
-        elevation = self.ds.read(self.band, window=src_window, out_dtype="float32")
-        valid = np.isfinite(elevation)
-        if self.src_nodata is not None and not np.isnan(self.src_nodata):
-            valid &= elevation != np.float32(self.src_nodata)
-        valid &= ~implausible_elevation(elevation)      # undeclared voids (-9999, -3.4e38, ...)
-        if not valid.any():
-            return out
-        elevation[~valid] = np.nan
-        if self.fill_distance > 0 and not valid.all():
-            elevation = fillnodata(elevation, mask=valid.astype(np.uint8),
-                                   max_search_distance=self.fill_distance).astype(np.float32)
-        reproject(elevation, out,
-                  src_transform=rasterio.windows.transform(src_window, self.ds.transform),
-                  src_crs=self.ds.crs, src_nodata=np.nan,
-                  dst_transform=dst_transform, dst_crs=self.grid.crs, dst_nodata=np.nan,
-                  resampling=Resampling.bilinear)
-        return out
+        if src_window is not None:
+            elevation = self.ds.read(self.band, window=src_window, out_dtype="float32")
+            valid = np.isfinite(elevation)
+            if self.src_nodata is not None and not np.isnan(self.src_nodata):
+                valid &= elevation != np.float32(self.src_nodata)
+            valid &= ~implausible_elevation(elevation)      # undeclared voids (-9999, -3.4e38, ...)
+            if valid.any():
+                elevation[~valid] = np.nan
+                if self.fill_distance > 0 and not valid.all():
+                    elevation = fillnodata(elevation, mask=valid.astype(np.uint8),
+                                           max_search_distance=self.fill_distance).astype(np.float32)
+                out = self._warp(elevation, src_window, dst_transform, height, width)
+        return out, self._beyond_extent(np.isnan(out), dst_transform)
+
+    def _warp(self, elevation: np.ndarray, src_window: Window, dst_transform: Affine,
+              height: int, width: int) -> np.ndarray:
+        """Bilinear, exact transformer, from a filled source window held in memory."""
+        profile = dict(driver="GTiff", width=elevation.shape[1], height=elevation.shape[0], count=1,
+                       dtype="float32", crs=self.ds.crs, nodata=float("nan"),
+                       transform=rasterio.windows.transform(src_window, self.ds.transform))
+        with MemoryFile() as memfile:
+            with memfile.open(**profile) as tmp:
+                tmp.write(elevation, 1)
+            with memfile.open() as src, exact_warped_vrt(
+                    src, self.grid.crs, dst_transform, width, height, Resampling.bilinear,
+                    float("nan"), float("nan"), self.scale) as vrt:
+                return vrt.read(1, out_dtype="float32")
+
+    def _beyond_extent(self, missing: np.ndarray, dst_transform: Affine) -> np.ndarray:
+        """Of the missing target pixels, those whose centre lies beyond the DEM file's extent."""
+        beyond = np.zeros(missing.shape, bool)
+        rows, cols = np.nonzero(missing)
+        if rows.size == 0:
+            return beyond
+        xs, ys = dst_transform * (cols + 0.5, rows + 0.5)
+        sx, sy = transform_points(self.grid.crs, self.ds.crs, xs, ys)
+        src_cols, src_rows = ~self.ds.transform * (np.asarray(sx), np.asarray(sy))
+        with np.errstate(invalid="ignore"):
+            inside = ((src_cols >= 0) & (src_cols < self.ds.width)
+                      & (src_rows >= 0) & (src_rows < self.ds.height))
+        beyond[rows, cols] = ~inside
+        return beyond
 
     def _source_window(self, dst_transform: Affine, height: int, width: int) -> Window | None:
         """The source pixels under a target window, with margins, clipped to the file; None if none."""

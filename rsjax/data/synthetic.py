@@ -9,7 +9,7 @@ real exports take::
 | file                     | like                     | content                                                        |
 |--------------------------|--------------------------|----------------------------------------------------------------|
 | `<id>_s2.tif`            | Sentinel-2 L2A           | B2 B3 B4 B8, uint16 reflectance x 10000, 10 m, UTM, nodata 0   |
-| `<id>_s1.tif`            | Sentinel-1 GRD           | VV VH, float32 linear sigma0 (dB with `--sar_db`), 10 m, same UTM zone, origin shifted by a fraction of a pixel and a slightly different extent |
+| `<id>_s1.tif`            | Sentinel-1 GRD           | VV VH, float32 linear sigma0 (dB with `--sar_db`), nodata NaN, 10 m, same UTM zone, origin shifted by a fraction of a pixel and a slightly different extent |
 | `<id>_lulc.tif`          | Dynamic World            | uint8 label 0..8, nodata 255, on the S2 grid                   |
 | `<id>_dem.tif`           | Copernicus DEM GLO-30    | float32 metres, EPSG:4326, 1 arc-second pixels, footprint plus a margin, a few voids = -32767 |
 | `<id>_s2_cloudy.tif`, `<id>_cloudmask.tif` (`--cloudy`) | cloudy S2 twin | the same S2 scene under clouds and their shadows; mask 0 clear, 1 cloud, 2 shadow |
@@ -627,7 +627,7 @@ def write_scene(out_dir: str | Path, scene_id: str, size: int, seed: Seed, *,
         units = "dB"
     else:
         s1, units = arrays.s1, "linear power"
-    _write_geotiff(paths.s1, s1, g.s1, None, S1_BANDS,
+    _write_geotiff(paths.s1, s1, g.s1, np.nan, S1_BANDS,     # NaN: the contract's S1 no-data
                    dict(common, UNITS=units, INCIDENCE_ANGLE=f"{g.sar_incidence:.2f}",
                         SENSOR_AZIMUTH=f"{SENSOR_AZIMUTH_DEG:.1f}"))
     _write_geotiff(paths.lulc, arrays.lulc[None], g.s2, LULC_NODATA, ("label",),

@@ -7,11 +7,25 @@ on how the scene was cut into tiles.
 
 Missing elevation is NaN. A pixel whose own elevation is missing gets NaN in
 every output (the contract's no-data for `dem`; gdaldem writes its no-data
-value there). Next to missing cells (the edge of the DEM's footprint, a void
-too large to fill) we follow `gdaldem -compute_edges`: a missing neighbour
-takes the centre cell's value, so every pixel with an elevation gets
-derivatives. `compute_edges=False` gives gdaldem's default instead: no-data
-wherever the 3x3 window is incomplete.
+value there). Its neighbours follow `gdaldem -compute_edges`, which tells two
+kinds of missing cells apart:
+- cells beyond the edge of the elevation raster (`outside`; in rsjax, target
+  pixels whose centre lies beyond the DEM file's extent, e.g. the halo of a
+  scene whose DEM covers exactly the scene): gdaldem extrapolates linearly.
+  Where a column beyond the edge lies west or east of a pixel, each of its
+  three cells becomes 2 x (the cell beside it) - (the next one) along its row;
+  a row beyond the edge north or south becomes 2 x (the cell below/above) -
+  (the next one) along its column; at a corner (a column and a row beyond the
+  edge) gdaldem first repeats the centre column, then extrapolates the row.
+  A plane therefore keeps its exact slope at the edge, except at the four
+  corners, where gdaldem's column repetition halves the east-west gradient; we
+  do the same there. A missing diagonal cell whose two neighbours are present
+  (an inner corner of a staircase edge, which a rectangular raster never has)
+  is completed as the plane through them: nw = n + w - c.
+- other missing cells (voids inside the raster, or an extrapolation that
+  needed one): the centre cell's value, gdaldem's no-data rule.
+`compute_edges=False` gives gdaldem's default instead: no-data wherever the
+3x3 window is incomplete.
 
 Conventions (those of `gdaldem slope|aspect|hillshade`, GDAL 3.x, Horn):
 - the grid is north-up with metric pixels: `xres` (> 0) is the pixel width in
@@ -27,6 +41,15 @@ Conventions (those of `gdaldem slope|aspect|hillshade`, GDAL 3.x, Horn):
   the sun (azimuth 315, altitude 45 by default), 1 where the cell faces away
   from the sun, rounded to a whole number as gdaldem's Byte output is; so
   values lie in 1..255 and 0 never occurs (gdaldem's no-data is 0).
+
+Precision: we compute in float64, gdaldem sums the 3x3 window in float32 for a
+float32 DEM. Slope agrees to about 1e-4 degree and hillshade to one level (a
+value on a rounding boundary; gdaldem also divides by an approximate square
+root). Aspect agrees to a few thousandths of a degree where the slope is
+above about 0.1 degree; on near-flat cells (slope below 0.01 degree) the
+direction of a vanishing gradient is ill-conditioned and gdaldem's float32
+rounding moves its aspect by up to several degrees (3.8 measured): compare
+aspect there with that tolerance, or not at all.
 """
 from __future__ import annotations
 
@@ -41,7 +64,41 @@ _OFFSETS = {"nw": (0, 0), "n": (0, 1), "ne": (0, 2), "w": (1, 0), "c": (1, 1), "
             "sw": (2, 0), "s": (2, 1), "se": (2, 2)}
 
 
-def _window_cells(z: np.ndarray, compute_edges: bool) -> dict[str, np.ndarray]:
+def _key(row: str, col: str) -> str:
+    """The compass key of a window cell: row in ('n', '', 's'), column in ('w', '', 'e')."""
+    return (row + col) or "c"
+
+
+def _extrapolate_beyond_edge(cells: dict, beyond: dict) -> dict:
+    """gdaldem -compute_edges at the raster's edge (see the module docstring).
+
+    `beyond[k]` marks window cells beyond the edge. Columns first (a corner
+    repeats the centre column, elsewhere each row is extrapolated), then rows,
+    then lone diagonal cells as the plane through their neighbours. Cells an
+    extrapolation cannot fill (it needed a missing cell) stay NaN.
+    """
+    cells = dict(cells)
+    corner = beyond["n"] | beyond["s"]
+    for side, far in (("w", "e"), ("e", "w")):
+        for row in ("n", "", "s"):
+            k, mid, opposite = _key(row, side), _key(row, ""), _key(row, far)
+            value = np.where(corner, cells[mid], 2.0 * cells[mid] - cells[opposite])
+            cells[k] = np.where(beyond[side] & beyond[k], value, cells[k])
+    for side, far in (("n", "s"), ("s", "n")):
+        for col in ("w", "", "e"):
+            k, mid, opposite = _key(side, col), _key("", col), _key(far, col)
+            value = 2.0 * cells[mid] - cells[opposite]
+            cells[k] = np.where(beyond[side] & beyond[k], value, cells[k])
+    for row in ("n", "s"):
+        for col in ("w", "e"):
+            k = _key(row, col)
+            value = cells[row] + cells[col] - cells["c"]
+            cells[k] = np.where(beyond[k] & np.isnan(cells[k]), value, cells[k])
+    return cells
+
+
+def _window_cells(z: np.ndarray, compute_edges: bool,
+                  outside: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The 3x3 window of every interior pixel as nine (H, W) arrays, keyed by compass direction."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or z.shape[0] < 3 or z.shape[1] < 3:
@@ -49,19 +106,28 @@ def _window_cells(z: np.ndarray, compute_edges: bool) -> dict[str, np.ndarray]:
     h, w = z.shape[0] - 2, z.shape[1] - 2
     cells = {k: z[r:r + h, c:c + w] for k, (r, c) in _OFFSETS.items()}
     if compute_edges and np.isnan(z).any():
+        if outside is not None:
+            outside = np.asarray(outside, dtype=bool)
+            if outside.shape != z.shape:
+                raise ValueError(f"outside must have the elevation's shape {z.shape}, got {outside.shape}")
+            beyond = outside & np.isnan(z)
+            if beyond.any():
+                cells = _extrapolate_beyond_edge(
+                    cells, {k: beyond[r:r + h, c:c + w] for k, (r, c) in _OFFSETS.items()})
         centre = cells["c"]
         cells = {k: (v if k == "c" else np.where(np.isnan(v), centre, v)) for k, v in cells.items()}
     return cells
 
 
-def _horn_sums(z: np.ndarray, compute_edges: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _horn_sums(z: np.ndarray, compute_edges: bool = True,
+               outside: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Horn's weighted column and row differences of a haloed array, unscaled.
 
     Returns (east_minus_west, south_minus_north), both (H, W), in elevation
     units per 8 pixels. Row 0 of the array is north. NaN where the result is
     undefined (see the module docstring).
     """
-    k = _window_cells(z, compute_edges)
+    k = _window_cells(z, compute_edges, outside)
     east_minus_west = (k["ne"] + 2.0 * k["e"] + k["se"]) - (k["nw"] + 2.0 * k["w"] + k["sw"])
     south_minus_north = (k["sw"] + 2.0 * k["s"] + k["se"]) - (k["nw"] + 2.0 * k["n"] + k["ne"])
     centre_missing = np.isnan(k["c"])
@@ -110,23 +176,29 @@ def _hillshade(e_w, s_n, xres, yres, scale, azimuth, altitude, z_factor) -> np.n
 
 
 def slope_degrees(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
-                  compute_edges: bool = True) -> np.ndarray:
-    """Slope in degrees, Horn's method (gdaldem slope)."""
-    return _slope(*_horn_sums(z, compute_edges), xres, yres, scale)
+                  compute_edges: bool = True, outside: np.ndarray | None = None) -> np.ndarray:
+    """Slope in degrees, Horn's method (gdaldem slope).
+
+    `outside` (bool, z's shape) marks cells beyond the raster's edge (see the
+    module docstring); None: every missing cell is a void.
+    """
+    return _slope(*_horn_sums(z, compute_edges, outside), xres, yres, scale)
 
 
-def aspect_degrees(z: np.ndarray, compute_edges: bool = True) -> np.ndarray:
+def aspect_degrees(z: np.ndarray, compute_edges: bool = True,
+                   outside: np.ndarray | None = None) -> np.ndarray:
     """Aspect in degrees clockwise from north, the downhill direction (gdaldem aspect).
 
     Like gdaldem it uses the raw Horn differences (pixels are taken as square),
     and flat cells get ASPECT_FLAT (-9999). Missing elevation gives NaN.
     """
-    return _aspect(*_horn_sums(z, compute_edges))
+    return _aspect(*_horn_sums(z, compute_edges, outside))
 
 
 def hillshade(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
               azimuth: float = DEFAULT_AZIMUTH, altitude: float = DEFAULT_ALTITUDE,
-              z_factor: float = 1.0, compute_edges: bool = True) -> np.ndarray:
+              z_factor: float = 1.0, compute_edges: bool = True,
+              outside: np.ndarray | None = None) -> np.ndarray:
     """Hillshade 1..255 (gdaldem hillshade, default algorithm, Horn gradient).
 
     With the gradient (p, q) = (dz/dx, dz/dy) towards east and north, the
@@ -137,18 +209,18 @@ def hillshade(z: np.ndarray, xres: float, yres: float, scale: float = 1.0,
     cos(az - aspect). The result is round(1 + 254 max(cos i, 0)), the Byte
     values gdaldem writes.
     """
-    return _hillshade(*_horn_sums(z, compute_edges), xres, yres, scale, azimuth, altitude, z_factor)
+    return _hillshade(*_horn_sums(z, compute_edges, outside), xres, yres, scale, azimuth, altitude, z_factor)
 
 
 def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: float = 1.0,
-                     compute_edges: bool = True) -> np.ndarray:
+                     compute_edges: bool = True, outside: np.ndarray | None = None) -> np.ndarray:
     """The contract's four `dem` channels for the interior of a haloed elevation array.
 
     Returns (H, W, 4) float32: elevation, slope, aspect, hillshade. Where any of
     them is undefined all four are NaN, so one NaN test finds a no-data pixel.
     """
     z = np.asarray(z_haloed, dtype=np.float32)
-    e_w, s_n = _horn_sums(z, compute_edges)          # once for all three derivatives
+    e_w, s_n = _horn_sums(z, compute_edges, outside)          # once for all three derivatives
     out = np.stack([
         z[1:-1, 1:-1],
         _slope(e_w, s_n, xres, yres, scale),
@@ -158,3 +230,16 @@ def terrain_channels(z_haloed: np.ndarray, xres: float, yres: float, scale: floa
     missing = np.isnan(out).any(axis=-1)
     out[missing] = np.nan
     return out
+
+
+def edge_halo(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A whole raster padded with the one-pixel halo beyond its edge, and that halo's mask.
+
+    `terrain_channels(*edge_halo(z), ...)`-style calls (pass the mask as
+    `outside`) give what `gdaldem -compute_edges` gives on the raster itself.
+    """
+    z = np.asarray(z, dtype=np.float32)
+    haloed = np.pad(z, 1, constant_values=np.nan)
+    outside = np.ones(haloed.shape, bool)
+    outside[1:-1, 1:-1] = False
+    return haloed, outside

@@ -6,7 +6,10 @@ an InputError, not a GDAL traceback), have the expected bands (see
 entirely no-data. Land cover must hold Dynamic World labels: whole numbers in
 0..8, or 255 / the file's declared no-data for missing pixels; int32 and float
 files are accepted (and converted to uint8), fractional or out-of-range values
-are an error that lists the bad values.
+are an error that lists the bad values, and a value set that cannot be Dynamic
+World (a 0/1 map) is an error too, unless a legend mapping (`lulc_map`) or
+`lulc_legend='dynamic_world'` says what the values are (`landcover.py`).
+Sentinel-2 files are checked for a declared BOA offset (`optical.py`).
 
 Costs are bounded whatever the scene size: the no-data and SAR-units checks
 look at a decimated read of at most `SAMPLE_PIXELS` per side (a valid area
@@ -29,15 +32,16 @@ import rasterio
 import rasterio.errors
 from rasterio.enums import Resampling
 
-from rsjax.data import plausible, sar
-from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, InputError, ScenePaths
-from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands
+from rsjax.data import landcover, optical, plausible, sar
+from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, S2_BANDS, InputError, ScenePaths, Source, as_source
+from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
 
 log = logging.getLogger(__name__)
 
 SAMPLE_PIXELS = 512
 _MAX_LISTED = 10
+_MAX_VALUES = 1000            # distinct label values: far more than any legend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +49,11 @@ class SourceSpec:
     """What validation learned about one source file, for the readers."""
 
     role: str
-    path: Path
+    path: Source                  # a file, or the pieces of a split export
     bands: tuple[int, ...]
     nodata: float | None          # the no-data value source pixels carry (file's, or the role's default)
     units: str | None = None      # S1 only: 'linear' or 'db'
+    offsets: tuple[float, ...] | None = None   # S2 only: added to each band to give reflectance x 10000
     warnings: tuple[str, ...] = ()  # implausible or constant values (plausible.py), logged by inspect_scene
 
 
@@ -86,43 +91,76 @@ def _sample(ds: rasterio.DatasetReader, bands: tuple[int, ...], role: str) -> np
     try:
         data = ds.read(list(bands), out_shape=(len(bands), out_h, out_w), resampling=Resampling.nearest)
     except rasterio.errors.RasterioError as err:
-        raise read_failure(ds.name, role, err) from err
+        raise read_failure(source_name(ds), role, err) from err
     return data.astype(np.float64)
 
 
-def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> None:
-    """Reads the label band block by block; raises InputError on fractional or out-of-range values."""
-    allowed = set(range(NUM_CLASSES)) | {LULC_NODATA}
-    bad: set = set()
+def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> tuple[set, set]:
+    """(whole values, fractional values) of a label band's valid pixels, read block by block.
+
+    Stops early once either set is too large to be a legend (the file is in error then anyway).
+    """
+    values: set = set()
     fractional: set = set()
     try:
         for _, window in ds.block_windows(band):
-            values = ds.read(band, window=window)
-            if values.dtype == np.uint8:
+            data = ds.read(band, window=window)
+            if data.dtype == np.uint8:
                 # Fast path for the usual label dtype: which of the 256 values occur.
-                present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+                present = np.flatnonzero(np.bincount(data.ravel(), minlength=256))
                 uniques = present[present != (nodata if nodata is not None else -1)]
             else:
-                uniques = np.unique(values[~_invalid(values, nodata)])
+                uniques = np.unique(data[~_invalid(data, nodata)])
             if uniques.dtype.kind == "f":
                 whole = uniques == np.round(uniques)
                 fractional.update(uniques[~whole].tolist()[:_MAX_LISTED])
                 uniques = uniques[whole]
-            bad.update(v for v in uniques.tolist() if int(v) not in allowed)
-            if len(bad) + len(fractional) >= _MAX_LISTED:
+            values.update(int(v) for v in uniques.tolist())
+            if len(values) > _MAX_VALUES or len(fractional) >= _MAX_LISTED:
                 break
     except rasterio.errors.RasterioError as err:
-        raise read_failure(ds.name, "lulc", err) from err
+        raise read_failure(source_name(ds), "lulc", err) from err
+    return values, fractional
+
+
+def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None,
+                 lulc_map: landcover.LulcMap | None = None, lulc_legend: str = "auto") -> None:
+    """Reads the label band; raises InputError when its values cannot be read as Dynamic World labels.
+
+    Fractional values are always an error. With `lulc_map`, every value must
+    be mapped; without, values must lie in 0..8 (and 255), and unless
+    `lulc_legend` is 'dynamic_world' the value set must be plausible for
+    Dynamic World (`landcover.not_dynamic_world`).
+    """
+    name = source_name(ds)
+    values, fractional = _label_values(ds, band, nodata)
     if fractional:
         raise InputError(
-            f"{ds.name}: land cover band {band} holds fractional values "
+            f"{name}: land cover band {band} holds fractional values "
             f"{sorted(fractional)[:_MAX_LISTED]}; labels must be whole numbers 0..{NUM_CLASSES - 1} "
             f"(Dynamic World) or {LULC_NODATA} for no data. Export the `label` band, not class probabilities.")
+    if lulc_map is not None:
+        unmapped = sorted(v for v in values if v not in dict(lulc_map))
+        if unmapped:
+            raise InputError(
+                f"{name}: land cover band {band} holds values {unmapped[:_MAX_LISTED]} that lulc_map "
+                f"'{landcover.format_lulc_map(lulc_map)}' does not map. Map every value the file holds "
+                f"(to {LULC_NODATA} for no data), or declare a value as the file's no-data value.")
+        return
+    bad = sorted(v for v in values if v not in set(range(NUM_CLASSES)) | {LULC_NODATA})
     if bad:
         raise InputError(
-            f"{ds.name}: land cover band {band} holds values outside 0..{NUM_CLASSES - 1} and "
-            f"{LULC_NODATA}: {sorted(bad)[:_MAX_LISTED]}. Map them to Dynamic World labels, set them "
-            f"to {LULC_NODATA} (no data), or declare their value as the file's no-data value.")
+            f"{name}: land cover band {band} holds values outside 0..{NUM_CLASSES - 1} and "
+            f"{LULC_NODATA}: {bad[:_MAX_LISTED]}, so it is not Dynamic World. Map its legend onto "
+            f"Dynamic World labels with lulc_map (e.g. '10:1,20:5,80:0'), set those values to "
+            f"{LULC_NODATA} (no data), or declare their value as the file's no-data value.")
+    reason = landcover.not_dynamic_world(values - {LULC_NODATA}) if lulc_legend == "auto" else None
+    if reason:
+        legend = ds.tags().get("LEGEND")
+        raise InputError(
+            f"{name}: land cover band {band} {reason}" + (f" (its LEGEND tag: {legend!r})" if legend else "")
+            + ". Map its values onto Dynamic World labels with lulc_map (e.g. '1:4,0:255' reads 1 as "
+            "crops and 0 as no data), or, if it really is Dynamic World, set lulc_legend='dynamic_world'.")
 
 
 def s1_units_of(ds: rasterio.DatasetReader, bands: tuple[int, ...], values: np.ndarray) -> str:
@@ -141,13 +179,13 @@ def s1_units_of(ds: rasterio.DatasetReader, bands: tuple[int, ...], values: np.n
         measured, why = None, str(err)
     if declared and measured and declared != measured:
         raise InputError(
-            f"{ds.name}: its metadata says the backscatter is in {declared} "
+            f"{source_name(ds)}: its metadata says the backscatter is in {declared} "
             f"({_short(t for t in texts if t)}), but its values look like {measured} "
             f"({sar.share_below_minus_one(values):.1%} below -1). Say which with s1_units='linear' or 'db'.")
     if declared or measured:
         return declared or measured
     raise InputError(
-        f"{ds.name}: cannot tell whether the backscatter is linear power or dB ({why}). "
+        f"{source_name(ds)}: cannot tell whether the backscatter is linear power or dB ({why}). "
         "Say which with s1_units='linear' or 'db'.")
 
 
@@ -156,7 +194,7 @@ def _short(texts, limit: int = 4) -> str:
     return ", ".join(texts[:limit]) + (", ..." if len(texts) > limit else "")
 
 
-def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
+def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
     """Validates one file; returns its SourceSpec or raises InputError naming it."""
     with open_raster(path, role, _any_format(opts)) as ds:
         if ds.crs is None:
@@ -191,12 +229,18 @@ def inspect_source(path: Path, role: str, grid: TargetGrid | None, opts) -> Sour
                 f"reflectance in 0..1. Provide reflectance x 10000 (as Sentinel-2 L2A products store it).")
         if role == "s1":
             units = opts.s1_units if opts.s1_units != "auto" else s1_units_of(ds, bands, valid_values)
+        offsets = None
+        if role == "s2":
+            offsets = optical.s2_offsets(ds, bands, S2_BANDS, getattr(opts, "s2_offset", None), source_name(ds))
         if role == "lulc":
-            check_labels(ds, bands[0], nodata)
-        if role in ("s2", "s1"):
+            check_labels(ds, bands[0], nodata, getattr(opts, "lulc_map", None),
+                         getattr(opts, "lulc_legend", "auto"))
+        if role == "s2":
+            warnings.append(plausible.range_warning(path, role, valid_values + np.asarray(offsets)[:, None]))
+        if role == "s1":
             warnings.append(plausible.range_warning(path, role, valid_values, units))
         warnings.append(plausible.constant_warning(path, role, valid_values))
-        return SourceSpec(role=role, path=Path(path), bands=bands, nodata=nodata, units=units,
+        return SourceSpec(role=role, path=path, bands=bands, nodata=nodata, units=units, offsets=offsets,
                           warnings=tuple(w for w in warnings if w))
 
 
@@ -231,7 +275,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
                 f"scene '{scene.scene_id}' has no optical (S2) file to take the target grid from: "
                 "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
         else:
-            specs["s2"] = inspect_source(Path(scene.s2), "s2", None, opts)
+            specs["s2"] = inspect_source(as_source(scene.s2), "s2", None, opts)
             with open_raster(scene.s2, "s2", _any_format(opts)) as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
@@ -242,7 +286,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
              if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:
-            specs[role] = inspect_source(Path(getattr(scene, role)), role, grid, opts)
+            specs[role] = inspect_source(as_source(getattr(scene, role)), role, grid, opts)
         except InputError as err:
             problems.append(str(err))
     for spec in specs.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from typing import Optional
 
@@ -22,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from rsjax.data import contract
 from rsjax.data import ingest
+from rsjax.data import landcover
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -62,6 +64,12 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
       synthetic_size: side of each synthetic scene in pixels (10 m).
       synthetic_seed: seed of the synthetic scene writer.
       target_crs, target_resolution: optional registration grid (default: the S2 file's).
+      s2_offset: added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of
+        processing baseline 04.00+); None: what each file declares (rsjax.data.optical).
+      lulc_map: another land-cover legend mapped onto Dynamic World, "1:4,0:255"
+        (rsjax.data.landcover); "" for none.
+      lulc_legend: "auto" refuses land cover that cannot be Dynamic World (a 0/1 map);
+        "dynamic_world" takes it as it is.
     """
 
     tile_size: int = 256
@@ -77,6 +85,9 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
     synthetic_seed: int = 0
     target_crs: Optional[str] = None
     target_resolution: Optional[float] = None
+    s2_offset: Optional[float] = None
+    lulc_map: str = ""
+    lulc_legend: str = "auto"
 
     def __post_init__(self):
         if self.tile_size < 8:
@@ -85,6 +96,13 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
             raise ValueError(f"config {self.name}: stride={self.stride} must be in (0, tile_size]")
         if not 0.0 <= self.max_nodata_fraction <= 1.0:
             raise ValueError(f"config {self.name}: max_nodata_fraction must be in [0, 1]")
+        try:   # one canonical spelling, so equal mappings name the same derived config
+            self.lulc_map = landcover.format_lulc_map(landcover.parse_lulc_map(self.lulc_map))
+        except ValueError as err:
+            raise ValueError(f"config {self.name}: {err}") from None
+        if self.lulc_legend not in landcover.LEGENDS:
+            raise ValueError(f"config {self.name}: lulc_legend={self.lulc_legend!r}; use one of "
+                             f"{landcover.LEGENDS}")
         if self.split_mode not in splits_lib.SPLIT_MODES:
             raise ValueError(f"config {self.name}: split_mode={self.split_mode!r}; "
                              f"use one of {splits_lib.SPLIT_MODES}")
@@ -100,15 +118,19 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
 
 def derived_config(base: RsMultisourceConfig, **changes) -> RsMultisourceConfig:
     """A copy of `base` with other options, under a name that says which (TFDS keys data by name)."""
+    if changes.get("lulc_map"):
+        changes["lulc_map"] = landcover.format_lulc_map(landcover.parse_lulc_map(changes["lulc_map"]))
     changes = {k: v for k, v in changes.items() if getattr(base, k) != v}
     if not changes:
         return base
-    suffix = "_".join(f"{_SHORT.get(k, k)}{v}" for k, v in sorted(changes.items()))
+    # TFDS config names allow word characters, '+', '-' and '.': "1:4,0:255" -> "1_4_0_255".
+    suffix = "_".join(re.sub(r"[^\w+.-]", "_", f"{_SHORT.get(k, k)}{v}") for k, v in sorted(changes.items()))
     return dataclasses.replace(base, name=f"{base.name}_{suffix}", **changes)
 
 
 _SHORT = {"tile_size": "t", "stride": "s", "max_nodata_fraction": "nd", "split_mode": "split",
-          "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px"}
+          "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px",
+          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -195,7 +217,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return ingest.IngestOptions(
             tile_size=cfg.tile_size, stride=cfg.effective_stride,
             max_nodata_fraction=cfg.max_nodata_fraction,
-            target_crs=cfg.target_crs, target_resolution=cfg.target_resolution)
+            target_crs=cfg.target_crs, target_resolution=cfg.target_resolution,
+            s2_offset=cfg.s2_offset, lulc_map=cfg.lulc_map or None, lulc_legend=cfg.lulc_legend)
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
@@ -233,6 +256,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 count += 1
                 # Keys are tile ids (scene id + position): deterministic, no local paths.
                 yield example["tile_id"], example
+        report.require_tiles()         # no scene yields a tile: say why, scene by scene
         if count == 0:
             raise contract.InputError(
                 f"rs_multisource/{cfg.name}: the {split} split got no tiles from {len(scenes)} "
@@ -275,7 +299,7 @@ def _tiles_of(scene: contract.ScenePaths, opts, report):
 def _config_summary(cfg: RsMultisourceConfig) -> dict:
     keys = ("tile_size", "stride", "max_nodata_fraction", "block_tiles", "split_mode",
             "split_fractions", "split_seed", "synthetic_scenes", "synthetic_size", "synthetic_seed",
-            "target_crs", "target_resolution")
+            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend")
     out = {k: getattr(cfg, k) for k in keys}
     out["split_fractions"] = list(out["split_fractions"])
     out["stride"] = cfg.effective_stride
@@ -308,7 +332,7 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
                     report: Optional[dict] = None) -> list[contract.ScenePaths]:
     """Groups `<scene>_{s2,s1,lulc,dem}.tif` files of `folder` into scenes.
 
-    The same convention as contract.find_scenes, listed through epath. A scene
+    The same convention as contract.find_scenes (split exports included), listed through epath. A scene
     missing a source is an InputError naming it (or, with skip_incomplete,
     skipped and recorded in report['skipped_scenes']). When the incomplete
     scenes together hold every source, the ids most likely differ between
@@ -318,11 +342,8 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
         raise contract.InputError(
             f"{folder}: manual_dir is not a folder. Put <scene>_s2.tif, <scene>_s1.tif, "
             f"<scene>_lulc.tif and <scene>_dem.tif files there.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    found: dict[str, dict[str, epath.Path]] = {}
-    for path in sorted(folder.iterdir()):
-        m = contract._SCENE_FILE.match(path.name)  # pylint: disable=protected-access
-        if m:
-            found.setdefault(m["scene"], {})[m["source"].lower()] = path
+    # Split Earth Engine exports (<scene>_s2-0000000000-0000000000.tif, ...) become one Mosaic.
+    found = contract.group_scene_files(folder.iterdir(), folder)
     if not found:
         raise contract.InputError(
             f"{folder}: no scene files found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")

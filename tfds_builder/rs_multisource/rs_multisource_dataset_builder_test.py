@@ -234,3 +234,67 @@ def test_synthetic_config_writes_its_scenes_and_builds(tmp_path):
     assert builder.info.metadata[rsm.STATISTICS_KEY]["num_tiles"] == counts["train"]
     scenes = sorted(p.name for p in (tmp_path / "downloads" / "rs_multisource_synthetic").rglob("*.tif"))
     assert len(scenes) >= 8 and scenes[0].endswith(("_dem.tif", "_lulc.tif", "_s1.tif", "_s2.tif"))
+
+
+# ----------------------------------------------------------------------------
+# Real exports as they come: split pieces, the S2 BOA offset, another legend
+# ----------------------------------------------------------------------------
+
+def _all_examples(builder) -> dict:
+    out = {}
+    for split in builder.info.splits:
+        ds = builder.as_data_source(split=split)
+        for i in range(len(ds)):
+            out[ds[i]["tile_id"]] = ds[i]
+    return out
+
+
+def test_split_export_with_boa_offset_and_a_mapped_legend_builds_the_same_tiles(dummy_dataset, tmp_path):
+    """scene_a's S2 as Earth Engine splits it (four 32 px pieces) with the baseline-04.00 offset
+    declared, and its land cover as a binary map read through lulc_map: the same tiles as the
+    plain dummy build, with the mapped labels."""
+    import rasterio
+    from rasterio.windows import Window
+
+    builder, _, _ = dummy_dataset
+    folder = _copy_dummy(tmp_path)
+    for p in folder.glob("scene_b_*.tif"):
+        p.unlink()
+    s2 = folder / "scene_a_s2.tif"
+    with rasterio.open(s2) as src:
+        profile, data, descriptions = src.profile, src.read().astype(np.int32), src.descriptions
+    for row in (0, 32):
+        for col in (0, 32):
+            piece = folder / f"scene_a_s2-{row:010d}-{col:010d}.tif"
+            window = Window(col, row, 32, 32)
+            with rasterio.open(piece, "w", **dict(profile, width=32, height=32,
+                                                  transform=rasterio.windows.transform(window, profile["transform"]))) as dst:
+                block = data[:, row:row + 32, col:col + 32]
+                dst.write(np.where(block > 0, block + 1000, 0).astype(np.uint16))
+                for i, d in enumerate(descriptions, start=1):
+                    dst.set_band_description(i, d)
+                    dst.update_tags(i, BOA_ADD_OFFSET="-1000")
+    s2.unlink()
+    lulc = folder / "scene_a_lulc.tif"
+    with rasterio.open(lulc) as src:
+        profile, labels = src.profile, src.read(1)
+    with rasterio.open(lulc, "w", **profile) as dst:          # 1 = "vegetated" (labels >= 2), 0 = not
+        dst.write((labels >= 2).astype(np.uint8), 1)
+    plain_config = dataclasses.replace(DUMMY_CONFIG, name="manual_dummy_split", split_mode="random")
+    with pytest.raises(contract.InputError, match="holds only the values 0 and 1"):
+        _build(tmp_path / "tfds", folder, plain_config)
+    mapped = dataclasses.replace(plain_config, name="manual_dummy_split_mapped", lulc_map="1:2,0:255",
+                                 max_nodata_fraction=1.0)
+    built = _all_examples(_build(tmp_path / "tfds", folder, mapped))
+    reference = {k: v for k, v in _all_examples(builder).items() if v["scene_id"] == b"scene_a"}
+    assert reference and set(reference) <= set(built)
+    for tile_id, ex in reference.items():
+        np.testing.assert_array_equal(built[tile_id]["s2"], ex["s2"])
+        np.testing.assert_array_equal(built[tile_id]["s1"], ex["s1"])
+        np.testing.assert_array_equal(built[tile_id]["lulc"], np.where(ex["lulc"] >= 2, 2, 255))
+
+
+def test_no_scene_yielding_a_tile_is_an_error_naming_each_scene(tmp_path):
+    too_big = dataclasses.replace(DUMMY_CONFIG, name="manual_dummy_t128", tile_size=128)
+    with pytest.raises(contract.InputError, match=r"(?s)no scene yields a tile.*scene_a.*64 x 64.*128 x 128"):
+        _build(tmp_path / "tfds", DUMMY_DATA, too_big)

@@ -60,7 +60,7 @@ def write_scene(scene_id: str, origin: tuple[float, float], seed: int, *, geogra
     s1 = np.round(np.stack([vv, vv - 6.0]) * 4) / 4
     elevation = np.round(50.0 + 120.0 * _smooth(SIZE, rng, bumps=3), 1)
     _write(OUT / f"{scene_id}_s2.tif", s2, crs, transform, ["B2", "B3", "B4", "B8"], nodata=0)
-    _write(OUT / f"{scene_id}_s1.tif", s1.astype(np.float32), crs, transform, ["VV", "VH"])
+    _write(OUT / f"{scene_id}_s1.tif", s1.astype(np.float32), crs, transform, ["VV", "VH"], nodata=np.nan)
     _write(OUT / f"{scene_id}_lulc.tif", lulc, crs, transform, ["label"])
     if geographic_dem:
         # The same surface resampled on a ~1 arc-second grid that covers the scene with a margin.
