@@ -409,7 +409,7 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
         if iter_state is not None:
             train_iter.set_state(iter_state)
         log.info("Resumed from step %d in %s", start_step, ckpt.directory)
-    writer = logging_utils.MetricWriter(workdir)
+    writer = logging_utils.MetricWriter(workdir, resume_step=start_step)
     if start_step == 0:
         logging_utils.write_config(config, workdir)
     progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
