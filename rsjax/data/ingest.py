@@ -470,6 +470,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lulc_legend", default="auto", choices=landcover.LEGENDS,
                         help="'dynamic_world': take a land-cover file whose values look like another "
                              "legend as it is")
+    parser.add_argument("--allow_any_format", action="store_true",
+                        help="read source files in any GDAL format, VRTs and sidecar files included "
+                             "(by default only plain GeoTIFFs: other formats can make GDAL read any "
+                             "local file or URL); only for files you made yourself")
 
 
 def run(args) -> int:
@@ -477,7 +481,8 @@ def run(args) -> int:
                          max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
                          target_resolution=args.target_resolution, target_grid=args.target_grid,
                          s1_units=args.s1_units, s2_offset=args.s2_offset,
-                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend)
+                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend,
+                         allow_any_format=args.allow_any_format)
     report = IngestReport()
     for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
         for _ in iter_scene_tiles(scene, opts, report):
