@@ -22,6 +22,8 @@ started any time later but not one started in the same second.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -29,7 +31,7 @@ import os
 import socket
 import sys
 import time
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import psutil
 from etils import epath
@@ -177,3 +179,45 @@ class FolderLock:
         # Not a lock rsjax wrote (or one cut short by a crash mid-write): treat as stale on this host.
         return {"host": socket.gethostname(), "pid": -1, "command": "unreadable lock file",
                 "since": "unknown"}
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, what: str = "training run") -> Iterator[None]:
+    """Holds `<workdir>/rsjax.lock` for a training run, on every process of a multi-host job.
+
+    Process 0 takes the lock (all processes write the same workdir); the others
+    learn from it whether it got it, so a refused run stops everywhere with
+    the same FolderBusy instead of hanging in a collective."""
+    import jax
+    import numpy as np
+
+    text = os.fspath(workdir)
+    lock = FolderLock(text if "://" in text else os.path.abspath(text), what=what,
+                      advice="Wait for it to finish, or train in another --workdir")
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except FolderBusy as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = FolderBusy(f"{workdir}: in use by another {what} (see process 0's message).")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def one_writer(train_fn: Callable) -> Callable:
+    """Decorator for `train_and_evaluate(config, workdir, ...)`: runs it holding the workdir's lock."""
+    @functools.wraps(train_fn)
+    def locked(config, workdir, *args, **kwargs):
+        with workdir_lock(workdir):
+            return train_fn(config, workdir, *args, **kwargs)
+    return locked

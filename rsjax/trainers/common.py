@@ -24,6 +24,9 @@ from absl import flags as absl_flags
 from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rsjax.errors import RunFailed, UserError
+from rsjax.trainers import integrity
+
 DATA_AXIS = "data"
 log = logging.getLogger("rsjax")
 
@@ -216,18 +219,32 @@ def guarded_update(finite: jax.Array, updates: Callable[[], dict], state: dict) 
 
     return dict(jax.lax.cond(finite, updated, skipped), step=state["step"] + 1)
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunFailed):
+    """Too many consecutive non-finite steps: the run cannot go on as configured."""
 
 
-def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str) -> None:
-    if consecutive >= limit:
-        raise NonFiniteLossError(
-            f"{limit} consecutive training steps (up to step {step}) had a non-finite loss or "
-            f"gradient; they were skipped and the model was not updated by them. The last "
-            f"checkpoint in {workdir}/checkpoints holds finite parameters. Lower the learning "
-            f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
-            f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
+def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str,
+                    last_good: Optional[int] = None) -> None:
+    """Stops the run after `limit` consecutive non-finite steps, saying what was kept and how to go on.
+
+    `last_good`: the newest checkpoint step (none was saved while steps were
+    skipped or weights diverged, see `integrity.unsafe_to_save`), None when
+    the run saved none."""
+    if consecutive < limit:
+        return
+    if last_good is None:
+        kept = ("No checkpoint was saved (the model was never in a state worth keeping), so "
+                "there is nothing to resume: start again with the change below, in this "
+                "--workdir or a new one")
+    else:
+        kept = (f"Nothing was saved while it diverged: the last good checkpoint is step {last_good} "
+                f"in {workdir}/checkpoints, and rerunning the same command with the change below "
+                f"resumes from it (or start afresh in a new --workdir)")
+    raise NonFiniteLossError(
+        f"{limit} consecutive training steps (up to step {step}) had a non-finite loss or "
+        f"gradient; they were skipped and did not change the model. {kept}. Lower the learning "
+        f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
+        f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
 
 
 def tree_all_finite(tree) -> bool:
@@ -275,63 +292,158 @@ class Checkpointer:
     Orbax writes each step to a temporary directory and renames it when
     complete, so a run killed mid-save leaves the previous checkpoint current.
     Saves are asynchronous; `wait()` blocks until the last one is on disk.
+
+    What rsjax adds (`integrity.py`): no state that must not be resumed is
+    saved (skipped non-finite steps, non-finite or diverged weights); each
+    finished step gets a checksum of its files; `restore` checks them and
+    falls back to the newest intact step, naming the corrupt ones.
     """
 
     def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int, async_save: bool = True):
         # epath: a gs:// workdir stays a URI (Orbax and tensorstore write GCS natively).
-        self.directory = epath.Path(workdir_path(workdir)) / "checkpoints"
+        self.workdir = epath.Path(workdir_path(workdir))
+        self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, int(every_steps)), max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter"))
         self._saved_step = self.manager.latest_step()
+        self._unhashed: list[int] = []
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter_state: Any = None, force: bool = False) -> bool:
-        """Saves when the interval says so (or `force`); a step is saved once."""
+        """Saves when the interval says so (or `force`); a step is saved once, and never a
+        state that must not be resumed (`integrity.unsafe_to_save`)."""
         if step == self._saved_step:
             return False
         if not force and not self.manager.should_save(step):
             return False
-        if not tree_all_finite(state):
-            # Never make a poisoned state current: the last good checkpoint stays.
-            log.error("Not saving step %d: the state holds non-finite values.", step)
+        problem = integrity.unsafe_to_save(state)
+        if problem:
+            last = self.latest_step()
+            log.error("Not saving step %d: %s. %s", step, problem,
+                      f"The last good checkpoint stays step {last}." if last is not None
+                      else "No checkpoint has been saved yet.")
             return False
+        if self._unhashed:
+            # The previous save has to be finished before its checksums; Orbax's save would
+            # wait for it anyway, and nothing deletes steps meanwhile.
+            self.manager.wait_until_finished()
+            self._record_checksums()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=ocp.args.JsonSave(_iter_state_to_json(data_iter_state)))
         saved = self.manager.save(step, args=args, force=force)
         if saved:
             self._saved_step = step
+            self._unhashed.append(step)
         return saved
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None):
-        """Returns (state, data_iter_state, step), or None when there is no checkpoint."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+    def _record_checksums(self) -> None:
+        """Checksums of the finished steps not yet recorded (process 0; see integrity.py)."""
+        steps, self._unhashed = self._unhashed, []
+        if jax.process_index() == 0:
+            for step in steps:
+                integrity.write_manifest(self.directory / str(step))
+
+    # -- restoring ------------------------------------------------------------------------------
+    def restore(self, abstract_state: Any, step: Optional[int] = None, move_corrupt: bool = False):
+        """(state, data_iter_state, step) of checkpoint `step`, by default of the newest intact
+        one; None when there is no checkpoint.
+
+        A step whose checksums do not match, or whose files Orbax cannot read, is
+        corrupt: it is named in a warning and the next older step is tried. A
+        named `step` that is corrupt is a UserError. With `move_corrupt`
+        (training) corrupt steps are moved to <workdir>/corrupt_checkpoints/, so
+        that new saves and max_to_keep see good steps only. No intact step at
+        all is a UserError.
+        """
+        available = sorted(self.manager.all_steps(), reverse=True)
+        if step is not None and step not in available:
+            raise UserError(f"{self.directory}: no checkpoint of step {step}; there are steps "
+                            f"{', '.join(map(str, sorted(available))) or 'none'}.")
+        candidates = [step] if step is not None else available
+        if not candidates:
             return None
+        corrupt: list[tuple[int, str]] = []
+        for candidate in candidates:
+            why = integrity.verify(self.directory / str(candidate))
+            if why is None:
+                try:
+                    restored = self._restore_step(abstract_state, candidate)
+                except Exception as err:  # pylint: disable=broad-except
+                    # Files that match their checksums are intact: an error is something else
+                    # (a checkpoint of another config). Without checksums, judge by the error.
+                    if integrity.has_manifest(self.directory / str(candidate)) or not integrity.is_damage(err):
+                        raise
+                    why = f"Orbax cannot read it ({integrity.short_error(err)})"
+            if why is None:
+                if corrupt:
+                    log.warning("Using checkpoint step %d, the newest intact one in %s (newer: %s).",
+                                candidate, self.directory,
+                                "; ".join(f"step {s} corrupt" for s, _ in corrupt))
+                    self._set_aside(corrupt, move_corrupt)
+                return (*restored, candidate)
+            log.warning("Checkpoint step %d in %s is corrupt: %s.", candidate, self.directory, why)
+            corrupt.append((candidate, why))
+            if step is not None:
+                older = [s for s in available if s < step
+                         and integrity.verify(self.directory / str(s)) is None]
+                raise UserError(
+                    f"{self.directory / str(step)}: checkpoint step {step} is corrupt: {why}. "
+                    + (f"Use an intact one, e.g. --step {older[0]}." if older else
+                       "No older step is intact."))
+        moved = self._set_aside(corrupt, move_corrupt)
+        raise UserError(
+            f"{self.directory}: no intact checkpoint; every step is corrupt ("
+            + "; ".join(f"step {s}: {why}" for s, why in corrupt) + "). "
+            + (f"They were moved to {self.workdir / integrity.QUARANTINE}: rerun to train from "
+               "step 0, or use a new --workdir." if moved else
+               "Train again in a new --workdir, or restore the checkpoint folder from a copy."))
+
+    def _restore_step(self, abstract_state: Any, step: int):
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data_iter=ocp.args.JsonRestore()))
-        return restored["state"], _iter_state_from_json(restored["data_iter"]), step
+        return restored["state"], _iter_state_from_json(restored["data_iter"])
+
+    def _set_aside(self, corrupt: list, move: bool) -> bool:
+        """Moves the corrupt steps out of Orbax's folder (training only); True if all moved."""
+        if not move or not corrupt:
+            return False
+        moved = True
+        if jax.process_index() == 0:
+            for step, _ in corrupt:
+                target = integrity.quarantine(self.directory / str(step), self.workdir)
+                moved &= target is not None
+                if target is not None:
+                    log.warning("Moved the corrupt checkpoint step %d to %s (nothing is deleted).",
+                                step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("rsjax.checkpoints.set_aside")
+        self.manager.reload()
+        self._saved_step = self.manager.latest_step()
+        return moved
 
     def restore_state_only(self, abstract_state: Any, step: Optional[int] = None):
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}. Train first, or pass "
-                                    "the workdir of a finished run.")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"], step
+        restored = self.restore(abstract_state, step)
+        if restored is None:
+            raise UserError(f"No checkpoint in {self.directory}. Train first, or pass "
+                            "the workdir of a finished run.")
+        state, _, step = restored
+        return state, step
 
     def wait(self):
         self.manager.wait_until_finished()
+        self._record_checksums()
 
     def close(self):
         self.manager.wait_until_finished()
+        self._record_checksums()
         self.manager.close()
 
 
@@ -402,7 +514,7 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     from rsjax import logging_utils
 
     ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    restored = ckpt.restore(abstract_like(state))
+    restored = ckpt.restore(abstract_like(state), move_corrupt=True)
     start_step = 0
     if restored is not None:
         state, iter_state, start_step = restored
@@ -430,7 +542,7 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
                 pending = []
                 summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
                 check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps, step,
-                                workdir)
+                                workdir, last_good=ckpt.latest_step())
                 writer.write_scalars(step, {
                     **summary, "steps_per_second": step_rate(step),
                     **logging_utils.learning_rate_scalars(learning_rates or {}, step)})

@@ -35,6 +35,7 @@ from flax import nnx
 from rsjax import input_pipeline, losses, metrics
 from rsjax import viz
 from rsjax.models import create_model
+from rsjax.locks import one_writer
 from rsjax.trainers import common
 
 log = logging.getLogger("rsjax")
@@ -357,6 +358,7 @@ def grid_rows(real, generated, labels) -> dict:
     return {"real": real, "generated": generated, "land cover": labels}
 
 
+@one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir = common.workdir_path(workdir)      # local (made absolute) or gs://

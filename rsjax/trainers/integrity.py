@@ -69,7 +69,7 @@ def write_manifest(step_dir: str | os.PathLike) -> Optional[epath.Path]:
         return None
     started = time.perf_counter()
     try:
-        entries = {os.path.relpath(os.fspath(f), os.fspath(step_dir)): {"bytes": f.stat().st_size,
+        entries = {os.path.relpath(os.fspath(f), os.fspath(step_dir)): {"bytes": os.path.getsize(os.fspath(f)),
                                                                          "sha256": sha256(f)}
                    for f in _files(step_dir)}
     except FileNotFoundError:            # removed while hashing (max_to_keep)
@@ -80,6 +80,10 @@ def write_manifest(step_dir: str | os.PathLike) -> Optional[epath.Path]:
     os.replace(os.fspath(tmp), os.fspath(manifest))
     log.debug("Checksums of %s: %d files in %.2f s", step_dir, len(entries), time.perf_counter() - started)
     return manifest
+
+
+def has_manifest(step_dir: str | os.PathLike) -> bool:
+    return (epath.Path(os.fspath(step_dir)) / MANIFEST).exists()
 
 
 def verify(step_dir: str | os.PathLike) -> Optional[str]:
@@ -96,7 +100,7 @@ def verify(step_dir: str | os.PathLike) -> Optional[str]:
         path = step_dir / name
         if not path.exists():
             return f"{name} is missing"
-        size = path.stat().st_size
+        size = os.path.getsize(os.fspath(path))
         if size != expected["bytes"]:
             return f"{name} has {size} bytes where {expected['bytes']} were written (truncated or overwritten)"
         if sha256(path) != expected["sha256"]:
@@ -126,3 +130,80 @@ def quarantine(step_dir: str | os.PathLike, workdir: str | os.PathLike) -> Optio
         log.warning("Could not move the corrupt checkpoint %s aside (%s).", step_dir, err)
         return None
     return target
+
+
+# -- what may be saved --------------------------------------------------------------------------
+
+# A model weight (or EMA, BatchNorm statistic) this large means the run diverged: trained weights
+# are O(1), and a step at a learning rate of 1e30 leaves them near 1e30 while still finite.
+PARAMETER_LIMIT = 1e8
+
+
+def _is_optimizer_path(path) -> bool:
+    """Optimizer states (Adam's moments grow with the squared gradients) are left out of the limit."""
+    import jax
+
+    return any(isinstance(k, jax.tree_util.DictKey) and str(k.key).endswith("opt") for k in path)
+
+
+def unsafe_to_save(state) -> Optional[str]:
+    """Why a train state must not become a checkpoint, or None when it may.
+
+    Refused: the last step was skipped as non-finite (`state["nonfinite"]` > 0:
+    the run is in trouble, and resuming here would repeat it), any non-finite
+    value, or a weight beyond PARAMETER_LIMIT (diverged but finite). One pass
+    on the device, one number back to the host.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(state, dict) and "nonfinite" in state and int(jax.device_get(state["nonfinite"])) > 0:
+        return (f"its last {int(jax.device_get(state['nonfinite']))} step(s) were skipped as non-finite")
+    floats = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(state)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return None
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in floats]))
+    weights = [x for path, x in floats if not _is_optimizer_path(path)]
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in weights])) if weights else jnp.zeros(())
+    finite, largest = jax.device_get((finite, largest))
+    if not finite:
+        return "it holds non-finite values"
+    if largest > PARAMETER_LIMIT:
+        return f"its weights reach {float(largest):.3g} (beyond {PARAMETER_LIMIT:.0e}: the run diverged)"
+    return None
+
+
+# -- what counts as a corrupt step ----------------------------------------------------------------
+
+# Words in the errors Orbax, tensorstore and json raise for damaged files (not for a checkpoint
+# that simply does not fit the model, which must not be taken for corruption).
+_DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "Error reading", "Error decoding", "Error opening",
+           "Expecting", "Unterminated", "Extra data", "truncated", "corrupt", "No such file",
+           "NOT_FOUND")
+
+
+def is_damage(err: BaseException) -> bool:
+    """Whether a restore failed because files are damaged or missing (searches the cause chain)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)):
+            return True
+        if any(word in str(err) for word in _DAMAGE):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """What is wrong with the files, in one short line (tensorstore's errors carry kilobytes
+    of spec; a JSON error says which JSON file is damaged, in words)."""
+    cause = err
+    while cause is not None and not isinstance(cause, json.JSONDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, json.JSONDecodeError):
+        return (f"a JSON metadata file in it is cut short or garbled ({cause.msg} at character "
+                f"{cause.pos} of {len(cause.doc)})")
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + " ..."

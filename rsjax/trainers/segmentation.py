@@ -26,6 +26,7 @@ from flax import nnx
 from rsjax import input_pipeline, losses, metrics
 from rsjax.data.contract import NUM_CLASSES
 from rsjax.models import create_model
+from rsjax.locks import one_writer
 from rsjax.trainers import common
 
 log = logging.getLogger("rsjax")
@@ -146,6 +147,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optiona
     return result, rows
 
 
+@one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir = common.workdir_path(workdir)      # local (made absolute) or gs://
