@@ -37,10 +37,12 @@ batch with examples whose `valid` is all False and label all 255. (On several
 hosts each reads an equal share; the few tiles left over by the division are
 skipped, as grain's ShardByJaxProcess(drop_remainder=True) does.)
 
-Metrics: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)` maps model
-space to [0, 1], where 0 and 1 are a band's train-split 1st and 99th
-percentile of reflectance; `image_to_reflectance(x, normalizer)` gives
-physical reflectance.
+Back from model space: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)`
+maps it to [0, 1] for metrics, where 0 and 1 are a band's train-split 1st and
+99th percentile of reflectance; `image_to_reflectance(x, normalizer)` gives
+physical reflectance and `image_to_s2(x, normalizer)` the dataset's S2 unit
+(uint16 reflectance x 10000), in which generated images are stored and
+written.
 
 Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - name: TFDS name with config, e.g. 'rs_multisource/synthetic'.
@@ -69,7 +71,6 @@ import numpy as np
 from rsjax.data import contract
 
 SOURCE_CHANNELS = {"lulc": contract.NUM_CLASSES, "s1": 2, "dem": 5}
-IMAGE_CHANNELS = len(contract.S2_BANDS)
 
 
 # ----------------------------------------------------------------------------
@@ -162,6 +163,14 @@ def image_to_reflectance(x, normalizer: Normalizer):
     low = normalizer.s2_low / 10000.0
     high = normalizer.s2_high / 10000.0
     return low + (x + 1.0) * 0.5 * (high - low)
+
+
+def image_to_s2(x, normalizer: Normalizer) -> np.ndarray:
+    """Model space [-1, 1] -> the dataset's S2 unit, uint16 reflectance x 10000,
+    valid pixels at least 1 (0 is the contract's no-data): how generated images
+    are stored (rsjax.synthesize) and written (rsjax.predict)."""
+    reflectance = image_to_reflectance(np.asarray(x, np.float32), normalizer)
+    return np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
 
 
 def _any_nan(x: np.ndarray) -> np.ndarray:
@@ -321,8 +330,26 @@ def ensure_dataset(data_cfg, *, manual_dir: Optional[str] = None):
     return builder
 
 
-def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=False) -> dict:
-    """Builds (or finds) the dataset; returns a summary with split counts and tiles/s."""
+def beam_options(beam_pipeline_options: str):
+    """Beam PipelineOptions from TFDS's `--beam_pipeline_options` syntax:
+    'runner=DataflowRunner,project=P,region=R' (comma-separated key=value)."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        from rsjax.errors import UserError
+        raise UserError("--beam_pipeline_options needs Apache Beam: pip install rsjax[beam]") from None
+    return PipelineOptions(flags=[f"--{opt.strip()}" for opt in beam_pipeline_options.split(",")
+                                  if opt.strip()])
+
+
+def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=False,
+          beam_pipeline_options: Optional[str] = None) -> dict:
+    """Builds (or finds) the dataset; returns a summary with split counts and tiles/s.
+
+    beam_pipeline_options: build with Apache Beam on the runner these options
+    name ('direct_num_workers=2,direct_running_mode=multi_processing' for the
+    local DirectRunner); None builds in this process. Same dataset either way.
+    """
     import time
     import tensorflow_datasets as tfds
 
@@ -335,7 +362,8 @@ def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=Fa
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     built = overwrite or not builder.is_prepared()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
+        manual_dir=manual_dir, download_mode=mode,
+        beam_options=beam_options(beam_pipeline_options) if beam_pipeline_options else None))
     seconds = time.perf_counter() - started
     counts = {name: split.num_examples for name, split in builder.info.splits.items()}
     total = sum(counts.values())
@@ -365,21 +393,6 @@ def load_statistics(builder) -> dict:
                      "(built by an older builder?); rebuild it with `python -m rsjax.build_dataset`.")
 
 
-def class_weights(data_cfg, power: float = 1.0) -> np.ndarray:
-    """Inverse-frequency class weights (9,) from the train split, normalized to mean 1.
-
-    Classes absent from the train split get weight 0 (they never occur in labels).
-    """
-    stats = load_statistics(get_builder(data_cfg))
-    freq = np.asarray(stats["lulc"]["frequencies"], np.float64)
-    weights = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12) ** power, 0.0)
-    present = weights > 0
-    if present.any():
-        weights[present] /= weights[present].mean()
-    return weights.astype(np.float32)
-
-
-
 # ----------------------------------------------------------------------------
 # grain: sharding, shuffling, repeat, per-record transforms, batching
 # ----------------------------------------------------------------------------
@@ -389,11 +402,11 @@ _RASTERS = ("s2", "s1", "lulc", "dem")
 
 def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
     """The selected sources in canonical order; () is allowed (optical image only)."""
-    bad = [s for s in sources if s not in SOURCE_CHANNELS]
+    bad = [s for s in sources if s not in contract.SOURCES]
     if bad:
         raise ValueError(f"sources {tuple(sources)}: unknown {bad}; choose a subset of "
-                         f"{tuple(SOURCE_CHANNELS)}")
-    return tuple(s for s in SOURCE_CHANNELS if s in sources)
+                         f"{contract.SOURCES}")
+    return tuple(s for s in contract.SOURCES if s in sources)
 
 
 class Normalize(grain.transforms.Map):
@@ -441,27 +454,72 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 
 
-class MixedSource:
-    """Real tiles followed by generated ones (1:1 when every tile has a generated image).
+TRAIN_SCENES = ("all", "optical", "no_optical")
 
-    Record i < len(real) is the real tile i; record len(real) + j is the real
-    tile whose tile_id matches generated image j, with its optical image
-    replaced (land cover, SAR and terrain stay real, as the paper pairs them).
-    Pixels without real optical data stay without data.
+
+def record_scene_ids(source) -> list[str]:
+    """The scene id of every record of a data source (one pass over the records)."""
+    out = []
+    for i in range(len(source)):
+        sid = source[i]["scene_id"]
+        out.append(sid.decode() if isinstance(sid, bytes) else str(sid))
+    return out
+
+
+def scene_half(scene_ids: Sequence[str], which: str) -> list[int]:
+    """Indices of the records whose scene is in `which` half of the scenes.
+
+    'optical' and 'no_optical' split the sorted scene ids alternately (the
+    first, third, ... scene have an optical image; the others stand for scenes
+    whose optical image is cloudy or missing), 'all' keeps every record. A
+    whole scene goes to one side, so the other side's label layouts are new.
+    """
+    if which not in TRAIN_SCENES:
+        raise ValueError(f"data.train_scenes={which!r}: choose one of {', '.join(TRAIN_SCENES)}")
+    if which == "all":
+        return list(range(len(scene_ids)))
+    ordered = sorted(set(scene_ids))
+    chosen = set(ordered[0::2] if which == "optical" else ordered[1::2])
+    if not chosen:
+        raise ValueError(f"data.train_scenes={which!r}: the split has {len(ordered)} scene(s); "
+                         "halving needs at least 2.")
+    return [i for i, sid in enumerate(scene_ids) if sid in chosen]
+
+
+class SubsetSource:
+    """Records `indices` of a random-access source, in that order."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self._source, self._indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._source[self._indices[i]]
+
+
+class MixedSource:
+    """Real tiles followed by generated ones.
+
+    Record k < len(real_indices) is the base record real_indices[k]; record
+    len(real_indices) + j is the base record pairs[j][0] with its optical image
+    replaced by images[pairs[j][1]] (land cover, SAR and terrain stay real, as
+    the paper pairs them). Pixels without real optical data stay without data.
+    The generated tiles need not be among the real ones: a scene without an
+    optical image can be represented by generated images alone.
     """
 
-    def __init__(self, real, tile_ids: Sequence[str], s2: np.ndarray):
-        self._real = real
-        index = {}
-        for i in range(len(real)):
-            tid = real[i]["tile_id"]
-            index[tid.decode() if isinstance(tid, bytes) else str(tid)] = i
-        missing = [t for t in tile_ids if t not in index]
-        if missing:
-            raise ValueError(f"{len(missing)} generated image(s) name tiles that are not in this "
-                             f"split, e.g. {missing[:3]}; generate them from the same dataset and split")
-        self._pairs = [index[t] for t in tile_ids]
-        self._s2 = s2
+    def __init__(self, base, real_indices: Sequence[int], pairs: Sequence[tuple[int, int]],
+                 images: np.ndarray):
+        self._base = base
+        self._real = list(real_indices)
+        self._pairs = list(pairs)
+        self._images = images
+
+    @property
+    def num_generated(self) -> int:
+        return len(self._pairs)
 
     def __len__(self) -> int:
         return len(self._real) + len(self._pairs)
@@ -469,39 +527,81 @@ class MixedSource:
     def __getitem__(self, i: int) -> dict:
         n = len(self._real)
         if i < n:
-            return self._real[i]
-        record = dict(self._real[self._pairs[i - n]])
+            return self._base[self._real[i]]
+        record_index, image_index = self._pairs[i - n]
+        record = dict(self._base[record_index])
         nodata = np.all(record["s2"] == contract.S2_NODATA, axis=-1, keepdims=True)
-        record["s2"] = np.where(nodata, contract.S2_NODATA, self._s2[i - n])
+        record["s2"] = np.where(nodata, contract.S2_NODATA, self._images[image_index])
         return record
 
 
-def generated_source(real, generated_dir: str, normalizer: Normalizer) -> MixedSource:
-    """The real split plus the generated images of `generated_dir`.
+def _stable_rank(text: str) -> int:
+    import hashlib
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
-    The folder holds .npz files, each with `tile_id` (N,) strings and either
+
+def load_generated(generated_dir: str, normalizer: Normalizer) -> list[tuple[list[str], np.ndarray]]:
+    """[(tile ids, s2 uint16 images)] of each '+'-separated folder of generated images.
+
+    A folder holds .npz files, each with `tile_id` (N,) strings and either
     `s2` (N, H, W, 4) uint16 reflectance x 10000, or `image` (N, H, W, 4) float
     in model space [-1, 1] (converted back with the dataset's normalizer).
     """
     from etils import epath
 
-    files = sorted(epath.Path(generated_dir).glob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{generated_dir}: no .npz files of generated images "
-                                "(tile_id + s2 or image arrays)")
-    tile_ids, images = [], []
-    for path in files:
-        with path.open("rb") as f, np.load(f) as z:
-            if "tile_id" not in z or not ({"s2", "image"} & set(z.files)):
-                raise ValueError(f"{path}: needs arrays 'tile_id' and 's2' or 'image' (has {z.files})")
-            if "s2" in z:
-                s2 = np.asarray(z["s2"], np.uint16)
-            else:
-                reflectance = image_to_reflectance(np.asarray(z["image"], np.float32), normalizer)
-                s2 = np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
-            tile_ids += [str(t) for t in z["tile_id"]]
-            images.append(s2)
-    return MixedSource(real, tile_ids, np.concatenate(images))
+    out = []
+    for folder in [d for d in str(generated_dir).split("+") if d]:
+        files = sorted(epath.Path(folder).glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no .npz files of generated images "
+                                    "(tile_id + s2 or image arrays); run rsjax synthesize first")
+        tile_ids, images = [], []
+        for path in files:
+            with path.open("rb") as f, np.load(f) as z:
+                if "tile_id" not in z or not ({"s2", "image"} & set(z.files)):
+                    raise ValueError(f"{path}: needs arrays 'tile_id' and 's2' or 'image' "
+                                     f"(has {z.files})")
+                s2 = (np.asarray(z["s2"], np.uint16) if "s2" in z
+                      else image_to_s2(np.asarray(z["image"], np.float32), normalizer))
+                tile_ids += [str(t) for t in z["tile_id"]]
+                images.append(s2)
+        out.append((tile_ids, np.concatenate(images)))
+    return out
+
+
+def generated_source(base, generated_dir: str, normalizer: Normalizer, *, rate: float = 1.0,
+                     real_indices: Optional[Sequence[int]] = None) -> MixedSource:
+    """The real records `real_indices` of `base` (default: all) plus generated images.
+
+    `rate` generated images per real one: round(rate x real count) images are
+    taken from the folders' pool, the first folder first and, within a folder,
+    in an order fixed by a hash of the tile id (so rate 0.5 takes a fixed half
+    of one folder, rate 2 needs two folders, e.g. two generators'). Each
+    generated image is paired with the base record of its tile id.
+    """
+    real_indices = list(range(len(base))) if real_indices is None else list(real_indices)
+    index = {}
+    for i in range(len(base)):
+        tid = base[i]["tile_id"]
+        index[tid.decode() if isinstance(tid, bytes) else str(tid)] = i
+    pool, images = [], []
+    offset = 0
+    for folder, (tile_ids, s2) in enumerate(load_generated(generated_dir, normalizer)):
+        missing = [t for t in tile_ids if t not in index]
+        if missing:
+            raise ValueError(f"{len(missing)} generated image(s) name tiles that are not in this "
+                             f"split, e.g. {missing[:3]}; generate them from the same dataset and split")
+        pool += [(folder, _stable_rank(t), index[t], offset + k) for k, t in enumerate(tile_ids)]
+        images.append(s2)
+        offset += len(tile_ids)
+    wanted = int(round(rate * len(real_indices)))
+    if rate < 0 or wanted > len(pool):
+        raise ValueError(f"data.mix_rate={rate:g} asks for {wanted} generated images for "
+                         f"{len(real_indices)} real tiles, but {generated_dir} holds {len(pool)}: "
+                         "give more folders of generated images, '+'-separated, or a lower rate.")
+    chosen = sorted(pool)[:wanted]
+    pairs = [(record, image) for _, _, record, image in chosen]
+    return MixedSource(base, real_indices, pairs, np.concatenate(images) if images else None)
 
 
 class BatchIterator:
@@ -514,7 +614,8 @@ class BatchIterator:
 
     get_state() / set_state() save and restore the position (grain's
     DataLoader iterator state, bytes): a restored iterator yields exactly the
-    batch that would have come next.
+    batch that would have come next. grain's Orbax checkpoint handler takes it
+    as it takes grain's own iterators.
     """
 
     def __init__(self, loader: grain.DataLoader, mesh, per_process_batch: int, pad_final: bool):
@@ -525,8 +626,8 @@ class BatchIterator:
         self._pad_final = pad_final
         self._sharding = None
         if mesh is not None:
-            import jax
-            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            from rsjax.mesh import batch_sharding
+            self._sharding = batch_sharding(mesh)
 
     def __iter__(self):
         return self
@@ -547,9 +648,17 @@ class BatchIterator:
     def set_state(self, state: bytes) -> None:
         self._iterator.set_state(state)
 
+    def start_prefetch(self) -> None:
+        self._iterator.start_prefetch()
+
+
+def split_size(data_cfg, split: str) -> int:
+    """Number of examples of a split of the dataset named by data_cfg."""
+    return int(get_builder(data_cfg).info.splits[split].num_examples)
+
 
 def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, train: bool,
-                    seed: int, sources: Sequence[str] = ("lulc", "s1", "dem"),
+                    seed: int, sources: Sequence[str] = contract.SOURCES,
                     num_epochs: Optional[int] = None,
                     generated_dir: Optional[str] = None) -> BatchIterator:
     """Batches of one split of the dataset named by data_cfg (see the module docstring).
@@ -560,7 +669,10 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
     final partial batch is padded with examples whose `valid` is all False
     and label 255, so that every tile is seen once and masked metrics ignore
     the padding.
-    generated_dir: add generated optical images to the split (see generated_source).
+    generated_dir: add generated optical images to the split (see generated_source;
+    `data_cfg.mix_rate` generated images per real one, default 1).
+    `data_cfg.train_scenes` ('all', 'optical', 'no_optical'; see scene_half)
+    restricts the train split's real tiles to half of its scenes.
     """
     builder = get_builder(data_cfg)
     if not builder.is_prepared():
@@ -572,8 +684,16 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
         raise ValueError(f"split {split!r} not in {data_cfg.name}: {list(builder.info.splits)}")
     normalizer = Normalizer.from_statistics(load_statistics(builder))
     source = builder.as_data_source(split=split)
+    train_scenes = str(data_cfg.get("train_scenes", "all")) if split == "train" else "all"
+    real_indices = None
+    if train_scenes != "all":
+        real_indices = scene_half(record_scene_ids(source), train_scenes)
     if generated_dir is not None:
-        source = generated_source(source, generated_dir, normalizer)
+        source = generated_source(source, generated_dir, normalizer,
+                                  rate=float(data_cfg.get("mix_rate", 1.0)),
+                                  real_indices=real_indices)
+    elif real_indices is not None:
+        source = SubsetSource(source, real_indices)
     return batch_iterator(
         source, normalizer, global_batch_size=global_batch_size, mesh=mesh, train=train, seed=seed,
         sources=sources, num_epochs=num_epochs, augment=train and bool(data_cfg.get("augment", True)),

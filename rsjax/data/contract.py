@@ -1,7 +1,7 @@
 """The data contract shared by ingestion, the TFDS builder and the input pipeline.
 
 One place for the names, units and no-data conventions of every source, so the
-writer of a record and its reader cannot drift apart. See DESIGN.md / README.
+writer of a record and its reader cannot drift apart. See docs/data.md.
 
 Stored per tile (physical units, channels last):
 
@@ -18,10 +18,13 @@ Stored per tile (physical units, channels last):
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from rsjax.data import storage
 from rsjax.errors import UserError
 
 S2_BANDS = ("B2", "B3", "B4", "B8")          # blue, green, red, NIR
@@ -65,24 +68,28 @@ class Mosaic:
     in memory, so reads stay windowed: a window reads only the pieces under it).
     """
 
-    pieces: tuple[Path, ...]
+    pieces: tuple[Union[Path, str], ...]
 
     def __str__(self) -> str:
-        first = Path(self.pieces[0])
-        m = _SCENE_FILE.match(first.name)
-        prefix = first.name[:m.start("row") - 1] if m and m["row"] else first.stem
-        return f"{first.parent / prefix}-*.tif ({len(self.pieces)} pieces)"
+        first = self.pieces[0]
+        name = storage.name(first)
+        m = _SCENE_FILE.match(name)
+        prefix = name[:m.start("row") - 1] if m and m["row"] else name.rsplit(".", 1)[0]
+        return f"{storage.join(storage.parent(first), prefix)}-*.tif ({len(self.pieces)} pieces)"
 
 
-# A source is one GeoTIFF or the pieces of a split export.
-Source = Union[Path, Mosaic]
+# A source is one GeoTIFF (a local Path, or a URL string: gs://, s3://, http(s)://,
+# see storage.py) or the pieces of a split export.
+Source = Union[Path, str, Mosaic]
 
 
 @dataclasses.dataclass(frozen=True)
 class ScenePaths:
     """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover.
 
-    Each source is a path, or a `Mosaic` of the pieces of a split export.
+    Each source is a path (pathlib.Path for local files, a string for URLs,
+    which rasterio opens as they are), or a `Mosaic` of the pieces of a split
+    export.
     """
 
     scene_id: str
@@ -95,11 +102,34 @@ class ScenePaths:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scene_id"}
 
 
+def scene_to_record(scene: ScenePaths) -> tuple:
+    """A scene as plain data, (scene_id, ((source, path or (piece, ...) or None), ...)),
+    to hand to other processes (Beam would turn the dataclass into a schema row)."""
+    def plain(source):
+        if source is None:
+            return None
+        if isinstance(source, Mosaic):
+            return tuple(str(p) for p in source.pieces)
+        return str(source)
+    return scene.scene_id, tuple((k, plain(v)) for k, v in sorted(scene.as_dict().items()))
+
+
+def scene_from_record(record: tuple) -> ScenePaths:
+    """The inverse of `scene_to_record`."""
+    scene_id, paths = record
+
+    def source(value):
+        if isinstance(value, tuple):
+            return Mosaic(tuple(storage.as_path(p) for p in value))
+        return None if value is None else storage.as_path(value)
+    return ScenePaths(scene_id=scene_id, **{k: source(v) for k, v in paths})
+
+
 def as_source(source) -> Optional[Source]:
     """A path-like as a Path, a Mosaic as it is, None as None."""
     if source is None or isinstance(source, Mosaic):
         return source
-    return Path(source)
+    return storage.as_path(source)
 
 
 # Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem
@@ -123,52 +153,87 @@ def group_scene_files(paths: Iterable, folder) -> dict[str, dict[str, Source]]:
     Raises InputError when a source comes both as a whole file and in pieces.
     """
     found: dict[str, dict[str, list]] = {}
-    for path in sorted(paths, key=lambda p: p.name):
-        m = _SCENE_FILE.match(path.name)
+    for path in sorted(paths, key=storage.name):
+        m = _SCENE_FILE.match(storage.name(path))
         if m:
-            found.setdefault(m["scene"], {}).setdefault(m["source"].lower(), []).append(path)
+            found.setdefault(m["scene"], {}).setdefault(m["source"].lower(), []).append(
+                storage.as_path(path) if isinstance(path, str) else path)
     scenes: dict[str, dict[str, Source]] = {}
     for scene_id, sources in found.items():
         scenes[scene_id] = {}
         for source, files in sources.items():
-            whole = [f for f in files if split_offsets(f.name) is None]
+            whole = [f for f in files if split_offsets(storage.name(f)) is None]
             if len(whole) > 1:
                 raise InputError(f"scene '{scene_id}' in {folder}: {source} comes as "
-                                 f"{' and '.join(f.name for f in whole)}. Keep one of them.")
+                                 f"{' and '.join(storage.name(f) for f in whole)}. Keep one of them.")
             if whole and len(files) > 1:
                 raise InputError(
-                    f"scene '{scene_id}' in {folder}: {source} comes both as {whole[0].name} and as "
-                    f"{len(files) - len(whole)} split export piece(s) ({', '.join(f.name for f in files if f not in whole)}). "
+                    f"scene '{scene_id}' in {folder}: {source} comes both as {storage.name(whole[0])} and as "
+                    f"{len(files) - len(whole)} split export piece(s) ({', '.join(storage.name(f) for f in files if f not in whole)}). "
                     "Keep either the whole file or the pieces.")
             scenes[scene_id][source] = whole[0] if whole else Mosaic(tuple(files))
     return scenes
 
 
-def find_scenes(folder: str | Path, require_lulc: bool = True) -> list[ScenePaths]:
+def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incomplete: bool = False,
+                report: Optional[dict] = None) -> list[ScenePaths]:
     """Groups `<scene_id>_{s2,s1,lulc,dem}.tif` files of a folder into scenes.
 
     The pieces of a split Earth Engine export (`<scene_id>_s2-0000000000-0000000000.tif`,
-    ...) become one `Mosaic` source. Raises InputError naming the scene and
-    the missing source when a scene is incomplete, so that a build never
-    starts on half a scene.
+    ...) become one `Mosaic` source. `folder` may be local, gs://, s3:// or
+    http(s)://, or a `.txt` list of scene prefixes (see rsjax.data.storage);
+    an etils epath folder (TFDS's manual_dir, its test sandbox) is listed
+    through epath and its paths come back as epath Paths. A scene missing a
+    source (land cover only when `require_lulc`) is
+    an InputError naming every such scene and what it misses, so a build never
+    starts on half a scene; with `skip_incomplete` it is skipped instead,
+    logged and listed in `report["skipped_scenes"]` (if a report is given).
+    When the incomplete scenes together hold every source, the ids most likely
+    differ between sources, and the message says so.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
-                         "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
-    found = group_scene_files(folder.iterdir(), folder)
+    from etils import epath
+
+    if isinstance(folder, epath.Path) and not storage.is_list_file(folder):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
+                             "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
+        paths = [type(folder)(p) for p in folder.iterdir()]
+    else:
+        if not storage.is_list_file(folder) and not storage.is_dir(folder):
+            raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
+                             "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files, or to a "
+                             ".txt file listing scene prefixes.")
+        paths = storage.scene_paths(folder)
+    found = group_scene_files(paths, folder)
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")
-    scenes = []
     needed = ("s2", "s1", "dem") + (("lulc",) if require_lulc else ())
+    scenes, incomplete = [], {}
     for scene_id, files in sorted(found.items()):
         missing = [s for s in needed if s not in files]
         if missing:
-            raise InputError(
-                f"scene '{scene_id}' in {folder}: missing source(s) {', '.join(missing)} "
-                f"(have {', '.join(sorted(files))}). Add {', '.join(f'{scene_id}_{m}.tif' for m in missing)} "
-                "or remove the scene's other files.")
-        scenes.append(ScenePaths(scene_id=scene_id, s2=files["s2"], s1=files["s1"],
-                                 dem=files["dem"], lulc=files.get("lulc")))
+            incomplete[scene_id] = (sorted(files), missing)
+        else:
+            scenes.append(ScenePaths(scene_id=scene_id, s2=files["s2"], s1=files["s1"],
+                                     dem=files["dem"], lulc=files.get("lulc")))
+    if incomplete and not skip_incomplete:
+        lines = [f"  scene '{sid}': has {', '.join(have)}; missing {', '.join(miss)}"
+                 for sid, (have, miss) in incomplete.items()]
+        hint = ""
+        held = {s for have, _ in incomplete.values() for s in have}
+        if len(incomplete) > 1 and set(needed) <= held:
+            hint = ("\nThe incomplete scenes together hold every source: the scene ids probably "
+                    "differ between sources. Rename the files so that the sources of a scene "
+                    "share one <scene_id> prefix.")
+        raise InputError(
+            f"{folder}: {len(incomplete)} scene(s) miss a source:\n" + "\n".join(lines) + hint +
+            "\nAdd the missing files, or remove the scene's other files (a dataset build "
+            "can skip such scenes with skip_incomplete_scenes=True).")
+    for sid, (_, miss) in incomplete.items():
+        logging.getLogger("rsjax").warning("Skipping scene '%s': missing %s", sid, ", ".join(miss))
+        if report is not None:
+            report.setdefault("skipped_scenes", []).append({"scene_id": sid, "missing": miss})
+    if not scenes:
+        raise InputError(f"{folder}: no complete scene (every scene misses a source).")
     return scenes

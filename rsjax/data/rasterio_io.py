@@ -26,6 +26,7 @@ import numpy as np
 import rasterio
 import rasterio.dtypes
 
+from rsjax.data import storage
 from rsjax.data.contract import InputError, Mosaic, Source, split_offsets
 from rsjax.data.untrusted import open_input
 
@@ -73,7 +74,7 @@ def open_source(source: Source | str, role: str, any_format: bool = False) -> ra
     # sidecars: TFDS builder tests patch os/open inside builders only, not here.
     if isinstance(source, Mosaic):
         return rasterio.open(mosaic_vrt_xml(source, role, any_format))
-    return open_input(source, WHAT[role], any_format)
+    return open_input(storage.as_path(source), WHAT[role], any_format)   # URLs stay strings: GDAL opens them
 
 
 @contextlib.contextmanager
@@ -136,7 +137,7 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str, any_format: bool = False) -> str:
                              f"corner, not on whole pixels: it is not a piece of the same grid as "
                              f"{first['path']}. Check that every piece of {mosaic} comes from one export.")
         placed.append((info, int(round(col)), int(round(row))))
-    named = [split_offsets(Path(info["path"]).name) for info in infos]
+    named = [split_offsets(storage.name(info["path"])) for info in infos]
     if all(n is not None for n in named):
         origin = (min(n[0] for n in named), min(n[1] for n in named))
         for (info, col, row), (name_row, name_col) in zip(placed, named):
@@ -170,7 +171,8 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str, any_format: bool = False) -> str:
         _metadata(el, first["band_tags"][band - 1])
         for info, col, row in placed:
             source = ET.SubElement(el, "SimpleSource")
-            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = info["path"]
+            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = storage.gdal_path(
+                info["path"])
             ET.SubElement(source, "SourceBand").text = str(band)
             ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(info["width"]),
                           ySize=str(info["height"]))

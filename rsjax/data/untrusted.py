@@ -167,7 +167,8 @@ def open_input(path: str | Path, what: str, any_format: bool = False) -> rasteri
             ds = rasterio.open(local if local is not None else name,
                                driver=None if any_format else "GTiff")
     except rasterio.errors.RasterioError as err:
-        if "No such file" in str(err) or "does not exist" in str(err) or (
+        if any(text in str(err) for text in ("No such file", "does not exist", "response code: 404",
+                                             "HTTP error code: 404")) or (
                 local is not None and not local.exists()):
             raise InputError(f"{name}: {what} file does not exist. Check the path or the scene "
                              "folder.") from err

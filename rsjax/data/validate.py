@@ -32,7 +32,7 @@ import rasterio
 import rasterio.errors
 from rasterio.enums import Resampling
 
-from rsjax.data import landcover, optical, plausible, sar
+from rsjax.data import landcover, optical, plausible, sar, storage
 from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, S2_BANDS, InputError, ScenePaths, Source, as_source
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
@@ -269,7 +269,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
     grid_file = getattr(opts, "target_grid", None)
     try:
         if grid_file is not None:
-            grid = grid_of_file(Path(grid_file), opts)
+            grid = grid_of_file(storage.as_path(grid_file), opts)
         elif scene.s2 is None:
             raise InputError(
                 f"scene '{scene.scene_id}' has no optical (S2) file to take the target grid from: "

@@ -7,10 +7,21 @@ the `synthetic` configs write their scenes with rsjax.data.synthetic, the
 
 Files are listed and read through etils.epath (never `os`/`open`, which
 TFDS's test case forbids here); rasterio opens the GeoTIFFs in GDAL.
+
+Two ways to build, one dataset: without a Beam runner the splits are
+generated in this process, scene after scene; with one
+(`tfds.download.DownloadConfig(beam_runner=..., beam_options=...)`, or
+`rsjax build --beam_pipeline_options=...`, or `tfds build
+--beam_pipeline_options=...`) the scenes, cut into strips of tile rows, are
+ingested in parallel on the runner's workers (`beam_build.py`). Both cut the
+same tiles with the same code (`scene_examples`), put them in the same splits,
+and compute the statistics with the same mergeable accumulators, so the two
+datasets hold the same examples, byte for byte, and the same metadata.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -40,10 +51,13 @@ Put the co-registered scene exports in one folder (the manual_dir, by default
     <scene_id>_lulc.tif  Dynamic World `label` (0..8)
     <scene_id>_dem.tif   Copernicus DEM GLO-30 elevation (m)
 
-Scene ids must match across the four files. Sources may come in different
+Scene ids must match across the four files. Instead of the files, the folder
+may hold a `scenes.txt` listing scene prefixes, one per line, local or in
+object storage (gs://, s3://, https://): <prefix>_s2.tif etc. are read there.
+Sources may come in different
 CRSs and resolutions; they are registered onto the Sentinel-2 grid (or the
-configured target grid). See README.md beside this builder for an Earth
-Engine export script.
+configured target grid). `rsjax export_ee` exports them from Earth Engine
+(see README.md beside this builder).
 """
 
 
@@ -155,15 +169,31 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             description="8 synthetic scenes of 256 x 256 px, 64 px tiles: the quick-start demo.",
             tile_size=64, synthetic_scenes=8, synthetic_size=256),
         RsMultisourceConfig(
+            name="synthetic_bench",
+            description="16 synthetic scenes of 512 x 512 px, 64 px tiles: the experiments' "
+                        "scale on 2 CPU cores (rsjax experiments report --scale bench).",
+            tile_size=64, synthetic_scenes=16, synthetic_size=512),
+        RsMultisourceConfig(
+            name="synthetic_paper",
+            description="36 synthetic scenes of 2048 x 2048 px, 256 px tiles: about 1,600 training "
+                        "tiles, the paper's segmentation setting (1,558).",
+            tile_size=256, synthetic_scenes=36, synthetic_size=2048),
+        RsMultisourceConfig(
             name="manual", description="The user's GeoTIFF exports from manual_dir, 256 px tiles.",
             tile_size=256),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "synthetic"
 
-    def __init__(self, *, file_format=None, **kwargs):
+    def __init__(self, *, file_format=None, beam_tiles_per_element: int = 64, **kwargs):
         # array_record reads without TensorFlow (tfds.data_source); pass
         # file_format="tfrecord" for tf.data (needs the `tf` extra).
+        # beam_tiles_per_element: how many tiles (about) one Beam element
+        # ingests: a scene is cut into strips of whole tile rows of this size,
+        # so big scenes spread over workers. It changes nothing in the data.
         super().__init__(file_format=file_format or "array_record", **kwargs)
+        if beam_tiles_per_element < 1:
+            raise ValueError(f"beam_tiles_per_element={beam_tiles_per_element}: must be >= 1")
+        self.beam_tiles_per_element = beam_tiles_per_element
 
     def _info(self) -> tfds.core.DatasetInfo:
         t = self.builder_config.tile_size
@@ -202,6 +232,33 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
                                self._report)
 
+    def _download_and_prepare(self, dl_manager, download_config):
+        # TFDS builds with Beam when `_split_generators` takes a `pipeline`
+        # (it creates the pipeline as soon as it sees the parameter), so the
+        # signature is chosen per build: a runner or options in the download
+        # config mean Beam, none means this process, as TFDS's own Beam
+        # datasets behave.
+        use_beam = (download_config.beam_runner is not None
+                    or download_config.beam_options is not None)
+        if use_beam:
+            self._split_generators = self._beam_split_generators
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        except contract.InputError:
+            raise
+        except Exception as err:  # pylint: disable=broad-except
+            if use_beam:
+                _raise_input_error_of_worker(err)
+                empty = re.search(r"examples is 0 for split (\w+)", str(err))
+                if empty:        # TFDS's Beam writer checks this before we can
+                    raise _empty_split_error(self.builder_config, empty[1],
+                                             self._num_scenes) from err
+            raise
+        finally:
+            self.__dict__.pop("_split_generators", None)
+        if use_beam:
+            self._read_beam_summary()
+
     def _split_generators(self, dl_manager):
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
@@ -209,8 +266,48 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for scene in scenes:               # bad inputs fail before anything is written
             _validate(scene, opts)
         logging.info("rs_multisource/%s: %d scenes", self.builder_config.name, len(scenes))
-        self._statistics = statistics_lib.DatasetStatistics(seed=0)
+        self._statistics = statistics_lib.DatasetStatistics(seed=STATISTICS_SEED)
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
+
+    def _beam_split_generators(self, dl_manager, pipeline):
+        """The splits as Beam PCollections: scenes are listed here, ingested on the workers."""
+        from . import beam_build  # needs apache-beam (the `beam` extra)
+
+        self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
+        scenes = self._scenes(dl_manager)
+        logging.info("rs_multisource/%s: %d scenes, built with Beam", self.builder_config.name,
+                     len(scenes))
+        self._num_scenes = len(scenes)
+        return beam_build.split_pcollections(
+            pipeline, scenes, self.builder_config, self._ingest_options(),
+            scene_examples=scene_examples, validate=_validate,
+            tiles_per_element=self.beam_tiles_per_element,
+            summary_path=str(self._beam_summary_path()), statistics_seed=STATISTICS_SEED)
+
+    def _beam_summary_path(self) -> epath.Path:
+        # Inside the build's temporary folder (self.data_dir during the build),
+        # on storage the workers share; removed once read.
+        return epath.Path(self.data_dir) / BEAM_SUMMARY_FILE
+
+    def _read_beam_summary(self) -> None:
+        """Statistics, report and split counts the Beam pipeline combined, into the metadata."""
+        path = self._beam_summary_path()
+        summary = json.loads(path.read_text())
+        path.unlink()
+        report = ingest.IngestReport(scenes={
+            sid: ingest.SceneCounts(**{k: v for k, v in c.items() if k != "tiles_total"})
+            for sid, c in summary["ingest"]["scenes"].items()})
+        for counts in report.scenes.values():
+            if counts.warning:
+                logging.warning("%s", counts.warning)
+        report.require_tiles()         # no scene yields a tile: say why, scene by scene
+        for split in splits_lib.SPLITS:
+            if not summary["split_counts"].get(split):
+                raise _empty_split_error(self.builder_config, split, self._num_scenes)
+        self.info.metadata[STATISTICS_KEY] = summary["statistics"]
+        self.info.metadata[BUILD_REPORT_KEY] = build_report(
+            self.builder_config, self._num_scenes, self._report["skipped_scenes"],
+            summary["dropped_straddling_tiles"], _report_summary(report))
 
     def _ingest_options(self):
         cfg = self.builder_config
@@ -222,7 +319,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
-        """Tiles of every scene that fall in `split`.
+        """Tiles of every scene that fall in `split` (the build without Beam).
 
         Each split re-reads every scene (TFDS generates one split after the
         other), and the split of a tile depends on its georeference only, so
@@ -234,62 +331,108 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         count = 0
         started = time.perf_counter()
         for scene in scenes:
-            for tile in _tiles_of(scene, opts, report):
-                chosen = splits_lib.assign_split(
-                    scene_id=str(tile["scene_id"]), tile_id=str(tile["tile_id"]),
-                    transform=tile["transform"], tile_size=cfg.tile_size,
-                    stride=cfg.effective_stride, block_tiles=cfg.block_tiles,
-                    mode=cfg.split_mode, fractions=cfg.split_fractions, seed=cfg.split_seed)
+            for chosen, key, example in scene_examples(scene, cfg, opts, report):
                 if chosen is None:
                     if split == "train":    # count once, not once per split pass
                         self._report["dropped_straddling_tiles"] += 1
                     continue
                 if chosen != split:
                     continue
-                example = {k: tile[k] for k in ("s2", "s1", "lulc", "dem")}
-                example["tile_id"] = str(tile["tile_id"])
-                example["scene_id"] = str(tile["scene_id"])
-                example["crs"] = str(tile["crs"])
-                example["transform"] = np.asarray(tile["transform"], np.float64)
                 if split == "train":
                     self._statistics.update(example)
                 count += 1
-                # Keys are tile ids (scene id + position): deterministic, no local paths.
-                yield example["tile_id"], example
+                yield key, example
         report.require_tiles()         # no scene yields a tile: say why, scene by scene
         if count == 0:
-            raise contract.InputError(
-                f"rs_multisource/{cfg.name}: the {split} split got no tiles from {len(scenes)} "
-                f"scene(s). Add scenes, use a smaller block_tiles (now {cfg.block_tiles}) or "
-                "tile_size, another split_seed, or split_mode='random'.")
+            raise _empty_split_error(cfg, split, len(scenes))
         logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
         if split == "train":
             # TFDS generates the splits before it writes dataset_info.json and
             # metadata.json, so the train statistics are complete by then.
             self.info.metadata[STATISTICS_KEY] = self._statistics.result()
-            self.info.metadata[BUILD_REPORT_KEY] = {
-                "config": _config_summary(cfg),
-                "num_scenes": len(scenes),
-                "skipped_scenes": list(self._report["skipped_scenes"]),
-                "dropped_straddling_tiles": int(self._report["dropped_straddling_tiles"]),
-                "ingest": _report_summary(report),
-            }
+            self.info.metadata[BUILD_REPORT_KEY] = build_report(
+                cfg, len(scenes), self._report["skipped_scenes"],
+                self._report["dropped_straddling_tiles"], _report_summary(report))
 
 
-def _validate(scene: contract.ScenePaths, opts) -> None:
-    """ingest.validate_scene, with an unreadable file turned into an error naming the scene."""
+# A manual_dir holding this file takes its scenes from it: one scene prefix per
+# line, local or remote (rsjax.data.storage.scene_paths), e.g. https://host/exports/rhine_2023.
+SCENE_LIST_FILE = "scenes.txt"
+# Seed of the statistics' pixel sample (both build paths).
+STATISTICS_SEED = 0
+# What the Beam pipeline leaves in the build's temporary folder for the driver.
+BEAM_SUMMARY_FILE = "beam_summary.json"
+
+
+def scene_examples(scene: contract.ScenePaths, cfg: RsMultisourceConfig, opts,
+                   report, rows: Optional[range] = None):
+    """(split, key, example) for every kept tile of a scene (or of a strip of its tile rows).
+
+    The one place where tiles become examples, for both build paths. split is
+    None (and example None) for a tile that straddles blocks of two splits.
+    Keys are tile ids (scene id + position): deterministic, no local paths.
+    """
+    for tile in _tiles_of(scene, opts, report, rows):
+        chosen = splits_lib.assign_split(
+            scene_id=str(tile["scene_id"]), tile_id=str(tile["tile_id"]),
+            transform=tile["transform"], tile_size=cfg.tile_size,
+            stride=cfg.effective_stride, block_tiles=cfg.block_tiles,
+            mode=cfg.split_mode, fractions=cfg.split_fractions, seed=cfg.split_seed)
+        if chosen is None:
+            yield None, str(tile["tile_id"]), None
+            continue
+        example = {k: tile[k] for k in ("s2", "s1", "lulc", "dem")}
+        example["tile_id"] = str(tile["tile_id"])
+        example["scene_id"] = str(tile["scene_id"])
+        example["crs"] = str(tile["crs"])
+        example["transform"] = np.asarray(tile["transform"], np.float64)
+        yield chosen, example["tile_id"], example
+
+
+def build_report(cfg: RsMultisourceConfig, num_scenes: int, skipped_scenes, dropped_straddling: int,
+                 ingest_summary: dict) -> dict:
+    return {
+        "config": _config_summary(cfg),
+        "num_scenes": int(num_scenes),
+        "skipped_scenes": list(skipped_scenes),
+        "dropped_straddling_tiles": int(dropped_straddling),
+        "ingest": ingest_summary,
+    }
+
+
+def _raise_input_error_of_worker(err: Exception) -> None:
+    """Re-raises a Beam worker's InputError (a bad scene) as the InputError it was.
+
+    Runners report a failed element as their own exception whose text holds
+    the worker's traceback; the user should get the one-line message that
+    names the scene and says what to do, as without Beam."""
+    match = re.search(r"InputError: (.*?)(?: \[while running '[^']*'\]|\Z)", str(err), re.DOTALL)
+    if match:
+        raise contract.InputError(match.group(1).strip()) from err
+
+
+def _empty_split_error(cfg: RsMultisourceConfig, split: str, num_scenes: int) -> contract.InputError:
+    return contract.InputError(
+        f"rs_multisource/{cfg.name}: the {split} split got no tiles from {num_scenes} "
+        f"scene(s). Add scenes, use a smaller block_tiles (now {cfg.block_tiles}) or "
+        "tile_size, another split_seed, or split_mode='random'.")
+
+
+def _validate(scene: contract.ScenePaths, opts):
+    """ingest.validate_scene (returns the scene's grid), with an unreadable file turned
+    into an error naming the scene."""
     try:
-        ingest.validate_scene(scene, opts)
+        return ingest.validate_scene(scene, opts)
     except rasterio.errors.RasterioError as e:
         raise contract.InputError(
             f"scene '{scene.scene_id}': a GeoTIFF cannot be opened ({e}). It is probably "
             "truncated or corrupt: export it again.") from e
 
 
-def _tiles_of(scene: contract.ScenePaths, opts, report):
+def _tiles_of(scene: contract.ScenePaths, opts, report, rows: Optional[range] = None):
     """ingest.iter_scene_tiles, with a read failure turned into an error that names the scene."""
     try:
-        yield from ingest.iter_scene_tiles(scene, opts, report)
+        yield from ingest.iter_scene_tiles(scene, opts, report, rows)
     except rasterio.errors.RasterioError as e:
         raise contract.InputError(
             f"scene '{scene.scene_id}': reading its GeoTIFFs failed mid-build ({e}). The file is "
@@ -330,49 +473,15 @@ def _report_summary(report) -> dict:
 
 def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
                     report: Optional[dict] = None) -> list[contract.ScenePaths]:
-    """Groups `<scene>_{s2,s1,lulc,dem}.tif` files of `folder` into scenes.
-
-    The same convention as contract.find_scenes (split exports included), listed through epath. A scene
-    missing a source is an InputError naming it (or, with skip_incomplete,
-    skipped and recorded in report['skipped_scenes']). When the incomplete
-    scenes together hold every source, the ids most likely differ between
-    sources, and the message says so.
-    """
-    if not folder.is_dir():
-        raise contract.InputError(
-            f"{folder}: manual_dir is not a folder. Put <scene>_s2.tif, <scene>_s1.tif, "
-            f"<scene>_lulc.tif and <scene>_dem.tif files there.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    # Split Earth Engine exports (<scene>_s2-0000000000-0000000000.tif, ...) become one Mosaic.
-    found = contract.group_scene_files(folder.iterdir(), folder)
-    if not found:
-        raise contract.InputError(
-            f"{folder}: no scene files found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    needed = ("s2", "s1", "lulc", "dem")
-    complete, incomplete = [], {}
-    for scene_id, files in sorted(found.items()):
-        missing = [s for s in needed if s not in files]
-        if missing:
-            incomplete[scene_id] = (sorted(files), missing)
-        else:
-            complete.append(contract.ScenePaths(
-                scene_id=scene_id, s2=files["s2"], s1=files["s1"], dem=files["dem"],
-                lulc=files["lulc"]))
-    if incomplete and not skip_incomplete:
-        lines = [f"  scene '{sid}': has {', '.join(have)}; missing {', '.join(miss)}"
-                 for sid, (have, miss) in incomplete.items()]
-        hint = ""
-        held = {s for have, _ in incomplete.values() for s in have}
-        if len(incomplete) > 1 and set(needed) <= held:
-            hint = ("\nThe incomplete scenes together hold every source: the scene ids probably "
-                    "differ between sources. Rename the files so that the four sources of a "
-                    "scene share one <scene_id> prefix.")
-        raise contract.InputError(
-            f"{folder}: {len(incomplete)} scene(s) miss a source:\n" + "\n".join(lines) + hint +
-            "\nAdd the missing files, or build with skip_incomplete_scenes=True to skip them.")
-    for sid, (have, miss) in incomplete.items():
-        logging.warning("Skipping scene '%s': missing %s", sid, ", ".join(miss))
-        if report is not None:
-            report["skipped_scenes"].append({"scene_id": sid, "missing": miss})
-    if not complete:
-        raise contract.InputError(f"{folder}: no complete scene (every scene misses a source).")
-    return complete
+    """The manual_dir's scenes, by rsjax.data.contract.find_scenes (the one
+    convention; scenes missing a source fail, or are skipped with
+    skip_incomplete and listed in report['skipped_scenes']), with the manual
+    download instructions added to its errors. A `scenes.txt` in the
+    manual_dir lists scene prefixes instead, anywhere (gs://, s3://,
+    https://; see rsjax.data.storage)."""
+    scene_list = folder / SCENE_LIST_FILE
+    try:
+        return contract.find_scenes(scene_list if scene_list.exists() else folder,
+                                    skip_incomplete=skip_incomplete, report=report)
+    except contract.InputError as err:
+        raise contract.InputError(f"manual_dir {err}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from err
