@@ -108,7 +108,23 @@ class FolderLock:
         self.held = False
 
     # -- acquire / release ------------------------------------------------------
-    def acquire(self) -> "FolderLock":
+    def acquire(self, wait_seconds: float = 0.0, poll_seconds: float = 2.0) -> "FolderLock":
+        """Takes the lock; with `wait_seconds`, waits that long for a live owner to finish
+        (saying so once) before refusing."""
+        deadline = time.monotonic() + wait_seconds
+        announced = False
+        while True:
+            try:
+                return self._acquire_once()
+            except FolderBusy as busy:
+                if time.monotonic() >= deadline:
+                    raise
+                if not announced:
+                    log.warning("%s", str(busy).split(". ")[0] + ": waiting for it to finish.")
+                    announced = True
+                time.sleep(poll_seconds)
+
+    def _acquire_once(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
@@ -138,7 +154,7 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "FolderLock":
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
