@@ -189,6 +189,7 @@ def test_training_with_every_step_corrupt_refuses(run_copy):
 
 # -- no poisoned checkpoint -------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("lr", [1e30, 1e39])
 def test_diverged_run_saves_no_poisoned_checkpoint_and_says_what_is_left(demo_data_dir, tmp_path, lr):
     config = tiny_fusion_config(demo_data_dir, steps=6)
