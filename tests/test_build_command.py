@@ -116,3 +116,18 @@ def test_build_killed_mid_way_leaves_nothing_for_the_next_build(tmp_path):
     assert build("--config", "synthetic_demo", "--data_dir", data_dir) == 0
     assert not list(config_dir.glob("incomplete.*")) and not (config_dir / "rsjax_build.lock").exists()
     assert (config_dir / "1.0.0" / "dataset_info.json").exists()
+
+
+def test_bad_scene_is_the_dry_runs_message_and_exit_status(exports, tmp_path, capsys):
+    """A truncated file: the build stops as the dry run does, one error naming the file, exit 2."""
+    s1 = exports / "scene_a_s1.tif"
+    s1.write_bytes(s1.read_bytes()[:600])
+    from rsjax.data import ingest
+    assert ingest.main([str(exports), "--tile_size", "16"]) == 2
+    dry = capsys.readouterr().err
+    assert build("--config", "manual", "--manual_dir", exports, "--tile_size", "16",
+                 "--data_dir", tmp_path / "tfds") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(s1) in err
+    assert dry[dry.index(str(s1)):].splitlines()[0] in err       # the same message
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
