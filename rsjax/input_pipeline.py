@@ -290,7 +290,8 @@ def builder_config_for(data_cfg):
                          f"choose one of {', '.join(configs)}")
     changes = {}
     for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed",
-                "s2_offset", "lulc_map", "lulc_legend"):
+                "s2_offset", "lulc_map", "lulc_legend", "s1_units", "skip_incomplete_scenes",
+                "allow_missing_lulc"):
         if key in data_cfg and data_cfg[key] is not None:
             changes[key] = type(getattr(base, key) if getattr(base, key) is not None else data_cfg[key])(
                 data_cfg[key])

@@ -228,8 +228,10 @@ def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incom
                     "share one <scene_id> prefix.")
         raise InputError(
             f"{folder}: {len(incomplete)} scene(s) miss a source:\n" + "\n".join(lines) + hint +
-            "\nAdd the missing files, or remove the scene's other files (a dataset build "
-            "can skip such scenes with skip_incomplete_scenes=True).")
+            "\nAdd the missing files, or remove the scene's other files; `rsjax build "
+            "--skip_incomplete_scenes` skips such scenes" + ("" if not require_lulc else
+            ", and --allow_missing_lulc (rsjax ingest and rsjax build) accepts scenes without "
+            "land cover") + ".")
     for sid, (_, miss) in incomplete.items():
         logging.getLogger("rsjax").warning("Skipping scene '%s': missing %s", sid, ", ".join(miss))
         if report is not None:

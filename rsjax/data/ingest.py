@@ -61,7 +61,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Iterator
+import time
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import rasterio
@@ -75,6 +76,7 @@ from rsjax.data.contract import LULC_NODATA, S2_NODATA, InputError, ScenePaths, 
 from rsjax.data.rasterio_io import open_source, read_failure
 from rsjax.errors import UserError
 from rsjax.data.register import DemSource, WarpedSource
+from rsjax.data.untrusted import SIDECARS_OFF
 from rsjax.data.validate import SourceSpec, inspect_scene
 
 log = logging.getLogger("rsjax")
@@ -110,6 +112,11 @@ class IngestOptions:
         sorted pairs. See `landcover.py`.
     lulc_legend: "auto" refuses a land-cover file whose values cannot be
         Dynamic World (a 0/1 map); "dynamic_world" takes it as it is.
+    allow_any_format: open source files with any GDAL format and their sidecar
+        files (VRTs included, following the files and URLs they name). Off by
+        default: sources are read as plain GeoTIFFs only (`untrusted.py`),
+        because such files can make GDAL read any local file or URL. Only for
+        files you made yourself.
     """
 
     tile_size: int = 256
@@ -125,6 +132,7 @@ class IngestOptions:
     s2_offset: float | None = None
     lulc_map: landcover.LulcMap | str | None = None
     lulc_legend: str = "auto"
+    allow_any_format: bool = False
 
     def __post_init__(self):
         # UserError (a ValueError): the command line prints it as one line.
@@ -164,6 +172,7 @@ class SceneCounts:
     resolution: float = 0.0
     s2_offset: list = dataclasses.field(default_factory=list)   # added to B2, B3, B4, B8
     warning: str = ""                                           # why the scene yields no tile
+    data_warnings: list = dataclasses.field(default_factory=list)  # implausible or constant values (plausible.py)
 
     @property
     def tiles_total(self) -> int:
@@ -172,9 +181,13 @@ class SceneCounts:
 
 @dataclasses.dataclass
 class IngestReport:
-    """Counts per scene (`scenes[scene_id]`), and their totals."""
+    """Counts per scene (`scenes[scene_id]`), and their totals.
+
+    `progress`, when set, is called once per tile position read (kept or
+    dropped), e.g. a `TileProgress`; it is not part of the report's data."""
 
     scenes: dict[str, SceneCounts] = dataclasses.field(default_factory=dict)
+    progress: Optional[Callable[[], None]] = dataclasses.field(default=None, repr=False, compare=False)
 
     def scene(self, scene_id: str) -> SceneCounts:
         return self.scenes.setdefault(scene_id, SceneCounts())
@@ -203,9 +216,11 @@ class IngestReport:
 
 
 def _gdal_env(opts: IngestOptions) -> dict:
-    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM),
-    and no probing for sidecar files (a request each on object storage, see storage.py)."""
-    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20, **storage.gdal_options()}
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM), no
+    probing for sidecar files (a request each on object storage, see storage.py), and no
+    sidecar file read at all (`untrusted.SIDECARS_OFF`) unless any format is allowed."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20, **storage.gdal_options(),
+            **({} if opts.allow_any_format else SIDECARS_OFF)}
 
 
 def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()):
@@ -278,7 +293,7 @@ class RegisteredScene:
 
     # -- opening / closing --------------------------------------------------
     def _open(self, spec: SourceSpec) -> rasterio.DatasetReader:
-        ds = open_source(spec.path, spec.role)
+        ds = open_source(spec.path, spec.role, self.opts.allow_any_format)
         self._datasets.append(ds)
         return ds
 
@@ -378,6 +393,60 @@ class RegisteredScene:
         return mask
 
 
+def tile_count(width: int, height: int, tile_size: int, stride: int) -> int:
+    """How many tile positions `tile_windows` gives: what a scene costs to tile, known up front."""
+    if width < tile_size or height < tile_size:
+        return 0
+    return ((height - tile_size) // stride + 1) * ((width - tile_size) // stride + 1)
+
+
+def announce_tiles(scene_id: str, grid, opts: IngestOptions) -> int:
+    """Logs how many tile positions a scene has (before any is read); returns the number."""
+    count = tile_count(grid.width, grid.height, opts.tile_size, opts.step)
+    log.info("scene '%s': %d x %d px on the target grid, %d tile position(s) of %d px (stride %d)",
+             scene_id, grid.width, grid.height, count, opts.tile_size, opts.step)
+    return count
+
+
+class TileProgress:
+    """Counts tile positions read and logs `what: 1200/5000 tiles (24.0%), 35.2/s, ETA 1m48s`
+    at most every `every_seconds`, so a long tiling is never silent (an IngestReport's `progress`).
+
+    `total`: the positions to read, when known up front (the dataset build
+    validates every scene first); otherwise 0, and each scene adds its own
+    when it starts (`add_scene`, which also announces it)."""
+
+    def __init__(self, total: int = 0, what: str = "tiling", every_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, log_fn: Optional[Callable[[str], None]] = None):
+        self.total, self.what, self.every_seconds = int(total), what, float(every_seconds)
+        self.grows = self.total == 0
+        self.clock = clock
+        self.log_fn = log_fn or (lambda line: log.info("%s", line))
+        self.done = 0
+        self.started = self._last = clock()
+
+    def add_scene(self, scene_id: str, grid, opts: IngestOptions) -> None:
+        """A scene starts: announce its tile positions, and count them when the total grows."""
+        if self.grows:
+            self.total += announce_tiles(scene_id, grid, opts)
+
+    def __call__(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self._last >= self.every_seconds or self.done == self.total:
+            self._last = now
+            self.log_fn(self.line(now))
+
+    def line(self, now: Optional[float] = None) -> str:
+        from rsjax.logging_utils import eta_seconds, format_duration  # noqa: PLC0415
+
+        elapsed = (self.clock() if now is None else now) - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        share = f" ({100.0 * self.done / self.total:.1f}%)" if self.total else ""
+        return (f"{self.what}: {self.done}/{self.total} tiles{share}, {rate:.3g}/s, ETA "
+                f"{format_duration(eta_seconds(self.done, elapsed, self.total - self.done))}")
+
+
 def tile_windows(width: int, height: int, tile_size: int, stride: int) -> Iterator[Window]:
     """Row-major windows of tile_size that fit entirely in a width x height grid."""
     for row in range(0, height - tile_size + 1, stride):
@@ -401,15 +470,20 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
     with RegisteredScene(scene, opts) as reg:
         counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
         counts.s1_units = reg.s1_units
+        counts.data_warnings = [w for spec in reg.specs.values() for w in spec.warnings]
         counts.has_lulc = reg.has_lulc
         counts.crs = reg.grid.crs_string()
         counts.width, counts.height = reg.width, reg.height
         counts.resolution = float(reg.grid.resolution[0])
         counts.s2_offset = list(reg.specs["s2"].offsets) if "s2" in reg.specs else []
         crs = reg.grid.crs_string()
+        if report is not None and report.progress is not None and rows is None:
+            getattr(report.progress, "add_scene", lambda *a: None)(scene.scene_id, reg.grid, opts)
         for window in tile_windows(reg.width, reg.height, opts.tile_size, opts.step):
             if rows is not None and int(window.row_off) not in rows:
                 continue
+            if report is not None and report.progress is not None:
+                report.progress()
             arrays = reg.read(window)
             if reg.nodata_mask(arrays).mean() > opts.max_nodata_fraction:
                 counts.tiles_dropped_nodata += 1
@@ -469,6 +543,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lulc_legend", default="auto", choices=landcover.LEGENDS,
                         help="'dynamic_world': take a land-cover file whose values look like another "
                              "legend as it is")
+    parser.add_argument("--allow_any_format", action="store_true",
+                        help="read source files in any GDAL format, VRTs and sidecar files included "
+                             "(by default only plain GeoTIFFs: other formats can make GDAL read any "
+                             "local file or URL); only for files you made yourself")
 
 
 def run(args) -> int:
@@ -476,8 +554,9 @@ def run(args) -> int:
                          max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
                          target_resolution=args.target_resolution, target_grid=args.target_grid,
                          s1_units=args.s1_units, s2_offset=args.s2_offset,
-                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend)
-    report = IngestReport()
+                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend,
+                         allow_any_format=args.allow_any_format)
+    report = IngestReport(progress=TileProgress(what="dry run"))
     for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
         for _ in iter_scene_tiles(scene, opts, report):
             pass

@@ -24,6 +24,7 @@ one line per file, so a user fixes them in one round.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,12 @@ import rasterio
 import rasterio.errors
 from rasterio.enums import Resampling
 
-from rsjax.data import landcover, optical, sar, storage
+from rsjax.data import landcover, optical, plausible, sar, storage
 from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, S2_BANDS, InputError, ScenePaths, Source, as_source
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
+
+log = logging.getLogger(__name__)
 
 SAMPLE_PIXELS = 512
 _MAX_LISTED = 10
@@ -51,6 +54,12 @@ class SourceSpec:
     nodata: float | None          # the no-data value source pixels carry (file's, or the role's default)
     units: str | None = None      # S1 only: 'linear' or 'db'
     offsets: tuple[float, ...] | None = None   # S2 only: added to each band to give reflectance x 10000
+    warnings: tuple[str, ...] = ()  # implausible or constant values (plausible.py), logged by inspect_scene
+
+
+def _any_format(opts) -> bool:
+    """Whether the user allowed formats other than GeoTIFF (see `untrusted`)."""
+    return bool(getattr(opts, "allow_any_format", False))
 
 
 def default_nodata(role: str, ds: rasterio.DatasetReader) -> float | None:
@@ -154,9 +163,40 @@ def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None,
             "crops and 0 as no data), or, if it really is Dynamic World, set lulc_legend='dynamic_world'.")
 
 
+def s1_units_of(ds: rasterio.DatasetReader, bands: tuple[int, ...], values: np.ndarray) -> str:
+    """'linear' or 'db' for an S1 file: what its metadata declares, checked against its values.
+
+    Raises InputError naming the file when metadata and values disagree, or when
+    neither tells (the user then says it with s1_units).
+    """
+    texts = [ds.units[b - 1] for b in bands] + [ds.descriptions[b - 1] for b in bands]
+    for tags in [ds.tags()] + [ds.tags(b) for b in bands]:
+        texts += [f"{k} {v}" for k, v in tags.items() if "unit" in k.lower()]
+    declared = sar.declared_units(texts)
+    try:
+        measured, why = sar.detect_units(values), ""
+    except ValueError as err:
+        measured, why = None, str(err)
+    if declared and measured and declared != measured:
+        raise InputError(
+            f"{source_name(ds)}: its metadata says the backscatter is in {declared} "
+            f"({_short(t for t in texts if t)}), but its values look like {measured} "
+            f"({sar.share_below_minus_one(values):.1%} below -1). Say which with s1_units='linear' or 'db'.")
+    if declared or measured:
+        return declared or measured
+    raise InputError(
+        f"{source_name(ds)}: cannot tell whether the backscatter is linear power or dB ({why}). "
+        "Say which with s1_units='linear' or 'db'.")
+
+
+def _short(texts, limit: int = 4) -> str:
+    texts = list(texts)
+    return ", ".join(texts[:limit]) + (", ..." if len(texts) > limit else "")
+
+
 def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
     """Validates one file; returns its SourceSpec or raises InputError naming it."""
-    with open_raster(path, role) as ds:
+    with open_raster(path, role, _any_format(opts)) as ds:
         if ds.crs is None:
             raise InputError(
                 f"{path}: has no CRS (coordinate reference system). Export it georeferenced, "
@@ -170,6 +210,11 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
         nodata = default_nodata(role, ds)
         sample = _sample(ds, bands, role)
         invalid = _invalid(sample, nodata)
+        warnings = []
+        if role == "dem":
+            # Elevations no place on Earth has are voids, declared or not (plausible.py).
+            warnings.append(plausible.range_warning(path, role, sample[~invalid]))
+            invalid |= plausible.implausible_elevation(sample)
         # A pixel is missing when any of its channels is (contract: one no-data per pixel).
         pixel_missing = invalid.any(axis=0)
         if pixel_missing.all():
@@ -183,19 +228,25 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
                 f"{path}: optical values are at most {valid_values.max():.3g}: this looks like "
                 f"reflectance in 0..1. Provide reflectance x 10000 (as Sentinel-2 L2A products store it).")
         if role == "s1":
-            units = opts.s1_units if opts.s1_units != "auto" else sar.detect_units(valid_values)
+            units = opts.s1_units if opts.s1_units != "auto" else s1_units_of(ds, bands, valid_values)
         offsets = None
         if role == "s2":
             offsets = optical.s2_offsets(ds, bands, S2_BANDS, getattr(opts, "s2_offset", None), source_name(ds))
         if role == "lulc":
             check_labels(ds, bands[0], nodata, getattr(opts, "lulc_map", None),
                          getattr(opts, "lulc_legend", "auto"))
-        return SourceSpec(role=role, path=path, bands=bands, nodata=nodata, units=units, offsets=offsets)
+        if role == "s2":
+            warnings.append(plausible.range_warning(path, role, valid_values + np.asarray(offsets)[:, None]))
+        if role == "s1":
+            warnings.append(plausible.range_warning(path, role, valid_values, units))
+        warnings.append(plausible.constant_warning(path, role, valid_values))
+        return SourceSpec(role=role, path=path, bands=bands, nodata=nodata, units=units, offsets=offsets,
+                          warnings=tuple(w for w in warnings if w))
 
 
 def grid_of_file(path: Path, opts) -> TargetGrid:
     """The target grid taken from any GeoTIFF (`opts.target_grid`), by the rule used for S2 files."""
-    with open_raster(path, "grid") as ds:
+    with open_raster(path, "grid", _any_format(opts)) as ds:
         if ds.crs is None:
             raise InputError(f"{path}: has no CRS, so its grid cannot be the target grid. Choose a "
                              "georeferenced GeoTIFF as the target grid.")
@@ -225,7 +276,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
                 "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
         else:
             specs["s2"] = inspect_source(as_source(scene.s2), "s2", None, opts)
-            with open_raster(scene.s2, "s2") as ds:
+            with open_raster(scene.s2, "s2", _any_format(opts)) as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
         problems.append(str(err))
@@ -238,6 +289,9 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
             specs[role] = inspect_source(as_source(getattr(scene, role)), role, grid, opts)
         except InputError as err:
             problems.append(str(err))
+    for spec in specs.values():
+        for warning in spec.warnings:
+            log.warning("%s", warning)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise InputError(f"scene '{scene.scene_id}': {len(problems)} problem(s) found before ingestion:\n{lines}")

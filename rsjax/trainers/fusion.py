@@ -38,6 +38,7 @@ from rsjax import viz
 from rsjax.data.contract import SOURCES
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
+from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, loop
 from rsjax.trainers.nonfinite import all_finite, guarded_update
 
@@ -426,6 +427,7 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
 # ---------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------
+@one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     sources = selected_sources(config)

@@ -32,9 +32,11 @@ import numpy as np
 import rasterio.errors
 import tensorflow_datasets as tfds
 
+from rsjax import locks
 from rsjax.data import contract
 from rsjax.data import ingest
 from rsjax.data import landcover
+from rsjax.data import sar
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -84,6 +86,8 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
         (rsjax.data.landcover); "" for none.
       lulc_legend: "auto" refuses land cover that cannot be Dynamic World (a 0/1 map);
         "dynamic_world" takes it as it is.
+      s1_units: "auto" (the file's metadata, else its values; rsjax.data.sar), "linear" or "db".
+      allow_missing_lulc: scenes may lack <scene>_lulc.tif (their `lulc` is all 255).
     """
 
     tile_size: int = 256
@@ -102,6 +106,8 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
     s2_offset: Optional[float] = None
     lulc_map: str = ""
     lulc_legend: str = "auto"
+    s1_units: str = "auto"
+    allow_missing_lulc: bool = False
 
     def __post_init__(self):
         if self.tile_size < 8:
@@ -117,6 +123,8 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
         if self.lulc_legend not in landcover.LEGENDS:
             raise ValueError(f"config {self.name}: lulc_legend={self.lulc_legend!r}; use one of "
                              f"{landcover.LEGENDS}")
+        if self.s1_units not in sar.UNITS:
+            raise ValueError(f"config {self.name}: s1_units={self.s1_units!r}; use one of {sar.UNITS}")
         if self.split_mode not in splits_lib.SPLIT_MODES:
             raise ValueError(f"config {self.name}: split_mode={self.split_mode!r}; "
                              f"use one of {splits_lib.SPLIT_MODES}")
@@ -144,7 +152,8 @@ def derived_config(base: RsMultisourceConfig, **changes) -> RsMultisourceConfig:
 
 _SHORT = {"tile_size": "t", "stride": "s", "max_nodata_fraction": "nd", "split_mode": "split",
           "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px",
-          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend"}
+          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend", "s1_units": "s1",
+          "skip_incomplete_scenes": "skip", "allow_missing_lulc": "nolulc"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -230,7 +239,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             return list(write_scenes(out, num_scenes=cfg.synthetic_scenes, size=cfg.synthetic_size,
                                      seed=cfg.synthetic_seed))
         return discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
-                               self._report)
+                               self._report, require_lulc=not cfg.allow_missing_lulc)
+
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS's build, one at a time per config: the build holds a lock file in the config's
+        folder (another build of it waits; see rsjax.locks), and first removes the
+        `incomplete.*` folders a killed build left there (TFDS removes its own only when the
+        build ends, which SIGKILL prevents)."""
+        config_dir = epath.Path(self.data_dir).parent
+        lock = locks.FolderLock(config_dir, BUILD_LOCK, what=f"build of {self.name}/{self.builder_config.name}",
+                                advice="Wait for it to finish")
+        with lock.acquire(wait_seconds=BUILD_LOCK_WAIT_SECONDS):
+            remove_stale_incomplete(config_dir)
+            return super().download_and_prepare(*args, **kwargs)
 
     def _download_and_prepare(self, dl_manager, download_config):
         # TFDS builds with Beam when `_split_generators` takes a `pipeline`
@@ -263,9 +284,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
         opts = self._ingest_options()
-        for scene in scenes:               # bad inputs fail before anything is written
-            _validate(scene, opts)
-        logging.info("rs_multisource/%s: %d scenes", self.builder_config.name, len(scenes))
+        # Bad inputs fail before anything is written; what tiling will cost is said up front.
+        self._tile_positions = sum(ingest.announce_tiles(scene.scene_id, _validate(scene, opts), opts)
+                                   for scene in scenes)
+        logging.info("rs_multisource/%s: %d scenes, %d tile positions, read once per split",
+                     self.builder_config.name, len(scenes), self._tile_positions)
         self._statistics = statistics_lib.DatasetStatistics(seed=STATISTICS_SEED)
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
 
@@ -315,7 +338,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             tile_size=cfg.tile_size, stride=cfg.effective_stride,
             max_nodata_fraction=cfg.max_nodata_fraction,
             target_crs=cfg.target_crs, target_resolution=cfg.target_resolution,
-            s2_offset=cfg.s2_offset, lulc_map=cfg.lulc_map or None, lulc_legend=cfg.lulc_legend)
+            s2_offset=cfg.s2_offset, lulc_map=cfg.lulc_map or None, lulc_legend=cfg.lulc_legend,
+            s1_units=cfg.s1_units)
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
@@ -327,7 +351,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         """
         cfg = self.builder_config
         opts = self._ingest_options()
-        report = ingest.IngestReport()
+        report = ingest.IngestReport(progress=ingest.TileProgress(self._tile_positions, f"{split} split"))
         count = 0
         started = time.perf_counter()
         for scene in scenes:
@@ -353,6 +377,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             self.info.metadata[BUILD_REPORT_KEY] = build_report(
                 cfg, len(scenes), self._report["skipped_scenes"],
                 self._report["dropped_straddling_tiles"], _report_summary(report))
+
+
+# The lock file of a build, in <data_dir>/rs_multisource/<config>/ (TFDS ignores files there),
+# and how long a second build of the same config waits for the first.
+BUILD_LOCK = "rsjax_build.lock"
+BUILD_LOCK_WAIT_SECONDS = 24 * 3600.0
+
+
+def remove_stale_incomplete(config_dir: epath.Path) -> list[str]:
+    """Removes the `incomplete.*` folders of killed builds from a config's folder (call it holding
+    the build lock: then no live build owns one); returns their names."""
+    if not config_dir.exists():
+        return []
+    removed = []
+    for child in sorted(config_dir.iterdir(), key=lambda p: p.name):
+        if child.name.startswith("incomplete.") and child.is_dir():
+            logging.warning("Removing %s, left behind by a build that was killed.", child)
+            child.rmtree()
+            removed.append(child.name)
+    return removed
 
 
 # A manual_dir holding this file takes its scenes from it: one scene prefix per
@@ -442,7 +486,8 @@ def _tiles_of(scene: contract.ScenePaths, opts, report, rows: Optional[range] = 
 def _config_summary(cfg: RsMultisourceConfig) -> dict:
     keys = ("tile_size", "stride", "max_nodata_fraction", "block_tiles", "split_mode",
             "split_fractions", "split_seed", "synthetic_scenes", "synthetic_size", "synthetic_seed",
-            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend")
+            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend", "s1_units",
+            "skip_incomplete_scenes", "allow_missing_lulc")
     out = {k: getattr(cfg, k) for k in keys}
     out["split_fractions"] = list(out["split_fractions"])
     out["stride"] = cfg.effective_stride
@@ -472,7 +517,7 @@ def _report_summary(report) -> dict:
 
 
 def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
-                    report: Optional[dict] = None) -> list[contract.ScenePaths]:
+                    report: Optional[dict] = None, require_lulc: bool = True) -> list[contract.ScenePaths]:
     """The manual_dir's scenes, by rsjax.data.contract.find_scenes (the one
     convention; scenes missing a source fail, or are skipped with
     skip_incomplete and listed in report['skipped_scenes']), with the manual
@@ -482,6 +527,7 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
     scene_list = folder / SCENE_LIST_FILE
     try:
         return contract.find_scenes(scene_list if scene_list.exists() else folder,
-                                    skip_incomplete=skip_incomplete, report=report)
+                                    require_lulc=require_lulc, skip_incomplete=skip_incomplete,
+                                    report=report)
     except contract.InputError as err:
         raise contract.InputError(f"manual_dir {err}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from err
