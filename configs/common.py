@@ -1,6 +1,7 @@
 """Pieces shared by the config files: argument parsing and the data block.
 
-Config arguments follow big_vision: `--config configs/fusion.py:demo,sources=lulc+s1`.
+Config arguments follow big_vision: `--config fusion:demo,sources=lulc+s1` (a config
+name, or a file: `--config path/to/fusion.py:demo`).
 """
 from __future__ import annotations
 

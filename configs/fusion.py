@@ -1,7 +1,7 @@
 """RS-SPADE fusion training: SAR + land cover + terrain -> 4-band Sentinel-2.
 
-    python -m rsjax.train --config configs/fusion.py --workdir work/fusion
-    python -m rsjax.train --config configs/fusion.py:demo --workdir work/demo
+    rsjax train --config fusion --workdir work/fusion
+    rsjax train --config fusion:demo --workdir work/demo
 
 Arguments (comma-separated after ':'): `demo` (small model and tiles, the whole
 run on 2 CPU cores in minutes), `sources=lulc+s1+dem` (any non-empty subset),

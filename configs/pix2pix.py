@@ -1,6 +1,6 @@
-"""The pix2pix baseline (the paper's Table 1 comparison): configs/fusion.py with model=pix2pix.
+"""The pix2pix baseline (the paper's Table 1 comparison): the fusion config with model=pix2pix.
 
-    python -m rsjax.train --config configs/pix2pix.py:demo --workdir work/pix2pix_demo
+    rsjax train --config pix2pix:demo --workdir work/pix2pix_demo
 """
 import ml_collections
 

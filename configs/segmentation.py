@@ -1,7 +1,7 @@
 """RS-UNet land-cover segmentation on the 4 Sentinel-2 bands (the paper's Table 3).
 
-    python -m rsjax.train --config configs/segmentation.py:demo,data=real --workdir work/seg_real
-    python -m rsjax.train --config configs/segmentation.py:demo,data=mix \
+    rsjax train --config segmentation:demo,data=real --workdir work/seg_real
+    rsjax train --config segmentation:demo,data=mix \
         --config.data.generated_dir=work/fusion_demo/generated --workdir work/seg_mix
 
 `data=real` trains on real tiles only (the paper's True Dataset); `data=mix`

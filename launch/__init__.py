@@ -1,1 +1,1 @@
-"""Cloud TPU VM launch scripts for rsjax: `python -m launch.tpu --help`."""
+"""Cloud TPU VM launch scripts for rsjax (installed as rsjax.launch): `rsjax tpu --help`."""

@@ -1,15 +1,15 @@
 """The training benchmark: the real train steps, their FLOP rate and MFU. JSON out.
 
-    python -m rsjax.bench                                   # everything, float32
-    python -m rsjax.bench --parts fusion --sizes 128 --batches 1
-    python -m rsjax.bench --dtype bfloat16                  # on a GPU or TPU
-    python -m rsjax.bench --out work/bench.json
+    rsjax bench                                   # everything, float32
+    rsjax bench --parts fusion --sizes 128 --batches 1
+    rsjax bench --dtype bfloat16                  # on a GPU or TPU
+    rsjax bench --out work/bench.json
 
 Parts (`--parts`, comma-separated):
 - `matmul`: the machine's measured matmul peak (square matmuls in the bench's
   dtype, the best median over the sizes tried); the denominator of MFU.
 - `fusion`: one step of `rsjax.trainers.fusion.train_step`, exactly what
-  `python -m rsjax.train --config configs/fusion.py` runs (RS-SPADE and the
+  `rsjax train --config fusion` runs (RS-SPADE and the
   multi-scale PatchGAN at full width, hinge + feature matching, both Adam
   updates, EMA, the non-finite guard), jitted with the state donated, on random
   inputs already on the device. images/s, FLOP per step from XLA's cost
@@ -28,7 +28,6 @@ more, data-parallel, and reports per-step figures for the global batch).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -43,8 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rsjax import cli
+from rsjax.errors import UserError
+
 PARTS = ("matmul", "fusion", "unet", "pipeline")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # NVlabs SPADE (PyTorch, oneDNN) on the development machine, 2 cores of an AMD
 # EPYC (Zen 4), float32, batch 1, 15 conditioning channels, ngf/ndf 64: seconds
@@ -117,13 +118,13 @@ def matmul_peak(dtype: str, sizes: tuple[int, ...], device=None, repeats: int = 
 # ---------------------------------------------------------------------------
 # Train steps
 # ---------------------------------------------------------------------------
-def _load_config(path: str, arg: str | None = None):
-    from rsjax.experiments.fusion_tables import load_config
-    return load_config(path, arg)
+def _load_config(name: str, arg: str | None = None):
+    from rsjax.config_loader import load_config
+    return load_config(f"{name}:{arg}" if arg else name)
 
 
 def fusion_config(size: int, batch: int, dtype: str, config_arg: str = ""):
-    config = _load_config("configs/fusion.py", config_arg or None)
+    config = _load_config("fusion", config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
     config.dtype = dtype
@@ -132,7 +133,7 @@ def fusion_config(size: int, batch: int, dtype: str, config_arg: str = ""):
 
 
 def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
-    config = _load_config("configs/segmentation.py", config_arg or None)
+    config = _load_config("segmentation", config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
     return config
@@ -234,7 +235,7 @@ def pipeline_rate(data_dir: str, batch: int, batches: int) -> dict:
     """Host-side tiles/s (and megapixels/s) of the fusion training pipeline on
     the demo dataset, built first if missing."""
     from rsjax import bench_pipeline, input_pipeline
-    config = _load_config("configs/fusion.py", "demo")
+    config = _load_config("fusion", "demo")
     config.data.data_dir = data_dir
     input_pipeline.ensure_dataset(config.data)
     rate = bench_pipeline.time_pipeline(config.data, batch_size=batch, batches=batches,
@@ -256,43 +257,6 @@ def pipeline_headroom(pipe: dict, fusion_results: list[dict]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t]
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m rsjax.bench",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
-    p.add_argument("--sizes", type=_ints, default=[128, 256], help="tile sizes")
-    p.add_argument("--batches", type=_ints, default=[1, 4], help="global batch sizes")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of the steps and the matmul peak")
-    p.add_argument("--devices", type=int, default=1, help="devices in the mesh (data parallel)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per entry (median)")
-    p.add_argument("--matmul_sizes", type=_ints, default=None,
-                   help="square matmul sizes for the peak (default 2048,4096; 8192 on GPU/TPU)")
-    p.add_argument("--data_dir", default=str(REPO_ROOT / "work" / "tensorflow_datasets"),
-                   help="where the demo dataset is (built if missing) for the pipeline part")
-    p.add_argument("--config_arg", default="",
-                   help="config variant for both steps, e.g. 'demo' (default: the full model)")
-    p.add_argument("--out", default=None, help="also write the JSON report here")
-    args = p.parse_args(argv)
-    parts = [x for x in args.parts.split(",") if x]
-    if unknown := sorted(set(parts) - set(PARTS)):
-        p.error(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
-    args.parts = parts
-    if args.devices < 1 or args.devices > jax.device_count():
-        p.error(f"--devices={args.devices}: this machine has {jax.device_count()} devices")
-    for b in args.batches:
-        if b % args.devices:
-            p.error(f"--batches: {b} is not divisible by --devices={args.devices}")
-    return args
-
-
 def machine() -> dict:
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device_kind": dev.device_kind,
@@ -301,12 +265,47 @@ def machine() -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--parts", type=cli.name_list(PARTS), default=",".join(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--sizes", type=cli.int_list, default="128,256",
+                        help="tile sizes, comma-separated")
+    parser.add_argument("--batches", type=cli.int_list, default="1,4",
+                        help="global batch sizes, comma-separated")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the steps and the matmul peak")
+    parser.add_argument("--devices", type=cli.positive_int, default=1,
+                        help="devices in the mesh (data parallel)")
+    parser.add_argument("--steps", type=cli.positive_int, default=3,
+                        help="timed steps per entry (median)")
+    parser.add_argument("--matmul_sizes", type=cli.int_list, default=None,
+                        help="square matmul sizes for the peak (default 2048,4096; 8192 on GPU/TPU)")
+    parser.add_argument("--data_dir", default="work/tensorflow_datasets",
+                        help="where the demo dataset is (built if missing) for the pipeline part")
+    parser.add_argument("--config_arg", default="",
+                        help="config variant for both steps, e.g. 'demo' (default: the full model)")
+    parser.add_argument("--out", default=None, help="also write the JSON report here")
+
+
+def check_args(args) -> None:
+    if args.devices > jax.device_count():
+        raise UserError(f"--devices={args.devices}: this machine has {jax.device_count()} devices")
+    for b in args.batches:
+        if b % args.devices:
+            raise UserError(f"--batches: {b} is not divisible by --devices={args.devices}")
+    if args.config_arg:
+        _load_config("fusion", args.config_arg)        # an unknown variant fails here, first
+
+
+def benchmark(args) -> dict:
+    """The JSON report (see the module docstring)."""
     from rsjax.trainers import common
     mesh = common.create_mesh(jax.devices()[:args.devices])
     report: dict[str, Any] = {"machine": machine(), "config": {
-        k: v for k, v in vars(args).items() if k not in ("out",)}}
+        k: v for k, v in vars(args).items() if k not in ("out", "verbose", "config_overrides")}}
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = None
     if "matmul" in args.parts:
@@ -337,14 +336,21 @@ def main(argv: list[str] | None = None) -> dict:
         if report.get("fusion"):
             pipe["against_fusion_step"] = pipeline_headroom(pipe, report["fusion"])
         report["pipeline"] = pipe
+    return report
 
+
+def run(args) -> int:
+    check_args(args)
+    report = benchmark(args)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    return report
+    return 0
 
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

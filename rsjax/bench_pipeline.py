@@ -1,7 +1,7 @@
 """Benchmark of the data path: dataset build, then the training input pipeline.
 
-    python -m rsjax.bench_pipeline                        # synthetic_demo, 64 px tiles
-    python -m rsjax.bench_pipeline --config synthetic --tile_size 256 --batch_size 8
+    rsjax bench_pipeline                        # synthetic_demo, 64 px tiles
+    rsjax bench_pipeline --config synthetic --tile_size 256 --batch_size 8
 
 Prints JSON: the build's tiles/s (ingestion of every scene + TFDS writing,
 all splits, into a fresh temporary data_dir) and the pipeline's tiles/s
@@ -10,29 +10,17 @@ numpy batches) with 0, 1 and 2 grain worker processes.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 import ml_collections
 
-from rsjax import input_pipeline
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "synthetic_demo", "builder config")
-flags.DEFINE_integer("tile_size", None, "tile size (default: the config's)")
-flags.DEFINE_integer("block_tiles", None, "split block side in tiles (default: the config's)")
-flags.DEFINE_integer("split_seed", None, "split hash salt (default: the config's)")
-flags.DEFINE_string("manual_dir", None, "scenes for the manual config")
-flags.DEFINE_string("data_dir", None, "reuse this data_dir (skips the build figure when built)")
-flags.DEFINE_integer("batch_size", 8, "global batch size")
-flags.DEFINE_integer("batches", 40, "timed batches per worker setting")
-flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to time")
+from rsjax import build_dataset, cli, input_pipeline
+from rsjax.errors import UserError
 
 
 def time_pipeline(data_cfg, *, batch_size: int, batches: int, worker_count: int) -> dict:
@@ -54,36 +42,71 @@ def time_pipeline(data_cfg, *, batch_size: int, batches: int, worker_count: int)
             "startup_s": round(startup, 2), "timed_tiles": batches * batch_size}
 
 
-def main(argv):
-    del argv
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default="synthetic_demo", metavar="NAME",
+                        help="builder config: synthetic, synthetic_demo or manual")
+    parser.add_argument("--tile_size", type=int, default=None, help="tile side (default: the config's)")
+    parser.add_argument("--block_tiles", type=int, default=None,
+                        help="split block side in tiles (default: the config's)")
+    parser.add_argument("--split_seed", type=int, default=None,
+                        help="split hash salt (default: the config's)")
+    parser.add_argument("--manual_dir", default=None, help="scenes for the manual config")
+    parser.add_argument("--data_dir", default=None,
+                        help="reuse this data_dir (no build figure when already built; default: "
+                             "a fresh temporary one, removed afterwards)")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="global batch size")
+    parser.add_argument("--batches", type=cli.positive_int, default=40,
+                        help="timed batches per worker setting")
+    parser.add_argument("--workers", default="0,1,2",
+                        help="grain worker counts to time, comma-separated")
 
-    data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix="rsjax_bench_")
-    cfg = ml_collections.ConfigDict()
-    cfg.name = f"rs_multisource/{FLAGS.config}"
-    cfg.data_dir = data_dir
-    cfg.tile_size = FLAGS.tile_size
-    cfg.block_tiles = FLAGS.block_tiles
-    cfg.split_seed = FLAGS.split_seed
-    cfg.augment = True
-    summary = input_pipeline.build(cfg, manual_dir=FLAGS.manual_dir)
-    cfg.tile_size = input_pipeline.get_builder(cfg).builder_config.tile_size
-    out = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "dataset": summary["dataset"],
-        "tile_size": cfg.tile_size,
-        "splits": summary["splits"],
-        "build": {"tiles": sum(summary["splits"].values()), "seconds": summary["seconds"],
-                  "tiles_per_s": summary["tiles_per_s"]},
-        "pipeline": {"batch_size": FLAGS.batch_size, "sources": ["lulc", "s1", "dem"],
-                     "augment": True},
-    }
-    for workers in (int(w) for w in FLAGS.workers):
-        out["pipeline"][f"workers_{workers}"] = time_pipeline(
-            cfg, batch_size=FLAGS.batch_size, batches=FLAGS.batches, worker_count=workers)
-    print(json.dumps(out, indent=2))
-    if not FLAGS.data_dir:
-        shutil.rmtree(data_dir, ignore_errors=True)
 
+def _worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise UserError(f"--workers {text}: give comma-separated worker counts (0 or more), e.g. 0,1,2")
+    return counts
+
+
+def run(args) -> int:
+    if args.config_overrides:
+        raise UserError(f"--config.{args.config_overrides[0]}: --config is a dataset config name "
+                        "here; it takes no --config.KEY overrides.")
+    workers = _worker_counts(args.workers)
+    cfg = build_dataset.data_config(args.config, "", tile_size=args.tile_size,
+                                    block_tiles=args.block_tiles, split_seed=args.split_seed)
+    build_dataset.check_builder_config(cfg)
+    build_dataset.check_manual_dir(args.config, args.manual_dir)
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="rsjax_bench_")
+    try:
+        cfg.data_dir = data_dir
+        cfg.augment = True
+        summary = input_pipeline.build(cfg, manual_dir=args.manual_dir)
+        cfg.tile_size = input_pipeline.get_builder(cfg).builder_config.tile_size
+        out = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "dataset": summary["dataset"],
+            "tile_size": cfg.tile_size,
+            "splits": summary["splits"],
+            "build": {"tiles": sum(summary["splits"].values()), "seconds": summary["seconds"],
+                      "tiles_per_s": summary["tiles_per_s"]},
+            "pipeline": {"batch_size": args.batch_size, "sources": ["lulc", "s1", "dem"],
+                         "augment": True},
+        }
+        for count in workers:
+            out["pipeline"][f"workers_{count}"] = time_pipeline(
+                cfg, batch_size=args.batch_size, batches=args.batches, worker_count=count)
+    finally:
+        if not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    cli.print_json(out)
+    return 0
+
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

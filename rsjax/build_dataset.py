@@ -1,54 +1,131 @@
-"""Builds the rs_multisource TFDS dataset, with progress bars, and prints the split counts.
+"""Build the rs_multisource TFDS dataset, with progress bars, and print the split counts.
 
-    python -m rsjax.build_dataset --config synthetic_demo --data_dir work/tensorflow_datasets
-    python -m rsjax.build_dataset --config synthetic --tile_size 128
-    python -m rsjax.build_dataset --config manual --manual_dir /path/to/exports --tile_size 256
+    rsjax build --config synthetic_demo --data_dir work/tensorflow_datasets
+    rsjax build --config synthetic --tile_size 128
+    rsjax build --config manual --manual_dir /path/to/exports --tile_size 256
 
-The same build as `tfds build tfds_builder/rs_multisource --config NAME`
+`--config` is one of the builder's configs: `synthetic` (8 scenes of 1024 px),
+`synthetic_demo` (the quick start's small one) or `manual` (your GeoTIFF
+exports in `--manual_dir`). The same build as `tfds build` on the builder
 (array_record files that read without TensorFlow). Options that differ from
 the named config (tile size, stride, ...) build a derived config named after
 them, e.g. `synthetic_t128`; `rsjax.input_pipeline` finds it from the data
-config's `name` and `tile_size`.
+config's `name` and `tile_size`. A dataset already built is found, not rebuilt
+(`--overwrite` rebuilds it). Training builds its dataset itself when missing.
 """
 from __future__ import annotations
 
-import json
+import os
+import sys
 
-from absl import app
-from absl import flags
 import ml_collections
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "synthetic", "builder config: synthetic, synthetic_demo or manual")
-flags.DEFINE_string("data_dir", "work/tensorflow_datasets", "TFDS data_dir to write to")
-flags.DEFINE_integer("tile_size", None, "tile side in pixels (default: the config's)")
-flags.DEFINE_integer("stride", None, "step between tiles in pixels (default: tile_size)")
-flags.DEFINE_float("max_nodata_fraction", None, "drop tiles with more no-data than this")
-flags.DEFINE_enum("split_mode", None, ["block", "random"], "spatial blocks or the paper's random split")
-flags.DEFINE_integer("block_tiles", None, "side of a split block, in tiles")
-flags.DEFINE_integer("split_seed", None, "salt of the split hash (another value, another partition)")
-flags.DEFINE_string("manual_dir", None, "folder of <scene>_{s2,s1,lulc,dem}.tif (manual config)")
-flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
-                  "tfrecord needs TensorFlow (the `tf` extra)")
-flags.DEFINE_boolean("overwrite", False, "rebuild even if the dataset is already there")
+from rsjax import cli
+from rsjax.errors import ConfigError, UserError
+
+DATASET = "rs_multisource"
+TILING_OPTIONS = ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles",
+                  "split_seed", "s2_offset", "lulc_map", "lulc_legend")
 
 
-def data_config_from_flags() -> ml_collections.ConfigDict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default="synthetic", metavar="NAME",
+                        help="builder config: synthetic, synthetic_demo or manual")
+    parser.add_argument("--data_dir", default="work/tensorflow_datasets",
+                        help="TFDS data_dir to write to (local path or gs://)")
+    parser.add_argument("--tile_size", type=int, default=None,
+                        help="tile side in pixels (default: the config's)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="step between tiles in pixels (default: tile_size)")
+    parser.add_argument("--max_nodata_fraction", type=float, default=None,
+                        help="drop tiles with a larger no-data fraction (default: the config's)")
+    parser.add_argument("--split_mode", default=None, choices=("block", "random"),
+                        help="spatial blocks, or the paper's random split (default: the config's)")
+    parser.add_argument("--block_tiles", type=int, default=None,
+                        help="side of a split block, in tiles (default: the config's)")
+    parser.add_argument("--split_seed", type=int, default=None,
+                        help="salt of the split hash: another value, another partition "
+                             "(default: the config's)")
+    parser.add_argument("--s2_offset", type=float, default=None,
+                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of "
+                             "baseline 04.00+; default: what each file declares)")
+    parser.add_argument("--lulc_map", default=None,
+                        help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
+    parser.add_argument("--lulc_legend", default=None, choices=("auto", "dynamic_world"),
+                        help="'dynamic_world': take land cover that looks like another legend as it is "
+                             "(default: the config's, auto)")
+    parser.add_argument("--manual_dir", default=None,
+                        help="folder of <scene>_{s2,s1,lulc,dem}.tif (the manual config)")
+    parser.add_argument("--file_format", default="array_record", choices=("array_record", "tfrecord"),
+                        help="tfrecord needs TensorFlow (the `tf` extra)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild even if the dataset is already there")
+
+
+def data_config(name: str, data_dir: str, **options) -> ml_collections.ConfigDict:
+    """The data config the training configs hold, for builder config `name`."""
     cfg = ml_collections.ConfigDict()
-    cfg.name = f"rs_multisource/{FLAGS.config}"
-    cfg.data_dir = FLAGS.data_dir
-    for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed"):
-        cfg[key] = getattr(FLAGS, key)
+    cfg.name = f"{DATASET}/{name}"
+    cfg.data_dir = data_dir
+    for key in TILING_OPTIONS:
+        cfg[key] = options.get(key)
     return cfg
 
 
-def main(argv):
-    del argv
+def check_builder_config(data_cfg):
+    """The builder config `data_cfg` names, with its options; ConfigError names
+    the flag at fault. Creates nothing."""
     from rsjax import input_pipeline
-    summary = input_pipeline.build(data_config_from_flags(), manual_dir=FLAGS.manual_dir,
-                    file_format=FLAGS.file_format, overwrite=FLAGS.overwrite)
-    print(json.dumps(summary, indent=2))
+    from rsjax.tfds_builder.rs_multisource import rs_multisource_dataset_builder as builder
 
+    names = list(builder.Builder.builder_configs)
+    name = str(data_cfg.name).partition("/")[2]
+    if name not in names:
+        import difflib
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--config {name}: unknown dataset config.{hint} Choose one of "
+                          f"{', '.join(names)}.")
+    try:
+        return input_pipeline.builder_config_for(data_cfg)
+    except ValueError as err:            # a tiling option out of range, named by the builder
+        raise ConfigError(f"{err}. Change that option (rsjax build --help).") from None
+
+
+def check_manual_dir(config_name: str, manual_dir) -> None:
+    """The manual config reads scenes from `manual_dir`: check they are there
+    (and complete) before TFDS creates anything."""
+    if config_name != "manual":
+        return
+    if manual_dir is None:
+        raise UserError("--config manual reads your exports: give --manual_dir FOLDER "
+                        "(the folder of <scene>_{s2,s1,lulc,dem}.tif files).")
+    from rsjax.data.contract import find_scenes
+
+    find_scenes(manual_dir)              # InputError: not a folder, no scenes, a missing source
+
+
+def run(args) -> int:
+    if args.config_overrides:
+        raise UserError(f"--config.{args.config_overrides[0]}: `rsjax build` takes a dataset "
+                        "config name, without --config.KEY overrides; use its options "
+                        "(rsjax build --help).")
+    options = {key: getattr(args, key) for key in TILING_OPTIONS}
+    cfg = data_config(args.config, args.data_dir, **options)
+    check_builder_config(cfg)
+    check_manual_dir(args.config, args.manual_dir)
+    if args.manual_dir is not None and args.config != "manual":
+        raise UserError(f"--manual_dir {args.manual_dir}: only the manual config reads it; "
+                        f"--config {args.config} writes its own synthetic scenes.")
+    from rsjax import input_pipeline
+
+    manual_dir = None if args.manual_dir is None else os.path.abspath(args.manual_dir)
+    cli.print_json(input_pipeline.build(cfg, manual_dir=manual_dir, file_format=args.file_format,
+                                        overwrite=args.overwrite))
+    return 0
+
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

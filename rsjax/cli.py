@@ -51,7 +51,16 @@ log = logging.getLogger("rsjax")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and appends every option's default."""
+    """Keeps the description's line breaks and appends every option's default,
+    unless the help already says it ("(default: the config's)") or there is
+    none to say (None, an on/off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.nargs == 0
+                or action.default is argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def normalize_flags(argv: Sequence[str]) -> list[str]:
@@ -92,11 +101,53 @@ def add_config_argument(parser: argparse.ArgumentParser, *, required: bool,
     parser.add_argument("--config", required=required, default=None, metavar="SPEC", help=help)
 
 
+# Argument types: a bad value is argparse's one-line `error: argument --x: ...`, exit 2.
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """'1,4' -> [1, 4]; every item a positive integer."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 1,4") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated positive integers, e.g. 1,4")
+    return values
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """A type for 'a,b' where every item is one of `choices`."""
+    def parse_names(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                f"choose from {','.join(choices)}")
+        return names
+    parse_names.__name__ = "name list"
+    return parse_names
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parses `argv`; `--config.*` overrides land in `args.config_overrides`."""
     from rsjax.config_loader import split_override_args
 
     rest, overrides = split_override_args(normalize_flags(argv))
+    if rest and rest[-1] == "--":       # `... -- --config.a=1`: a `--` that only led overrides
+        rest = rest[:-1]
     args = parser.parse_args(rest)
     args.config_overrides = overrides
     if overrides and "config" not in vars(args):
@@ -141,7 +192,27 @@ def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # `rsjax ... | head`: the reader left; no traceback
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's own advice
+        return 141
     return int(status) if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged, so commands
+    run in-process (tests, notebooks) log where their caller captures."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def setup_process(verbose: bool = False) -> None:
@@ -155,7 +226,7 @@ def setup_process(verbose: bool = False) -> None:
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     rsjax_log = logging.getLogger("rsjax")
     if not rsjax_log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         rsjax_log.addHandler(handler)
         rsjax_log.propagate = False
@@ -175,6 +246,8 @@ def run_command(module, argv: Optional[Sequence[str]], prog: str) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as done:         # argparse: --help (0) or a bad option (2), already printed
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     setup_process(args.verbose)
     return report_errors(lambda: module.run(args), args.verbose)
 
@@ -183,10 +256,10 @@ def command_main(module_name: str) -> Callable[[Optional[Sequence[str]]], int]:
     """`main(argv=None)` for `python -m module_name` (the module's own options)."""
     def main(argv: Optional[Sequence[str]] = None) -> int:
         module = sys.modules[module_name]
-        # Run as `python -m rsjax.train`, the module is '__main__': its spec has the name.
+        # Under `python -m`, the module is __main__; its spec keeps the real name.
         spec = getattr(module, "__spec__", None)
-        name = spec.name if module_name == "__main__" and spec is not None else module_name
-        return run_command(module, argv, f"python -m {name}")
+        prog = f"python -m {spec.name if spec is not None else module_name}"
+        return run_command(module, argv, prog)
     return main
 
 

@@ -643,54 +643,53 @@ def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, config=None,
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-def main(argv):
-    del argv
-    import sys
+# The command line of this module; the other sections are its library.
+import sys  # noqa: E402
 
-    from absl import flags
+from rsjax import cli  # noqa: E402
 
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--workdir", required=True,
+                        help="workdir of the training run (checkpoints and config.json)")
+    parser.add_argument("--out", required=True, help="GeoTIFF to write")
+    parser.add_argument("--s1", default=None, help="fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB)")
+    parser.add_argument("--lulc", default=None, help="fusion: Dynamic World land-cover GeoTIFF (label)")
+    parser.add_argument("--dem", default=None,
+                        help="fusion: elevation GeoTIFF (slope, aspect, hillshade are derived)")
+    parser.add_argument("--s2", default=None, help="segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
+    parser.add_argument("--target_grid", default=None,
+                        help="GeoTIFF whose grid the output is on (default: the land-cover file "
+                             "for fusion, the S2 file for segmentation)")
+    parser.add_argument("--target_crs", default=None,
+                        help="output CRS (projected, metres), as in ingestion")
+    parser.add_argument("--target_resolution", type=float, default=None,
+                        help="output pixel size in metres, as in ingestion")
+    parser.add_argument("--overlap", type=cli.nonnegative_int, default=None,
+                        help="tile overlap in pixels (default: a quarter of the tile)")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=None,
+                        help="tiles per batch (default: the config's eval_batch_size)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data_dir of the training dataset (default: the config's)")
+    cli.add_config_argument(parser, required=False,
+                            help="the training config (default: the workdir's config.json)")
+
+
+def run(args) -> int:
+    config = cli.load_config_arg(args, workdir=args.workdir)
     from rsjax.trainers import common
 
-    f = flags.FLAGS
     common.prepare_process()
-    kwargs = dict(target_grid=f.target_grid, target_crs=f.target_crs,
-                  target_resolution=f.target_resolution, step=f.step, overlap=f.overlap,
-                  batch_size=f.batch_size, data_dir=f.data_dir, config=f.config)
-    try:
-        result = predict(f.workdir, f.out, s1=f.s1, lulc=f.lulc, dem=f.dem, s2=f.s2, **kwargs)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result, indent=2))
+    result = predict(args.workdir, args.out, s1=args.s1, lulc=args.lulc, dem=args.dem, s2=args.s2,
+                     config=config, target_grid=args.target_grid, target_crs=args.target_crs,
+                     target_resolution=args.target_resolution, step=args.step,
+                     overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir)
+    cli.print_json(result)
+    return 0
 
 
-def define_flags():
-    """Command-line flags, defined only when run as a command, so that importing
-    this module beside other commands (tests, experiments) defines nothing."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    flags.DEFINE_string("workdir", None, "Workdir of the training run (checkpoints + config.json).")
-    flags.DEFINE_string("out", None, "GeoTIFF to write.")
-    flags.DEFINE_string("s1", None, "Fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB).")
-    flags.DEFINE_string("lulc", None, "Fusion: Dynamic World land-cover GeoTIFF (label).")
-    flags.DEFINE_string("dem", None, "Fusion: elevation GeoTIFF (slope, aspect, hillshade are derived).")
-    flags.DEFINE_string("s2", None, "Segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8).")
-    flags.DEFINE_string("target_grid", None, "GeoTIFF whose grid the output is on (default: the land "
-                        "cover file for fusion, the S2 file for segmentation).")
-    flags.DEFINE_string("target_crs", None, "Output CRS (projected, metres), as in ingestion.")
-    flags.DEFINE_float("target_resolution", None, "Output pixel size in metres, as in ingestion.")
-    flags.DEFINE_integer("overlap", None, "Tile overlap in pixels (default: a quarter of the tile).")
-    flags.DEFINE_integer("batch_size", None, "Tiles per batch (default: the config's eval_batch_size).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_string("data_dir", None, "TFDS data_dir of the training dataset (default: the config's).")
-    config_flags.DEFINE_config_file("config", None, "Training config (default: the workdir's config.json).",
-                                    lock_config=True)
-    flags.mark_flags_as_required(["workdir", "out"])
-
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -1,8 +1,13 @@
-"""`python -m rsjax.synthesize --config CFG --fusion_workdir DIR --split train [--out DIR]`
+"""Generate one optical image for every tile of a split with a trained fusion checkpoint.
 
-Generates one 4-band optical image for every tile of a split with a trained
-fusion checkpoint, once, keyed by tile id, for the segmentation experiment's
-Mix dataset (`configs/segmentation.py:data=mix`).
+    rsjax synthesize --fusion_workdir work/demo --split train
+    rsjax synthesize --fusion_workdir work/demo --split train --out work/generated --step 2000
+
+One 4-band image per tile, once, keyed by tile id, for the segmentation
+experiment's Mix dataset (`rsjax train --config segmentation:demo,data=mix
+--config.data.generated_dir=DIR`). The fusion run's saved config
+(`<fusion_workdir>/config.json`) says which model and dataset; `--config`
+replaces it.
 
 Output (default `<fusion_workdir>/generated/<split>`):
 - `part-00000.npz`, ...: `tile_id` (N,) and `s2` (N, H, W, 4) uint16
@@ -19,14 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from typing import Optional
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
-FLAGS = flags.FLAGS
+from rsjax import cli
+from rsjax.errors import UserError
+
 log = logging.getLogger("rsjax")
 
 
@@ -58,7 +64,7 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
     if jax.process_count() > 1:
         # Each host would read its own shard of every chunk and the parts would
         # not line up with their tile ids; synthesis is cheap next to training.
-        raise ValueError("synthesize runs on one host: start it without RSJAX_COORDINATOR "
+        raise UserError("synthesize runs on one host: start it without RSJAX_COORDINATOR "
                          "(or on worker 0 of the slice only).")
     from etils import epath
 
@@ -111,25 +117,41 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
     return {"out": str(out_dir), "num_tiles": n, "checkpoint_step": int(step)}
 
 
-def main(argv):
-    del argv
-    print(json.dumps(synthesize(FLAGS.config, FLAGS.fusion_workdir, FLAGS.split, FLAGS.out,
-                                FLAGS.step, FLAGS.part_size), indent=2))
+SPLITS = ("train", "validation", "test")
 
 
-def define_flags():
-    """Command-line flags, defined only when run as a command, so that importing
-    this module beside other commands (tests, experiments) defines nothing."""
-    config_flags.DEFINE_config_file("config", None, "The fusion training config.",
-                                    lock_config=True)
-    flags.DEFINE_string("fusion_workdir", None, "Workdir of the fusion run.")
-    flags.DEFINE_string("split", "train", "Split whose tiles get a generated image.")
-    flags.DEFINE_string("out", None, "Output folder (default <fusion_workdir>/generated/<split>).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_integer("part_size", 64, "Tiles per output part.")
-    flags.mark_flags_as_required(["config", "fusion_workdir"])
+def add_arguments(parser) -> None:
+    parser.add_argument("--fusion_workdir", required=True,
+                        help="workdir of the fusion training run (checkpoints, config.json)")
+    cli.add_config_argument(parser, required=False,
+                            help="the fusion training config (default: the workdir's config.json)")
+    parser.add_argument("--split", default="train", choices=SPLITS,
+                        help="split whose tiles get a generated image")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <fusion_workdir>/generated/<split>)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="checkpoint step (default: the latest)")
+    parser.add_argument("--part_size", type=cli.positive_int, default=64,
+                        help="tiles per output part (the unit of resuming)")
 
+
+def run(args) -> int:
+    from rsjax import evaluate
+
+    evaluate.check_workdir(args.fusion_workdir)      # before the output folder is created
+    config = cli.load_config_arg(args, workdir=args.fusion_workdir)
+    if config.get("trainer") != "fusion":
+        raise UserError(f"{args.fusion_workdir}: a {config.get('trainer')!r} run; synthesize "
+                        "needs a fusion run (rsjax train --config fusion:...).")
+    from rsjax.trainers.common import prepare_process
+
+    prepare_process()
+    cli.print_json(synthesize(config, args.fusion_workdir, args.split, args.out, args.step,
+                              args.part_size))
+    return 0
+
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

@@ -41,3 +41,17 @@ def demo_data_dir(tmp_path_factory) -> Path:
                                          data_dir=str(data_dir), tile_size=64, worker_count=0))
     input_pipeline.ensure_dataset(cfg)
     return data_dir
+
+
+@pytest.fixture(autouse=True)
+def _rsjax_logger_propagates():
+    """Commands run in-process (rsjax.cli) give the 'rsjax' logger its own
+    handler and stop propagation, for people; tests read warnings through
+    caplog, which listens on the root logger, so undo that after each test."""
+    import logging
+
+    yield
+    logger = logging.getLogger("rsjax")
+    logger.propagate = True
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)

@@ -1,4 +1,4 @@
-"""python -m rsjax.bench: the JSON report's figures are consistent with each other,
+"""rsjax bench: the JSON report's figures are consistent with each other,
 the FLOP count with an analytic one, and the MFU with the measured peak."""
 import json
 
@@ -38,12 +38,12 @@ def test_reference_ratio_is_only_given_for_the_full_model_at_batch_1():
 
 def test_bench_reports_steps_mfu_and_pipeline_headroom_as_json(demo_data_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = bench.main(["--parts", "matmul,fusion,unet,pipeline", "--sizes", "64",
-                         "--batches", "2", "--steps", "1", "--config_arg", "demo",
-                         "--matmul_sizes", "512", "--data_dir", str(demo_data_dir),
-                         "--out", str(out)])
+    assert bench.main(["--parts", "matmul,fusion,unet,pipeline", "--sizes", "64",
+                       "--batches", "2", "--steps", "1", "--config_arg", "demo",
+                       "--matmul_sizes", "512", "--data_dir", str(demo_data_dir),
+                       "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == report
-    assert json.loads(capsys.readouterr().out) == report
     peak = report["matmul_peak"]["gflop_per_s"]
     for part in ("fusion", "unet"):
         (entry,) = report[part]
@@ -64,11 +64,15 @@ def test_bench_reports_steps_mfu_and_pipeline_headroom_as_json(demo_data_dir, tm
                                                            rel=0.05)
 
 
-def test_bench_rejects_unknown_parts_and_indivisible_batches():
-    with pytest.raises(SystemExit):
-        bench.main(["--parts", "fusion,gpu"])
-    with pytest.raises(SystemExit):
-        bench.main(["--batches", "3", "--devices", str(max(2, jax.device_count()))])
+def test_bench_rejects_unknown_parts_and_indivisible_batches(capsys):
+    assert bench.main(["--parts", "fusion,gpu"]) == 2       # argparse: a bad --parts value
+    assert "unknown gpu" in capsys.readouterr().err
+    devices = max(2, jax.device_count())
+    assert bench.main(["--batches", "3", "--devices", str(devices)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --" in err and "Traceback" not in err
+    assert bench.main(["--parts", "fusion", "--config_arg", "demo,nosuchkey"]) == 2
+    assert "nosuchkey" in capsys.readouterr().err
 
 
 def test_model_flops_count_the_convolution_rewrites_in_full():

@@ -135,7 +135,7 @@ def test_poisoned_state_is_never_checkpointed(tmp_path):
 
 
 def _train_command(workdir, data_dir, steps, every):
-    return [sys.executable, "-m", "rsjax.train", "--config", "configs/pix2pix.py:demo",
+    return [sys.executable, "-m", "rsjax.train", "--config", "pix2pix:demo",
             f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
             f"--config.total_steps={steps}", f"--config.checkpoint_every_steps={every}",
             "--config.log_every_steps=1", "--config.image_every_steps=0",

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from rsjax.errors import RunFailed, UserError
 from rsjax.launch import tpu
 from trainer_utils import ROOT
 
@@ -15,10 +16,20 @@ BASE = ["--name", "rsjax-1", "--zone", "us-central1-a"]
 
 
 def _dry_run(*args: str) -> list[list[str]]:
-    """Runs the real CLI with --dry_run; returns the printed commands as argv lists."""
-    out = subprocess.run([sys.executable, "-m", "rsjax.launch.tpu", "--dry_run", *args], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    """Runs the real CLI (`python -m rsjax.launch.tpu`, from another directory
+    than the checkout) with --dry_run; returns the printed commands as argv lists."""
+    out = subprocess.run([sys.executable, "-m", "rsjax.launch.tpu", "--dry_run", *args],
+                         cwd=ROOT / "tests", capture_output=True, text=True, check=True).stdout
     return [shlex.split(line) for line in out.splitlines()]
+
+
+def _dry_run_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`rsjax tpu --dry_run ...` in this process: (exit status, stdout, stderr)."""
+    from rsjax import cli
+
+    status = cli.main(["tpu", "--dry_run", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def _ssh_remote(command: list[str]) -> str:
@@ -29,7 +40,7 @@ def _ssh_remote(command: list[str]) -> str:
 def test_all_prints_create_install_run_logs_delete_in_order():
     commands = _dry_run("all", *BASE, "--accelerator_type", "v5litepod-16",
                         "--runtime_version", "v2-alpha-tpuv5-lite", "--spot",
-                        "--bucket", "gs://my-bucket", "--config", "configs/fusion.py:demo",
+                        "--bucket", "gs://my-bucket", "--config", "fusion:demo",
                         "--", "--config.total_steps=10")
     tpu_vm = ["gcloud", "compute", "tpus", "tpu-vm"]
     assert commands[0] == tpu_vm + ["create", "rsjax-1", "--zone=us-central1-a",
@@ -69,15 +80,37 @@ def test_paths_with_spaces_and_quotes_reach_rsjax_train_unchanged():
     workdir = "gs://my bucket/run 'one' $HOME"
     data_dir = "/mnt/data sets/tfds"
     [command] = _dry_run("run", *BASE, "--workdir", workdir, "--data_dir", data_dir,
-                         "--config", "configs/fusion.py:demo,sources=lulc+s1",
-                         "--", "--config.generator.ngf=32")
+                         "--config", "fusion:demo,sources=lulc+s1",
+                         "--config.generator.ngf=32")
     steps, train = _train_argv_on_worker(command)
     assert steps == [["cd", "~/rsjax"]]            # a dataset on the VM is read where it is
-    assert train == ["python3", "-m", "rsjax.train", "--config=configs/fusion.py:demo,sources=lulc+s1",
+    assert train == ["python3", "-m", "rsjax.train", "--config=fusion:demo,sources=lulc+s1",
                      f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
                      "--config.generator.ngf=32"]
-    assert train == tpu.train_argv("configs/fusion.py:demo,sources=lulc+s1", workdir, data_dir,
-                                   ["--config.generator.ngf=32"])
+    assert train == tpu.train_argv("fusion:demo,sources=lulc+s1", workdir, data_dir,
+                                   ["generator.ngf=32"])
+
+
+def test_config_is_a_name_by_default_or_a_file_on_the_workers(capsys, tmp_path):
+    run = ["run", *BASE, "--bucket", "gs://b"]
+    status, out, _ = _dry_run_here(capsys, *run)
+    assert status == 0
+    _, train = _train_argv_on_worker(shlex.split(out))
+    assert train[3] == "--config=fusion"
+    # A file that exists only in the workers' checkout is passed on unchecked ...
+    status, out, _ = _dry_run_here(capsys, *run, "--config", "my/experiment.py:demo",
+                                   "--config.anything=1")
+    _, train = _train_argv_on_worker(shlex.split(out))
+    assert status == 0 and train[3] == "--config=my/experiment.py:demo"
+    assert train[-1] == "--config.anything=1"
+    # ... a local one is checked here, like a name.
+    local = tmp_path / "mine.py"
+    local.write_text("import ml_collections\n"
+                     "def get_config(arg=None):\n"
+                     "    return ml_collections.ConfigDict({'steps': 1})\n")
+    assert _dry_run_here(capsys, *run, "--config", str(local), "--config.steps=5")[0] == 0
+    status, out, err = _dry_run_here(capsys, *run, "--config", str(local), "--config.step=5")
+    assert status == 2 and out == "" and "--config.step: no such config key" in err
 
 
 def test_gs_data_dir_is_copied_to_the_worker_first():
@@ -100,7 +133,7 @@ def test_single_actions_and_options():
     [install] = _dry_run("install", *BASE, "--git_url", "https://example.org/rsjax.git",
                          "--git_ref", "v0.1")
     assert _ssh_remote(install).startswith(
-        "rm -rf ~/rsjax && git clone https://example.org/rsjax.git ~/rsjax && "
+        "rm -rf ~/rsjax && git clone -- https://example.org/rsjax.git ~/rsjax && "
         "git -C ~/rsjax checkout v0.1 && cd ~/rsjax && ")
     [logs] = _dry_run("logs", *BASE, "--worker", "all")
     assert "--worker=all" in logs
@@ -115,26 +148,53 @@ def test_single_actions_and_options():
     (["run", *BASE, "--workdir", "/home/me/run", "--data_dir", "gs://b/d"], "use a gs:// path"),
     (["create", *BASE, "--spot", "--preemptible"], "choose one of --spot and --preemptible"),
     (["run", *BASE, "--bucket", "my-bucket"], "give a gs:// URI"),
-    (["run", *BASE, "--bucket", "gs://b", "--", "--steps=3"], "only --config.KEY=VALUE"),
+    (["run", *BASE, "--bucket", "gs://b", "--", "--steps=3"], "unrecognized arguments: -- --steps=3"),
+    (["run", *BASE, "--bucket", "gs://b", "--config.total_step=3"],
+     "--config.total_step: no such config key. Did you mean --config.total_steps?"),
+    (["run", *BASE, "--bucket", "gs://b", "--config", "fusoin:demo"], "Did you mean 'fusion'?"),
+    (["create", "--name", "--zone=z", "--zone", "z"], "argument --name: expected one argument"),
+    (["create", "--name=-oops", "--zone", "z"], "'-oops': lowercase letters"),
+    (["create", "--name", "My_TPU", "--zone", "z"], "'My_TPU': lowercase letters"),
+    (["install", *BASE, "--git_ref=--upload-pack=x"], "--git_ref '--upload-pack=x': not a git ref"),
+    (["logs", *BASE, "--worker", "1;rm"], "--worker 1;rm: a worker number"),
 ])
-def test_bad_options_fail_clearly(args, message):
-    proc = subprocess.run([sys.executable, "-m", "rsjax.launch.tpu", "--dry_run", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert message in proc.stderr
+def test_bad_options_fail_clearly(capsys, args, message):
+    status, out, err = _dry_run_here(capsys, *args)
+    assert status == 2 and out == ""
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_git_url_starting_with_a_dash_is_a_repository_not_an_option(tmp_path):
+    """The clone step run for real by bash and git: a URL like '--upload-pack=CMD'
+    would make git run CMD if it were parsed as an option."""
+    origin = tmp_path / "origin"
+    subprocess.run(["git", "init", "-q", str(origin)], check=True)
+    subprocess.run(["git", "-C", str(origin), "-c", "user.email=t@t", "-c", "user.name=t",
+                    "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    marker = tmp_path / "ran"
+    evil = f"--upload-pack=touch {marker}; git-upload-pack"
+    proc = subprocess.run(["bash", "-c", tpu.clone_shell(evil, None, directory="clone")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and not marker.exists()     # a repository named so: not found
+    # A repository whose path starts with '-' clones, as any other.
+    (tmp_path / "-repo").symlink_to(origin)
+    subprocess.run(["bash", "-c", tpu.clone_shell("-repo", None, directory="clone")],
+                   cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "clone" / ".git").is_dir()
 
 
 def test_real_run_stops_at_the_first_failure_and_says_so(tmp_path, monkeypatch, capsys):
     """Running for real: each command in order (real processes), stopping at the
     first failure; without gcloud on PATH, a clear message before anything runs."""
     first, never = tmp_path / "first", tmp_path / "never"
-    with pytest.raises(SystemExit, match="failed \\(exit status 1\\): false 'a b'"):
+    with pytest.raises(RunFailed, match="failed \\(exit status 1\\): false 'a b'"):
         tpu.execute([["touch", str(first)], ["false", "a b"], ["touch", str(never)]])
     assert first.exists() and not never.exists()
     assert "+ false 'a b'" in capsys.readouterr().out      # each command echoed before it runs
 
     monkeypatch.setenv("PATH", str(tmp_path))             # touch and gcloud are not found there
-    with pytest.raises(SystemExit, match="gcloud is not installed"):
+    with pytest.raises(UserError, match="gcloud is not installed"):
         tpu.execute([["touch", str(never)], tpu.delete_command(tpu.Tpu("t", "z"))])
     assert not never.exists()
 

@@ -5,6 +5,7 @@ Models are tiny (ngf 2); parameter counts use nnx.eval_shape, so the full-size
 models are never allocated or compiled.
 """
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -393,9 +394,10 @@ def test_per_source_embeddings_add_exactly_the_expected_parameters():
 
 
 def test_param_table_command_reports_every_model(capsys):
-    report = param_table_main(["--model", "all"])
-    out = capsys.readouterr().out
-    assert "| spade_reference | 92,419,588 | 92,419,588 | exact |" in out
+    assert param_table_main(["--model", "all"]) == 0
+    assert "| spade_reference | 92,419,588 | 92,419,588 | exact |" in capsys.readouterr().out
+    assert param_table_main(["--model", "all", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert all(report[label]["matches"] for label in REFERENCE_COUNTS)
     assert report["rs_spade"]["added_by_embeddings"] == 569_024
     assert sum(report["rs_spade"]["modules"].values()) == report["rs_spade"]["total"]

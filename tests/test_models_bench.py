@@ -1,4 +1,6 @@
-"""rsjax.models.bench: FLOP counting against an analytic count, and the JSON report."""
+"""rsjax bench_layers (rsjax.models.bench): FLOP counting against an analytic count, and the JSON report."""
+import json
+
 import jax
 import jax.numpy as jnp
 
@@ -18,12 +20,14 @@ def test_flops_of_a_convolution_match_the_analytic_count():
 
 
 def test_bench_reports_throughput_and_flops_as_json(capsys):
-    report = bench.main(["--models", "D", "--sizes", "32", "--batches", "1,2", "--ndf", "2",
-                         "--steps", "1"])
+    assert bench.main(["--models", "D", "--sizes", "32", "--batches", "1,2", "--ndf", "2",
+                       "--steps", "1"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)                  # stdout: the report; stderr: progress
     results = report["results"]
     assert [(r["model"], r["size"], r["batch"]) for r in results] == [("D", 32, 1), ("D", 32, 2)]
     for r in results:
         assert r["images_per_s"] > 0 and r["seconds_per_step"] > 0
     # Twice the batch, twice the work.
     assert abs(results[1]["gflop_per_step"] / max(results[0]["gflop_per_step"], 1e-9) - 2) < 0.2
-    assert '"model": "D"' in capsys.readouterr().out
+    assert '"model": "D"' in captured.err

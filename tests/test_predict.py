@@ -390,17 +390,21 @@ def test_scene_without_s2_registers_on_a_chosen_grid(scene):
         RegisteredScene(no_s2, IngestOptions(tile_size=64, target_grid="missing_grid.tif"))
 
 
-def test_command_line_reports_bad_input_and_exits_2(fusion_workdir, scene, tmp_path):
-    import subprocess
-    import sys
+def test_command_line_reports_bad_input_and_exits_2(fusion_workdir, scene, tmp_path, capsys):
+    from rsjax import cli
 
-    from trainer_utils import ROOT
-
-    out = tmp_path / "out.tif"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rsjax.predict", f"--workdir={fusion_workdir}", f"--s1={scene.s1}",
-         f"--lulc={scene.lulc}", f"--dem={tmp_path / 'no_dem.tif'}", f"--out={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "no_dem.tif" in proc.stderr and "does not exist" in proc.stderr
-    assert not out.exists()
+    out = tmp_path / "new" / "out.tif"
+    status = cli.main(["predict", f"--workdir={fusion_workdir}", f"--s1={scene.s1}",
+                       f"--lulc={scene.lulc}", f"--dem={tmp_path / 'no_dem.tif'}", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    assert "no_dem.tif" in err and "does not exist" in err and "Traceback" not in err
+    assert not out.parent.exists()                       # nothing created
+    # A segmentation input for a fusion run, and a missing workdir: the same way.
+    assert cli.main(["predict", f"--workdir={fusion_workdir}", f"--s2={scene.s2}",
+                     f"--out={out}"]) == 2
+    assert "takes no --s2" in capsys.readouterr().err
+    missing = tmp_path / "no_run"
+    assert cli.main(["predict", f"--workdir={missing}", f"--s2={scene.s2}", f"--out={out}"]) == 2
+    assert "workdir does not exist" in capsys.readouterr().err
+    assert not missing.exists() and not out.parent.exists()

@@ -1,7 +1,6 @@
 """Tiny configs and a shared demo dataset for the trainer tests."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -20,10 +19,10 @@ def host_numpy(tree):
 
 
 def load_config(name: str, arg: str = "demo"):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """A shipped config by name (as `--config name:arg`), unlocked for the tests to shrink."""
+    from rsjax.config_loader import load_config as load
+
+    return load(f"{name}:{arg}" if arg else name, lock=False)
 
 
 def tiny_fusion_config(data_dir, model: str = "pix2pix", steps: int = 4, sources: str = "all"):

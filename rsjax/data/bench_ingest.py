@@ -1,6 +1,6 @@
 """Ingestion benchmark: tiles/s on the demo scenes, peak memory on a large scene.
 
-    python -m rsjax.data.bench_ingest [--work-dir work/bench_ingest] [--large-size 8192]
+    rsjax bench_ingest [--work_dir work/bench_ingest] [--large_size 8192] [--skip_large]
 
 Prints one JSON object:
 - `demo`: tiles per second for ingesting the demo scenes (4 scenes of 512 px,
@@ -33,6 +33,7 @@ import rasterio
 from affine import Affine
 from rasterio.warp import transform_bounds
 
+from rsjax import cli
 from rsjax.data.contract import S2_BANDS, S1_BANDS, ScenePaths, find_scenes
 from rsjax.data.geotiff import write_geotiff_by_windows
 from rsjax.data.ingest import IngestOptions, IngestReport, iter_scene_tiles
@@ -168,37 +169,49 @@ def large_scene(work: Path, size: int) -> Path:
     return folder
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", default="work/bench_ingest", type=Path)
-    parser.add_argument("--large-size", default=8192, type=int, help="optical pixels per side of the large scene")
-    parser.add_argument("--tile-size", default=256, type=int)
-    parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--child-register", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("--work_dir", default="work/bench_ingest", type=Path,
+                        help="where the demo and large scenes are written (the large one is reused)")
+    parser.add_argument("--large_size", default=8192, type=cli.positive_int,
+                        help="optical pixels per side of the large scene")
+    parser.add_argument("--tile_size", default=256, type=cli.positive_int, help="tile side in pixels")
+    parser.add_argument("--skip_large", action="store_true", help="only time the demo scenes")
+    # The large scene is registered in a fresh child process (this command
+    # with --child_register FOLDER), so its peak memory is its own.
+    parser.add_argument("--child_register", type=Path, help=argparse.SUPPRESS)
 
-    if args.child_register:
-        print(json.dumps(child_register(args.child_register, args.tile_size)))
-        return {}
 
-    work = args.work_dir
+def benchmark(work: Path, tile_size: int = 256, large_size: int = 8192,
+              skip_large: bool = False) -> dict:
+    """The JSON report (see the module docstring)."""
     out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__}
     scenes, writer = demo_scenes(work / "demo")
-    out["demo"] = {"scenes": len(scenes), "size": 512, "tile_size": args.tile_size, "writer": writer,
-                   **time_ingestion(scenes, IngestOptions(tile_size=args.tile_size))}
-    if not args.skip_large:
+    out["demo"] = {"scenes": len(scenes), "size": 512, "tile_size": tile_size, "writer": writer,
+                   **time_ingestion(scenes, IngestOptions(tile_size=tile_size))}
+    if not skip_large:
         start = time.perf_counter()
-        folder = large_scene(work, args.large_size)
+        folder = large_scene(work, large_size)
         write_s = time.perf_counter() - start
-        proc = subprocess.run([sys.executable, "-m", "rsjax.data.bench_ingest", "--child-register", str(folder),
-                               "--tile-size", str(args.tile_size)], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-m", "rsjax.data.bench_ingest", "--child_register",
+                               str(folder), "--tile_size", str(tile_size)],
+                              capture_output=True, text=True, check=True)
         child = json.loads(proc.stdout.strip().splitlines()[-1])
-        out["large"] = {"optical_pixels": f"{args.large_size}x{args.large_size}", "write_or_reuse_s": round(write_s, 1),
-                        **child, "goal_peak_rss_mib": 2048, "under_goal": child["peak_rss_mib"] < 2048}
-    print(json.dumps(out, indent=2))
+        out["large"] = {"optical_pixels": f"{large_size}x{large_size}",
+                        "write_or_reuse_s": round(write_s, 1), **child,
+                        "goal_peak_rss_mib": 2048, "under_goal": child["peak_rss_mib"] < 2048}
     return out
 
 
+def run(args) -> int:
+    if args.child_register:
+        print(json.dumps(child_register(args.child_register, args.tile_size)))
+        return 0
+    cli.print_json(benchmark(args.work_dir, args.tile_size, args.large_size, args.skip_large))
+    return 0
+
+
+main = cli.command_main(__name__)
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@ held-out R² says how much each subset explains. On the synthetic scenes every
 source carries something the others lack, so all three must beat every pair
 and every pair must beat each of its members (`ordering_violations`).
 
-    python -m rsjax.data.couplings --scenes_dir work/scenes   # or none: demo scenes in a temp dir
+    rsjax couplings --scenes_dir work/scenes   # or none: demo scenes in a temp dir
 
 Features per pixel, for each source in the subset, and the same channels'
 3x3 local mean (so the regression sees a little context and less speckle):
@@ -33,15 +33,16 @@ table and the JSON result, and exits with status 1 when the ordering fails.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
 import tempfile
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from rsjax import cli
 from rsjax.data.contract import ASPECT_FLAT, LULC_NODATA, NUM_CLASSES, S2_BANDS, S2_NODATA, SOURCES
 
 REFLECTANCE_SCALE = 10000.0
@@ -232,21 +233,28 @@ def _ingested_tiles(scenes_dir: str, tile_size: int):
         yield from iter_scene_tiles(scene, IngestOptions(tile_size=tile_size))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m rsjax.data.couplings",
-        description="Held-out R² of predicting the optical bands from each source subset.")
-    parser.add_argument("--scenes_dir", help="folder of <scene>_{s2,s1,lulc,dem}.tif; default: "
-                        "write the demo scenes (4 x 512 px, seed 0) into a temporary folder")
-    parser.add_argument("--tile_size", type=int, default=256)
-    parser.add_argument("--pixels_per_tile", type=int, default=4096)
-    parser.add_argument("--test_every", type=int, default=4, help="hold out one pixel block in n")
-    parser.add_argument("--block", type=int, default=32, help="side of the held-out pixel blocks")
+def add_arguments(parser) -> None:
+    parser.add_argument("--scenes_dir", default=None,
+                        help="folder of <scene>_{s2,s1,lulc,dem}.tif (default: the demo scenes, "
+                             "4 x 512 px with seed 0, written into a temporary folder)")
+    parser.add_argument("--tile_size", type=cli.positive_int, default=256,
+                        help="tile side in pixels for ingestion")
+    parser.add_argument("--pixels_per_tile", type=cli.positive_int, default=4096,
+                        help="pixels drawn per tile")
+    parser.add_argument("--test_every", type=cli.positive_int, default=4,
+                        help="hold out one pixel block in n")
+    parser.add_argument("--block", type=cli.positive_int, default=32,
+                        help="side of the held-out pixel blocks")
     parser.add_argument("--lam", type=float, default=1.0, help="ridge penalty (standardised features)")
     parser.add_argument("--seed", type=int, default=0, help="pixel sampling seed")
-    parser.add_argument("--json_out", help="also write the JSON result here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json_out", default=None, help="also write the JSON result here")
 
+
+def run(args) -> int:
+    from rsjax.data.contract import find_scenes
+
+    if args.scenes_dir is not None:
+        find_scenes(args.scenes_dir)          # a missing folder or scene: one error line, first
     with tempfile.TemporaryDirectory(prefix="rsjax_couplings_") as tmp:
         scenes_dir = args.scenes_dir
         if scenes_dir is None:
@@ -263,13 +271,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(json.dumps(result, indent=1))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1)
+        path = Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
     if violations:
         print("ordering violated:\n  " + "\n  ".join(violations), file=sys.stderr)
         return 1
     return 0
 
 
+main = cli.command_main(__name__)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

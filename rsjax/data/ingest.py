@@ -1,4 +1,14 @@
-"""Ingestion: one scene's GeoTIFFs to registered tiles in the data contract.
+"""Ingestion: validate, register and tile scenes' GeoTIFFs into the data contract.
+
+As a command, a dry run over a folder of exports (nothing is written), the
+check to run before `rsjax build --config manual --manual_dir FOLDER`; it
+prints the report (tiles kept and dropped per scene, grid, S1 units) as JSON,
+and a bad file as one `error:` line naming it (exit 2):
+
+    rsjax ingest work/exports
+    rsjax ingest work/exports --tile_size 128 --allow_missing_lulc
+
+As a library:
 
     from rsjax.data.contract import find_scenes
     from rsjax.data.ingest import IngestOptions, IngestReport, iter_scene_tiles
@@ -50,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -58,9 +69,11 @@ import rasterio.errors
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from rsjax import cli
 from rsjax.data import landcover, sar, terrain
-from rsjax.data.contract import LULC_NODATA, S2_NODATA, InputError, ScenePaths
+from rsjax.data.contract import LULC_NODATA, S2_NODATA, InputError, ScenePaths, find_scenes
 from rsjax.data.rasterio_io import open_source, read_failure
+from rsjax.errors import UserError
 from rsjax.data.register import DemSource, WarpedSource
 from rsjax.data.validate import SourceSpec, inspect_scene
 
@@ -114,22 +127,23 @@ class IngestOptions:
     lulc_legend: str = "auto"
 
     def __post_init__(self):
+        # UserError (a ValueError): the command line prints it as one line.
         # Frozen: normalize the legend mapping once, to hashable sorted pairs.
         object.__setattr__(self, "lulc_map", landcover.parse_lulc_map(self.lulc_map))
         if self.s2_offset is not None and not np.isfinite(self.s2_offset):
-            raise ValueError(f"s2_offset must be a finite number (e.g. -1000) or None, got {self.s2_offset}")
+            raise UserError(f"s2_offset must be a finite number (e.g. -1000) or None, got {self.s2_offset}")
         if self.lulc_legend not in landcover.LEGENDS:
-            raise ValueError(f"lulc_legend must be one of {landcover.LEGENDS}, got {self.lulc_legend!r}")
+            raise UserError(f"lulc_legend must be one of {landcover.LEGENDS}, got {self.lulc_legend!r}")
         if self.tile_size < 3:
-            raise ValueError(f"tile_size must be at least 3 pixels, got {self.tile_size}")
+            raise UserError(f"tile_size must be at least 3 pixels, got {self.tile_size}")
         if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be a positive number of pixels, got {self.stride}")
+            raise UserError(f"stride must be a positive number of pixels, got {self.stride}")
         if not 0.0 <= self.max_nodata_fraction <= 1.0:
-            raise ValueError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
+            raise UserError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
         if self.s1_units not in sar.UNITS:
-            raise ValueError(f"s1_units must be one of {sar.UNITS}, got {self.s1_units!r}")
+            raise UserError(f"s1_units must be one of {sar.UNITS}, got {self.s1_units!r}")
         if self.dem_fill_distance < 0:
-            raise ValueError(f"dem_fill_distance must be >= 0, got {self.dem_fill_distance}")
+            raise UserError(f"dem_fill_distance must be >= 0, got {self.dem_fill_distance}")
 
     @property
     def step(self) -> int:
@@ -417,53 +431,52 @@ def no_tile_reason(scene_id: str, width: int, height: int, opts: IngestOptions, 
             "max_nodata_fraction.")
 
 
-def main(argv=None) -> dict:
-    """`python -m rsjax.data.ingest FOLDER`: validate and tile every scene of a folder, print the report.
-
-    A dry run (nothing is written): the check to run on new exports before
-    building a dataset. Exits with status 2 and the InputError's message on bad input.
-    """
-    import argparse  # noqa: PLC0415
-    import json  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    from rsjax.data.contract import find_scenes  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(prog="python -m rsjax.data.ingest", description=main.__doc__)
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def add_arguments(parser) -> None:
     parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files")
-    parser.add_argument("--tile-size", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=None)
-    parser.add_argument("--max-nodata-fraction", type=float, default=0.1)
-    parser.add_argument("--target-crs", default=None)
-    parser.add_argument("--target-resolution", type=float, default=None)
-    parser.add_argument("--target-grid", default=None, help="GeoTIFF whose grid to use (default: each S2 file's)")
-    parser.add_argument("--s1-units", default="auto", choices=sar.UNITS)
-    parser.add_argument("--allow-missing-lulc", action="store_true", help="scenes may lack <scene>_lulc.tif")
-    parser.add_argument("--s2-offset", type=float, default=None,
-                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of baseline "
-                             "04.00+); default: what the file declares")
-    parser.add_argument("--lulc-map", default=None,
+    parser.add_argument("--tile_size", type=int, default=256, help="tile side in target-grid pixels")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="step between tiles in pixels (default: tile_size)")
+    parser.add_argument("--max_nodata_fraction", type=float, default=0.1,
+                        help="tiles with a larger no-data fraction are dropped and counted")
+    parser.add_argument("--target_crs", default=None,
+                        help="registration CRS, projected in metres (default: each S2 file's)")
+    parser.add_argument("--target_resolution", type=float, default=None,
+                        help="registration pixel size in metres (default: the S2 file's)")
+    parser.add_argument("--target_grid", default=None,
+                        help="GeoTIFF whose grid to use (default: each S2 file's)")
+    parser.add_argument("--s1_units", default="auto", choices=sar.UNITS,
+                        help="units of the S1 files (auto: detected from the values)")
+    parser.add_argument("--allow_missing_lulc", action="store_true",
+                        help="scenes may lack <scene>_lulc.tif")
+    parser.add_argument("--s2_offset", type=float, default=None,
+                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of "
+                             "baseline 04.00+); default: what the file declares")
+    parser.add_argument("--lulc_map", default=None,
                         help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
-    parser.add_argument("--lulc-legend", default="auto", choices=landcover.LEGENDS,
-                        help="'dynamic_world': take a land-cover file whose values look like another legend as it is")
-    args = parser.parse_args(argv)
-    report = IngestReport()
-    try:
-        opts = IngestOptions(tile_size=args.tile_size, stride=args.stride,
-                             max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
-                             target_resolution=args.target_resolution, target_grid=args.target_grid,
-                             s1_units=args.s1_units, s2_offset=args.s2_offset, lulc_map=args.lulc_map,
-                             lulc_legend=args.lulc_legend)
-        for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
-            for _ in iter_scene_tiles(scene, opts, report):
-                pass
-        report.require_tiles()
-    except (InputError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(report.to_dict(), indent=2))
-    return report.to_dict()
+    parser.add_argument("--lulc_legend", default="auto", choices=landcover.LEGENDS,
+                        help="'dynamic_world': take a land-cover file whose values look like another "
+                             "legend as it is")
 
+
+def run(args) -> int:
+    opts = IngestOptions(tile_size=args.tile_size, stride=args.stride,
+                         max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
+                         target_resolution=args.target_resolution, target_grid=args.target_grid,
+                         s1_units=args.s1_units, s2_offset=args.s2_offset,
+                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend)
+    report = IngestReport()
+    for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
+        for _ in iter_scene_tiles(scene, opts, report):
+            pass
+    report.require_tiles()
+    cli.print_json(report.to_dict())
+    return 0
+
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

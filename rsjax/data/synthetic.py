@@ -4,7 +4,7 @@ Writes, per scene, four GeoTIFFs shaped like the real products, so that the
 ingestion path the tests, the quick start and the benchmarks exercise is the one
 real exports take::
 
-    python -m rsjax.data.synthetic --out work/scenes --scenes 4 --size 512 --seed 0
+    rsjax scenes --out work/scenes --scenes 4 --size 512 --seed 0
 
 | file                     | like                     | content                                                        |
 |--------------------------|--------------------------|----------------------------------------------------------------|
@@ -107,7 +107,6 @@ bands on these scenes (and checks that every source adds something).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -120,8 +119,10 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform as warp_transform, transform_bounds
 
+from rsjax import cli
 from rsjax.data.contract import (ASPECT_FLAT, LULC_CLASSES, LULC_NODATA, S1_BANDS, S2_BANDS,
                                  S2_NODATA, ScenePaths)
+from rsjax.errors import UserError
 
 Seed = Union[int, Sequence[int]]
 
@@ -686,6 +687,14 @@ def scene_rng(seed: Seed) -> np.random.Generator:
     return np.random.default_rng(list(np.atleast_1d(seed).astype(np.int64)))
 
 
+MIN_SIZE = 16
+
+
+def check_size(size: int) -> None:
+    if size < MIN_SIZE:
+        raise UserError(f"scene size {size} px is too small: use at least {MIN_SIZE} pixels.")
+
+
 def render_scene_arrays(scene_id: str, size: int, seed: Seed, *, cloudy: bool = False,
                         cloud_cover: Optional[float] = None) -> SceneArrays:
     """Computes every product of one scene in memory (nothing is written).
@@ -698,8 +707,7 @@ def render_scene_arrays(scene_id: str, size: int, seed: Seed, *, cloudy: bool = 
     instead of drawing it. The clouds are drawn last, so the clear products do
     not depend on `cloudy`.
     """
-    if size < 16:
-        raise ValueError(f"scene size {size} px is too small: use at least 16 pixels.")
+    check_size(size)
     rng = scene_rng(seed)
     geometry = scene_geometry(scene_id, size, rng)
     truth = synth_truth(geometry.truth.shape, rng)
@@ -825,32 +833,34 @@ def write_scenes(out_dir: str | Path, num_scenes: int = 4, size: int = 512, seed
                  sar_db: bool = False, cloudy: bool = False) -> list[ScenePaths]:
     """Writes `num_scenes` scenes `synth_s{seed}_{k:03d}`; scene k is drawn from seed (seed, k)."""
     if num_scenes < 1:
-        raise ValueError(f"num_scenes must be at least 1, got {num_scenes}.")
+        raise UserError(f"num_scenes must be at least 1, got {num_scenes}.")
+    check_size(size)                    # before the folder is created
     return [write_scene(out_dir, scene_id_for(seed, k), size, (seed, k), sar_db=sar_db, cloudy=cloudy)
             for k in range(num_scenes)]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m rsjax.data.synthetic",
-        description="Write synthetic multi-source scenes (S2, S1, land cover, DEM GeoTIFFs).")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--scenes", type=int, default=4, help="number of scenes")
-    parser.add_argument("--size", type=int, default=512, help="S2 scene size in 10 m pixels")
-    parser.add_argument("--seed", type=int, default=0)
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--scenes", type=cli.positive_int, default=4, help="number of scenes")
+    parser.add_argument("--size", type=int, default=512,
+                        help=f"S2 scene side in 10 m pixels (at least {MIN_SIZE})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="scene k is drawn from (seed, k); ids synth_s{seed}_{k:03d}")
     parser.add_argument("--sar_db", action="store_true", help="write S1 in dB (as Earth Engine does)")
     parser.add_argument("--cloudy", action="store_true",
                         help="also write a cloudy S2 twin and its cloud/shadow mask")
-    args = parser.parse_args(argv)
-    try:
-        scenes = write_scenes(args.out, args.scenes, args.size, args.seed, sar_db=args.sar_db,
-                              cloudy=args.cloudy)
-    except ValueError as e:
-        parser.error(str(e))
+
+
+def run(args) -> int:
+    scenes = write_scenes(args.out, args.scenes, args.size, args.seed, sar_db=args.sar_db,
+                          cloudy=args.cloudy)
     for scene in scenes:
         print(f"{scene.scene_id}: " + ", ".join(str(p) for p in scene.as_dict().values()))
     print(f"wrote {len(scenes)} scene(s) of {args.size}x{args.size} px to {args.out}")
+    return 0
 
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """The paper's Tables 1 and 2 on one dataset, in one command.
 
-    python -m rsjax.experiments.fusion_tables --workdir work/tables [--variant demo]
+    rsjax experiments tables --workdir work/tables [--variant demo]
+    rsjax experiments tables --workdir work/tables --only RS-SPADE,S1 --steps 200
 
 Table 1: RS-SPADE against pix2pix, all sources. Table 2: RS-SPADE on each
 source subset of the paper (S1, LULC, LULC+S1, LULC+DEM, S1+DEM, all three).
@@ -12,12 +13,11 @@ numbers beside ours.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
-
-FLAGS = flags.FLAGS
+from rsjax import cli
 
 
 # The paper's numbers (PSNR, SSIM, SAM).
@@ -26,43 +26,41 @@ PAPER_TABLE2 = {"S1": (18.83, 0.76, 0.25), "LULC": (20.77, 0.80, 0.21),
                 "LULC+S1": (21.10, 0.80, 0.22), "LULC+DEM": (21.36, 0.81, 0.21),
                 "S1+DEM": (21.89, 0.82, 0.20), "S1+LULC+DEM": (23.14, 0.84, 0.19)}
 
-# run name -> (config file, sources)
+# run name -> (config name, sources)
 RUNS = {
-    "pix2pix": ("configs/pix2pix.py", "all"),
-    "RS-SPADE": ("configs/fusion.py", "all"),
-    "S1": ("configs/fusion.py", "s1"),
-    "LULC": ("configs/fusion.py", "lulc"),
-    "LULC+S1": ("configs/fusion.py", "lulc+s1"),
-    "LULC+DEM": ("configs/fusion.py", "lulc+dem"),
-    "S1+DEM": ("configs/fusion.py", "s1+dem"),
+    "pix2pix": ("pix2pix", "all"),
+    "RS-SPADE": ("fusion", "all"),
+    "S1": ("fusion", "s1"),
+    "LULC": ("fusion", "lulc"),
+    "LULC+S1": ("fusion", "lulc+s1"),
+    "LULC+DEM": ("fusion", "lulc+dem"),
+    "S1+DEM": ("fusion", "s1+dem"),
 }
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+def config_spec(name: str, *args: str) -> str:
+    """'fusion' with args ('demo', 'sources=s1') -> 'fusion:demo,sources=s1'."""
+    arg = ",".join(a for a in args if a)
+    return f"{name}:{arg}" if arg else name
 
 
-def load_config(path: str, arg: str):
-    """get_config(arg) of a config file (relative to the repository root)."""
-    import importlib.util
-    full = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
-    spec = importlib.util.spec_from_file_location(f"cfg_{full.stem}", full)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    config.lock()
+def run_config(name: str, variant: str, steps: int = 0):
+    """The locked config of run `name` (see RUNS)."""
+    from rsjax.config_loader import load_config
+
+    config_name, sources = RUNS[name]
+    config = load_config(config_spec(config_name, variant, f"sources={sources}"))
+    if steps:
+        config.total_steps = steps
+        if config.optim.decay_start_step is not None:
+            config.optim.decay_start_step = steps // 2
     return config
 
 
 def run_one(name: str, root: Path, variant: str, steps: int) -> dict:
     from rsjax.trainers import fusion
 
-    path, sources = RUNS[name]
-    arg = ",".join(filter(None, [variant, f"sources={sources}"]))
-    config = load_config(path, arg)
-    if steps:
-        config.total_steps = steps
-        if config.optim.decay_start_step is not None:
-            config.optim.decay_start_step = steps // 2
+    config = run_config(name, variant, steps)
     workdir = root / name.replace("+", "_")
     done = workdir / "eval_test.json"
     if done.exists():
@@ -98,30 +96,35 @@ def write_tables(results: dict, root: Path) -> str:
     return text
 
 
-def main(argv):
-    del argv
+def add_arguments(parser) -> None:
+    parser.add_argument("--workdir", default="work/tables",
+                        help="root of the experiment's runs (one sub-workdir per run)")
+    parser.add_argument("--variant", default="demo",
+                        help="config argument every run gets ('' = full size)")
+    parser.add_argument("--steps", type=cli.nonnegative_int, default=0,
+                        help="override total_steps of every run (0: the config's)")
+    parser.add_argument("--only", type=cli.name_list(tuple(RUNS)), default=",".join(RUNS),
+                        help=f"comma-separated runs to do, of {','.join(RUNS)}")
+
+
+def run(args) -> int:
+    names = args.only
+    for name in names:                      # every run's config loads before anything starts
+        run_config(name, args.variant, args.steps)
     from rsjax.trainers.common import prepare_process
     prepare_process()
-    root = Path(FLAGS.workdir)
+    root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    names = FLAGS.only or list(RUNS)
     results = {}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}", flush=True)
-        results[name] = run_one(name, root, FLAGS.variant, FLAGS.steps)
+        results[name] = run_one(name, root, args.variant, args.steps)
         print(json.dumps({name: results[name]}, default=float), flush=True)
     print(write_tables(results, root))
+    return 0
 
 
-def define_flags():
-    """Command-line flags, defined only when run as a command, so that importing
-    this module beside other commands (tests, experiments) defines nothing."""
-    flags.DEFINE_string("workdir", "work/tables", "Root of the experiment's runs.")
-    flags.DEFINE_string("variant", "demo", "Config argument every run gets ('' = full size).")
-    flags.DEFINE_integer("steps", 0, "Override total_steps of every run (0: the config's).")
-    flags.DEFINE_list("only", [], "Run only these run names (default: all).")
-
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

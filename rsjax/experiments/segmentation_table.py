@@ -1,6 +1,7 @@
 """The paper's Table 3 and Figure 8 in one command.
 
-    python -m rsjax.experiments.segmentation_table --workdir work/table3 [--variant demo]
+    rsjax experiments table3 --workdir work/table3 [--variant demo]
+    rsjax experiments table3 --workdir work/table3 --fusion_workdir work/tables/RS-SPADE
 
 1. trains RS-SPADE (or reuses `--fusion_workdir`), 2. synthesizes one optical
 image per training tile, 3. trains RS-UNet on real tiles only (the paper's
@@ -13,13 +14,11 @@ experiment resumes where it stopped.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from absl import app, flags
-
-from rsjax.experiments.fusion_tables import load_config
-
-FLAGS = flags.FLAGS
+from rsjax import cli
+from rsjax.experiments.fusion_tables import config_spec
 
 
 PAPER_TABLE3 = {"Mix Data": (0.480, 0.746), "True Data": (0.467, 0.734)}
@@ -30,13 +29,30 @@ def _finished(workdir: Path, steps: int) -> bool:
     return path.exists() and json.loads(path.read_text()).get("step") == steps
 
 
-def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps=0) -> dict:
+def fusion_config(variant: str, fusion_steps: int = 0):
+    from rsjax.config_loader import load_config
+
+    config = load_config(config_spec("fusion", variant))
+    if fusion_steps:
+        config.total_steps = fusion_steps
+    return config
+
+
+def segmentation_config(variant: str, data: str, seg_steps: int = 0):
+    from rsjax.config_loader import load_config
+
+    config = load_config(config_spec("segmentation", variant, f"data={data}"))
+    if seg_steps:
+        config.total_steps = seg_steps
+    return config
+
+
+def run_experiment(root: Path, variant: str, fusion_workdir=None, seg_steps=0,
+                   fusion_steps=0) -> dict:
     from rsjax import synthesize, viz
     from rsjax.trainers import fusion, segmentation
 
-    fusion_cfg = load_config("configs/fusion.py", variant)
-    if fusion_steps:
-        fusion_cfg.total_steps = fusion_steps
+    fusion_cfg = fusion_config(variant, fusion_steps)
     if fusion_workdir is None:
         fusion_workdir = root / "rs_spade"
         if not _finished(Path(fusion_workdir), fusion_cfg.total_steps):
@@ -49,9 +65,7 @@ def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps
 
     results, curves = {}, {}
     for i, (name, data) in enumerate((("True Data", "real"), ("Mix Data", "mix")), 3):
-        cfg = load_config("configs/segmentation.py", ",".join(filter(None, [variant, f"data={data}"])))
-        if seg_steps:
-            cfg.total_steps = seg_steps
+        cfg = segmentation_config(variant, data, seg_steps)
         cfg.data.generated_dir = str(generated)
         workdir = root / f"seg_{data}"
         if not _finished(workdir, cfg.total_steps):
@@ -79,27 +93,37 @@ def run(root: Path, variant: str, fusion_workdir=None, seg_steps=0, fusion_steps
     return {"table": table, "results": results}
 
 
-def main(argv):
-    del argv
+def add_arguments(parser) -> None:
+    parser.add_argument("--workdir", default="work/table3",
+                        help="root of the experiment's runs (one sub-workdir per stage)")
+    parser.add_argument("--variant", default="demo",
+                        help="config argument of every run ('' = full size)")
+    parser.add_argument("--fusion_workdir", default=None,
+                        help="a trained RS-SPADE run to reuse (default: train one)")
+    parser.add_argument("--seg_steps", type=cli.nonnegative_int, default=0,
+                        help="override the segmentation runs' total_steps (0: the config's)")
+    parser.add_argument("--fusion_steps", type=cli.nonnegative_int, default=0,
+                        help="override the fusion run's total_steps (0: the config's)")
+
+
+def run(args) -> int:
+    fusion_config(args.variant, args.fusion_steps)       # the configs load before anything starts
+    for data in ("real", "mix"):
+        segmentation_config(args.variant, data, args.seg_steps)
+    if args.fusion_workdir is not None:
+        from rsjax import evaluate
+        evaluate.check_workdir(args.fusion_workdir)
     from rsjax.trainers.common import prepare_process
     prepare_process()
-    root = Path(FLAGS.workdir)
+    root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    out = run(root, FLAGS.variant, FLAGS.fusion_workdir, FLAGS.seg_steps, FLAGS.fusion_steps)
+    out = run_experiment(root, args.variant, args.fusion_workdir, args.seg_steps,
+                         args.fusion_steps)
     print(out["table"])
+    return 0
 
 
-def define_flags():
-    """Command-line flags, defined only when run as a command, so that importing
-    this module beside other commands (tests, experiments) defines nothing."""
-    flags.DEFINE_string("workdir", "work/table3", "Root of the experiment's runs.")
-    flags.DEFINE_string("variant", "demo", "Config argument of every run ('' = full size).")
-    flags.DEFINE_string("fusion_workdir", None,
-                                          "A trained RS-SPADE run to reuse (default: train one).")
-    flags.DEFINE_integer("seg_steps", 0, "Override the segmentation runs' total_steps.")
-    flags.DEFINE_integer("fusion_steps", 0, "Override the fusion run's total_steps.")
-
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(main())

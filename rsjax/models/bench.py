@@ -1,8 +1,8 @@
 """Forward+backward throughput of the rsjax models, with XLA's FLOP counts. JSON out.
 
-    python -m rsjax.models.bench                      # G, D, U-Net at 128 and 256, batch 1 and 4
-    python -m rsjax.models.bench --sizes 128 --batches 1,4 --models G,D,unet
-    python -m rsjax.models.bench --models gan --sizes 128 --batches 1   # one G+D GAN step
+    rsjax bench_layers                      # G, D, U-Net at 128 and 256, batch 1 and 4
+    rsjax bench_layers --sizes 128 --batches 1,4 --models G,D,unet
+    rsjax bench_layers --models gan --sizes 128 --batches 1   # one G+D GAN step
 
 Run it with XLA_FLAGS unset (one device): it measures a single device.
 
@@ -20,10 +20,10 @@ FLOPs per step come from `jax.jit(f).lower(...).compile().cost_analysis()`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rsjax import cli
 from rsjax.models import create_model
 from rsjax.models.patchgan import conditional_input
 
@@ -164,27 +165,27 @@ def measure(step, state, batch, *, steps: int) -> dict[str, Any]:
             "compile_s": round(compile_s, 1)}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t]
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="G,D,unet",
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", type=cli.name_list(MODEL_NAMES), default="G,D,unet",
                         help=f"comma-separated subset of {','.join(MODEL_NAMES)}")
-    parser.add_argument("--sizes", type=_ints, default=[128, 256])
-    parser.add_argument("--batches", type=_ints, default=[1, 4])
-    parser.add_argument("--ngf", type=int, default=64)
-    parser.add_argument("--ndf", type=int, default=64)
-    parser.add_argument("--unet-width", type=int, default=64)
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--embedding", choices=("per_source", "none"), default="per_source")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    args = parser.parse_args(argv)
-    names = [n for n in args.models.split(",") if n]
-    if unknown := set(names) - set(MODEL_NAMES):
-        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {MODEL_NAMES}")
+    parser.add_argument("--sizes", type=cli.int_list, default="128,256",
+                        help="tile sizes, comma-separated")
+    parser.add_argument("--batches", type=cli.int_list, default="1,4",
+                        help="batch sizes, comma-separated")
+    parser.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
+    parser.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
+    parser.add_argument("--unet_width", type=cli.positive_int, default=64, help="RS-UNet width")
+    parser.add_argument("--embed_dim", type=cli.positive_int, default=32,
+                        help="RS-SPADE's per-source embedding width")
+    parser.add_argument("--embedding", choices=("per_source", "none"), default="per_source",
+                        help="RS-SPADE's source embedding (none: SPADE's concatenated inputs)")
+    parser.add_argument("--steps", type=cli.positive_int, default=3,
+                        help="timed steps (median reported)")
 
+
+def benchmark(args) -> dict[str, Any]:
+    """The JSON report: one entry per model, size and batch."""
+    names = args.models
     needed = {"gan": ("G", "D")}
     models = {}
     for name in names:
@@ -201,15 +202,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      steps=args.steps))
                 entry["images_per_s"] = round(batch_size / entry["seconds_per_step"], 3)
                 results.append(entry)
-                print(json.dumps(entry), flush=True)
-    report = {
+                print(json.dumps(entry), file=sys.stderr, flush=True)      # progress
+    return {
         "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
         "platform": platform.processor() or platform.machine(), "jax": jax.__version__,
-        "config": {k: v for k, v in vars(args).items()}, "results": results,
+        "config": {k: v for k, v in vars(args).items() if k not in ("verbose", "config_overrides")},
+        "results": results,
     }
-    print(json.dumps(report, indent=1))
-    return report
 
+
+def run(args) -> int:
+    cli.print_json(benchmark(args))
+    return 0
+
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

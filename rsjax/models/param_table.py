@@ -1,8 +1,8 @@
 """Parameter tables of the rsjax models, checked against the PyTorch references.
 
-    python -m rsjax.models.param_table                 # all models, reference config
-    python -m rsjax.models.param_table --model rs_spade --sources lulc=9,s1=2,dem=5
-    python -m rsjax.models.param_table --format json
+    rsjax params                 # all models, reference config
+    rsjax params --model rs_spade --sources lulc=9,s1=2,dem=5
+    rsjax params --format json
 
 Counts only trainable parameters (`nnx.Param`), as PyTorch's
 `sum(p.numel() for p in net.parameters())` does: BatchNorm running statistics
@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 from flax import nnx
 
+from rsjax import cli
+from rsjax.errors import UserError
 from rsjax.models import create_model
 
 REFERENCE_SOURCES = {"lulc": 9, "s1": 2, "dem": 4}
@@ -113,43 +116,53 @@ def build_report(configs: Mapping[str, tuple[str, dict]], *, check_reference: bo
 def _parse_sources(text: str) -> dict[str, int]:
     try:
         pairs = [item.split("=") for item in text.split(",") if item]
-        return {k.strip(): int(v) for k, v in pairs}
+        sources = {k.strip(): int(v) for k, v in pairs}
     except ValueError:
-        raise SystemExit(f"--sources must look like lulc=9,s1=2,dem=4, got {text!r}")
+        sources = {}
+    if not sources or min(sources.values()) < 1:
+        raise argparse.ArgumentTypeError(f"must look like lulc=9,s1=2,dem=4, got {text!r}")
+    return sources
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="all",
-                        help="all, or one label: " + ", ".join(reference_configs()))
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="all", choices=("all", *reference_configs()),
+                        help="all models, or one of them")
     parser.add_argument("--sources", default="lulc=9,s1=2,dem=4", type=_parse_sources,
-                        help="conditioning sources name=channels (default: the reference)")
-    parser.add_argument("--out-channels", type=int, default=4)
-    parser.add_argument("--ngf", type=int, default=64)
-    parser.add_argument("--ndf", type=int, default=64)
-    parser.add_argument("--tile-size", type=int, default=256)
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--unet-in", type=int, default=4)
-    parser.add_argument("--unet-width", type=int, default=64)
-    parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
-    args = parser.parse_args(argv)
+                        help="conditioning sources as name=channels (default: the reference)")
+    parser.add_argument("--out_channels", type=cli.positive_int, default=4,
+                        help="generated bands")
+    parser.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
+    parser.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
+    parser.add_argument("--tile_size", type=cli.positive_int, default=256, help="tile side in pixels")
+    parser.add_argument("--embed_dim", type=cli.positive_int, default=32,
+                        help="RS-SPADE's per-source embedding width")
+    parser.add_argument("--unet_in", type=cli.positive_int, default=4, help="RS-UNet input bands")
+    parser.add_argument("--unet_width", type=cli.positive_int, default=64, help="RS-UNet width")
+    parser.add_argument("--format", choices=("markdown", "json"), default="markdown",
+                        help="markdown tables, or the JSON report")
 
+
+def report_for(args) -> dict[str, Any]:
+    """The parameter report of the models `args` selects."""
     configs = reference_configs(args.sources, out_channels=args.out_channels, ngf=args.ngf,
                                 ndf=args.ndf, tile_size=args.tile_size,
                                 embed_dim=args.embed_dim, unet_in=args.unet_in,
                                 unet_width=args.unet_width)
     if args.model != "all":
         if args.model not in configs:
-            raise SystemExit(f"--model must be all or one of {list(configs)}, got {args.model!r}")
+            raise UserError(f"--model {args.model}: choose all or one of {', '.join(configs)}")
         wanted = {args.model} | ({"spade_reference"} if args.model == "rs_spade" else set())
         configs = {k: v for k, v in configs.items() if k in wanted}
     is_reference = (args.sources == REFERENCE_SOURCES and args.out_channels == 4
                     and args.ngf == 64 and args.ndf == 64)
-    report = build_report(configs, check_reference=is_reference)
+    return build_report(configs, check_reference=is_reference)
 
+
+def run(args) -> int:
+    report = report_for(args)
     if args.format == "json":
         print(json.dumps(report, indent=1))
-        return report
+        return 0
     summary = ["| model | parameters | reference | match |", "|---|---:|---:|---|"]
     for label, entry in report.items():
         ref = entry.get("reference")
@@ -162,8 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, entry in report.items():
         print()
         print(markdown_table(f"{label} ({entry['model']})", entry["modules"]))
-    return report
+    return 0
 
+
+main = cli.command_main(__name__)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

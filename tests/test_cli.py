@@ -1,0 +1,230 @@
+"""The `rsjax` command line: every subcommand answers --help with its options,
+user errors are one `error:` line with exit status 2 that create nothing, and
+the demo runs from a non-editable install in another directory."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rsjax import cli, experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SUBCOMMANDS = [[name] for name in cli.COMMANDS if name != "experiments"] + \
+              [["experiments", name] for name in experiments.SUBCOMMANDS]
+
+
+def _module(words: list[str]):
+    name = (cli.COMMANDS[words[0]][0] if len(words) == 1
+            else experiments.SUBCOMMANDS[words[1]][0])
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not in this tree")
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_answers_help_with_its_options(words, capsys):
+    module = _module(words)
+    assert cli.main([*words, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: rsjax {' '.join(words)} ")
+    # What it does (the module docstring's first line), then every option with a help string.
+    assert cli.description(module.__doc__).splitlines()[0] in out
+    parser = cli.make_parser("rsjax", module.__doc__, module.add_arguments)
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==":
+            continue                                    # internal (bench_ingest's child process)
+        assert action.help, f"{' '.join(words)}: {action.option_strings or action.dest} has no help"
+        name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)
+        assert name in out
+        for option in action.option_strings:
+            assert option == "-h" or option.startswith("--") and "-" not in option[2:], \
+                f"{option}: options are --snake_case"
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in cli.COMMANDS)
+    assert cli.main(["experiments", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in experiments.SUBCOMMANDS)
+
+
+def test_python_m_module_is_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "rsjax.data.ingest", "--help"], cwd=ROOT / "tests",
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("usage: python -m rsjax.data.ingest ")
+    assert "--tile_size" in proc.stdout and "--allow_missing_lulc" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# User errors: one line, exit status 2, no traceback, nothing created
+# ---------------------------------------------------------------------------
+USER_ERRORS = {
+    "train typo": (["train", "--config", "fusion:demo", "--workdir", "run",
+                    "--config.total_step=3"],
+                   "--config.total_step: no such config key. Did you mean --config.total_steps?"),
+    "train bad value": (["train", "--config", "fusion:demo", "--workdir", "run",
+                         "--config.total_steps=many"], "--config.total_steps=many: expected int"),
+    "train unknown config": (["train", "--config", "fusoin:demo", "--workdir", "run"],
+                             "--config fusoin: unknown config. Did you mean 'fusion'?"),
+    "train unknown variant": (["train", "--config", "fusion:demo,sources=lulc+sar", "--workdir",
+                               "run"], "sar"),
+    "train missing config file": (["train", "--config", "mine/fusion.py:demo", "--workdir", "run"],
+                                  "--config mine/fusion.py: no such config file"),
+    "evaluate missing workdir": (["evaluate", "--workdir", "missing_run"],
+                                 "missing_run: workdir does not exist"),
+    "build unknown config": (["build", "--config", "nosuchconfig", "--data_dir", "tfds"],
+                             "--config nosuchconfig: unknown dataset config"),
+    "build close config": (["build", "--config", "synthetic_dmeo", "--data_dir", "tfds"],
+                           "Did you mean 'synthetic_demo'?"),
+    "build overrides": (["build", "--config", "synthetic_demo", "--config.tile_size=3"],
+                        "--config.tile_size=3: `rsjax build` takes a dataset config name"),
+    "build bad tile size": (["build", "--config", "synthetic_demo", "--tile_size", "4",
+                             "--data_dir", "tfds"], "tile_size=4 is too small"),
+    "build manual without dir": (["build", "--config", "manual", "--data_dir", "tfds"],
+                                 "give --manual_dir FOLDER"),
+    "build manual missing dir": (["build", "--config", "manual", "--manual_dir", "exports",
+                                  "--data_dir", "tfds"], "exports: not a folder"),
+    "build manual_dir for synthetic": (["build", "--config", "synthetic_demo", "--manual_dir",
+                                        "."], "only the manual config reads it"),
+    "predict missing workdir": (["predict", "--workdir", "missing_run", "--s2", "s2.tif",
+                                 "--out", "out/lulc.tif"], "missing_run: workdir does not exist"),
+    "ingest missing folder": (["ingest", "exports"], "exports: not a folder"),
+    "ingest bad tile size": (["ingest", ".", "--tile_size", "2"], "tile_size must be at least 3"),
+    "synthesize missing workdir": (["synthesize", "--fusion_workdir", "missing_run"],
+                                   "missing_run: workdir does not exist"),
+    "scenes too small": (["scenes", "--out", "scenes", "--size", "8"], "8 px is too small"),
+    "scenes none": (["scenes", "--out", "scenes", "--scenes", "0"],
+                    "argument --scenes: 0: must be a positive integer"),
+    "couplings missing folder": (["couplings", "--scenes_dir", "scenes"], "scenes: not a folder"),
+    "bench_pipeline unknown config": (["bench_pipeline", "--config", "nosuch"],
+                                      "--config nosuch: unknown dataset config"),
+    "bench_layers unknown model": (["bench_layers", "--models", "G,X"], "unknown X"),
+    "params bad sources": (["params", "--sources", "lulc=nine"], "must look like lulc=9"),
+    "tables unknown variant": (["experiments", "tables", "--workdir", "tables", "--variant",
+                                "tiny"], "tiny"),
+    "tables unknown run": (["experiments", "tables", "--only", "S2"], "unknown S2"),
+    "table3 missing fusion run": (["experiments", "table3", "--workdir", "table3",
+                                   "--fusion_workdir", "missing_run"],
+                                  "missing_run: workdir does not exist"),
+    "unknown subcommand": (["trian"], "unknown subcommand 'trian'. Did you mean 'train'?"),
+    "unknown experiment": (["experiments", "table4"], "unknown experiments 'table4'"),
+}
+
+
+@pytest.mark.parametrize("argv, message", USER_ERRORS.values(), ids=USER_ERRORS.keys())
+def test_user_errors_are_one_line_exit_2_and_create_nothing(argv, message, tmp_path,
+                                                            monkeypatch, capsys):
+    # In an empty directory, so that anything a command creates (relative
+    # defaults included) shows.
+    monkeypatch.chdir(tmp_path)
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 2, captured.err
+    assert message in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert len([line for line in captured.err.splitlines() if "error:" in line]) == 1
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("argv", [["synthesize", "--fusion_workdir", "run"],
+                                  ["evaluate", "--workdir", "run"]], ids=" ".join)
+def test_a_workdir_without_checkpoint_is_an_error_that_writes_nothing(argv, tmp_path, monkeypatch,
+                                                                      capsys):
+    from rsjax.config_loader import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(load_config("fusion:demo").to_json_best_effort())
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "Traceback" not in err
+    assert os.listdir(tmp_path / "run") == ["config.json"]
+
+
+def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from rsjax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown dataset config"):
+        cli.main(["build", "--config", "nosuchconfig", "--verbose"])
+
+
+# ---------------------------------------------------------------------------
+# A non-editable install, used from another directory
+# ---------------------------------------------------------------------------
+def _copy_source(dest: Path) -> Path:
+    """The checkout's files as an sdist would have them (no work/, no build
+    leftovers), so building the wheel writes nothing into the checkout."""
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", "work", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    return dest
+
+
+def _pip_install(source: Path, target: Path) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+               "--target", str(target), str(source)]
+    if importlib.util.find_spec("setuptools") and importlib.util.find_spec("wheel"):
+        command.insert(4, "--no-build-isolation")     # no need to fetch the build tools
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_demo_runs_from_a_non_editable_install_in_another_directory(tmp_path):
+    site = tmp_path / "site"
+    _pip_install(_copy_source(tmp_path / "src"), site)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               # One device, and the tests' fast-compile flags (see conftest.py).
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+    def run(*argv: str) -> str:
+        proc = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{argv}\n{proc.stderr[-4000:]}"
+        return proc.stdout
+
+    # Everything the commands import comes from the install, not the checkout.
+    files = json.loads(run(sys.executable, "-c", (
+        "import json, rsjax.cli, rsjax.configs.pix2pix, rsjax.launch.tpu, "
+        "rsjax.tfds_builder.rs_multisource.rs_multisource_dataset_builder as b; "
+        "print(json.dumps([m.__file__ for m in (rsjax.cli, rsjax.configs.pix2pix, "
+        "rsjax.launch.tpu, b)]))")))
+    assert all(Path(f).is_relative_to(site) for f in files), files
+
+    data_dir, workdir = cwd / "tfds", cwd / "runs" / "demo"
+    # The quick start's train (its dataset built on the way), shrunk to two tiny steps.
+    run(sys.executable, "-m", "rsjax.cli", "train", "--config", "pix2pix:demo",
+        "--workdir", "runs/demo", "--config.data.data_dir=tfds", "--config.total_steps=2",
+        "--config.global_batch_size=8", "--config.eval_batch_size=8",
+        "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+        "--config.image_every_steps=0", "--config.eval_every_steps=0",
+        "--config.final_eval_split=", "--config.optim.decay_start_step=100000",
+        "--config.generator.ngf=4", "--config.discriminator.ndf=4")
+    assert (workdir / "checkpoints" / "2").is_dir()
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["generator"]["name"] == "pix2pix_unet" and saved["total_steps"] == 2
+
+    scores = json.loads(run(sys.executable, "-m", "rsjax.cli", "evaluate", "--workdir", "runs/demo"))
+    assert scores["step"] == 2 and scores["split"] == "test" and scores["num_images"] > 0
+    assert 0 < scores["psnr"] < 60 and -1 <= scores["ssim"] <= 1
+    assert json.loads((workdir / "eval_test_2.json").read_text()) == scores
+
+    # The console script, and the dataset the train command built: found, not rebuilt.
+    summary = json.loads(run(str(site / "bin" / "rsjax"), "build", "--config", "synthetic_demo",
+                             "--data_dir", str(data_dir)))
+    assert summary["built"] is False and summary["dataset"] == "rs_multisource/synthetic_demo"
+    assert sum(summary["splits"].values()) > 0
