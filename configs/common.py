@@ -1,4 +1,5 @@
-"""Pieces shared by the config files: argument parsing and the data block.
+"""Pieces shared by the config files: argument parsing, the data block and the
+loop's settings.
 
 Config arguments follow big_vision: `--config fusion:demo,sources=lulc+s1` (a config
 name, or a file: `--config path/to/fusion.py:demo`).
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-ALL_SOURCES = ("lulc", "s1", "dem")
+from rsjax.data.contract import SOURCES
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -32,12 +33,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def parse_sources(text: str) -> tuple[str, ...]:
     """'lulc+s1' -> ('lulc', 's1'); 'all' -> every source."""
     if text in ("all", ""):
-        return ALL_SOURCES
+        return SOURCES
     names = tuple(s.strip() for s in text.replace(",", "+").split("+") if s.strip())
-    bad = [s for s in names if s not in ALL_SOURCES]
+    bad = [s for s in names if s not in SOURCES]
     if bad or not names:
-        raise ValueError(f"sources='{text}': use a '+'-joined subset of {ALL_SOURCES}.")
-    return tuple(s for s in ALL_SOURCES if s in names)
+        raise ValueError(f"sources='{text}': use a '+'-joined subset of {SOURCES}.")
+    return tuple(s for s in SOURCES if s in names)
 
 
 def data_config(demo: bool, tile_size: int | None = None) -> ml_collections.ConfigDict:
@@ -46,8 +47,30 @@ def data_config(demo: bool, tile_size: int | None = None) -> ml_collections.Conf
     d.name = "rs_multisource/synthetic_demo" if demo else "rs_multisource/synthetic"
     d.data_dir = "work/tensorflow_datasets"
     d.tile_size = tile_size or (64 if demo else 256)
-    d.sources = ALL_SOURCES
+    d.sources = SOURCES
     d.worker_count = 0          # grain worker processes; 0 reads in the main process
     d.augment = True            # flips and quarter turns, aspect rotated with the tile
-    d.shuffle_buffer = 0        # grain shuffles by index; kept for compatibility
     return d
+
+
+def add_loop_settings(c: ml_collections.ConfigDict, *, demo: bool, steps: int,
+                      total_steps: int, eval_every_steps: tuple[int, int]) -> None:
+    """The fields of the training loop every trainer's config has (batch sizes,
+    length, logging, evaluation and checkpoint cadences), at full size or the
+    demo's (small enough for 2 CPU cores in minutes); `steps` (the config
+    argument) replaces the length. `eval_every_steps`: (full size, demo).
+    Needs `c.optim`, whose learning rates decay linearly over the demo's
+    second half."""
+    c.global_batch_size = 8 if demo else 16
+    c.eval_batch_size = c.global_batch_size
+    c.total_steps = 300 if demo else total_steps
+    c.max_nonfinite_steps = 10
+    c.log_every_steps = 10 if demo else 50
+    c.eval_every_steps = eval_every_steps[1] if demo else eval_every_steps[0]
+    c.checkpoint_every_steps = 100 if demo else 1000
+    c.keep_checkpoints = 2 if demo else 3
+    c.final_eval_split = "test"
+    if demo:
+        c.optim.decay_start_step = 150
+    if steps:
+        c.total_steps = steps

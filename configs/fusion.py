@@ -45,20 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"model='{a.model}': choose rs_spade or pix2pix.")
 
-    c.global_batch_size = 16
-    c.eval_batch_size = 16
-    c.total_steps = 100_000
     c.ema_decay = 0.999
     c.eval_use_ema = False
-    c.max_nonfinite_steps = 10
-    c.log_every_steps = 50
-    c.image_every_steps = 1000
-    c.eval_every_steps = 5000
+    c.image_every_steps = 100 if a.demo else 1000
     c.eval_max_batches = 20
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.final_eval_split = "test"
-
+    common.add_loop_settings(c, demo=a.demo, steps=a.steps, total_steps=100_000,
+                             eval_every_steps=(5000, 0))
     if a.demo:
         # Small enough that building the synthetic dataset and training finish on
         # 2 CPU cores in minutes, big enough that the sources visibly help.
@@ -71,15 +63,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.generator.ngf = 16
             c.generator.num_downs = 6      # 64 px tiles
             c.discriminator.ndf = 16
-        c.global_batch_size = 8
-        c.eval_batch_size = 8
-        c.total_steps = 300
-        c.optim.decay_start_step = 150
-        c.log_every_steps = 10
-        c.image_every_steps = 100
-        c.eval_every_steps = 0
-        c.checkpoint_every_steps = 100
-        c.keep_checkpoints = 2
-    if a.steps:
-        c.total_steps = a.steps
     return c

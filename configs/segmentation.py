@@ -26,28 +26,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.generated_dir = ml_collections.FieldReference(None, field_type=str)
     c.in_channels = 4
     c.model = ml_collections.ConfigDict(dict(name="rs_unet", width=64, depth=5))
-    c.class_weights = False              # inverse-frequency weights from the dataset's statistics
+    # Cross-entropy class weights from the train split's class frequencies:
+    # none, or a weighting of rsjax.losses.class_weights_from_counts.
+    c.class_weights = "none"
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=1e-4,
                                              decay_start_step=None))
-    c.global_batch_size = 16
-    c.eval_batch_size = 16
-    c.total_steps = 20_000
-    c.max_nonfinite_steps = 10
-    c.log_every_steps = 50
-    c.eval_every_steps = 1000
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.final_eval_split = "test"
+    common.add_loop_settings(c, demo=a.demo, steps=a.steps, total_steps=20_000,
+                             eval_every_steps=(1000, 50))
     if a.demo:
         c.model.width = 16
-        c.global_batch_size = 8
-        c.eval_batch_size = 8
-        c.total_steps = 300
-        c.optim.decay_start_step = 150
-        c.log_every_steps = 10
-        c.eval_every_steps = 50
-        c.checkpoint_every_steps = 100
-        c.keep_checkpoints = 2
-    if a.steps:
-        c.total_steps = a.steps
     return c

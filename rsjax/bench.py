@@ -81,17 +81,17 @@ def compiled_flops(compiled) -> float | None:
 def model_flops(step, *args) -> float | None:
     """FLOPs of one call of the jitted `step` (global batch) as the model defines them.
 
-    XLA's cost analysis of the step traced with plain convolutions
-    (`layers.plain_convolutions`) and lowered for CPU, before optimization,
+    XLA's cost analysis of the step traced without the CPU convolution
+    rewrites (`cpu_conv.rewrites("off")`) and lowered for CPU, before optimization,
     whatever device runs it: Conv2d's CPU rewrites do the same multiply-adds,
     but partly in a loop whose body the analysis counts once, and on GPU the
     compiled program's convolutions are library calls that its analysis does
     not count (an H200 run reported 4 GFLOP for a 237 GFLOP step). Abstract
     arguments, so nothing is copied, and a fresh `jax.jit`, so the trace is new.
     """
-    from rsjax.models import layers
+    from rsjax.models import cpu_conv
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    with layers.plain_convolutions():
+    with cpu_conv.rewrites("off"):
         fresh = jax.jit(functools.partial(step.__wrapped__))
         return compiled_flops(fresh.trace(*abstract).lower(lowering_platforms=("cpu",)))
 
@@ -142,7 +142,7 @@ def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
 def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict:
     """A training batch with the pipeline's keys, shapes and value ranges."""
     from rsjax import input_pipeline
-    from rsjax.trainers import common
+    from rsjax import mesh as mesh_lib
     rng = np.random.default_rng(seed)
     shape = (batch, size, size)
     host = {
@@ -154,26 +154,28 @@ def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict
         c = input_pipeline.SOURCE_CHANNELS[s]
         host[s] = (np.eye(c, dtype=np.float32)[rng.integers(0, c, shape)] if s == "lulc"
                    else rng.standard_normal((*shape, c)).astype(np.float32))
-    return jax.device_put(host, common.batch_sharding(mesh))
+    return jax.device_put(host, mesh_lib.batch_sharding(mesh))
 
 
 def fusion_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
     """(jitted step, state, batch) of the fusion trainer (full configuration
     unless `config_arg` names a variant, e.g. "demo")."""
-    from rsjax.trainers import common, fusion
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import fusion
     config = fusion_config(size, batch, dtype, config_arg)
     sources = fusion.selected_sources(config)
     setup = fusion.Setup(config, sources)
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     step = jax.jit(functools.partial(fusion.train_step, setup), donate_argnums=(0,))
     return step, state, random_batch(size, batch, sources, mesh)
 
 
 def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
-    from rsjax.trainers import common, segmentation
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import segmentation
     config = unet_config(size, batch, dtype, config_arg)
     setup = segmentation.Setup(config)
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     weights = jnp.ones((9,), jnp.float32)
     step = jax.jit(functools.partial(segmentation.train_step, setup, weights),
                    donate_argnums=(0,))
@@ -302,8 +304,8 @@ def check_args(args) -> None:
 
 def benchmark(args) -> dict:
     """The JSON report (see the module docstring)."""
-    from rsjax.trainers import common
-    mesh = common.create_mesh(jax.devices()[:args.devices])
+    from rsjax import mesh as mesh_lib
+    mesh = mesh_lib.create_mesh(jax.devices()[:args.devices])
     report: dict[str, Any] = {"machine": machine(), "config": {
         k: v for k, v in vars(args).items() if k not in ("out", "verbose", "config_overrides")}}
     on_cpu = jax.devices()[0].platform == "cpu"

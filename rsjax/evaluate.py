@@ -32,9 +32,9 @@ def check_workdir(workdir: str) -> None:
     is created (Orbax would make the folders)."""
     from etils import epath
 
-    from rsjax.trainers import common
+    from rsjax.runtime import workdir_path
 
-    path = epath.Path(common.workdir_path(workdir))
+    path = epath.Path(workdir_path(workdir))
     if not path.is_dir():
         raise UserError(f"{workdir}: workdir does not exist. Pass the workdir of a training run "
                         "(rsjax train --workdir ...).")
@@ -68,9 +68,9 @@ def write_outputs(result: dict, rows: Optional[dict], workdir: str, output: Opti
     from etils import epath
 
     from rsjax import viz
-    from rsjax.trainers import common
+    from rsjax.runtime import workdir_path
 
-    out = epath.Path(common.workdir_path(workdir))
+    out = epath.Path(workdir_path(workdir))
     stem = f"eval_{result['split']}_{result['step']}"
     json_path = epath.Path(output) if output else out / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=2, default=str))
@@ -79,10 +79,6 @@ def write_outputs(result: dict, rows: Optional[dict], workdir: str, output: Opti
     if rows is not None:
         viz.image_grid(rows, (json_path.parent / f"{json_path.stem}.png") if output
                        else out / f"{stem}.png")
-
-
-METRIC_ROWS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
-               ("sam", "SAM (rad)", "{:.3f}"), ("sam_deg", "SAM (deg)", "{:.2f}"))
 
 
 def markdown_table(rows) -> str:
@@ -111,7 +107,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     check_workdir(args.workdir)
     config = cli.load_config_arg(args, workdir=args.workdir)
-    from rsjax.trainers.common import prepare_process
+    from rsjax.runtime import prepare_process
 
     prepare_process()
     from rsjax.trainers import trainer_module

@@ -37,10 +37,12 @@ batch with examples whose `valid` is all False and label all 255. (On several
 hosts each reads an equal share; the few tiles left over by the division are
 skipped, as grain's ShardByJaxProcess(drop_remainder=True) does.)
 
-Metrics: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)` maps model
-space to [0, 1], where 0 and 1 are a band's train-split 1st and 99th
-percentile of reflectance; `image_to_reflectance(x, normalizer)` gives
-physical reflectance.
+Back from model space: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)`
+maps it to [0, 1] for metrics, where 0 and 1 are a band's train-split 1st and
+99th percentile of reflectance; `image_to_reflectance(x, normalizer)` gives
+physical reflectance and `image_to_s2(x, normalizer)` the dataset's S2 unit
+(uint16 reflectance x 10000), in which generated images are stored and
+written.
 
 Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - name: TFDS name with config, e.g. 'rs_multisource/synthetic'.
@@ -69,7 +71,6 @@ import numpy as np
 from rsjax.data import contract
 
 SOURCE_CHANNELS = {"lulc": contract.NUM_CLASSES, "s1": 2, "dem": 5}
-IMAGE_CHANNELS = len(contract.S2_BANDS)
 
 
 # ----------------------------------------------------------------------------
@@ -162,6 +163,14 @@ def image_to_reflectance(x, normalizer: Normalizer):
     low = normalizer.s2_low / 10000.0
     high = normalizer.s2_high / 10000.0
     return low + (x + 1.0) * 0.5 * (high - low)
+
+
+def image_to_s2(x, normalizer: Normalizer) -> np.ndarray:
+    """Model space [-1, 1] -> the dataset's S2 unit, uint16 reflectance x 10000,
+    valid pixels at least 1 (0 is the contract's no-data): how generated images
+    are stored (rsjax.synthesize) and written (rsjax.predict)."""
+    reflectance = image_to_reflectance(np.asarray(x, np.float32), normalizer)
+    return np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
 
 
 def _any_nan(x: np.ndarray) -> np.ndarray:
@@ -365,21 +374,6 @@ def load_statistics(builder) -> dict:
                      "(built by an older builder?); rebuild it with `python -m rsjax.build_dataset`.")
 
 
-def class_weights(data_cfg, power: float = 1.0) -> np.ndarray:
-    """Inverse-frequency class weights (9,) from the train split, normalized to mean 1.
-
-    Classes absent from the train split get weight 0 (they never occur in labels).
-    """
-    stats = load_statistics(get_builder(data_cfg))
-    freq = np.asarray(stats["lulc"]["frequencies"], np.float64)
-    weights = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12) ** power, 0.0)
-    present = weights > 0
-    if present.any():
-        weights[present] /= weights[present].mean()
-    return weights.astype(np.float32)
-
-
-
 # ----------------------------------------------------------------------------
 # grain: sharding, shuffling, repeat, per-record transforms, batching
 # ----------------------------------------------------------------------------
@@ -389,11 +383,11 @@ _RASTERS = ("s2", "s1", "lulc", "dem")
 
 def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
     """The selected sources in canonical order; () is allowed (optical image only)."""
-    bad = [s for s in sources if s not in SOURCE_CHANNELS]
+    bad = [s for s in sources if s not in contract.SOURCES]
     if bad:
         raise ValueError(f"sources {tuple(sources)}: unknown {bad}; choose a subset of "
-                         f"{tuple(SOURCE_CHANNELS)}")
-    return tuple(s for s in SOURCE_CHANNELS if s in sources)
+                         f"{contract.SOURCES}")
+    return tuple(s for s in contract.SOURCES if s in sources)
 
 
 class Normalize(grain.transforms.Map):
@@ -494,11 +488,8 @@ def generated_source(real, generated_dir: str, normalizer: Normalizer) -> MixedS
         with path.open("rb") as f, np.load(f) as z:
             if "tile_id" not in z or not ({"s2", "image"} & set(z.files)):
                 raise ValueError(f"{path}: needs arrays 'tile_id' and 's2' or 'image' (has {z.files})")
-            if "s2" in z:
-                s2 = np.asarray(z["s2"], np.uint16)
-            else:
-                reflectance = image_to_reflectance(np.asarray(z["image"], np.float32), normalizer)
-                s2 = np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
+            s2 = (np.asarray(z["s2"], np.uint16) if "s2" in z
+                  else image_to_s2(z["image"], normalizer))
             tile_ids += [str(t) for t in z["tile_id"]]
             images.append(s2)
     return MixedSource(real, tile_ids, np.concatenate(images))
@@ -514,7 +505,8 @@ class BatchIterator:
 
     get_state() / set_state() save and restore the position (grain's
     DataLoader iterator state, bytes): a restored iterator yields exactly the
-    batch that would have come next.
+    batch that would have come next. grain's Orbax checkpoint handler takes it
+    as it takes grain's own iterators.
     """
 
     def __init__(self, loader: grain.DataLoader, mesh, per_process_batch: int, pad_final: bool):
@@ -525,8 +517,8 @@ class BatchIterator:
         self._pad_final = pad_final
         self._sharding = None
         if mesh is not None:
-            import jax
-            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            from rsjax.mesh import batch_sharding
+            self._sharding = batch_sharding(mesh)
 
     def __iter__(self):
         return self
@@ -547,9 +539,12 @@ class BatchIterator:
     def set_state(self, state: bytes) -> None:
         self._iterator.set_state(state)
 
+    def start_prefetch(self) -> None:
+        self._iterator.start_prefetch()
+
 
 def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, train: bool,
-                    seed: int, sources: Sequence[str] = ("lulc", "s1", "dem"),
+                    seed: int, sources: Sequence[str] = contract.SOURCES,
                     num_epochs: Optional[int] = None,
                     generated_dir: Optional[str] = None) -> BatchIterator:
     """Batches of one split of the dataset named by data_cfg (see the module docstring).

@@ -20,14 +20,14 @@ The steps:
    file) or the S2 file (segmentation), by ingestion's rule: a metric file's
    own grid, a geographic one's UTM zone at its pixel size in whole metres;
    `target_crs` / `target_resolution` change it as in ingestion.
-2. tiled inference: tiles of the training tile size at a step of
-   `tile - overlap` (default overlap: a quarter tile), the last tile of a row
-   or column flush with the scene's edge; a scene smaller than a tile is
-   padded with no-data. Tiles go through the trainer's jitted eval-mode model
-   (EMA weights when the config evaluates with them) in batches sharded over
-   the devices of this process.
-3. blending: each tile's output is weighted by a flat-top window with
-   squared-cosine ramps over the overlap (`blend_window`); weighted sums and
+2. tiled inference (`rsjax.tiling`): tiles of the training tile size at a
+   step of `tile - overlap` (default overlap: a quarter tile), the last tile of
+   a row or column flush with the scene's edge; a scene smaller than a tile is
+   padded with no-data. Tiles go through the trainer's inference entry point
+   (`load_inference`: the jitted eval-mode model, EMA weights when the config
+   evaluates with them) in batches sharded over the devices of this process.
+3. blending (`rsjax.tiling`): each tile's output is weighted by a flat-top
+   window with squared-cosine ramps over the overlap; weighted sums and
    weights are accumulated and divided, so overlapping tiles cross-fade with
    weights that sum to one and there are no seams. Fusion blends the model's
    image, segmentation blends softmax probabilities and then takes the argmax.
@@ -54,7 +54,6 @@ height. Runs in one process, on its local devices.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -68,182 +67,12 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from rsjax.data.contract import (LULC_CLASSES, LULC_NODATA, LULC_PALETTE, NUM_CLASSES, S2_BANDS,
-                                 S2_NODATA, InputError, ScenePaths)
+                                 S2_NODATA, SOURCES, InputError, ScenePaths)
+from rsjax.tiling import tile_offsets, tiled_predict
 
 log = logging.getLogger("rsjax")
 
 OUTPUT_BLOCK = 256          # GeoTIFF block side of the outputs (and rows written at a time)
-
-
-# ---------------------------------------------------------------------------
-# Tiling and blending (pure numpy)
-# ---------------------------------------------------------------------------
-def tile_offsets(length: int, tile: int, step: int) -> list[int]:
-    """Offsets of tiles of side `tile` that cover [0, length): 0, step, 2 step, ...
-    and a last tile flush with the far edge (nearer than `step` to the one
-    before it when the length is not a multiple). A length shorter than a
-    tile gets one tile at 0 that reaches past the edge (its input is padded)."""
-    if tile < 1 or not 1 <= step <= tile:
-        raise ValueError(f"need tile >= 1 and 1 <= step <= tile, got tile={tile}, step={step}")
-    if length < 1:
-        raise ValueError(f"length must be positive, got {length}")
-    if length <= tile:
-        return [0]
-    offsets = list(range(0, length - tile + 1, step))
-    if offsets[-1] != length - tile:
-        offsets.append(length - tile)
-    return offsets
-
-
-def blend_weights_1d(tile: int, overlap: int) -> np.ndarray:
-    """(tile,) float64 weights: 1 in the middle, squared-cosine ramps over
-    `overlap` pixels at both ends.
-
-    The rising ramp is sin^2(pi/2 (i + 1/2) / overlap) for i < overlap. Tiles
-    `tile - overlap` apart overlap where one falls as cos^2 and the next rises
-    as sin^2, so their weights sum to exactly 1 there (a partition of unity):
-    the blend cross-fades from one tile to the next. The half-pixel offset
-    keeps every weight above 0, so a pixel covered by one ramp only (at the
-    scene's edges) still gets that tile's value once divided by the weights.
-    """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
-    i = np.arange(tile, dtype=np.float64)
-    if overlap == 0:
-        return np.ones(tile)
-    rise = np.sin(0.5 * np.pi * np.minimum((i + 0.5) / overlap, 1.0)) ** 2
-    return np.minimum(rise, rise[::-1])
-
-
-def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """(tile, tile) float32: the separable product of `blend_weights_1d`."""
-    w = blend_weights_1d(tile, overlap)
-    return np.outer(w, w).astype(np.float32)
-
-
-class RowAccumulator:
-    """Weighted sums and weights of the output rows not yet written.
-
-    Holds rows [start, start + n) of the scene's full width; `add` accumulates
-    a tile, `flush` hands finished rows (weighted average, no-data mask) to a
-    writer and drops them.
-    """
-
-    def __init__(self, width: int, channels: int):
-        self.width, self.channels = width, channels
-        self.start = 0
-        self.sums = np.zeros((0, width, channels), np.float32)
-        self.weights = np.zeros((0, width), np.float32)
-        self.nodata = np.zeros((0, width), bool)
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.weights)
-
-    def extend_to(self, end: int) -> None:
-        extra = end - self.end
-        if extra > 0:
-            self.sums = np.concatenate([self.sums, np.zeros((extra, self.width, self.channels), np.float32)])
-            self.weights = np.concatenate([self.weights, np.zeros((extra, self.width), np.float32)])
-            self.nodata = np.concatenate([self.nodata, np.zeros((extra, self.width), bool)])
-
-    def add(self, row: int, col: int, values: np.ndarray, weights: np.ndarray) -> None:
-        """values (h, w, C) and weights (h, w) of a tile at (row, col), already cropped to the scene."""
-        h, w = weights.shape
-        r = row - self.start
-        self.sums[r:r + h, col:col + w] += values * weights[..., None]
-        self.weights[r:r + h, col:col + w] += weights
-
-    def or_nodata(self, row: int, col: int, nodata: np.ndarray) -> None:
-        h, w = nodata.shape
-        r = row - self.start
-        self.nodata[r:r + h, col:col + w] |= nodata
-
-    def flush(self, upto: int, write: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
-        """Writes rows [start, upto) as weighted averages and forgets them."""
-        k = upto - self.start
-        if k <= 0:
-            return
-        weights = self.weights[:k]
-        if not np.all(weights > 0):
-            raise AssertionError("an output pixel was covered by no tile (tiling bug)")
-        write(self.start, self.sums[:k] / weights[..., None], self.nodata[:k])
-        self.sums, self.weights, self.nodata = self.sums[k:], self.weights[k:], self.nodata[k:]
-        self.start = upto
-
-
-def _pad_tile(array: np.ndarray, tile: int) -> np.ndarray:
-    """A (h, w, ...) tile cut by the scene's edge, padded with zeros (no-data in model space)."""
-    pad = [(0, tile - array.shape[0]), (0, tile - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, pad) if pad[0][1] or pad[1][1] else array
-
-
-def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels: int,
-                  read_tile: Callable[[int, int, int, int], tuple[dict, np.ndarray]],
-                  predict_batch: Callable[[dict], object],
-                  write_rows: Callable[[int, np.ndarray, np.ndarray], None],
-                  batch_size: int, flush_rows: int = OUTPUT_BLOCK,
-                  on_tiles: Optional[Callable[[int], None]] = None) -> int:
-    """Runs a model over a height x width scene tile by tile and blends the outputs.
-
-    read_tile(row, col, h, w) -> (inputs, nodata): model inputs {name: (h, w, c)}
-        of the window at (row, col) and its (h, w) no-data mask. Each tile is
-        read through its own window, as ingestion reads training tiles (GDAL's
-        warper gives values that differ slightly with the window read through);
-        a pixel is no-data when any tile read says so;
-    predict_batch({name: (batch_size, tile, tile, c)}) -> (batch_size, tile, tile,
-        channels) outputs (numpy or a device array, fetched one batch later, so the
-        host reads the next batch while the devices work);
-    write_rows(row, values, nodata): blended (nrows, width, channels) float32 rows,
-        called in order, `flush_rows` rows at a time (block-aligned writes) and
-        once for the remainder.
-    Tiles stream in row-major order and batches run across rows of tiles (only
-    the scene's last batch is padded, with zero tiles); rows are written once
-    every tile that touches them is in.
-    Returns the number of tiles run.
-    """
-    step = tile - overlap
-    rows = tile_offsets(height, tile, step)
-    cols = tile_offsets(width, tile, step)
-    positions = [(i, row, col) for i, row in enumerate(rows) for col in cols]
-    window = blend_window(tile, overlap)
-    acc = RowAccumulator(width, channels)
-    missing = [len(cols)] * len(rows)        # tiles of each row of tiles not yet accumulated
-    first_open = 0                           # the first row of tiles with tiles missing
-
-    def collect(batch, outputs):
-        nonlocal first_open
-        outputs = np.asarray(outputs, np.float32)
-        for k, (i, row, col) in enumerate(batch):
-            h, w = min(tile, height - row), min(tile, width - col)
-            acc.add(row, col, outputs[k, :h, :w], window[:h, :w])
-            missing[i] -= 1
-        while first_open < len(rows) and missing[first_open] == 0:
-            first_open += 1
-        # Rows above the first incomplete row of tiles are final: write them in whole blocks.
-        upto = height if first_open == len(rows) else (rows[first_open] // flush_rows) * flush_rows
-        acc.flush(upto, write_rows)
-        if on_tiles is not None:
-            on_tiles(len(batch))
-
-    pending: collections.deque = collections.deque()
-    for b in range(0, len(positions), batch_size):
-        batch = positions[b:b + batch_size]
-        tiles = []
-        for _, row, col in batch:
-            h, w = min(tile, height - row), min(tile, width - col)
-            inputs, nodata = read_tile(row, col, h, w)
-            acc.extend_to(row + h)
-            acc.or_nodata(row, col, nodata)
-            tiles.append({k: _pad_tile(v, tile) for k, v in inputs.items()})
-        tiles += [{k: np.zeros_like(v) for k, v in tiles[0].items()}] * (batch_size - len(tiles))
-        stacked = {k: np.stack([t[k] for t in tiles]) for k in tiles[0]}
-        pending.append((batch, predict_batch(stacked)))
-        if len(pending) > 1:
-            collect(*pending.popleft())
-    while pending:
-        collect(*pending.popleft())
-    return len(positions)
 
 
 # ---------------------------------------------------------------------------
@@ -337,26 +166,13 @@ def _palette_colormap() -> dict[int, tuple[int, int, int, int]]:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints, configs and statistics
+# Configs and statistics
 # ---------------------------------------------------------------------------
-def load_run_config(workdir: str | os.PathLike):
-    """The config a training run saved in its workdir (`config.json`) as a ConfigDict."""
-    import ml_collections
+def run_config(workdir, config=None):
+    """`config`, or the one the training run saved in `workdir`."""
+    from rsjax.config_loader import config_from_workdir
 
-    from rsjax import logging_utils
-
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise InputError(f"{workdir}: workdir does not exist. Pass the workdir of a training run "
-                         "(python -m rsjax.train --workdir ...).")
-    path = workdir / logging_utils.CONFIG_FILE
-    if not path.exists():
-        raise InputError(f"{path}: no saved config in the workdir. Pass the workdir of a training run, "
-                         "or give the training config with --config.")
-    raw = json.loads(path.read_text())
-    # JSON has no tuples: the sources come back as a list.
-    raw["data"]["sources"] = tuple(raw["data"].get("sources") or ())
-    return ml_collections.ConfigDict(raw)
+    return config if config is not None else config_from_workdir(workdir)
 
 
 def dataset_normalizer(data_cfg, data_dir: Optional[str] = None):
@@ -398,20 +214,6 @@ def _local_devices(devices):
     return list(devices) if devices is not None else jax.local_devices()
 
 
-def _sharded_predictor(fn, state, mesh):
-    """numpy batch -> device outputs of the jitted `fn(state, batch)`, batch split over the mesh."""
-    import jax
-
-    from rsjax.trainers import common
-
-    sharding = common.batch_sharding(mesh)
-
-    def predict_batch(batch):
-        return fn(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
-
-    return predict_batch
-
-
 # ---------------------------------------------------------------------------
 # The two modes
 # ---------------------------------------------------------------------------
@@ -436,7 +238,7 @@ def _run(reg, *, tile: int, overlap: int, channels: int, read_tile, predict_batc
 
         tiles = tiled_predict(reg.height, reg.width, tile=tile, overlap=overlap, channels=channels,
                               read_tile=read_tile, predict_batch=predict_batch, write_rows=write_rows,
-                              batch_size=batch_size, on_tiles=bar.update)
+                              batch_size=batch_size, flush_rows=OUTPUT_BLOCK, on_tiles=bar.update)
         for i, name in enumerate(descriptions, start=1):
             dst.set_band_description(i, name)
         dst.update_tags(**tags)
@@ -491,7 +293,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
     out = Path(out)
-    config = config if config is not None else load_run_config(workdir)
+    config = run_config(workdir, config)
     _check_trainer(config, "fusion", workdir)
     sources = fusion.selected_sources(config)
     given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem)}
@@ -503,7 +305,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     unused = [s for s in given if given[s] is not None and s not in sources]
     if unused:
         log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
-    grid_file = target_grid or next(given[s] for s in ("lulc", "s1", "dem") if given[s] is not None)
+    grid_file = target_grid or next(given[s] for s in SOURCES if given[s] is not None)
     tile = int(config.data.tile_size)
     overlap = _overlap(overlap, tile)
     opts = _ingest_options(tile, grid_file, target_crs, target_resolution, s1_units)
@@ -513,9 +315,8 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     normalizer = dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
         devices = _local_devices(devices)
-        setup, state, ckpt_step, mesh = fusion.restore_for_eval(config, str(workdir), step, devices=devices)
-        generate = setup.generate_jit(bool(config.get("eval_use_ema", False)))
-        size = _batch_size(batch_size, config, mesh.devices.size)
+        generate, ckpt_step = fusion.load_inference(config, str(workdir), step, devices=devices)
+        size = _batch_size(batch_size, config, len(devices))
 
         def read_tile(row, col, nrows, ncols):
             arrays = reg.read(Window(col, row, ncols, nrows))
@@ -523,7 +324,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
             return {s: model_inputs[s] for s in sources}, source_nodata(arrays, sources)
 
         def to_output(values, nodata):
-            s2 = image_to_uint16(values, normalizer)
+            s2 = input_pipeline.image_to_s2(values, normalizer)
             s2[nodata] = S2_NODATA
             return np.moveaxis(s2, -1, 0)
 
@@ -532,11 +333,11 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                 "RSJAX_SOURCES": ",".join(sources), "RSJAX_TILE_SIZE": str(tile),
                 "RSJAX_OVERLAP": str(overlap), "UNITS": "surface reflectance x 10000"}
         result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
-                      predict_batch=_sharded_predictor(generate, state, mesh), batch_size=size,
+                      predict_batch=generate, batch_size=size,
                       out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
                       to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
     result.update(mode="fusion", checkpoint_step=int(ckpt_step), sources=list(sources),
-                  devices=int(mesh.devices.size), batch_size=size)
+                  devices=len(devices), batch_size=size)
     return result
 
 
@@ -548,8 +349,6 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     """A segmentation checkpoint over a whole-scene S2 GeoTIFF -> a uint8
     land-cover GeoTIFF at `out` (Dynamic World labels, 255 = no data, with
     Dynamic World's colour map). Arguments as in `predict_fusion`."""
-    import jax
-
     from rasterio.windows import Window
 
     from rsjax import input_pipeline
@@ -561,7 +360,7 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     if s2 is None:
         raise InputError(f"{workdir}: a land-cover model needs the optical image: give --s2.")
     out = Path(out)
-    config = config if config is not None else load_run_config(workdir)
+    config = run_config(workdir, config)
     _check_trainer(config, "segmentation", workdir)
     tile = int(config.data.tile_size)
     overlap = _overlap(overlap, tile)
@@ -570,14 +369,9 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     normalizer = dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
         devices = _local_devices(devices)
-        setup, state, ckpt_step, mesh = segmentation.restore_for_eval(config, str(workdir), step,
-                                                                      devices=devices)
-
-        def probabilities(state, batch):
-            logits = segmentation.predict(setup, state, batch["image"])
-            return jax.nn.softmax(logits.astype(jax.numpy.float32), axis=-1)
-
-        size = _batch_size(batch_size, config, mesh.devices.size)
+        probabilities, ckpt_step = segmentation.load_inference(config, str(workdir), step,
+                                                               devices=devices)
+        size = _batch_size(batch_size, config, len(devices))
 
         def read_tile(row, col, nrows, ncols):
             arrays = reg.read(Window(col, row, ncols, nrows))
@@ -593,14 +387,12 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
                 "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_TILE_SIZE": str(tile),
                 "RSJAX_OVERLAP": str(overlap), "CLASSES": ",".join(LULC_CLASSES)}
         result = _run(reg, tile=tile, overlap=overlap, channels=NUM_CLASSES, read_tile=read_tile,
-                      predict_batch=_sharded_predictor(setup.jitted("predict_probabilities", probabilities),
-                                                       state, mesh),
-                      batch_size=size, out=out,
+                      predict_batch=probabilities, batch_size=size, out=out,
                       profile=output_profile(reg.grid, 1, "uint8", LULC_NODATA, overviews="mode"),
                       to_output=to_output, descriptions=("label",), tags=tags,
                       colormap=_palette_colormap(), progress=progress)
     result.update(mode="segmentation", checkpoint_step=int(ckpt_step),
-                  devices=int(mesh.devices.size), batch_size=size)
+                  devices=len(devices), batch_size=size)
     return result
 
 
@@ -616,18 +408,9 @@ def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> n
     return mask
 
 
-def image_to_uint16(image: np.ndarray, normalizer) -> np.ndarray:
-    """Model space [-1, 1] -> uint16 reflectance x 10000, valid pixels at least 1
-    (0 is the contract's no-data), as `rsjax.synthesize` stores generated tiles."""
-    from rsjax import input_pipeline
-
-    reflectance = input_pipeline.image_to_reflectance(np.asarray(image, np.float32), normalizer)
-    return np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
-
-
 def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, config=None, **kwargs) -> dict:
     """Either mode, chosen by the workdir's trainer (fusion or segmentation)."""
-    config = config if config is not None else load_run_config(workdir)
+    config = run_config(workdir, config)
     if config.get("trainer") == "segmentation":
         given = [name for name, v in (("--s1", s1), ("--lulc", lulc), ("--dem", dem)) if v is not None]
         if given:
@@ -678,9 +461,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     config = cli.load_config_arg(args, workdir=args.workdir)
-    from rsjax.trainers import common
+    from rsjax.runtime import prepare_process
 
-    common.prepare_process()
+    prepare_process()
     result = predict(args.workdir, args.out, s1=args.s1, lulc=args.lulc, dem=args.dem, s2=args.s2,
                      config=config, target_grid=args.target_grid, target_crs=args.target_crs,
                      target_resolution=args.target_resolution, step=args.step,

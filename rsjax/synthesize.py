@@ -57,30 +57,34 @@ def _tile_id(record) -> str:
 def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[str] = None,
                step: Optional[int] = None, part_size: int = 64) -> dict:
     import jax
+    from etils import epath
 
     from rsjax import input_pipeline
+    from rsjax.errors import ConfigError
+    from rsjax.runtime import workdir_path
     from rsjax.trainers import fusion
 
     if jax.process_count() > 1:
         # Each host would read its own shard of every chunk and the parts would
         # not line up with their tile ids; synthesis is cheap next to training.
-        raise UserError("synthesize runs on one host: start it without RSJAX_COORDINATOR "
-                         "(or on worker 0 of the slice only).")
-    from etils import epath
-
-    from rsjax.trainers.common import workdir_path
-
+        raise UserError("synthesize runs on one host: start it without a coordinator "
+                         "(RSJAX_COORDINATOR / JAX_COORDINATOR_ADDRESS), or on worker 0 "
+                         "of the slice only.")
+    batch_size = int(config.eval_batch_size)
+    if batch_size % jax.device_count():
+        raise ConfigError(f"config.eval_batch_size={batch_size} is not divisible by the "
+                          f"{jax.device_count()} devices; set --config.eval_batch_size to a "
+                          "multiple of it.")
+    sources = fusion.selected_sources(config)
     # epath: a gs:// workdir or output folder works like a local one.
     out_dir = epath.Path(out or epath.Path(workdir_path(fusion_workdir)) / "generated" / split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    setup, state, step, mesh = fusion.restore_for_eval(config, fusion_workdir, step)
+    generate, step = fusion.load_inference(config, fusion_workdir, step)
     builder = input_pipeline.get_builder(config.data)
     normalizer = input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
     source = builder.as_data_source(split=split)
-    generate = setup.generate_jit(bool(config.eval_use_ema))
     n = len(source)
     num_parts = math.ceil(n / part_size)
-    batch_size = int(config.eval_batch_size)
     t0, done_tiles = time.time(), 0
     for part in range(num_parts):
         path = out_dir / f"part-{part:05d}.npz"
@@ -88,16 +92,12 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
         if path.exists():                       # finished by an earlier run
             continue
         chunk = _Range(source, start, stop)
-        it = input_pipeline.batch_iterator(
-            chunk, normalizer, global_batch_size=batch_size, mesh=mesh, train=False,
-            seed=0, sources=setup.sources, num_epochs=1)
-        images = []
-        for batch in it:
-            fake = np.asarray(jax.device_get(generate(state, batch)))
-            images.append(fake)
-        image = np.concatenate(images)[: len(chunk)]
-        reflectance = input_pipeline.image_to_reflectance(image, normalizer)
-        s2 = np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
+        batches = input_pipeline.batch_iterator(
+            chunk, normalizer, global_batch_size=batch_size, mesh=None, train=False,
+            seed=0, sources=sources, num_epochs=1)
+        image = np.concatenate([np.asarray(jax.device_get(generate(batch)))
+                                for batch in batches])[: len(chunk)]
+        s2 = input_pipeline.image_to_s2(image, normalizer)
         tile_ids = np.array([_tile_id(chunk[i]) for i in range(len(chunk))])
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as f:
@@ -110,7 +110,7 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
               f"ETA {left:.0f}s", flush=True)
     provenance = {"checkpoint_step": int(step), "fusion_workdir": workdir_path(fusion_workdir),
                   "dataset": str(config.data.name), "tile_size": int(config.data.tile_size),
-                  "split": split, "num_tiles": n, "sources": list(setup.sources),
+                  "split": split, "num_tiles": n, "sources": list(sources),
                   "generator": str(config.generator.name), "use_ema": bool(config.eval_use_ema),
                   "config": json.loads(config.to_json_best_effort())}
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
@@ -143,7 +143,7 @@ def run(args) -> int:
     if config.get("trainer") != "fusion":
         raise UserError(f"{args.fusion_workdir}: a {config.get('trainer')!r} run; synthesize "
                         "needs a fusion run (rsjax train --config fusion:...).")
-    from rsjax.trainers.common import prepare_process
+    from rsjax.runtime import prepare_process
 
     prepare_process()
     cli.print_json(synthesize(config, args.fusion_workdir, args.split, args.out, args.step,

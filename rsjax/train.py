@@ -31,8 +31,8 @@ def run(args) -> int:
     if args.show_config:
         print(config)
         return 0
+    from rsjax.runtime import prepare_process
     from rsjax.trainers import get_trainer
-    from rsjax.trainers.common import prepare_process
 
     trainer = get_trainer(config.trainer)
     prepare_process()

@@ -57,10 +57,12 @@ def main(data_dir: str, workdir: str, report: str, final_eval: bool) -> None:
     written = record_writes_under(workdir)
     import jax
 
+    from rsjax import cli
+    from rsjax.runtime import prepare_process
     from rsjax.trainers import fusion
-    from rsjax.trainers.common import prepare_process
     from trainer_utils import tiny_fusion_config
 
+    cli.setup_process()          # logging, as every command has it
     prepare_process()            # joins the job from RSJAX_* (and picks gloo on CPU)
     config = tiny_fusion_config(data_dir, "pix2pix", steps=4)
     config.global_batch_size = 4

@@ -22,6 +22,27 @@ def _final_params(config, workdir, devices=None):
     return step, host_numpy(state["g"])
 
 
+@pytest.mark.parametrize("total,start", [(300, 150), (10, 3), (7, 6), (5, None), (5, 5), (5, 9)])
+def test_learning_rate_is_constant_then_linear_to_zero(total, start):
+    """optax's schedule gives, bit for bit, the formula the trainers used before it."""
+    import jax.numpy as jnp
+
+    from rsjax.trainers.loop import learning_rate_schedule
+
+    def reference(step):            # constant, then linear to 0 at `total`
+        if start is None or start >= total:
+            return jnp.asarray(2e-4, jnp.float32)
+        frac = jnp.clip((step - start) / max(1, total - start), 0.0, 1.0)
+        return 2e-4 * (1.0 - frac)
+
+    schedule = learning_rate_schedule(2e-4, total, start)
+    steps = jnp.arange(total + 3, dtype=jnp.int32)
+    got = np.asarray(jax.jit(jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32)))(steps))
+    want = np.asarray(jax.jit(jax.vmap(lambda s: jnp.asarray(reference(s), jnp.float32)))(steps))
+    np.testing.assert_array_equal(got, want)
+    assert got[0] == np.float32(2e-4) and (start is None or start >= total or got[total] == 0)
+
+
 def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
     from rsjax.trainers import fusion
 
@@ -95,12 +116,13 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
     import functools
 
     from rsjax import input_pipeline
-    from rsjax.trainers import common, fusion
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import fusion, nonfinite
 
     config = tiny_fusion_config(demo_data_dir, "pix2pix")
-    mesh = common.create_mesh()
+    mesh = mesh_lib.create_mesh()
     setup = fusion.Setup(config, fusion.selected_sources(config))
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     batch = next(input_pipeline.create_iterator(
         config.data, "train", global_batch_size=8, mesh=mesh, train=True, seed=0,
         sources=setup.sources))
@@ -118,14 +140,14 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["g"],
                            host_numpy(state["g"]))
     assert any(jax.tree.leaves(changed))
-    with pytest.raises(common.NonFiniteLossError, match="non-finite"):
-        common.check_nonfinite(3, 3, step=7, workdir="w")
+    with pytest.raises(nonfinite.NonFiniteLossError, match="non-finite"):
+        nonfinite.check_nonfinite(3, 3, step=7, workdir="w")
 
 
 def test_poisoned_state_is_never_checkpointed(tmp_path):
-    from rsjax.trainers import common
+    from rsjax.trainers.checkpoints import Checkpointer
 
-    ckpt = common.Checkpointer(tmp_path, every_steps=1, keep=2, async_save=False)
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=2, async_save=False)
     good = {"w": jax.numpy.ones(3)}
     assert ckpt.save(1, good, None)
     assert not ckpt.save(2, {"w": jax.numpy.array([1.0, np.nan, 2.0])}, None)

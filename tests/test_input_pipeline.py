@@ -353,6 +353,32 @@ def test_pipeline_with_a_worker_process_resumes_exactly(tiles, normalizer):
         np.testing.assert_array_equal(w["image"], g["image"])
 
 
+def test_a_checkpoint_restores_the_iterator_where_it_was(tiles, normalizer, tmp_path):
+    """The trainers' Checkpointer saves the iterator with grain's own Orbax
+    handler (one file per process) and a restored iterator goes on exactly."""
+    from rsjax.trainers.checkpoints import Checkpointer
+
+    def make():
+        return ip.batch_iterator(tiles, normalizer, global_batch_size=4, mesh=None, train=True,
+                                 seed=5, sources=("s1",))
+    a = make()
+    _collect(a, 3)
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=2, async_save=False)
+    assert ckpt.save(3, {"w": np.ones(2, np.float32)}, a)
+    ckpt.close()
+    want = _collect(a, 4)                  # past the end of an epoch (5 batches)
+    assert (tmp_path / "checkpoints" / "3" / "data_iter" / "process_0-of-1.json").exists()
+    b = make()
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=2, async_save=False)
+    state, step = ckpt.restore({"w": jax.ShapeDtypeStruct((2,), np.float32)}, b)
+    ckpt.close()
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(2))
+    for w, g in zip(want, _collect(b, 4)):
+        np.testing.assert_array_equal(w["s1"], g["s1"])
+        np.testing.assert_array_equal(w["image"], g["image"])
+
+
 def test_batch_size_must_divide_the_mesh(tiles, normalizer):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     with pytest.raises(ValueError, match="'data' axis"):
@@ -415,14 +441,28 @@ def test_create_iterator_reads_the_built_dataset(built):
     np.testing.assert_allclose(norm.s1_low, stats["s1"]["percentiles"]["p1"], rtol=1e-6)
 
 
-def test_class_weights_are_inverse_train_frequencies(built):
+def test_training_class_weights_come_from_the_train_frequencies(built):
+    """What the segmentation trainer weighs its loss with: inverse train-split
+    frequencies (the pixel-weighted mean weight 1), 0 for absent classes."""
+    import ml_collections
+
+    from rsjax.errors import ConfigError
+    from rsjax.trainers import segmentation
+
     cfg, builder = built
     freq = np.asarray(ip.load_statistics(builder)["lulc"]["frequencies"])
-    w = ip.class_weights(cfg)
+    config = ml_collections.ConfigDict({"data": cfg, "class_weights": "inverse"})
+    w = np.asarray(segmentation.class_weights(config))
     present = freq > 0
+    assert present.sum() >= 2 and not present.all()       # the test can tell the classes apart
     assert np.all(w[~present] == 0)
     np.testing.assert_allclose(w[present] * freq[present], (w[present] * freq[present])[0], rtol=1e-5)
-    np.testing.assert_allclose(w[present].mean(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.sum(w * freq) / np.sum(freq), 1.0, rtol=1e-5)
+    config.class_weights = "none"
+    assert segmentation.class_weights(config) is None
+    config.class_weights = "inverse_frequency"
+    with pytest.raises(ConfigError, match="class_weights"):
+        segmentation.class_weights(config)
 
 
 def test_generated_images_mix_one_to_one_with_real_tiles(built, tmp_path):

@@ -201,7 +201,7 @@ def test_real_run_stops_at_the_first_failure_and_says_so(tmp_path, monkeypatch, 
 
 def test_workdir_paths_keep_gs_uris_and_make_local_paths_absolute(tmp_path, monkeypatch):
     """pathlib would turn gs://b/run into gs:/b/run; rsjax keeps URIs as they are."""
-    from rsjax.trainers.common import workdir_path
+    from rsjax.runtime import workdir_path
 
     assert workdir_path("gs://bucket/runs/run 1") == "gs://bucket/runs/run 1"
     monkeypatch.chdir(tmp_path)

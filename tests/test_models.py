@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from rsjax.models import create_model
-from rsjax.models import layers
+from rsjax.models import cpu_conv, layers
 from rsjax.models.param_table import (
     REFERENCE_COUNTS, REFERENCE_SOURCES, abstract_model, count_params, main as param_table_main,
     reference_configs,
@@ -117,7 +117,8 @@ def test_conv2d_matmul_path_matches_numpy_and_the_convolution_gradients(
     graph, params, rest = nnx.split(conv, nnx.Param, ...)
 
     def loss_and_grads(use_matmul):
-        monkeypatch.setattr(layers.Conv2d, "_use_matmul", lambda self, x: use_matmul)
+        monkeypatch.setattr(cpu_conv, "enabled", lambda: use_matmul)
+        monkeypatch.setattr(cpu_conv, "use_matmul", lambda *args: use_matmul)
 
         def loss(params, x):
             y = nnx.merge(graph, params, rest)(x)
@@ -138,8 +139,19 @@ def test_conv2d_matmul_path_matches_numpy_and_the_convolution_gradients(
 
 def test_conv2d_chooses_the_matmul_form_only_for_big_kernels_on_small_images():
     conv = layers.Conv2d(64, 64, 3, rngs=rngs(0))
-    assert conv._use_matmul(jnp.zeros((1, 4, 4, 64)))        # 576 kernel columns >= 4 * 16 pixels
-    assert not conv._use_matmul(jnp.zeros((1, 64, 64, 64)))
+
+    def rewrite(x):
+        return cpu_conv.rewrite_for(conv.kernel.shape, conv.stride, conv.padding, x)
+    small, big = jnp.zeros((1, 4, 4, 64)), jnp.zeros((1, 64, 64, 64))
+    assert cpu_conv.use_matmul(conv.kernel.shape, 1, conv.padding, small)  # 576 >= 4 * 16 pixels
+    assert not cpu_conv.use_matmul(conv.kernel.shape, 1, conv.padding, big)
+    on_cpu = jax.default_backend() == "cpu"
+    assert rewrite(small) == ("matmul" if on_cpu else None)       # never on GPU/TPU
+    with cpu_conv.rewrites("off"):
+        assert rewrite(small) is None
+    with pytest.raises(ValueError, match="mode"):
+        with cpu_conv.rewrites("on"):
+            pass
 
 
 @pytest.mark.parametrize("kernel_size,padding", [(3, 1), (4, 2), (3, ((0, 2), (1, 0)))])
@@ -161,11 +173,13 @@ def test_conv2d_row_chunked_kernel_gradient_matches_the_convolution_gradients(
         (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
         return y, grads
 
+    def rewrite():
+        return cpu_conv.rewrite_for(conv.kernel.shape, conv.stride, conv.padding, x)
     if jax.default_backend() == "cpu":
-        assert conv._use_row_kernel_grad(x) and not conv._use_matmul(x)
+        assert rewrite() == "row_kernel_grad"
     y_rows, g_rows = loss_and_grads(params, x)
-    with layers.plain_convolutions():
-        assert not conv._use_row_kernel_grad(x)
+    with cpu_conv.rewrites("off"):
+        assert rewrite() is None
         y_conv, g_conv = jax.jit(loss_and_grads)(params, x)
     np.testing.assert_allclose(y_rows, y_conv, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_rows), jax.tree.leaves(g_conv)):
@@ -178,11 +192,14 @@ def test_conv2d_row_chunked_kernel_gradient_matches_the_convolution_gradients(
 
 def test_conv2d_uses_the_row_kernel_gradient_for_wide_stride_1_outputs_only():
     x = jnp.zeros((1, 64, 64, 32))
-    assert layers.Conv2d(32, 128, 3, rngs=rngs(0))._use_row_kernel_grad(x) == (
-        jax.default_backend() == "cpu")
-    assert not layers.Conv2d(32, 64, 3, rngs=rngs(0))._use_row_kernel_grad(x)
-    assert not layers.Conv2d(32, 128, 4, stride=2, rngs=rngs(0))._use_row_kernel_grad(x)
-    assert not layers.Conv2d(32, 128, 1, rngs=rngs(0))._use_row_kernel_grad(x)
+
+    def rewrite(conv):
+        return cpu_conv.rewrite_for(conv.kernel.shape, conv.stride, conv.padding, x)
+    assert rewrite(layers.Conv2d(32, 128, 3, rngs=rngs(0))) == (
+        "row_kernel_grad" if jax.default_backend() == "cpu" else None)
+    assert rewrite(layers.Conv2d(32, 64, 3, rngs=rngs(0))) is None
+    assert rewrite(layers.Conv2d(32, 128, 4, stride=2, rngs=rngs(0))) is None
+    assert rewrite(layers.Conv2d(32, 128, 1, rngs=rngs(0))) is None
 
 
 @pytest.mark.parametrize("kernel_size,padding", [(4, 1), (2, 0)])  # pix2pix, RS-UNet

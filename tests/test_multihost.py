@@ -130,3 +130,39 @@ def test_two_processes_match_one_and_only_process_0_writes(demo_data_dir, tmp_pa
     # The collective checkpoints completed.
     assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
 
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, None),                                                   # a laptop: one process
+    ({"RSJAX_COORDINATOR": "h:1", "RSJAX_NUM_PROCESSES": "2", "RSJAX_PROCESS_ID": "1"},
+     {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
+    ({"JAX_COORDINATOR_ADDRESS": "j:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "0",
+      "RSJAX_COORDINATOR": "r:1"},                                # JAX's names win over the aliases
+     {"coordinator_address": "j:2", "num_processes": 4, "process_id": 0}),
+    ({"RSJAX_DISTRIBUTED": "1"}, {}),                             # the TPU launcher: JAX detects
+    ({"RSJAX_DISTRIBUTED": "0", "RSJAX_COORDINATOR": "h:1"}, None),
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"}, {}),   # srun -n 2
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),     # one SLURM task
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}, {}),
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, {}),                      # multi-host GKE TPU slice
+    ({"TPU_WORKER_HOSTNAMES": "w0"}, None),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, None),              # any pod: not a job by itself
+    ({"JAX_COORDINATOR_ADDRESS": "j:2", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"},
+     {"coordinator_address": "j:2"}),                             # SLURM gives the rest
+])
+def test_when_a_process_joins_a_multi_host_job(environ, expected):
+    from rsjax.runtime import distributed_arguments
+
+    assert distributed_arguments(environ) == expected
+
+
+def test_a_coordinator_without_the_process_count_is_a_clear_error():
+    from rsjax.errors import UserError
+    from rsjax.runtime import distributed_arguments
+
+    with pytest.raises(UserError, match="JAX_NUM_PROCESSES"):
+        distributed_arguments({"RSJAX_COORDINATOR": "h:1", "RSJAX_PROCESS_ID": "0"})
+    with pytest.raises(UserError, match="RSJAX_PROCESS_ID=x"):
+        distributed_arguments({"RSJAX_COORDINATOR": "h:1", "RSJAX_NUM_PROCESSES": "2",
+                               "RSJAX_PROCESS_ID": "x"})

@@ -3,7 +3,6 @@ real Orbax checkpoints written as the trainers write them, the real models on
 8 fake CPU devices."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,9 @@ from affine import Affine
 from trainer_utils import load_config, tiny_fusion_config
 
 from rsjax import predict
+from rsjax.config_loader import config_from_workdir
 from rsjax.data.contract import InputError, LULC_NODATA, LULC_PALETTE, S2_NODATA
+from rsjax.errors import UserError
 
 
 # ---------------------------------------------------------------------------
@@ -24,9 +25,9 @@ def _write_workdir(root: Path, config, init_state) -> Path:
     """config.json and an Orbax checkpoint of the model's initial state (step 0):
     what a training run writes, without spending the tests' time on GAN steps."""
     from rsjax import logging_utils
-    from rsjax.trainers import common
+    from rsjax.trainers.checkpoints import Checkpointer
 
-    ckpt = common.Checkpointer(root, every_steps=1, keep=1, async_save=False)
+    ckpt = Checkpointer(root, every_steps=1, keep=1, async_save=False)
     ckpt.save(0, init_state(), None, force=True)
     ckpt.close()
     logging_utils.write_config(config, root)
@@ -113,84 +114,8 @@ def _grid_of(path) -> tuple:
 
 
 # ---------------------------------------------------------------------------
-# Blending (pure numpy)
+# Atomic output
 # ---------------------------------------------------------------------------
-def test_tile_offsets_cover_the_scene_and_end_flush():
-    assert predict.tile_offsets(256, 64, 64) == [0, 64, 128, 192]      # ingestion's tiles
-    assert predict.tile_offsets(256, 64, 48) == [0, 48, 96, 144, 192]
-    assert predict.tile_offsets(200, 64, 48) == [0, 48, 96, 136]        # last flush with the edge
-    assert predict.tile_offsets(50, 64, 48) == [0]                      # smaller than a tile
-    with pytest.raises(ValueError):
-        predict.tile_offsets(100, 64, 65)
-
-
-def test_blend_weights_are_a_partition_of_unity():
-    tile, overlap = 64, 16
-    w = predict.blend_weights_1d(tile, overlap)
-    assert np.all(w > 0) and w.max() == 1.0
-    np.testing.assert_allclose(w[:overlap] + w[tile - overlap:], 1.0, atol=1e-12)
-    # Tiles at a regular step: the weights sum to 1 away from the scene's ends.
-    length = tile + 3 * (tile - overlap)
-    total = np.zeros(length)
-    for off in predict.tile_offsets(length, tile, tile - overlap):
-        total[off:off + tile] += w
-    np.testing.assert_allclose(total[overlap:length - overlap], 1.0, atol=1e-12)
-    assert np.all(total > 0)
-    np.testing.assert_array_equal(predict.blend_weights_1d(tile, 0), np.ones(tile))
-    window = predict.blend_window(tile, overlap)
-    np.testing.assert_allclose(window, np.outer(w, w), rtol=1e-6)
-
-
-@pytest.mark.parametrize("height,width,tile,overlap", [
-    (150, 170, 32, 8),      # not a multiple of the step: last tiles flush with the edges
-    (20, 50, 32, 8),        # shorter than a tile: padded
-    (64, 64, 32, 0),        # no overlap
-    (97, 33, 16, 15),       # overlap almost a tile: many tiles on each pixel
-])
-def test_blending_identical_tiles_is_the_identity(height, width, tile, overlap):
-    """A model that returns (an affine map of) its input: the blended scene must be
-    exactly that map of the scene, whatever the overlap, at edges and corners too."""
-    rng = np.random.default_rng(0)
-    field = rng.normal(size=(height, width, 3)).astype(np.float32)
-    nodata = rng.random((height, width)) < 0.1
-    out = np.full((height, width, 3), np.nan, np.float32)
-    out_nodata = np.zeros((height, width), bool)
-    written = []
-
-    reads = []
-
-    def read_tile(row, col, nrows, ncols):
-        reads.append((row, col, nrows, ncols))
-        return {"x": field[row:row + nrows, col:col + ncols]}, nodata[row:row + nrows, col:col + ncols]
-
-    def write_rows(row, values, mask):
-        written.append((row, len(values)))
-        out[row:row + len(values)] = values
-        out_nodata[row:row + len(values)] = mask
-
-    calls = []
-
-    def model(batch):
-        calls.append(batch["x"].shape)
-        return 2.0 * batch["x"] + 1.0
-
-    n = predict.tiled_predict(height, width, tile=tile, overlap=overlap, channels=3,
-                              read_tile=read_tile, predict_batch=model, write_rows=write_rows,
-                              batch_size=4, flush_rows=16)
-    np.testing.assert_allclose(out, 2.0 * field + 1.0, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out_nodata, nodata)
-    rows = predict.tile_offsets(height, tile, tile - overlap)
-    cols = predict.tile_offsets(width, tile, tile - overlap)
-    assert n == len(rows) * len(cols)
-    assert reads == [(r, c, min(tile, height - r), min(tile, width - c)) for r in rows for c in cols]
-    # Batches run across rows of tiles: only the last one is padded (to the batch size).
-    assert len(calls) == -(-n // 4) and all(shape == (4, tile, tile, 3) for shape in calls)
-    # Rows written once each, in order, in whole blocks of 16 except the last write.
-    starts = [r for r, _ in written]
-    assert starts == sorted(starts) and sum(k for _, k in written) == height
-    assert all(r % 16 == 0 for r in starts) and all(k % 16 == 0 for _, k in written[:-1])
-
-
 def test_failed_write_leaves_nothing(tmp_path):
     """atomic_output: a failure mid-write removes the partial file and keeps an older output."""
     out = tmp_path / "pred.tif"
@@ -222,22 +147,23 @@ def test_fusion_scene_reproduces_the_training_tiles(fusion_workdir, scene, demo_
                                     target_grid=scene.s2, overlap=0, progress=False)
     assert result["checkpoint_step"] == 0 and result["devices"] == len(jax.devices())
 
-    config = predict.load_run_config(fusion_workdir)
-    setup, state, _, mesh = fusion.restore_for_eval(config, str(fusion_workdir))
+    config = config_from_workdir(fusion_workdir)
+    generate, _ = fusion.load_inference(config, str(fusion_workdir))
+    sources = fusion.selected_sources(config)
     normalizer = predict.dataset_normalizer(config.data)
     tiles = _scene_tiles(demo_data_dir, scene.scene_id)
     assert len(tiles) >= 4
-    batches = input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=mesh,
-                                            train=False, seed=0, sources=setup.sources)
-    generated = np.concatenate([np.asarray(setup.generate_jit(False)(state, b)) for b in batches])
+    batches = input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=None,
+                                            train=False, seed=0, sources=sources)
+    generated = np.concatenate([np.asarray(generate(b)) for b in batches])
     with rasterio.open(out) as ds:
         scene_pred = ds.read()                                    # (4, H, W) uint16
         grid_transform = ds.transform
     assert scene_pred.std() > 10           # the model's output varies: the comparison can fail
     for tile, image in zip(tiles, generated):
         row, col = _window_of(tile["transform"], grid_transform)
-        expected = np.moveaxis(predict.image_to_uint16(image, normalizer), -1, 0)
-        nodata = predict.source_nodata(tile, setup.sources)
+        expected = np.moveaxis(input_pipeline.image_to_s2(image, normalizer), -1, 0)
+        nodata = predict.source_nodata(tile, sources)
         expected[:, nodata] = S2_NODATA
         got = scene_pred[:, row:row + 64, col:col + 64]
         np.testing.assert_array_equal(got == S2_NODATA, expected == S2_NODATA)
@@ -294,7 +220,7 @@ def test_bad_inputs_name_the_file_and_leave_no_output(fusion_workdir, scene, tmp
 
     with pytest.raises(InputError, match="--dem"):
         predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, None, out, progress=False)
-    with pytest.raises(InputError, match="no saved config"):
+    with pytest.raises(UserError, match="no saved config"):
         predict.predict_fusion(tmp_path, scene.s1, scene.lulc, scene.dem, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1_three_bands.tif"]
 
@@ -342,15 +268,14 @@ def test_landcover_map_on_the_s2_grid(segmentation_workdir, scene, demo_data_dir
     assert set(np.unique(labels)) <= set(range(9)) | {LULC_NODATA}
 
     # The tiles of the dataset, as the evaluation feeds them: the same labels.
-    config = predict.load_run_config(segmentation_workdir)
-    setup, state, _, mesh = segmentation.restore_for_eval(config, str(segmentation_workdir))
+    config = config_from_workdir(segmentation_workdir)
+    probabilities, _ = segmentation.load_inference(config, str(segmentation_workdir))
     normalizer = predict.dataset_normalizer(config.data)
     tiles = _scene_tiles(demo_data_dir, scene.scene_id)
-    batches = input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=mesh,
+    batches = input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=None,
                                             train=False, seed=0, sources=())
-    model = setup.jitted("predict", functools.partial(segmentation.predict, setup))
-    logits = [(np.asarray(model(state, b["image"])), np.asarray(b["valid"])) for b in batches]
-    expected = np.concatenate([np.where(v, np.argmax(l, -1), LULC_NODATA) for l, v in logits])
+    probs = [(np.asarray(probabilities(b)), b["valid"]) for b in batches]
+    expected = np.concatenate([np.where(v, np.argmax(p, -1), LULC_NODATA) for p, v in probs])
     agree = []
     for tile, exp in zip(tiles, expected):
         row, col = _window_of(tile["transform"], s2_transform)

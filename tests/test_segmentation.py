@@ -84,12 +84,13 @@ def test_nonfinite_segmentation_step_is_skipped_and_counted(demo_data_dir):
     import jax
 
     from rsjax import input_pipeline
-    from rsjax.trainers import common, segmentation
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import segmentation
 
     config = tiny_segmentation_config(demo_data_dir)
-    mesh = common.create_mesh()
+    mesh = mesh_lib.create_mesh()
     setup = segmentation.Setup(config)
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     batch = next(input_pipeline.create_iterator(
         config.data, "train", global_batch_size=8, mesh=mesh, train=True, seed=0, sources=()))
     step = jax.jit(functools.partial(segmentation.train_step, setup, None))

@@ -137,11 +137,11 @@ def test_small_tiles_upsampled_nearest_and_single_line_titles(tmp_path):
 def test_gather_to_host_keeps_key_order():
     import jax.numpy as jnp
 
-    from rsjax.trainers import common
+    from rsjax import mesh as mesh_lib
 
     tree = {"real": jnp.ones(2), "generated": {"z": jnp.zeros(1), "a": 3}, "land cover": [
         {"y": jnp.ones(1), "b": jnp.ones(1)}]}
-    host = common.gather_to_host(tree)
+    host = mesh_lib.gather_to_host(tree)
     assert list(host) == ["real", "generated", "land cover"]       # not sorted
     assert list(host["generated"]) == ["z", "a"] and list(host["land cover"][0]) == ["y", "b"]
     assert isinstance(host["real"], np.ndarray) and host["generated"]["a"] == 3
@@ -153,13 +153,14 @@ def test_fusion_grid_rows_real_generated_land_cover(demo_data_dir, tmp_path):
     import jax
 
     from rsjax import input_pipeline
-    from rsjax.trainers import common, fusion
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import fusion
     from trainer_utils import tiny_fusion_config
 
     config = tiny_fusion_config(demo_data_dir)
-    mesh = common.create_mesh()
+    mesh = mesh_lib.create_mesh()
     setup = fusion.Setup(config, fusion.selected_sources(config))
-    state = common.init_replicated(setup.init_state, mesh)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     batch = next(iter(input_pipeline.create_iterator(
         config.data, "validation", global_batch_size=8, mesh=mesh, train=False, seed=0,
         sources=setup.sources, num_epochs=1)))

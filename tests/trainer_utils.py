@@ -28,19 +28,11 @@ def load_config(name: str, arg: str = "demo"):
 def tiny_fusion_config(data_dir, model: str = "pix2pix", steps: int = 4, sources: str = "all"):
     """The demo config shrunk so a run compiles and trains in seconds."""
     c = load_config("fusion", f"demo,model={model},sources={sources}")
-    c.data.data_dir = str(data_dir)
-    c.data.augment = True
-    c.total_steps = steps
-    c.global_batch_size = 8
-    c.eval_batch_size = 8
-    c.log_every_steps = 2
-    c.image_every_steps = 0
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 2
-    c.optim.decay_start_step = None
-    c.generator.ngf = 4
-    c.discriminator.ndf = 4
+    tiny = {"data.data_dir": str(data_dir), "data.augment": True, "total_steps": steps,
+            "global_batch_size": 8, "eval_batch_size": 8, "log_every_steps": 2,
+            "image_every_steps": 0, "eval_every_steps": 0, "checkpoint_every_steps": 2,
+            "optim.decay_start_step": None, "generator.ngf": 4, "discriminator.ndf": 4}
     if model == "rs_spade":
-        c.generator.embed_dim = 4
-        c.generator.spade_hidden = 8
+        tiny.update({"generator.embed_dim": 4, "generator.spade_hidden": 8})
+    c.update_from_flattened_dict(tiny)
     return c

@@ -18,6 +18,8 @@ Stored per tile (physical units, channels last):
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -144,31 +146,57 @@ def group_scene_files(paths: Iterable, folder) -> dict[str, dict[str, Source]]:
     return scenes
 
 
-def find_scenes(folder: str | Path, require_lulc: bool = True) -> list[ScenePaths]:
+def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incomplete: bool = False,
+                report: Optional[dict] = None) -> list[ScenePaths]:
     """Groups `<scene_id>_{s2,s1,lulc,dem}.tif` files of a folder into scenes.
 
     The pieces of a split Earth Engine export (`<scene_id>_s2-0000000000-0000000000.tif`,
-    ...) become one `Mosaic` source. Raises InputError naming the scene and
-    the missing source when a scene is incomplete, so that a build never
-    starts on half a scene.
+    ...) become one `Mosaic` source. Listed through etils.epath, so a gs:// folder and TFDS's test sandbox work
+    too; the paths come back as pathlib Paths, or epath Paths for an epath
+    folder. A scene missing a source (land cover only when `require_lulc`) is
+    an InputError naming every such scene and what it misses, so a build never
+    starts on half a scene; with `skip_incomplete` it is skipped instead,
+    logged and listed in `report["skipped_scenes"]` (if a report is given).
+    When the incomplete scenes together hold every source, the ids most likely
+    differ between sources, and the message says so.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    from etils import epath
+
+    root = epath.Path(folder)
+    as_path = type(folder) if isinstance(folder, epath.Path) else Path
+    if not root.is_dir():
         raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
                          "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
-    found = group_scene_files(folder.iterdir(), folder)
+    found = group_scene_files((as_path(p) for p in root.iterdir()), folder)
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")
-    scenes = []
     needed = ("s2", "s1", "dem") + (("lulc",) if require_lulc else ())
+    scenes, incomplete = [], {}
     for scene_id, files in sorted(found.items()):
         missing = [s for s in needed if s not in files]
         if missing:
-            raise InputError(
-                f"scene '{scene_id}' in {folder}: missing source(s) {', '.join(missing)} "
-                f"(have {', '.join(sorted(files))}). Add {', '.join(f'{scene_id}_{m}.tif' for m in missing)} "
-                "or remove the scene's other files.")
-        scenes.append(ScenePaths(scene_id=scene_id, s2=files["s2"], s1=files["s1"],
-                                 dem=files["dem"], lulc=files.get("lulc")))
+            incomplete[scene_id] = (sorted(files), missing)
+        else:
+            scenes.append(ScenePaths(scene_id=scene_id, s2=files["s2"], s1=files["s1"],
+                                     dem=files["dem"], lulc=files.get("lulc")))
+    if incomplete and not skip_incomplete:
+        lines = [f"  scene '{sid}': has {', '.join(have)}; missing {', '.join(miss)}"
+                 for sid, (have, miss) in incomplete.items()]
+        hint = ""
+        held = {s for have, _ in incomplete.values() for s in have}
+        if len(incomplete) > 1 and set(needed) <= held:
+            hint = ("\nThe incomplete scenes together hold every source: the scene ids probably "
+                    "differ between sources. Rename the files so that the sources of a scene "
+                    "share one <scene_id> prefix.")
+        raise InputError(
+            f"{folder}: {len(incomplete)} scene(s) miss a source:\n" + "\n".join(lines) + hint +
+            "\nAdd the missing files, or remove the scene's other files (a dataset build "
+            "can skip such scenes with skip_incomplete_scenes=True).")
+    for sid, (_, miss) in incomplete.items():
+        logging.getLogger("rsjax").warning("Skipping scene '%s': missing %s", sid, ", ".join(miss))
+        if report is not None:
+            report.setdefault("skipped_scenes", []).append({"scene_id": sid, "missing": miss})
+    if not scenes:
+        raise InputError(f"{folder}: no complete scene (every scene misses a source).")
     return scenes

@@ -111,7 +111,7 @@ def run(args) -> int:
     names = args.only
     for name in names:                      # every run's config loads before anything starts
         run_config(name, args.variant, args.steps)
-    from rsjax.trainers.common import prepare_process
+    from rsjax.runtime import prepare_process
     prepare_process()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)

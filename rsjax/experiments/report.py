@@ -344,7 +344,7 @@ def run(args) -> int:
         return 0
     root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
     if not args.no_run:
-        from rsjax.trainers.common import prepare_process
+        from rsjax.runtime import prepare_process
         prepare_process()
         runner.run_plan(runs, root, args.data_dir)
     elif not root.exists():

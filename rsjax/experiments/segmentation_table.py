@@ -113,7 +113,7 @@ def run(args) -> int:
     if args.fusion_workdir is not None:
         from rsjax import evaluate
         evaluate.check_workdir(args.fusion_workdir)
-    from rsjax.trainers.common import prepare_process
+    from rsjax.runtime import prepare_process
     prepare_process()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ PyTorch's buffers they are state, not parameters).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Callable
@@ -20,6 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from rsjax.models import cpu_conv
 
 Initializer = Callable[..., jax.Array]
 
@@ -33,30 +34,6 @@ pix2pix_init = nnx.initializers.normal(0.02)
 he_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 _SPECTRAL_EPS = 1e-12  # as in torch.nn.utils.spectral_norm
-
-# Whether Conv2d may trace its CPU rewrites (`_use_matmul`, `_use_row_kernel_grad`).
-_cpu_rewrites = True
-
-
-def _cpu_rewrites_apply() -> bool:
-    return _cpu_rewrites and jax.default_backend() == "cpu"
-
-
-@contextlib.contextmanager
-def plain_convolutions():
-    """Trace every Conv2d as one XLA convolution, without the CPU rewrites.
-
-    The rewrites compute the same function; this is for counting the model's
-    FLOPs (the benchmark) from a program XLA's cost analysis reads exactly: it
-    counts the body of a loop once.
-    """
-    global _cpu_rewrites
-    previous, _cpu_rewrites = _cpu_rewrites, False
-    try:
-        yield
-    finally:
-        _cpu_rewrites = previous
-
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -79,6 +56,8 @@ class Conv2d(nnx.Module):
     (the vectors u, v are `nnx.BatchStat` and updated then) and taken from the
     stored u, v in eval mode (`model.eval()` sets `use_running_average=True`).
     Gradients flow through sigma but not through u and v, as in PyTorch.
+    On CPU a call may be computed another way that gives the same function
+    faster (`rsjax.models.cpu_conv`, switched by `cpu_conv.rewrites`).
     """
 
     def __init__(
@@ -103,7 +82,8 @@ class Conv2d(nnx.Module):
         # exceeds kernel_size - 1 in total (output larger than input, e.g. SPADE's
         # 4x4 stride-1 discriminator convs with padding 2) on a slow path: 6.1 s
         # for 256->512 at 17x17, batch 4, against 0.13 s when the input is padded
-        # first and the conv is 'VALID'. The result is identical.
+        # first and the conv is 'VALID'. The result is identical, and a pad before
+        # the conv costs nothing on other backends: not one of cpu_conv's switched rewrites.
         self.pad_first = any(lo + hi > kernel_size - 1 for lo, hi in self.padding)
         self.kernel = nnx.Param(
             kernel_init(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels))
@@ -144,160 +124,30 @@ class Conv2d(nnx.Module):
         sigma = self._sigma()
         return self.kernel[...] if sigma is None else self.kernel[...] / sigma
 
-    def _use_matmul(self, x: jax.Array) -> bool:
-        """Whether to compute this call as one matmul over im2col patches.
-
-        On XLA:CPU (jax 0.10) the input gradient of a convolution first copies
-        the whole kernel, flipped and transposed, at a fraction of memory speed:
-        about 130 ms for a 3x3 1024->1024 kernel (37.7 MB), while the convolution
-        itself, at SPADE's 4x4 or 8x8 starting resolutions, is a few ms of
-        arithmetic. Written as patches @ W, the forward and both gradients are
-        plain matmuls that read the kernel as stored; for the same layers that
-        is 2-3x faster. It only pays while the kernel outweighs the
-        activations, so the rule is kernel columns (kh*kw*out) at least 4x the
-        output pixels (batch*H*W); big images keep the convolution.
-        """
-        if not _cpu_rewrites_apply():
-            return False
-        kh, kw, _, out = self.kernel.shape
-        b, h, w = x.shape[0], x.shape[1], x.shape[2]
-        (lo_h, hi_h), (lo_w, hi_w) = self.padding
-        out_pixels = b * ((h + lo_h + hi_h - kh) // self.stride + 1) * (
-            (w + lo_w + hi_w - kw) // self.stride + 1)
-        return kh * kw * out >= 4 * out_pixels
-
-    def _use_row_kernel_grad(self, x: jax.Array) -> bool:
-        """Whether the kernel gradient is computed by `_conv_valid_row_kernel_grad`.
-
-        XLA:CPU (jax 0.10) computes the kernel gradient of a stride-1 3x3
-        convolution with 128 outputs over a 256x256 image at 27-39 GFLOP/s
-        against 170-200 for the forward pass; written as patches^T @ dy over
-        chunks of rows it runs at 68-83 (2-core EPYC Zen 4). With fewer than
-        128 outputs XLA's own is faster (66-77 against 20-53), so they keep it.
-        """
-        if not _cpu_rewrites_apply() or self.stride != 1:
-            return False
-        if _explicitly_sharded(x):
-            # The gradient contracts the (sharded) batch axis; under explicit
-            # sharding that needs an output sharding we leave to XLA's own.
-            return False
-        return self.kernel.shape[-1] >= 128 and self.kernel.shape[0] > 1
-
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self._use_matmul(x):
+        rewrite = cpu_conv.rewrite_for(self.kernel.shape, self.stride, self.padding, x)
+        if rewrite == "matmul":
             # Spectral norm divides the (small) output instead of the (big) kernel.
             sigma = self._sigma()
-            kernel = self.kernel[...].astype(x.dtype)
-            y = _patches(x, kernel.shape[0], kernel.shape[1], self.stride, self.padding) @ \
-                kernel.reshape(-1, kernel.shape[-1])
+            y = cpu_conv.conv_as_matmul(x, self.kernel[...].astype(x.dtype), self.stride,
+                                        self.padding)
             if sigma is not None:
                 y = y / sigma.astype(y.dtype)
-        elif self._use_row_kernel_grad(x):
+        elif rewrite == "row_kernel_grad":
             x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
-            y = _conv_valid_row_kernel_grad(x, self.normalized_kernel().astype(x.dtype))
+            y = cpu_conv.conv_valid_row_kernel_grad(x, self.normalized_kernel().astype(x.dtype))
         else:
             padding = self.padding
             if self.pad_first:
                 x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
                 padding = "VALID"
             y = jax.lax.conv_general_dilated(
-                x,
-                self.normalized_kernel().astype(x.dtype),
-                window_strides=(self.stride, self.stride),
-                padding=padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+                x, self.normalized_kernel().astype(x.dtype),
+                window_strides=(self.stride, self.stride), padding=padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
-
-
-def _patches(x: jax.Array, kh: int, kw: int, stride: int,
-             padding: tuple[tuple[int, int], ...]) -> jax.Array:
-    """im2col: (B, Ho, Wo, kh*kw*C) patches of NHWC `x`, taps in HWIO order, so
-    `patches @ kernel.reshape(-1, out)` is the convolution."""
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    ho = (x.shape[1] - kh) // stride + 1
-    wo = (x.shape[2] - kw) // stride + 1
-    taps = [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-            for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(taps, axis=-1)
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    """Whether x's type carries an explicit sharding (jax.make_mesh's default
-    axis types) on some axis; the trainers' meshes are automatic."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return any(axis is not None for axis in (spec or ()))
-
-
-# Output pixels (batch x rows x width) per chunk of the row-wise kernel gradient:
-# small enough that a chunk's patches (pixels x kh*kw*C floats) stay near cache.
-_KERNEL_GRAD_CHUNK_PIXELS = 2048
-
-
-def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def _conv_valid_row_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A stride-1 'VALID' convolution whose kernel gradient is a sum of matmuls.
-
-    dK[i, j] = sum over output pixels of x[p + (i, j)]^T dy[p]: per chunk of
-    output rows, the chunk's im2col patches (pixels, kh*kw*C) contracted with
-    dy (pixels, O) over the pixels, accumulated over the chunks so the
-    patches never exist for the whole image. Forward pass and input gradient
-    are XLA's own.
-    """
-    return _conv_valid(x, kernel)
-
-
-def _conv_valid_row_kernel_grad_fwd(x, kernel):
-    return _conv_valid(x, kernel), (x, kernel)
-
-
-def _conv_valid_row_kernel_grad_bwd(residuals, dy):
-    x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _conv_valid(x, kernel), x)
-    (dx,) = input_vjp(dy)
-    return dx, _kernel_grad_by_rows(x, dy, kernel.shape).astype(kernel.dtype)
-
-
-_conv_valid_row_kernel_grad.defvjp(_conv_valid_row_kernel_grad_fwd,
-                                   _conv_valid_row_kernel_grad_bwd)
-
-
-def _kernel_grad_by_rows(x: jax.Array, dy: jax.Array, kernel_shape) -> jax.Array:
-    """(kh, kw, C, O) gradient of `_conv_valid(x, K)` given its output's cotangent."""
-    kh, kw, c, o = kernel_shape
-    b, ho, wo, _ = dy.shape
-    rows = max(1, min(ho, _KERNEL_GRAD_CHUNK_PIXELS // (b * wo)))
-    chunks = -(-ho // rows)
-    # Pad dy's rows (and x's to match) to whole chunks; the zero rows add nothing.
-    extra = chunks * rows - ho
-    dy = jnp.pad(dy, ((0, 0), (0, extra), (0, 0), (0, 0)))
-    x = jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
-    # (O, B, H, W): contracting dy's leading pixel axes with the patches' gives
-    # the (O, taps*C) product XLA:CPU runs fastest (measured against (taps*C, O)).
-    dy_t = jnp.transpose(dy, (3, 0, 1, 2))
-
-    def chunk(k, acc):
-        r0 = k * rows
-        window = jax.lax.dynamic_slice_in_dim(x, r0, rows + kh - 1, axis=1)
-        patches = jnp.concatenate([window[:, i:i + rows, j:j + wo]
-                                   for i in range(kh) for j in range(kw)], axis=-1)
-        dy_rows = jax.lax.dynamic_slice_in_dim(dy_t, r0, rows, axis=2)
-        return acc + jax.lax.dot_general(
-            dy_rows, patches, (((1, 2, 3), (0, 1, 2)), ((), ())),
-            preferred_element_type=jnp.float32)
-
-    # A rolled loop (measured faster than the unrolled one: 130 against 103
-    # GFLOP/s for dx + dK at 256x256, 128->128). XLA's cost analysis counts a
-    # loop body once, which is why the benchmark counts FLOPs without it.
-    acc = jax.lax.fori_loop(0, chunks, chunk, jnp.zeros((o, kh * kw * c), jnp.float32))
-    return acc.reshape(o, kh, kw, c).transpose(1, 2, 3, 0)
 
 
 class ConvTranspose2d(nnx.Module):

@@ -1,8 +1,11 @@
 """Trainers, chosen by name from `config.trainer`.
 
-Each trainer module exposes `train_and_evaluate(config, workdir)` (training)
-and `evaluate_checkpoint(config, workdir, split, step)` (scores of a saved
-checkpoint), so commands never reach into a trainer's internals.
+Each trainer module exposes `train_and_evaluate(config, workdir)` (training),
+`evaluate_checkpoint(config, workdir, split, step)` (scores of a saved
+checkpoint) and `load_inference(config, workdir, step)` (`(fn, step)`: the
+checkpoint's model as `fn(batch) -> outputs`, for prediction and synthesis),
+so commands never reach into a trainer's internals. What they share is in
+`loop` (the loop, the schedule), `checkpoints` and `nonfinite`.
 """
 import importlib
 

@@ -21,7 +21,6 @@ a second forward.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from typing import Mapping, Optional
 
@@ -33,25 +32,27 @@ from etils import epath
 from flax import nnx
 
 from rsjax import input_pipeline, losses, metrics
+from rsjax import mesh as mesh_lib
 from rsjax import viz
+from rsjax.data.contract import SOURCES
+from rsjax.errors import ConfigError
 from rsjax.models import create_model
-from rsjax.trainers import common
+from rsjax.trainers import checkpoints, loop
+from rsjax.trainers.nonfinite import all_finite, guarded_update
 
 log = logging.getLogger("rsjax")
-
-SOURCE_ORDER = ("lulc", "s1", "dem")
 
 
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
 def selected_sources(config) -> tuple[str, ...]:
-    sources = tuple(s for s in SOURCE_ORDER if s in tuple(config.data.sources))
-    unknown = set(config.data.sources) - set(SOURCE_ORDER)
-    if unknown or not sources:
-        raise ValueError(f"config.data.sources={tuple(config.data.sources)}: choose a non-empty "
-                         f"subset of {SOURCE_ORDER}.")
-    return sources
+    """The sources the generator is conditioned on, in the contract's order."""
+    unknown = set(config.data.sources) - set(SOURCES)
+    if unknown or not config.data.sources:
+        raise ConfigError(f"config.data.sources={tuple(config.data.sources)}: choose a non-empty "
+                          f"subset of {SOURCES}.")
+    return input_pipeline.check_sources(config.data.sources)
 
 
 def condition_channels(sources) -> int:
@@ -103,10 +104,10 @@ def learning_rate_schedules(config) -> dict:
     """{"generator": schedule, "discriminator": schedule}: what the optimizers
     use, and what the loop logs as learning_rate/<name>."""
     o = config.optim
-    return {"generator": common.linear_decay_schedule(o.g_lr, config.total_steps,
-                                                      o.decay_start_step),
-            "discriminator": common.linear_decay_schedule(o.d_lr, config.total_steps,
-                                                          o.decay_start_step)}
+    return {"generator": loop.learning_rate_schedule(o.g_lr, config.total_steps,
+                                                     o.decay_start_step),
+            "discriminator": loop.learning_rate_schedule(o.d_lr, config.total_steps,
+                                                         o.decay_start_step)}
 
 
 def make_optimizers(config, schedules: Optional[dict] = None):
@@ -153,13 +154,6 @@ class Setup:
             "ema": jax.tree.map(jnp.copy, g_params),
             "nonfinite": jnp.zeros((), jnp.int32),
         }
-
-
-def split_params(graph, state):
-    """(Param state, the rest) of a module state, through a merged module."""
-    module = nnx.merge(graph, state)
-    _, params, rest = nnx.split(module, nnx.Param, ...)
-    return params, rest
 
 
 def ema_update(ema, params, decay):
@@ -265,7 +259,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
 
     # --- guard: a non-finite step changes nothing but the counter ------
     finite = jnp.isfinite(g_loss) & jnp.isfinite(d_loss)
-    finite &= common.all_finite(g_grads) & common.all_finite(d_grads)
+    finite &= all_finite(g_grads) & all_finite(d_grads)
 
     def updates():
         new_g_params, new_g_opt = g_updated if g_updated is not None else update_g()
@@ -278,7 +272,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
             "ema": ema_update(state["ema"], new_g_params, setup.config.ema_decay),
         }
 
-    out_state = common.guarded_update(finite, updates, state)
+    out_state = guarded_update(finite, updates, state)
     step_metrics = {"g_loss": g_loss, "d_loss": d_loss, **g_terms, **pix_terms,
                     "nonfinite": out_state["nonfinite"].astype(jnp.float32)}
     return out_state, step_metrics
@@ -319,8 +313,8 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
         sums = sums.merge(jax.device_get(sums_fn(pred01, true01, batch["valid"])))
         if collect_images and shown is None:
             # Gathered from every host (collective: all processes take this branch).
-            shown = common.gather_to_host({"fake": fake, "real": batch["image"],
-                                           "label": batch["label"]})
+            shown = mesh_lib.gather_to_host({"fake": fake, "real": batch["image"],
+                                             "label": batch["label"]})
             shown = {k: v[:collect_images] for k, v in shown.items()}
     scores = sums.compute()
     scores["sam"] = scores["sam_rad"]
@@ -328,13 +322,14 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
 
 
 # ---------------------------------------------------------------------------
-# train_and_evaluate
+# Checkpoints: evaluation and inference
 # ---------------------------------------------------------------------------
 def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
-    """The state of a checkpoint written on any device count, on this run's mesh."""
-    mesh = common.create_mesh(devices)
+    """(setup, state, step, mesh): a checkpoint written on any device count, on
+    a mesh over `devices` (default: all)."""
+    mesh = mesh_lib.create_mesh(devices)
     setup = Setup(config, selected_sources(config))
-    state, step = common.restore_state(config, workdir, setup.init_state, mesh, step)
+    state, step = checkpoints.restore_state(config, workdir, setup.init_state, mesh, step)
     return setup, state, step, mesh
 
 
@@ -357,30 +352,42 @@ def grid_rows(real, generated, labels) -> dict:
     return {"real": real, "generated": generated, "land cover": labels}
 
 
+def load_inference(config, workdir: str, step: Optional[int] = None, devices=None):
+    """(generate, step) of a checkpoint (default: the latest).
+
+    `generate(batch)`: the optical image, (B, H, W, 4) in model space [-1, 1]
+    (a device array), of a batch holding the model's sources
+    (`selected_sources(config)`, each (B, H, W, C) as the input pipeline makes
+    them; other keys are ignored), numpy or device arrays. The eval-mode
+    generator, with EMA weights when `config.eval_use_ema`, jitted once; the
+    batch is split over `devices` (default: all), so B must be a multiple of
+    their number.
+    """
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    generator = setup.generate_jit(bool(config.get("eval_use_ema", False)))
+    sharding = mesh_lib.batch_sharding(mesh)
+
+    def generate(batch):
+        return generator(state, {s: jax.device_put(batch[s], sharding) for s in setup.sources})
+
+    return generate, step
+
+
+# ---------------------------------------------------------------------------
+# train_and_evaluate
+# ---------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
-    workdir = common.workdir_path(workdir)      # local (made absolute) or gs://
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-
-    # --- mesh -------------------------------------------------------------
-    mesh = common.create_mesh(devices)
-    common.check_batch_size(config.global_batch_size, mesh)
     sources = selected_sources(config)
+    workdir, mesh = loop.start_run(config, workdir, devices)
+    is_main = jax.process_index() == 0
     log.info("Fusion training (%s) on %d devices, sources %s", config.generator.name,
-                 mesh.devices.size, sources)
-
-    # --- data -------------------------------------------------------------
-    input_pipeline.ensure_dataset(config.data)
+             mesh.devices.size, sources)
     train_iter = input_pipeline.create_iterator(
         config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
         train=True, seed=int(config.seed), sources=sources)
-
-    # --- models, optimizers, state ---------------------------------------
     setup = Setup(config, sources)
-    state = common.init_replicated(setup.init_state, mesh)
-
-    # --- the step, periodic images and validation, the loop ----------------
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
     step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
 
     def write_images(step, state, batch, writer):
@@ -394,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                        max_batches=config.eval_max_batches)
             writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
 
-    state, step, preempted, writer = common.run_loop(
+    state, step, preempted, writer = loop.run_loop(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
         periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
         learning_rates=setup.learning_rates)
@@ -402,20 +409,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         writer.close()
         return {"step": step, "preempted": True}
 
-    # --- final evaluation ---------------------------------------------------
     result = {"step": step}
     if config.final_eval_split:
         scores, shown = evaluate_split(setup, state, config, config.final_eval_split, mesh,
                                        collect_images=4)
         result.update(scores)
         writer.write_scalars(step, {f"{config.final_eval_split}_{k}": v for k, v in scores.items()})
-        if is_main:
-            (epath.Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(
-                json.dumps({"step": step, **scores}, indent=2))
-            if shown is not None:
-                grid = viz.render_grid(grid_rows(shown["real"], shown["fake"], shown["label"]))
-                viz.save_png(grid, epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
-                writer.write_images(step, {f"{config.final_eval_split}_images": grid})
+        if is_main and shown is not None:
+            grid = viz.render_grid(grid_rows(shown["real"], shown["fake"], shown["label"]))
+            viz.save_png(grid, epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
+            writer.write_images(step, {f"{config.final_eval_split}_images": grid})
+        loop.write_final_evaluation(workdir, config.final_eval_split, step, scores)
     writer.close()
     return result
 
@@ -426,7 +430,7 @@ def _write_images(setup, state, batch, workdir, step, write: bool = True, writer
     Collective on multi-host runs: call it on every process, `write` on one."""
     n = min(4, batch["image"].shape[0])
     fake = setup.generate_jit(False)(state, batch)
-    host = common.gather_to_host(grid_rows(batch["image"], fake, batch["label"]))
+    host = mesh_lib.gather_to_host(grid_rows(batch["image"], fake, batch["label"]))
     if write:
         grid = viz.render_grid({k: v[:n] for k, v in host.items()})
         viz.save_png(grid, epath.Path(workdir) / "images" / f"step_{step:07d}.png")

@@ -6,7 +6,7 @@ its tile's real land-cover map). Validation and test always use real tiles.
 Metrics come from one confusion matrix accumulated over the whole split.
 
 The loop, checkpoints, resume, data parallelism and logging are the fusion
-trainer's (rsjax.trainers.common); only the model, loss and metrics differ.
+trainer's (rsjax.trainers.loop); only the model, loss and metrics differ.
 """
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ import optax
 from etils import epath
 from flax import nnx
 
-from rsjax import input_pipeline, losses, metrics
+from rsjax import input_pipeline, losses, metrics, viz
+from rsjax import mesh as mesh_lib
 from rsjax.data.contract import NUM_CLASSES
+from rsjax.errors import ConfigError
 from rsjax.models import create_model
-from rsjax.trainers import common
+from rsjax.trainers import checkpoints, loop
+from rsjax.trainers.nonfinite import all_finite, guarded_update
 
 log = logging.getLogger("rsjax")
 
@@ -39,8 +42,8 @@ class Setup:
         self.train_graph, _ = nnx.split(model)
         model.eval()
         self.eval_graph, _ = nnx.split(model)
-        lr = common.linear_decay_schedule(config.optim.lr, config.total_steps,
-                                          config.optim.decay_start_step)
+        lr = loop.learning_rate_schedule(config.optim.lr, config.total_steps,
+                                         config.optim.decay_start_step)
         self.learning_rates = {"model": lr}      # logged as learning_rate/model
         self.tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
                               weight_decay=config.optim.weight_decay)
@@ -67,6 +70,21 @@ class Setup:
                 "nonfinite": jnp.zeros((), jnp.int32)}
 
 
+def class_weights(config) -> Optional[jax.Array]:
+    """The cross-entropy's class weights, (9,) float32, or None (every labelled
+    pixel counts alike) when `config.class_weights` is "none". Otherwise it
+    names a weighting of `losses.class_weights_from_counts`, applied to the
+    train split's class frequencies stored with the dataset."""
+    method = config.class_weights
+    if method == "none":
+        return None
+    if method not in losses.CLASS_WEIGHTINGS:
+        raise ConfigError(f"config.class_weights={method!r}: choose none or one of "
+                          f"{', '.join(losses.CLASS_WEIGHTINGS)}.")
+    stats = input_pipeline.load_statistics(input_pipeline.get_builder(config.data))
+    return jnp.asarray(losses.class_weights_from_counts(stats["lulc"]["frequencies"], method))
+
+
 def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
 
@@ -77,7 +95,7 @@ def train_step(setup: Setup, class_weights, state: dict, batch: dict):
         return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    finite = jnp.isfinite(loss) & common.all_finite(grads)
+    finite = jnp.isfinite(loss) & all_finite(grads)
 
     def updates():
         param_updates, new_opt = setup.tx.update(grads, state["opt"], params)
@@ -85,7 +103,7 @@ def train_step(setup: Setup, class_weights, state: dict, batch: dict):
         return {"model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
                 "opt": new_opt}
 
-    out = common.guarded_update(finite, updates, state)
+    out = guarded_update(finite, updates, state)
     cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
     acc = jnp.trace(cm) / jnp.maximum(cm.sum(), 1)
     return out, {"loss": loss, "train_accuracy": acc,
@@ -117,17 +135,19 @@ def evaluate_split(setup: Setup, state, config, split: str, mesh,
         if collect and shown is None:
             logits = setup.jitted("predict", functools.partial(predict, setup))(state, batch["image"])
             # Gathered from every host (collective: all processes take this branch).
-            shown = common.gather_to_host({"image": batch["image"], "label": batch["label"],
-                                           "pred": jnp.argmax(logits, -1)})
+            shown = mesh_lib.gather_to_host({"image": batch["image"], "label": batch["label"],
+                                             "pred": jnp.argmax(logits, -1)})
             shown = {k: v[:collect] for k, v in shown.items()}
     scores = metrics.segmentation_scores(cm)
     return scores, cm, shown
 
 
 def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
-    mesh = common.create_mesh(devices)
+    """(setup, state, step, mesh): a checkpoint written on any device count, on
+    a mesh over `devices` (default: all)."""
+    mesh = mesh_lib.create_mesh(devices)
     setup = Setup(config)
-    state, step = common.restore_state(config, workdir, setup.init_state, mesh, step)
+    state, step = checkpoints.restore_state(config, workdir, setup.init_state, mesh, step)
     return setup, state, step, mesh
 
 
@@ -141,33 +161,51 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optiona
               "split": split, "devices": int(mesh.devices.size),
               **jax.tree.map(lambda x: np.asarray(x).tolist(), scores),
               "confusion_matrix": cm.tolist()}
-    rows = None if shown is None else {"image": shown["image"], "truth": shown["label"],
+    return result, _grid_rows(shown)
+
+
+def _grid_rows(shown: Optional[dict]) -> Optional[dict]:
+    return None if shown is None else {"image": shown["image"], "truth": shown["label"],
                                        "prediction": shown["pred"]}
-    return result, rows
+
+
+def load_inference(config, workdir: str, step: Optional[int] = None, devices=None):
+    """(probabilities, step) of a checkpoint (default: the latest).
+
+    `probabilities(batch)`: class probabilities, (B, H, W, 9) float32 (a device
+    array; softmax of the eval-mode model's logits), of `batch["image"]`, the
+    optical image as the input pipeline makes it, (B, H, W, 4), numpy or device
+    array (other keys are ignored). The batch is split over `devices` (default:
+    all), so B must be a multiple of their number.
+    """
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    sharding = mesh_lib.batch_sharding(mesh)
+
+    def softmax(state, image):
+        return jax.nn.softmax(predict(setup, state, image).astype(jnp.float32), axis=-1)
+
+    model = setup.jitted("probabilities", softmax)
+
+    def probabilities(batch):
+        return model(state, jax.device_put(batch["image"], sharding))
+
+    return probabilities, step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
-    workdir = common.workdir_path(workdir)      # local (made absolute) or gs://
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir, mesh = loop.start_run(config, workdir, devices)
     is_main = jax.process_index() == 0
-
-    mesh = common.create_mesh(devices)
-    common.check_batch_size(config.global_batch_size, mesh)
-
-    input_pipeline.ensure_dataset(config.data)
     train_iter = input_pipeline.create_iterator(
         config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
         train=True, seed=int(config.seed), sources=(),
         generated_dir=config.data.generated_dir if config.data.train_data == "mix" else None)
 
     setup = Setup(config)
-    class_weights = None
-    if config.class_weights:
-        class_weights = jnp.asarray(input_pipeline.class_weights(config.data), jnp.float32)
-    state = common.init_replicated(setup.init_state, mesh)
+    weights = class_weights(config)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
 
-    step_fn = jax.jit(functools.partial(train_step, setup, class_weights), donate_argnums=(0,))
+    step_fn = jax.jit(functools.partial(train_step, setup, weights), donate_argnums=(0,))
     history_path = epath.Path(workdir) / "val_history.jsonl"
     history = []
 
@@ -182,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             # Rewritten whole: objects on Cloud Storage cannot be appended to.
             history_path.write_text("".join(history))
 
-    state, step, preempted, writer = common.run_loop(
+    state, step, preempted, writer = loop.run_loop(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
         periodic=((config.eval_every_steps, validate),), learning_rates=setup.learning_rates)
     if preempted:
@@ -191,18 +229,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     result = {"step": step}
     if config.final_eval_split:
-        scores, cm, shown = evaluate_split(setup, state, config, config.final_eval_split, mesh,
-                                           collect=4)
-        result.update({k: v for k, v in scores.items()})
-        if is_main:
-            (epath.Path(workdir) / f"eval_{config.final_eval_split}.json").write_text(json.dumps(
-                {"step": step, **scores, "confusion_matrix": cm.tolist()}, indent=2,
-                default=lambda x: np.asarray(x).tolist()))
-            if shown is not None:
-                from rsjax import viz
-                grid = viz.render_grid({"image": shown["image"], "truth": shown["label"],
-                                        "prediction": shown["pred"]})
-                viz.save_png(grid, epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
-                writer.write_images(step, {f"{config.final_eval_split}_images": grid})
+        split = config.final_eval_split
+        scores, cm, shown = evaluate_split(setup, state, config, split, mesh, collect=4)
+        result.update(scores)
+        loop.write_final_evaluation(workdir, split, step,
+                                    {**scores, "confusion_matrix": cm.tolist()})
+        if is_main and shown is not None:
+            grid = viz.render_grid(_grid_rows(shown))
+            viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
+            writer.write_images(step, {f"{split}_images": grid})
     writer.close()
     return result

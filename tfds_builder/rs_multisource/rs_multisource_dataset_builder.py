@@ -330,49 +330,11 @@ def _report_summary(report) -> dict:
 
 def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
                     report: Optional[dict] = None) -> list[contract.ScenePaths]:
-    """Groups `<scene>_{s2,s1,lulc,dem}.tif` files of `folder` into scenes.
-
-    The same convention as contract.find_scenes (split exports included), listed through epath. A scene
-    missing a source is an InputError naming it (or, with skip_incomplete,
-    skipped and recorded in report['skipped_scenes']). When the incomplete
-    scenes together hold every source, the ids most likely differ between
-    sources, and the message says so.
-    """
-    if not folder.is_dir():
-        raise contract.InputError(
-            f"{folder}: manual_dir is not a folder. Put <scene>_s2.tif, <scene>_s1.tif, "
-            f"<scene>_lulc.tif and <scene>_dem.tif files there.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    # Split Earth Engine exports (<scene>_s2-0000000000-0000000000.tif, ...) become one Mosaic.
-    found = contract.group_scene_files(folder.iterdir(), folder)
-    if not found:
-        raise contract.InputError(
-            f"{folder}: no scene files found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    needed = ("s2", "s1", "lulc", "dem")
-    complete, incomplete = [], {}
-    for scene_id, files in sorted(found.items()):
-        missing = [s for s in needed if s not in files]
-        if missing:
-            incomplete[scene_id] = (sorted(files), missing)
-        else:
-            complete.append(contract.ScenePaths(
-                scene_id=scene_id, s2=files["s2"], s1=files["s1"], dem=files["dem"],
-                lulc=files["lulc"]))
-    if incomplete and not skip_incomplete:
-        lines = [f"  scene '{sid}': has {', '.join(have)}; missing {', '.join(miss)}"
-                 for sid, (have, miss) in incomplete.items()]
-        hint = ""
-        held = {s for have, _ in incomplete.values() for s in have}
-        if len(incomplete) > 1 and set(needed) <= held:
-            hint = ("\nThe incomplete scenes together hold every source: the scene ids probably "
-                    "differ between sources. Rename the files so that the four sources of a "
-                    "scene share one <scene_id> prefix.")
-        raise contract.InputError(
-            f"{folder}: {len(incomplete)} scene(s) miss a source:\n" + "\n".join(lines) + hint +
-            "\nAdd the missing files, or build with skip_incomplete_scenes=True to skip them.")
-    for sid, (have, miss) in incomplete.items():
-        logging.warning("Skipping scene '%s': missing %s", sid, ", ".join(miss))
-        if report is not None:
-            report["skipped_scenes"].append({"scene_id": sid, "missing": miss})
-    if not complete:
-        raise contract.InputError(f"{folder}: no complete scene (every scene misses a source).")
-    return complete
+    """The manual_dir's scenes, by rsjax.data.contract.find_scenes (the one
+    convention; scenes missing a source fail, or are skipped with
+    skip_incomplete and listed in report['skipped_scenes']), with the manual
+    download instructions added to its errors."""
+    try:
+        return contract.find_scenes(folder, skip_incomplete=skip_incomplete, report=report)
+    except contract.InputError as err:
+        raise contract.InputError(f"manual_dir {err}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from err

@@ -1,0 +1,148 @@
+"""What a command does before its first JAX computation: the compilation cache
+and joining a multi-host job. Cheap to import (JAX is imported when called).
+
+Logging is `rsjax.cli.setup_process`'s job; `prepare_process` only quiets the
+INFO lines of processes other than 0 in a multi-host job.
+
+When a process joins a job (`jax.distributed.initialize`), in this order:
+
+1. a coordinator is named: `JAX_COORDINATOR_ADDRESS` (host:port), with
+   `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (or a cluster JAX detects that
+   gives them); `RSJAX_COORDINATOR`, `RSJAX_NUM_PROCESSES` and
+   `RSJAX_PROCESS_ID` are accepted as aliases (several local CPU processes,
+   as in tests/test_multihost.py);
+2. `RSJAX_DISTRIBUTED=1`: JAX's own cluster detection decides everything
+   (Cloud TPU VM slices, whose peers come from the VM's metadata server, which
+   no environment variable announces: the launcher, `rsjax tpu run`, sets it;
+   Kubernetes with jax[k8s]);
+3. a launcher started several processes: SLURM (`srun`, more than one task),
+   Open MPI (`mpirun`, more than one rank), a multi-host GKE TPU slice
+   (several `TPU_WORKER_HOSTNAMES`), a Cloud TPU task (`CLOUD_TPU_TASK_ID`);
+   JAX's detection reads the rest.
+
+Anything else (a laptop, one SLURM task, a Kubernetes pod, a single TPU VM)
+runs as one process, without a coordinator. `RSJAX_DISTRIBUTED=0` forces that.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping, Optional
+
+from rsjax.errors import UserError
+
+COMPILATION_CACHE = "work/jax_cache"
+
+# (JAX's name, rsjax's alias) of the three coordinator variables.
+COORDINATOR = ("JAX_COORDINATOR_ADDRESS", "RSJAX_COORDINATOR")
+NUM_PROCESSES = ("JAX_NUM_PROCESSES", "RSJAX_NUM_PROCESSES")
+PROCESS_ID = ("JAX_PROCESS_ID", "RSJAX_PROCESS_ID")
+
+
+def prepare_process(compilation_cache: Optional[str] = COMPILATION_CACHE) -> None:
+    """What every command that runs a model does first: the compile cache, and
+    joining a multi-host job when there is one (see the module docstring)."""
+    enable_compilation_cache(compilation_cache)
+    if maybe_initialize_distributed():
+        import jax
+        if jax.process_index() > 0:
+            # Every host would print the same INFO lines; warnings and errors stay.
+            logging.getLogger("rsjax").setLevel(logging.WARNING)
+
+
+def enable_compilation_cache(directory: Optional[str] = COMPILATION_CACHE) -> None:
+    """Reuse compiled steps across runs (resume, evaluation, the experiment
+    tables): compiling a GAN step costs a minute on a small CPU. A cache
+    directory set already (JAX_COMPILATION_CACHE_DIR) is kept."""
+    import jax
+
+    if directory and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def _first(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[Optional[str], Optional[str]]:
+    """(name, value) of the first of `names` set (non-empty) in `environ`."""
+    for name in names:
+        if environ.get(name):
+            return name, environ[name]
+    return None, None
+
+
+def _count(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ.get(name) or 0)
+    except ValueError:
+        return 0
+
+
+def distributed_arguments(environ: Mapping[str, str] = os.environ) -> Optional[dict]:
+    """The keyword arguments of `jax.distributed.initialize` this process should
+    join a job with ({} = JAX detects everything), or None to run alone."""
+    switch = environ.get("RSJAX_DISTRIBUTED", "")
+    if switch == "0":
+        return None
+    coordinator_var, coordinator = _first(environ, COORDINATOR)
+    if coordinator:
+        kwargs = {"coordinator_address": coordinator}
+        for key, names in (("num_processes", NUM_PROCESSES), ("process_id", PROCESS_ID)):
+            name, value = _first(environ, names)
+            if value is None:
+                continue
+            try:
+                kwargs[key] = int(value)
+            except ValueError:
+                raise UserError(f"{name}={value}: expected a whole number.") from None
+        missing = [names[0] for key, names in (("num_processes", NUM_PROCESSES),
+                                               ("process_id", PROCESS_ID)) if key not in kwargs]
+        if missing and not _launcher_detected(environ):
+            raise UserError(
+                f"{coordinator_var}={coordinator} is set but {' and '.join(missing)} "
+                "is not: set the number of processes and this process's id (from 0) too "
+                "(RSJAX_NUM_PROCESSES / RSJAX_PROCESS_ID are accepted as well).")
+        return kwargs
+    if switch not in ("", "0") or _launcher_detected(environ):
+        return {}
+    return None
+
+
+def _launcher_detected(environ: Mapping[str, str]) -> bool:
+    """A launcher that started several processes of one job, of a kind JAX's
+    cluster detection (jax._src.clusters) reads the job's shape from."""
+    slurm = "SLURM_STEP_NODELIST" in environ and _count(environ, "SLURM_NTASKS") > 1
+    mpi = "OMPI_MCA_orte_hnp_uri" in environ and _count(environ, "OMPI_COMM_WORLD_SIZE") > 1
+    gke_tpu = len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    return slurm or mpi or gke_tpu or bool(environ.get("CLOUD_TPU_TASK_ID"))
+
+
+def maybe_initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
+    """Joins a multi-host job when the environment asks for one (see the module
+    docstring); returns whether it did."""
+    kwargs = distributed_arguments(environ)
+    if kwargs is None:
+        return False
+    import jax
+
+    _enable_cpu_collectives()
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def _enable_cpu_collectives() -> None:
+    """Several CPU processes need a cross-process collectives library for their
+    all-reduces (gradients, BatchNorm statistics); without one XLA fails at
+    the first cross-process step. jax 0.10 defaults to gloo; an environment
+    that turned it off ('none') gets it back. TPUs and GPUs ignore the option."""
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def workdir_path(workdir) -> str:
+    """The run directory as a string every library takes: a local path made
+    absolute (Orbax wants absolute paths), a URI (gs://bucket/run) unchanged.
+    pathlib would turn 'gs://b/x' into 'gs:/b/x'; use etils.epath.Path(...) on
+    the result to join and write."""
+    text = os.fspath(workdir)
+    return text if "://" in text else os.path.abspath(text)

@@ -1,0 +1,117 @@
+"""What every trainer shares around its own step: the start of a run (workdir,
+mesh, dataset), the learning-rate schedule, and the loop (resume, step, log,
+periodic actions, checkpoint, stop on preemption).
+
+Kept apart from the trainers so the fusion and the segmentation trainer run,
+save, resume and scale in exactly the same way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+import jax
+import numpy as np
+import optax
+from etils import epath
+
+from rsjax import input_pipeline, logging_utils
+from rsjax import mesh as mesh_lib
+from rsjax.runtime import workdir_path
+from rsjax.trainers.checkpoints import Checkpointer, PreemptionWatcher, abstract_like
+from rsjax.trainers.nonfinite import check_nonfinite
+
+log = logging.getLogger("rsjax")
+
+
+def learning_rate_schedule(base_lr: float, total_steps: int,
+                           decay_start_step: Optional[int]) -> optax.Schedule:
+    """Constant, then linear to zero at `total_steps` (SPADE/pix2pix's `niter_decay`);
+    constant throughout when `decay_start_step` is None or not before the end."""
+    if decay_start_step is None or decay_start_step >= total_steps:
+        return optax.constant_schedule(base_lr)
+    return optax.linear_schedule(base_lr, 0.0, transition_steps=total_steps - decay_start_step,
+                                 transition_begin=decay_start_step)
+
+
+def start_run(config, workdir: str, devices=None):
+    """(workdir as a string every library takes, mesh) of a training run: the
+    workdir created, the mesh over `devices` (default: all) checked against the
+    batch size, the dataset built when missing."""
+    workdir = workdir_path(workdir)      # local (made absolute) or gs://
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    mesh = mesh_lib.create_mesh(devices)
+    mesh_lib.check_batch_size(config.global_batch_size, mesh)
+    input_pipeline.ensure_dataset(config.data)
+    return workdir, mesh
+
+
+def write_final_evaluation(workdir: str, split: str, step: int, scores: dict) -> None:
+    """`eval_<split>.json` of the run's final evaluation (process 0 only)."""
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(
+            {"step": step, **scores}, indent=2, default=lambda x: np.asarray(x).tolist()))
+
+
+def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
+             learning_rates=None):
+    """Resume, step, log, run periodic actions, checkpoint, stop on preemption.
+
+    `step_fn(state, batch) -> (state, metrics)` is the trainer's jitted step;
+    its metrics must include `nonfinite` (consecutive skipped steps).
+    `periodic` holds `(every_steps, action)` pairs, `action(step, state, batch,
+    writer)`, run on every process (actions that write files check
+    `jax.process_index()` themselves). `learning_rates` ({name: optax
+    schedule}) are logged with the metrics as learning_rate/<name>, and so is
+    steps_per_second. Returns (state, step, preempted, writer); the caller
+    writes its final evaluation with the writer, then closes it.
+    """
+    ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    restored = ckpt.restore(abstract_like(state), train_iter)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        log.info("Resumed from step %d in %s", start_step, ckpt.directory)
+    writer = logging_utils.MetricWriter(workdir)
+    if start_step == 0:
+        logging_utils.write_config(config, workdir)
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
+    step_rate = logging_utils.StepRate(first_step=start_step)
+    preemption = PreemptionWatcher()
+
+    step, pending, preempted = start_step, [], False
+    try:
+        while step < config.total_steps:
+            batch = next(train_iter)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            # Pull metrics to the host only at log time; this also bounds how far
+            # the host runs ahead of the devices (DESIGN.md's rendezvous trap).
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                host = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+                check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps, step,
+                                workdir)
+                writer.write_scalars(step, {
+                    **summary, "steps_per_second": step_rate(step),
+                    **logging_utils.learning_rate_scalars(learning_rates or {}, step)})
+                progress(step, summary)
+            for every, action in periodic:
+                if every and step % every == 0:
+                    action(step, state, batch, writer)
+            ckpt.save(step, state, train_iter)
+            if preemption.should_stop(ckpt.manager, step):
+                preempted = True
+                log.warning("Stopped at step %d on request; rerun the same command to resume.",
+                            step)
+                break
+        jax.block_until_ready(state)
+        ckpt.save(step, state, train_iter, force=True)
+        ckpt.wait()
+    finally:
+        preemption.close()
+        ckpt.close()
+    return state, step, preempted, writer

@@ -1,0 +1,62 @@
+"""The non-finite guard: a step whose loss or gradients are not finite changes
+nothing but a counter, and too many in a row stop the run.
+
+The device side (`all_finite`, `guarded_update`) runs inside each trainer's
+jitted step; the host side (`check_nonfinite`) in the loop, at log time;
+`tree_all_finite` keeps a poisoned state out of the checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from rsjax.errors import RunFailed
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean on the device: every leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def tree_all_finite(tree) -> bool:
+    """Host-side `all_finite` over the floating-point leaves (skips integers, keys)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and
+              jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(all_finite(leaves))
+
+
+def guarded_update(finite: jax.Array, updates: Callable[[], dict], state: dict) -> dict:
+    """The train state after one step: `state` with the entries `updates()`
+    returns (new parameters, optimizer states, ...) if `finite`, else `state`
+    unchanged; either way "step" advances, and "nonfinite" (consecutive
+    non-finite steps) is reset or counted.
+
+    A conditional, not a select over every leaf: the optimizer and EMA updates
+    write the new state once, where a select computes it and then reads it
+    again beside the old state (3 memory-bound passes over every parameter,
+    optimizer moment and EMA: 0.3 s of a 2.1 s fusion step at 1x128 on CPU).
+    """
+    def updated():
+        return dict(state, **updates(), nonfinite=jnp.zeros_like(state["nonfinite"]))
+
+    def skipped():
+        return dict(state, nonfinite=state["nonfinite"] + 1)
+
+    return dict(jax.lax.cond(finite, updated, skipped), step=state["step"] + 1)
+
+
+class NonFiniteLossError(RunFailed):
+    """Too many consecutive non-finite steps: the run cannot go on as configured."""
+
+
+def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str) -> None:
+    if consecutive >= limit:
+        raise NonFiniteLossError(
+            f"{limit} consecutive training steps (up to step {step}) had a non-finite loss or "
+            f"gradient; they were skipped and the model was not updated by them. The last "
+            f"checkpoint in {workdir}/checkpoints holds finite parameters. Lower the learning "
+            f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
+            f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
