@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from rsjax.data.contract import SOURCES
+from rsjax.data.contract import CLOUDY, MODEL_SOURCES, SOURCES
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -31,26 +31,33 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def parse_sources(text: str) -> tuple[str, ...]:
-    """'lulc+s1' -> ('lulc', 's1'); 'all' -> every source."""
+    """'lulc+s1' -> ('lulc', 's1'); 'all' -> the paper's three (lulc, s1, dem);
+    's2_cloudy+s1+dem+lulc' adds the cloudy image (cloud removal)."""
     if text in ("all", ""):
         return SOURCES
     names = tuple(s.strip() for s in text.replace(",", "+").split("+") if s.strip())
-    bad = [s for s in names if s not in SOURCES]
+    bad = [s for s in names if s not in MODEL_SOURCES]
     if bad or not names:
-        raise ValueError(f"sources='{text}': use a '+'-joined subset of {SOURCES}.")
-    return tuple(s for s in SOURCES if s in names)
+        raise ValueError(f"sources='{text}': use a '+'-joined subset of {MODEL_SOURCES}.")
+    return tuple(s for s in MODEL_SOURCES if s in names)
 
 
-def data_config(demo: bool, tile_size: int | None = None) -> ml_collections.ConfigDict:
-    """The dataset block: which TFDS dataset, where, and how to read it."""
+def data_config(demo: bool, tile_size: int | None = None, clouds: bool = False) -> ml_collections.ConfigDict:
+    """The dataset block: which TFDS dataset, where, and how to read it
+    (`clouds`: the cloud-removal dataset, the same scenes under clouds)."""
     d = ml_collections.ConfigDict()
-    d.name = "rs_multisource/synthetic_demo" if demo else "rs_multisource/synthetic"
+    d.name = "rs_multisource/synthetic" + ("_cloudy" if clouds else "") + ("_demo" if demo else "")
     d.data_dir = "work/tensorflow_datasets"
     d.tile_size = tile_size or (64 if demo else 256)
     d.sources = SOURCES
     d.worker_count = 0          # grain worker processes; 0 reads in the main process
     d.augment = True            # flips and quarter turns, aspect rotated with the tile
     return d
+
+
+def wants_clouds(clouds: bool, sources) -> bool:
+    """The cloud-removal dataset: asked for, or needed by the cloudy image as a source."""
+    return bool(clouds) or CLOUDY in tuple(sources)
 
 
 def add_loop_settings(c: ml_collections.ConfigDict, *, demo: bool, steps: int,

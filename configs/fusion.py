@@ -6,6 +6,11 @@
 Arguments (comma-separated after ':'): `demo` (small model and tiles, the whole
 run on 2 CPU cores in minutes), `sources=lulc+s1+dem` (any non-empty subset),
 `model=rs_spade|pix2pix`. Any field can be overridden: `--config.total_steps=10`.
+
+Cloud removal: `sources=s2_cloudy+s1+dem+lulc` (or any subset with the cloudy
+image) trains on the same scenes under clouds (`synthetic_cloudy[_demo]`), the
+cloudy image being one more source with its own embedding; `clouds` trains the
+paper's sources on that dataset (its evaluation then scores cloud removal too).
 """
 import ml_collections
 
@@ -13,12 +18,13 @@ from rsjax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, demo=False, sources="all", model="rs_spade", steps=0)
+    a = common.parse_arg(arg, demo=False, sources="all", model="rs_spade", steps=0, clouds=False)
     c = ml_collections.ConfigDict()
     c.trainer = "fusion"
     c.seed = 0
-    c.data = common.data_config(a.demo)
-    c.data.sources = common.parse_sources(a.sources)
+    sources = common.parse_sources(a.sources)
+    c.data = common.data_config(a.demo, clouds=common.wants_clouds(a.clouds, sources))
+    c.data.sources = sources
     c.out_channels = 4
     c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
 

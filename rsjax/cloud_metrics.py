@@ -24,10 +24,12 @@ implicit written down):
 - SAM: the mean over the region's pixels of the spectral angle, in degrees
   (Kahan's form, rsjax.metrics.spectral_angle).
 - SSIM: rsjax.metrics' SSIM map (11x11 Gaussian, sigma 1.5, per band, averaged
-  over bands; matches scikit-image), averaged over the windows whose *centre*
-  pixel lies in the region and that contain no no-data pixel. A window at a
-  cloud's edge sees clear pixels too: SSIM is a local statistic, and this is
-  the reading that needs no new windows.
+  over bands; matches scikit-image) of the prediction *with the truth put
+  back outside the region* against the truth, averaged over the windows whose
+  centre pixel lies in the region and that contain no no-data pixel. So a
+  window at a cloud's edge sees only the region's own errors: the cloudy
+  input scores SSIM 1 in the clear part, as it does PSNR 100 there, and a
+  model is not charged under cloud for what it does in the clear part.
 - Split level: the mean over images of the image's value, over the images
   that have pixels (for SSIM, such a window) in the region; the counts are
   reported. An image whose mask is unknown (any 255 on its valid pixels)
@@ -45,11 +47,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rsjax.data.contract import COVER_BINS, cover_bin
+from rsjax.data.contract import CLOUD as MASK_CLOUD, CLOUD_CLEAR as MASK_CLEAR
+from rsjax.data.contract import CLOUD_MASK_UNKNOWN as MASK_UNKNOWN, CLOUD_SHADOW as MASK_SHADOW
 from rsjax.metrics import SSIM_FILTER_SIZE, _valid_windows, spectral_angle, ssim_map
 
-MASK_CLEAR, MASK_CLOUD, MASK_SHADOW, MASK_UNKNOWN = 0, 1, 2, 255
 REGIONS = ("all", "cloud", "shadow", "clear")
-COVER_BINS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0))
 METRICS = ("mae", "rmse", "psnr", "ssim", "sam_deg")
 HIGHER_IS_BETTER = {"mae": False, "rmse": False, "psnr": True, "ssim": True, "sam_deg": False}
 _MIN_MSE = 1e-10
@@ -107,16 +110,23 @@ def cloud_metric_parts(pred, target, cloud_mask=None, valid_mask=None) -> dict:
         "sq_sum": region_sum(jnp.mean(error ** 2, axis=-1)),
         "sam_sum": region_sum(jnp.degrees(spectral_angle(pred, target))),
     }
-    # SSIM: windows by their centre pixel; zero no-data first (the banded
-    # filter multiplies every pixel of a column, so a NaN would reach all).
+    # SSIM of a region: the prediction outside the region replaced by the truth
+    # (so a window at the region's edge sees the region's errors only), averaged
+    # over the windows centred in the region that hold no no-data pixel. No-data
+    # is zeroed first (the banded filter multiplies every pixel of a column, so
+    # a NaN would reach all).
     valid = jnp.ones(pred.shape[:3], bool) if valid_mask is None else valid_mask.astype(bool)
-    clean = lambda x: jnp.where(valid[..., None], x, 0.0)
-    per_window = jnp.mean(ssim_map(clean(pred), clean(target)), axis=-1)   # (B, H-10, W-10)
+    target0 = jnp.where(valid[..., None], target, 0.0)
+    pred0 = jnp.where(valid[..., None], pred, 0.0)
+    b, h, w, c = pred.shape
+    within = jnp.where(regions[..., None], pred0[:, None], target0[:, None])      # (B, R, H, W, C)
+    truth = jnp.broadcast_to(target0[:, None], within.shape)
+    per_window = jnp.mean(ssim_map(within.reshape(-1, h, w, c), truth.reshape(-1, h, w, c)),
+                          axis=-1).reshape(b, len(REGIONS), h - SSIM_FILTER_SIZE + 1, -1)
     half = SSIM_FILTER_SIZE // 2
-    h, w = per_window.shape[1:]
-    centred = regions[:, :, half:half + h, half:half + w]
+    centred = regions[:, :, half:h - half, half:w - half]
     counted = centred & _valid_windows(valid)[:, None]
-    parts["ssim_sum"] = jnp.sum(jnp.where(counted, per_window[:, None], 0.0), axis=(2, 3))
+    parts["ssim_sum"] = jnp.sum(jnp.where(counted, per_window, 0.0), axis=(2, 3))
     parts["ssim_count"] = jnp.sum(counted.astype(jnp.float32), axis=(2, 3))
     n_valid = parts["n_pixels"][:, 0]
     parts["cover"] = jnp.where(has_mask & (n_valid > 0),
@@ -152,14 +162,10 @@ def _take(parts: Mapping[str, np.ndarray], images: np.ndarray) -> dict:
     return {k: np.asarray(v)[images] for k, v in parts.items()}
 
 
-def cover_bin_index(cover: np.ndarray) -> np.ndarray:
-    """Bin of each image's cloud cover (-1 where it is unknown)."""
-    cover = np.asarray(cover, np.float64)
-    index = np.full(cover.shape, -1)
-    for i, (low, high) in enumerate(COVER_BINS):
-        last = i == len(COVER_BINS) - 1
-        index[(cover >= low) & ((cover <= high) if last else (cover < high))] = i
-    return index
+def cover_bin_index(cover) -> np.ndarray:
+    """Bin of each image's cloud cover in COVER_BINS (-1 where it is unknown)."""
+    return np.array([cover_bin(float(c)) for c in np.asarray(cover, np.float64).ravel()],
+                    dtype=int).reshape(np.shape(cover))
 
 
 def _counted(parts: Mapping[str, np.ndarray], name: str, r: int) -> np.ndarray:

@@ -42,8 +42,10 @@ def _reference(pred, target, region, valid):
     e = p - t
     mse = np.mean(e ** 2)
     cos = np.sum(p * t, -1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(t, axis=-1))
+    # The prediction with the truth put back outside the region.
+    within = np.where(region[..., None], pred, target)
     _, full = structural_similarity(np.where(valid[..., None], target, 0),
-                                    np.where(valid[..., None], pred, 0), data_range=1.0,
+                                    np.where(valid[..., None], within, 0), data_range=1.0,
                                     channel_axis=-1, gaussian_weights=True, sigma=1.5,
                                     use_sample_covariance=False, full=True)
     windows_valid = sliding_window_view(valid, (11, 11)).all(axis=(-2, -1))      # (H-10, W-10)
@@ -140,6 +142,14 @@ def test_an_exact_copy_and_nan_on_valid_pixels():
                                                    jnp.asarray(mask), jnp.asarray(valid))])
     scores = cm.cloud_scores(parts)["regions"]["all"]
     assert scores["mae"] == 0 and scores["psnr"] == pytest.approx(100.0)
+    # A prediction right in the clear part and wrong under cloud: the clear
+    # part scores perfectly, SSIM included (its windows see no cloud errors).
+    half_wrong = np.where((mask == cm.MASK_CLOUD)[..., None], 0.5 * target, target)
+    parts = cm.concat_parts([_parts(jnp.asarray(half_wrong), jnp.asarray(target), jnp.asarray(mask),
+                                    jnp.asarray(valid))])
+    clear = cm.cloud_scores(parts)["regions"]["clear"]
+    assert clear["ssim"] == pytest.approx(1.0) and clear["psnr"] == pytest.approx(100.0)
+    assert cm.cloud_scores(parts)["regions"]["cloud"]["ssim"] < 0.99
     assert scores["ssim"] == pytest.approx(1.0) and scores["sam_deg"] == pytest.approx(0.0, abs=1e-3)
     broken = target.copy()
     broken[1, 3, 3, 0] = np.nan                    # a diverged generator must show

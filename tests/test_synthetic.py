@@ -1,4 +1,6 @@
 """The synthetic scene writer: real GeoTIFFs shaped like the real products, and a coherent scene."""
+import dataclasses
+
 import numpy as np
 import pytest
 import rasterio
@@ -34,7 +36,8 @@ def test_scene_ids_and_folder_convention(scenes):
     # The cloudy twin and its mask sit beside the scene and find_scenes ignores them.
     assert (out / f"synth_s{SEED}_000_s2_cloudy.tif").exists()
     assert (out / f"synth_s{SEED}_000_cloudmask.tif").exists()
-    assert find_scenes(out) == paths
+    assert find_scenes(out, clouds=True) == paths
+    assert find_scenes(out) == [dataclasses.replace(p, s2_cloudy=None, cloud_mask=None) for p in paths]
 
 
 def test_s2_is_like_l2a(scenes):

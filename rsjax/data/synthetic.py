@@ -120,6 +120,7 @@ from rasterio.transform import Affine
 from rasterio.warp import reproject, transform as warp_transform, transform_bounds
 
 from rsjax import cli
+from rsjax.data.contract import CLOUD as CLOUD_CODE, CLOUD_CLEAR, CLOUD_MASK_UNKNOWN, CLOUD_SHADOW
 from rsjax.data.contract import (ASPECT_FLAT, LULC_CLASSES, LULC_NODATA, S1_BANDS, S2_BANDS,
                                  S2_NODATA, ScenePaths)
 from rsjax.errors import UserError
@@ -493,7 +494,7 @@ THIN_CLOUD_SPECTRUM = np.array([1.06, 1.02, 1.00, 0.94])
 # exactly clear (the cloudy image equals the clear one there).
 CLOUD_VISIBLE = 0.05
 SHADOW_VISIBLE = 0.02
-CLEAR, CLOUD, SHADOW = 0, 1, 2      # cloud mask codes
+CLEAR, CLOUD, SHADOW = CLOUD_CLEAR, CLOUD_CODE, CLOUD_SHADOW      # cloud mask codes (the contract's)
 
 
 @dataclasses.dataclass
@@ -806,7 +807,9 @@ def write_scene(out_dir: str | Path, scene_id: str, size: int, seed: Seed, *,
               "SEED": " ".join(str(s) for s in np.atleast_1d(seed))}
     paths = ScenePaths(scene_id=scene_id, s2=out_dir / f"{scene_id}_s2.tif",
                        s1=out_dir / f"{scene_id}_s1.tif", dem=out_dir / f"{scene_id}_dem.tif",
-                       lulc=out_dir / f"{scene_id}_lulc.tif")
+                       lulc=out_dir / f"{scene_id}_lulc.tif",
+                       s2_cloudy=out_dir / f"{scene_id}_s2_cloudy.tif" if cloudy else None,
+                       cloud_mask=out_dir / f"{scene_id}_cloudmask.tif" if cloudy else None)
     s2_tags = dict(common, UNITS="surface reflectance x 10000", SUN_AZIMUTH=f"{g.sun_azimuth:.2f}",
                    SUN_ELEVATION=f"{g.sun_elevation:.2f}")
     _write_geotiff(paths.s2, arrays.s2, g.s2, S2_NODATA, S2_BANDS, s2_tags)
@@ -822,9 +825,8 @@ def write_scene(out_dir: str | Path, scene_id: str, size: int, seed: Seed, *,
                    dict(common, CLASSES=",".join(LULC_CLASSES)))
     _write_geotiff(paths.dem, arrays.dem[None], g.dem, DEM_VOID, ("DEM",), dict(common, UNITS="metre"))
     if cloudy:
-        _write_geotiff(out_dir / f"{scene_id}_s2_cloudy.tif", arrays.s2_cloudy, g.s2, S2_NODATA,
-                       S2_BANDS, s2_tags)
-        _write_geotiff(out_dir / f"{scene_id}_cloudmask.tif", arrays.cloud_mask[None], g.s2, None,
+        _write_geotiff(paths.s2_cloudy, arrays.s2_cloudy, g.s2, S2_NODATA, S2_BANDS, s2_tags)
+        _write_geotiff(paths.cloud_mask, arrays.cloud_mask[None], g.s2, CLOUD_MASK_UNKNOWN,
                        ("cloud_mask",), dict(common, CODES="0 clear, 1 cloud, 2 cloud shadow"))
     return paths
 

@@ -70,6 +70,10 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
         (rsjax.data.landcover); "" for none.
       lulc_legend: "auto" refuses land cover that cannot be Dynamic World (a 0/1 map);
         "dynamic_world" takes it as it is.
+      clouds: cloud removal: every example also holds the cloudy S2 image
+        (`s2_cloudy`), its cloud/shadow mask (`cloud_mask`, 255 where unknown)
+        and `cloud_cover`; synthetic scenes are written with clouds, manual
+        scenes need `<scene>_s2_cloudy.tif` and may have `<scene>_cloudmask.tif`.
     """
 
     tile_size: int = 256
@@ -88,6 +92,7 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
     s2_offset: Optional[float] = None
     lulc_map: str = ""
     lulc_legend: str = "auto"
+    clouds: bool = False
 
     def __post_init__(self):
         if self.tile_size < 8:
@@ -130,7 +135,7 @@ def derived_config(base: RsMultisourceConfig, **changes) -> RsMultisourceConfig:
 
 _SHORT = {"tile_size": "t", "stride": "s", "max_nodata_fraction": "nd", "split_mode": "split",
           "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px",
-          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend"}
+          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend", "clouds": "clouds"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -157,6 +162,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         RsMultisourceConfig(
             name="manual", description="The user's GeoTIFF exports from manual_dir, 256 px tiles.",
             tile_size=256),
+        RsMultisourceConfig(
+            name="synthetic_cloudy",
+            description="The synthetic scenes under clouds (cloud removal): 8 x 1024 px, 256 px tiles.",
+            tile_size=256, synthetic_scenes=8, synthetic_size=1024, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy_demo",
+            description="The demo scenes under clouds (cloud removal): 8 x 256 px, 64 px tiles.",
+            tile_size=64, synthetic_scenes=8, synthetic_size=256, clouds=True),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "synthetic"
 
@@ -183,6 +196,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "crs": tfds.features.Text(),
                 "transform": tfds.features.Tensor(shape=(6,), dtype=np.float64,
                                                   doc="affine a b c d e f (rasterio order)"),
+                **(cloud_features(t) if self.builder_config.clouds else {}),
             }),
             supervised_keys=None,
             homepage="https://github.com/rsjax/rsjax",
@@ -195,12 +209,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if cfg.is_synthetic:
             from rsjax.data.synthetic import write_scenes  # heavy; only the synthetic configs need it
             out = epath.Path(dl_manager.download_dir) / "rs_multisource_synthetic" / (
-                f"n{cfg.synthetic_scenes}_px{cfg.synthetic_size}_seed{cfg.synthetic_seed}")
+                f"n{cfg.synthetic_scenes}_px{cfg.synthetic_size}_seed{cfg.synthetic_seed}"
+                + ("_cloudy" if cfg.clouds else ""))
             out.mkdir(parents=True, exist_ok=True)
             return list(write_scenes(out, num_scenes=cfg.synthetic_scenes, size=cfg.synthetic_size,
-                                     seed=cfg.synthetic_seed))
+                                     seed=cfg.synthetic_seed, cloudy=cfg.clouds))
         return discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
-                               self._report)
+                               self._report, clouds=cfg.clouds)
 
     def _split_generators(self, dl_manager):
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
@@ -232,6 +247,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         opts = self._ingest_options()
         report = ingest.IngestReport()
         count = 0
+        by_cover = [0] * (len(contract.COVER_BINS) + 1)     # the bins, then unknown (index -1)
         started = time.perf_counter()
         for scene in scenes:
             for tile in _tiles_of(scene, opts, report):
@@ -247,6 +263,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 if chosen != split:
                     continue
                 example = {k: tile[k] for k in ("s2", "s1", "lulc", "dem")}
+                if cfg.clouds:
+                    example.update({k: tile[k] for k in CLOUD_KEYS})
+                    by_cover[contract.cover_bin(float(tile["cloud_cover"]))] += 1
                 example["tile_id"] = str(tile["tile_id"])
                 example["scene_id"] = str(tile["scene_id"])
                 example["crs"] = str(tile["crs"])
@@ -263,6 +282,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 f"scene(s). Add scenes, use a smaller block_tiles (now {cfg.block_tiles}) or "
                 "tile_size, another split_seed, or split_mode='random'.")
         logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
+        if cfg.clouds:
+            # One dict for all splits, referenced by the build report: complete
+            # when TFDS writes metadata.json after the last split.
+            self._report.setdefault("tiles_by_cover", {})[split] = cover_counts(by_cover)
         if split == "train":
             # TFDS generates the splits before it writes dataset_info.json and
             # metadata.json, so the train statistics are complete by then.
@@ -273,7 +296,31 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "skipped_scenes": list(self._report["skipped_scenes"]),
                 "dropped_straddling_tiles": int(self._report["dropped_straddling_tiles"]),
                 "ingest": _report_summary(report),
+                **({"tiles_by_cover": self._report.setdefault("tiles_by_cover", {})}
+                   if cfg.clouds else {}),
             }
+
+
+CLOUD_KEYS = ("s2_cloudy", "cloud_mask", "cloud_cover")
+
+
+def cloud_features(t: int) -> dict:
+    """The features a `clouds` config adds (rsjax.data.contract)."""
+    return {
+        "s2_cloudy": tfds.features.Tensor(shape=(t, t, 4), dtype=np.uint16,
+                                          doc="the cloudy S2 image, as s2; 0 = no data"),
+        "cloud_mask": tfds.features.Tensor(shape=(t, t), dtype=np.uint8,
+                                           doc="0 clear, 1 cloud, 2 cloud shadow; 255 = unknown"),
+        "cloud_cover": tfds.features.Scalar(dtype=np.float32,
+                                            doc="share of cloud pixels among those with a known "
+                                                "mask; NaN when unknown"),
+    }
+
+
+def cover_counts(by_cover) -> dict:
+    """{'0-10%': n, ..., 'unknown': n} from counts per contract.COVER_BINS (then unknown)."""
+    labels = [f"{round(100 * lo)}-{round(100 * hi)}%" for lo, hi in contract.COVER_BINS]
+    return {**dict(zip(labels, by_cover)), "unknown": by_cover[-1]}
 
 
 def _validate(scene: contract.ScenePaths, opts) -> None:
@@ -299,7 +346,7 @@ def _tiles_of(scene: contract.ScenePaths, opts, report):
 def _config_summary(cfg: RsMultisourceConfig) -> dict:
     keys = ("tile_size", "stride", "max_nodata_fraction", "block_tiles", "split_mode",
             "split_fractions", "split_seed", "synthetic_scenes", "synthetic_size", "synthetic_seed",
-            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend")
+            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend", "clouds")
     out = {k: getattr(cfg, k) for k in keys}
     out["split_fractions"] = list(out["split_fractions"])
     out["stride"] = cfg.effective_stride
@@ -329,12 +376,13 @@ def _report_summary(report) -> dict:
 
 
 def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
-                    report: Optional[dict] = None) -> list[contract.ScenePaths]:
+                    report: Optional[dict] = None, clouds: bool = False) -> list[contract.ScenePaths]:
     """The manual_dir's scenes, by rsjax.data.contract.find_scenes (the one
     convention; scenes missing a source fail, or are skipped with
     skip_incomplete and listed in report['skipped_scenes']), with the manual
     download instructions added to its errors."""
     try:
-        return contract.find_scenes(folder, skip_incomplete=skip_incomplete, report=report)
+        return contract.find_scenes(folder, skip_incomplete=skip_incomplete, report=report,
+                                    clouds=clouds)
     except contract.InputError as err:
         raise contract.InputError(f"manual_dir {err}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from err
