@@ -33,12 +33,22 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "scikit-image>=0.24"],   # scikit-image: the SSIM/PSNR reference
+    # scikit-image: the SSIM/PSNR reference; apache-beam: the Beam build's tests;
+    # fsspec[http]: HTTP folder listing in the object-storage tests
+    "test": ["pytest>=8", "scikit-image>=0.24", "apache-beam>=2.77,<3", "fsspec[http]"],
     "tf": ["tensorflow-cpu>=2.18", "dill"],          # dill: TFDS's DatasetBuilderTestCase
     "tensorboard": [],           # kept so `pip install rsjax[tensorboard]` still works: now core
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11", "etils[epath-gcs]"],
     "gcs": ["etils[epath-gcs]"],   # gs:// workdirs and data_dirs off TPU VMs
+    # Scenes in object storage: folder listing on gs://, s3:// (epath) and http(s):// (fsspec);
+    # the pixels are read by GDAL in rasterio's wheel, which needs none of these.
+    "s3": ["etils[epath-s3]"],
+    "remote": ["etils[epath-gcs,epath-s3]", "fsspec[http]"],
+    "ee": ["earthengine-api>=1.0"],  # rsjax export_ee (not needed for its --dry_run)
+    # The dataset built on Apache Beam (DirectRunner here; Dataflow, Flink or Spark runners).
+    # Checked with the pins above: it moves protobuf to 6.33, pyarrow to 25, pillow to 12.3 (no conflict).
+    "beam": ["apache-beam>=2.77,<3"],
 }
 
 # Where each installed package lives in the checkout.

@@ -42,16 +42,40 @@ def parse_sources(text: str) -> tuple[str, ...]:
     return tuple(s for s in MODEL_SOURCES if s in names)
 
 
-def data_config(demo: bool, tile_size: int | None = None, clouds: bool = False) -> ml_collections.ConfigDict:
+SCALES = ("full", "demo", "bench", "paper")
+
+# The synthetic dataset and tile size of each scale (rs_multisource builder configs).
+DATASETS = {"full": ("synthetic", 256), "demo": ("synthetic_demo", 64),
+            "bench": ("synthetic_bench", 64), "paper": ("synthetic_paper", 256)}
+
+
+def scale_of(a: ml_collections.ConfigDict) -> str:
+    """The scale named by the config arguments `demo`, `bench`, `paper` (at most
+    one); 'full' (the reference sizes) when none is given."""
+    named = [name for name in ("demo", "bench", "paper") if a.get(name)]
+    if len(named) > 1:
+        raise ValueError(f"choose one scale of {', '.join(named)}.")
+    return named[0] if named else "full"
+
+
+def data_config(scale: str, clouds: bool = False) -> ml_collections.ConfigDict:
     """The dataset block: which TFDS dataset, where, and how to read it
-    (`clouds`: the cloud-removal dataset, the same scenes under clouds)."""
+    (`clouds`: the scale's cloud-removal dataset, the same scenes under clouds,
+    e.g. synthetic_cloudy_demo)."""
+    name, tile_size = DATASETS[scale]
+    if clouds:
+        name = name.replace("synthetic", "synthetic_cloudy", 1)
     d = ml_collections.ConfigDict()
-    d.name = "rs_multisource/synthetic" + ("_cloudy" if clouds else "") + ("_demo" if demo else "")
+    d.name = f"rs_multisource/{name}"
     d.data_dir = "work/tensorflow_datasets"
-    d.tile_size = tile_size or (64 if demo else 256)
+    d.tile_size = tile_size
     d.sources = SOURCES
     d.worker_count = 0          # grain worker processes; 0 reads in the main process
     d.augment = True            # flips and quarter turns, aspect rotated with the tile
+    # The train split's scenes whose tiles are used: all, or one half of them
+    # (rsjax.input_pipeline.scene_half), for experiments where the other
+    # half's optical images are missing.
+    d.train_scenes = "all"
     return d
 
 
@@ -60,24 +84,30 @@ def wants_clouds(clouds: bool, sources) -> bool:
     return bool(clouds) or CLOUDY in tuple(sources)
 
 
-def add_loop_settings(c: ml_collections.ConfigDict, *, demo: bool, steps: int,
-                      total_steps: int, eval_every_steps: tuple[int, int]) -> None:
+# The paper's segmentation setting: 1,558 training tiles of 256 px, 50 epochs;
+# rsjax trains both models for that long at batch 16 at the paper scale.
+PAPER_TRAIN_TILES, PAPER_EPOCHS, PAPER_BATCH = 1558, 50, 16
+PAPER_STEPS = -(-PAPER_TRAIN_TILES * PAPER_EPOCHS // PAPER_BATCH)      # 4869
+
+
+def add_loop_settings(c: ml_collections.ConfigDict, *, scale: str, steps: int,
+                      total_steps: dict, eval_every_steps: dict) -> None:
     """The fields of the training loop every trainer's config has (batch sizes,
-    length, logging, evaluation and checkpoint cadences), at full size or the
-    demo's (small enough for 2 CPU cores in minutes); `steps` (the config
-    argument) replaces the length. `eval_every_steps`: (full size, demo).
-    Needs `c.optim`, whose learning rates decay linearly over the demo's
-    second half."""
-    c.global_batch_size = 8 if demo else 16
+    length, logging, evaluation and checkpoint cadences) at a scale:
+    `total_steps` and `eval_every_steps` map each scale to its value. `steps`
+    (the config argument) replaces the length. Needs `c.optim`: the learning
+    rates stay constant for the first half and decay linearly to zero over
+    the second half (SPADE and pix2pix's niter = niter_decay), except at the
+    full reference size, where they stay constant."""
+    small = scale in ("demo", "bench")
+    c.global_batch_size = 8 if small else 16
     c.eval_batch_size = c.global_batch_size
-    c.total_steps = 300 if demo else total_steps
+    c.total_steps = steps or total_steps[scale]
     c.max_nonfinite_steps = 10
-    c.log_every_steps = 10 if demo else 50
-    c.eval_every_steps = eval_every_steps[1] if demo else eval_every_steps[0]
-    c.checkpoint_every_steps = 100 if demo else 1000
-    c.keep_checkpoints = 2 if demo else 3
+    c.log_every_steps = 10 if small else 50
+    c.eval_every_steps = eval_every_steps[scale]
+    c.checkpoint_every_steps = 100 if small else 1000
+    c.keep_checkpoints = 2 if small else 3
     c.final_eval_split = "test"
-    if demo:
-        c.optim.decay_start_step = 150
-    if steps:
-        c.total_steps = steps
+    if scale != "full":
+        c.optim.decay_start_step = c.total_steps // 2

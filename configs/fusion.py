@@ -3,27 +3,56 @@
     rsjax train --config fusion --workdir work/fusion
     rsjax train --config fusion:demo --workdir work/demo
 
-Arguments (comma-separated after ':'): `demo` (small model and tiles, the whole
-run on 2 CPU cores in minutes), `sources=lulc+s1+dem` (any non-empty subset),
-`model=rs_spade|pix2pix`. Any field can be overridden: `--config.total_steps=10`.
-
-Cloud removal: `sources=s2_cloudy+s1+dem+lulc` (or any subset with the cloudy
-image) trains on the same scenes under clouds (`synthetic_cloudy[_demo]`), the
-cloudy image being one more source with its own embedding; `clouds` trains the
-paper's sources on that dataset (its evaluation then scores cloud removal too).
+Arguments (comma-separated after ':'):
+- a scale: none (the reference sizes: ngf 64, 256 px, 100k steps), `demo`
+  (small model and tiles, the whole run on 2 CPU cores in minutes), `bench`
+  (the experiments' scale on 2 CPU cores: the demo's models, longer, on the
+  larger `synthetic_bench` dataset), `paper` (the paper's setting: full-width
+  models, 256 px tiles of `synthetic_paper`, 50 epochs of 1,558 tiles);
+- `sources=lulc+s1+dem` (any non-empty subset);
+- `model=rs_spade|pix2pix`;
+- `objective=spade|pix2pix|spade+l1`: the GAN objective, by default the
+  model's own (RS-SPADE: hinge + feature matching x10; pix2pix: vanilla GAN +
+  L1 x100); `spade+l1` adds pix2pix's L1 x100 term to SPADE's, so that
+  RS-SPADE and pix2pix can be compared with the same pixel loss;
+- `steps=N`: the run's length;
+- cloud removal: `sources=s2_cloudy+s1+dem+lulc` (or any subset with the
+  cloudy image) trains on the scale's dataset under clouds
+  (`synthetic_cloudy_demo`, ...), the cloudy image being one more source with
+  its own embedding; `clouds` trains the paper's sources on that dataset (its
+  evaluation then scores cloud removal too).
+Any field can be overridden: `--config.total_steps=10`.
 """
 import ml_collections
 
 from rsjax.configs import common
 
 
+OBJECTIVES = {
+    # name: (GAN loss, feature matching weight, L1 weight)
+    "spade": ("hinge", 10.0, 0.0),
+    "pix2pix": ("vanilla", 0.0, 100.0),
+    "spade+l1": ("hinge", 10.0, 100.0),
+}
+BENCH_STEPS = 600
+
+
+def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective='{name}': choose one of {', '.join(OBJECTIVES)}.")
+    gan.loss, gan.lambda_feat, gan.lambda_l1 = OBJECTIVES[name]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, demo=False, sources="all", model="rs_spade", steps=0, clouds=False)
+    a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="all",
+                         model="rs_spade", objective="", steps=0, clouds=False)
+    scale = common.scale_of(a)
+    small = scale in ("demo", "bench")
     c = ml_collections.ConfigDict()
     c.trainer = "fusion"
     c.seed = 0
     sources = common.parse_sources(a.sources)
-    c.data = common.data_config(a.demo, clouds=common.wants_clouds(a.clouds, sources))
+    c.data = common.data_config(scale, clouds=common.wants_clouds(a.clouds, sources))
     c.data.sources = sources
     c.out_channels = 4
     c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
@@ -50,14 +79,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                  decay_start_step=None))
     else:
         raise ValueError(f"model='{a.model}': choose rs_spade or pix2pix.")
+    set_objective(c.gan, a.objective or ("spade" if a.model == "rs_spade" else "pix2pix"))
 
     c.ema_decay = 0.999
-    c.eval_use_ema = False
-    c.image_every_steps = 100 if a.demo else 1000
+    c.eval_use_ema = False           # the same for every model in the experiments
+    c.image_every_steps = 100 if small else 1000
     c.eval_max_batches = 20
-    common.add_loop_settings(c, demo=a.demo, steps=a.steps, total_steps=100_000,
-                             eval_every_steps=(5000, 0))
-    if a.demo:
+    common.add_loop_settings(
+        c, scale=scale, steps=a.steps,
+        total_steps={"full": 100_000, "demo": 300, "bench": BENCH_STEPS, "paper": common.PAPER_STEPS},
+        eval_every_steps={"full": 5000, "demo": 0, "bench": 0, "paper": 1000})
+    if small:
         # Small enough that building the synthetic dataset and training finish on
         # 2 CPU cores in minutes, big enough that the sources visibly help.
         if a.model == "rs_spade":

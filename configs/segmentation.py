@@ -5,25 +5,33 @@
         --config.data.generated_dir=work/fusion_demo/generated --workdir work/seg_mix
 
 `data=real` trains on real tiles only (the paper's True Dataset); `data=mix`
-adds one generated image per real tile (1:1), each paired with the tile's real
-land-cover map. Validation and test always use real tiles.
+adds generated images, `data.mix_rate` per real tile (default 1, the paper's
+1:1), each paired with its tile's real land-cover map; `data.generated_dir`
+names the folder(s) of generated images ('+'-separated). Validation and test
+always use real tiles. Scales as in the fusion config: none, `demo`, `bench`,
+`paper`; `steps=N` sets the length.
 """
 import ml_collections
 
 from rsjax.configs import common
 
 
+BENCH_STEPS = 600
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, demo=False, data="real", steps=0)
+    a = common.parse_arg(arg, demo=False, bench=False, paper=False, data="real", steps=0)
     if a.data not in ("real", "mix"):
         raise ValueError(f"data='{a.data}': choose real or mix.")
+    scale = common.scale_of(a)
     c = ml_collections.ConfigDict()
     c.trainer = "segmentation"
     c.seed = 0
-    c.data = common.data_config(a.demo)
+    c.data = common.data_config(scale)
     c.data.sources = ()                  # the U-Net sees the optical image only
     c.data.train_data = a.data
     c.data.generated_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.mix_rate = 1.0                # generated images per real tile (data=mix)
     c.in_channels = 4
     c.model = ml_collections.ConfigDict(dict(name="rs_unet", width=64, depth=5))
     # Cross-entropy class weights from the train split's class frequencies:
@@ -31,8 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.class_weights = "none"
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=1e-4,
                                              decay_start_step=None))
-    common.add_loop_settings(c, demo=a.demo, steps=a.steps, total_steps=20_000,
-                             eval_every_steps=(1000, 50))
-    if a.demo:
+    common.add_loop_settings(
+        c, scale=scale, steps=a.steps,
+        total_steps={"full": 20_000, "demo": 300, "bench": BENCH_STEPS, "paper": common.PAPER_STEPS},
+        eval_every_steps={"full": 1000, "demo": 50, "bench": 50, "paper": 100})
+    if scale in ("demo", "bench"):
         c.model.width = 16
     return c

@@ -15,7 +15,7 @@ Parts (`--parts`, comma-separated):
   inputs already on the device. images/s, FLOP per step from XLA's cost
   analysis of the step traced with plain convolutions (`model_flops`),
   achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch
-  reference (NVlabs SPADE) measured on the development machine (DESIGN.md),
+  reference (NVlabs SPADE) measured on the development machine on 2026-11-25 (docs/benchmarks.md),
   for the sizes the reference has.
 - `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
   width 64, depth 5, AdamW).
@@ -49,7 +49,7 @@ PARTS = ("matmul", "fusion", "unet", "pipeline")
 
 # NVlabs SPADE (PyTorch, oneDNN) on the development machine, 2 cores of an AMD
 # EPYC (Zen 4), float32, batch 1, 15 conditioning channels, ngf/ndf 64: seconds
-# per GAN step (DESIGN.md). The faster end of each range is the reference, so a
+# per GAN step (measured 2026-11-25 on the 2-core development machine). The faster end of each range is the reference, so a
 # speed-up is never flattered by a slow reference run.
 PYTORCH_REFERENCE = {
     128: {"seconds_per_step": (2.8, 3.2), "gflop_per_step": 311.0},

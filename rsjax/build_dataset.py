@@ -3,6 +3,8 @@
     rsjax build --config synthetic_demo --data_dir work/tensorflow_datasets
     rsjax build --config synthetic --tile_size 128
     rsjax build --config manual --manual_dir /path/to/exports --tile_size 256
+    rsjax build --config manual --manual_dir gs://bucket/exports \
+        --beam_pipeline_options direct_num_workers=2,direct_running_mode=multi_processing
 
 `--config` is one of the builder's configs: `synthetic` (8 scenes of 1024 px),
 `synthetic_demo` (the quick start's small one) or `manual` (your GeoTIFF
@@ -60,6 +62,13 @@ def add_arguments(parser) -> None:
                         help="tfrecord needs TensorFlow (the `tf` extra)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even if the dataset is already there")
+    parser.add_argument("--beam_pipeline_options", default=None, metavar="KEY=VALUE,...",
+                        help="build on Apache Beam (the `beam` extra) with these pipeline options, "
+                             "as `tfds build` takes them: e.g. "
+                             "'direct_num_workers=2,direct_running_mode=multi_processing' (local "
+                             "processes) or 'runner=DataflowRunner,project=P,region=R,"
+                             "temp_location=gs://B/tmp,setup_file=./setup.py'; the same dataset "
+                             "as without")
 
 
 def data_config(name: str, data_dir: str, **options) -> ml_collections.ConfigDict:
@@ -100,9 +109,14 @@ def check_manual_dir(config_name: str, manual_dir) -> None:
     if manual_dir is None:
         raise UserError("--config manual reads your exports: give --manual_dir FOLDER "
                         "(the folder of <scene>_{s2,s1,lulc,dem}.tif files).")
+    from rsjax.data import storage
     from rsjax.data.contract import find_scenes
+    from rsjax.tfds_builder.rs_multisource.rs_multisource_dataset_builder import SCENE_LIST_FILE
 
-    find_scenes(manual_dir)              # InputError: not a folder, no scenes, a missing source
+    # A scenes.txt there lists scene prefixes (anywhere, https:// included) instead of files.
+    listing = storage.join(manual_dir, SCENE_LIST_FILE)
+    find_scenes(listing if storage.exists(listing) else manual_dir)   # InputError: not a folder,
+    # no scenes, a missing source
 
 
 def run(args) -> int:
@@ -118,10 +132,16 @@ def run(args) -> int:
         raise UserError(f"--manual_dir {args.manual_dir}: only the manual config reads it; "
                         f"--config {args.config} writes its own synthetic scenes.")
     from rsjax import input_pipeline
+    from rsjax.data import storage
 
-    manual_dir = None if args.manual_dir is None else os.path.abspath(args.manual_dir)
+    if args.beam_pipeline_options:
+        input_pipeline.beam_options(args.beam_pipeline_options)   # apache-beam there, options parse
+    manual_dir = args.manual_dir
+    if manual_dir is not None and not storage.is_url(manual_dir):
+        manual_dir = os.path.abspath(manual_dir)
     cli.print_json(input_pipeline.build(cfg, manual_dir=manual_dir, file_format=args.file_format,
-                                        overwrite=args.overwrite))
+                                        overwrite=args.overwrite,
+                                        beam_pipeline_options=args.beam_pipeline_options))
     return 0
 
 

@@ -30,6 +30,7 @@ from rsjax.errors import RunFailed, UserError
 # name -> (module, one-line summary). Order is the order of `rsjax --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "scenes": ("rsjax.data.synthetic", "write synthetic multi-source scenes as GeoTIFFs"),
+    "export_ee": ("rsjax.data.export_ee", "export scenes from Earth Engine as ingestion's GeoTIFFs"),
     "ingest": ("rsjax.data.ingest", "check your own exports: validate, register, tile (dry run)"),
     "build": ("rsjax.build_dataset", "build the rs_multisource TFDS dataset"),
     "train": ("rsjax.train", "train RS-SPADE, pix2pix or RS-UNet"),
@@ -42,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("rsjax.models.param_table", "parameter table of the models"),
     "bench": ("rsjax.bench", "benchmark the train steps (JSON)"),
     "bench_ingest": ("rsjax.data.bench_ingest", "benchmark ingestion (JSON)"),
+    "bench_build": ("rsjax.data.bench_build", "benchmark the dataset build, with and without Beam (JSON)"),
     "bench_pipeline": ("rsjax.bench_pipeline", "benchmark the input pipeline (JSON)"),
     "bench_layers": ("rsjax.models.bench", "benchmark single layers (JSON)"),
     "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),
@@ -286,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments tables ...`
+    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments report ...`
         return _run_group(name, module, argv[1:])
     return run_command(module, argv[1:], prog=f"rsjax {name}")
 

@@ -367,8 +367,26 @@ def ensure_dataset(data_cfg, *, manual_dir: Optional[str] = None):
     return builder
 
 
-def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=False) -> dict:
-    """Builds (or finds) the dataset; returns a summary with split counts and tiles/s."""
+def beam_options(beam_pipeline_options: str):
+    """Beam PipelineOptions from TFDS's `--beam_pipeline_options` syntax:
+    'runner=DataflowRunner,project=P,region=R' (comma-separated key=value)."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        from rsjax.errors import UserError
+        raise UserError("--beam_pipeline_options needs Apache Beam: pip install rsjax[beam]") from None
+    return PipelineOptions(flags=[f"--{opt.strip()}" for opt in beam_pipeline_options.split(",")
+                                  if opt.strip()])
+
+
+def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=False,
+          beam_pipeline_options: Optional[str] = None) -> dict:
+    """Builds (or finds) the dataset; returns a summary with split counts and tiles/s.
+
+    beam_pipeline_options: build with Apache Beam on the runner these options
+    name ('direct_num_workers=2,direct_running_mode=multi_processing' for the
+    local DirectRunner); None builds in this process. Same dataset either way.
+    """
     import time
     import tensorflow_datasets as tfds
 
@@ -381,7 +399,8 @@ def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=Fa
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     built = overwrite or not builder.is_prepared()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
+        manual_dir=manual_dir, download_mode=mode,
+        beam_options=beam_options(beam_pipeline_options) if beam_pipeline_options else None))
     seconds = time.perf_counter() - started
     counts = {name: split.num_examples for name, split in builder.info.splits.items()}
     total = sum(counts.values())
@@ -477,27 +496,72 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 
 
-class MixedSource:
-    """Real tiles followed by generated ones (1:1 when every tile has a generated image).
+TRAIN_SCENES = ("all", "optical", "no_optical")
 
-    Record i < len(real) is the real tile i; record len(real) + j is the real
-    tile whose tile_id matches generated image j, with its optical image
-    replaced (land cover, SAR and terrain stay real, as the paper pairs them).
-    Pixels without real optical data stay without data.
+
+def record_scene_ids(source) -> list[str]:
+    """The scene id of every record of a data source (one pass over the records)."""
+    out = []
+    for i in range(len(source)):
+        sid = source[i]["scene_id"]
+        out.append(sid.decode() if isinstance(sid, bytes) else str(sid))
+    return out
+
+
+def scene_half(scene_ids: Sequence[str], which: str) -> list[int]:
+    """Indices of the records whose scene is in `which` half of the scenes.
+
+    'optical' and 'no_optical' split the sorted scene ids alternately (the
+    first, third, ... scene have an optical image; the others stand for scenes
+    whose optical image is cloudy or missing), 'all' keeps every record. A
+    whole scene goes to one side, so the other side's label layouts are new.
+    """
+    if which not in TRAIN_SCENES:
+        raise ValueError(f"data.train_scenes={which!r}: choose one of {', '.join(TRAIN_SCENES)}")
+    if which == "all":
+        return list(range(len(scene_ids)))
+    ordered = sorted(set(scene_ids))
+    chosen = set(ordered[0::2] if which == "optical" else ordered[1::2])
+    if not chosen:
+        raise ValueError(f"data.train_scenes={which!r}: the split has {len(ordered)} scene(s); "
+                         "halving needs at least 2.")
+    return [i for i, sid in enumerate(scene_ids) if sid in chosen]
+
+
+class SubsetSource:
+    """Records `indices` of a random-access source, in that order."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self._source, self._indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._source[self._indices[i]]
+
+
+class MixedSource:
+    """Real tiles followed by generated ones.
+
+    Record k < len(real_indices) is the base record real_indices[k]; record
+    len(real_indices) + j is the base record pairs[j][0] with its optical image
+    replaced by images[pairs[j][1]] (land cover, SAR and terrain stay real, as
+    the paper pairs them). Pixels without real optical data stay without data.
+    The generated tiles need not be among the real ones: a scene without an
+    optical image can be represented by generated images alone.
     """
 
-    def __init__(self, real, tile_ids: Sequence[str], s2: np.ndarray):
-        self._real = real
-        index = {}
-        for i in range(len(real)):
-            tid = real[i]["tile_id"]
-            index[tid.decode() if isinstance(tid, bytes) else str(tid)] = i
-        missing = [t for t in tile_ids if t not in index]
-        if missing:
-            raise ValueError(f"{len(missing)} generated image(s) name tiles that are not in this "
-                             f"split, e.g. {missing[:3]}; generate them from the same dataset and split")
-        self._pairs = [index[t] for t in tile_ids]
-        self._s2 = s2
+    def __init__(self, base, real_indices: Sequence[int], pairs: Sequence[tuple[int, int]],
+                 images: np.ndarray):
+        self._base = base
+        self._real = list(real_indices)
+        self._pairs = list(pairs)
+        self._images = images
+
+    @property
+    def num_generated(self) -> int:
+        return len(self._pairs)
 
     def __len__(self) -> int:
         return len(self._real) + len(self._pairs)
@@ -505,36 +569,81 @@ class MixedSource:
     def __getitem__(self, i: int) -> dict:
         n = len(self._real)
         if i < n:
-            return self._real[i]
-        record = dict(self._real[self._pairs[i - n]])
+            return self._base[self._real[i]]
+        record_index, image_index = self._pairs[i - n]
+        record = dict(self._base[record_index])
         nodata = np.all(record["s2"] == contract.S2_NODATA, axis=-1, keepdims=True)
-        record["s2"] = np.where(nodata, contract.S2_NODATA, self._s2[i - n])
+        record["s2"] = np.where(nodata, contract.S2_NODATA, self._images[image_index])
         return record
 
 
-def generated_source(real, generated_dir: str, normalizer: Normalizer) -> MixedSource:
-    """The real split plus the generated images of `generated_dir`.
+def _stable_rank(text: str) -> int:
+    import hashlib
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
-    The folder holds .npz files, each with `tile_id` (N,) strings and either
+
+def load_generated(generated_dir: str, normalizer: Normalizer) -> list[tuple[list[str], np.ndarray]]:
+    """[(tile ids, s2 uint16 images)] of each '+'-separated folder of generated images.
+
+    A folder holds .npz files, each with `tile_id` (N,) strings and either
     `s2` (N, H, W, 4) uint16 reflectance x 10000, or `image` (N, H, W, 4) float
     in model space [-1, 1] (converted back with the dataset's normalizer).
     """
     from etils import epath
 
-    files = sorted(epath.Path(generated_dir).glob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{generated_dir}: no .npz files of generated images "
-                                "(tile_id + s2 or image arrays)")
-    tile_ids, images = [], []
-    for path in files:
-        with path.open("rb") as f, np.load(f) as z:
-            if "tile_id" not in z or not ({"s2", "image"} & set(z.files)):
-                raise ValueError(f"{path}: needs arrays 'tile_id' and 's2' or 'image' (has {z.files})")
-            s2 = (np.asarray(z["s2"], np.uint16) if "s2" in z
-                  else image_to_s2(z["image"], normalizer))
-            tile_ids += [str(t) for t in z["tile_id"]]
-            images.append(s2)
-    return MixedSource(real, tile_ids, np.concatenate(images))
+    out = []
+    for folder in [d for d in str(generated_dir).split("+") if d]:
+        files = sorted(epath.Path(folder).glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no .npz files of generated images "
+                                    "(tile_id + s2 or image arrays); run rsjax synthesize first")
+        tile_ids, images = [], []
+        for path in files:
+            with path.open("rb") as f, np.load(f) as z:
+                if "tile_id" not in z or not ({"s2", "image"} & set(z.files)):
+                    raise ValueError(f"{path}: needs arrays 'tile_id' and 's2' or 'image' "
+                                     f"(has {z.files})")
+                s2 = (np.asarray(z["s2"], np.uint16) if "s2" in z
+                      else image_to_s2(np.asarray(z["image"], np.float32), normalizer))
+                tile_ids += [str(t) for t in z["tile_id"]]
+                images.append(s2)
+        out.append((tile_ids, np.concatenate(images)))
+    return out
+
+
+def generated_source(base, generated_dir: str, normalizer: Normalizer, *, rate: float = 1.0,
+                     real_indices: Optional[Sequence[int]] = None) -> MixedSource:
+    """The real records `real_indices` of `base` (default: all) plus generated images.
+
+    `rate` generated images per real one: round(rate x real count) images are
+    taken from the folders' pool, the first folder first and, within a folder,
+    in an order fixed by a hash of the tile id (so rate 0.5 takes a fixed half
+    of one folder, rate 2 needs two folders, e.g. two generators'). Each
+    generated image is paired with the base record of its tile id.
+    """
+    real_indices = list(range(len(base))) if real_indices is None else list(real_indices)
+    index = {}
+    for i in range(len(base)):
+        tid = base[i]["tile_id"]
+        index[tid.decode() if isinstance(tid, bytes) else str(tid)] = i
+    pool, images = [], []
+    offset = 0
+    for folder, (tile_ids, s2) in enumerate(load_generated(generated_dir, normalizer)):
+        missing = [t for t in tile_ids if t not in index]
+        if missing:
+            raise ValueError(f"{len(missing)} generated image(s) name tiles that are not in this "
+                             f"split, e.g. {missing[:3]}; generate them from the same dataset and split")
+        pool += [(folder, _stable_rank(t), index[t], offset + k) for k, t in enumerate(tile_ids)]
+        images.append(s2)
+        offset += len(tile_ids)
+    wanted = int(round(rate * len(real_indices)))
+    if rate < 0 or wanted > len(pool):
+        raise ValueError(f"data.mix_rate={rate:g} asks for {wanted} generated images for "
+                         f"{len(real_indices)} real tiles, but {generated_dir} holds {len(pool)}: "
+                         "give more folders of generated images, '+'-separated, or a lower rate.")
+    chosen = sorted(pool)[:wanted]
+    pairs = [(record, image) for _, _, record, image in chosen]
+    return MixedSource(base, real_indices, pairs, np.concatenate(images) if images else None)
 
 
 class BatchIterator:
@@ -585,6 +694,11 @@ class BatchIterator:
         self._iterator.start_prefetch()
 
 
+def split_size(data_cfg, split: str) -> int:
+    """Number of examples of a split of the dataset named by data_cfg."""
+    return int(get_builder(data_cfg).info.splits[split].num_examples)
+
+
 def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, train: bool,
                     seed: int, sources: Sequence[str] = contract.SOURCES,
                     num_epochs: Optional[int] = None,
@@ -597,7 +711,10 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
     final partial batch is padded with examples whose `valid` is all False
     and label 255, so that every tile is seen once and masked metrics ignore
     the padding.
-    generated_dir: add generated optical images to the split (see generated_source).
+    generated_dir: add generated optical images to the split (see generated_source;
+    `data_cfg.mix_rate` generated images per real one, default 1).
+    `data_cfg.train_scenes` ('all', 'optical', 'no_optical'; see scene_half)
+    restricts the train split's real tiles to half of its scenes.
     """
     builder = get_builder(data_cfg)
     if not builder.is_prepared():
@@ -610,8 +727,16 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
     check_cloud_sources(sources, builder, data_cfg)
     normalizer = Normalizer.from_statistics(load_statistics(builder))
     source = builder.as_data_source(split=split)
+    train_scenes = str(data_cfg.get("train_scenes", "all")) if split == "train" else "all"
+    real_indices = None
+    if train_scenes != "all":
+        real_indices = scene_half(record_scene_ids(source), train_scenes)
     if generated_dir is not None:
-        source = generated_source(source, generated_dir, normalizer)
+        source = generated_source(source, generated_dir, normalizer,
+                                  rate=float(data_cfg.get("mix_rate", 1.0)),
+                                  real_indices=real_indices)
+    elif real_indices is not None:
+        source = SubsetSource(source, real_indices)
     return batch_iterator(
         source, normalizer, global_batch_size=global_batch_size, mesh=mesh, train=train, seed=seed,
         sources=sources, num_epochs=num_epochs, augment=train and bool(data_cfg.get("augment", True)),

@@ -61,11 +61,14 @@ place gets the very inputs that tile had. Memory is bounded by two batches of
 tiles and the output accumulators of the rows that tiles in flight touch (a
 row of tiles plus one block row, about `(tile + 256) x width x channels`
 float32, when a batch holds less than a row of tiles), never by the scene's
-height. Runs in one process, on its local devices.
+height. Runs in one process, on its local devices. Many scenes: `--scenes`
+and `--out_dir` run them on Apache Beam, one model load per worker
+(`rsjax.predict_beam`, `load_model` and the `model=` argument here).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -73,7 +76,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -202,6 +205,49 @@ def dataset_normalizer(data_cfg, data_dir: Optional[str] = None):
     return input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
 
 
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint restored once for many scenes (`rsjax.predict_beam`'s workers).
+
+    inference: (fn, checkpoint step), as the trainer's `load_inference`
+    returns them; `fn` is jitted once, so the model compiles once, not once
+    per scene. num_devices: how many devices `fn` splits a batch over.
+    """
+
+    workdir: str
+    config: Any
+    normalizer: Any
+    inference: tuple
+    num_devices: int
+
+
+def load_model(workdir, *, config=None, step: Optional[int] = None, data_dir: Optional[str] = None,
+               devices=None) -> LoadedModel:
+    """Restores a training run's checkpoint (default: the latest) and its dataset's statistics."""
+    from rsjax.trainers import trainer_module
+
+    config = run_config(workdir, config)
+    if config.get("trainer") not in ("fusion", "segmentation", "cloud_removal"):
+        raise InputError(f"{workdir}: its config is a {config.get('trainer')!r} run; prediction "
+                         "takes fusion, segmentation and cloud_removal runs.")
+    normalizer = dataset_normalizer(config.data, data_dir)
+    devices = _local_devices(devices)
+    inference = trainer_module(config.trainer).load_inference(config, str(workdir), step,
+                                                               devices=devices)
+    return LoadedModel(str(workdir), config, normalizer, inference, len(devices))
+
+
+def _inference(model, trainer, config, workdir, step, devices):
+    """(the model's function, checkpoint step, device count): of a model loaded
+    once (`load_model`, e.g. one per Beam worker) or restored here."""
+    if model is not None:
+        fn, ckpt_step = model.inference
+        return fn, ckpt_step, model.num_devices
+    devices = _local_devices(devices)
+    fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    return fn, ckpt_step, len(devices)
+
+
 def _batch_size(requested: Optional[int], config, num_devices: int) -> int:
     size = int(requested or config.get("eval_batch_size", num_devices))
     if size < 1:
@@ -277,8 +323,11 @@ def _check_trainer(config, expected: str, workdir) -> None:
         raise InputError(f"{workdir}: its config is a {trainer!r} run, not {expected!r}; use {other}.")
 
 
-def _as_path(path) -> Optional[Path]:
-    return None if path is None else Path(path)
+def _as_path(path):
+    """A local path as Path; a URL (gs://, s3://, http(s)://) as it is; a Mosaic as it is."""
+    from rsjax.data.contract import as_source
+
+    return as_source(path)
 
 
 def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_grid=None,
@@ -286,14 +335,16 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                    step: Optional[int] = None, overlap: Optional[int] = None,
                    batch_size: Optional[int] = None, devices=None, config=None,
                    data_dir: Optional[str] = None, s1_units: str = "auto",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, model: Optional[LoadedModel] = None) -> dict:
     """A fusion checkpoint over whole-scene S1 / land cover / DEM GeoTIFFs -> a
     synthetic 4-band optical GeoTIFF at `out` (see the module docstring).
 
     Only the sources the model was trained on are needed (and read). `step`:
     checkpoint step (default: the latest); `config`: the training config
     (default: the workdir's config.json); `data_dir`: where the training
-    dataset is, when not where the config says. Returns a summary dict.
+    dataset is, when not where the config says; `model`: a `load_model`
+    result to use instead of restoring the checkpoint (config, step, data_dir
+    and devices then come from it). Returns a summary dict.
     """
     from rasterio.windows import Window
 
@@ -304,7 +355,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
     out = Path(out)
-    config = run_config(workdir, config)
+    config = model.config if model is not None else run_config(workdir, config)
     _check_trainer(config, "fusion", workdir)
     if uses_clouds(config):
         raise InputError(f"{workdir}: its generator takes the cloudy image: use predict_clouds "
@@ -326,11 +377,10 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     scene = ScenePaths(scene_id=out.stem, s2=None, s1=given["s1"] if "s1" in sources else None,
                        dem=given["dem"] if "dem" in sources else None,
                        lulc=given["lulc"] if "lulc" in sources else None)
-    normalizer = dataset_normalizer(config.data, data_dir)
+    normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = _local_devices(devices)
-        generate, ckpt_step = fusion.load_inference(config, str(workdir), step, devices=devices)
-        size = _batch_size(batch_size, config, len(devices))
+        generate, ckpt_step, num_devices = _inference(model, fusion, config, workdir, step, devices)
+        size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
             arrays = reg.read(Window(col, row, ncols, nrows))
@@ -351,7 +401,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                       out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
                       to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
     result.update(mode="fusion", checkpoint_step=int(ckpt_step), sources=list(sources),
-                  devices=len(devices), batch_size=size)
+                  devices=num_devices, batch_size=size)
     return result
 
 
@@ -359,7 +409,8 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
                       target_crs: Optional[str] = None, target_resolution: Optional[float] = None,
                       step: Optional[int] = None, overlap: Optional[int] = None,
                       batch_size: Optional[int] = None, devices=None, config=None,
-                      data_dir: Optional[str] = None, progress: bool = True) -> dict:
+                      data_dir: Optional[str] = None, progress: bool = True,
+                      model: Optional[LoadedModel] = None) -> dict:
     """A segmentation checkpoint over a whole-scene S2 GeoTIFF -> a uint8
     land-cover GeoTIFF at `out` (Dynamic World labels, 255 = no data, with
     Dynamic World's colour map). Arguments as in `predict_fusion`."""
@@ -374,18 +425,17 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     if s2 is None:
         raise InputError(f"{workdir}: a land-cover model needs the optical image: give --s2.")
     out = Path(out)
-    config = run_config(workdir, config)
+    config = model.config if model is not None else run_config(workdir, config)
     _check_trainer(config, "segmentation", workdir)
     tile = int(config.data.tile_size)
     overlap = _overlap(overlap, tile)
     opts = _ingest_options(tile, target_grid, target_crs, target_resolution, "auto")
-    scene = ScenePaths(scene_id=out.stem, s2=Path(s2), s1=None, dem=None, lulc=None)
-    normalizer = dataset_normalizer(config.data, data_dir)
+    scene = ScenePaths(scene_id=out.stem, s2=_as_path(s2), s1=None, dem=None, lulc=None)
+    normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = _local_devices(devices)
-        probabilities, ckpt_step = segmentation.load_inference(config, str(workdir), step,
-                                                               devices=devices)
-        size = _batch_size(batch_size, config, len(devices))
+        probabilities, ckpt_step, num_devices = _inference(model, segmentation, config, workdir,
+                                                           step, devices)
+        size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
             arrays = reg.read(Window(col, row, ncols, nrows))
@@ -406,7 +456,7 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
                       to_output=to_output, descriptions=("label",), tags=tags,
                       colormap=_palette_colormap(), progress=progress)
     result.update(mode="segmentation", checkpoint_step=int(ckpt_step),
-                  devices=len(devices), batch_size=size)
+                  devices=num_devices, batch_size=size)
     return result
 
 
@@ -420,7 +470,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                    target_resolution: Optional[float] = None, step: Optional[int] = None,
                    overlap: Optional[int] = None, batch_size: Optional[int] = None, devices=None,
                    config=None, data_dir: Optional[str] = None, s1_units: str = "auto",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, model: Optional[LoadedModel] = None) -> dict:
     """A cloud-removal checkpoint (a run whose sources include `s2_cloudy`:
     the cloud_removal trainer's DSen2-CR, or RS-SPADE) over a whole-scene cloudy
     S2 GeoTIFF and the other sources it takes -> a cloud-free 4-band GeoTIFF at
@@ -437,7 +487,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
     out = Path(out)
-    config = run_config(workdir, config)
+    config = model.config if model is not None else run_config(workdir, config)
     if not uses_clouds(config):
         raise InputError(f"{workdir}: its model does not take a cloudy image (sources "
                          f"{tuple(config.data.get('sources', ()))}); --s2_cloudy and --cloud_mask "
@@ -462,11 +512,11 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                        dem=given["dem"] if "dem" in sources else None,
                        lulc=given["lulc"] if "lulc" in sources else None,
                        s2_cloudy=given[CLOUDY], cloud_mask=_as_path(cloud_mask))
-    normalizer = dataset_normalizer(config.data, data_dir)
+    normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        devices = _local_devices(devices)
-        model, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
-        size = _batch_size(batch_size, config, len(devices))
+        remove_clouds, ckpt_step, num_devices = _inference(model, trainer, config, workdir, step,
+                                                           devices)
+        size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
             arrays = reg.read(Window(col, row, ncols, nrows))
@@ -477,7 +527,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
             return inputs, source_nodata(arrays, sources)
 
         def predict_batch(batch):
-            image = model(batch)
+            image = remove_clouds(batch)
             if cloud_mask is None:
                 return image
             return cloud_eval.composite(image, jnp.asarray(batch[CLOUDY]), jnp.asarray(batch["cloud_mask"]))
@@ -499,7 +549,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                       out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
                       to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
     result.update(mode="cloud_removal", checkpoint_step=int(ckpt_step), sources=list(sources),
-                  cloud_mask=cloud_mask is not None, devices=len(devices), batch_size=size)
+                  cloud_mask=cloud_mask is not None, devices=num_devices, batch_size=size)
     return result
 
 
@@ -521,7 +571,8 @@ def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, s2_cloudy=No
             cloud_mask=None, config=None, **kwargs) -> dict:
     """One of the modes, chosen by the workdir's run: cloud removal (its model
     takes the cloudy image), segmentation or fusion."""
-    config = run_config(workdir, config)
+    model = kwargs.get("model")
+    config = model.config if model is not None else run_config(workdir, config)
     if uses_clouds(config):
         if s2 is not None:
             raise InputError(f"{workdir}: a cloud-removal run takes the cloudy image (--s2_cloudy), "
@@ -556,7 +607,7 @@ from rsjax import cli  # noqa: E402
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", required=True,
                         help="workdir of the training run (checkpoints and config.json)")
-    parser.add_argument("--out", required=True, help="GeoTIFF to write")
+    parser.add_argument("--out", default=None, help="GeoTIFF to write (one scene)")
     parser.add_argument("--s1", default=None, help="fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB)")
     parser.add_argument("--lulc", default=None, help="fusion: Dynamic World land-cover GeoTIFF (label)")
     parser.add_argument("--dem", default=None,
@@ -584,15 +635,49 @@ def add_arguments(parser) -> None:
                         help="TFDS data_dir of the training dataset (default: the config's)")
     cli.add_config_argument(parser, required=False,
                             help="the training config (default: the workdir's config.json)")
+    parser.add_argument("--scenes", default=None,
+                        help="many scenes, on Apache Beam (the `beam` extra): a folder of "
+                             "<scene>_{s2,s1,lulc,dem}.tif (local, gs://, s3://, https://) or a .txt "
+                             "list of scene prefixes; with --out_dir instead of --out and the inputs")
+    parser.add_argument("--out_dir", default=None,
+                        help="with --scenes: folder (local, gs://, s3://) for "
+                             "<scene>_synthetic_s2.tif / <scene>_landcover.tif")
+    parser.add_argument("--beam_pipeline_options", default=None, metavar="KEY=VALUE,...",
+                        help="with --scenes: Beam pipeline options, e.g. "
+                             "'direct_num_workers=2,direct_running_mode=multi_processing' or "
+                             "'runner=DataflowRunner,...' (default: the DirectRunner in this process)")
 
 
 def run(args) -> int:
+    from rsjax.errors import UserError
+
+    if args.scenes:
+        if args.out or any(v for v in (args.s1, args.lulc, args.dem, args.s2)):
+            raise UserError("--scenes takes --out_dir and finds each scene's files itself: "
+                            "leave out --out, --s1, --lulc, --dem and --s2.")
+        if not args.out_dir:
+            raise UserError("--scenes needs --out_dir (one output per scene goes there).")
+    elif args.out is None:
+        raise UserError("give --out (one scene), or --scenes with --out_dir (many scenes).")
+    elif args.out_dir or args.beam_pipeline_options:
+        raise UserError("--out_dir and --beam_pipeline_options go with --scenes.")
     config = cli.load_config_arg(args, workdir=args.workdir)
     from rsjax.runtime import prepare_process
 
     prepare_process()
+    if args.scenes:
+        from rsjax import predict_beam
+
+        result = predict_beam.run_from_flags(
+            args.workdir, args.scenes, args.out_dir, args.beam_pipeline_options, config=config,
+            step=args.step, data_dir=args.data_dir, target_grid=args.target_grid,
+            target_crs=args.target_crs, target_resolution=args.target_resolution,
+            overlap=args.overlap, batch_size=args.batch_size)
+        cli.print_json(result)
+        return 1 if result["failed"] else 0
     result = predict(args.workdir, args.out, s1=args.s1, lulc=args.lulc, dem=args.dem, s2=args.s2,
-                     s2_cloudy=args.s2_cloudy, cloud_mask=args.cloud_mask, config=config, target_grid=args.target_grid, target_crs=args.target_crs,
+                     s2_cloudy=args.s2_cloudy, cloud_mask=args.cloud_mask, config=config,
+                     target_grid=args.target_grid, target_crs=args.target_crs,
                      target_resolution=args.target_resolution, step=args.step,
                      overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir)
     cli.print_json(result)

@@ -55,7 +55,10 @@ def _tile_id(record) -> str:
 
 
 def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[str] = None,
-               step: Optional[int] = None, part_size: int = 64) -> dict:
+               step: Optional[int] = None, part_size: int = 64, scenes: str = "all") -> dict:
+    """Writes one generated image per tile of `split` (of the scenes `scenes`:
+    'all', or one half, see rsjax.input_pipeline.scene_half) and returns a
+    summary; resumes at the first missing part."""
     import jax
     from etils import epath
 
@@ -83,6 +86,9 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
     builder = input_pipeline.get_builder(config.data)
     normalizer = input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
     source = builder.as_data_source(split=split)
+    if scenes != "all":
+        source = input_pipeline.SubsetSource(
+            source, input_pipeline.scene_half(input_pipeline.record_scene_ids(source), scenes))
     n = len(source)
     num_parts = math.ceil(n / part_size)
     t0, done_tiles = time.time(), 0
@@ -110,7 +116,7 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
               f"ETA {left:.0f}s", flush=True)
     provenance = {"checkpoint_step": int(step), "fusion_workdir": workdir_path(fusion_workdir),
                   "dataset": str(config.data.name), "tile_size": int(config.data.tile_size),
-                  "split": split, "num_tiles": n, "sources": list(sources),
+                  "split": split, "scenes": scenes, "num_tiles": n, "sources": list(sources),
                   "generator": str(config.generator.name), "use_ema": bool(config.eval_use_ema),
                   "config": json.loads(config.to_json_best_effort())}
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
@@ -133,6 +139,9 @@ def add_arguments(parser) -> None:
                         help="checkpoint step (default: the latest)")
     parser.add_argument("--part_size", type=cli.positive_int, default=64,
                         help="tiles per output part (the unit of resuming)")
+    parser.add_argument("--scenes", default="all", choices=("all", "optical", "no_optical"),
+                        help="the split's scenes to generate for: all, or one half of them "
+                             "(alternate scenes by sorted id)")
 
 
 def run(args) -> int:
@@ -147,7 +156,7 @@ def run(args) -> int:
 
     prepare_process()
     cli.print_json(synthesize(config, args.fusion_workdir, args.split, args.out, args.step,
-                              args.part_size))
+                              args.part_size, scenes=args.scenes))
     return 0
 
 

@@ -177,6 +177,43 @@ def test_percentiles_from_a_bounded_sample_are_close():
     assert abs(res["percentiles"]["p99"][0] - np.percentile(allv, 99)) < 0.25
 
 
+def test_statistics_merge_in_any_order_and_grouping_bit_for_bit():
+    """What the Beam build relies on: partial accumulators merged in any tree
+    give exactly the single pass's numbers (mean/std exact, same sample)."""
+    tiles = [make_tile(16, seed) for seed in range(9)]
+    for t in tiles[4:]:                    # large values: a naive float sum would round differently
+        t["dem"][..., 0] += 3000.0
+    kwargs = dict(seed=0, samples_per_tile=60, max_samples=150)   # the sample is truncated
+
+    def single(order):
+        acc = statistics.DatasetStatistics(**kwargs)
+        for i in order:
+            acc.update(tiles[i])
+        return acc.result()
+
+    reference = single(range(9))
+    assert single([8, 3, 0, 5, 1, 7, 2, 6, 4]) == reference
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        order = rng.permutation(9)
+        groups = np.array_split(order, 3)
+        parts = []
+        for g in groups:
+            acc = statistics.DatasetStatistics(**kwargs)
+            for i in g:
+                acc.update(tiles[i])
+            parts.append(acc)
+        assert statistics.merged(parts[::-1], **kwargs).result() == reference
+        nested = statistics.merged([parts[2], statistics.merged(parts[:2], **kwargs)], **kwargs)
+        assert nested.result() == reference
+    # Still the numbers of all pixels together.
+    elevation = np.concatenate([t["dem"][..., 0].ravel() for t in tiles]).astype(np.float64)
+    elevation = elevation[np.isfinite(elevation)]
+    np.testing.assert_allclose(reference["dem"]["mean"][0], elevation.mean(), rtol=1e-14)
+    np.testing.assert_allclose(reference["dem"]["std"][0], elevation.std(), rtol=1e-12)
+    assert reference["num_tiles"] == 9
+
+
 # ----------------------------------------------------------------------------
 # Normalization
 # ----------------------------------------------------------------------------

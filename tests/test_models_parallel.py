@@ -129,7 +129,7 @@ def test_gan_forward_backward_on_8_devices(mesh):
     start = state
     for _ in range(2):
         *state, grads, metrics = step(*state, sources, real)
-        jax.block_until_ready((state, grads, metrics))  # wait every step (DESIGN.md trap)
+        jax.block_until_ready((state, grads, metrics))  # wait every step: an all-reduce rendezvous can time out otherwise
         assert all(np.isfinite(float(v)) for v in metrics.values())
         assert float(metrics["fake_max"]) <= 1.0
 

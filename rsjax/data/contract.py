@@ -1,7 +1,7 @@
 """The data contract shared by ingestion, the TFDS builder and the input pipeline.
 
 One place for the names, units and no-data conventions of every source, so the
-writer of a record and its reader cannot drift apart. See DESIGN.md / README.
+writer of a record and its reader cannot drift apart. See docs/data.md.
 
 Stored per tile (physical units, channels last):
 
@@ -32,6 +32,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from rsjax.data import storage
 from rsjax.errors import UserError
 
 S2_BANDS = ("B2", "B3", "B4", "B8")          # blue, green, red, NIR
@@ -95,26 +96,29 @@ class Mosaic:
     in memory, so reads stay windowed: a window reads only the pieces under it).
     """
 
-    pieces: tuple[Path, ...]
+    pieces: tuple[Union[Path, str], ...]
 
     def __str__(self) -> str:
-        first = Path(self.pieces[0])
-        m = _SCENE_FILE.match(first.name)
-        prefix = first.name[:m.start("row") - 1] if m and m["row"] else first.stem
-        return f"{first.parent / prefix}-*.tif ({len(self.pieces)} pieces)"
+        first = self.pieces[0]
+        name = storage.name(first)
+        m = _SCENE_FILE.match(name)
+        prefix = name[:m.start("row") - 1] if m and m["row"] else name.rsplit(".", 1)[0]
+        return f"{storage.join(storage.parent(first), prefix)}-*.tif ({len(self.pieces)} pieces)"
 
 
-# A source is one GeoTIFF or the pieces of a split export.
-Source = Union[Path, Mosaic]
+# A source is one GeoTIFF (a local Path, or a URL string: gs://, s3://, http(s)://,
+# see storage.py) or the pieces of a split export.
+Source = Union[Path, str, Mosaic]
 
 
 @dataclasses.dataclass(frozen=True)
 class ScenePaths:
     """The four GeoTIFFs of one scene. `lulc` may be None for scenes without land cover.
 
-    Each source is a path, or a `Mosaic` of the pieces of a split export.
-    `s2_cloudy` (a cloudy S2 image of the same area) and `cloud_mask` (its
-    cloud/shadow mask, CLOUD_MASK_CODES) are there for cloud removal only.
+    Each source is a path (pathlib.Path for local files, a string for URLs,
+    which rasterio opens as they are), or a `Mosaic` of the pieces of a split
+    export. `s2_cloudy` (a cloudy S2 image of the same area) and `cloud_mask`
+    (its cloud/shadow mask, CLOUD_MASK_CODES) are there for cloud removal only.
     """
 
     scene_id: str
@@ -131,11 +135,34 @@ class ScenePaths:
                 if f.name != "scene_id" and getattr(self, f.name) is not None}
 
 
+def scene_to_record(scene: ScenePaths) -> tuple:
+    """A scene as plain data, (scene_id, ((source, path or (piece, ...) or None), ...)),
+    to hand to other processes (Beam would turn the dataclass into a schema row)."""
+    def plain(source):
+        if source is None:
+            return None
+        if isinstance(source, Mosaic):
+            return tuple(str(p) for p in source.pieces)
+        return str(source)
+    return scene.scene_id, tuple((k, plain(v)) for k, v in sorted(scene.as_dict().items()))
+
+
+def scene_from_record(record: tuple) -> ScenePaths:
+    """The inverse of `scene_to_record`."""
+    scene_id, paths = record
+
+    def source(value):
+        if isinstance(value, tuple):
+            return Mosaic(tuple(storage.as_path(p) for p in value))
+        return None if value is None else storage.as_path(value)
+    return ScenePaths(scene_id=scene_id, **{k: source(v) for k, v in paths})
+
+
 def as_source(source) -> Optional[Source]:
     """A path-like as a Path, a Mosaic as it is, None as None."""
     if source is None or isinstance(source, Mosaic):
         return source
-    return Path(source)
+    return storage.as_path(source)
 
 
 # Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem,
@@ -159,22 +186,23 @@ def group_scene_files(paths: Iterable, folder) -> dict[str, dict[str, Source]]:
     Raises InputError when a source comes both as a whole file and in pieces.
     """
     found: dict[str, dict[str, list]] = {}
-    for path in sorted(paths, key=lambda p: p.name):
-        m = _SCENE_FILE.match(path.name)
+    for path in sorted(paths, key=storage.name):
+        m = _SCENE_FILE.match(storage.name(path))
         if m:
-            found.setdefault(m["scene"], {}).setdefault(m["source"].lower(), []).append(path)
+            found.setdefault(m["scene"], {}).setdefault(m["source"].lower(), []).append(
+                storage.as_path(path) if isinstance(path, str) else path)
     scenes: dict[str, dict[str, Source]] = {}
     for scene_id, sources in found.items():
         scenes[scene_id] = {}
         for source, files in sources.items():
-            whole = [f for f in files if split_offsets(f.name) is None]
+            whole = [f for f in files if split_offsets(storage.name(f)) is None]
             if len(whole) > 1:
                 raise InputError(f"scene '{scene_id}' in {folder}: {source} comes as "
-                                 f"{' and '.join(f.name for f in whole)}. Keep one of them.")
+                                 f"{' and '.join(storage.name(f) for f in whole)}. Keep one of them.")
             if whole and len(files) > 1:
                 raise InputError(
-                    f"scene '{scene_id}' in {folder}: {source} comes both as {whole[0].name} and as "
-                    f"{len(files) - len(whole)} split export piece(s) ({', '.join(f.name for f in files if f not in whole)}). "
+                    f"scene '{scene_id}' in {folder}: {source} comes both as {storage.name(whole[0])} and as "
+                    f"{len(files) - len(whole)} split export piece(s) ({', '.join(storage.name(f) for f in files if f not in whole)}). "
                     "Keep either the whole file or the pieces.")
             scenes[scene_id][source] = whole[0] if whole else Mosaic(tuple(files))
     return scenes
@@ -189,9 +217,11 @@ def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incom
     files are ignored.
 
     The pieces of a split Earth Engine export (`<scene_id>_s2-0000000000-0000000000.tif`,
-    ...) become one `Mosaic` source. Listed through etils.epath, so a gs:// folder and TFDS's test sandbox work
-    too; the paths come back as pathlib Paths, or epath Paths for an epath
-    folder. A scene missing a source (land cover only when `require_lulc`) is
+    ...) become one `Mosaic` source. `folder` may be local, gs://, s3:// or
+    http(s)://, or a `.txt` list of scene prefixes (see rsjax.data.storage);
+    an etils epath folder (TFDS's manual_dir, its test sandbox) is listed
+    through epath and its paths come back as epath Paths. A scene missing a
+    source (land cover only when `require_lulc`) is
     an InputError naming every such scene and what it misses, so a build never
     starts on half a scene; with `skip_incomplete` it is skipped instead,
     logged and listed in `report["skipped_scenes"]` (if a report is given).
@@ -200,12 +230,18 @@ def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incom
     """
     from etils import epath
 
-    root = epath.Path(folder)
-    as_path = type(folder) if isinstance(folder, epath.Path) else Path
-    if not root.is_dir():
-        raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
-                         "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
-    found = group_scene_files((as_path(p) for p in root.iterdir()), folder)
+    if isinstance(folder, epath.Path) and not storage.is_list_file(folder):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
+                             "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files.")
+        paths = [type(folder)(p) for p in folder.iterdir()]
+    else:
+        if not storage.is_list_file(folder) and not storage.is_dir(folder):
+            raise InputError(f"{folder}: not a folder. Point to the folder holding <scene>_s2.tif, "
+                             "<scene>_s1.tif, <scene>_lulc.tif and <scene>_dem.tif files, or to a "
+                             ".txt file listing scene prefixes.")
+        paths = storage.scene_paths(folder)
+    found = group_scene_files(paths, folder)
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")

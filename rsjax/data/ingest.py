@@ -79,7 +79,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from rsjax import cli
-from rsjax.data import landcover, sar, terrain
+from rsjax.data import landcover, sar, storage, terrain
 from rsjax.data.contract import (CLOUD, CLOUD_MASK_UNKNOWN, COVER_BINS, LULC_NODATA, S2_NODATA,
                                  InputError, ScenePaths, cover_bin, find_scenes)
 from rsjax.data.rasterio_io import open_source, read_failure
@@ -217,14 +217,19 @@ class IngestReport:
 
 
 def _gdal_env(opts: IngestOptions) -> dict:
-    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM)."""
-    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20}
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM),
+    and no probing for sidecar files (a request each on object storage, see storage.py)."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20, **storage.gdal_options()}
 
 
-def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()) -> None:
-    """Checks every file of the scene; raises contract.InputError listing each problem (file, what, what to do)."""
+def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()):
+    """Checks every file of the scene; raises contract.InputError listing each problem (file, what, what to do).
+
+    Returns the scene's target grid (`register.TargetGrid`), e.g. to plan
+    which tiles it has before reading any of them."""
     with rasterio.Env(**_gdal_env(opts)):
-        inspect_scene(scene, opts)
+        grid, _ = inspect_scene(scene, opts)
+    return grid
 
 
 class RegisteredScene:
@@ -428,10 +433,12 @@ def tile_id(scene_id: str, row: int, col: int) -> str:
 
 
 def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
-                     report: IngestReport | None = None) -> Iterator[dict]:
+                     report: IngestReport | None = None, rows: range | None = None) -> Iterator[dict]:
     """Validates, registers and tiles one scene; yields the kept tiles as contract dicts.
 
     Counts kept and dropped tiles in `report` (when given) under the scene id.
+    `rows`: only the tiles whose top pixel row is in this range (a strip of
+    the scene, so that strips of one scene can be ingested in parallel).
     """
     with RegisteredScene(scene, opts) as reg:
         counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
@@ -447,6 +454,8 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
         counts.s2_offset = list(reg.specs["s2"].offsets) if "s2" in reg.specs else []
         crs = reg.grid.crs_string()
         for window in tile_windows(reg.width, reg.height, opts.tile_size, opts.step):
+            if rows is not None and int(window.row_off) not in rows:
+                continue
             arrays = reg.read(window)
             if reg.nodata_mask(arrays).mean() > opts.max_nodata_fraction:
                 counts.tiles_dropped_nodata += 1
@@ -463,7 +472,7 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
                 "crs": crs,
                 "transform": np.array([t.a, t.b, t.c, t.d, t.e, t.f], dtype=np.float64),
             }
-        if counts.tiles_kept == 0:
+        if counts.tiles_kept == 0 and rows is None:   # a strip's caller judges the whole scene
             counts.warning = no_tile_reason(scene.scene_id, reg.width, reg.height, opts, counts)
             log.warning("%s", counts.warning)
 
@@ -493,7 +502,8 @@ def no_tile_reason(scene_id: str, width: int, height: int, opts: IngestOptions, 
 # Command line
 # ---------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files")
+    parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files (local, gs://, "
+                        "s3://, https://) or a .txt list of scene prefixes")
     parser.add_argument("--tile_size", type=int, default=256, help="tile side in target-grid pixels")
     parser.add_argument("--stride", type=int, default=None,
                         help="step between tiles in pixels (default: tile_size)")

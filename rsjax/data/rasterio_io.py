@@ -27,6 +27,7 @@ import rasterio
 import rasterio.dtypes
 import rasterio.errors
 
+from rsjax.data import storage
 from rsjax.data.contract import InputError, Mosaic, Source, split_offsets
 
 # Descriptions accepted for each source, in channel order. Each channel lists
@@ -71,7 +72,8 @@ def _open_file(path: Path, role: str) -> rasterio.DatasetReader:
     try:
         return rasterio.open(path)
     except rasterio.errors.RasterioError as err:
-        if "No such file" in str(err) or "does not exist" in str(err):
+        if any(text in str(err) for text in ("No such file", "does not exist",
+                                             "response code: 404", "HTTP error code: 404")):
             raise InputError(f"{path}: {WHAT[role]} file does not exist. Check the path or the scene "
                              "folder.") from err
         raise InputError(
@@ -88,7 +90,7 @@ def open_source(source: Source | str, role: str) -> rasterio.DatasetReader:
     # os/open inside builders, and GDAL's own I/O is not affected.
     if isinstance(source, Mosaic):
         return rasterio.open(mosaic_vrt_xml(source, role))
-    return _open_file(Path(source), role)
+    return _open_file(storage.as_path(source), role)   # URLs stay strings: GDAL opens them
 
 
 @contextlib.contextmanager
@@ -151,7 +153,7 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str) -> str:
                              f"corner, not on whole pixels: it is not a piece of the same grid as "
                              f"{first['path']}. Check that every piece of {mosaic} comes from one export.")
         placed.append((info, int(round(col)), int(round(row))))
-    named = [split_offsets(Path(info["path"]).name) for info in infos]
+    named = [split_offsets(storage.name(info["path"])) for info in infos]
     if all(n is not None for n in named):
         origin = (min(n[0] for n in named), min(n[1] for n in named))
         for (info, col, row), (name_row, name_col) in zip(placed, named):
@@ -185,7 +187,8 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str) -> str:
         _metadata(el, first["band_tags"][band - 1])
         for info, col, row in placed:
             source = ET.SubElement(el, "SimpleSource")
-            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = info["path"]
+            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = storage.gdal_path(
+                info["path"])
             ET.SubElement(source, "SourceBand").text = str(band)
             ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(info["width"]),
                           ySize=str(info["height"]))

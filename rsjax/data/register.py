@@ -58,6 +58,8 @@ from rasterio.warp import aligned_target, calculate_default_transform, transform
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
+from rsjax.data import storage
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetGrid:
@@ -217,7 +219,9 @@ def exact_warped_vrt(ds: rasterio.DatasetReader, crs: CRS, transform: Affine, wi
                    resampling=resampling, src_nodata=src_nodata, nodata=nodata, dtype=dtype,
                    XSCALE=repr(float(scale[0])), YSCALE=repr(float(scale[1]))) as vrt:
         description = vrt.tags(ns="xml:VRT")["xml:VRT"]
-    return rasterio.open(exact_vrt_xml(description, ds.name))
+    # GDAL itself opens the source from the description: a URL needs its /vsicurl/
+    # (/vsigs/, /vsis3/) name, or GDAL's HTTP driver would download the whole file.
+    return rasterio.open(exact_vrt_xml(description, storage.gdal_path(ds.name)))
 
 
 class WarpedSource:

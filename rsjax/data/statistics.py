@@ -4,14 +4,29 @@ Accumulated tile by tile during the dataset build (over the train split) and
 stored in the dataset's metadata as plain JSON, so that the input pipeline
 normalizes from numbers that travel with the data.
 
-- mean and std: exact, over every valid pixel (Chan et al.'s pairwise merge of
-  per-tile mean and sum of squared deviations, in float64).
+The accumulators are mergeable, and the result does not depend on the order
+in which tiles arrive or on how they are grouped: the single-process build
+feeds tiles one after the other, the Beam build (rs_multisource with a
+runner) feeds them on many workers and merges the partial accumulators with
+`merge` in a Beam combiner (`StatisticsCombineFn`), and both give the same
+numbers, bit for bit. That is what each statistic is built for:
+
+- count, mean and std: exact, over every valid pixel. Each tile's count,
+  sum and sum of squared deviations from its own mean are computed in
+  float64 (deterministic: they depend on the tile alone); across tiles they
+  are added as exact rationals (`fractions.Fraction`; floats are dyadic, so
+  the denominators stay powers of two), and the dataset's sum of squared
+  deviations is sum(m2_tile) + sum(sum_tile^2 / n_tile) - sum^2 / n, the
+  pairwise (Chan et al.) combination written so that no step rounds across
+  tiles.
 - min and max: exact.
 - percentiles (1, 2, 50, 98, 99 by default): from a uniform random sample of
   the valid pixels (a bottom-k sketch: every offered pixel gets a random key
   and the `max_samples` smallest keys are kept), so memory stays bounded on
   any number of tiles. Each tile offers at most `samples_per_tile` pixels.
-  The sample is seeded, so the same build gives the same numbers.
+  The random draws of a tile are seeded by (seed, channel, tile id), so a
+  tile gets the same keys wherever it is processed, and the k smallest keys
+  of a union are the same whichever way it was merged (ties broken by value).
 - class frequencies: exact pixel counts of every Dynamic World label and of
   no-data (255).
 
@@ -21,7 +36,10 @@ out of aspect's statistics.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import fractions
+import hashlib
+import math
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -35,69 +53,118 @@ CHANNELS = {
     "dem": contract.DEM_CHANNELS,
 }
 
+_ZERO = fractions.Fraction(0)
+
+
+def _exact(x: float) -> fractions.Fraction:
+    return fractions.Fraction(float(x))
+
+
+def _tile_words(key: str) -> list[int]:
+    """Seed material of a tile key (stable across processes and Python versions)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+
 
 class ChannelStatistics:
-    """Running statistics of the valid values of C channels."""
+    """Mergeable statistics of the valid values of C channels."""
 
     def __init__(self, names: Sequence[str], *, samples_per_tile: int = 4096,
                  max_samples: int = 1 << 20, seed: int = 0):
         self.names = tuple(names)
         c = len(self.names)
-        self.count = np.zeros(c, np.int64)
-        self.mean = np.zeros(c, np.float64)
-        self.m2 = np.zeros(c, np.float64)      # sum of squared deviations from the mean
-        self.min = np.full(c, np.inf)
-        self.max = np.full(c, -np.inf)
+        self.count = [0] * c
+        self.sum = [_ZERO] * c             # exact sum of the values
+        self.m2_tiles = [_ZERO] * c        # exact sum of the tiles' own squared deviations
+        self.sq_tiles = [_ZERO] * c        # exact sum of sum_tile^2 / n_tile (each rounded once)
+        self.min = [math.inf] * c
+        self.max = [-math.inf] * c
         self.samples_per_tile = samples_per_tile
         self.max_samples = max_samples
-        self._rng = np.random.default_rng(seed)
+        self.seed = seed
+        self._updates = 0                  # key of an update that names no tile
         self._keys = [np.empty(0) for _ in range(c)]
         self._values = [np.empty(0) for _ in range(c)]
 
-    def update(self, values: np.ndarray, valid: np.ndarray) -> None:
-        """values (..., C); valid (..., C) or (...) bool: which values to count."""
+    def update(self, values: np.ndarray, valid: np.ndarray, key: Optional[str] = None) -> None:
+        """values (..., C); valid (..., C) or (...) bool: which values to count.
+
+        `key` names the tile (its id) and seeds its sample; without one,
+        updates are numbered in arrival order (fine for one sequential pass).
+        """
+        if key is None:
+            key = f"#{self._updates}"
+        self._updates += 1
         values = np.asarray(values, np.float64).reshape(-1, len(self.names))
         valid = np.asarray(valid, bool)
         valid = np.broadcast_to(valid.reshape(values.shape[0], -1), values.shape)
+        words = _tile_words(key)
         for ch in range(len(self.names)):
             x = values[valid[:, ch], ch]
             if x.size == 0:
                 continue
-            self._merge_moments(ch, x)
-            self._offer_samples(ch, x)
+            self._add_moments(ch, x)
+            self._offer_samples(ch, x, np.random.default_rng([self.seed, ch, *words]))
 
-    def _merge_moments(self, ch: int, x: np.ndarray) -> None:
-        n_b = x.size
-        mean_b = x.mean()
-        m2_b = ((x - mean_b) ** 2).sum()
-        n_a = self.count[ch]
-        n = n_a + n_b
-        delta = mean_b - self.mean[ch]
-        self.mean[ch] += delta * n_b / n
-        self.m2[ch] += m2_b + delta**2 * n_a * n_b / n
-        self.count[ch] = n
-        self.min[ch] = min(self.min[ch], x.min())
-        self.max[ch] = max(self.max[ch], x.max())
+    def _add_moments(self, ch: int, x: np.ndarray) -> None:
+        n = x.size
+        s = float(x.sum())
+        m2 = float(((x - s / n) ** 2).sum())
+        self.count[ch] += n
+        self.sum[ch] += _exact(s)
+        self.m2_tiles[ch] += _exact(m2)
+        self.sq_tiles[ch] += _exact(s * s / n)
+        self.min[ch] = min(self.min[ch], float(x.min()))
+        self.max[ch] = max(self.max[ch], float(x.max()))
 
-    def _offer_samples(self, ch: int, x: np.ndarray) -> None:
+    def _offer_samples(self, ch: int, x: np.ndarray, rng: np.random.Generator) -> None:
         if x.size > self.samples_per_tile:
-            x = self._rng.choice(x, self.samples_per_tile, replace=False)
-        keys = np.concatenate([self._keys[ch], self._rng.random(x.size)])
-        values = np.concatenate([self._values[ch], x])
-        if keys.size > self.max_samples:
-            keep = np.argpartition(keys, self.max_samples)[: self.max_samples]
+            x = rng.choice(x, self.samples_per_tile, replace=False)
+        self._keep(ch, np.concatenate([self._keys[ch], rng.random(x.size)]),
+                   np.concatenate([self._values[ch], x]))
+
+    def _keep(self, ch: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Keeps the max_samples smallest (key, value) pairs: the same set for any input order."""
+        k = self.max_samples
+        if keys.size > k:
+            kth = np.partition(keys, k - 1)[k - 1]
+            below = np.flatnonzero(keys < kth)
+            tied = np.flatnonzero(keys == kth)
+            tied = tied[np.argsort(values[tied], kind="stable")][: k - below.size]
+            keep = np.concatenate([below, tied])
             keys, values = keys[keep], values[keep]
         self._keys[ch], self._values[ch] = keys, values
 
+    def merge(self, other: "ChannelStatistics") -> "ChannelStatistics":
+        """Adds `other`'s values to this accumulator (in place); returns self."""
+        if other.names != self.names or other.max_samples != self.max_samples:
+            raise ValueError("merging statistics of different channels or sample sizes")
+        for ch in range(len(self.names)):
+            self.count[ch] += other.count[ch]
+            self.sum[ch] += other.sum[ch]
+            self.m2_tiles[ch] += other.m2_tiles[ch]
+            self.sq_tiles[ch] += other.sq_tiles[ch]
+            self.min[ch] = min(self.min[ch], other.min[ch])
+            self.max[ch] = max(self.max[ch], other.max[ch])
+            self._keep(ch, np.concatenate([self._keys[ch], other._keys[ch]]),
+                       np.concatenate([self._values[ch], other._values[ch]]))
+        self._updates += other._updates
+        return self
+
     def result(self, percentiles: Sequence[float] = PERCENTILES) -> dict:
-        out = {"channels": list(self.names), "count": self.count.tolist()}
-        with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.sqrt(self.m2 / self.count)
-        empty = self.count == 0
-        out["mean"] = [None if e else float(v) for e, v in zip(empty, self.mean)]
-        out["std"] = [None if e else float(v) for e, v in zip(empty, std)]
-        out["min"] = [None if e else float(v) for e, v in zip(empty, self.min)]
-        out["max"] = [None if e else float(v) for e, v in zip(empty, self.max)]
+        out = {"channels": list(self.names), "count": [int(n) for n in self.count]}
+        mean, std = [], []
+        for ch, n in enumerate(self.count):
+            if n == 0:
+                mean.append(None)
+                std.append(None)
+                continue
+            m2 = self.m2_tiles[ch] + self.sq_tiles[ch] - self.sum[ch] ** 2 / n
+            mean.append(float(self.sum[ch] / n))
+            std.append(math.sqrt(max(float(m2 / n), 0.0)))
+        out["mean"], out["std"] = mean, std
+        out["min"] = [None if n == 0 else float(v) for n, v in zip(self.count, self.min)]
+        out["max"] = [None if n == 0 else float(v) for n, v in zip(self.count, self.max)]
         out["percentiles"] = {}
         for p in percentiles:
             out["percentiles"][_percentile_key(p)] = [
@@ -123,7 +190,7 @@ def valid_masks(tile: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class DatasetStatistics:
-    """Statistics of all sources of a stream of contract tiles."""
+    """Mergeable statistics of all sources of a stream of contract tiles."""
 
     def __init__(self, *, seed: int = 0, samples_per_tile: int = 4096, max_samples: int = 1 << 20):
         self.sources = {name: ChannelStatistics(channels, seed=seed + i,
@@ -134,11 +201,21 @@ class DatasetStatistics:
         self.num_tiles = 0
 
     def update(self, tile: Mapping[str, np.ndarray]) -> None:
+        """Adds one tile; its `tile_id` (when present) seeds its pixel sample."""
         masks = valid_masks(tile)
+        key = str(tile["tile_id"]) if "tile_id" in tile else None
         for name, stats in self.sources.items():
-            stats.update(tile[name], masks[name])
+            stats.update(tile[name], masks[name], key=key)
         self.class_counts += np.bincount(np.asarray(tile["lulc"], np.uint8).ravel(), minlength=256)
         self.num_tiles += 1
+
+    def merge(self, other: "DatasetStatistics") -> "DatasetStatistics":
+        """Adds `other`'s tiles to this accumulator (in place); returns self."""
+        for name, stats in self.sources.items():
+            stats.merge(other.sources[name])
+        self.class_counts += other.class_counts
+        self.num_tiles += other.num_tiles
+        return self
 
     def result(self) -> dict:
         counts = self.class_counts[: contract.NUM_CLASSES]
@@ -155,3 +232,11 @@ class DatasetStatistics:
                 "invalid_count": int(self.class_counts[contract.NUM_CLASSES:contract.LULC_NODATA].sum()),
             },
         }
+
+
+def merged(accumulators: Iterable[DatasetStatistics], **kwargs) -> DatasetStatistics:
+    """One accumulator holding every tile of `accumulators` (a fresh one when there are none)."""
+    total = DatasetStatistics(**kwargs)
+    for acc in accumulators:
+        total.merge(acc)
+    return total

@@ -31,7 +31,7 @@ import rasterio
 import rasterio.errors
 from rasterio.enums import Resampling
 
-from rsjax.data import landcover, optical, sar
+from rsjax.data import landcover, optical, sar, storage
 from rsjax.data.contract import (CLOUD_MASK_CODES, CLOUD_MASK_UNKNOWN, LULC_NODATA, NUM_CLASSES, S2_BANDS,
                                  InputError, ScenePaths, Source, as_source)
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
@@ -241,7 +241,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
     grid_file = getattr(opts, "target_grid", None)
     try:
         if grid_file is not None:
-            grid = grid_of_file(Path(grid_file), opts)
+            grid = grid_of_file(storage.as_path(grid_file), opts)
         elif scene.s2 is None:
             raise InputError(
                 f"scene '{scene.scene_id}' has no optical (S2) file to take the target grid from: "

@@ -41,7 +41,7 @@ MIX_RATES = (0.5, 1.0, 2.0)
 TABLE1 = {
     "pix2pix": "model=pix2pix",
     "rs_spade": "model=rs_spade,objective=spade",
-    "rs_spade_l1": "model=rs_spade,objective=l1",
+    "rs_spade_l1": "model=rs_spade,objective=spade+l1",
 }
 # Table 2's source subsets (all three is Table 1's rs_spade).
 TABLE2 = ("s1", "lulc", "lulc+s1", "lulc+dem", "s1+dem")
@@ -134,7 +134,6 @@ def plan(scale: str, seeds: Optional[int] = None, tables: tuple[str, ...] = ("ta
                                       ("data.train_data=real", "data.train_scenes=optical")))
             runs.append(_segmentation(scale, "new_layouts", seed,
                                       ("data.train_data=mix", "data.mix_rate=1.0",
-                                       "data.train_scenes=optical",
-                                       "data.generated_scenes=no_optical"),
+                                       "data.train_scenes=optical"),
                                       (synth_half.name,)))
     return runs

@@ -30,16 +30,19 @@ TILES_FILE = "tiles_test.npz"
 SHOWN_FILE = "shown_test.npz"
 
 
-def run_config(run: Run, root: epath.Path, data_dir: Optional[str] = None):
-    """The locked ConfigDict of a training or synthesis run."""
+def run_config(run: Run, root: epath.Path, data_dir: Optional[str] = None,
+               extra: Optional[Callable[[Run], Sequence[str]]] = None):
+    """The locked ConfigDict of a training or synthesis run. `extra(run)` gives
+    more overrides for a run (e.g. smaller models in tests)."""
     from rsjax import config_loader
 
     overrides = list(run.overrides)
     if data_dir:
         overrides.append(f"data.data_dir={data_dir}")
+    overrides += list(extra(run) if extra else ())
     if run.kind == "segmentation" and run.generator:
         dirs = "+".join(str(root / name) for name in run.generator.split(","))
-        overrides.append(f"data.generated_dirs={dirs}")
+        overrides.append(f"data.generated_dir={dirs}")
     return config_loader.load_config(run.config, overrides)
 
 
@@ -70,13 +73,14 @@ def check_matches(run: Run, record: dict, config, root: epath.Path) -> None:
             f"--workdir for the new settings.")
 
 
-def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None) -> dict:
+def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
+            extra: Optional[Callable[[Run], Sequence[str]]] = None) -> dict:
     """Runs one run (resuming it if it was interrupted) and writes its run.json."""
     from rsjax.trainers import trainer_module
 
     out = root / run.name
-    config = run_config(run, root, data_dir)
-    started = time.time()
+    config = run_config(run, root, data_dir, extra)
+    started, cpu_started = time.time(), time.process_time()
     if run.kind == "synthesize":
         from rsjax import synthesize
 
@@ -99,7 +103,10 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None) -> dict:
             record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
                   config=_portable(_resolved(config), root),
-                  seconds=round(time.time() - started, 1))
+                  seconds=round(time.time() - started, 1),
+                  # CPU time of every thread of this process: on a shared machine the
+                  # wall time grows with the load, the CPU time much less.
+                  cpu_seconds=round(time.process_time() - cpu_started, 1))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
 
@@ -109,8 +116,11 @@ def _jsonable(tree):
 
 
 def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = None,
-             print_fn: Callable[[str], None] = print) -> list[dict]:
-    """Runs every unfinished run of `runs` in order; returns every run's record."""
+             print_fn: Callable[[str], None] = print,
+             extra: Optional[Callable[[Run], Sequence[str]]] = None,
+             limit: Optional[int] = None) -> list[Optional[dict]]:
+    """Runs the unfinished runs of `runs` in order (at most `limit` of them);
+    returns every run's record (None for runs not finished)."""
     from rsjax import logging_utils
 
     root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +128,7 @@ def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = No
     for run in runs:
         record = load_finished(run, root)
         if record is not None:
-            check_matches(run, record, run_config(run, root, data_dir), root)
+            check_matches(run, record, run_config(run, root, data_dir, extra), root)
         records.append(record)
         if record is None:
             todo.append(run)
@@ -127,10 +137,12 @@ def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = No
     for i, run in enumerate(runs):
         if records[i] is not None:
             continue
+        if limit is not None and done >= limit:
+            break
         eta = logging_utils.format_duration(
             spent / done * (len(todo) - done) if done else None)
         print_fn(f"[{done + 1}/{len(todo)}] {run.name} ({run.kind}) | ETA of the rest {eta}")
-        records[i] = execute(run, root, data_dir)
+        records[i] = execute(run, root, data_dir, extra)
         spent += records[i]["seconds"]
         done += 1
         print_fn(f"    done in {logging_utils.format_duration(records[i]['seconds'])}")

@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 from flax import nnx
@@ -359,6 +360,55 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optiona
     if cloud_scores:
         result["clouds"] = cloud_scores
     return result, shown_rows(shown)
+
+
+def score_tiles(config, workdir: str, split: str = "test", show: int = 4,
+                step: Optional[int] = None, devices=None) -> tuple[dict, dict]:
+    """Per-tile metric parts of a checkpoint on a whole split, in the split's
+    order (rsjax.metrics.image_metric_parts: psnr, ssim, has_psnr, has_ssim,
+    sam_sum, sam_count, each (tiles,)), and the `show` best and `show` worst
+    tiles by PSNR as image-grid rows (real, generated, land cover) with
+    `tile_index` and `score`. What the experiments resample for intervals."""
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    gen = setup.generate_jit(bool(config.eval_use_ema))
+    parts_fn = jax.jit(metrics.image_metric_parts)
+    num_tiles = input_pipeline.split_size(config.data, split)
+    it = input_pipeline.create_iterator(
+        config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
+        seed=int(config.seed), sources=setup.sources, num_epochs=1)
+    parts, kept = [], None
+    offset = 0
+    for batch in it:
+        fake = gen(state, batch)
+        p = parts_fn(input_pipeline.image_to_reflectance01(fake),
+                     input_pipeline.image_to_reflectance01(batch["image"]), batch["valid"])
+        host = mesh_lib.gather_to_host({"parts": p, "rows": grid_rows(batch["image"], fake,
+                                                                      batch["label"])})
+        size = min(len(host["parts"]["psnr"]), num_tiles - offset)
+        parts.append({k: v[:size] for k, v in host["parts"].items()})
+        kept = _keep_extremes(kept, {k: v[:size] for k, v in host["rows"].items()},
+                              np.arange(offset, offset + size), host["parts"]["psnr"][:size], show)
+        offset += size
+        if offset >= num_tiles:
+            break
+    tiles = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return tiles, {**kept, "score_name": np.asarray("psnr")}
+
+
+def _keep_extremes(kept: Optional[dict], rows: dict, index: np.ndarray, score: np.ndarray,
+                   show: int) -> dict:
+    """The `show` highest and `show` lowest scoring tiles so far (NaN scores skipped):
+    rows concatenated best first, then worst (lowest first)."""
+    pool = dict(rows, tile_index=index, score=np.asarray(score, np.float64))
+    if kept is not None:
+        pool = {k: np.concatenate([kept[k], pool[k]]) for k in pool}
+        # kept holds each tile once or twice (best and worst); keep unique tiles.
+        _, first = np.unique(pool["tile_index"], return_index=True)
+        pool = {k: v[np.sort(first)] for k, v in pool.items()}
+    finite = np.flatnonzero(np.isfinite(pool["score"]))
+    order = finite[np.argsort(pool["score"][finite], kind="stable")]
+    chosen = np.concatenate([order[::-1][:show], order[:show]])
+    return {k: v[chosen] for k, v in pool.items()}
 
 
 def grid_rows(real, generated, labels) -> dict:

@@ -88,7 +88,8 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
             step += 1
             pending.append(metrics)
             # Pull metrics to the host only at log time; this also bounds how far
-            # the host runs ahead of the devices (DESIGN.md's rendezvous trap).
+            # the host runs ahead of the devices: on several fake CPU devices an XLA
+            # all-reduce rendezvous can time out when the host never waits.
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 host = jax.device_get(pending)
                 pending = []

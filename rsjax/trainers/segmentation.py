@@ -164,6 +164,41 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optiona
     return result, _grid_rows(shown)
 
 
+def score_tiles(config, workdir: str, split: str = "test", show: int = 4,
+                step: Optional[int] = None, devices=None) -> tuple[dict, dict]:
+    """Per-tile confusion matrices of a checkpoint on a whole split, in the
+    split's order ({"cm": (tiles, K, K)}, rows = truth), and the `show` best
+    and `show` worst tiles by their own mIoU as image-grid rows (image, truth,
+    prediction) with `tile_index` and `score`. What the experiments resample
+    for intervals (rsjax.experiments.stats.segmentation_metric)."""
+    from rsjax.trainers.fusion import _keep_extremes
+
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    predict_fn = setup.jitted("predict", functools.partial(predict, setup))
+    per_tile = setup.jitted("per_tile_cm", jax.vmap(
+        lambda p, t: metrics.confusion_matrix(p, t, NUM_CLASSES)))
+    num_tiles = input_pipeline.split_size(config.data, split)
+    it = input_pipeline.create_iterator(
+        config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
+        seed=int(config.seed), sources=(), num_epochs=1)
+    cms, kept, offset = [], None, 0
+    for batch in it:
+        pred = jnp.argmax(predict_fn(state, batch["image"]), -1)
+        host = mesh_lib.gather_to_host({"cm": per_tile(pred, batch["label"]),
+                                        "rows": {"image": batch["image"], "truth": batch["label"],
+                                                 "prediction": pred}})
+        size = min(len(host["cm"]), num_tiles - offset)
+        cm = np.asarray(host["cm"][:size], np.int64)
+        cms.append(cm)
+        score = np.array([metrics.segmentation_scores(m)["miou"] for m in cm])
+        kept = _keep_extremes(kept, {k: v[:size] for k, v in host["rows"].items()},
+                              np.arange(offset, offset + size), score, show)
+        offset += size
+        if offset >= num_tiles:
+            break
+    return {"cm": np.concatenate(cms)}, {**kept, "score_name": np.asarray("miou")}
+
+
 def _grid_rows(shown: Optional[dict]) -> Optional[dict]:
     return None if shown is None else {"image": shown["image"], "truth": shown["label"],
                                        "prediction": shown["pred"]}

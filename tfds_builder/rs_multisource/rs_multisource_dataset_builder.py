@@ -7,10 +7,21 @@ the `synthetic` configs write their scenes with rsjax.data.synthetic, the
 
 Files are listed and read through etils.epath (never `os`/`open`, which
 TFDS's test case forbids here); rasterio opens the GeoTIFFs in GDAL.
+
+Two ways to build, one dataset: without a Beam runner the splits are
+generated in this process, scene after scene; with one
+(`tfds.download.DownloadConfig(beam_runner=..., beam_options=...)`, or
+`rsjax build --beam_pipeline_options=...`, or `tfds build
+--beam_pipeline_options=...`) the scenes, cut into strips of tile rows, are
+ingested in parallel on the runner's workers (`beam_build.py`). Both cut the
+same tiles with the same code (`scene_examples`), put them in the same splits,
+and compute the statistics with the same mergeable accumulators, so the two
+datasets hold the same examples, byte for byte, and the same metadata.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -40,10 +51,13 @@ Put the co-registered scene exports in one folder (the manual_dir, by default
     <scene_id>_lulc.tif  Dynamic World `label` (0..8)
     <scene_id>_dem.tif   Copernicus DEM GLO-30 elevation (m)
 
-Scene ids must match across the four files. Sources may come in different
+Scene ids must match across the four files. Instead of the files, the folder
+may hold a `scenes.txt` listing scene prefixes, one per line, local or in
+object storage (gs://, s3://, https://): <prefix>_s2.tif etc. are read there.
+Sources may come in different
 CRSs and resolutions; they are registered onto the Sentinel-2 grid (or the
-configured target grid). See README.md beside this builder for an Earth
-Engine export script.
+configured target grid). `rsjax export_ee` exports them from Earth Engine
+(see README.md beside this builder).
 """
 
 
@@ -160,6 +174,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             description="8 synthetic scenes of 256 x 256 px, 64 px tiles: the quick-start demo.",
             tile_size=64, synthetic_scenes=8, synthetic_size=256),
         RsMultisourceConfig(
+            name="synthetic_bench",
+            description="16 synthetic scenes of 512 x 512 px, 64 px tiles: the experiments' "
+                        "scale on 2 CPU cores (rsjax experiments report --scale bench).",
+            tile_size=64, synthetic_scenes=16, synthetic_size=512),
+        RsMultisourceConfig(
+            name="synthetic_paper",
+            description="36 synthetic scenes of 2048 x 2048 px, 256 px tiles: about 1,600 training "
+                        "tiles, the paper's segmentation setting (1,558).",
+            tile_size=256, synthetic_scenes=36, synthetic_size=2048),
+        RsMultisourceConfig(
             name="manual", description="The user's GeoTIFF exports from manual_dir, 256 px tiles.",
             tile_size=256),
         RsMultisourceConfig(
@@ -170,13 +194,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             name="synthetic_cloudy_demo",
             description="The demo scenes under clouds (cloud removal): 8 x 256 px, 64 px tiles.",
             tile_size=64, synthetic_scenes=8, synthetic_size=256, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy_bench",
+            description="The bench scenes under clouds (cloud removal): 16 x 512 px, 64 px tiles.",
+            tile_size=64, synthetic_scenes=16, synthetic_size=512, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy_paper",
+            description="The paper-scale scenes under clouds (cloud removal): 36 x 2048 px, "
+                        "256 px tiles.",
+            tile_size=256, synthetic_scenes=36, synthetic_size=2048, clouds=True),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "synthetic"
 
-    def __init__(self, *, file_format=None, **kwargs):
+    def __init__(self, *, file_format=None, beam_tiles_per_element: int = 64, **kwargs):
         # array_record reads without TensorFlow (tfds.data_source); pass
         # file_format="tfrecord" for tf.data (needs the `tf` extra).
+        # beam_tiles_per_element: how many tiles (about) one Beam element
+        # ingests: a scene is cut into strips of whole tile rows of this size,
+        # so big scenes spread over workers. It changes nothing in the data.
         super().__init__(file_format=file_format or "array_record", **kwargs)
+        if beam_tiles_per_element < 1:
+            raise ValueError(f"beam_tiles_per_element={beam_tiles_per_element}: must be >= 1")
+        self.beam_tiles_per_element = beam_tiles_per_element
 
     def _info(self) -> tfds.core.DatasetInfo:
         t = self.builder_config.tile_size
@@ -217,6 +256,33 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
                                self._report, clouds=cfg.clouds)
 
+    def _download_and_prepare(self, dl_manager, download_config):
+        # TFDS builds with Beam when `_split_generators` takes a `pipeline`
+        # (it creates the pipeline as soon as it sees the parameter), so the
+        # signature is chosen per build: a runner or options in the download
+        # config mean Beam, none means this process, as TFDS's own Beam
+        # datasets behave.
+        use_beam = (download_config.beam_runner is not None
+                    or download_config.beam_options is not None)
+        if use_beam:
+            self._split_generators = self._beam_split_generators
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        except contract.InputError:
+            raise
+        except Exception as err:  # pylint: disable=broad-except
+            if use_beam:
+                _raise_input_error_of_worker(err)
+                empty = re.search(r"examples is 0 for split (\w+)", str(err))
+                if empty:        # TFDS's Beam writer checks this before we can
+                    raise _empty_split_error(self.builder_config, empty[1],
+                                             self._num_scenes) from err
+            raise
+        finally:
+            self.__dict__.pop("_split_generators", None)
+        if use_beam:
+            self._read_beam_summary()
+
     def _split_generators(self, dl_manager):
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
@@ -224,8 +290,52 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for scene in scenes:               # bad inputs fail before anything is written
             _validate(scene, opts)
         logging.info("rs_multisource/%s: %d scenes", self.builder_config.name, len(scenes))
-        self._statistics = statistics_lib.DatasetStatistics(seed=0)
+        self._statistics = statistics_lib.DatasetStatistics(seed=STATISTICS_SEED)
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
+
+    def _beam_split_generators(self, dl_manager, pipeline):
+        """The splits as Beam PCollections: scenes are listed here, ingested on the workers."""
+        from . import beam_build  # needs apache-beam (the `beam` extra)
+
+        self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
+        scenes = self._scenes(dl_manager)
+        logging.info("rs_multisource/%s: %d scenes, built with Beam", self.builder_config.name,
+                     len(scenes))
+        self._num_scenes = len(scenes)
+        return beam_build.split_pcollections(
+            pipeline, scenes, self.builder_config, self._ingest_options(),
+            scene_examples=scene_examples, validate=_validate,
+            tiles_per_element=self.beam_tiles_per_element,
+            summary_path=str(self._beam_summary_path()), statistics_seed=STATISTICS_SEED)
+
+    def _beam_summary_path(self) -> epath.Path:
+        # Inside the build's temporary folder (self.data_dir during the build),
+        # on storage the workers share; removed once read.
+        return epath.Path(self.data_dir) / BEAM_SUMMARY_FILE
+
+    def _read_beam_summary(self) -> None:
+        """Statistics, report and split counts the Beam pipeline combined, into the metadata."""
+        path = self._beam_summary_path()
+        summary = json.loads(path.read_text())
+        path.unlink()
+        report = ingest.IngestReport(scenes={
+            sid: ingest.SceneCounts(**{k: v for k, v in c.items() if k != "tiles_total"})
+            for sid, c in summary["ingest"]["scenes"].items()})
+        for counts in report.scenes.values():
+            if counts.warning:
+                logging.warning("%s", counts.warning)
+        report.require_tiles()         # no scene yields a tile: say why, scene by scene
+        for split in splits_lib.SPLITS:
+            if not summary["split_counts"].get(split):
+                raise _empty_split_error(self.builder_config, split, self._num_scenes)
+        self.info.metadata[STATISTICS_KEY] = summary["statistics"]
+        self.info.metadata[BUILD_REPORT_KEY] = build_report(
+            self.builder_config, self._num_scenes, self._report["skipped_scenes"],
+            summary["dropped_straddling_tiles"], _report_summary(report))
+        if self.builder_config.clouds:
+            self.info.metadata[BUILD_REPORT_KEY]["tiles_by_cover"] = {
+                split: cover_counts(summary["tiles_by_cover"].get(split, [0] * (len(contract.COVER_BINS) + 1)))
+                for split in splits_lib.SPLITS}
 
     def _ingest_options(self):
         cfg = self.builder_config
@@ -237,7 +347,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
-        """Tiles of every scene that fall in `split`.
+        """Tiles of every scene that fall in `split` (the build without Beam).
 
         Each split re-reads every scene (TFDS generates one split after the
         other), and the split of a tile depends on its georeference only, so
@@ -250,37 +360,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         by_cover = [0] * (len(contract.COVER_BINS) + 1)     # the bins, then unknown (index -1)
         started = time.perf_counter()
         for scene in scenes:
-            for tile in _tiles_of(scene, opts, report):
-                chosen = splits_lib.assign_split(
-                    scene_id=str(tile["scene_id"]), tile_id=str(tile["tile_id"]),
-                    transform=tile["transform"], tile_size=cfg.tile_size,
-                    stride=cfg.effective_stride, block_tiles=cfg.block_tiles,
-                    mode=cfg.split_mode, fractions=cfg.split_fractions, seed=cfg.split_seed)
+            for chosen, key, example in scene_examples(scene, cfg, opts, report):
                 if chosen is None:
                     if split == "train":    # count once, not once per split pass
                         self._report["dropped_straddling_tiles"] += 1
                     continue
                 if chosen != split:
                     continue
-                example = {k: tile[k] for k in ("s2", "s1", "lulc", "dem")}
                 if cfg.clouds:
-                    example.update({k: tile[k] for k in CLOUD_KEYS})
-                    by_cover[contract.cover_bin(float(tile["cloud_cover"]))] += 1
-                example["tile_id"] = str(tile["tile_id"])
-                example["scene_id"] = str(tile["scene_id"])
-                example["crs"] = str(tile["crs"])
-                example["transform"] = np.asarray(tile["transform"], np.float64)
+                    by_cover[contract.cover_bin(float(example["cloud_cover"]))] += 1
                 if split == "train":
                     self._statistics.update(example)
                 count += 1
-                # Keys are tile ids (scene id + position): deterministic, no local paths.
-                yield example["tile_id"], example
+                yield key, example
         report.require_tiles()         # no scene yields a tile: say why, scene by scene
         if count == 0:
-            raise contract.InputError(
-                f"rs_multisource/{cfg.name}: the {split} split got no tiles from {len(scenes)} "
-                f"scene(s). Add scenes, use a smaller block_tiles (now {cfg.block_tiles}) or "
-                "tile_size, another split_seed, or split_mode='random'.")
+            raise _empty_split_error(cfg, split, len(scenes))
         logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
         if cfg.clouds:
             # One dict for all splits, referenced by the build report: complete
@@ -290,15 +385,77 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             # TFDS generates the splits before it writes dataset_info.json and
             # metadata.json, so the train statistics are complete by then.
             self.info.metadata[STATISTICS_KEY] = self._statistics.result()
-            self.info.metadata[BUILD_REPORT_KEY] = {
-                "config": _config_summary(cfg),
-                "num_scenes": len(scenes),
-                "skipped_scenes": list(self._report["skipped_scenes"]),
-                "dropped_straddling_tiles": int(self._report["dropped_straddling_tiles"]),
-                "ingest": _report_summary(report),
-                **({"tiles_by_cover": self._report.setdefault("tiles_by_cover", {})}
-                   if cfg.clouds else {}),
-            }
+            self.info.metadata[BUILD_REPORT_KEY] = build_report(
+                cfg, len(scenes), self._report["skipped_scenes"],
+                self._report["dropped_straddling_tiles"], _report_summary(report))
+            if cfg.clouds:
+                self.info.metadata[BUILD_REPORT_KEY]["tiles_by_cover"] = self._report.setdefault(
+                    "tiles_by_cover", {})
+
+
+# A manual_dir holding this file takes its scenes from it: one scene prefix per
+# line, local or remote (rsjax.data.storage.scene_paths), e.g. https://host/exports/rhine_2023.
+SCENE_LIST_FILE = "scenes.txt"
+# Seed of the statistics' pixel sample (both build paths).
+STATISTICS_SEED = 0
+# What the Beam pipeline leaves in the build's temporary folder for the driver.
+BEAM_SUMMARY_FILE = "beam_summary.json"
+
+
+def scene_examples(scene: contract.ScenePaths, cfg: RsMultisourceConfig, opts,
+                   report, rows: Optional[range] = None):
+    """(split, key, example) for every kept tile of a scene (or of a strip of its tile rows).
+
+    The one place where tiles become examples, for both build paths. split is
+    None (and example None) for a tile that straddles blocks of two splits.
+    Keys are tile ids (scene id + position): deterministic, no local paths.
+    """
+    for tile in _tiles_of(scene, opts, report, rows):
+        chosen = splits_lib.assign_split(
+            scene_id=str(tile["scene_id"]), tile_id=str(tile["tile_id"]),
+            transform=tile["transform"], tile_size=cfg.tile_size,
+            stride=cfg.effective_stride, block_tiles=cfg.block_tiles,
+            mode=cfg.split_mode, fractions=cfg.split_fractions, seed=cfg.split_seed)
+        if chosen is None:
+            yield None, str(tile["tile_id"]), None
+            continue
+        example = {k: tile[k] for k in ("s2", "s1", "lulc", "dem")}
+        if cfg.clouds:
+            example.update({k: tile[k] for k in CLOUD_KEYS})
+        example["tile_id"] = str(tile["tile_id"])
+        example["scene_id"] = str(tile["scene_id"])
+        example["crs"] = str(tile["crs"])
+        example["transform"] = np.asarray(tile["transform"], np.float64)
+        yield chosen, example["tile_id"], example
+
+
+def build_report(cfg: RsMultisourceConfig, num_scenes: int, skipped_scenes, dropped_straddling: int,
+                 ingest_summary: dict) -> dict:
+    return {
+        "config": _config_summary(cfg),
+        "num_scenes": int(num_scenes),
+        "skipped_scenes": list(skipped_scenes),
+        "dropped_straddling_tiles": int(dropped_straddling),
+        "ingest": ingest_summary,
+    }
+
+
+def _raise_input_error_of_worker(err: Exception) -> None:
+    """Re-raises a Beam worker's InputError (a bad scene) as the InputError it was.
+
+    Runners report a failed element as their own exception whose text holds
+    the worker's traceback; the user should get the one-line message that
+    names the scene and says what to do, as without Beam."""
+    match = re.search(r"InputError: (.*?)(?: \[while running '[^']*'\]|\Z)", str(err), re.DOTALL)
+    if match:
+        raise contract.InputError(match.group(1).strip()) from err
+
+
+def _empty_split_error(cfg: RsMultisourceConfig, split: str, num_scenes: int) -> contract.InputError:
+    return contract.InputError(
+        f"rs_multisource/{cfg.name}: the {split} split got no tiles from {num_scenes} "
+        f"scene(s). Add scenes, use a smaller block_tiles (now {cfg.block_tiles}) or "
+        "tile_size, another split_seed, or split_mode='random'.")
 
 
 CLOUD_KEYS = ("s2_cloudy", "cloud_mask", "cloud_cover")
@@ -323,20 +480,21 @@ def cover_counts(by_cover) -> dict:
     return {**dict(zip(labels, by_cover)), "unknown": by_cover[-1]}
 
 
-def _validate(scene: contract.ScenePaths, opts) -> None:
-    """ingest.validate_scene, with an unreadable file turned into an error naming the scene."""
+def _validate(scene: contract.ScenePaths, opts):
+    """ingest.validate_scene (returns the scene's grid), with an unreadable file turned
+    into an error naming the scene."""
     try:
-        ingest.validate_scene(scene, opts)
+        return ingest.validate_scene(scene, opts)
     except rasterio.errors.RasterioError as e:
         raise contract.InputError(
             f"scene '{scene.scene_id}': a GeoTIFF cannot be opened ({e}). It is probably "
             "truncated or corrupt: export it again.") from e
 
 
-def _tiles_of(scene: contract.ScenePaths, opts, report):
+def _tiles_of(scene: contract.ScenePaths, opts, report, rows: Optional[range] = None):
     """ingest.iter_scene_tiles, with a read failure turned into an error that names the scene."""
     try:
-        yield from ingest.iter_scene_tiles(scene, opts, report)
+        yield from ingest.iter_scene_tiles(scene, opts, report, rows)
     except rasterio.errors.RasterioError as e:
         raise contract.InputError(
             f"scene '{scene.scene_id}': reading its GeoTIFFs failed mid-build ({e}). The file is "
@@ -380,9 +538,12 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
     """The manual_dir's scenes, by rsjax.data.contract.find_scenes (the one
     convention; scenes missing a source fail, or are skipped with
     skip_incomplete and listed in report['skipped_scenes']), with the manual
-    download instructions added to its errors."""
+    download instructions added to its errors. A `scenes.txt` in the
+    manual_dir lists scene prefixes instead, anywhere (gs://, s3://,
+    https://; see rsjax.data.storage)."""
+    scene_list = folder / SCENE_LIST_FILE
     try:
-        return contract.find_scenes(folder, skip_incomplete=skip_incomplete, report=report,
-                                    clouds=clouds)
+        return contract.find_scenes(scene_list if scene_list.exists() else folder,
+                                    skip_incomplete=skip_incomplete, report=report, clouds=clouds)
     except contract.InputError as err:
         raise contract.InputError(f"manual_dir {err}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from err
