@@ -187,6 +187,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             name="manual", description="The user's GeoTIFF exports from manual_dir, 256 px tiles.",
             tile_size=256),
         RsMultisourceConfig(
+            name="manual_cloudy",
+            description="The user's exports with a cloudy image (<scene>_s2_cloudy.tif) and "
+                        "optionally its mask (<scene>_cloudmask.tif), for cloud removal; 256 px tiles.",
+            tile_size=256, clouds=True),
+        RsMultisourceConfig(
             name="synthetic_cloudy",
             description="The synthetic scenes under clouds (cloud removal): 8 x 1024 px, 256 px tiles.",
             tile_size=256, synthetic_scenes=8, synthetic_size=1024, clouds=True),
