@@ -8,7 +8,8 @@
 
 `--config` is one of the builder's configs: `synthetic` (8 scenes of 1024 px),
 `synthetic_demo` (the quick start's small one) or `manual` (your GeoTIFF
-exports in `--manual_dir`). The same build as `tfds build` on the builder
+exports in `--manual_dir`); for cloud removal `synthetic_cloudy[_demo]` and
+`manual_cloudy` (with `<scene>_s2_cloudy.tif` and `<scene>_cloudmask.tif`). The same build as `tfds build` on the builder
 (array_record files that read without TensorFlow). Options that differ from
 the named config (tile size, stride, ...) build a derived config named after
 them, e.g. `synthetic_t128`; `rsjax.input_pipeline` finds it from the data

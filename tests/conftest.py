@@ -68,6 +68,26 @@ def demo_data_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+# A small dataset with clouds: 3 synthetic scenes of 128 px, 32 px tiles; split
+# seed 3 puts 5 tiles of 24-99 % cloud cover, each with some clear pixels but
+# one, in the test split.
+CLOUDY_DATA = dict(name="rs_multisource/synthetic_cloudy_demo", tile_size=32, synthetic_scenes=3,
+                   synthetic_size=128, split_seed=3)
+
+
+@pytest.fixture(scope="session")
+def cloudy_data_dir(tmp_path_factory) -> Path:
+    """A small `synthetic_cloudy_demo` dataset (CLOUDY_DATA), built once per session."""
+    import ml_collections
+
+    from rsjax import input_pipeline
+
+    data_dir = tmp_path_factory.mktemp("tfds_cloudy")
+    input_pipeline.ensure_dataset(ml_collections.ConfigDict(dict(
+        data_dir=str(data_dir), worker_count=0, **CLOUDY_DATA)))
+    return data_dir
+
+
 @pytest.fixture(autouse=True)
 def _rsjax_logger_propagates():
     """Commands run in-process (rsjax.cli) give the 'rsjax' logger its own

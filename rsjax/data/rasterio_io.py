@@ -37,6 +37,8 @@ BAND_NAMES: dict[str, tuple[tuple[str, ...], ...]] = {
     "s1": (("VV",), ("VH",)),
     "lulc": (("label", "lulc", "landcover", "land_cover", "classification"),),
     "dem": (("DEM", "elevation", "height"),),
+    "s2_cloudy": (("B2",), ("B3",), ("B4",), ("B8",)),
+    "cloud_mask": (("cloud_mask", "cloudmask", "cloud_shadow_mask", "mask"),),
 }
 
 WHAT = {
@@ -44,6 +46,8 @@ WHAT = {
     "s1": "Sentinel-1 SAR (VV, VH)",
     "lulc": "land cover labels",
     "dem": "elevation (DEM)",
+    "s2_cloudy": "cloudy Sentinel-2 optical (B2, B3, B4, B8)",
+    "cloud_mask": "cloud/shadow mask (0 clear, 1 cloud, 2 shadow)",
     "grid": "target grid",
 }
 

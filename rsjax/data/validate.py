@@ -33,7 +33,8 @@ import rasterio.errors
 from rasterio.enums import Resampling
 
 from rsjax.data import landcover, optical, plausible, sar, storage
-from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, S2_BANDS, InputError, ScenePaths, Source, as_source
+from rsjax.data.contract import (CLOUD_MASK_CODES, CLOUD_MASK_UNKNOWN, LULC_NODATA, NUM_CLASSES, S2_BANDS,
+                                 InputError, ScenePaths, Source, as_source)
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
 
@@ -70,10 +71,12 @@ def default_nodata(role: str, ds: rasterio.DatasetReader) -> float | None:
     """
     if ds.nodata is not None:
         return float(ds.nodata)
-    if role == "s2":
+    if role in ("s2", "s2_cloudy"):
         return 0.0
     if role == "lulc":
         return float(LULC_NODATA)
+    if role == "cloud_mask":
+        return float(CLOUD_MASK_UNKNOWN)
     return float("nan") if np.dtype(ds.dtypes[0]).kind == "f" else None
 
 
@@ -95,7 +98,8 @@ def _sample(ds: rasterio.DatasetReader, bands: tuple[int, ...], role: str) -> np
     return data.astype(np.float64)
 
 
-def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> tuple[set, set]:
+def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None,
+                  role: str = "lulc") -> tuple[set, set]:
     """(whole values, fractional values) of a label band's valid pixels, read block by block.
 
     Stops early once either set is too large to be a legend (the file is in error then anyway).
@@ -119,7 +123,7 @@ def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None) -
             if len(values) > _MAX_VALUES or len(fractional) >= _MAX_LISTED:
                 break
     except rasterio.errors.RasterioError as err:
-        raise read_failure(source_name(ds), "lulc", err) from err
+        raise read_failure(source_name(ds), role, err) from err
     return values, fractional
 
 
@@ -194,6 +198,23 @@ def _short(texts, limit: int = 4) -> str:
     return ", ".join(texts[:limit]) + (", ..." if len(texts) > limit else "")
 
 
+def check_cloud_mask(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> None:
+    """Raises InputError unless the mask's valid pixels hold only 0 (clear), 1 (cloud), 2 (shadow)."""
+    values, fractional = _label_values(ds, band, nodata, "cloud_mask")
+    bad = sorted(values - set(CLOUD_MASK_CODES)) + sorted(fractional)
+    if bad:
+        raise InputError(
+            f"{source_name(ds)}: cloud mask values {_listed(bad)} are not codes 0 (clear), 1 (cloud), "
+            f"2 (cloud shadow) or the no-data {nodata:g}. Convert the mask first: e.g. from the "
+            "Sentinel-2 scene classification (SCL) 8, 9, 10 (clouds) and 7 -> 1, 3 (shadow) -> 2, "
+            "the rest -> 0; from a cloud probability, threshold it to 0/1.")
+
+
+def _listed(values) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:_MAX_LISTED])
+    return shown + (" ..." if len(values) > _MAX_LISTED else "")
+
+
 def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
     """Validates one file; returns its SourceSpec or raises InputError naming it."""
     with open_raster(path, role, _any_format(opts)) as ds:
@@ -223,15 +244,17 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
                 f"Export the scene again" + (", or leave the land cover out." if role == "lulc" else "."))
         units = None
         valid_values = sample[:, ~pixel_missing]
-        if role == "s2" and valid_values.max() <= 2.0:
+        if role in ("s2", "s2_cloudy") and valid_values.max() <= 2.0:
             raise InputError(
                 f"{path}: optical values are at most {valid_values.max():.3g}: this looks like "
                 f"reflectance in 0..1. Provide reflectance x 10000 (as Sentinel-2 L2A products store it).")
         if role == "s1":
             units = opts.s1_units if opts.s1_units != "auto" else s1_units_of(ds, bands, valid_values)
         offsets = None
-        if role == "s2":
+        if role in ("s2", "s2_cloudy"):
             offsets = optical.s2_offsets(ds, bands, S2_BANDS, getattr(opts, "s2_offset", None), source_name(ds))
+        if role == "cloud_mask":
+            check_cloud_mask(ds, bands[0], nodata)
         if role == "lulc":
             check_labels(ds, bands[0], nodata, getattr(opts, "lulc_map", None),
                          getattr(opts, "lulc_legend", "auto"))
@@ -282,7 +305,7 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
         problems.append(str(err))
     # A scene read for prediction may lack any source but the one the grid comes from;
     # S2 was inspected above unless another file gives the grid.
-    roles = [r for r in ("s2", "s1", "dem", "lulc")
+    roles = [r for r in ("s2", "s1", "dem", "lulc", "s2_cloudy", "cloud_mask")
              if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:

@@ -2,6 +2,7 @@
 
     rsjax experiments report --scale demo --workdir work/exp_demo
     rsjax experiments report --scale bench --workdir work/exp_bench
+    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo
 
 `report` runs every run of a scale's plan that has not finished (resuming an
 interrupted one) and writes the tables, claims and figures;
@@ -12,4 +13,7 @@ interrupted one) and writes the tables, claims and figures;
 SUBCOMMANDS = {
     "report": ("rsjax.experiments.report",
                "Tables 1-3 and Figure 8 at a scale, over seeds, with intervals and verdicts"),
+    "cloud_removal": ("rsjax.experiments.cloud_removal",
+                      "beyond the paper: cloud removal as SEN12MS-CR reports it, with the peers' "
+                      "numbers"),
 }
