@@ -33,10 +33,15 @@ CORE = [
 ]
 
 EXTRAS = {
+    # The tests' own needs, so that the README's one test command runs every test:
     # scikit-image: the SSIM/PSNR reference; apache-beam: the Beam build's tests;
-    # fsspec[http]: HTTP folder listing in the object-storage tests
-    "test": ["pytest>=8", "scikit-image>=0.24", "apache-beam>=2.77,<3", "fsspec[http]"],
-    "tf": ["tensorflow-cpu>=2.18", "dill"],          # dill: TFDS's DatasetBuilderTestCase
+    # fsspec[http]: HTTP folder listing in the object-storage tests; TensorFlow (CPU)
+    # and dill: TFDS's DatasetBuilderTestCase and the TFRecord build (TensorFlow installs
+    # beside jax 0.10 without moving any other pin, ~1.3 GB); pytest-xdist: the suite
+    # runs on every core (pytest.ini), one test file per worker.
+    "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "scikit-image>=0.24", "apache-beam>=2.77,<3",
+             "fsspec[http]", "tensorflow-cpu>=2.18", "dill"],
+    "tf": ["tensorflow-cpu>=2.18", "dill"],          # the TFRecord build (rsjax build --file_format tfrecord)
     "tensorboard": [],           # kept so `pip install rsjax[tensorboard]` still works: now core
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11", "etils[epath-gcs]"],

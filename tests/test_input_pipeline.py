@@ -509,14 +509,19 @@ def test_generated_images_mix_one_to_one_with_real_tiles(built, tmp_path):
     norm = ip.Normalizer.from_statistics(ip.load_statistics(builder))
     image = np.zeros((4, 16, 16, 4), np.float32)          # mid-range reflectance in model space
     np.savez(tmp_path / "gen.npz", tile_id=np.array(ids), image=image)
-    mixed = ip.generated_source(real, str(tmp_path), norm)
-    assert len(mixed) == len(real) + 4
-    rec = mixed[len(real) + 2]
-    assert rec["tile_id"].decode() == ids[2]
-    np.testing.assert_array_equal(rec["lulc"], real[2]["lulc"])
-    back = ip.normalize_tile(rec, norm, ())["image"]
-    valid = np.any(real[2]["s2"] != 0, axis=-1)
-    np.testing.assert_allclose(back[valid], 0.0, atol=2e-3)
+    # Rate 1 over the 4 real tiles those images belong to: 4 real + 4 generated.
+    mixed = ip.generated_source(real, str(tmp_path), norm, real_indices=range(4))
+    assert len(mixed) == 8
+    generated = [mixed[i] for i in range(4, 8)]
+    assert sorted(r["tile_id"].decode() for r in generated) == sorted(ids)
+    for rec in generated:                       # each image with its own tile's labels
+        k = ids.index(rec["tile_id"].decode())
+        np.testing.assert_array_equal(rec["lulc"], real[k]["lulc"])
+        back = ip.normalize_tile(rec, norm, ())["image"]
+        valid = np.any(real[k]["s2"] != 0, axis=-1)
+        np.testing.assert_allclose(back[valid], 0.0, atol=2e-3)
+    # The real part is the real records themselves.
+    assert [mixed[i]["tile_id"].decode() for i in range(4)] == ids
 
 
 def test_builders_of_named_and_derived_configs_survive_pickling(tmp_path):

@@ -155,7 +155,11 @@ def scene_from_record(record: tuple) -> ScenePaths:
         if isinstance(value, tuple):
             return Mosaic(tuple(storage.as_path(p) for p in value))
         return None if value is None else storage.as_path(value)
-    return ScenePaths(scene_id=scene_id, **{k: source(v) for k, v in paths})
+    # Every field named, so a scene without a required source (a prediction
+    # scene has no S2) comes back as it went, with None there.
+    fields = {f.name: None for f in dataclasses.fields(ScenePaths) if f.name != "scene_id"}
+    fields.update({k: source(v) for k, v in paths})
+    return ScenePaths(scene_id=scene_id, **fields)
 
 
 def as_source(source) -> Optional[Source]:

@@ -135,8 +135,10 @@ def is_dir(path: PathLike) -> bool:
 def exists(path: PathLike) -> bool:
     s = scheme(path)
     if s in ("http", "https"):
-        # A HEAD request (fsspec's exists() would start a GET of the whole file).
-        try:
+        found = _http_head(str(path))
+        if found is not None:
+            return found
+        try:  # the server refused HEAD: fsspec's probe (it may GET)
             _fsspec(str(path)).info(str(path))
         except FileNotFoundError:
             return False
@@ -145,6 +147,24 @@ def exists(path: PathLike) -> bool:
         return _epath(path).exists()
     except ImportError as err:
         raise _backend_error(path, err) from None
+
+
+def _http_head(url: str, timeout: float = 30.0):
+    """True/False from a HEAD request (2xx / 404 or 410), None when the server does
+    not answer HEAD. By hand because fsspec's exists() follows a failed HEAD (a
+    404 included) with a GET, which without a range asks for a whole file."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError as err:
+        if err.code in (404, 410):
+            return False
+        if err.code in (403, 405, 501):   # HEAD not allowed (e.g. some signed URLs)
+            return None
+        raise UserError(f"{url}: the server answered HEAD with HTTP {err.code} ({err.reason}). "
+                        "Check the URL and that the files are readable.") from None
 
 
 def list_folder(folder: PathLike) -> list[PathLike]:
