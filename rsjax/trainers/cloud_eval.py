@@ -142,3 +142,29 @@ def grid_options(rows: Mapping) -> dict:
     if "cloud mask" not in rows:
         return {}
     return {"kinds": {"cloud mask": "cloud_mask"}, "stretch_rows": ("clear truth",)}
+
+
+def final_evaluation(workdir: str, split: str, step: int, evaluate, render, writer,
+                     is_main: bool) -> dict:
+    """The end-of-training evaluation of a model that outputs S2 (RS-SPADE, pix2pix,
+    DSen2-CR), with the cloud-removal tables when the split has clouds: scores
+    logged and written (loop.write_final_evaluation), a grid of the shown tiles.
+
+    `evaluate(clouds)` -> (scores, shown rows or None) runs the trainer's own
+    evaluation, feeding `clouds` (a CloudEvaluator); `render(shown)` -> the grid.
+    """
+    from rsjax import viz                        # plotting only here
+    from rsjax.trainers import loop
+
+    clouds = CloudEvaluator()
+    scores, shown = evaluate(clouds)
+    cloud_scores = write(workdir, split, step, clouds)
+    if cloud_scores:
+        scores.update(summary(cloud_scores))
+    writer.write_scalars(step, {f"{split}_{k}": v for k, v in scores.items()})
+    if is_main and shown is not None:
+        grid = render(shown)
+        viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
+        writer.write_images(step, {f"{split}_images": grid})
+    loop.write_final_evaluation(workdir, split, step, scores)
+    return scores

@@ -32,8 +32,9 @@ from rsjax import mesh as mesh_lib
 from rsjax.data.contract import CLOUD, CLOUD_SHADOW, CLOUDY, MODEL_SOURCES, CLOUD_MASK_UNKNOWN
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
+from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, cloud_eval, loop
-from rsjax.trainers.nonfinite import all_finite, guarded_update
+from rsjax.trainers.nonfinite import guarded_model_step
 
 log = logging.getLogger("rsjax")
 
@@ -102,28 +103,16 @@ def predict(setup: Setup, state: dict, batch: dict) -> jax.Array:
 
 
 def train_step(setup: Setup, state: dict, batch: dict):
-    _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
     weight = float(setup.config.loss.carl_weight)
     compute_dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
 
-    def loss_fn(p):
-        model = nnx.merge(setup.train_graph, p, rest, copy=True)
+    def loss_of_model(model):
         inputs = {s: batch[s].astype(compute_dtype) for s in setup.sources}
         out = model(inputs).astype(jnp.float32)
-        loss = losses.cloud_adaptive_l1(out, batch["image"], batch[CLOUDY], covered(batch["cloud_mask"]),
-                                        batch["valid"], weight=weight)
-        return loss, (out, nnx.state(model, nnx.Not(nnx.Param)))
+        return losses.cloud_adaptive_l1(out, batch["image"], batch[CLOUDY], covered(batch["cloud_mask"]),
+                                        batch["valid"], weight=weight), out
 
-    (loss, (out, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    finite = jnp.isfinite(loss) & all_finite(grads)
-
-    def updates():
-        param_updates, new_opt = setup.tx.update(grads, state["opt"], params)
-        new_params = optax.apply_updates(params, param_updates)
-        return {"model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
-                "opt": new_opt}
-
-    new_state = guarded_update(finite, updates, state)
+    new_state, loss, out = guarded_model_step(setup, state, loss_of_model)
     l1 = losses.l1_loss(out, batch["image"], valid_mask=batch["valid"])
     return new_state, {"loss": loss, "l1": l1, "nonfinite": new_state["nonfinite"].astype(jnp.float32)}
 
@@ -198,6 +187,7 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
     return remove_clouds, step
 
 
+@one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     setup = Setup(config)                       # config errors before anything is created
@@ -237,16 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     result = {"step": step}
     if config.final_eval_split:
         split = config.final_eval_split
-        clouds = cloud_eval.CloudEvaluator()
-        scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4,
-                                       clouds=clouds)
-        scores.update(cloud_eval.summary(cloud_eval.write(workdir, split, step, clouds) or {}))
-        result.update(scores)
-        writer.write_scalars(step, {f"{split}_{k}": v for k, v in scores.items()})
-        if is_main and shown is not None:
-            grid = viz.render_grid(shown, **cloud_eval.grid_options(shown))
-            viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
-            writer.write_images(step, {f"{split}_images": grid})
-        loop.write_final_evaluation(workdir, split, step, scores)
+        result.update(cloud_eval.final_evaluation(
+            workdir, split, step,
+            lambda clouds: evaluate_split(setup, state, config, split, mesh, collect_images=4,
+                                          clouds=clouds),
+            lambda shown: viz.render_grid(shown, **cloud_eval.grid_options(shown)), writer, is_main))
     writer.close()
     return result

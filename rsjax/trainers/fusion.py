@@ -494,19 +494,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     result = {"step": step}
     if config.final_eval_split:
         split = config.final_eval_split
-        clouds = cloud_eval.CloudEvaluator()
-        scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4,
-                                       clouds=clouds)
-        cloud_scores = cloud_eval.write(workdir, split, step, clouds)
-        if cloud_scores:
-            scores.update(cloud_eval.summary(cloud_scores))
-        result.update(scores)
-        writer.write_scalars(step, {f"{split}_{k}": v for k, v in scores.items()})
-        if is_main and shown is not None:
-            grid = render_rows(shown_rows(shown))
-            viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
-            writer.write_images(step, {f"{split}_images": grid})
-        loop.write_final_evaluation(workdir, split, step, scores)
+        result.update(cloud_eval.final_evaluation(
+            workdir, split, step,
+            lambda clouds: evaluate_split(setup, state, config, split, mesh, collect_images=4,
+                                          clouds=clouds),
+            lambda shown: render_rows(shown_rows(shown)), writer, is_main))
     writer.close()
     return result
 

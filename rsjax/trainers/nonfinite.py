@@ -67,3 +67,32 @@ def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str,
         f"gradient; they were skipped and did not change the model. {kept}. Lower the learning "
         f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
         f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
+
+
+def guarded_model_step(setup, state: dict, loss_of_model: Callable) -> tuple[dict, jax.Array, object]:
+    """One optimizer step of a single-model trainer (segmentation, cloud removal)
+    under the guard: (new state, loss, aux) where `loss_of_model(model)` ->
+    (loss, aux) is computed on `setup.train_graph` merged with the state's
+    parameters, and `setup.tx` updates them; the model's other state (batch
+    statistics) is kept from the same forward pass.
+    """
+    import optax
+    from flax import nnx
+
+    _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
+
+    def loss_fn(p):
+        model = nnx.merge(setup.train_graph, p, rest, copy=True)
+        loss, aux = loss_of_model(model)
+        return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+
+    def updates():
+        param_updates, new_opt = setup.tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, param_updates)
+        return {"model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
+                "opt": new_opt}
+
+    return guarded_update(finite, updates, state), loss, aux

@@ -30,7 +30,7 @@ from rsjax.errors import ConfigError
 from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, loop
-from rsjax.trainers.nonfinite import all_finite, guarded_update
+from rsjax.trainers.nonfinite import guarded_model_step
 
 log = logging.getLogger("rsjax")
 
@@ -87,24 +87,11 @@ def class_weights(config) -> Optional[jax.Array]:
 
 
 def train_step(setup: Setup, class_weights, state: dict, batch: dict):
-    _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
-
-    def loss_fn(p):
-        model = nnx.merge(setup.train_graph, p, rest, copy=True)
+    def loss_of_model(model):
         logits = model(batch["image"])
-        loss = losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights)
-        return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+        return losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights), logits
 
-    (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    finite = jnp.isfinite(loss) & all_finite(grads)
-
-    def updates():
-        param_updates, new_opt = setup.tx.update(grads, state["opt"], params)
-        new_params = optax.apply_updates(params, param_updates)
-        return {"model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
-                "opt": new_opt}
-
-    out = guarded_update(finite, updates, state)
+    out, loss, logits = guarded_model_step(setup, state, loss_of_model)
     cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
     acc = jnp.trace(cm) / jnp.maximum(cm.sum(), 1)
     return out, {"loss": loss, "train_accuracy": acc,
