@@ -3,6 +3,7 @@
     rsjax bench                                   # everything, float32
     rsjax bench --parts fusion --sizes 128 --batches 1
     rsjax bench --dtype bfloat16                  # on a GPU or TPU
+    rsjax bench --parts matmul,unet --against torch   # PyTorch's U-Net step, same run
     rsjax bench --out work/bench.json
 
 Parts (`--parts`, comma-separated):
@@ -15,10 +16,15 @@ Parts (`--parts`, comma-separated):
   inputs already on the device. images/s, FLOP per step from XLA's cost
   analysis of the step traced with plain convolutions (`model_flops`),
   achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch
-  reference (NVlabs SPADE) measured on the development machine (DESIGN.md),
-  for the sizes the reference has.
+  reference (NVlabs SPADE) at batch 1 for the sizes it has: figures recorded
+  on the development machine (DESIGN.md), not measured in the same run
+  (`pytorch_reference: "recorded"`).
 - `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
-  width 64, depth 5, AdamW).
+  width 64, depth 5, AdamW). With `--against torch` each entry also times
+  PyTorch's step of the same U-Net (`rsjax.bench_torch`, the `bench` extra)
+  in a subprocess right after rsjax's, in the same run, so PyTorch's and
+  XLA's thread pools never compete: `pytorch` holds its figures and
+  `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain
   workers) on the demo dataset, in megapixels/s, against what each measured
   fusion step consumes.
@@ -29,10 +35,12 @@ more, data-parallel, and reports per-step figures for the global batch).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,9 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsjax import cli
-from rsjax.errors import UserError
+from rsjax.errors import RunFailed, UserError
 
 PARTS = ("matmul", "fusion", "unet", "pipeline")
+AGAINST = ("none", "torch")
 
 # NVlabs SPADE (PyTorch, oneDNN) on the development machine, 2 cores of an AMD
 # EPYC (Zen 4), float32, batch 1, 15 conditioning channels, ngf/ndf 64: seconds
@@ -224,9 +233,33 @@ def add_reference(entry: dict) -> dict:
     # The reference is the full-width model: a variant is not comparable.
     if ref and entry["batch"] == 1 and entry["dtype"] == "float32" and not entry.get("config_arg"):
         ref_images_per_s = 1.0 / ref["seconds_per_step"][0]
+        entry["pytorch_reference"] = "recorded"     # DESIGN.md's figures, not this run's
         entry["pytorch_reference_images_per_s"] = round(ref_images_per_s, 4)
         entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / ref_images_per_s, 2)
         entry["pytorch_reference_gflop_per_step"] = ref["gflop_per_step"]
+    return entry
+
+
+def torch_unet_step(size: int, batch: int, dtype: str, steps: int, config_arg: str = "") -> dict:
+    """PyTorch's train step of the U-Net the segmentation config builds
+    (`rsjax.bench_torch`), timed in a subprocess: its own thread pool, none of XLA's."""
+    model = unet_config(size, batch, dtype, config_arg).model
+    cmd = [sys.executable, "-m", "rsjax.bench_torch", "--batch", str(batch), "--size", str(size),
+           "--steps", str(steps), "--dtype", dtype, "--width", str(model.width),
+           "--depth", str(model.depth)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RunFailed(f"the PyTorch U-Net step ({' '.join(cmd[1:])}) failed: "
+                        f"{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def add_torch_comparison(entry: dict, torch_entry: dict) -> dict:
+    """PyTorch's figures of the same step in this run, and rsjax's images/s over them."""
+    entry["pytorch"] = {k: torch_entry[k] for k in (
+        "torch_version", "threads", "parameters", "seconds_per_step", "seconds_min",
+        "images_per_second")}
+    entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / torch_entry["images_per_second"], 3)
     return entry
 
 
@@ -289,6 +322,9 @@ def add_arguments(parser) -> None:
                         help="where the demo dataset is (built if missing) for the pipeline part")
     parser.add_argument("--config_arg", default="",
                         help="config variant for both steps, e.g. 'demo' (default: the full model)")
+    parser.add_argument("--against", choices=AGAINST, default="none",
+                        help="torch: also time PyTorch's step of the same U-Net in this run "
+                             "(needs the bench extra) and report the ratio")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
 
 
@@ -300,6 +336,25 @@ def check_args(args) -> None:
             raise UserError(f"--batches: {b} is not divisible by --devices={args.devices}")
     if args.config_arg:
         _load_config("fusion", args.config_arg)        # an unknown variant fails here, first
+    if args.against == "torch":
+        check_torch_args(args)
+
+
+def check_torch_args(args) -> None:
+    if "unet" not in args.parts:
+        raise UserError("--against torch compares the U-Net step: add unet to --parts.")
+    if args.devices != 1:
+        raise UserError(f"--against torch times PyTorch on one process: use --devices 1, "
+                        f"not {args.devices}.")
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--against torch needs PyTorch: pip install 'rsjax[bench]' (on machines "
+                        "without a GPU take PyTorch's CPU build first: pip install torch "
+                        "--index-url https://download.pytorch.org/whl/cpu).")
+    depth = int(unet_config(0, 1, args.dtype, args.config_arg).model.depth)
+    for size in args.sizes:
+        if size % 2**depth:
+            raise UserError(f"--sizes: {size} is not a multiple of {2**depth}, which the "
+                            f"{depth}-level U-Net needs.")
 
 
 def benchmark(args) -> dict:
@@ -329,6 +384,10 @@ def benchmark(args) -> dict:
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
                     add_reference(entry)
+                elif args.against == "torch":
+                    _log(f"  PyTorch U-Net step {batch}x{size}x{size} ...")
+                    add_torch_comparison(entry, torch_unet_step(
+                        size, batch, args.dtype, args.steps, args.config_arg))
                 _log("  " + json.dumps(entry))
                 results.append(entry)
 

@@ -7,8 +7,10 @@ bands, 9 classes, widths 64 to 1024 (doubling per level, capped at 16 x 64),
 two (3x3 conv without bias, BatchNorm, ReLU) per level, 2x2 max-pool down,
 2x2 stride-2 transposed conv up and concatenation, a 1x1 head; 82,428,169
 parameters, like rsjax's. One step is forward, cross-entropy, backward and
-Adam, in float32 (or bfloat16 autocast), channels-last, on the CPU threads
-given. Printed as JSON.
+AdamW (RS-UNet's optimizer and settings: lr 1e-3, betas 0.9/0.999, weight
+decay 1e-4), in float32 (or bfloat16 autocast), channels-last, on the CPU
+threads given. `--width`/`--depth` give the layout of a config variant (the
+demo's width 16). Printed as JSON.
 
 It runs in its own process (rsjax.bench starts it), so PyTorch's and XLA's
 thread pools never compete, and the two frameworks are timed in the same run
@@ -71,15 +73,16 @@ def count_parameters(model) -> int:
 
 
 def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
-                   dtype: str = "float32", seed: int = 0) -> dict:
+                   dtype: str = "float32", seed: int = 0, width: int = 64, depth: int = 5) -> dict:
     """Seconds per train step (median of `steps` after one warm-up step)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = build_unet().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build_unet(width=width, depth=depth).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999),
+                                  weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
     x = torch.randn(batch, 4, size, size).to(memory_format=torch.channels_last)
     y = torch.randint(0, 9, (batch, size, size))
@@ -103,6 +106,7 @@ def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
     seconds = statistics.median(times)
     return {"framework": "pytorch", "torch_version": torch.__version__,
             "threads": torch.get_num_threads(), "batch": batch, "size": size, "dtype": dtype,
+            "width": width, "depth": depth,
             "parameters": count_parameters(model), "seconds_per_step": seconds,
             "seconds_min": min(times), "images_per_second": batch / seconds,
             "first_step_seconds": warmup, "steps": steps}
@@ -116,6 +120,10 @@ def add_arguments(parser) -> None:
                         help="PyTorch CPU threads (0: PyTorch's default, one per core)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype (bfloat16 through CPU autocast)")
+    parser.add_argument("--width", type=cli.positive_int, default=64,
+                        help="channels of the first level (RS-UNet's model.width)")
+    parser.add_argument("--depth", type=cli.positive_int, default=5,
+                        help="down-sampling stages (RS-UNet's model.depth)")
 
 
 def run(args) -> int:
@@ -125,9 +133,11 @@ def run(args) -> int:
         raise UserError("rsjax bench --against torch needs PyTorch: pip install 'rsjax[bench]' "
                         "(on CPU-only machines take the CPU build: pip install torch "
                         "--index-url https://download.pytorch.org/whl/cpu).") from None
-    if args.size % 32:
-        raise UserError(f"--size {args.size}: the 5-level U-Net needs a multiple of 32.")
-    cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads, args.dtype))
+    if args.size % 2**args.depth:
+        raise UserError(f"--size {args.size}: a {args.depth}-level U-Net needs a multiple "
+                        f"of {2**args.depth}.")
+    cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads, args.dtype,
+                                  width=args.width, depth=args.depth))
     return 0
 
 

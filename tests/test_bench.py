@@ -101,3 +101,52 @@ def test_model_flops_count_the_convolution_rewrites_in_full():
     if cpu_conv.rewrite_for(conv.kernel.shape, 1, conv.padding, x) == "row_kernel_grad":
         counted = bench.compiled_flops(step.lower(kernel, x).compile())
         assert counted < 0.9 * analytic
+
+
+def test_fusion_reference_is_marked_as_recorded():
+    entry = bench.add_reference({"size": 256, "batch": 1, "dtype": "float32",
+                                 "images_per_s": 0.2})
+    assert entry["pytorch_reference"] == "recorded"
+    assert entry["speedup_vs_pytorch"] == pytest.approx(0.2 * 8.2, abs=0.01)
+
+
+def test_torch_unet_has_rs_unets_layout():
+    """The PyTorch U-Net of `--against torch` has RS-UNet's parameters, layer for
+    layer in number: the full model's 82,428,169 and the demo's (width 16)."""
+    torch = pytest.importorskip("torch")
+    from rsjax import bench_torch
+    from rsjax.models.param_table import abstract_model, count_params
+
+    counts = {}
+    for width in (64, 16):
+        ours = count_params(abstract_model("rs_unet", in_channels=4, num_classes=9, width=width))
+        with torch.device("meta"):            # shapes only, nothing allocated
+            counts[width] = bench_torch.count_parameters(bench_torch.build_unet(width=width))
+        assert counts[width] == ours
+    assert counts[64] == bench_torch.RS_UNET_PARAMETERS
+
+
+def test_bench_against_torch_times_pytorch_in_the_same_run(capsys):
+    """`--against torch` runs PyTorch's step of the same U-Net (here the demo's,
+    at 32 px) in a subprocess and reports rsjax's images/s over PyTorch's."""
+    pytest.importorskip("torch")
+    assert bench.main(["--parts", "unet", "--sizes", "32", "--batches", "2", "--steps", "1",
+                       "--config_arg", "demo", "--against", "torch"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["unet"]
+    torch_entry = entry["pytorch"]
+    from rsjax.models.param_table import abstract_model, count_params
+    assert torch_entry["parameters"] == count_params(
+        abstract_model("rs_unet", in_channels=4, num_classes=9, width=16))
+    assert torch_entry["seconds_per_step"] > 0
+    assert torch_entry["images_per_second"] == pytest.approx(
+        2 / torch_entry["seconds_per_step"], rel=0.01)
+    assert entry["speedup_vs_pytorch"] == pytest.approx(
+        entry["images_per_s"] / torch_entry["images_per_second"], rel=0.01)
+
+
+def test_bench_against_torch_checks_its_arguments_first(capsys):
+    for argv, what in ((["--parts", "fusion"], "add unet to --parts"),
+                       (["--parts", "unet", "--sizes", "48"], "not a multiple of 32")):
+        assert bench.main([*argv, "--against", "torch"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err
