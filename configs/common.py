@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from rsjax.data.contract import SOURCES
+from rsjax.data.contract import CLOUDY, MODEL_SOURCES, SOURCES
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -31,14 +31,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def parse_sources(text: str) -> tuple[str, ...]:
-    """'lulc+s1' -> ('lulc', 's1'); 'all' -> every source."""
+    """'lulc+s1' -> ('lulc', 's1'); 'all' -> the paper's three (lulc, s1, dem);
+    's2_cloudy+s1+dem+lulc' adds the cloudy image (cloud removal)."""
     if text in ("all", ""):
         return SOURCES
     names = tuple(s.strip() for s in text.replace(",", "+").split("+") if s.strip())
-    bad = [s for s in names if s not in SOURCES]
+    bad = [s for s in names if s not in MODEL_SOURCES]
     if bad or not names:
-        raise ValueError(f"sources='{text}': use a '+'-joined subset of {SOURCES}.")
-    return tuple(s for s in SOURCES if s in names)
+        raise ValueError(f"sources='{text}': use a '+'-joined subset of {MODEL_SOURCES}.")
+    return tuple(s for s in MODEL_SOURCES if s in names)
 
 
 SCALES = ("full", "demo", "bench", "paper")
@@ -57,9 +58,13 @@ def scale_of(a: ml_collections.ConfigDict) -> str:
     return named[0] if named else "full"
 
 
-def data_config(scale: str) -> ml_collections.ConfigDict:
-    """The dataset block: which TFDS dataset, where, and how to read it."""
+def data_config(scale: str, clouds: bool = False) -> ml_collections.ConfigDict:
+    """The dataset block: which TFDS dataset, where, and how to read it
+    (`clouds`: the scale's cloud-removal dataset, the same scenes under clouds,
+    e.g. synthetic_cloudy_demo)."""
     name, tile_size = DATASETS[scale]
+    if clouds:
+        name = name.replace("synthetic", "synthetic_cloudy", 1)
     d = ml_collections.ConfigDict()
     d.name = f"rs_multisource/{name}"
     d.data_dir = "work/tensorflow_datasets"
@@ -72,6 +77,11 @@ def data_config(scale: str) -> ml_collections.ConfigDict:
     # half's optical images are missing.
     d.train_scenes = "all"
     return d
+
+
+def wants_clouds(clouds: bool, sources) -> bool:
+    """The cloud-removal dataset: asked for, or needed by the cloudy image as a source."""
+    return bool(clouds) or CLOUDY in tuple(sources)
 
 
 # The paper's segmentation setting: 1,558 training tiles of 256 px, 50 epochs;

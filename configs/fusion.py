@@ -15,7 +15,12 @@ Arguments (comma-separated after ':'):
   model's own (RS-SPADE: hinge + feature matching x10; pix2pix: vanilla GAN +
   L1 x100); `spade+l1` adds pix2pix's L1 x100 term to SPADE's, so that
   RS-SPADE and pix2pix can be compared with the same pixel loss;
-- `steps=N`: the run's length.
+- `steps=N`: the run's length;
+- cloud removal: `sources=s2_cloudy+s1+dem+lulc` (or any subset with the
+  cloudy image) trains on the scale's dataset under clouds
+  (`synthetic_cloudy_demo`, ...), the cloudy image being one more source with
+  its own embedding; `clouds` trains the paper's sources on that dataset (its
+  evaluation then scores cloud removal too).
 Any field can be overridden: `--config.total_steps=10`.
 """
 import ml_collections
@@ -29,7 +34,7 @@ OBJECTIVES = {
     "pix2pix": ("vanilla", 0.0, 100.0),
     "spade+l1": ("hinge", 10.0, 100.0),
 }
-BENCH_STEPS = 1000
+BENCH_STEPS = 600
 
 
 def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
@@ -40,14 +45,15 @@ def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="all",
-                         model="rs_spade", objective="", steps=0)
+                         model="rs_spade", objective="", steps=0, clouds=False)
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
     c = ml_collections.ConfigDict()
     c.trainer = "fusion"
     c.seed = 0
-    c.data = common.data_config(scale)
-    c.data.sources = common.parse_sources(a.sources)
+    sources = common.parse_sources(a.sources)
+    c.data = common.data_config(scale, clouds=common.wants_clouds(a.clouds, sources))
+    c.data.sources = sources
     c.out_channels = 4
     c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
 

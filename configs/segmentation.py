@@ -16,7 +16,7 @@ import ml_collections
 from rsjax.configs import common
 
 
-BENCH_STEPS = 1000
+BENCH_STEPS = 600
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

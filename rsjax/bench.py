@@ -17,17 +17,22 @@ Parts (`--parts`, comma-separated):
   analysis of the step traced with plain convolutions (`model_flops`),
   achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch
   reference (NVlabs SPADE) at batch 1 for the sizes it has: figures recorded
-  on the development machine (DESIGN.md), not measured in the same run
-  (`pytorch_reference: "recorded"`).
+  on the development machine (docs/benchmarks.md), not measured in the same
+  run (`pytorch_reference: "recorded, not same-run"`).
 - `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
   width 64, depth 5, AdamW). With `--against torch` each entry also times
   PyTorch's step of the same U-Net (`rsjax.bench_torch`, the `bench` extra)
   in a subprocess right after rsjax's, in the same run, so PyTorch's and
-  XLA's thread pools never compete: `pytorch` holds its figures and
-  `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
+  XLA's thread pools never compete: `pytorch` holds its figures (GFLOP/s
+  and MFU at rsjax's FLOP count of the same model, against this run's matmul
+  peak) and `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain
   workers) on the demo dataset, in megapixels/s, against what each measured
   fusion step consumes.
+
+`machine` records the date and `os.getloadavg()` at the start (the report's
+`loadavg_1_5_15_min_at_end` at the end): on a shared machine other work slows
+both frameworks, and only same-run ratios compare.
 
 Run with XLA_FLAGS unset: the figures are for one device (`--devices` uses
 more, data-parallel, and reports per-step figures for the global batch).
@@ -56,13 +61,17 @@ from rsjax.errors import RunFailed, UserError
 PARTS = ("matmul", "fusion", "unet", "pipeline")
 AGAINST = ("none", "torch")
 
-# NVlabs SPADE (PyTorch, oneDNN) on the development machine, 2 cores of an AMD
-# EPYC (Zen 4), float32, batch 1, 15 conditioning channels, ngf/ndf 64: seconds
-# per GAN step (DESIGN.md). The faster end of each range is the reference, so a
-# speed-up is never flattered by a slow reference run.
+# NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
+# 2 cores of an AMD EPYC (Zen 4), float32, batch 1, 15 conditioning channels,
+# ngf/ndf 64: seconds per GAN step, measured 2026-11-30 beside rsjax in one
+# run (issue 16; docs/benchmarks.md). Recorded, not measured in the run that
+# uses them: the machine's speed drifts between runs, so these ratios are
+# rougher than the U-Net's same-run one. The faster end of each range is the
+# reference, so a speed-up is never flattered by a slow reference run.
+PYTORCH_REFERENCE_DATE = "2026-11-30"
 PYTORCH_REFERENCE = {
-    128: {"seconds_per_step": (2.8, 3.2), "gflop_per_step": 311.0},
-    256: {"seconds_per_step": (8.2, 8.8), "gflop_per_step": 1230.0},
+    128: {"seconds_per_step": (2.37, 2.91), "gflop_per_step": 311.0},
+    256: {"seconds_per_step": (6.49, 6.49), "gflop_per_step": 1230.0},
 }
 
 
@@ -233,7 +242,8 @@ def add_reference(entry: dict) -> dict:
     # The reference is the full-width model: a variant is not comparable.
     if ref and entry["batch"] == 1 and entry["dtype"] == "float32" and not entry.get("config_arg"):
         ref_images_per_s = 1.0 / ref["seconds_per_step"][0]
-        entry["pytorch_reference"] = "recorded"     # DESIGN.md's figures, not this run's
+        entry["pytorch_reference"] = "recorded, not same-run"
+        entry["pytorch_reference_date"] = PYTORCH_REFERENCE_DATE
         entry["pytorch_reference_images_per_s"] = round(ref_images_per_s, 4)
         entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / ref_images_per_s, 2)
         entry["pytorch_reference_gflop_per_step"] = ref["gflop_per_step"]
@@ -254,11 +264,32 @@ def torch_unet_step(size: int, batch: int, dtype: str, steps: int, config_arg: s
     return json.loads(proc.stdout)
 
 
-def add_torch_comparison(entry: dict, torch_entry: dict) -> dict:
-    """PyTorch's figures of the same step in this run, and rsjax's images/s over them."""
-    entry["pytorch"] = {k: torch_entry[k] for k in (
+def unet_parameters(config_arg: str = "") -> int:
+    """Trainable parameters of the U-Net the segmentation config builds."""
+    from rsjax.models.param_table import abstract_model, count_params
+    model = unet_config(0, 1, "float32", config_arg).model
+    return count_params(abstract_model("rs_unet", in_channels=4, num_classes=9,
+                                       width=int(model.width), depth=int(model.depth)))
+
+
+def add_torch_comparison(entry: dict, torch_entry: dict, parameters: int,
+                         peak_gflops: float | None = None) -> dict:
+    """PyTorch's figures of the same step in this run, its FLOP rate and MFU at
+    rsjax's FLOP count (the same model) and rsjax's images/s over PyTorch's.
+    A PyTorch model with another parameter count is not the same model: an error."""
+    if torch_entry["parameters"] != parameters:
+        raise RunFailed(f"the PyTorch U-Net has {torch_entry['parameters']:,} parameters, "
+                        f"rsjax's {parameters:,}: not the same layout, no comparison.")
+    entry["parameters"] = parameters
+    torch_fields = {k: torch_entry[k] for k in (
         "torch_version", "threads", "parameters", "seconds_per_step", "seconds_min",
         "images_per_second")}
+    if "gflop_per_step" in entry:
+        torch_fields["gflop_per_s"] = round(
+            entry["gflop_per_step"] / torch_entry["seconds_per_step"], 1)
+        if peak_gflops:
+            torch_fields["mfu"] = round(torch_fields["gflop_per_s"] / peak_gflops, 3)
+    entry["pytorch"] = torch_fields
     entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / torch_entry["images_per_second"], 3)
     return entry
 
@@ -294,10 +325,13 @@ def pipeline_headroom(pipe: dict, fusion_results: list[dict]) -> list[dict]:
 
 def machine() -> dict:
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind,
+    return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "platform": dev.platform, "device_kind": dev.device_kind,
             "num_devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # Other work on the machine slows both frameworks: the load says how much.
+            "loadavg_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
 
 
 # ---------------------------------------------------------------------------
@@ -341,20 +375,21 @@ def check_args(args) -> None:
 
 
 def check_torch_args(args) -> None:
+    """The flags first (they fail the same with or without PyTorch), then PyTorch."""
     if "unet" not in args.parts:
         raise UserError("--against torch compares the U-Net step: add unet to --parts.")
     if args.devices != 1:
         raise UserError(f"--against torch times PyTorch on one process: use --devices 1, "
                         f"not {args.devices}.")
-    if importlib.util.find_spec("torch") is None:
-        raise UserError("--against torch needs PyTorch: pip install 'rsjax[bench]' (on machines "
-                        "without a GPU take PyTorch's CPU build first: pip install torch "
-                        "--index-url https://download.pytorch.org/whl/cpu).")
     depth = int(unet_config(0, 1, args.dtype, args.config_arg).model.depth)
     for size in args.sizes:
         if size % 2**depth:
             raise UserError(f"--sizes: {size} is not a multiple of {2**depth}, which the "
                             f"{depth}-level U-Net needs.")
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--against torch needs PyTorch: pip install 'rsjax[bench]' (on machines "
+                        "without a GPU take PyTorch's CPU build first: pip install torch "
+                        "--index-url https://download.pytorch.org/whl/cpu).")
 
 
 def benchmark(args) -> dict:
@@ -387,7 +422,8 @@ def benchmark(args) -> dict:
                 elif args.against == "torch":
                     _log(f"  PyTorch U-Net step {batch}x{size}x{size} ...")
                     add_torch_comparison(entry, torch_unet_step(
-                        size, batch, args.dtype, args.steps, args.config_arg))
+                        size, batch, args.dtype, args.steps, args.config_arg),
+                        unet_parameters(args.config_arg), peak)
                 _log("  " + json.dumps(entry))
                 results.append(entry)
 
@@ -397,6 +433,7 @@ def benchmark(args) -> dict:
         if report.get("fusion"):
             pipe["against_fusion_step"] = pipeline_headroom(pipe, report["fusion"])
         report["pipeline"] = pipe
+    report["loadavg_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
 

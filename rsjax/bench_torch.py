@@ -29,29 +29,61 @@ from rsjax.errors import UserError
 RS_UNET_PARAMETERS = 82_428_169    # RS-UNet at width 64, 4 bands, 9 classes (rsjax params)
 
 
+def unet_layout(in_channels: int = 4, num_classes: int = 9, width: int = 64,
+                depth: int = 5) -> dict:
+    """RS-UNet's layout as (in, out) channels per block, the one description
+    `build_unet` builds from: encoders and decoders are double convs, the
+    upsamplers 2x2 stride-2 transposed convs, the head a 1x1 conv. Pure Python,
+    so tests check it against rsjax's model without PyTorch."""
+    widths = [width * 2 ** min(level, 4) for level in range(depth + 1)]
+    return {
+        "encoders": [(in_channels, widths[0])]
+                    + [(widths[l - 1], widths[l]) for l in range(1, depth + 1)],
+        "upsamplers": [(widths[l], widths[l - 1]) for l in range(1, depth + 1)],
+        "decoders": [(2 * widths[l - 1], widths[l - 1]) for l in range(1, depth + 1)],
+        "head": (widths[0], num_classes),
+    }
+
+
+def layout_parameter_shapes(layout: dict) -> dict[str, tuple[int, ...]]:
+    """The parameters `build_unet(layout)` has, named and shaped as rsjax's
+    RS-UNet names and shapes them (HWIO kernels; BatchNorm's weight is `scale`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for group in ("encoders", "decoders"):
+        for i, (cin, cout) in enumerate(layout[group]):
+            for j, c in enumerate((cin, cout)):
+                shapes[f"{group}.{i}.conv_{j}.kernel"] = (3, 3, c, cout)
+                shapes[f"{group}.{i}.norm_{j}.scale"] = (cout,)
+                shapes[f"{group}.{i}.norm_{j}.bias"] = (cout,)
+    for i, (cin, cout) in enumerate(layout["upsamplers"]):
+        shapes[f"upsamplers.{i}.kernel"] = (2, 2, cin, cout)
+        shapes[f"upsamplers.{i}.bias"] = (cout,)
+    cin, classes = layout["head"]
+    shapes["head.kernel"] = (1, 1, cin, classes)
+    shapes["head.bias"] = (classes,)
+    return shapes
+
+
 def build_unet(in_channels: int = 4, num_classes: int = 9, width: int = 64, depth: int = 5):
-    """The PyTorch U-Net, written for this benchmark from RS-UNet's description."""
+    """The PyTorch U-Net, written for this benchmark from `unet_layout`."""
     import torch
     from torch import nn
+
+    layout = unet_layout(in_channels, num_classes, width, depth)
 
     def double_conv(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
-    widths = [width * 2 ** min(level, 4) for level in range(depth + 1)]
-
     class UNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoders = nn.ModuleList(
-                [double_conv(in_channels, widths[0])]
-                + [double_conv(widths[l - 1], widths[l]) for l in range(1, depth + 1)])
+            self.encoders = nn.ModuleList([double_conv(*io) for io in layout["encoders"]])
             self.upsamplers = nn.ModuleList(
-                [nn.ConvTranspose2d(widths[l], widths[l - 1], 2, stride=2) for l in range(1, depth + 1)])
-            self.decoders = nn.ModuleList(
-                [double_conv(2 * widths[l - 1], widths[l - 1]) for l in range(1, depth + 1)])
-            self.head = nn.Conv2d(widths[0], num_classes, 1)
+                [nn.ConvTranspose2d(*io, 2, stride=2) for io in layout["upsamplers"]])
+            self.decoders = nn.ModuleList([double_conv(*io) for io in layout["decoders"]])
+            self.head = nn.Conv2d(*layout["head"], 1)
 
         def forward(self, x):
             skips = []
@@ -65,7 +97,19 @@ def build_unet(in_channels: int = 4, num_classes: int = 9, width: int = 64, dept
                 x = self.decoders[level - 1](torch.cat([skips[level - 1], x], dim=1))
             return self.head(x)
 
-    return UNet()
+    model = UNet()
+    want = sum(_size(s) for s in layout_parameter_shapes(layout).values())
+    if count_parameters(model) != want:       # the layout's figure is what tests check
+        raise AssertionError(f"PyTorch U-Net has {count_parameters(model)} parameters, "
+                             f"its layout {want}")
+    return model
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def count_parameters(model) -> int:

@@ -8,7 +8,8 @@
 
 `--config` is one of the builder's configs: `synthetic` (8 scenes of 1024 px),
 `synthetic_demo` (the quick start's small one) or `manual` (your GeoTIFF
-exports in `--manual_dir`). The same build as `tfds build` on the builder
+exports in `--manual_dir`); for cloud removal `synthetic_cloudy[_demo]` and
+`manual_cloudy` (with `<scene>_s2_cloudy.tif` and `<scene>_cloudmask.tif`). The same build as `tfds build` on the builder
 (array_record files that read without TensorFlow). Options that differ from
 the named config (tile size, stride, ...) build a derived config named after
 them, e.g. `synthetic_t128`; `rsjax.input_pipeline` finds it from the data
@@ -27,7 +28,8 @@ from rsjax.errors import ConfigError, UserError
 
 DATASET = "rs_multisource"
 TILING_OPTIONS = ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles",
-                  "split_seed", "s2_offset", "lulc_map", "lulc_legend")
+                  "split_seed", "s2_offset", "lulc_map", "lulc_legend", "s1_units",
+                  "skip_incomplete_scenes", "allow_missing_lulc")
 
 
 def add_arguments(parser) -> None:
@@ -56,6 +58,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lulc_legend", default=None, choices=("auto", "dynamic_world"),
                         help="'dynamic_world': take land cover that looks like another legend as it is "
                              "(default: the config's, auto)")
+    parser.add_argument("--s1_units", default=None, choices=("auto", "linear", "db"),
+                        help="units of the S1 files (default: the config's, auto: each file's "
+                             "metadata, else its values)")
+    parser.add_argument("--skip_incomplete_scenes", action="store_true", default=None,
+                        help="skip (and list in the build report) scenes that miss a source, "
+                             "instead of failing")
+    parser.add_argument("--allow_missing_lulc", action="store_true", default=None,
+                        help="scenes may lack <scene>_lulc.tif (their land cover is all 255, "
+                             "no data)")
     parser.add_argument("--manual_dir", default=None,
                         help="folder of <scene>_{s2,s1,lulc,dem}.tif (the manual config)")
     parser.add_argument("--file_format", default="array_record", choices=("array_record", "tfrecord"),
@@ -101,9 +112,10 @@ def check_builder_config(data_cfg):
         raise ConfigError(f"{err}. Change that option (rsjax build --help).") from None
 
 
-def check_manual_dir(config_name: str, manual_dir) -> None:
+def check_manual_dir(config_name: str, manual_dir, require_lulc: bool = True,
+                     skip_incomplete: bool = False) -> None:
     """The manual config reads scenes from `manual_dir`: check they are there
-    (and complete) before TFDS creates anything."""
+    (and complete, as the options ask) before TFDS creates anything."""
     if config_name != "manual":
         return
     if manual_dir is None:
@@ -115,8 +127,21 @@ def check_manual_dir(config_name: str, manual_dir) -> None:
 
     # A scenes.txt there lists scene prefixes (anywhere, https:// included) instead of files.
     listing = storage.join(manual_dir, SCENE_LIST_FILE)
-    find_scenes(listing if storage.exists(listing) else manual_dir)   # InputError: not a folder,
-    # no scenes, a missing source
+    # InputError: not a folder, no scenes, a missing source (unless skipped)
+    find_scenes(listing if storage.exists(listing) else manual_dir, require_lulc=require_lulc,
+                skip_incomplete=skip_incomplete)
+
+
+def check_file_format(file_format: str) -> None:
+    """TFDS writes TFRecord files with TensorFlow: without it a build would stop
+    at the end of its first split with an import error."""
+    if file_format != "tfrecord":
+        return
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise UserError("--file_format tfrecord needs TensorFlow: pip install 'rsjax[tf]', or "
+                        "build array_record files (the default), which read without it.") from None
 
 
 def run(args) -> int:
@@ -127,10 +152,12 @@ def run(args) -> int:
     options = {key: getattr(args, key) for key in TILING_OPTIONS}
     cfg = data_config(args.config, args.data_dir, **options)
     check_builder_config(cfg)
-    check_manual_dir(args.config, args.manual_dir)
+    check_manual_dir(args.config, args.manual_dir, require_lulc=not args.allow_missing_lulc,
+                     skip_incomplete=bool(args.skip_incomplete_scenes))
     if args.manual_dir is not None and args.config != "manual":
         raise UserError(f"--manual_dir {args.manual_dir}: only the manual config reads it; "
                         f"--config {args.config} writes its own synthetic scenes.")
+    check_file_format(args.file_format)
     from rsjax import input_pipeline
     from rsjax.data import storage
 

@@ -177,6 +177,37 @@ def print_json(result: Any) -> None:
         print(json.dumps(result, indent=2, default=str), flush=True)
 
 
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def disk_full(err: BaseException) -> Optional[str]:
+    """One line for an error caused by a full disk (or quota), whatever library raised it, else None.
+
+    Libraries report it their own way: OSError ENOSPC/EDQUOT/EFBIG from Python,
+    a RuntimeError whose text carries strerror from C++ writers (array_record,
+    tensorstore), GDAL's own messages; the cause chain is searched too."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
+                or any(marker in text for marker in _DISK_FULL):
+            where = getattr(err, "filename", None) or _path_in(text)
+            return (f"the disk is full (or over its quota){f' writing {where}' if where else ''}. "
+                    "Free space there, or write elsewhere (--data_dir, --workdir, --out).")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _path_in(text: str) -> Optional[str]:
+    import re
+
+    match = re.search(r"(?:writing|open|to) (/[^\s;:,]+)", text)
+    return match.group(1) if match else None
+
+
 def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
     """Runs `fn`; returns the exit status: 0, 2 for user errors, 1 for failed runs."""
     try:
@@ -194,6 +225,12 @@ def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # pylint: disable=broad-except
+        full = disk_full(err)
+        if full is None or verbose:
+            raise
+        print(f"error: {full}", file=sys.stderr, flush=True)
+        return 1
     except BrokenPipeError:            # `rsjax ... | head`: the reader left; no traceback
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's own advice
@@ -288,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments tables ...`
+    if hasattr(module, "SUBCOMMANDS"):       # a group: `rsjax experiments report ...`
         return _run_group(name, module, argv[1:])
     return run_command(module, argv[1:], prog=f"rsjax {name}")
 

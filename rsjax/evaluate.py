@@ -77,8 +77,9 @@ def write_outputs(result: dict, rows: Optional[dict], workdir: str, output: Opti
     (json_path.parent / f"{json_path.stem}.md" if output else out / f"{stem}.md").write_text(
         markdown_table([(result["model"], result)]))
     if rows is not None:
+        from rsjax.trainers.cloud_eval import grid_options
         viz.image_grid(rows, (json_path.parent / f"{json_path.stem}.png") if output
-                       else out / f"{stem}.png")
+                       else out / f"{stem}.png", **grid_options(rows))
 
 
 def markdown_table(rows) -> str:

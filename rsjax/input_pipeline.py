@@ -13,6 +13,13 @@ module turns them into model inputs:
       'valid': (B, H, W) bool, True where the optical target and every selected source have data
     }
 
+and from a dataset with clouds (a `clouds` builder config: cloud removal),
+whatever the sources:
+
+      's2_cloudy':  (B, H, W, 4) float32   the cloudy S2 image in the optical image's
+                    model space (a source when 's2_cloudy' is in sources)
+      'cloud_mask': (B, H, W) int32        0 clear, 1 cloud, 2 shadow, 255 unknown
+
 Normalization (from the statistics stored with the dataset, computed over the
 train split at build time; see rsjax.data.statistics):
 - optical (per band) and SAR (per polarization): clipped to the train split's
@@ -20,12 +27,18 @@ train split at build time; see rsjax.data.statistics):
 - elevation: (z - mean) / std;  slope: degrees / 90, in [0, 1];
 - aspect: sin and cos of the angle (it is circular); flat cells (no aspect) -> (0, 0);
 - hillshade: 0..255 mapped to [-1, 1];
-- land cover: one-hot over the 9 Dynamic World classes, no data -> all zeros.
+- land cover: one-hot over the 9 Dynamic World classes, no data -> all zeros;
+- the cloudy S2 image: the clear image's map (the same affine per band, so a
+  clear pixel of it lands where the target's does, which a residual model
+  like DSen2-CR relies on), clipped only to reflectance 0..1, not to the
+  clear image's percentiles: clouds keep their brightness (up to about 3-8
+  in model units) and the image maps back to its stored values exactly.
 No data: every value that is missing in the record (s2 all-zero pixel, NaN in
 s1/dem, label 255) is 0 after normalization, and `valid` is False there.
 
 Augmentation (training only): a random left-right flip then a random number
-k of counterclockwise quarter turns, applied to every source alike. The
+k of counterclockwise quarter turns, applied to every source alike (the
+cloudy image and the cloud mask too). The
 pixels move, and the aspect angles (clockwise from north) move with them:
 a flip maps aspect a to 360 - a, a counterclockwise quarter turn to a - 90.
 Slope is invariant. Hillshade moves with the pixels unchanged: it then shows
@@ -52,7 +65,9 @@ Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - worker_count: grain worker processes (0 = read in the main process).
 - augment: flips and quarter turns in training (default True).
 - Optional, tiling options that select a derived config: stride,
-  max_nodata_fraction, split_mode, block_tiles, split_seed; how the manual
+  max_nodata_fraction, split_mode, block_tiles, split_seed (and, for the
+  synthetic configs, synthetic_scenes and synthetic_size: how many scenes of
+  what size, e.g. a small dataset for tests); how the manual
   config reads exports: s2_offset (e.g. -1000), lulc_map ("1:4,0:255"),
   lulc_legend ("dynamic_world"); manual_dir (the
   manual config's input folder); worker_buffer_size (default 2);
@@ -70,7 +85,9 @@ import numpy as np
 
 from rsjax.data import contract
 
-SOURCE_CHANNELS = {"lulc": contract.NUM_CLASSES, "s1": 2, "dem": 5}
+SOURCE_CHANNELS = {"lulc": contract.NUM_CLASSES, "s1": 2, "dem": 5,
+                   contract.CLOUDY: len(contract.S2_BANDS)}
+CLOUD_RECORD_KEYS = ("s2_cloudy", "cloud_mask")     # rasters of a dataset with clouds
 
 
 # ----------------------------------------------------------------------------
@@ -173,6 +190,17 @@ def image_to_s2(x, normalizer: Normalizer) -> np.ndarray:
     return np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
 
 
+def cloudy_to_model(s2_cloudy: np.ndarray, norm: Normalizer) -> np.ndarray:
+    """The cloudy S2 image (uint16 x 10000) in the clear image's model space:
+    the same affine per band, not clipped to the clear image's percentiles
+    (only to reflectance 0..1), so it maps back to its stored values exactly
+    (`image_to_s2`) and clouds keep their brightness."""
+    low = np.asarray(norm.s2_low, np.float32)
+    scale = np.float32(2.0) / (np.asarray(norm.s2_high, np.float32) - low)
+    y = (np.asarray(s2_cloudy, np.float32) - low) * scale - np.float32(1.0)
+    return np.clip(y, -low * scale - 1.0, (np.float32(10000.0) - low) * scale - 1.0)
+
+
 def _any_nan(x: np.ndarray) -> np.ndarray:
     """(..., C) -> (...): NaN in any channel (OR of channel slices: numpy's any()
     over a short last axis is about ten times slower)."""
@@ -215,6 +243,14 @@ def normalize_tile(tile: Mapping[str, np.ndarray], norm: Normalizer,
         valid &= ~_any_nan(channels)
         out["dem"] = np.nan_to_num(channels, copy=False, nan=0.0)
 
+    if "s2_cloudy" in tile:
+        cloudy = np.ascontiguousarray(tile["s2_cloudy"], np.uint16)
+        cloudy_valid = cloudy.view(np.uint64)[..., 0] != 0
+        if contract.CLOUDY in sources:
+            valid &= cloudy_valid
+        out["s2_cloudy"] = cloudy_to_model(cloudy, norm) * cloudy_valid[..., None]
+        out["cloud_mask"] = np.asarray(tile["cloud_mask"], np.int32)
+
     image = _scale_to_unit(s2, norm.s2_low, norm.s2_high)
     image *= valid[..., None]
     out["image"] = image
@@ -243,12 +279,13 @@ def transform_aspect(aspect: np.ndarray, *, flip: bool, quarter_turns: int) -> n
 def flip_and_rotate(tile: Mapping[str, np.ndarray], *, flip: bool, quarter_turns: int) -> dict:
     """Mirrors the tile left-right (if flip), then turns it k quarter turns counterclockwise.
 
-    Every raster source moves alike; the aspect channel is transformed with it.
-    Keys other than the contract's rasters are dropped (the georeference no
-    longer describes the moved pixels).
+    Every raster source moves alike (the cloudy image and the cloud mask too,
+    when the tile has them); the aspect channel is transformed with it. Keys
+    other than the contract's rasters are dropped (the georeference no longer
+    describes the moved pixels).
     """
     out = {}
-    for key in ("s2", "s1", "lulc", "dem"):
+    for key in _RASTERS + tuple(k for k in CLOUD_RECORD_KEYS if k in tile):
         x = np.asarray(tile[key])
         if flip:
             x = x[:, ::-1]
@@ -290,7 +327,8 @@ def builder_config_for(data_cfg):
                          f"choose one of {', '.join(configs)}")
     changes = {}
     for key in ("tile_size", "stride", "max_nodata_fraction", "split_mode", "block_tiles", "split_seed",
-                "s2_offset", "lulc_map", "lulc_legend"):
+                "s2_offset", "lulc_map", "lulc_legend", "s1_units", "skip_incomplete_scenes",
+                "allow_missing_lulc", "synthetic_scenes", "synthetic_size"):
         if key in data_cfg and data_cfg[key] is not None:
             changes[key] = type(getattr(base, key) if getattr(base, key) is not None else data_cfg[key])(
                 data_cfg[key])
@@ -402,11 +440,16 @@ _RASTERS = ("s2", "s1", "lulc", "dem")
 
 def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
     """The selected sources in canonical order; () is allowed (optical image only)."""
-    bad = [s for s in sources if s not in contract.SOURCES]
+    bad = [s for s in sources if s not in contract.MODEL_SOURCES]
     if bad:
         raise ValueError(f"sources {tuple(sources)}: unknown {bad}; choose a subset of "
-                         f"{contract.SOURCES}")
-    return tuple(s for s in contract.SOURCES if s in sources)
+                         f"{contract.MODEL_SOURCES}")
+    return tuple(s for s in contract.MODEL_SOURCES if s in sources)
+
+
+def _rasters(element) -> dict:
+    """The raster features of a record (the cloud ones when the dataset has them)."""
+    return {k: element[k] for k in _RASTERS + CLOUD_RECORD_KEYS if k in element}
 
 
 class Normalize(grain.transforms.Map):
@@ -417,7 +460,7 @@ class Normalize(grain.transforms.Map):
         self.sources = sources
 
     def map(self, element):
-        return normalize_tile({k: element[k] for k in _RASTERS}, self.normalizer, self.sources)
+        return normalize_tile(_rasters(element), self.normalizer, self.sources)
 
 
 class AugmentAndNormalize(grain.transforms.RandomMap):
@@ -435,19 +478,19 @@ class AugmentAndNormalize(grain.transforms.RandomMap):
     def random_map(self, element, rng: np.random.Generator):
         flip = bool(rng.integers(2))
         quarter_turns = int(rng.integers(4))
-        tile = flip_and_rotate({k: element[k] for k in _RASTERS}, flip=flip, quarter_turns=quarter_turns)
+        tile = flip_and_rotate(_rasters(element), flip=flip, quarter_turns=quarter_turns)
         return normalize_tile(tile, self.normalizer, self.sources)
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Pads a short final batch to `size` examples that count for nothing:
-    zeros everywhere, label 255 (no data) and valid False."""
+    zeros everywhere, label 255 (no data), cloud mask 255 (unknown) and valid False."""
     n = len(batch["valid"])
     if n == size:
         return batch
     out = {}
     for key, x in batch.items():
-        fill = contract.LULC_NODATA if key == "label" else 0
+        fill = {"label": contract.LULC_NODATA, "cloud_mask": contract.CLOUD_MASK_UNKNOWN}.get(key, 0)
         pad = np.full((size - n,) + x.shape[1:], fill, x.dtype)
         out[key] = np.concatenate([x, pad])
     return out
@@ -682,6 +725,7 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
             f"--data_dir {data_cfg.data_dir} --tile_size {data_cfg.tile_size}`, or call ensure_dataset")
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {data_cfg.name}: {list(builder.info.splits)}")
+    check_cloud_sources(sources, builder, data_cfg)
     normalizer = Normalizer.from_statistics(load_statistics(builder))
     source = builder.as_data_source(split=split)
     train_scenes = str(data_cfg.get("train_scenes", "all")) if split == "train" else "all"
@@ -700,6 +744,22 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
         worker_count=int(data_cfg.get("worker_count", 0)),
         worker_buffer_size=int(data_cfg.get("worker_buffer_size", 2)),
         read_threads=int(data_cfg.get("read_threads", 2)))
+
+
+def has_clouds(builder) -> bool:
+    """Whether the dataset holds the cloudy image and the cloud mask (a `clouds` config)."""
+    return "s2_cloudy" in builder.info.features
+
+
+def check_cloud_sources(sources: Sequence[str], builder, data_cfg) -> None:
+    """The cloudy image as a source needs a dataset with clouds: say which to use."""
+    if contract.CLOUDY in sources and not has_clouds(builder):
+        from rsjax.errors import ConfigError
+        raise ConfigError(
+            f"sources include {contract.CLOUDY}, but the dataset {data_cfg.name} has no cloudy "
+            "images: use a dataset built with clouds (--config.data.name="
+            "rs_multisource/synthetic_cloudy_demo or synthetic_cloudy; for your exports, the "
+            "manual config with clouds=True and <scene>_s2_cloudy.tif files).")
 
 
 def batch_iterator(source, normalizer: Normalizer, *, global_batch_size: int, mesh, train: bool,

@@ -91,9 +91,11 @@ class MetricWriter:
 
         {"step": 100, "time": 1764090000.0, "g_loss": 1.23, "d_loss": 0.45}
 
-    `time` is Unix time in seconds. A resumed run appends to the same file, so
-    a step can appear twice (before and after a preemption): readers should keep
-    the last line of each step (`read_metrics(..., dedupe=True)` does).
+    `time` is Unix time in seconds. A resumed run appends to the same file;
+    `resume_step` (the checkpoint it resumed from, 0 for a fresh start) first
+    drops the lines of later steps, which the run is about to log again, and a
+    last line cut short by a kill, so no step appears twice and no line is
+    glued to a half-written one.
 
     The same scalars, and the images given to `write_images`, go to TensorBoard
     event files in the workdir (`tensorboard --logdir WORKDIR`; a resumed run
@@ -103,7 +105,7 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True,
-                 filename: str = METRICS_FILE):
+                 filename: str = METRICS_FILE, resume_step: Optional[int] = None):
         self.workdir = epath.Path(os.fspath(workdir))
         self.path = self.workdir / filename
         self.enabled = _is_main_process()
@@ -112,6 +114,8 @@ class MetricWriter:
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_metrics_after(self.path, resume_step)
         self._file = (_RewritingAppender(self.path) if _is_remote(self.path)
                       else self.path.open("a", encoding="utf-8"))
         if tensorboard:
@@ -171,6 +175,37 @@ class MetricWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def truncate_metrics_after(path: epath.Path, step: int) -> int:
+    """Drops the lines of steps after `step` and an unfinished last line from a metrics file
+    (rewritten whole, through a temporary file on a local disk); returns how many were dropped.
+
+    Lines that are not records are kept as they are (`read_metrics` names them)."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    unfinished = lines.pop()                  # "" when the text ends with its newline
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step") if line.strip() else None
+        except (json.JSONDecodeError, AttributeError):
+            record_step = None
+        if not isinstance(record_step, int) or record_step <= step:
+            kept.append(line)
+    dropped = len(lines) - len(kept) + bool(unfinished)
+    if dropped:
+        new_text = "".join(line + "\n" for line in kept)
+        if _is_remote(path):
+            path.write_text(new_text, encoding="utf-8")
+        else:
+            tmp = path.parent / f".{path.name}.tmp"
+            tmp.write_text(new_text, encoding="utf-8")
+            os.replace(os.fspath(tmp), os.fspath(path))
+        log.info("%s: dropped %d line(s) after step %d, which this run logs again.", path, dropped, step)
+    return dropped
 
 
 def _summary_writer(workdir: epath.Path):

@@ -1,5 +1,6 @@
 """Training losses: GAN losses for a multi-scale discriminator, feature matching,
-masked L1, SSIM, and masked cross-entropy for segmentation.
+masked L1, DSen2-CR's cloud-adaptive L1, SSIM, and masked cross-entropy for
+segmentation.
 
 Discriminator outputs follow the multi-scale PatchGAN convention of NVlabs
 SPADE: a list over scales, each a list of that scale's intermediate features
@@ -141,6 +142,31 @@ def l1_loss(pred, target, valid_mask=None):
         return jnp.mean(error)
     weights = jnp.broadcast_to(valid_mask.astype(jnp.float32)[..., None], error.shape)
     return jnp.sum(error * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cloud_adaptive_l1(pred, target, cloudy, covered, valid_mask=None, *, weight: float = 1.0):
+    """DSen2-CR's cloud-adaptive regularized L1 loss (CARL, Meraner et al. 2020):
+
+        mean(covered * |pred - target| + (1 - covered) * |pred - cloudy|)
+        + weight * mean(|pred - target|)
+
+    Under clouds and shadows (`covered`, (B, H, W), 1 there; the paper's
+    binarised cloud and shadow mask) the prediction is pulled to the clear
+    target, elsewhere to the cloudy input (which is the clear image there, up
+    to the time between acquisitions), and the second term regularises
+    towards the target everywhere (weight 1 as published). Means over valid
+    pixels and all channels; 0 when nothing is valid.
+    """
+    pred, target, cloudy = (x.astype(jnp.float32) for x in (pred, target, cloudy))
+    covered = covered.astype(jnp.float32)[..., None]
+    adaptive = covered * jnp.abs(pred - target) + (1.0 - covered) * jnp.abs(pred - cloudy)
+    if valid_mask is None:
+        return jnp.mean(adaptive) + weight * jnp.mean(jnp.abs(pred - target))
+    weights = jnp.broadcast_to(valid_mask.astype(jnp.float32)[..., None], pred.shape)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    # where, not a product: no-data pixels may hold anything, NaN included.
+    masked = lambda x: jnp.where(weights > 0, x, 0.0)
+    return (jnp.sum(masked(adaptive)) + weight * jnp.sum(masked(jnp.abs(pred - target)))) / count
 
 
 def ssim_loss(pred, target, data_range: float = 1.0):

@@ -5,6 +5,10 @@
         --lulc scene_lulc.tif --dem scene_dem.tif --out scene_synthetic_s2.tif
     # land-cover map from an optical image (a segmentation run)
     python -m rsjax.predict --workdir work/seg_real --s2 scene_s2.tif --out scene_lulc_pred.tif
+    # cloud removal (a run whose sources include the cloudy image: DSen2-CR, or
+    # RS-SPADE with sources=s2_cloudy+...); with a mask, only clouds and shadows change
+    python -m rsjax.predict --workdir work/dsen2cr --s2_cloudy scene_s2_cloudy.tif \
+        --s1 scene_s1.tif [--cloud_mask scene_cloudmask.tif] --out scene_declouded_s2.tif
 
 The workdir's saved config (`config.json`, written by `python -m rsjax.train`)
 says which trainer made the checkpoint, so which inputs are needed (`--config`
@@ -17,7 +21,8 @@ The steps:
    SAR-to-dB conversion, DEM void filling and slope/aspect/hillshade on the
    target grid. The target grid is `target_grid` (any GeoTIFF) when given,
    else the land-cover file (fusion; without one the S1 file, then the DEM
-   file) or the S2 file (segmentation), by ingestion's rule: a metric file's
+   file), the S2 file (segmentation) or the cloudy S2 file (cloud removal),
+   by ingestion's rule: a metric file's
    own grid, a geographic one's UTM zone at its pixel size in whole metres;
    `target_crs` / `target_resolution` change it as in ingestion.
 2. tiled inference (`rsjax.tiling`): tiles of the training tile size at a
@@ -36,6 +41,12 @@ The steps:
    data) with the target grid's CRS and transform. Fusion: uint16 surface
    reflectance x 10000 (B2, B3, B4, B8; the dataset's S2 unit), 0 = no data
    wherever a source the model takes is missing, overviews by averaging.
+   Cloud removal: the same uint16 reflectance; with `cloud_mask` (codes 0
+   clear, 1 cloud, 2 shadow) the cloudy image is kept where the mask says
+   clear and the model's image taken under cloud and shadow (the composite,
+   made tile by tile before blending: the same as after, since a pixel's
+   cloudy value and code do not depend on the tile), without it the model's
+   image everywhere.
    Segmentation: uint8 Dynamic World labels with Dynamic World's colour map,
    255 = no data wherever the optical image is missing, overviews by the
    most frequent label (mode). The rows are written into a tiled GeoTIFF in a
@@ -69,8 +80,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from rsjax.data.contract import (LULC_CLASSES, LULC_NODATA, LULC_PALETTE, NUM_CLASSES, S2_BANDS,
-                                 S2_NODATA, SOURCES, InputError, ScenePaths)
+from rsjax.data.contract import (CLOUDY, LULC_CLASSES, LULC_NODATA, LULC_PALETTE, NUM_CLASSES,
+                                 S2_BANDS, S2_NODATA, SOURCES, InputError, ScenePaths)
 from rsjax.tiling import tile_offsets, tiled_predict
 
 log = logging.getLogger("rsjax")
@@ -216,14 +227,25 @@ def load_model(workdir, *, config=None, step: Optional[int] = None, data_dir: Op
     from rsjax.trainers import trainer_module
 
     config = run_config(workdir, config)
-    if config.get("trainer") not in ("fusion", "segmentation"):
+    if config.get("trainer") not in ("fusion", "segmentation", "cloud_removal"):
         raise InputError(f"{workdir}: its config is a {config.get('trainer')!r} run; prediction "
-                         "takes fusion and segmentation runs.")
+                         "takes fusion, segmentation and cloud_removal runs.")
     normalizer = dataset_normalizer(config.data, data_dir)
     devices = _local_devices(devices)
     inference = trainer_module(config.trainer).load_inference(config, str(workdir), step,
                                                                devices=devices)
     return LoadedModel(str(workdir), config, normalizer, inference, len(devices))
+
+
+def _inference(model, trainer, config, workdir, step, devices):
+    """(the model's function, checkpoint step, device count): of a model loaded
+    once (`load_model`, e.g. one per Beam worker) or restored here."""
+    if model is not None:
+        fn, ckpt_step = model.inference
+        return fn, ckpt_step, model.num_devices
+    devices = _local_devices(devices)
+    fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    return fn, ckpt_step, len(devices)
 
 
 def _batch_size(requested: Optional[int], config, num_devices: int) -> int:
@@ -335,6 +357,9 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     out = Path(out)
     config = model.config if model is not None else run_config(workdir, config)
     _check_trainer(config, "fusion", workdir)
+    if uses_clouds(config):
+        raise InputError(f"{workdir}: its generator takes the cloudy image: use predict_clouds "
+                         "(--s2_cloudy).")
     sources = fusion.selected_sources(config)
     given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem)}
     flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)", "dem": "--dem (elevation)"}
@@ -354,13 +379,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                        lulc=given["lulc"] if "lulc" in sources else None)
     normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        if model is not None:
-            generate, ckpt_step = model.inference
-            num_devices = model.num_devices
-        else:
-            devices = _local_devices(devices)
-            generate, ckpt_step = fusion.load_inference(config, str(workdir), step, devices=devices)
-            num_devices = len(devices)
+        generate, ckpt_step, num_devices = _inference(model, fusion, config, workdir, step, devices)
         size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
@@ -414,14 +433,8 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     scene = ScenePaths(scene_id=out.stem, s2=_as_path(s2), s1=None, dem=None, lulc=None)
     normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     with RegisteredScene(scene, opts) as reg:
-        if model is not None:
-            probabilities, ckpt_step = model.inference
-            num_devices = model.num_devices
-        else:
-            devices = _local_devices(devices)
-            probabilities, ckpt_step = segmentation.load_inference(config, str(workdir), step,
-                                                                   devices=devices)
-            num_devices = len(devices)
+        probabilities, ckpt_step, num_devices = _inference(model, segmentation, config, workdir,
+                                                           step, devices)
         size = _batch_size(batch_size, config, num_devices)
 
         def read_tile(row, col, nrows, ncols):
@@ -447,6 +460,99 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
     return result
 
 
+def uses_clouds(config) -> bool:
+    """Whether a run removes clouds: its model takes the cloudy image."""
+    return CLOUDY in tuple(config.data.get("sources", ()))
+
+
+def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem=None,
+                   cloud_mask=None, target_grid=None, target_crs: Optional[str] = None,
+                   target_resolution: Optional[float] = None, step: Optional[int] = None,
+                   overlap: Optional[int] = None, batch_size: Optional[int] = None, devices=None,
+                   config=None, data_dir: Optional[str] = None, s1_units: str = "auto",
+                   progress: bool = True, model: Optional[LoadedModel] = None) -> dict:
+    """A cloud-removal checkpoint (a run whose sources include `s2_cloudy`:
+    the cloud_removal trainer's DSen2-CR, or RS-SPADE) over a whole-scene cloudy
+    S2 GeoTIFF and the other sources it takes -> a cloud-free 4-band GeoTIFF at
+    `out`. With `cloud_mask`, the cloudy image is kept where the mask says
+    clear (see the module docstring). Arguments as in `predict_fusion`.
+    """
+    import jax.numpy as jnp
+    from rasterio.windows import Window
+
+    from rsjax import input_pipeline
+    from rsjax.data.ingest import RegisteredScene
+    from rsjax.trainers import cloud_eval, trainer_module
+
+    if out is None:
+        raise ValueError("out: give the path of the GeoTIFF to write")
+    out = Path(out)
+    config = model.config if model is not None else run_config(workdir, config)
+    if not uses_clouds(config):
+        raise InputError(f"{workdir}: its model does not take a cloudy image (sources "
+                         f"{tuple(config.data.get('sources', ()))}); --s2_cloudy and --cloud_mask "
+                         "are for cloud-removal runs.")
+    trainer = trainer_module(config.trainer)
+    sources = trainer.selected_sources(config)
+    given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem),
+             CLOUDY: _as_path(s2_cloudy)}
+    flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)",
+                "dem": "--dem (elevation)", CLOUDY: "--s2_cloudy (the cloudy Sentinel-2 image)"}
+    missing = [flags_of[s] for s in sources if given[s] is None]
+    if missing:
+        raise InputError(f"{workdir}: the model was trained on sources {', '.join(sources)}; "
+                         f"also give {', '.join(missing)}.")
+    unused = [s for s in given if given[s] is not None and s not in sources]
+    if unused:
+        log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
+    tile = int(config.data.tile_size)
+    overlap = _overlap(overlap, tile)
+    opts = _ingest_options(tile, target_grid or given[CLOUDY], target_crs, target_resolution, s1_units)
+    scene = ScenePaths(scene_id=out.stem, s2=None, s1=given["s1"] if "s1" in sources else None,
+                       dem=given["dem"] if "dem" in sources else None,
+                       lulc=given["lulc"] if "lulc" in sources else None,
+                       s2_cloudy=given[CLOUDY], cloud_mask=_as_path(cloud_mask))
+    normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
+    with RegisteredScene(scene, opts) as reg:
+        remove_clouds, ckpt_step, num_devices = _inference(model, trainer, config, workdir, step,
+                                                           devices)
+        size = _batch_size(batch_size, config, num_devices)
+
+        def read_tile(row, col, nrows, ncols):
+            arrays = reg.read(Window(col, row, ncols, nrows))
+            model_inputs = input_pipeline.normalize_tile(arrays, normalizer, sources)
+            inputs = {s: model_inputs[s] for s in sources}
+            if cloud_mask is not None:
+                inputs["cloud_mask"] = model_inputs["cloud_mask"]
+            return inputs, source_nodata(arrays, sources)
+
+        def predict_batch(batch):
+            image = remove_clouds(batch)
+            if cloud_mask is None:
+                return image
+            return cloud_eval.composite(image, jnp.asarray(batch[CLOUDY]), jnp.asarray(batch["cloud_mask"]))
+
+        def to_output(values, nodata):
+            s2 = input_pipeline.image_to_s2(values, normalizer)
+            s2[nodata] = S2_NODATA
+            return np.moveaxis(s2, -1, 0)
+
+        tags = {"RSJAX_MODE": "cloud_removal", "RSJAX_WORKDIR": str(Path(workdir).absolute()),
+                "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_TRAINER": str(config.trainer),
+                "RSJAX_SOURCES": ",".join(sources), "RSJAX_TILE_SIZE": str(tile),
+                "RSJAX_OVERLAP": str(overlap), "UNITS": "surface reflectance x 10000",
+                "RSJAX_CLOUD_MASK": ("cloudy image kept where the mask is clear (0), model under "
+                                     "cloud (1) and shadow (2)") if cloud_mask is not None
+                else "none: the model's image everywhere"}
+        result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
+                      predict_batch=predict_batch, batch_size=size,
+                      out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
+                      to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
+    result.update(mode="cloud_removal", checkpoint_step=int(ckpt_step), sources=list(sources),
+                  cloud_mask=cloud_mask is not None, devices=num_devices, batch_size=size)
+    return result
+
+
 def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> np.ndarray:
     """(h, w) bool: pixels where any of `sources` is missing (contract no-data)."""
     mask = np.zeros(arrays["lulc"].shape, bool)
@@ -456,13 +562,27 @@ def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> n
         mask |= np.isnan(arrays["s1"]).any(axis=-1)
     if "dem" in sources:
         mask |= np.isnan(arrays["dem"]).any(axis=-1)
+    if CLOUDY in sources:
+        mask |= (arrays[CLOUDY] == S2_NODATA).all(axis=-1)
     return mask
 
 
-def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, config=None, **kwargs) -> dict:
-    """Either mode, chosen by the workdir's trainer (fusion or segmentation)."""
+def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, s2_cloudy=None,
+            cloud_mask=None, config=None, **kwargs) -> dict:
+    """One of the modes, chosen by the workdir's run: cloud removal (its model
+    takes the cloudy image), segmentation or fusion."""
     model = kwargs.get("model")
     config = model.config if model is not None else run_config(workdir, config)
+    if uses_clouds(config):
+        if s2 is not None:
+            raise InputError(f"{workdir}: a cloud-removal run takes the cloudy image (--s2_cloudy), "
+                             "not --s2.")
+        return predict_clouds(workdir, s2_cloudy, out, s1=s1, lulc=lulc, dem=dem,
+                              cloud_mask=cloud_mask, config=config, **kwargs)
+    if s2_cloudy is not None or cloud_mask is not None:
+        raise InputError(f"{workdir}: its model does not remove clouds (it takes no cloudy "
+                         "image): --s2_cloudy and --cloud_mask are for runs trained with "
+                         "sources including s2_cloudy (rsjax train --config cloud_removal).")
     if config.get("trainer") == "segmentation":
         given = [name for name, v in (("--s1", s1), ("--lulc", lulc), ("--dem", dem)) if v is not None]
         if given:
@@ -493,9 +613,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dem", default=None,
                         help="fusion: elevation GeoTIFF (slope, aspect, hillshade are derived)")
     parser.add_argument("--s2", default=None, help="segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
+    parser.add_argument("--s2_cloudy", default=None,
+                        help="cloud removal: the cloudy Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
+    parser.add_argument("--cloud_mask", default=None,
+                        help="cloud removal, optional: its cloud/shadow mask GeoTIFF (0 clear, 1 "
+                             "cloud, 2 shadow); the cloudy image is then kept where it is clear")
     parser.add_argument("--target_grid", default=None,
                         help="GeoTIFF whose grid the output is on (default: the land-cover file "
-                             "for fusion, the S2 file for segmentation)")
+                             "for fusion, the S2 file for segmentation, the cloudy S2 file for "
+                             "cloud removal)")
     parser.add_argument("--target_crs", default=None,
                         help="output CRS (projected, metres), as in ingestion")
     parser.add_argument("--target_resolution", type=float, default=None,
@@ -550,7 +676,8 @@ def run(args) -> int:
         cli.print_json(result)
         return 1 if result["failed"] else 0
     result = predict(args.workdir, args.out, s1=args.s1, lulc=args.lulc, dem=args.dem, s2=args.s2,
-                     config=config, target_grid=args.target_grid, target_crs=args.target_crs,
+                     s2_cloudy=args.s2_cloudy, cloud_mask=args.cloud_mask, config=config,
+                     target_grid=args.target_grid, target_crs=args.target_crs,
                      target_resolution=args.target_resolution, step=args.step,
                      overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir)
     cli.print_json(result)

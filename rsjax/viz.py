@@ -37,7 +37,10 @@ MIN_CELL = 192                   # default upsampling target: small tiles stay r
 # Band positions in the stored s2 order (B2, B3, B4, B8 = blue, green, red, NIR).
 RGB_BANDS = (2, 1, 0)            # B4, B3, B2: true colour
 FALSE_COLOR_BANDS = (3, 2, 1)    # B8, B4, B3: NIR-R-G, vegetation shows red
-ROW_KINDS = ("optical", "rgb", "false_color", "labels", "gray")
+ROW_KINDS = ("optical", "rgb", "false_color", "labels", "gray", "cloud_mask")
+# Cloud/shadow mask codes (rsjax.data.contract) -> colour: clear dark, cloud
+# white, shadow blue, unknown magenta.
+CLOUD_MASK_COLOURS = {0: (40, 40, 40), 1: (255, 255, 255), 2: (70, 110, 220), 255: (200, 0, 200)}
 _LEGEND_ENTRY_WIDTH = 140
 _LEGEND_LINE_HEIGHT = 18
 _SWATCH = 12
@@ -59,21 +62,38 @@ def colorize_labels(labels) -> np.ndarray:
     return palette_rgb()[np.where(valid, labels, 255).astype(np.uint8)]
 
 
-def percentile_stretch(images, percentiles: Sequence[float] = (2.0, 98.0)) -> np.ndarray:
-    """Maps each channel of (N, H, W, C) images to [0, 1] between its low and
-    high percentiles over all N images (NaN ignored, then shown black), the
-    usual robust display stretch for reflectance. A constant channel maps to 0."""
+def percentile_bounds(images, percentiles: Sequence[float] = (2.0, 98.0)):
+    """(low, span) per channel of (N, H, W, C) images: their low percentile and
+    the distance to the high one (inf for a constant or empty channel)."""
     images = np.asarray(images, np.float64)
-    finite = np.where(np.isfinite(images), images, np.nan)
-    flat = finite.reshape(-1, images.shape[-1])
+    flat = np.where(np.isfinite(images), images, np.nan).reshape(-1, images.shape[-1])
     if np.all(np.isnan(flat)):
-        return np.zeros_like(images)
+        return np.zeros(images.shape[-1]), np.full(images.shape[-1], np.inf)
     with np.errstate(all="ignore"):
         low, high = np.nanpercentile(flat, percentiles, axis=0)
     low = np.where(np.isnan(low), 0.0, low)
-    span = np.where(np.isnan(high) | (high <= low), np.inf, high - low)
+    return low, np.where(np.isnan(high) | (high <= low), np.inf, high - low)
+
+
+def percentile_stretch(images, percentiles: Sequence[float] = (2.0, 98.0), bounds=None) -> np.ndarray:
+    """Maps each channel of (N, H, W, C) images to [0, 1] between its low and
+    high percentiles over all N images (NaN ignored, then shown black), the
+    usual robust display stretch for reflectance. A constant channel maps to 0.
+    `bounds` (low, span) from `percentile_bounds` of other images stretches
+    these as those."""
+    images = np.asarray(images, np.float64)
+    finite = np.where(np.isfinite(images), images, np.nan)
+    low, span = percentile_bounds(images, percentiles) if bounds is None else bounds
     out = np.clip((finite - low) / span, 0.0, 1.0)
     return np.where(np.isnan(out), 0.0, out)
+
+
+def colorize_cloud_mask(mask) -> np.ndarray:
+    """(..., H, W) cloud/shadow mask codes -> (..., H, W, 3) uint8 (CLOUD_MASK_COLOURS)."""
+    table = np.zeros((256, 3), np.uint8)
+    for code, colour in CLOUD_MASK_COLOURS.items():
+        table[code] = colour
+    return table[np.clip(np.asarray(mask), 0, 255).astype(np.uint8)]
 
 
 def _guess_kind(images: np.ndarray) -> str:
@@ -103,7 +123,8 @@ def _title(name: str, shown: str) -> list[str]:
     return [name] if shown.lower() in name.lower() else [name, shown]
 
 
-def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], columns: int):
+def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], columns: int,
+                  stretch_rows: Optional[Sequence[str]] = None):
     """[(title lines, (columns, H, W, 3) uint8)] and whether any row is a land-cover map."""
     arrays, row_kinds = {}, {}
     for name, images in rows.items():
@@ -127,12 +148,16 @@ def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], colu
 
     # Optical rows share one stretch per column, so a generated image and its
     # real counterpart are shown on the same scale and colour differences are real.
-    optical = [a[..., :4] for n, a in arrays.items() if row_kinds[n] in ("optical", "rgb", "false_color")]
+    # `stretch_rows` (optical rows) set the stretch alone, e.g. the clear truth,
+    # so that bright clouds in another row do not darken the column.
+    optical_names = [n for n in arrays if row_kinds[n] in ("optical", "rgb", "false_color")]
+    reference = [n for n in (stretch_rows or optical_names) if n in optical_names] or optical_names
     stretched = {}
-    if optical:
-        stacked = np.stack(optical, axis=1)                       # (columns, rows, H, W, 4)
-        per_column = np.stack([percentile_stretch(column) for column in stacked])
-        optical_names = [n for n in arrays if row_kinds[n] in ("optical", "rgb", "false_color")]
+    if optical_names:
+        stacked = np.stack([arrays[n][..., :4] for n in optical_names], axis=1)   # (columns, rows, H, W, 4)
+        chosen = [optical_names.index(n) for n in reference]
+        per_column = np.stack([percentile_stretch(column, bounds=percentile_bounds(column[chosen]))
+                               for column in stacked])
         stretched = {n: per_column[:, i] for i, n in enumerate(optical_names)}
 
     def to_uint8(x):
@@ -147,6 +172,8 @@ def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], colu
             display.append((_title(name, "NIR-R-G"), to_uint8(stretched[name][..., list(FALSE_COLOR_BANDS)])))
         if kind == "labels":
             display.append((_title(name, "land cover"), colorize_labels(_as_labels(images))))
+        if kind == "cloud_mask":
+            display.append((_title(name, "cloud mask"), colorize_cloud_mask(_as_labels(images))))
         if kind == "gray":
             gray = np.stack([percentile_stretch(image[None, ..., :1])[0] for image in images])
             display.append(([name], to_uint8(np.repeat(gray, 3, axis=-1))))
@@ -156,13 +183,14 @@ def _display_rows(rows: Mapping[str, np.ndarray], kinds: Mapping[str, str], colu
 def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str]] = None,
                 max_columns: int = 8, scale: Optional[int] = None,
                 label_width: int = 110,
-                column_titles: Optional[Sequence[str]] = None) -> np.ndarray:
+                column_titles: Optional[Sequence[str]] = None,
+                stretch_rows: Optional[Sequence[str]] = None) -> np.ndarray:
     """The grid of `image_grid` as an (H, W, 3) uint8 array (e.g. for TensorBoard)."""
     if not rows:
         raise ValueError("image_grid needs at least one row.")
     if scale is not None and (int(scale) != scale or scale < 1):
         raise ValueError(f"scale must be a positive integer, got {scale}.")
-    display, with_legend = _display_rows(rows, kinds or {}, max_columns)
+    display, with_legend = _display_rows(rows, kinds or {}, max_columns, stretch_rows)
     columns, tile_h, tile_w = display[0][1].shape[:3]
     scale = auto_scale(tile_h, tile_w) if scale is None else int(scale)
     if column_titles is not None and len(column_titles) != columns:
@@ -203,7 +231,8 @@ def render_grid(rows: Mapping[str, np.ndarray], kinds: Optional[Mapping[str, str
 def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
                kinds: Optional[Mapping[str, str]] = None, max_columns: int = 8,
                scale: Optional[int] = None, label_width: int = 110,
-               column_titles: Optional[Sequence[str]] = None) -> Path:
+               column_titles: Optional[Sequence[str]] = None,
+               stretch_rows: Optional[Sequence[str]] = None) -> Path:
     """Writes a PNG with one display row per entry of `rows` and one column per example.
 
     rows: {name: array}, drawn top to bottom in the mapping's order, e.g.
@@ -217,16 +246,20 @@ def image_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike,
       "labels"      (B, H, W) ints (255 = no data, black), (B, H, W, 1) ints,
                     or (B, H, W, K) scores/one-hot (argmax); default for ints
                     and 3-D arrays; adds the Dynamic World legend;
-      "gray"        first channel, stretched per image; default otherwise.
+      "gray"        first channel, stretched per image; default otherwise;
+      "cloud_mask"  (B, H, W) codes 0 clear (dark), 1 cloud (white), 2 shadow
+                    (blue), 255 unknown (magenta).
     Optical rows share a 2-98 % per-band stretch per column, so generated and
-    real images of one example are on the same scale.
+    real images of one example are on the same scale; `stretch_rows` names
+    the rows that set it (default: every optical row), e.g. the clear truth
+    in a cloud-removal grid, where clouds would otherwise darken the rest.
     scale: integer upsampling of every tile (nearest neighbour); default: the
       smallest that makes cells at least MIN_CELL pixels.
     column_titles: one line of text above each drawn column (e.g. a score).
     Returns the path.
     """
-    return save_png(render_grid(rows, kinds, max_columns, scale, label_width, column_titles),
-                    path)
+    return save_png(render_grid(rows, kinds, max_columns, scale, label_width, column_titles,
+                                stretch_rows), path)
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:

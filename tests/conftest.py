@@ -1,17 +1,42 @@
 """Shared pytest setup.
 
 Tests run on 8 fake CPU devices so that data parallelism is exercised for real;
-the flag must be set before JAX is imported anywhere. Tests compile many small
+the flag must be set before JAX is imported anywhere. A device count the user
+set in XLA_FLAGS is kept (tests needing 8 devices then skip, saying so). Tests compile many small
 programs and run each a few steps, so XLA's backend optimizations are turned
 down (compiles about twice as fast, runs slower: the right trade for tests).
 """
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# Each flag is added unless XLA_FLAGS already sets it: flags a user exported
+# for other reasons must not cost the tests their 8 devices.
+TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8",
+                  "--xla_backend_optimization_level": "0",
+                  "--xla_llvm_disable_expensive_passes": "true"}
+
+
+def with_test_xla_flags(preset: str) -> str:
+    """`preset` (an XLA_FLAGS value) with every flag of TEST_XLA_FLAGS it does not set."""
+    flags = preset.split()
+    named = {flag.split("=", 1)[0] for flag in flags}
+    flags += [f"{name}={value}" for name, value in TEST_XLA_FLAGS.items() if name not in named]
+    return " ".join(flags)
+
+
+os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands the tests run in-process (rsjax.cli.main) turn on JAX's persistent
+# compilation cache in work/jax_cache, relative to the current directory,
+# unless a cache is set: give them a temporary one, so the tests write nothing
+# into the checkout (and programs compiled alike in several tests compile once).
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="rsjax_tests_jax_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Run against this checkout even when another copy of rsjax is installed.
@@ -43,6 +68,26 @@ def demo_data_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+# A small dataset with clouds: 3 synthetic scenes of 128 px, 32 px tiles; split
+# seed 3 puts 5 tiles of 24-99 % cloud cover, each with some clear pixels but
+# one, in the test split.
+CLOUDY_DATA = dict(name="rs_multisource/synthetic_cloudy_demo", tile_size=32, synthetic_scenes=3,
+                   synthetic_size=128, split_seed=3)
+
+
+@pytest.fixture(scope="session")
+def cloudy_data_dir(tmp_path_factory) -> Path:
+    """A small `synthetic_cloudy_demo` dataset (CLOUDY_DATA), built once per session."""
+    import ml_collections
+
+    from rsjax import input_pipeline
+
+    data_dir = tmp_path_factory.mktemp("tfds_cloudy")
+    input_pipeline.ensure_dataset(ml_collections.ConfigDict(dict(
+        data_dir=str(data_dir), worker_count=0, **CLOUDY_DATA)))
+    return data_dir
+
+
 @pytest.fixture(autouse=True)
 def _rsjax_logger_propagates():
     """Commands run in-process (rsjax.cli) give the 'rsjax' logger its own
@@ -55,3 +100,33 @@ def _rsjax_logger_propagates():
     logger.propagate = True
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
+
+
+# ---------------------------------------------------------------------------
+# CI: no test may be silently absent
+# ---------------------------------------------------------------------------
+# A skip (no gdaldem, no TensorFlow, fewer than 8 devices) is fine on a
+# developer's machine, where `-ra` lists it; in CI (.ci/run sets
+# RSJAX_FAIL_ON_SKIP=1) it means something the tests need is missing, so the
+# run fails and names each skipped test.
+def _skipped(config) -> list:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return list(reporter.stats.get("skipped", [])) if reporter is not None else []
+
+
+def _fail_on_skip() -> bool:
+    return os.environ.get("RSJAX_FAIL_ON_SKIP") == "1"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _fail_on_skip() and exitstatus == 0 and _skipped(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    skipped = _skipped(config)
+    if _fail_on_skip() and skipped:
+        terminalreporter.section("skipped tests fail this run (RSJAX_FAIL_ON_SKIP=1)", red=True)
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            terminalreporter.line(f"{report.nodeid}: {reason}")

@@ -43,18 +43,74 @@ def test_learning_rate_is_constant_then_linear_to_zero(total, start):
     assert got[0] == np.float32(2e-4) and (start is None or start >= total or got[total] == 0)
 
 
-def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
+@pytest.mark.parametrize("name", ["fusion:demo", "pix2pix:demo", "segmentation:demo"])
+def test_demo_optimizers_decay_linearly_over_the_second_half(name):
+    """The optimizers the trainers build from each demo config: the step size
+    of every update, written out independently, is the base rate for the first
+    150 of 300 updates, then falls linearly to base / 150 at the last one.
+
+    With a constant gradient Adam's bias-corrected moments are g and g^2, so
+    an update is -lr * g / (|g| + eps): the learning rate itself. Parameters
+    stay at 0 (updates not applied), so AdamW's decoupled weight decay adds 0.
+    """
+    import jax.numpy as jnp
+
+    from trainer_utils import load_config
+
+    config = load_config(*name.split(":"))
+    assert (config.total_steps, config.optim.decay_start_step) == (300, 150)
+    if config.trainer == "fusion":
+        from rsjax.trainers import fusion
+        g_tx, d_tx = fusion.make_optimizers(config)
+        optimizers = {"generator": (g_tx, config.optim.g_lr),
+                      "discriminator": (d_tx, config.optim.d_lr)}
+    else:
+        from rsjax.trainers import segmentation
+        config.model.width = 4
+        optimizers = {"model": (segmentation.Setup(config).tx, config.optim.lr)}
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.full(3, 0.5)}
+    count = np.arange(300)
+    for which, (tx, base) in optimizers.items():
+        def update(opt_state, _):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return opt_state, -updates["w"][0]
+        _, step_sizes = jax.lax.scan(update, tx.init(params), None, length=300)
+        want = np.where(count < 150, base, base * (1 - (count - 150) / 150))
+        np.testing.assert_allclose(np.asarray(step_sizes), want, rtol=1e-4, err_msg=which)
+        assert np.asarray(step_sizes)[-1] == pytest.approx(base / 150, rel=1e-4)
+
+
+def pix2pix_config(data_dir):
+    """The tiny pix2pix run of these tests, with the demo configs' learning-rate
+    decay on (they decay over the second half; the other tests turn it off)."""
+    config = tiny_fusion_config(data_dir, "pix2pix", steps=4)
+    config.optim.decay_start_step = 2
+    config.image_every_steps = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def pix2pix_run(demo_data_dir, tmp_path_factory):
     from rsjax.trainers import fusion
 
-    config = tiny_fusion_config(demo_data_dir, "pix2pix", steps=4)
-    config.image_every_steps = 4
-    result = fusion.train_and_evaluate(config, str(tmp_path))
+    config = pix2pix_config(demo_data_dir)
+    workdir = tmp_path_factory.mktemp("pix2pix") / "run"
+    return config, workdir, fusion.train_and_evaluate(config, str(workdir))
+
+
+def test_pix2pix_trains_checkpoints_and_evaluates(pix2pix_run):
+    config, tmp_path, result = pix2pix_run
     assert result["step"] == 4
     for key in ("psnr", "ssim", "sam", "sam_deg"):
         assert np.isfinite(result[key]), key
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "g_loss" in r] == [2, 4]
     assert {"g_adv", "g_l1", "d_loss"} <= set(records[0])
+    # The decay from step 2 of 4: step s is made at optax count s - 1, so
+    # steps 1-3 at 2e-4 and step 4 at half of it (an independent formula).
+    rates = {r["step"]: r["learning_rate/generator"] for r in records if "g_loss" in r}
+    assert rates == {2: pytest.approx(2e-4), 4: pytest.approx(1e-4)}
     assert (tmp_path / "config.json").exists()
     assert (tmp_path / "images" / "step_0000004.png").exists()
     assert json.loads((tmp_path / "eval_test.json").read_text())["step"] == 4
@@ -71,13 +127,113 @@ def test_pix2pix_trains_checkpoints_and_evaluates(demo_data_dir, tmp_path):
     assert (tmp_path / "eval_test_4.png").exists()
 
 
+def test_evaluate_command_scores_the_step_it_is_given(pix2pix_run, capsys):
+    """`rsjax evaluate --step 2` scores checkpoint 2 (not the latest, 4): the
+    printed scores are what the library gives for step 2, and differ from step 4's."""
+    from rsjax import cli
+    from rsjax.trainers import fusion
+
+    config, workdir, _ = pix2pix_run
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--step", "2",
+                     "--split", "validation"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["step"] == 2 and printed["split"] == "validation"
+    assert json.loads((workdir / "eval_validation_2.json").read_text()) == printed
+    want, _ = fusion.evaluate_checkpoint(config, str(workdir), "validation", step=2)
+    latest, _ = fusion.evaluate_checkpoint(config, str(workdir), "validation")
+    assert latest["step"] == 4 and latest["psnr"] != pytest.approx(want["psnr"], rel=1e-6)
+    for key in ("psnr", "ssim", "sam"):
+        assert printed[key] == pytest.approx(want[key], rel=1e-6), key
+
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--step", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "step 3" in err and "2, 4" in err and "Traceback" not in err
+
+
+def test_sigterm_saves_stops_and_the_rerun_resumes_to_the_same_parameters(
+        pix2pix_run, tmp_path, monkeypatch, caplog):
+    """SIGTERM (what schedulers send before preempting) during step 2 of 4:
+    the run saves step 2 (no periodic checkpoint is due) and returns
+    preempted; the same call again resumes from step 2 and ends with the
+    parameters of the uninterrupted run."""
+    import logging
+    import os
+    import signal
+
+    from rsjax import logging_utils
+    from rsjax.trainers import fusion
+
+    config, straight, _ = pix2pix_run
+    config = config.copy_and_resolve_references()
+    config.checkpoint_every_steps = 100
+    config.final_eval_split = ""
+    write_scalars = logging_utils.MetricWriter.write_scalars
+
+    def terminated_at_step_2(self, step, scalars):
+        write_scalars(self, step, scalars)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)       # handled by the loop's PreemptionWatcher
+
+    received = []                   # without the loop's handler, SIGTERM lands here
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(logging_utils.MetricWriter, "write_scalars", terminated_at_step_2)
+            stopped = fusion.train_and_evaluate(config, str(tmp_path))
+        assert signal.getsignal(signal.SIGTERM) is not previous   # the loop put ours back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not received and stopped == {"step": 2, "preempted": True}
+    # Step 2 saved on the way out (Orbax also saves a run's first step).
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [1, 2]
+
+    with caplog.at_level(logging.INFO, logger="rsjax"):
+        resumed = fusion.train_and_evaluate(config, str(tmp_path))
+    assert resumed == {"step": 4}
+    assert "Resumed from step 2" in caplog.text
+    step_a, a = _final_params(config, straight)
+    step_b, b = _final_params(config, tmp_path)
+    assert step_a == step_b == 4
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+
+
+def _convolution_dtypes(jaxpr) -> list[tuple]:
+    """Operand dtypes of every convolution in `jaxpr`, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)        # ClosedJaxpr or Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += _convolution_dtypes(inner)
+    return found
+
+
 @pytest.mark.parametrize("model", ["pix2pix", "rs_spade"])  # rs_spade: spectral norm in bf16
 def test_bfloat16_compute_trains(demo_data_dir, tmp_path, model):
+    import functools
+
+    from rsjax import input_pipeline
     from rsjax.trainers import fusion
 
     config = tiny_fusion_config(demo_data_dir, model, steps=2)
     config.dtype = "bfloat16"
     config.final_eval_split = ""
+    # Every convolution of the step (both networks, forward and backward) takes
+    # bfloat16 operands: the program that runs, traced (not compiled) here.
+    setup = fusion.Setup(config, fusion.selected_sources(config))
+    batch = next(input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=8, mesh=None, train=True, seed=0,
+        sources=setup.sources))
+    jaxpr = jax.make_jaxpr(functools.partial(fusion.train_step, setup))(
+        jax.eval_shape(setup.init_state), batch)
+    convolutions = _convolution_dtypes(jaxpr.jaxpr)
+    assert len(convolutions) > 20
+    assert [d for d in convolutions if d != ("bfloat16", "bfloat16")] == []
+
     fusion.train_and_evaluate(config, str(tmp_path))
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records and all(np.isfinite(r["g_loss"]) for r in records)
@@ -112,22 +268,41 @@ def test_rs_spade_every_source_subset_trains_a_step(demo_data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["data"]["sources"] == ["lulc", "dem"]
 
 
-def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
+@pytest.fixture(scope="module")
+def pix2pix_step(demo_data_dir):
+    """(config, setup, mesh, initial state, a train batch, the jitted step) of a
+    tiny pix2pix on 8 devices, compiled once for the tests that step by hand.
+    EMA decay 0.5, so that the EMA is far from the parameters after 2 steps."""
     import functools
 
     from rsjax import input_pipeline
     from rsjax import mesh as mesh_lib
-    from rsjax.trainers import fusion, nonfinite
+    from rsjax.trainers import fusion
 
     config = tiny_fusion_config(demo_data_dir, "pix2pix")
+    config.ema_decay = 0.5
     mesh = mesh_lib.create_mesh()
     setup = fusion.Setup(config, fusion.selected_sources(config))
     state = mesh_lib.init_replicated(setup.init_state, mesh)
     batch = next(input_pipeline.create_iterator(
         config.data, "train", global_batch_size=8, mesh=mesh, train=True, seed=0,
         sources=setup.sources))
-    poisoned = dict(batch, image=batch["image"] * np.nan)
     step = jax.jit(functools.partial(fusion.train_step, setup))
+    return config, setup, mesh, state, batch, step
+
+
+def _generator_params(setup, g_state):
+    from flax import nnx
+
+    _, params, _ = nnx.split(nnx.merge(setup.g_train_graph, g_state), nnx.Param, ...)
+    return params
+
+
+def test_nonfinite_step_is_skipped_and_counted(pix2pix_step):
+    from rsjax.trainers import nonfinite
+
+    _, _, _, state, batch, step = pix2pix_step
+    poisoned = dict(batch, image=batch["image"] * np.nan)
     frozen = ("g", "d", "g_opt", "d_opt", "ema")
     before = host_numpy({k: state[k] for k in frozen})
     state, m = step(state, poisoned)
@@ -142,6 +317,39 @@ def test_nonfinite_step_is_skipped_and_counted(demo_data_dir):
     assert any(jax.tree.leaves(changed))
     with pytest.raises(nonfinite.NonFiniteLossError, match="non-finite"):
         nonfinite.check_nonfinite(3, 3, step=7, workdir="w")
+
+
+def test_ema_follows_the_generator_and_evaluation_uses_it_when_asked(pix2pix_step):
+    """After two steps the EMA is 0.5 * (0.5 * initial + 0.5 * p1) + 0.5 * p2
+    (computed here from the parameters of each step); evaluating with
+    eval_use_ema=True scores the EMA weights: the same scores as the generator
+    with its parameters replaced by the EMA, not those of its own parameters."""
+    from flax import nnx
+
+    from rsjax.trainers import fusion
+
+    config, setup, mesh, state, batch, step = pix2pix_step
+    ema = host_numpy(_generator_params(setup, state["g"]))
+    for _ in range(2):
+        state, _ = step(state, batch)
+        params = host_numpy(_generator_params(setup, state["g"]))
+        ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, ema, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 ema, host_numpy(state["ema"]))
+    assert not all(np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(ema), jax.tree.leaves(params), strict=True))
+
+    def scores(use_ema, state):
+        c = config.copy_and_resolve_references()
+        c.eval_use_ema = use_ema
+        return fusion.evaluate_split(setup, state, c, "validation", mesh, max_batches=1)[0]
+
+    _, _, rest = nnx.split(nnx.merge(setup.g_train_graph, state["g"]), nnx.Param, ...)
+    ema_as_params = dict(state, g=nnx.state(nnx.merge(setup.g_train_graph, state["ema"], rest)))
+    with_ema, own, swapped = scores(True, state), scores(False, state), scores(False, ema_as_params)
+    assert with_ema["psnr"] == pytest.approx(swapped["psnr"], rel=1e-6)
+    assert with_ema["ssim"] == pytest.approx(swapped["ssim"], rel=1e-6)
+    assert with_ema["psnr"] != pytest.approx(own["psnr"], rel=1e-4)
 
 
 def test_poisoned_state_is_never_checkpointed(tmp_path):
@@ -166,14 +374,20 @@ def _train_command(workdir, data_dir, steps, every):
 
 
 def test_killed_run_resumes_to_the_same_parameters(demo_data_dir, tmp_path):
-    """SIGKILL after the step-k checkpoint, rerun: the same parameters at step 2k
-    as a run that was never interrupted (the input iterator resumes too)."""
-    k = 3
+    """SIGKILL after the step-k checkpoint, rerun: the rerun resumes from the
+    last checkpoint the killed run left (k or a later multiple of k, before the
+    last step) and reaches the same parameters at step 4k as a run that was
+    never interrupted (the input iterator resumes too)."""
+    import re
+
+    k, total = 3, 12
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", "device_count=2")
+    env["XLA_FLAGS"] = " ".join([f for f in env["XLA_FLAGS"].split()
+                                 if not f.startswith("--xla_force_host_platform_device_count")]
+                                + ["--xla_force_host_platform_device_count=2"])
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_command(straight, demo_data_dir, 2 * k, k), cwd=ROOT, env=env,
+    subprocess.run(_train_command(straight, demo_data_dir, total, k), cwd=ROOT, env=env,
                    check=True, capture_output=True, timeout=600)
 
     proc = subprocess.Popen(_train_command(killed, demo_data_dir, 200, k), cwd=ROOT, env=env,
@@ -182,15 +396,19 @@ def test_killed_run_resumes_to_the_same_parameters(demo_data_dir, tmp_path):
     while not (killed / "checkpoints" / str(k)).exists():
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(_train_command(killed, demo_data_dir, 2 * k, k), cwd=ROOT, env=env,
-                   check=True, capture_output=True, timeout=600)
+    left = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert k <= left < total, f"the killed run saved step {left}: nothing left to resume"
+    rerun = subprocess.run(_train_command(killed, demo_data_dir, total, k), cwd=ROOT, env=env,
+                           check=True, capture_output=True, text=True, timeout=600)
+    resumed = [int(n) for n in re.findall(r"Resumed from step (\d+)", rerun.stderr)]
+    assert resumed == [left], rerun.stderr[-3000:]
 
-    config = tiny_fusion_config(demo_data_dir, "pix2pix", steps=2 * k)
+    config = tiny_fusion_config(demo_data_dir, "pix2pix", steps=total)
     config.checkpoint_every_steps = k
     step_a, a = _final_params(config, straight)
     step_b, b = _final_params(config, killed)
-    assert step_a == step_b == 2 * k
+    assert step_a == step_b == total
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)

@@ -179,3 +179,15 @@ def test_read_metrics_skips_a_line_being_written_and_names_a_bad_one(tmp_path):
     path.write_text('{"loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected an object with an integer 'step'"):
         logging_utils.read_metrics(path)
+
+
+def test_resumed_writer_drops_the_steps_it_logs_again_and_a_half_written_line(tmp_path):
+    """A run killed after logging step 30 but checkpointed at 20 resumes at 20: steps 21..30 are
+    logged again, so their old lines go; a line cut short by the kill is not glued to the next."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (10, 20, 30))
+                    + '{"step": 40, "lo')
+    with logging_utils.MetricWriter(tmp_path, tensorboard=False, resume_step=20) as writer:
+        writer.write_scalars(30, {"loss": -30.0})
+    records = logging_utils.read_metrics(tmp_path, dedupe=False)
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 10.0), (20, 20.0), (30, -30.0)]

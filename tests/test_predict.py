@@ -3,6 +3,7 @@ real Orbax checkpoints written as the trainers write them, the real models on
 8 fake CPU devices."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,7 @@ def test_landcover_map_on_the_s2_grid(segmentation_workdir, scene, demo_data_dir
     _assert_tiled_and_compressed(out)
     assert cmap[1][:3] == tuple(int(LULC_PALETTE[1][i:i + 2], 16) for i in (1, 3, 5))
     assert set(np.unique(labels)) <= set(range(9)) | {LULC_NODATA}
+    _assert_not_constant(labels)
 
     # The tiles of the dataset, as the evaluation feeds them: the same labels.
     config = config_from_workdir(segmentation_workdir)
@@ -281,6 +283,63 @@ def test_landcover_map_on_the_s2_grid(segmentation_workdir, scene, demo_data_dir
         row, col = _window_of(tile["transform"], s2_transform)
         agree.append(labels[row:row + 64, col:col + 64] == exp)
     assert np.mean(agree) > 0.999        # argmax ties of near-equal probabilities may flip
+
+
+def _assert_not_constant(labels):
+    """At least two classes with 5 % of the valid pixels each: a model whose argmax
+    is the same everywhere would pass every comparison of labels."""
+    counts = np.bincount(labels[labels != LULC_NODATA].ravel(), minlength=9)
+    assert np.sum(counts >= 0.05 * counts.sum()) >= 2, counts
+
+
+def test_landcover_with_overlap_blends_the_tiles_it_is_made_of(segmentation_workdir, scene,
+                                                                tmp_path):
+    """Overlap 16 on 64 px tiles (offsets 0, 48, 96, 144, 192): wherever the
+    tiles covering a pixel agree on its class, the blended map has that class
+    (probabilities are averaged with weights summing to one); each tile is
+    predicted here on its own, read through ingestion's registration."""
+    import dataclasses
+
+    from rasterio.windows import Window
+
+    from rsjax import input_pipeline
+    from rsjax.data.ingest import IngestOptions, RegisteredScene
+    from rsjax.tiling import tile_offsets
+    from rsjax.trainers import segmentation
+
+    out = tmp_path / "landcover_overlap.tif"
+    result = predict.predict_landcover(segmentation_workdir, scene.s2, out, overlap=16,
+                                       progress=False)
+    offsets = tile_offsets(256, 64, 48)
+    assert offsets == [0, 48, 96, 144, 192] and result["tiles"] == len(offsets) ** 2
+    with rasterio.open(out) as ds:
+        labels = ds.read(1)
+        assert ds.tags()["RSJAX_OVERLAP"] == "16"
+    _assert_not_constant(labels)
+
+    config = config_from_workdir(segmentation_workdir)
+    probabilities, _ = segmentation.load_inference(config, str(segmentation_workdir))
+    normalizer = predict.dataset_normalizer(config.data)
+    only_s2 = dataclasses.replace(scene, s1=None, dem=None, lulc=None)
+    votes = np.full((len(offsets) ** 2, 256, 256), -1)       # each tile's class, -1 outside it
+    valid = np.zeros((256, 256), bool)
+    with RegisteredScene(only_s2, IngestOptions(tile_size=64)) as reg:
+        windows = [(r, c) for r in offsets for c in offsets]
+        tiles = [input_pipeline.normalize_tile(reg.read(Window(c, r, 64, 64)), normalizer, ())
+                 for r, c in windows]
+    for start in range(0, len(tiles), 8):
+        chunk = tiles[start:start + 8]
+        chunk += [chunk[-1]] * (8 - len(chunk))               # a whole batch for 8 devices
+        image = np.stack([t["image"] for t in chunk])
+        classes = np.asarray(probabilities({"image": image})).argmax(-1)
+        for i, (r, c) in enumerate(windows[start:start + 8]):
+            votes[start + i, r:r + 64, c:c + 64] = classes[i]
+            valid[r:r + 64, c:c + 64] |= tiles[start + i]["valid"]
+    covering = votes >= 0
+    agreed = np.all((votes == votes.max(0)) | ~covering, axis=0)
+    assert agreed.mean() > 0.8
+    np.testing.assert_array_equal(labels[agreed & valid], votes.max(0)[agreed & valid])
+    assert (labels[~valid] == LULC_NODATA).all()
 
 
 # ---------------------------------------------------------------------------
@@ -333,3 +392,113 @@ def test_command_line_reports_bad_input_and_exits_2(fusion_workdir, scene, tmp_p
     assert cli.main(["predict", f"--workdir={missing}", f"--s2={scene.s2}", f"--out={out}"]) == 2
     assert "workdir does not exist" in capsys.readouterr().err
     assert not missing.exists() and not out.parent.exists()
+
+
+# ---------------------------------------------------------------------------
+# Which model: the run's mode, its sources, a step
+# ---------------------------------------------------------------------------
+def test_each_mode_refuses_the_other_modes_inputs(fusion_workdir, segmentation_workdir, scene,
+                                                   tmp_path):
+    out = tmp_path / "out.tif"
+    with pytest.raises(InputError, match="segmentation run .* takes no --s1, --dem"):
+        predict.predict(segmentation_workdir, out, s2=scene.s2, s1=scene.s1, dem=scene.dem)
+    with pytest.raises(InputError, match="fusion run .* takes no --s2"):
+        predict.predict(fusion_workdir, out, s2=scene.s2, s1=scene.s1)
+    with pytest.raises(InputError, match="a 'segmentation' run, not 'fusion'; use predict_landcover"):
+        predict.predict_fusion(segmentation_workdir, scene.s1, scene.lulc, scene.dem, out)
+    with pytest.raises(InputError, match="a 'fusion' run, not 'segmentation'; use predict_fusion"):
+        predict.predict_landcover(fusion_workdir, scene.s2, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def lulc_dem_workdir(demo_data_dir, tmp_path_factory) -> Path:
+    """An RS-SPADE run on land cover and terrain only (no SAR)."""
+    from rsjax.trainers import fusion
+
+    config = tiny_fusion_config(demo_data_dir, "rs_spade", sources="lulc+dem")
+    setup = fusion.Setup(config, fusion.selected_sources(config))
+    return _write_workdir(tmp_path_factory.mktemp("lulc_dem_run"), config, setup.init_state)
+
+
+def test_a_model_of_some_sources_needs_and_reads_only_those(lulc_dem_workdir, scene, demo_data_dir,
+                                                            tmp_path, caplog):
+    """No --s1 needed; an S1 file given anyway is left unread (same output); the
+    output in a training tile's window is the model's output on that tile's
+    land cover and terrain."""
+    from rsjax import input_pipeline
+    from rsjax.trainers import fusion
+
+    with pytest.raises(InputError, match=r"sources lulc, dem; also give --dem"):
+        predict.predict_fusion(lulc_dem_workdir, None, scene.lulc, None, tmp_path / "x.tif")
+    out = tmp_path / "lulc_dem.tif"
+    result = predict.predict_fusion(lulc_dem_workdir, None, scene.lulc, scene.dem, out,
+                                    target_grid=scene.s2, overlap=0, progress=False)
+    assert result["sources"] == ["lulc", "dem"]
+    with_s1 = tmp_path / "with_s1.tif"
+    predict.predict_fusion(lulc_dem_workdir, scene.s1, scene.lulc, scene.dem, with_s1,
+                           target_grid=scene.s2, overlap=0, progress=False)
+    assert "The model takes no s1" in caplog.text
+    with rasterio.open(out) as a, rasterio.open(with_s1) as b:
+        assert a.tags()["RSJAX_SOURCES"] == "lulc,dem"
+        scene_pred, grid_transform = a.read(), a.transform
+        np.testing.assert_array_equal(scene_pred, b.read())
+    assert scene_pred.std() > 10
+
+    config = config_from_workdir(lulc_dem_workdir)
+    generate, _ = fusion.load_inference(config, str(lulc_dem_workdir))
+    normalizer = predict.dataset_normalizer(config.data)
+    tiles = _scene_tiles(demo_data_dir, scene.scene_id)[:8]
+    batch = next(input_pipeline.batch_iterator(tiles, normalizer, global_batch_size=8, mesh=None,
+                                               train=False, seed=0, sources=("lulc", "dem")))
+    generated = np.asarray(generate(batch))
+    assert len(generated) == 8 and len(tiles) >= 4
+    for tile, image in zip(tiles, generated[:len(tiles)], strict=True):
+        row, col = _window_of(tile["transform"], grid_transform)
+        expected = np.moveaxis(input_pipeline.image_to_s2(image, normalizer), -1, 0)
+        nodata = predict.source_nodata(tile, ("lulc", "dem"))
+        expected[:, nodata] = S2_NODATA
+        got = scene_pred[:, row:row + 64, col:col + 64]
+        assert np.abs(got.astype(np.int32) - expected).max() <= 1, tile["tile_id"]
+
+
+def test_command_line_predicts_with_the_checkpoint_of_the_step_given(
+        fusion_workdir, demo_data_dir, scene, tmp_path, monkeypatch, capsys):
+    """A run with checkpoints 0 (the fusion_workdir's state) and 5 (another
+    initialization): `rsjax predict --step 0` gives the output of the
+    fusion_workdir's model, and without --step, the latest (5), another one."""
+    from rsjax import cli
+    from rsjax.trainers import fusion
+    from rsjax.trainers.checkpoints import Checkpointer
+
+    config = config_from_workdir(fusion_workdir)
+    workdir = tmp_path / "two_steps"
+    ckpt = Checkpointer(workdir, every_steps=1, keep=2, async_save=False)
+    for step, seed in ((0, config.seed), (5, config.seed + 1)):
+        seeded = config.copy_and_resolve_references()
+        seeded.seed = seed
+        ckpt.save(step, fusion.Setup(seeded, fusion.selected_sources(seeded)).init_state(), None,
+                  force=True)
+    ckpt.close()
+    (workdir / "config.json").write_text((fusion_workdir / "config.json").read_text())
+
+    monkeypatch.chdir(tmp_path)
+    outputs = {}
+    for name, extra in (("step0", ["--step", "0"]), ("latest", [])):
+        out = tmp_path / f"{name}.tif"
+        assert cli.main(["predict", f"--workdir={workdir}", f"--s1={scene.s1}",
+                         f"--lulc={scene.lulc}", f"--dem={scene.dem}", f"--out={out}",
+                         *extra]) == 0
+        printed = capsys.readouterr().out
+        summary = json.loads(printed[printed.index("{"):])
+        assert summary["out"] == str(out) and summary["mode"] == "fusion"
+        with rasterio.open(out) as ds:
+            assert ds.tags()["RSJAX_CHECKPOINT_STEP"] == str(summary["checkpoint_step"])
+            outputs[name] = (summary["checkpoint_step"], ds.read())
+    reference = tmp_path / "reference.tif"
+    predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, reference,
+                           progress=False)
+    with rasterio.open(reference) as ds:
+        np.testing.assert_array_equal(outputs["step0"][1], ds.read())
+    assert outputs["step0"][0] == 0 and outputs["latest"][0] == 5
+    assert np.abs(outputs["latest"][1].astype(int) - outputs["step0"][1]).mean() > 10

@@ -1,4 +1,6 @@
 """The synthetic scene writer: real GeoTIFFs shaped like the real products, and a coherent scene."""
+import dataclasses
+
 import numpy as np
 import pytest
 import rasterio
@@ -34,7 +36,8 @@ def test_scene_ids_and_folder_convention(scenes):
     # The cloudy twin and its mask sit beside the scene and find_scenes ignores them.
     assert (out / f"synth_s{SEED}_000_s2_cloudy.tif").exists()
     assert (out / f"synth_s{SEED}_000_cloudmask.tif").exists()
-    assert find_scenes(out) == paths
+    assert find_scenes(out, clouds=True) == paths
+    assert find_scenes(out) == [dataclasses.replace(p, s2_cloudy=None, cloud_mask=None) for p in paths]
 
 
 def test_s2_is_like_l2a(scenes):
@@ -248,3 +251,79 @@ def test_scene_tiles_follow_the_data_contract(big_scene):
     vv_db = tile["s1"][..., 0]
     assert np.isfinite(vv_db).all() and -40 < np.median(vv_db) < 5
     assert 1 <= tile["dem"][..., 3].min() and tile["dem"][..., 3].max() <= 255
+
+
+# ----------------------------------------------------------------------------- clouds
+
+def _tile_covers(mask, tile=64):
+    n = mask.shape[0] // tile
+    return [float((mask[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] == 1).mean())
+            for r in range(n) for c in range(n)]
+
+
+def test_cloud_cover_spreads_over_every_bin():
+    """The demo layout (256 px scenes, 64 px tiles): tiles in all four of
+    SEN12MS-CR's cover bins, clear and overcast ones included."""
+    covers = np.array([c for k in range(8) for c in _tile_covers(
+        synthetic.render_scene_arrays("x", 256, (0, k), cloudy=True).cloud_mask)])
+    counts = np.histogram(covers, [0.0, 0.1, 0.5, 0.9, 1.0 + 1e-9])[0]
+    assert (counts >= 8).all(), counts
+    assert (covers == 0).any() and (covers == 1).any()
+
+
+def test_thin_and_thick_clouds_and_a_fixed_cover():
+    arrays = synthetic.render_scene_arrays("x", 128, (0, 3), cloudy=True)   # a scene with cirrus
+    clouds, mask = arrays.clouds, arrays.cloud_mask
+    assert (clouds.thin > 0).any() and clouds.thin.max() <= 0.45
+    opacity = clouds.opacity[mask == 1]
+    assert (opacity < 0.3).mean() > 0.1 and (opacity > 0.95).mean() > 0.1   # both kinds
+    # Through thin cloud (out of the shadows) the surface still shows.
+    thin_only = (clouds.thick == 0) & (clouds.thin > 0) & (clouds.blocked == 0)
+    assert thin_only.sum() > 500
+    clear, cloudy = arrays.s2[3][thin_only].astype(float), arrays.s2_cloudy[3][thin_only].astype(float)
+    assert np.corrcoef(clear, cloudy)[0, 1] > 0.95
+    # cloud_cover fixes the target: nothing at 0, (almost) everything at 1.
+    assert not (synthetic.render_scene_arrays("x", 64, (0, 1), cloudy=True,
+                                              cloud_cover=0.0).clouds.thick > 0).any()
+    full = synthetic.render_scene_arrays("x", 64, (0, 1), cloudy=True, cloud_cover=1.0)
+    assert (full.cloud_mask == 1).mean() > 0.95
+
+
+def test_shadows_fall_away_from_the_sun_at_the_cloud_height():
+    """The thick layer's shadow is the cloud moved by height / tan(elevation)
+    towards the anti-solar azimuth: the cross-correlation of the cloud field and
+    the blocked-light field peaks there (computed here from the geometry)."""
+    rng = synthetic.scene_rng(5)
+    geometry = synthetic.scene_geometry("x", 192, rng)
+    clouds = synthetic.cloud_layers(geometry.truth.shape, geometry, rng, cover=0.1)
+    if (clouds.thin > 0).any():      # keep the test about the thick layer
+        clouds = synthetic.cloud_layers(geometry.truth.shape, geometry, synthetic.scene_rng(6), cover=0.1)
+    assert not (clouds.thin > 0).any()
+    distance_px = clouds.thick_height_m / np.tan(np.radians(geometry.sun_elevation)) / 10.0
+    away = np.radians(geometry.sun_azimuth + 180.0)
+    expected = np.array([-distance_px * np.cos(away), distance_px * np.sin(away)])  # rows south, cols east
+    assert expected[0] < 0 and expected[1] < 0          # sun in the south-east: shadows go north-west
+    spectrum = np.conj(np.fft.fft2(clouds.thick)) * np.fft.fft2(clouds.blocked)
+    correlation = np.real(np.fft.ifft2(spectrum))
+    peak = np.array(np.unravel_index(np.argmax(correlation), correlation.shape), float)
+    shape = np.array(correlation.shape)
+    offset = (peak - expected + shape / 2) % shape - shape / 2     # periodic difference
+    assert np.abs(offset).max() <= 1.0, (peak, expected)
+
+
+def test_shadows_darken_by_the_direct_share_only():
+    """A shadow takes direct sunlight, never skylight (20 % of the irradiance on
+    flat ground, less on a slope facing the sun): a shadowed pixel keeps at
+    least the skylit share of its clear reflectance, and a slope the sun does
+    not reach is never marked as shadow."""
+    arrays = synthetic.render_scene_arrays("x", 128, (0, 2), cloudy=True)
+    shadow = arrays.cloud_mask == 2
+    assert shadow.mean() > 0.05
+    cos_sun = arrays.truth["cos_sun"]
+    assert not (shadow & (cos_sun <= 0)).any()
+    irradiance = 0.2 + 0.8 * np.clip(cos_sun, 0, None) / np.sin(np.radians(arrays.geometry.sun_elevation))
+    sky_share = 0.2 / np.minimum(irradiance, 3.0)
+    bright = shadow & (arrays.s2.min(axis=0) > 300)            # quantisation aside
+    ratio = arrays.s2_cloudy[:, bright].astype(float) / arrays.s2[:, bright]
+    assert (ratio >= sky_share[bright] - 0.01).all()
+    assert np.median(ratio) < 0.8

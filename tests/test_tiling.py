@@ -12,7 +12,7 @@ def test_tile_offsets_cover_the_scene_and_end_flush():
     assert tiling.tile_offsets(256, 64, 48) == [0, 48, 96, 144, 192]
     assert tiling.tile_offsets(200, 64, 48) == [0, 48, 96, 136]        # last flush with the edge
     assert tiling.tile_offsets(50, 64, 48) == [0]                      # smaller than a tile
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 <= step <= tile, got tile=64, step=65"):
         tiling.tile_offsets(100, 64, 65)
 
 

@@ -36,3 +36,25 @@ def tiny_fusion_config(data_dir, model: str = "pix2pix", steps: int = 4, sources
         tiny.update({"generator.embed_dim": 4, "generator.spade_hidden": 8})
     c.update_from_flattened_dict(tiny)
     return c
+
+
+def tiny_cloud_config(data_dir, name: str = "cloud_removal", sources: str = "s2_cloudy+s1",
+                      steps: int = 2, extra: str = ""):
+    """A run on the small cloudy dataset (conftest.CLOUDY_DATA), shrunk to train
+    in seconds: `cloud_removal` (DSen2-CR) or `fusion` (RS-SPADE); `extra`: more
+    config arguments (e.g. "clouds")."""
+    from conftest import CLOUDY_DATA
+
+    model = ["model=rs_spade"] if name == "fusion" else []
+    c = load_config(name, ",".join(["demo", *model, f"sources={sources}", *filter(None, [extra])]))
+    if name == "fusion":
+        c.update_from_flattened_dict({"generator.ngf": 4, "discriminator.ndf": 4,
+                                      "generator.embed_dim": 4, "generator.spade_hidden": 8})
+    else:
+        c.update_from_flattened_dict({"model.features": 8, "model.num_blocks": 1})
+    c.data.update(CLOUDY_DATA)
+    c.update_from_flattened_dict(
+        {"data.data_dir": str(data_dir), "total_steps": steps, "global_batch_size": 8,
+         "eval_batch_size": 8, "log_every_steps": 1, "image_every_steps": steps,
+         "eval_every_steps": 0, "checkpoint_every_steps": steps, "optim.decay_start_step": None})
+    return c

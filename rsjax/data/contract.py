@@ -1,7 +1,7 @@
 """The data contract shared by ingestion, the TFDS builder and the input pipeline.
 
 One place for the names, units and no-data conventions of every source, so the
-writer of a record and its reader cannot drift apart. See DESIGN.md / README.
+writer of a record and its reader cannot drift apart. See docs/data.md.
 
 Stored per tile (physical units, channels last):
 
@@ -14,6 +14,14 @@ Stored per tile (physical units, channels last):
 | tile_id, scene_id | () | string |                                              |
 | crs       | ()         | string  | WKT or "EPSG:n"                              |
 | transform | (6,)       | float64 | affine a, b, c, d, e, f (rasterio order)     |
+
+With clouds (the cloud-removal datasets, `clouds=True` builder configs):
+
+| feature     | shape      | dtype   | no data                                      |
+|-------------|------------|---------|----------------------------------------------|
+| s2_cloudy   | (H, W, 4)  | uint16  | 0 in every band (the cloudy S2 image, as s2) |
+| cloud_mask  | (H, W)     | uint8   | 255 = unknown (0 clear, 1 cloud, 2 cloud shadow) |
+| cloud_cover | ()         | float32 | NaN when the mask is unknown (share of cloud pixels, code 1, among the tile's pixels with a known mask) |
 """
 from __future__ import annotations
 
@@ -45,8 +53,28 @@ LULC_PALETTE = (
     "#dfc35a", "#c4281b", "#a59b8f", "#b39fe1",
 )
 
-# Sources a model can be conditioned on, and the record features behind them.
+# Sources a model can be conditioned on, and the record features behind them:
+# the paper's three ("all"), and the cloudy optical image of the cloud-removal
+# datasets (RS-SPADE takes it as one more source with its own embedding).
 SOURCES = ("lulc", "s1", "dem")
+CLOUDY = "s2_cloudy"
+MODEL_SOURCES = SOURCES + (CLOUDY,)
+
+# Cloud/shadow mask codes (the synthetic writer's, and what a user's
+# <scene>_cloudmask.tif must hold); 255 where the mask is unknown.
+CLOUD_CLEAR, CLOUD, CLOUD_SHADOW = 0, 1, 2
+CLOUD_MASK_CODES = (CLOUD_CLEAR, CLOUD, CLOUD_SHADOW)
+CLOUD_MASK_UNKNOWN = 255
+# SEN12MS-CR's cloud-cover bins of a tile (fractions): [low, high), the last one closed.
+COVER_BINS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0))
+
+
+def cover_bin(cover: float) -> int:
+    """Index of a tile's cloud cover in COVER_BINS, -1 when it is unknown (NaN)."""
+    for i, (low, high) in enumerate(COVER_BINS):
+        if low <= cover < high or (i == len(COVER_BINS) - 1 and cover == high):
+            return i
+    return -1
 
 # Flat cells (slope 0) have no aspect; GDAL's gdaldem writes -9999 there and so do we.
 ASPECT_FLAT = -9999.0
@@ -89,7 +117,8 @@ class ScenePaths:
 
     Each source is a path (pathlib.Path for local files, a string for URLs,
     which rasterio opens as they are), or a `Mosaic` of the pieces of a split
-    export.
+    export. `s2_cloudy` (a cloudy S2 image of the same area) and `cloud_mask`
+    (its cloud/shadow mask, CLOUD_MASK_CODES) are there for cloud removal only.
     """
 
     scene_id: str
@@ -97,9 +126,13 @@ class ScenePaths:
     s1: Source
     dem: Source
     lulc: Optional[Source] = None
+    s2_cloudy: Optional[Source] = None
+    cloud_mask: Optional[Source] = None
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scene_id"}
+        """The sources the scene has, by name (None ones left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "scene_id" and getattr(self, f.name) is not None}
 
 
 def scene_to_record(scene: ScenePaths) -> tuple:
@@ -132,12 +165,12 @@ def as_source(source) -> Optional[Source]:
     return storage.as_path(source)
 
 
-# Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem
-# (".tiff" accepted too); a source split by Earth Engine comes as
-# <scene_id>_<source>-RRRRRRRRRR-CCCCCCCCCC.tif pieces. Extra files such as
-# <scene_id>_s2_cloudy.tif are ignored.
+# Folder naming convention: <scene_id>_<source>.tif with source in s2, s1, lulc, dem,
+# and for cloud removal s2_cloudy and cloudmask (".tiff" accepted too); a source
+# split by Earth Engine comes as <scene_id>_<source>-RRRRRRRRRR-CCCCCCCCCC.tif pieces.
 _SCENE_FILE = re.compile(
-    r"^(?P<scene>.+)_(?P<source>s2|s1|lulc|dem)(?:-(?P<row>\d{10})-(?P<col>\d{10}))?\.tiff?$",
+    r"^(?P<scene>.+)_(?P<source>s2_cloudy|cloudmask|s2|s1|lulc|dem)"
+    r"(?:-(?P<row>\d{10})-(?P<col>\d{10}))?\.tiff?$",
     re.IGNORECASE)
 
 
@@ -176,8 +209,12 @@ def group_scene_files(paths: Iterable, folder) -> dict[str, dict[str, Source]]:
 
 
 def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incomplete: bool = False,
-                report: Optional[dict] = None) -> list[ScenePaths]:
+                report: Optional[dict] = None, clouds: bool = False) -> list[ScenePaths]:
     """Groups `<scene_id>_{s2,s1,lulc,dem}.tif` files of a folder into scenes.
+
+    With `clouds` (cloud removal), every scene needs `<scene_id>_s2_cloudy.tif`
+    too, and takes `<scene_id>_cloudmask.tif` when there is one; without, those
+    files are ignored.
 
     The pieces of a split Earth Engine export (`<scene_id>_s2-0000000000-0000000000.tif`,
     ...) become one `Mosaic` source. `folder` may be local, gs://, s3:// or
@@ -208,15 +245,20 @@ def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incom
     if not found:
         raise InputError(f"{folder}: no scene files found. Expected names like "
                          "<scene>_s2.tif, <scene>_s1.tif, <scene>_lulc.tif, <scene>_dem.tif.")
-    needed = ("s2", "s1", "dem") + (("lulc",) if require_lulc else ())
+    needed = ("s2", "s1", "dem") + (("lulc",) if require_lulc else ()) + ((CLOUDY,) if clouds else ())
     scenes, incomplete = [], {}
     for scene_id, files in sorted(found.items()):
+        if not clouds:
+            files = {k: v for k, v in files.items() if k not in (CLOUDY, "cloudmask")}
+            if not files:
+                continue
         missing = [s for s in needed if s not in files]
         if missing:
             incomplete[scene_id] = (sorted(files), missing)
         else:
             scenes.append(ScenePaths(scene_id=scene_id, s2=files["s2"], s1=files["s1"],
-                                     dem=files["dem"], lulc=files.get("lulc")))
+                                     dem=files["dem"], lulc=files.get("lulc"),
+                                     s2_cloudy=files.get(CLOUDY), cloud_mask=files.get("cloudmask")))
     if incomplete and not skip_incomplete:
         lines = [f"  scene '{sid}': has {', '.join(have)}; missing {', '.join(miss)}"
                  for sid, (have, miss) in incomplete.items()]
@@ -228,8 +270,10 @@ def find_scenes(folder: str | os.PathLike, require_lulc: bool = True, skip_incom
                     "share one <scene_id> prefix.")
         raise InputError(
             f"{folder}: {len(incomplete)} scene(s) miss a source:\n" + "\n".join(lines) + hint +
-            "\nAdd the missing files, or remove the scene's other files (a dataset build "
-            "can skip such scenes with skip_incomplete_scenes=True).")
+            "\nAdd the missing files, or remove the scene's other files; `rsjax build "
+            "--skip_incomplete_scenes` skips such scenes" + ("" if not require_lulc else
+            ", and --allow_missing_lulc (rsjax ingest and rsjax build) accepts scenes without "
+            "land cover") + ".")
     for sid, (_, miss) in incomplete.items():
         logging.getLogger("rsjax").warning("Skipping scene '%s': missing %s", sid, ", ".join(miss))
         if report is not None:

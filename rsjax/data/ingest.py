@@ -7,6 +7,7 @@ and a bad file as one `error:` line naming it (exit 2):
 
     rsjax ingest work/exports
     rsjax ingest work/exports --tile_size 128 --allow_missing_lulc
+    rsjax ingest work/cloudy_exports --clouds      # with <scene>_s2_cloudy.tif (+ _cloudmask.tif)
 
 As a library:
 
@@ -47,11 +48,19 @@ Steps, in order:
 A pixel counts as no-data when any source is missing there: S2 (0 in a band),
 S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in
 a void too large to fill; pixels next to missing ones still get derivatives,
-as with gdaldem -compute_edges) or land cover (255). A scene without a land-cover file gets
+as with gdaldem -compute_edges), land cover (255) or, for cloud removal, the
+cloudy S2 image (0 in a band). A scene without a land-cover file gets
 `lulc` all 255 and those pixels do not count as no-data, so such scenes are
 tiled on their other sources alone. The same holds for a scene read for
 prediction without S2, S1 or DEM (`RegisteredScene` with `target_grid` when
 there is no S2 file): the absent source reads as its no-data.
+
+Cloud removal (a scene with `s2_cloudy`): the cloudy image is registered and
+read as S2 is (bilinear, its own declared offset), the cloud mask
+(`cloud_mask`, codes 0 clear, 1 cloud, 2 shadow) by nearest neighbour with
+255 where it is missing or unknown (a scene without a mask file: all 255); a
+tile then also holds `s2_cloudy`, `cloud_mask` and `cloud_cover` (the share
+of cloud pixels among those with a known mask, NaN when none is known).
 
 Memory is bounded by the tile size, not the scene size: only windows are read,
 and GDAL's block cache is capped at `gdal_cache_mb` while reading.
@@ -61,7 +70,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Iterator
+import time
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import rasterio
@@ -71,10 +81,12 @@ from rasterio.windows import Window
 
 from rsjax import cli
 from rsjax.data import landcover, sar, storage, terrain
-from rsjax.data.contract import LULC_NODATA, S2_NODATA, InputError, ScenePaths, find_scenes
+from rsjax.data.contract import (CLOUD, CLOUD_MASK_UNKNOWN, COVER_BINS, LULC_NODATA, S2_NODATA,
+                                 InputError, ScenePaths, cover_bin, find_scenes)
 from rsjax.data.rasterio_io import open_source, read_failure
 from rsjax.errors import UserError
 from rsjax.data.register import DemSource, WarpedSource
+from rsjax.data.untrusted import SIDECARS_OFF
 from rsjax.data.validate import SourceSpec, inspect_scene
 
 log = logging.getLogger("rsjax")
@@ -110,6 +122,11 @@ class IngestOptions:
         sorted pairs. See `landcover.py`.
     lulc_legend: "auto" refuses a land-cover file whose values cannot be
         Dynamic World (a 0/1 map); "dynamic_world" takes it as it is.
+    allow_any_format: open source files with any GDAL format and their sidecar
+        files (VRTs included, following the files and URLs they name). Off by
+        default: sources are read as plain GeoTIFFs only (`untrusted.py`),
+        because such files can make GDAL read any local file or URL. Only for
+        files you made yourself.
     """
 
     tile_size: int = 256
@@ -125,6 +142,7 @@ class IngestOptions:
     s2_offset: float | None = None
     lulc_map: landcover.LulcMap | str | None = None
     lulc_legend: str = "auto"
+    allow_any_format: bool = False
 
     def __post_init__(self):
         # UserError (a ValueError): the command line prints it as one line.
@@ -164,6 +182,11 @@ class SceneCounts:
     resolution: float = 0.0
     s2_offset: list = dataclasses.field(default_factory=list)   # added to B2, B3, B4, B8
     warning: str = ""                                           # why the scene yields no tile
+    data_warnings: list = dataclasses.field(default_factory=list)  # implausible or constant values (plausible.py)
+    has_clouds: bool = False           # a cloudy S2 image (cloud removal)
+    has_cloud_mask: bool = False       # ... and its cloud/shadow mask
+    # kept tiles per cloud-cover bin (contract.COVER_BINS), then unknown cover
+    tiles_by_cover: list = dataclasses.field(default_factory=list)
 
     @property
     def tiles_total(self) -> int:
@@ -172,9 +195,13 @@ class SceneCounts:
 
 @dataclasses.dataclass
 class IngestReport:
-    """Counts per scene (`scenes[scene_id]`), and their totals."""
+    """Counts per scene (`scenes[scene_id]`), and their totals.
+
+    `progress`, when set, is called once per tile position read (kept or
+    dropped), e.g. a `TileProgress`; it is not part of the report's data."""
 
     scenes: dict[str, SceneCounts] = dataclasses.field(default_factory=dict)
+    progress: Optional[Callable[[], None]] = dataclasses.field(default=None, repr=False, compare=False)
 
     def scene(self, scene_id: str) -> SceneCounts:
         return self.scenes.setdefault(scene_id, SceneCounts())
@@ -203,9 +230,11 @@ class IngestReport:
 
 
 def _gdal_env(opts: IngestOptions) -> dict:
-    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM),
-    and no probing for sidecar files (a request each on object storage, see storage.py)."""
-    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20, **storage.gdal_options()}
+    """GDAL settings while reading: a capped block cache (GDAL's default is 5 % of RAM), no
+    probing for sidecar files (a request each on object storage, see storage.py), and no
+    sidecar file read at all (`untrusted.SIDECARS_OFF`) unless any format is allowed."""
+    return {"GDAL_CACHEMAX": int(opts.gdal_cache_mb) * 2**20, **storage.gdal_options(),
+            **({} if opts.allow_any_format else SIDECARS_OFF)}
 
 
 def validate_scene(scene: ScenePaths, opts: IngestOptions = IngestOptions()):
@@ -243,10 +272,17 @@ class RegisteredScene:
         self.has_lulc = scene.lulc is not None
         self.s1_units = self.specs["s1"].units if "s1" in self.specs else None
         self._s2 = self._s1 = self._lulc = self._dem = None
+        self._s2_cloudy = self._cloud_mask = None
+        self.has_clouds = scene.s2_cloudy is not None
         try:
             with rasterio.Env(**self._env):
                 if "s2" in self.specs:
                     self._s2 = self._warped("s2", Resampling.bilinear, float(S2_NODATA))
+                if "s2_cloudy" in self.specs:
+                    self._s2_cloudy = self._warped("s2_cloudy", Resampling.bilinear, float(S2_NODATA))
+                if "cloud_mask" in self.specs:
+                    self._cloud_mask = self._warped("cloud_mask", Resampling.nearest,
+                                                    float(CLOUD_MASK_UNKNOWN))
                 if "s1" in self.specs:
                     self._s1 = self._warped("s1", Resampling.bilinear, float("nan"))
                 if self.has_lulc:
@@ -278,7 +314,7 @@ class RegisteredScene:
 
     # -- opening / closing --------------------------------------------------
     def _open(self, spec: SourceSpec) -> rasterio.DatasetReader:
-        ds = open_source(spec.path, spec.role)
+        ds = open_source(spec.path, spec.role, self.opts.allow_any_format)
         self._datasets.append(ds)
         return ds
 
@@ -287,7 +323,7 @@ class RegisteredScene:
         return WarpedSource(self._open(spec), spec.bands, self.grid, resampling, spec.nodata, dst_nodata)
 
     def close(self) -> None:
-        for name in ("_s2", "_s1", "_lulc", "_dem"):
+        for name in ("_s2", "_s1", "_lulc", "_dem", "_s2_cloudy", "_cloud_mask"):
             source = getattr(self, name, None)
             if source is not None:
                 source.close()
@@ -303,18 +339,24 @@ class RegisteredScene:
 
     # -- reading --------------------------------------------------------------
     def read(self, window: Window) -> dict:
-        """{'s2', 's1', 'lulc', 'dem'} for `window` of the target grid, contract dtypes and no-data."""
+        """{'s2', 's1', 'lulc', 'dem'} (and 's2_cloudy', 'cloud_mask' for a scene
+        with a cloudy image) for `window` of the target grid, contract dtypes and no-data."""
         window = Window(int(window.col_off), int(window.row_off), int(window.width), int(window.height))
         if (window.col_off < 0 or window.row_off < 0 or window.col_off + window.width > self.width
                 or window.row_off + window.height > self.height):
             raise ValueError(f"window {window} is not inside the {self.width}x{self.height} target grid")
         with rasterio.Env(**self._env):
-            return {
+            arrays = {
                 "s2": self._guarded("s2", lambda: self._read_s2(window)),
                 "s1": self._guarded("s1", lambda: self._read_s1(window)),
                 "lulc": self._guarded("lulc", lambda: self._read_lulc(window)),
                 "dem": self._guarded("dem", lambda: self._read_dem(window)),
             }
+            if self.has_clouds:
+                arrays["s2_cloudy"] = self._guarded(
+                    "s2_cloudy", lambda: self._read_optical(self._s2_cloudy, "s2_cloudy", window))
+                arrays["cloud_mask"] = self._guarded("cloud_mask", lambda: self._read_cloud_mask(window))
+            return arrays
 
     def _guarded(self, role: str, read):
         try:
@@ -323,11 +365,15 @@ class RegisteredScene:
             raise read_failure(self.specs[role].path, role, err) from err
 
     def _read_s2(self, window: Window) -> np.ndarray:
-        if self._s2 is None:
+        return self._read_optical(self._s2, "s2", window)
+
+    def _read_optical(self, source, role: str, window: Window) -> np.ndarray:
+        """S2 or the cloudy S2 image: uint16 reflectance x 10000, offsets applied, 0 = missing."""
+        if source is None:
             return np.full((int(window.height), int(window.width), 4), S2_NODATA, np.uint16)
-        bands = self._s2.read(window)                        # (4, h, w) float32, 0 = missing
+        bands = source.read(window)                          # (4, h, w) float32, 0 = missing
         missing = np.isnan(bands).any(axis=0) | (bands == S2_NODATA).any(axis=0)
-        offsets = self.specs["s2"].offsets
+        offsets = self.specs[role].offsets
         if offsets is not None and any(offsets):
             bands = bands + np.asarray(offsets, np.float32)[:, None, None]
         s2 = np.clip(np.rint(np.nan_to_num(bands, nan=0.0)), 0, 65535).astype(np.uint16)
@@ -336,6 +382,15 @@ class RegisteredScene:
         s2[~missing] = np.maximum(s2[~missing], 1)
         s2[missing] = S2_NODATA
         return s2
+
+    def _read_cloud_mask(self, window: Window) -> np.ndarray:
+        h, w = int(window.height), int(window.width)
+        if self._cloud_mask is None:
+            return np.full((h, w), CLOUD_MASK_UNKNOWN, np.uint8)
+        codes = self._cloud_mask.read(window)[0]
+        # Validation guarantees codes 0..2 on valid pixels; anything else is unknown.
+        return np.where(np.isfinite(codes) & (codes >= 0) & (codes <= 2), codes,
+                        CLOUD_MASK_UNKNOWN).astype(np.uint8)
 
     def _read_s1(self, window: Window) -> np.ndarray:
         if self._s1 is None:
@@ -375,7 +430,63 @@ class RegisteredScene:
             mask |= np.isnan(arrays["dem"]).any(axis=-1)
         if self.has_lulc:
             mask |= arrays["lulc"] == LULC_NODATA
+        if self._s2_cloudy is not None:
+            mask |= (arrays["s2_cloudy"] == S2_NODATA).any(axis=-1)
         return mask
+
+
+def tile_count(width: int, height: int, tile_size: int, stride: int) -> int:
+    """How many tile positions `tile_windows` gives: what a scene costs to tile, known up front."""
+    if width < tile_size or height < tile_size:
+        return 0
+    return ((height - tile_size) // stride + 1) * ((width - tile_size) // stride + 1)
+
+
+def announce_tiles(scene_id: str, grid, opts: IngestOptions) -> int:
+    """Logs how many tile positions a scene has (before any is read); returns the number."""
+    count = tile_count(grid.width, grid.height, opts.tile_size, opts.step)
+    log.info("scene '%s': %d x %d px on the target grid, %d tile position(s) of %d px (stride %d)",
+             scene_id, grid.width, grid.height, count, opts.tile_size, opts.step)
+    return count
+
+
+class TileProgress:
+    """Counts tile positions read and logs `what: 1200/5000 tiles (24.0%), 35.2/s, ETA 1m48s`
+    at most every `every_seconds`, so a long tiling is never silent (an IngestReport's `progress`).
+
+    `total`: the positions to read, when known up front (the dataset build
+    validates every scene first); otherwise 0, and each scene adds its own
+    when it starts (`add_scene`, which also announces it)."""
+
+    def __init__(self, total: int = 0, what: str = "tiling", every_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, log_fn: Optional[Callable[[str], None]] = None):
+        self.total, self.what, self.every_seconds = int(total), what, float(every_seconds)
+        self.grows = self.total == 0
+        self.clock = clock
+        self.log_fn = log_fn or (lambda line: log.info("%s", line))
+        self.done = 0
+        self.started = self._last = clock()
+
+    def add_scene(self, scene_id: str, grid, opts: IngestOptions) -> None:
+        """A scene starts: announce its tile positions, and count them when the total grows."""
+        if self.grows:
+            self.total += announce_tiles(scene_id, grid, opts)
+
+    def __call__(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self._last >= self.every_seconds or self.done == self.total:
+            self._last = now
+            self.log_fn(self.line(now))
+
+    def line(self, now: Optional[float] = None) -> str:
+        from rsjax.logging_utils import eta_seconds, format_duration  # noqa: PLC0415
+
+        elapsed = (self.clock() if now is None else now) - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        share = f" ({100.0 * self.done / self.total:.1f}%)" if self.total else ""
+        return (f"{self.what}: {self.done}/{self.total} tiles{share}, {rate:.3g}/s, ETA "
+                f"{format_duration(eta_seconds(self.done, elapsed, self.total - self.done))}")
 
 
 def tile_windows(width: int, height: int, tile_size: int, stride: int) -> Iterator[Window]:
@@ -401,21 +512,33 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
     with RegisteredScene(scene, opts) as reg:
         counts = report.scene(scene.scene_id) if report is not None else SceneCounts()
         counts.s1_units = reg.s1_units
+        counts.data_warnings = [w for spec in reg.specs.values() for w in spec.warnings]
         counts.has_lulc = reg.has_lulc
+        counts.has_clouds = reg.has_clouds
+        counts.has_cloud_mask = reg.has_clouds and scene.cloud_mask is not None
+        if reg.has_clouds:
+            counts.tiles_by_cover = [0] * (len(COVER_BINS) + 1)
         counts.crs = reg.grid.crs_string()
         counts.width, counts.height = reg.width, reg.height
         counts.resolution = float(reg.grid.resolution[0])
         counts.s2_offset = list(reg.specs["s2"].offsets) if "s2" in reg.specs else []
         crs = reg.grid.crs_string()
+        if report is not None and report.progress is not None and rows is None:
+            getattr(report.progress, "add_scene", lambda *a: None)(scene.scene_id, reg.grid, opts)
         for window in tile_windows(reg.width, reg.height, opts.tile_size, opts.step):
             if rows is not None and int(window.row_off) not in rows:
                 continue
+            if report is not None and report.progress is not None:
+                report.progress()
             arrays = reg.read(window)
             if reg.nodata_mask(arrays).mean() > opts.max_nodata_fraction:
                 counts.tiles_dropped_nodata += 1
                 continue
             counts.tiles_kept += 1
             t = reg.grid.window_transform(window)
+            if reg.has_clouds:
+                arrays["cloud_cover"] = cloud_cover(arrays["cloud_mask"])
+                counts.tiles_by_cover[cover_bin(float(arrays["cloud_cover"]))] += 1   # -1: unknown
             yield {
                 **arrays,
                 "tile_id": tile_id(scene.scene_id, int(window.row_off), int(window.col_off)),
@@ -426,6 +549,15 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
         if counts.tiles_kept == 0 and rows is None:   # a strip's caller judges the whole scene
             counts.warning = no_tile_reason(scene.scene_id, reg.width, reg.height, opts, counts)
             log.warning("%s", counts.warning)
+
+
+def cloud_cover(mask: np.ndarray) -> np.float32:
+    """Share of cloud pixels (code 1; shadows are not cloud) among the pixels with
+    a known mask code; NaN when no code is known."""
+    known = mask != CLOUD_MASK_UNKNOWN
+    if not known.any():
+        return np.float32(np.nan)
+    return np.float32(np.count_nonzero(mask == CLOUD) / np.count_nonzero(known))
 
 
 def no_tile_reason(scene_id: str, width: int, height: int, opts: IngestOptions, counts: SceneCounts) -> str:
@@ -461,6 +593,10 @@ def add_arguments(parser) -> None:
                         help="units of the S1 files (auto: detected from the values)")
     parser.add_argument("--allow_missing_lulc", action="store_true",
                         help="scenes may lack <scene>_lulc.tif")
+    parser.add_argument("--clouds", action="store_true",
+                        help="cloud removal: every scene also has <scene>_s2_cloudy.tif and maybe "
+                             "<scene>_cloudmask.tif (0 clear, 1 cloud, 2 shadow); the report counts "
+                             "tiles per cloud-cover bin")
     parser.add_argument("--s2_offset", type=float, default=None,
                         help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of "
                              "baseline 04.00+); default: what the file declares")
@@ -469,6 +605,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lulc_legend", default="auto", choices=landcover.LEGENDS,
                         help="'dynamic_world': take a land-cover file whose values look like another "
                              "legend as it is")
+    parser.add_argument("--allow_any_format", action="store_true",
+                        help="read source files in any GDAL format, VRTs and sidecar files included "
+                             "(by default only plain GeoTIFFs: other formats can make GDAL read any "
+                             "local file or URL); only for files you made yourself")
 
 
 def run(args) -> int:
@@ -476,9 +616,10 @@ def run(args) -> int:
                          max_nodata_fraction=args.max_nodata_fraction, target_crs=args.target_crs,
                          target_resolution=args.target_resolution, target_grid=args.target_grid,
                          s1_units=args.s1_units, s2_offset=args.s2_offset,
-                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend)
-    report = IngestReport()
-    for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc):
+                         lulc_map=args.lulc_map, lulc_legend=args.lulc_legend,
+                         allow_any_format=args.allow_any_format)
+    report = IngestReport(progress=TileProgress(what="dry run"))
+    for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc, clouds=args.clouds):
         for _ in iter_scene_tiles(scene, opts, report):
             pass
     report.require_tiles()

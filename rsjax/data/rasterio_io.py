@@ -25,10 +25,10 @@ from typing import Iterator
 import numpy as np
 import rasterio
 import rasterio.dtypes
-import rasterio.errors
 
 from rsjax.data import storage
 from rsjax.data.contract import InputError, Mosaic, Source, split_offsets
+from rsjax.data.untrusted import open_input
 
 # Descriptions accepted for each source, in channel order. Each channel lists
 # the names it may go by (the first is the canonical one).
@@ -37,6 +37,8 @@ BAND_NAMES: dict[str, tuple[tuple[str, ...], ...]] = {
     "s1": (("VV",), ("VH",)),
     "lulc": (("label", "lulc", "landcover", "land_cover", "classification"),),
     "dem": (("DEM", "elevation", "height"),),
+    "s2_cloudy": (("B2",), ("B3",), ("B4",), ("B8",)),
+    "cloud_mask": (("cloud_mask", "cloudmask", "cloud_shadow_mask", "mask"),),
 }
 
 WHAT = {
@@ -44,6 +46,8 @@ WHAT = {
     "s1": "Sentinel-1 SAR (VV, VH)",
     "lulc": "land cover labels",
     "dem": "elevation (DEM)",
+    "s2_cloudy": "cloudy Sentinel-2 optical (B2, B3, B4, B8)",
+    "cloud_mask": "cloud/shadow mask (0 clear, 1 cloud, 2 shadow)",
     "grid": "target grid",
 }
 
@@ -63,36 +67,24 @@ def source_name(ds: rasterio.DatasetReader) -> str:
     return ds.tags().get(MOSAIC_NAME_TAG) or ds.name
 
 
-def _open_file(path: Path, role: str) -> rasterio.DatasetReader:
-    """rasterio.open that turns GDAL's failure into an InputError naming the file."""
-    try:
-        return rasterio.open(path)
-    except rasterio.errors.RasterioError as err:
-        if any(text in str(err) for text in ("No such file", "does not exist",
-                                             "response code: 404", "HTTP error code: 404")):
-            raise InputError(f"{path}: {WHAT[role]} file does not exist. Check the path or the scene "
-                             "folder.") from err
-        raise InputError(
-            f"{path}: cannot be opened as a raster ({err}). The file is probably truncated or "
-            f"corrupt: export or copy the {WHAT[role]} GeoTIFF again.") from err
-
-
-def open_source(source: Source | str, role: str) -> rasterio.DatasetReader:
+def open_source(source: Source | str, role: str, any_format: bool = False) -> rasterio.DatasetReader:
     """Opens a source file, or the mosaic of a split export's pieces; InputError names what failed.
 
-    The caller closes the dataset.
+    A file is opened as data only (`untrusted.open_input`: GeoTIFF, no sidecar,
+    unless `any_format`); a mosaic is rsjax's own VRT, described in memory from
+    pieces that each passed that check. The caller closes the dataset.
     """
-    # No Python file-system call here (only GDAL's): TFDS builder tests patch
-    # os/open inside builders, and GDAL's own I/O is not affected.
+    # No Python file-system call here beyond untrusted's checks of the file and its
+    # sidecars: TFDS builder tests patch os/open inside builders only, not here.
     if isinstance(source, Mosaic):
-        return rasterio.open(mosaic_vrt_xml(source, role))
-    return _open_file(storage.as_path(source), role)   # URLs stay strings: GDAL opens them
+        return rasterio.open(mosaic_vrt_xml(source, role, any_format))
+    return open_input(storage.as_path(source), WHAT[role], any_format)   # URLs stay strings: GDAL opens them
 
 
 @contextlib.contextmanager
-def open_raster(source: Source | str, role: str) -> Iterator[rasterio.DatasetReader]:
+def open_raster(source: Source | str, role: str, any_format: bool = False) -> Iterator[rasterio.DatasetReader]:
     """`open_source` as a context manager."""
-    ds = open_source(source, role)
+    ds = open_source(source, role, any_format)
     try:
         yield ds
     finally:
@@ -115,7 +107,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def mosaic_vrt_xml(mosaic: Mosaic, role: str) -> str:
+def mosaic_vrt_xml(mosaic: Mosaic, role: str, any_format: bool = False) -> str:
     """A VRT description of the pieces of a split export as one raster (opened by rasterio.open).
 
     Band descriptions, no-data, offsets/scales and metadata come from the first
@@ -124,7 +116,7 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str) -> str:
     """
     infos = []
     for piece in mosaic.pieces:
-        with open_raster(piece, role) as ds:
+        with open_raster(piece, role, any_format) as ds:
             infos.append(dict(path=str(piece), layout=_piece_layout(ds), transform=ds.transform,
                               width=ds.width, height=ds.height, tags=ds.tags(),
                               band_tags=[ds.tags(i) for i in ds.indexes],

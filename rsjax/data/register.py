@@ -59,6 +59,7 @@ from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from rsjax.data import storage
+from rsjax.data.plausible import implausible_elevation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +289,7 @@ class DemSource:
             valid = np.isfinite(elevation)
             if self.src_nodata is not None and not np.isnan(self.src_nodata):
                 valid &= elevation != np.float32(self.src_nodata)
+            valid &= ~implausible_elevation(elevation)      # undeclared voids (-9999, -3.4e38, ...)
             if valid.any():
                 elevation[~valid] = np.nan
                 if self.fill_distance > 0 and not valid.all():

@@ -34,6 +34,7 @@ URL_SCHEMES = ("gs", "s3", "http", "https")
 _URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 # The sources of a scene, as the files' suffixes name them (<scene>_s2.tif, ...).
 SOURCES = ("s2", "s1", "lulc", "dem")
+CLOUD_SOURCES = ("s2_cloudy", "cloudmask")     # cloud removal's files, taken when they exist
 
 
 def scheme(path: PathLike) -> str:
@@ -191,7 +192,8 @@ def scene_paths(source: PathLike) -> list[PathLike]:
 
     A folder gives all its entries. A list file gives the files it names, and
     for each scene prefix the prefix's `_s2.tif`, `_s1.tif`, `_lulc.tif` and
-    `_dem.tif` that exist (the pieces of a split export must be listed one
+    `_dem.tif` that exist, and `_s2_cloudy.tif`, `_cloudmask.tif` (cloud
+    removal) when they do (the pieces of a split export must be listed one
     by one); missing ones are for the caller to report.
     """
     if not is_list_file(source):
@@ -213,4 +215,6 @@ def scene_paths(source: PathLike) -> list[PathLike]:
             raise UserError(f"{source}: scene prefix {entry} has none of the files "
                             f"{entry}_{{s2,s1,lulc,dem}}.tif. Check the prefix and the storage.")
         paths.extend(found)
+        paths.extend(p for p in (as_path(f"{entry}_{role}.tif") for role in CLOUD_SOURCES)
+                     if exists(p))
     return paths

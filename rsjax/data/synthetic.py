@@ -72,9 +72,35 @@ information the others lack:
    the street direction): SAR-only information. The noise-free sigma0 is
    resampled (bilinear, linear power) onto the S1 grid, the thermal noise floor
    (NESZ -26 dB) is added, and multiplicative gamma speckle with 4.4 looks.
-6. **Clouds** (`--cloudy`): fractal cloud thickness blended over the surface
-   (cloud reflectance ~0.6), and the cloud's shadow cast along the sun
-   direction from ~1.5 km height, darkening the surface by up to 70 %.
+6. **Clouds** (`--cloudy`, drawn after everything else, so the clear products
+   do not change): two layers over the clear scene, each blending its own
+   reflectance with what it lets through, `out = under * (1 - a) + top * a`.
+   - *Thick* (cumulus, tops at 0.8-3 km): a field of cells (fractal, f^-3)
+     inside weather systems (a smooth f^-6 field, 40 % of the mix), so one part
+     of a scene can be overcast and another clear; thresholded at the scene's
+     cover target, with optical thickness growing inwards at a per-scene rate
+     (opacity `1 - exp(-tau)`: soft semi-transparent edges, opaque cores);
+     cloud tops at reflectance 0.45-0.8 with a 12 % texture, nearly white.
+   - *Thin* (cirrus at 7-11 km, in 40 % of the scenes): streaks stretched
+     3-6x along a random wind direction over 10-60 % of the scene, opacity up
+     to 0.1-0.45, reflectance 0.25-0.4, bluer than the thick clouds; the
+     surface stays visible through it.
+   - *Shadows*: each layer, shifted by height / tan(sun elevation) away from
+     the sun (azimuth 140-165 deg, so shadows fall north-west of their
+     clouds, hundreds of metres to kilometres away), blocks its opacity's
+     share of the direct sunlight (cirrus half of it: it scatters forward);
+     skylight stays, so a shadow darkens a pixel by its direct share of the
+     irradiance times the blocked fraction, and not at all on a slope the sun
+     does not reach.
+   - *Cover*: the scene's target is drawn from `CLOUD_COVER_MIXTURE`: 20 %
+     U(0, 0.1), 65 % U(0.1, 0.9), 15 % U(0.9, 1). On the demo layout (256 px
+     scenes, 64 px tiles, 24 scenes) the tiles' cloud cover falls 26 % in
+     0-10 %, 19 % in 10-50 %, 23 % in 50-90 % and 33 % in 90-100 % (mean 54 %;
+     SEN12MS-CR's is 48 %). Pixels under 5 % opacity and shadows darkening
+     by less than 2 % are left out, so wherever the mask says clear the
+     cloudy image equals the clear one.
+   - *Mask* (`<id>_cloudmask.tif`): 1 cloud (either layer), 2 shadow outside
+     the clouds, 0 clear.
 
 `rsjax.data.couplings` measures how much each source tells about the optical
 bands on these scenes (and checks that every source adds something).
@@ -94,6 +120,7 @@ from rasterio.transform import Affine
 from rasterio.warp import reproject, transform as warp_transform, transform_bounds
 
 from rsjax import cli
+from rsjax.data.contract import CLOUD as CLOUD_CODE, CLOUD_CLEAR, CLOUD_MASK_UNKNOWN, CLOUD_SHADOW
 from rsjax.data.contract import (ASPECT_FLAT, LULC_CLASSES, LULC_NODATA, S1_BANDS, S2_BANDS,
                                  S2_NODATA, ScenePaths)
 from rsjax.errors import UserError
@@ -109,7 +136,6 @@ SAR_NESZ_DB = -26.0            # thermal noise floor
 SAR_DB_FLOOR = -50.0           # floor for --sar_db so that zero power is not -inf
 SENSOR_AZIMUTH_DEG = 100.0     # S1 descending pass: the sensor sits to the east
 SKY_FRACTION = 0.2             # diffuse skylight share of irradiance
-CLOUD_HEIGHT_M = 1500.0
 BLOCK = 256                    # GeoTIFF tile size
 
 (WATER, TREES, GRASS, FLOODED, CROPS, SHRUB, BUILT, BARE, SNOW) = range(len(LULC_CLASSES))
@@ -452,20 +478,169 @@ def speckle(sigma0: np.ndarray, rng: np.random.Generator, looks: float = SAR_LOO
     return power * rng.gamma(looks, 1.0 / looks, size=power.shape)
 
 
-def cloud_cover(truth_shape: tuple[int, int], geometry: SceneGeometry,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Cloud opacity and shadow strength in [0, 1] on the truth grid."""
-    cover = float(rng.uniform(0.15, 0.4))
-    field = fractal_noise(truth_shape, beta=3.0, rng=rng)
-    threshold = np.quantile(field, 1.0 - cover)
-    opacity = np.clip((field - threshold) / 0.8, 0.0, 1.0)
-    # The shadow falls away from the sun, CLOUD_HEIGHT_M / tan(elevation) from the cloud.
-    reach = CLOUD_HEIGHT_M / np.tan(np.radians(geometry.sun_elevation)) / PIXEL_M
+# Per-scene cloud regime (see the module docstring, item 6): the scene's cloud
+# cover target is drawn from this mixture, (weight, low, high) of uniform parts.
+CLOUD_COVER_MIXTURE = ((0.20, 0.0, 0.1), (0.65, 0.1, 0.9), (0.15, 0.9, 1.0))
+THICK_CLOUD_HEIGHT_M = (800.0, 3000.0)     # cumulus / stratocumulus tops
+THIN_CLOUD_HEIGHT_M = (7000.0, 11000.0)    # cirrus
+CIRRUS_PROBABILITY = 0.4
+CLOUD_DETAIL_WEIGHT = 0.6    # cells against weather systems in the thick-cloud field
+CIRRUS_FORWARD_SCATTER = 0.5      # share of the light cirrus removes from the direct beam that still reaches the ground
+# Spectral shape of cloud-top reflectance (B2, B3, B4, B8): thick water clouds
+# are nearly white; thin cirrus with the haze above it is bluer.
+THICK_CLOUD_SPECTRUM = np.array([1.00, 0.99, 0.98, 0.96])
+THIN_CLOUD_SPECTRUM = np.array([1.06, 1.02, 1.00, 0.94])
+# Opacity and shadow below this are left out, so that the mask's "clear" is
+# exactly clear (the cloudy image equals the clear one there).
+CLOUD_VISIBLE = 0.05
+SHADOW_VISIBLE = 0.02
+CLEAR, CLOUD, SHADOW = CLOUD_CLEAR, CLOUD_CODE, CLOUD_SHADOW      # cloud mask codes (the contract's)
+
+
+@dataclasses.dataclass
+class CloudLayers:
+    """One scene's clouds on the truth grid (all fields in [0, 1]).
+
+    thick: opacity of the cumulus layer (1 - exp(-optical thickness));
+    thin: opacity of the cirrus layer (0 where the scene has none);
+    blocked: fraction of the direct sunlight the two layers, seen from the
+    ground along the sun direction, take away (what makes the shadows);
+    thick_reflectance: cloud-top reflectance of the thick layer (textured);
+    thin_reflectance: the cirrus layer's reflectance (a scalar);
+    cover: the scene's drawn cloud-cover target; the heights (m) of both layers.
+    """
+
+    thick: np.ndarray
+    thin: np.ndarray
+    blocked: np.ndarray
+    thick_reflectance: np.ndarray
+    thin_reflectance: float
+    cover: float
+    thick_height_m: float
+    thin_height_m: float
+
+    def crop(self, window) -> "CloudLayers":
+        """The layers on a window (a tuple of slices) of their grid."""
+        return dataclasses.replace(self, thick=self.thick[window], thin=self.thin[window],
+                                   blocked=self.blocked[window],
+                                   thick_reflectance=self.thick_reflectance[window])
+
+    @property
+    def opacity(self) -> np.ndarray:
+        """Opacity of both layers together."""
+        return 1.0 - (1.0 - self.thick) * (1.0 - self.thin)
+
+
+def draw_cloud_cover(rng: np.random.Generator) -> float:
+    """A scene's cloud-cover target from CLOUD_COVER_MIXTURE."""
+    weights = np.array([w for w, _, _ in CLOUD_COVER_MIXTURE])
+    _, low, high = CLOUD_COVER_MIXTURE[int(rng.choice(len(weights), p=weights / weights.sum()))]
+    return float(rng.uniform(low, high))
+
+
+def anisotropic_noise(shape: tuple[int, int], beta: float, angle_deg: float, stretch: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Like fractal_noise, but `stretch` times longer along `angle_deg` (clockwise
+    from north): the streaks of cirrus drawn out by the wind aloft."""
+    fy, fx = _frequencies(shape)
+    a = np.radians(angle_deg)
+    along = fx * np.sin(a) - fy * np.cos(a)          # rows run south
+    across = fx * np.cos(a) + fy * np.sin(a)
+    f = np.hypot(along * stretch, across)
+    f[0, 0] = 1.0
+    amplitude = f ** (-beta / 2)
+    amplitude[0, 0] = 0.0
+    amplitude[np.hypot(fy, fx) > 0.5] = 0.0
+    field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * amplitude, s=shape)
+    return (field - field.mean()) / (field.std() + 1e-12)
+
+
+def shadow_shift(height_m: float, geometry: SceneGeometry) -> tuple[int, int]:
+    """(rows, cols) from a cloud to its shadow: height / tan(sun elevation) away from the sun."""
+    reach = height_m / np.tan(np.radians(geometry.sun_elevation)) / PIXEL_M
     away = np.radians(geometry.sun_azimuth + 180.0)
-    shift = (int(round(-reach * np.cos(away))), int(round(reach * np.sin(away))))  # rows run south
-    shadow = np.roll(opacity, shift, axis=(0, 1)) * (opacity == 0)
-    # Faint haze below 5 % is left out, so that the mask's "clear" is exactly clear.
-    return np.where(opacity < 0.05, 0.0, opacity), np.where(shadow < 0.05, 0.0, shadow)
+    return int(round(-reach * np.cos(away))), int(round(reach * np.sin(away)))   # rows run south
+
+
+def cloud_layers(truth_shape: tuple[int, int], geometry: SceneGeometry, rng: np.random.Generator,
+                 cover: Optional[float] = None) -> CloudLayers:
+    """Draws a scene's clouds on the truth grid (`cover` fixes the cover target).
+
+    Every field is periodic on the truth grid, so a shadow shifted by np.roll is
+    the shadow of the same (periodic) cloud field, however far it falls.
+    """
+    cover = draw_cloud_cover(rng) if cover is None else float(cover)
+    # Thick clouds: cells (fractal detail) inside weather systems (a smooth
+    # regional field), so one part of a scene can be overcast and another clear.
+    detail = fractal_noise(truth_shape, beta=3.0, rng=rng)
+    regional = fractal_noise(truth_shape, beta=6.0, rng=rng)
+    field = CLOUD_DETAIL_WEIGHT * detail + (1.0 - CLOUD_DETAIL_WEIGHT) * regional
+    threshold = np.quantile(field, 1.0 - cover) if cover > 0 else np.inf
+    gain = float(rng.uniform(3.0, 9.0))              # how fast optical thickness grows inwards
+    thick = 1.0 - np.exp(-gain * np.clip(field - threshold, 0.0, None))
+    thick = np.where(thick < CLOUD_VISIBLE, 0.0, thick)
+    brightness = float(rng.uniform(0.45, 0.8))
+    texture = fractal_noise(truth_shape, beta=2.5, rng=rng)
+    thick_reflectance = np.clip(brightness * (1.0 + 0.12 * texture), 0.2, 0.95)
+
+    # Thin clouds: in half of the scenes a cirrus layer of streaks along the wind.
+    thin = np.zeros(truth_shape)
+    thin_reflectance = float(rng.uniform(0.25, 0.4))
+    if rng.random() < CIRRUS_PROBABILITY:
+        streaks = anisotropic_noise(truth_shape, 3.0, float(rng.uniform(0.0, 180.0)),
+                                    float(rng.uniform(3.0, 6.0)), rng)
+        level = np.quantile(streaks, 1.0 - float(rng.uniform(0.1, 0.6)))
+        thin = float(rng.uniform(0.1, 0.45)) * np.clip((streaks - level) / 0.7, 0.0, 1.0)
+        thin = np.where(thin < CLOUD_VISIBLE, 0.0, thin)
+
+    thick_height = float(rng.uniform(*THICK_CLOUD_HEIGHT_M))
+    thin_height = float(rng.uniform(*THIN_CLOUD_HEIGHT_M))
+    transmitted = ((1.0 - np.roll(thick, shadow_shift(thick_height, geometry), axis=(0, 1)))
+                   * (1.0 - (1.0 - CIRRUS_FORWARD_SCATTER)
+                      * np.roll(thin, shadow_shift(thin_height, geometry), axis=(0, 1))))
+    blocked = np.where(1.0 - transmitted < CLOUD_VISIBLE, 0.0, 1.0 - transmitted)
+    return CloudLayers(thick=thick, thin=thin, blocked=blocked, thick_reflectance=thick_reflectance,
+                       thin_reflectance=thin_reflectance, cover=cover, thick_height_m=thick_height,
+                       thin_height_m=thin_height)
+
+
+def direct_share(cos_sun: np.ndarray, sun_elevation: float) -> np.ndarray:
+    """Share of a pixel's irradiance that comes straight from the sun (the rest is
+    skylight), as surface_reflectance lights the scene."""
+    illumination = SKY_FRACTION + (1 - SKY_FRACTION) * np.clip(cos_sun, 0.0, None) / np.sin(
+        np.radians(sun_elevation))
+    light = np.minimum(illumination, 3.0)
+    return (light - SKY_FRACTION) / light
+
+
+def shadow_darkening(clouds: CloudLayers, cos_sun: np.ndarray, sun_elevation: float) -> np.ndarray:
+    """Fraction of a pixel's reflectance its cloud shadow takes away: the blocked
+    share of the direct sunlight (skylight stays, so a slope the sun does not
+    reach is not darkened). Below SHADOW_VISIBLE it is left out (clear stays clear)."""
+    darkening = direct_share(cos_sun, sun_elevation) * clouds.blocked
+    return np.where(darkening < SHADOW_VISIBLE, 0.0, darkening)
+
+
+def render_clouds(reflectance: np.ndarray, clouds: CloudLayers, cos_sun: np.ndarray,
+                  sun_elevation: float) -> np.ndarray:
+    """(4, H, W) top-of-cloud reflectance of a clear scene under `clouds` (on its grid).
+
+    The shadows darken the surface first, then the cirrus layer and the thick
+    layer are laid over it, each blending its own reflectance with what it
+    transmits.
+    """
+    shaded = reflectance * (1.0 - shadow_darkening(clouds, cos_sun, sun_elevation))[None]
+    thin_top = clouds.thin_reflectance * THIN_CLOUD_SPECTRUM[:, None, None]
+    through_thin = shaded * (1.0 - clouds.thin)[None] + thin_top * clouds.thin[None]
+    thick_top = clouds.thick_reflectance[None] * THICK_CLOUD_SPECTRUM[:, None, None]
+    return through_thin * (1.0 - clouds.thick)[None] + thick_top * clouds.thick[None]
+
+
+def cloud_mask_codes(clouds: CloudLayers, cos_sun: np.ndarray, sun_elevation: float) -> np.ndarray:
+    """uint8 mask: 1 cloud (either layer visible), 2 shadow (a visibly darkened
+    surface outside the clouds), 0 clear (the cloudy image equals the clear one)."""
+    shadow = shadow_darkening(clouds, cos_sun, sun_elevation) > 0
+    return np.where(clouds.opacity > 0, CLOUD, np.where(shadow, SHADOW, CLEAR)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- products
@@ -482,6 +657,7 @@ class SceneArrays:
     truth: dict                    # fields on the S2 grid (see render_scene_arrays)
     s2_cloudy: Optional[np.ndarray] = None   # (4, H, W) uint16
     cloud_mask: Optional[np.ndarray] = None  # (H, W) uint8: 0 clear, 1 cloud, 2 shadow
+    clouds: Optional["CloudLayers"] = None   # the cloud layers on the S2 grid
 
 
 def _to_uint16_reflectance(reflectance: np.ndarray) -> np.ndarray:
@@ -520,13 +696,17 @@ def check_size(size: int) -> None:
         raise UserError(f"scene size {size} px is too small: use at least {MIN_SIZE} pixels.")
 
 
-def render_scene_arrays(scene_id: str, size: int, seed: Seed, *, cloudy: bool = False) -> SceneArrays:
+def render_scene_arrays(scene_id: str, size: int, seed: Seed, *, cloudy: bool = False,
+                        cloud_cover: Optional[float] = None) -> SceneArrays:
     """Computes every product of one scene in memory (nothing is written).
 
     `truth` holds, on the S2 grid: elevation, slope, aspect (ASPECT_FLAT on flat
     cells), hillshade (315/45), labels, density, reflectance (4, H, W, before
     quantisation), sigma0 (2, H, W, linear, noise free) and cos_sun (cos of the
-    solar incidence on the terrain).
+    solar incidence on the terrain). With `cloudy`, `clouds` holds the cloud
+    layers on the S2 grid; `cloud_cover` fixes the scene's cover target
+    instead of drawing it. The clouds are drawn last, so the clear products do
+    not depend on `cloudy`.
     """
     check_size(size)
     rng = scene_rng(seed)
@@ -555,12 +735,13 @@ def render_scene_arrays(scene_id: str, size: int, seed: Seed, *, cloudy: bool = 
                    cos_sun=cos_incidence(truth.slope[on_s2], truth.aspect[on_s2],
                                          geometry.sun_azimuth, geometry.sun_elevation)))
     if cloudy:
-        opacity, shadow = cloud_cover(geometry.truth.shape, geometry, rng)
-        opacity, shadow = opacity[on_s2], shadow[on_s2]
-        cloud = np.array([0.60, 0.60, 0.61, 0.63])[:, None, None]
-        surface = arrays.truth["reflectance"] * (1.0 - 0.7 * shadow)[None]
-        arrays.s2_cloudy = _to_uint16_reflectance(surface * (1.0 - opacity) + cloud * opacity)
-        arrays.cloud_mask = np.where(opacity > 0, 1, np.where(shadow > 0, 2, 0)).astype(np.uint8)
+        clouds = cloud_layers(geometry.truth.shape, geometry, rng, cover=cloud_cover)
+        on_grid = clouds.crop(on_s2)
+        cos_sun = arrays.truth["cos_sun"]
+        arrays.s2_cloudy = _to_uint16_reflectance(
+            render_clouds(arrays.truth["reflectance"], on_grid, cos_sun, geometry.sun_elevation))
+        arrays.cloud_mask = cloud_mask_codes(on_grid, cos_sun, geometry.sun_elevation)
+        arrays.clouds = on_grid
     return arrays
 
 
@@ -626,7 +807,9 @@ def write_scene(out_dir: str | Path, scene_id: str, size: int, seed: Seed, *,
               "SEED": " ".join(str(s) for s in np.atleast_1d(seed))}
     paths = ScenePaths(scene_id=scene_id, s2=out_dir / f"{scene_id}_s2.tif",
                        s1=out_dir / f"{scene_id}_s1.tif", dem=out_dir / f"{scene_id}_dem.tif",
-                       lulc=out_dir / f"{scene_id}_lulc.tif")
+                       lulc=out_dir / f"{scene_id}_lulc.tif",
+                       s2_cloudy=out_dir / f"{scene_id}_s2_cloudy.tif" if cloudy else None,
+                       cloud_mask=out_dir / f"{scene_id}_cloudmask.tif" if cloudy else None)
     s2_tags = dict(common, UNITS="surface reflectance x 10000", SUN_AZIMUTH=f"{g.sun_azimuth:.2f}",
                    SUN_ELEVATION=f"{g.sun_elevation:.2f}")
     _write_geotiff(paths.s2, arrays.s2, g.s2, S2_NODATA, S2_BANDS, s2_tags)
@@ -642,9 +825,8 @@ def write_scene(out_dir: str | Path, scene_id: str, size: int, seed: Seed, *,
                    dict(common, CLASSES=",".join(LULC_CLASSES)))
     _write_geotiff(paths.dem, arrays.dem[None], g.dem, DEM_VOID, ("DEM",), dict(common, UNITS="metre"))
     if cloudy:
-        _write_geotiff(out_dir / f"{scene_id}_s2_cloudy.tif", arrays.s2_cloudy, g.s2, S2_NODATA,
-                       S2_BANDS, s2_tags)
-        _write_geotiff(out_dir / f"{scene_id}_cloudmask.tif", arrays.cloud_mask[None], g.s2, None,
+        _write_geotiff(paths.s2_cloudy, arrays.s2_cloudy, g.s2, S2_NODATA, S2_BANDS, s2_tags)
+        _write_geotiff(paths.cloud_mask, arrays.cloud_mask[None], g.s2, CLOUD_MASK_UNKNOWN,
                        ("cloud_mask",), dict(common, CODES="0 clear, 1 cloud, 2 cloud shadow"))
     return paths
 

@@ -24,6 +24,7 @@ one line per file, so a user fixes them in one round.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,13 @@ import rasterio
 import rasterio.errors
 from rasterio.enums import Resampling
 
-from rsjax.data import landcover, optical, sar, storage
-from rsjax.data.contract import LULC_NODATA, NUM_CLASSES, S2_BANDS, InputError, ScenePaths, Source, as_source
+from rsjax.data import landcover, optical, plausible, sar, storage
+from rsjax.data.contract import (CLOUD_MASK_CODES, CLOUD_MASK_UNKNOWN, LULC_NODATA, NUM_CLASSES, S2_BANDS,
+                                 InputError, ScenePaths, Source, as_source)
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
 from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
+
+log = logging.getLogger(__name__)
 
 SAMPLE_PIXELS = 512
 _MAX_LISTED = 10
@@ -51,6 +55,12 @@ class SourceSpec:
     nodata: float | None          # the no-data value source pixels carry (file's, or the role's default)
     units: str | None = None      # S1 only: 'linear' or 'db'
     offsets: tuple[float, ...] | None = None   # S2 only: added to each band to give reflectance x 10000
+    warnings: tuple[str, ...] = ()  # implausible or constant values (plausible.py), logged by inspect_scene
+
+
+def _any_format(opts) -> bool:
+    """Whether the user allowed formats other than GeoTIFF (see `untrusted`)."""
+    return bool(getattr(opts, "allow_any_format", False))
 
 
 def default_nodata(role: str, ds: rasterio.DatasetReader) -> float | None:
@@ -61,10 +71,12 @@ def default_nodata(role: str, ds: rasterio.DatasetReader) -> float | None:
     """
     if ds.nodata is not None:
         return float(ds.nodata)
-    if role == "s2":
+    if role in ("s2", "s2_cloudy"):
         return 0.0
     if role == "lulc":
         return float(LULC_NODATA)
+    if role == "cloud_mask":
+        return float(CLOUD_MASK_UNKNOWN)
     return float("nan") if np.dtype(ds.dtypes[0]).kind == "f" else None
 
 
@@ -86,7 +98,8 @@ def _sample(ds: rasterio.DatasetReader, bands: tuple[int, ...], role: str) -> np
     return data.astype(np.float64)
 
 
-def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> tuple[set, set]:
+def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None,
+                  role: str = "lulc") -> tuple[set, set]:
     """(whole values, fractional values) of a label band's valid pixels, read block by block.
 
     Stops early once either set is too large to be a legend (the file is in error then anyway).
@@ -110,7 +123,7 @@ def _label_values(ds: rasterio.DatasetReader, band: int, nodata: float | None) -
             if len(values) > _MAX_VALUES or len(fractional) >= _MAX_LISTED:
                 break
     except rasterio.errors.RasterioError as err:
-        raise read_failure(source_name(ds), "lulc", err) from err
+        raise read_failure(source_name(ds), role, err) from err
     return values, fractional
 
 
@@ -154,9 +167,57 @@ def check_labels(ds: rasterio.DatasetReader, band: int, nodata: float | None,
             "crops and 0 as no data), or, if it really is Dynamic World, set lulc_legend='dynamic_world'.")
 
 
+def s1_units_of(ds: rasterio.DatasetReader, bands: tuple[int, ...], values: np.ndarray) -> str:
+    """'linear' or 'db' for an S1 file: what its metadata declares, checked against its values.
+
+    Raises InputError naming the file when metadata and values disagree, or when
+    neither tells (the user then says it with s1_units).
+    """
+    texts = [ds.units[b - 1] for b in bands] + [ds.descriptions[b - 1] for b in bands]
+    for tags in [ds.tags()] + [ds.tags(b) for b in bands]:
+        texts += [f"{k} {v}" for k, v in tags.items() if "unit" in k.lower()]
+    declared = sar.declared_units(texts)
+    try:
+        measured, why = sar.detect_units(values), ""
+    except ValueError as err:
+        measured, why = None, str(err)
+    if declared and measured and declared != measured:
+        raise InputError(
+            f"{source_name(ds)}: its metadata says the backscatter is in {declared} "
+            f"({_short(t for t in texts if t)}), but its values look like {measured} "
+            f"({sar.share_below_minus_one(values):.1%} below -1). Say which with s1_units='linear' or 'db'.")
+    if declared or measured:
+        return declared or measured
+    raise InputError(
+        f"{source_name(ds)}: cannot tell whether the backscatter is linear power or dB ({why}). "
+        "Say which with s1_units='linear' or 'db'.")
+
+
+def _short(texts, limit: int = 4) -> str:
+    texts = list(texts)
+    return ", ".join(texts[:limit]) + (", ..." if len(texts) > limit else "")
+
+
+def check_cloud_mask(ds: rasterio.DatasetReader, band: int, nodata: float | None) -> None:
+    """Raises InputError unless the mask's valid pixels hold only 0 (clear), 1 (cloud), 2 (shadow)."""
+    values, fractional = _label_values(ds, band, nodata, "cloud_mask")
+    bad = sorted(values - set(CLOUD_MASK_CODES)) + sorted(fractional)
+    if bad:
+        raise InputError(
+            f"{source_name(ds)}: cloud mask values {_listed(bad)} are not codes 0 (clear), 1 (cloud), "
+            f"2 (cloud shadow) or the no-data {nodata:g}. Convert the mask first: e.g. from the "
+            "Sentinel-2 scene classification (SCL) 8, 9, 10 (clouds) and 7 -> 1, 3 (shadow) -> 2, "
+            "the rest -> 0; from a cloud probability, threshold it to 0/1.")
+
+
+def _listed(values) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:_MAX_LISTED])
+    return shown + (" ..." if len(values) > _MAX_LISTED else "")
+
+
 def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> SourceSpec:
     """Validates one file; returns its SourceSpec or raises InputError naming it."""
-    with open_raster(path, role) as ds:
+    with open_raster(path, role, _any_format(opts)) as ds:
         if ds.crs is None:
             raise InputError(
                 f"{path}: has no CRS (coordinate reference system). Export it georeferenced, "
@@ -170,6 +231,11 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
         nodata = default_nodata(role, ds)
         sample = _sample(ds, bands, role)
         invalid = _invalid(sample, nodata)
+        warnings = []
+        if role == "dem":
+            # Elevations no place on Earth has are voids, declared or not (plausible.py).
+            warnings.append(plausible.range_warning(path, role, sample[~invalid]))
+            invalid |= plausible.implausible_elevation(sample)
         # A pixel is missing when any of its channels is (contract: one no-data per pixel).
         pixel_missing = invalid.any(axis=0)
         if pixel_missing.all():
@@ -178,24 +244,32 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
                 f"Export the scene again" + (", or leave the land cover out." if role == "lulc" else "."))
         units = None
         valid_values = sample[:, ~pixel_missing]
-        if role == "s2" and valid_values.max() <= 2.0:
+        if role in ("s2", "s2_cloudy") and valid_values.max() <= 2.0:
             raise InputError(
                 f"{path}: optical values are at most {valid_values.max():.3g}: this looks like "
                 f"reflectance in 0..1. Provide reflectance x 10000 (as Sentinel-2 L2A products store it).")
         if role == "s1":
-            units = opts.s1_units if opts.s1_units != "auto" else sar.detect_units(valid_values)
+            units = opts.s1_units if opts.s1_units != "auto" else s1_units_of(ds, bands, valid_values)
         offsets = None
-        if role == "s2":
+        if role in ("s2", "s2_cloudy"):
             offsets = optical.s2_offsets(ds, bands, S2_BANDS, getattr(opts, "s2_offset", None), source_name(ds))
+        if role == "cloud_mask":
+            check_cloud_mask(ds, bands[0], nodata)
         if role == "lulc":
             check_labels(ds, bands[0], nodata, getattr(opts, "lulc_map", None),
                          getattr(opts, "lulc_legend", "auto"))
-        return SourceSpec(role=role, path=path, bands=bands, nodata=nodata, units=units, offsets=offsets)
+        if role == "s2":
+            warnings.append(plausible.range_warning(path, role, valid_values + np.asarray(offsets)[:, None]))
+        if role == "s1":
+            warnings.append(plausible.range_warning(path, role, valid_values, units))
+        warnings.append(plausible.constant_warning(path, role, valid_values))
+        return SourceSpec(role=role, path=path, bands=bands, nodata=nodata, units=units, offsets=offsets,
+                          warnings=tuple(w for w in warnings if w))
 
 
 def grid_of_file(path: Path, opts) -> TargetGrid:
     """The target grid taken from any GeoTIFF (`opts.target_grid`), by the rule used for S2 files."""
-    with open_raster(path, "grid") as ds:
+    with open_raster(path, "grid", _any_format(opts)) as ds:
         if ds.crs is None:
             raise InputError(f"{path}: has no CRS, so its grid cannot be the target grid. Choose a "
                              "georeferenced GeoTIFF as the target grid.")
@@ -225,19 +299,22 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
                 "name a GeoTIFF whose grid to use (IngestOptions.target_grid).")
         else:
             specs["s2"] = inspect_source(as_source(scene.s2), "s2", None, opts)
-            with open_raster(scene.s2, "s2") as ds:
+            with open_raster(scene.s2, "s2", _any_format(opts)) as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
     except InputError as err:
         problems.append(str(err))
     # A scene read for prediction may lack any source but the one the grid comes from;
     # S2 was inspected above unless another file gives the grid.
-    roles = [r for r in ("s2", "s1", "dem", "lulc")
+    roles = [r for r in ("s2", "s1", "dem", "lulc", "s2_cloudy", "cloud_mask")
              if getattr(scene, r) is not None and (r != "s2" or grid_file is not None)]
     for role in roles:
         try:
             specs[role] = inspect_source(as_source(getattr(scene, role)), role, grid, opts)
         except InputError as err:
             problems.append(str(err))
+    for spec in specs.values():
+        for warning in spec.warnings:
+            log.warning("%s", warning)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise InputError(f"scene '{scene.scene_id}': {len(problems)} problem(s) found before ingestion:\n{lines}")

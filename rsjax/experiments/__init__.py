@@ -1,15 +1,19 @@
-"""The paper's experiments, each in one command that resumes where it stopped.
+"""The paper's experiments, made answerable: several seeds, intervals, verdicts.
 
-    rsjax experiments tables --workdir work/tables [--variant demo]
-    rsjax experiments table3 --workdir work/table3 [--variant demo]
+    rsjax experiments report --scale demo --workdir work/exp_demo
+    rsjax experiments report --scale bench --workdir work/exp_bench
+    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo
 
-`rsjax experiments NAME --help` describes each one.
+`report` runs every run of a scale's plan that has not finished (resuming an
+interrupted one) and writes the tables, claims and figures;
+`rsjax experiments NAME --help` describes each experiment.
 """
 
 # name -> (module, one-line summary), for `rsjax experiments NAME` (see rsjax.cli).
 SUBCOMMANDS = {
-    "tables": ("rsjax.experiments.fusion_tables",
-               "Tables 1 and 2: RS-SPADE against pix2pix, and on each source subset"),
-    "table3": ("rsjax.experiments.segmentation_table",
-               "Table 3 and Figure 8: RS-UNet on real against real + generated images"),
+    "report": ("rsjax.experiments.report",
+               "Tables 1-3 and Figure 8 at a scale, over seeds, with intervals and verdicts"),
+    "cloud_removal": ("rsjax.experiments.cloud_removal",
+                      "beyond the paper: cloud removal as SEN12MS-CR reports it, with the peers' "
+                      "numbers"),
 }

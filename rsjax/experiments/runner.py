@@ -80,7 +80,7 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
 
     out = root / run.name
     config = run_config(run, root, data_dir, extra)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     if run.kind == "synthesize":
         from rsjax import synthesize
 
@@ -103,7 +103,10 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
             record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
                   config=_portable(_resolved(config), root),
-                  seconds=round(time.time() - started, 1))
+                  seconds=round(time.time() - started, 1),
+                  # CPU time of every thread of this process: on a shared machine the
+                  # wall time grows with the load, the CPU time much less.
+                  cpu_seconds=round(time.process_time() - cpu_started, 1))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
 

@@ -7,11 +7,13 @@
 | `pix2pix_unet`        | `pix2pix.UNetGenerator`                 | junyanz pix2pix     |
 | `patchgan`            | `patchgan.NLayerDiscriminator`          | junyanz pix2pix 70x70 |
 | `rs_unet`             | `unet.RSUNet`                           | paper Sec. 4        |
+| `dsen2cr`             | `dsen2cr.DSen2CR`                       | Meraner et al. 2020 (cloud removal) |
 """
 from __future__ import annotations
 
 from flax import nnx
 
+from rsjax.models.dsen2cr import DSen2CR
 from rsjax.models.patchgan import MultiscaleDiscriminator, NLayerDiscriminator
 from rsjax.models.pix2pix import UNetGenerator
 from rsjax.models.spade import RSSpadeGenerator
@@ -23,6 +25,7 @@ MODELS = {
     "pix2pix_unet": UNetGenerator,
     "patchgan": NLayerDiscriminator,
     "rs_unet": RSUNet,
+    "dsen2cr": DSen2CR,
 }
 
 
@@ -38,5 +41,5 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **kw
     return MODELS[name](**kwargs, rngs=rngs)
 
 
-__all__ = ["MODELS", "create_model", "MultiscaleDiscriminator", "NLayerDiscriminator",
+__all__ = ["MODELS", "create_model", "DSen2CR", "MultiscaleDiscriminator", "NLayerDiscriminator",
            "RSSpadeGenerator", "RSUNet", "UNetGenerator"]

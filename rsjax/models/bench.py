@@ -14,7 +14,7 @@ and the gradient with respect to every parameter (training mode: BatchNorm batch
 statistics, spectral-norm power iteration), jitted, inputs already on device.
 `gan` is one step of both networks as a trainer would run it: G forward, D on
 real and fake, hinge + feature-matching losses, gradients of both (the G
-forward is reused by the D update, see DESIGN.md).
+forward is reused by the D update, see docs/training.md).
 
 FLOPs per step come from `jax.jit(f).lower(...).compile().cost_analysis()`.
 """

@@ -47,6 +47,17 @@ def _pad(padding: int | Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+def compute_dtype(kernel: nnx.Param):
+    """The dtype a convolution runs in: its kernel's, float32 as initialized or
+    the compute dtype a trainer cast the parameters to (`--config.dtype=bfloat16`).
+
+    Not the input's: normalization layers compute their statistics in float32
+    and return float32 whatever they are given, so every convolution after one
+    would silently run in float32 (in bfloat16 training, most of them did).
+    """
+    return kernel[...].dtype
+
+
 class Conv2d(nnx.Module):
     """2-D convolution with PyTorch-style explicit padding and optional spectral norm.
 
@@ -125,6 +136,7 @@ class Conv2d(nnx.Module):
         return self.kernel[...] if sigma is None else self.kernel[...] / sigma
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(compute_dtype(self.kernel))
         rewrite = cpu_conv.rewrite_for(self.kernel.shape, self.stride, self.padding, x)
         if rewrite == "matmul":
             # Spectral norm divides the (small) output instead of the (big) kernel.
@@ -188,6 +200,7 @@ class ConvTranspose2d(nnx.Module):
         return [taps[o] for o in offsets], offsets[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(compute_dtype(self.kernel))
         kernel = self.kernel[...].astype(x.dtype)
         if self.kernel_size == 2:
             y = _conv_transpose_2x2(x, kernel)

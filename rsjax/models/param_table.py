@@ -36,6 +36,9 @@ REFERENCE_COUNTS = {
     "multiscale_patchgan": (5_560_450, True, "NVlabs SPADE multi-scale discriminator"),
     "pix2pix_unet": (54_428_292, True, "junyanz pix2pix unet_256 (about 54.43 M)"),
     "patchgan": (2_782_017, True, "junyanz pix2pix basic 70x70 PatchGAN (about 2.78 M)"),
+    # Counted layer by layer from the published architecture (tests/test_dsen2cr.py):
+    # 4 bands + VV/VH in, F 256, B 16; 18,947,341 with Sentinel-2's 13 bands.
+    "dsen2cr": (18_905_860, True, "DSen2-CR (Meraner et al. 2020), 4 bands + SAR"),
 }
 
 
@@ -56,6 +59,7 @@ def reference_configs(sources: Mapping[str, int] = REFERENCE_SOURCES, *, out_cha
         "patchgan": ("patchgan", dict(in_channels=cond + out_channels, ndf=ndf, n_layers=3,
                                       norm="batch", use_spectral_norm=False)),
         "rs_unet": ("rs_unet", dict(in_channels=unet_in, num_classes=9, width=unet_width)),
+        "dsen2cr": ("dsen2cr", dict(source_channels={"s2_cloudy": out_channels, "s1": 2})),
     }
 
 

@@ -11,7 +11,8 @@ import importlib
 
 from rsjax.errors import ConfigError
 
-_TRAINERS = {"fusion": "rsjax.trainers.fusion", "segmentation": "rsjax.trainers.segmentation"}
+_TRAINERS = {"fusion": "rsjax.trainers.fusion", "segmentation": "rsjax.trainers.segmentation",
+             "cloud_removal": "rsjax.trainers.cloud_removal"}
 
 
 def trainer_module(name: str):

@@ -4,7 +4,9 @@ A checkpoint holds two items: `state`, the train state pytree (Orbax's
 standard handler: any device count can restore it), and `data_iter`, the grain
 iterator's position, saved by grain's own Orbax handler (one small JSON file
 per process, since every process reads its own share of the data), so a
-resumed run sees exactly the batches it would have seen.
+resumed run sees exactly the batches it would have seen. Every finished step
+carries checksums of its files, and a corrupt step falls back to the newest
+intact one (`integrity.py`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from etils import epath
 from rsjax import mesh as mesh_lib
 from rsjax.errors import UserError
 from rsjax.runtime import workdir_path
-from rsjax.trainers.nonfinite import tree_all_finite
+from rsjax.trainers import integrity
 
 log = logging.getLogger("rsjax")
 
@@ -34,17 +36,24 @@ class Checkpointer:
     complete, so a run killed mid-save leaves the previous checkpoint current.
     Saves are asynchronous; `wait()` blocks until the last one is on disk (the
     iterator's position is written before `save` returns).
+
+    What rsjax adds (`integrity.py`): no state that must not be resumed is
+    saved (skipped non-finite steps, non-finite or diverged weights); each
+    finished step gets a checksum of its files; `restore` checks them and
+    falls back to the newest intact step, naming the corrupt ones.
     """
 
     def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int, async_save: bool = True):
         # epath: a gs:// workdir stays a URI (Orbax and tensorstore write GCS natively).
-        self.directory = epath.Path(workdir_path(workdir)) / "checkpoints"
+        self.workdir = epath.Path(workdir_path(workdir))
+        self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, int(every_steps)), max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter"))
         self._saved_step = self.manager.latest_step()
+        self._unhashed: list[int] = []
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -52,35 +61,121 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter=None, force: bool = False) -> bool:
         """Saves `state` and the position of `data_iter` (a grain iterator, or
         anything with get_state/set_state/start_prefetch) when the interval says
-        so (or `force`); a step is saved once."""
+        so (or `force`); a step is saved once, and never a state that must not
+        be resumed (`integrity.unsafe_to_save`)."""
         if step == self._saved_step:
             return False
         if not force and not self.manager.should_save(step):
             return False
-        if not tree_all_finite(state):
-            # Never make a poisoned state current: the last good checkpoint stays.
-            log.error("Not saving step %d: the state holds non-finite values.", step)
+        problem = integrity.unsafe_to_save(state)
+        if problem:
+            last = self.latest_step()
+            log.error("Not saving step %d: %s. %s", step, problem,
+                      f"The last good checkpoint stays step {last}." if last is not None
+                      else "No checkpoint has been saved yet.")
             return False
+        if self._unhashed:
+            # The previous save has to be finished before its checksums; Orbax's save would
+            # wait for it anyway, and nothing deletes steps meanwhile.
+            self.manager.wait_until_finished()
+            self._record_checksums()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             self._saved_step = step
+            self._unhashed.append(step)
         return saved
 
-    def restore(self, abstract_state: Any, data_iter=None, step: Optional[int] = None):
-        """(state, step) of checkpoint `step` (default: the latest), or None when
-        there is none; `data_iter` (if given and saved) is moved to the saved
-        position."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+    def _record_checksums(self) -> None:
+        """Checksums of the finished steps not yet recorded (process 0; see integrity.py)."""
+        steps, self._unhashed = self._unhashed, []
+        if jax.process_index() == 0:
+            for step in steps:
+                integrity.write_manifest(self.directory / str(step))
+
+    # -- restoring ------------------------------------------------------------------------------
+    def restore(self, abstract_state: Any, data_iter=None, step: Optional[int] = None,
+                move_corrupt: bool = False):
+        """(state, step) of checkpoint `step`, by default of the newest intact one, or None
+        when there is none; `data_iter` (if given and saved) is moved to the saved position.
+
+        A step whose checksums do not match, or whose files Orbax cannot read, is
+        corrupt: it is named in a warning and the next older step is tried. A
+        named `step` that is corrupt is a UserError. With `move_corrupt`
+        (training) corrupt steps are moved to <workdir>/corrupt_checkpoints/, so
+        that new saves and max_to_keep see good steps only. No intact step at
+        all is a UserError.
+        """
+        available = sorted(self.manager.all_steps(), reverse=True)
+        if step is not None and step not in available:
+            raise UserError(f"{self.directory}: no checkpoint of step {step}; there are steps "
+                            f"{', '.join(map(str, sorted(available))) or 'none'}.")
+        candidates = [step] if step is not None else available
+        if not candidates:
             return None
+        corrupt: list[tuple[int, str]] = []
+        for candidate in candidates:
+            why = integrity.verify(self.directory / str(candidate))
+            if why is None:
+                try:
+                    state = self._restore_step(abstract_state, data_iter, candidate)
+                except Exception as err:  # pylint: disable=broad-except
+                    # Files that match their checksums are intact: an error is something else
+                    # (a checkpoint of another config). Without checksums, judge by the error.
+                    if (integrity.has_manifest(self.directory / str(candidate))
+                            or not integrity.is_damage(err)):
+                        raise
+                    why = f"Orbax cannot read it ({integrity.short_error(err)})"
+            if why is None:
+                if corrupt:
+                    log.warning("Using checkpoint step %d, the newest intact one in %s (newer: %s).",
+                                candidate, self.directory,
+                                "; ".join(f"step {s} corrupt" for s, _ in corrupt))
+                    self._set_aside(corrupt, move_corrupt)
+                return state, candidate
+            log.warning("Checkpoint step %d in %s is corrupt: %s.", candidate, self.directory, why)
+            corrupt.append((candidate, why))
+            if step is not None:
+                older = [s for s in available if s < step
+                         and integrity.verify(self.directory / str(s)) is None]
+                raise UserError(
+                    f"{self.directory / str(step)}: checkpoint step {step} is corrupt: {why}. "
+                    + (f"Use an intact one, e.g. --step {older[0]}." if older else
+                       "No older step is intact."))
+        moved = self._set_aside(corrupt, move_corrupt)
+        raise UserError(
+            f"{self.directory}: no intact checkpoint; every step is corrupt ("
+            + "; ".join(f"step {s}: {why}" for s, why in corrupt) + "). "
+            + (f"They were moved to {self.workdir / integrity.QUARANTINE}: rerun to train from "
+               "step 0, or use a new --workdir." if moved else
+               "Train again in a new --workdir, or restore the checkpoint folder from a copy."))
+
+    def _restore_step(self, abstract_state: Any, data_iter, step: int):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and self._has_iterator(step):
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], step
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def _set_aside(self, corrupt: list, move: bool) -> bool:
+        """Moves the corrupt steps out of Orbax's folder (training only); True if all moved."""
+        if not move or not corrupt:
+            return False
+        moved = True
+        if jax.process_index() == 0:
+            for step, _ in corrupt:
+                target = integrity.quarantine(self.directory / str(step), self.workdir)
+                moved &= target is not None
+                if target is not None:
+                    log.warning("Moved the corrupt checkpoint step %d to %s (nothing is deleted).",
+                                step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("rsjax.checkpoints.set_aside")
+        self.manager.reload()
+        self._saved_step = self.manager.latest_step()
+        return moved
 
     def _has_iterator(self, step: int) -> bool:
         """Whether checkpoint `step` holds this process's iterator position."""
@@ -104,9 +199,11 @@ class Checkpointer:
 
     def wait(self):
         self.manager.wait_until_finished()
+        self._record_checksums()
 
     def close(self):
         self.manager.wait_until_finished()
+        self._record_checksums()
         self.manager.close()
 
 

@@ -35,10 +35,11 @@ from flax import nnx
 from rsjax import input_pipeline, losses, metrics
 from rsjax import mesh as mesh_lib
 from rsjax import viz
-from rsjax.data.contract import SOURCES
+from rsjax.data.contract import MODEL_SOURCES
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
-from rsjax.trainers import checkpoints, loop
+from rsjax.locks import one_writer
+from rsjax.trainers import checkpoints, cloud_eval, loop
 from rsjax.trainers.nonfinite import all_finite, guarded_update
 
 log = logging.getLogger("rsjax")
@@ -48,11 +49,12 @@ log = logging.getLogger("rsjax")
 # Models
 # ---------------------------------------------------------------------------
 def selected_sources(config) -> tuple[str, ...]:
-    """The sources the generator is conditioned on, in the contract's order."""
-    unknown = set(config.data.sources) - set(SOURCES)
+    """The sources the generator is conditioned on, in the contract's order
+    (`s2_cloudy`, the cloudy image, for cloud removal on a dataset with clouds)."""
+    unknown = set(config.data.sources) - set(MODEL_SOURCES)
     if unknown or not config.data.sources:
         raise ConfigError(f"config.data.sources={tuple(config.data.sources)}: choose a non-empty "
-                          f"subset of {SOURCES}.")
+                          f"subset of {MODEL_SOURCES}.")
     return input_pipeline.check_sources(config.data.sources)
 
 
@@ -296,8 +298,13 @@ def generate(setup: Setup, state: dict, batch: dict, use_ema: bool) -> jax.Array
 # Evaluation
 # ---------------------------------------------------------------------------
 def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
-                   max_batches: Optional[int] = None, collect_images: int = 0):
-    """PSNR/SSIM/SAM over a whole split, accumulated batch by batch."""
+                   max_batches: Optional[int] = None, collect_images: int = 0,
+                   clouds: Optional[cloud_eval.CloudEvaluator] = None):
+    """PSNR/SSIM/SAM over a whole split, accumulated batch by batch.
+
+    On a dataset with clouds, `clouds` (when given) also collects the
+    cloud-removal parts of every batch, and the shown examples include the
+    cloudy image and the mask."""
     gen = setup.generate_jit(bool(config.eval_use_ema))
     it = input_pipeline.create_iterator(
         config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
@@ -312,10 +319,14 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
         pred01 = input_pipeline.image_to_reflectance01(fake)
         true01 = input_pipeline.image_to_reflectance01(batch["image"])
         sums = sums.merge(jax.device_get(sums_fn(pred01, true01, batch["valid"])))
+        if clouds is not None and cloud_eval.has_clouds(batch):
+            clouds.add(fake, batch)
         if collect_images and shown is None:
             # Gathered from every host (collective: all processes take this branch).
+            extra = ({k: batch[k] for k in ("s2_cloudy", "cloud_mask")}
+                     if cloud_eval.has_clouds(batch) else {})
             shown = mesh_lib.gather_to_host({"fake": fake, "real": batch["image"],
-                                             "label": batch["label"]})
+                                             "label": batch["label"], **extra})
             shown = {k: v[:collect_images] for k, v in shown.items()}
     scores = sums.compute()
     scores["sam"] = scores["sam_rad"]
@@ -340,12 +351,16 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optiona
     split. The mesh (default: every device) need not match the one the
     checkpoint was written on. Collective on multi-host runs."""
     setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
-    scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4)
+    clouds = cloud_eval.CloudEvaluator()
+    scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4,
+                                   clouds=clouds)
     result = {"trainer": "fusion", "model": config.generator.name, "step": int(step),
               "split": split, "sources": list(setup.sources),
               "devices": int(mesh.devices.size), **scores}
-    rows = None if shown is None else grid_rows(shown["real"], shown["fake"], shown["label"])
-    return result, rows
+    cloud_scores = clouds.scores()
+    if cloud_scores:
+        result["clouds"] = cloud_scores
+    return result, shown_rows(shown)
 
 
 def score_tiles(config, workdir: str, split: str = "test", show: int = 4,
@@ -402,6 +417,22 @@ def grid_rows(real, generated, labels) -> dict:
     return {"real": real, "generated": generated, "land cover": labels}
 
 
+def shown_rows(shown: Optional[dict]) -> Optional[dict]:
+    """The grid rows of evaluated examples: the cloud-removal rows on a dataset
+    with clouds (cloud_eval.grid_rows), else real, generated, land cover."""
+    if shown is None:
+        return None
+    if "cloud_mask" in shown:
+        return cloud_eval.grid_rows({"image": shown["real"], "s2_cloudy": shown["s2_cloudy"],
+                                     "cloud_mask": shown["cloud_mask"]}, shown["fake"])
+    return grid_rows(shown["real"], shown["fake"], shown["label"])
+
+
+def render_rows(rows: dict):
+    """A grid image of `shown_rows` (cloud rows stretched by the clear truth)."""
+    return viz.render_grid(rows, **cloud_eval.grid_options(rows))
+
+
 def load_inference(config, workdir: str, step: Optional[int] = None, devices=None):
     """(generate, step) of a checkpoint (default: the latest).
 
@@ -426,6 +457,7 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
 # ---------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------
+@one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     sources = selected_sources(config)
@@ -461,15 +493,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     result = {"step": step}
     if config.final_eval_split:
-        scores, shown = evaluate_split(setup, state, config, config.final_eval_split, mesh,
-                                       collect_images=4)
+        split = config.final_eval_split
+        clouds = cloud_eval.CloudEvaluator()
+        scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4,
+                                       clouds=clouds)
+        cloud_scores = cloud_eval.write(workdir, split, step, clouds)
+        if cloud_scores:
+            scores.update(cloud_eval.summary(cloud_scores))
         result.update(scores)
-        writer.write_scalars(step, {f"{config.final_eval_split}_{k}": v for k, v in scores.items()})
+        writer.write_scalars(step, {f"{split}_{k}": v for k, v in scores.items()})
         if is_main and shown is not None:
-            grid = viz.render_grid(grid_rows(shown["real"], shown["fake"], shown["label"]))
-            viz.save_png(grid, epath.Path(workdir) / f"eval_{config.final_eval_split}.png")
-            writer.write_images(step, {f"{config.final_eval_split}_images": grid})
-        loop.write_final_evaluation(workdir, config.final_eval_split, step, scores)
+            grid = render_rows(shown_rows(shown))
+            viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
+            writer.write_images(step, {f"{split}_images": grid})
+        loop.write_final_evaluation(workdir, split, step, scores)
     writer.close()
     return result
 
@@ -480,9 +517,11 @@ def _write_images(setup, state, batch, workdir, step, write: bool = True, writer
     Collective on multi-host runs: call it on every process, `write` on one."""
     n = min(4, batch["image"].shape[0])
     fake = setup.generate_jit(False)(state, batch)
-    host = mesh_lib.gather_to_host(grid_rows(batch["image"], fake, batch["label"]))
+    rows = (cloud_eval.grid_rows(batch, fake) if cloud_eval.has_clouds(batch)
+            else grid_rows(batch["image"], fake, batch["label"]))
+    host = mesh_lib.gather_to_host(rows)
     if write:
-        grid = viz.render_grid({k: v[:n] for k, v in host.items()})
+        grid = render_rows({k: v[:n] for k, v in host.items()})
         viz.save_png(grid, epath.Path(workdir) / "images" / f"step_{step:07d}.png")
         if writer is not None:
             writer.write_images(step, {"images": grid})

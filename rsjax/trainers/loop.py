@@ -68,12 +68,12 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     writes its final evaluation with the writer, then closes it.
     """
     ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    restored = ckpt.restore(abstract_like(state), train_iter)
+    restored = ckpt.restore(abstract_like(state), train_iter, move_corrupt=True)
     start_step = 0
     if restored is not None:
         state, start_step = restored
         log.info("Resumed from step %d in %s", start_step, ckpt.directory)
-    writer = logging_utils.MetricWriter(workdir)
+    writer = logging_utils.MetricWriter(workdir, resume_step=start_step)
     if start_step == 0:
         logging_utils.write_config(config, workdir)
     progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
@@ -88,13 +88,14 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
             step += 1
             pending.append(metrics)
             # Pull metrics to the host only at log time; this also bounds how far
-            # the host runs ahead of the devices (DESIGN.md's rendezvous trap).
+            # the host runs ahead of the devices: on several fake CPU devices an XLA
+            # all-reduce rendezvous can time out when the host never waits.
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 host = jax.device_get(pending)
                 pending = []
                 summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
                 check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps, step,
-                                workdir)
+                                workdir, last_good=ckpt.latest_step())
                 writer.write_scalars(step, {
                     **summary, "steps_per_second": step_rate(step),
                     **logging_utils.learning_rate_scalars(learning_rates or {}, step)})

@@ -3,11 +3,11 @@ nothing but a counter, and too many in a row stop the run.
 
 The device side (`all_finite`, `guarded_update`) runs inside each trainer's
 jitted step; the host side (`check_nonfinite`) in the loop, at log time;
-`tree_all_finite` keeps a poisoned state out of the checkpoints.
+`integrity.unsafe_to_save` keeps a poisoned state out of the checkpoints.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +19,6 @@ def all_finite(tree) -> jax.Array:
     """One boolean on the device: every leaf of `tree` is finite."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def tree_all_finite(tree) -> bool:
-    """Host-side `all_finite` over the floating-point leaves (skips integers, keys)."""
-    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and
-              jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(all_finite(leaves))
 
 
 def guarded_update(finite: jax.Array, updates: Callable[[], dict], state: dict) -> dict:
@@ -52,11 +45,25 @@ class NonFiniteLossError(RunFailed):
     """Too many consecutive non-finite steps: the run cannot go on as configured."""
 
 
-def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str) -> None:
-    if consecutive >= limit:
-        raise NonFiniteLossError(
-            f"{limit} consecutive training steps (up to step {step}) had a non-finite loss or "
-            f"gradient; they were skipped and the model was not updated by them. The last "
-            f"checkpoint in {workdir}/checkpoints holds finite parameters. Lower the learning "
-            f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
-            f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
+def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str,
+                    last_good: Optional[int] = None) -> None:
+    """Stops the run after `limit` consecutive non-finite steps, saying what was kept and how to go on.
+
+    `last_good`: the newest checkpoint step (none is saved while steps are
+    skipped or weights diverge, see `integrity.unsafe_to_save`), None when the
+    run saved none."""
+    if consecutive < limit:
+        return
+    if last_good is None:
+        kept = ("No checkpoint was saved (the model was never in a state worth keeping), so "
+                "there is nothing to resume: start again with the change below, in this "
+                "--workdir or a new one")
+    else:
+        kept = (f"Nothing was saved while it diverged: the last good checkpoint is step {last_good} "
+                f"in {workdir}/checkpoints, and rerunning the same command with the change below "
+                f"resumes from it (or start afresh in a new --workdir)")
+    raise NonFiniteLossError(
+        f"{limit} consecutive training steps (up to step {step}) had a non-finite loss or "
+        f"gradient; they were skipped and did not change the model. {kept}. Lower the learning "
+        f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
+        f"in the inputs (the data pipeline maps no-data to 0 and masks it).")

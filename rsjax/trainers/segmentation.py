@@ -28,6 +28,7 @@ from rsjax import mesh as mesh_lib
 from rsjax.data.contract import NUM_CLASSES
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
+from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, loop
 from rsjax.trainers.nonfinite import all_finite, guarded_update
 
@@ -227,6 +228,7 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
     return probabilities, step
 
 
+@one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir, mesh = loop.start_run(config, workdir, devices)

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import apache_beam as beam
 
 from rsjax.data import ingest
-from rsjax.data.contract import scene_from_record, scene_to_record
+from rsjax.data.contract import COVER_BINS, cover_bin, scene_from_record, scene_to_record
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -56,6 +56,10 @@ def split_pcollections(pipeline, scenes: Sequence, cfg, opts, *, scene_examples:
         (by_split[splits_lib.SPLITS.index("train")] | "TrainTiles" >> beam.Map(
             lambda t: ("train_tile", t[2])),
          tiles | "SplitOf" >> beam.Map(lambda t: ("split", t[0])),
+         # Cloud removal datasets: each tile's cloud-cover bin, per split.
+         tiles | "CoverOf" >> beam.FlatMap(
+             lambda t: [("cover", (t[0], cover_bin(float(t[2]["cloud_cover"]))))]
+             if "cloud_cover" in t[2] else []),
          ingested[COUNTS_TAG])
         | "SummaryInputs" >> beam.Flatten())
     _ = (summary_inputs
@@ -130,7 +134,7 @@ class SummaryCombineFn(beam.CombineFn):
 
     def create_accumulator(self):
         return {"statistics": statistics_lib.DatasetStatistics(seed=self.seed),
-                "splits": {}, "scenes": {}, "straddling": 0}
+                "splits": {}, "scenes": {}, "straddling": 0, "covers": {}}
 
     def add_input(self, acc, element):
         kind, value = element
@@ -138,6 +142,10 @@ class SummaryCombineFn(beam.CombineFn):
             acc["statistics"].update(value)
         elif kind == "split":
             acc["splits"][value] = acc["splits"].get(value, 0) + 1
+        elif kind == "cover":
+            split, index = value
+            counts = acc["covers"].setdefault(split, [0] * (len(COVER_BINS) + 1))
+            counts[index] += 1                       # index -1: unknown cover
         elif kind == "scene_counts":
             counts, straddling = value
             _add_scene_counts(acc["scenes"], counts)
@@ -155,6 +163,9 @@ class SummaryCombineFn(beam.CombineFn):
                 total["splits"][split] = total["splits"].get(split, 0) + n
             _add_scene_counts(total["scenes"], acc["scenes"])
             total["straddling"] += acc["straddling"]
+            for split, counts in acc["covers"].items():
+                mine = total["covers"].setdefault(split, [0] * len(counts))
+                total["covers"][split] = [a + b for a, b in zip(mine, counts)]
         return total
 
     def extract_output(self, acc):
@@ -171,6 +182,8 @@ class SummaryCombineFn(beam.CombineFn):
             "dropped_straddling_tiles": acc["straddling"],
             # Per scene, as in ingest.IngestReport.to_dict(): the driver rebuilds the report.
             "ingest": {"scenes": scenes},
+            # Tiles per cloud-cover bin (then unknown) per split, for datasets with clouds.
+            "tiles_by_cover": acc["covers"],
         }
 
 
@@ -185,3 +198,6 @@ def _add_scene_counts(total: dict, counts: dict) -> None:
         else:
             for key in _SUMMED:
                 total[scene_id][key] += c[key]
+            if c.get("tiles_by_cover"):             # cloud removal: counts per cover bin
+                mine = total[scene_id].get("tiles_by_cover") or [0] * len(c["tiles_by_cover"])
+                total[scene_id]["tiles_by_cover"] = [a + b for a, b in zip(mine, c["tiles_by_cover"])]

@@ -32,9 +32,11 @@ import numpy as np
 import rasterio.errors
 import tensorflow_datasets as tfds
 
+from rsjax import locks
 from rsjax.data import contract
 from rsjax.data import ingest
 from rsjax.data import landcover
+from rsjax.data import sar
 from rsjax.data import splits as splits_lib
 from rsjax.data import statistics as statistics_lib
 
@@ -84,6 +86,12 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
         (rsjax.data.landcover); "" for none.
       lulc_legend: "auto" refuses land cover that cannot be Dynamic World (a 0/1 map);
         "dynamic_world" takes it as it is.
+      s1_units: "auto" (the file's metadata, else its values; rsjax.data.sar), "linear" or "db".
+      allow_missing_lulc: scenes may lack <scene>_lulc.tif (their `lulc` is all 255).
+      clouds: cloud removal: every example also holds the cloudy S2 image
+        (`s2_cloudy`), its cloud/shadow mask (`cloud_mask`, 255 where unknown)
+        and `cloud_cover`; synthetic scenes are written with clouds, manual
+        scenes need `<scene>_s2_cloudy.tif` and may have `<scene>_cloudmask.tif`.
     """
 
     tile_size: int = 256
@@ -102,6 +110,9 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
     s2_offset: Optional[float] = None
     lulc_map: str = ""
     lulc_legend: str = "auto"
+    s1_units: str = "auto"
+    allow_missing_lulc: bool = False
+    clouds: bool = False
 
     def __post_init__(self):
         if self.tile_size < 8:
@@ -117,6 +128,8 @@ class RsMultisourceConfig(tfds.core.BuilderConfig):
         if self.lulc_legend not in landcover.LEGENDS:
             raise ValueError(f"config {self.name}: lulc_legend={self.lulc_legend!r}; use one of "
                              f"{landcover.LEGENDS}")
+        if self.s1_units not in sar.UNITS:
+            raise ValueError(f"config {self.name}: s1_units={self.s1_units!r}; use one of {sar.UNITS}")
         if self.split_mode not in splits_lib.SPLIT_MODES:
             raise ValueError(f"config {self.name}: split_mode={self.split_mode!r}; "
                              f"use one of {splits_lib.SPLIT_MODES}")
@@ -144,7 +157,8 @@ def derived_config(base: RsMultisourceConfig, **changes) -> RsMultisourceConfig:
 
 _SHORT = {"tile_size": "t", "stride": "s", "max_nodata_fraction": "nd", "split_mode": "split",
           "block_tiles": "b", "split_seed": "seed", "synthetic_scenes": "n", "synthetic_size": "px",
-          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend"}
+          "s2_offset": "s2off", "lulc_map": "lmap", "lulc_legend": "legend", "s1_units": "s1",
+          "skip_incomplete_scenes": "skip", "allow_missing_lulc": "nolulc", "clouds": "clouds"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -181,6 +195,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         RsMultisourceConfig(
             name="manual", description="The user's GeoTIFF exports from manual_dir, 256 px tiles.",
             tile_size=256),
+        RsMultisourceConfig(
+            name="manual_cloudy",
+            description="The user's exports with a cloudy image (<scene>_s2_cloudy.tif) and "
+                        "optionally its mask (<scene>_cloudmask.tif), for cloud removal; 256 px tiles.",
+            tile_size=256, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy",
+            description="The synthetic scenes under clouds (cloud removal): 8 x 1024 px, 256 px tiles.",
+            tile_size=256, synthetic_scenes=8, synthetic_size=1024, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy_demo",
+            description="The demo scenes under clouds (cloud removal): 8 x 256 px, 64 px tiles.",
+            tile_size=64, synthetic_scenes=8, synthetic_size=256, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy_bench",
+            description="The bench scenes under clouds (cloud removal): 16 x 512 px, 64 px tiles.",
+            tile_size=64, synthetic_scenes=16, synthetic_size=512, clouds=True),
+        RsMultisourceConfig(
+            name="synthetic_cloudy_paper",
+            description="The paper-scale scenes under clouds (cloud removal): 36 x 2048 px, "
+                        "256 px tiles.",
+            tile_size=256, synthetic_scenes=36, synthetic_size=2048, clouds=True),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "synthetic"
 
@@ -213,6 +249,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "crs": tfds.features.Text(),
                 "transform": tfds.features.Tensor(shape=(6,), dtype=np.float64,
                                                   doc="affine a b c d e f (rasterio order)"),
+                **(cloud_features(t) if self.builder_config.clouds else {}),
             }),
             supervised_keys=None,
             homepage="https://github.com/rsjax/rsjax",
@@ -225,12 +262,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if cfg.is_synthetic:
             from rsjax.data.synthetic import write_scenes  # heavy; only the synthetic configs need it
             out = epath.Path(dl_manager.download_dir) / "rs_multisource_synthetic" / (
-                f"n{cfg.synthetic_scenes}_px{cfg.synthetic_size}_seed{cfg.synthetic_seed}")
+                f"n{cfg.synthetic_scenes}_px{cfg.synthetic_size}_seed{cfg.synthetic_seed}"
+                + ("_cloudy" if cfg.clouds else ""))
             out.mkdir(parents=True, exist_ok=True)
             return list(write_scenes(out, num_scenes=cfg.synthetic_scenes, size=cfg.synthetic_size,
-                                     seed=cfg.synthetic_seed))
+                                     seed=cfg.synthetic_seed, cloudy=cfg.clouds))
         return discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
-                               self._report)
+                               self._report, require_lulc=not cfg.allow_missing_lulc, clouds=cfg.clouds)
+
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS's build, one at a time per config: the build holds a lock file in the config's
+        folder (another build of it waits; see rsjax.locks), and first removes the
+        `incomplete.*` folders a killed build left there (TFDS removes its own only when the
+        build ends, which SIGKILL prevents)."""
+        config_dir = epath.Path(self.data_dir).parent
+        lock = locks.FolderLock(config_dir, BUILD_LOCK, what=f"build of {self.name}/{self.builder_config.name}",
+                                advice="Wait for it to finish")
+        with lock.acquire(wait_seconds=BUILD_LOCK_WAIT_SECONDS):
+            remove_stale_incomplete(config_dir)
+            return super().download_and_prepare(*args, **kwargs)
 
     def _download_and_prepare(self, dl_manager, download_config):
         # TFDS builds with Beam when `_split_generators` takes a `pipeline`
@@ -263,9 +313,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._report = {"skipped_scenes": [], "dropped_straddling_tiles": 0}
         scenes = self._scenes(dl_manager)
         opts = self._ingest_options()
-        for scene in scenes:               # bad inputs fail before anything is written
-            _validate(scene, opts)
-        logging.info("rs_multisource/%s: %d scenes", self.builder_config.name, len(scenes))
+        # Bad inputs fail before anything is written; what tiling will cost is said up front.
+        self._tile_positions = sum(ingest.announce_tiles(scene.scene_id, _validate(scene, opts), opts)
+                                   for scene in scenes)
+        logging.info("rs_multisource/%s: %d scenes, %d tile positions, read once per split",
+                     self.builder_config.name, len(scenes), self._tile_positions)
         self._statistics = statistics_lib.DatasetStatistics(seed=STATISTICS_SEED)
         return {split: self._generate_examples(scenes, split) for split in splits_lib.SPLITS}
 
@@ -308,6 +360,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata[BUILD_REPORT_KEY] = build_report(
             self.builder_config, self._num_scenes, self._report["skipped_scenes"],
             summary["dropped_straddling_tiles"], _report_summary(report))
+        if self.builder_config.clouds:
+            self.info.metadata[BUILD_REPORT_KEY]["tiles_by_cover"] = {
+                split: cover_counts(summary["tiles_by_cover"].get(split, [0] * (len(contract.COVER_BINS) + 1)))
+                for split in splits_lib.SPLITS}
 
     def _ingest_options(self):
         cfg = self.builder_config
@@ -315,7 +371,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             tile_size=cfg.tile_size, stride=cfg.effective_stride,
             max_nodata_fraction=cfg.max_nodata_fraction,
             target_crs=cfg.target_crs, target_resolution=cfg.target_resolution,
-            s2_offset=cfg.s2_offset, lulc_map=cfg.lulc_map or None, lulc_legend=cfg.lulc_legend)
+            s2_offset=cfg.s2_offset, lulc_map=cfg.lulc_map or None, lulc_legend=cfg.lulc_legend,
+            s1_units=cfg.s1_units)
 
     # ----------------------------------------------------------------- examples
     def _generate_examples(self, scenes, split: str):
@@ -327,8 +384,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         """
         cfg = self.builder_config
         opts = self._ingest_options()
-        report = ingest.IngestReport()
+        report = ingest.IngestReport(progress=ingest.TileProgress(self._tile_positions, f"{split} split"))
         count = 0
+        by_cover = [0] * (len(contract.COVER_BINS) + 1)     # the bins, then unknown (index -1)
         started = time.perf_counter()
         for scene in scenes:
             for chosen, key, example in scene_examples(scene, cfg, opts, report):
@@ -338,6 +396,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     continue
                 if chosen != split:
                     continue
+                if cfg.clouds:
+                    by_cover[contract.cover_bin(float(example["cloud_cover"]))] += 1
                 if split == "train":
                     self._statistics.update(example)
                 count += 1
@@ -346,6 +406,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if count == 0:
             raise _empty_split_error(cfg, split, len(scenes))
         logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
+        if cfg.clouds:
+            # One dict for all splits, referenced by the build report: complete
+            # when TFDS writes metadata.json after the last split.
+            self._report.setdefault("tiles_by_cover", {})[split] = cover_counts(by_cover)
         if split == "train":
             # TFDS generates the splits before it writes dataset_info.json and
             # metadata.json, so the train statistics are complete by then.
@@ -353,6 +417,29 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             self.info.metadata[BUILD_REPORT_KEY] = build_report(
                 cfg, len(scenes), self._report["skipped_scenes"],
                 self._report["dropped_straddling_tiles"], _report_summary(report))
+            if cfg.clouds:
+                self.info.metadata[BUILD_REPORT_KEY]["tiles_by_cover"] = self._report.setdefault(
+                    "tiles_by_cover", {})
+
+
+# The lock file of a build, in <data_dir>/rs_multisource/<config>/ (TFDS ignores files there),
+# and how long a second build of the same config waits for the first.
+BUILD_LOCK = "rsjax_build.lock"
+BUILD_LOCK_WAIT_SECONDS = 24 * 3600.0
+
+
+def remove_stale_incomplete(config_dir: epath.Path) -> list[str]:
+    """Removes the `incomplete.*` folders of killed builds from a config's folder (call it holding
+    the build lock: then no live build owns one); returns their names."""
+    if not config_dir.exists():
+        return []
+    removed = []
+    for child in sorted(config_dir.iterdir(), key=lambda p: p.name):
+        if child.name.startswith("incomplete.") and child.is_dir():
+            logging.warning("Removing %s, left behind by a build that was killed.", child)
+            child.rmtree()
+            removed.append(child.name)
+    return removed
 
 
 # A manual_dir holding this file takes its scenes from it: one scene prefix per
@@ -382,6 +469,8 @@ def scene_examples(scene: contract.ScenePaths, cfg: RsMultisourceConfig, opts,
             yield None, str(tile["tile_id"]), None
             continue
         example = {k: tile[k] for k in ("s2", "s1", "lulc", "dem")}
+        if cfg.clouds:
+            example.update({k: tile[k] for k in CLOUD_KEYS})
         example["tile_id"] = str(tile["tile_id"])
         example["scene_id"] = str(tile["scene_id"])
         example["crs"] = str(tile["crs"])
@@ -418,6 +507,28 @@ def _empty_split_error(cfg: RsMultisourceConfig, split: str, num_scenes: int) ->
         "tile_size, another split_seed, or split_mode='random'.")
 
 
+CLOUD_KEYS = ("s2_cloudy", "cloud_mask", "cloud_cover")
+
+
+def cloud_features(t: int) -> dict:
+    """The features a `clouds` config adds (rsjax.data.contract)."""
+    return {
+        "s2_cloudy": tfds.features.Tensor(shape=(t, t, 4), dtype=np.uint16,
+                                          doc="the cloudy S2 image, as s2; 0 = no data"),
+        "cloud_mask": tfds.features.Tensor(shape=(t, t), dtype=np.uint8,
+                                           doc="0 clear, 1 cloud, 2 cloud shadow; 255 = unknown"),
+        "cloud_cover": tfds.features.Scalar(dtype=np.float32,
+                                            doc="share of cloud pixels among those with a known "
+                                                "mask; NaN when unknown"),
+    }
+
+
+def cover_counts(by_cover) -> dict:
+    """{'0-10%': n, ..., 'unknown': n} from counts per contract.COVER_BINS (then unknown)."""
+    labels = [f"{round(100 * lo)}-{round(100 * hi)}%" for lo, hi in contract.COVER_BINS]
+    return {**dict(zip(labels, by_cover)), "unknown": by_cover[-1]}
+
+
 def _validate(scene: contract.ScenePaths, opts):
     """ingest.validate_scene (returns the scene's grid), with an unreadable file turned
     into an error naming the scene."""
@@ -442,7 +553,8 @@ def _tiles_of(scene: contract.ScenePaths, opts, report, rows: Optional[range] = 
 def _config_summary(cfg: RsMultisourceConfig) -> dict:
     keys = ("tile_size", "stride", "max_nodata_fraction", "block_tiles", "split_mode",
             "split_fractions", "split_seed", "synthetic_scenes", "synthetic_size", "synthetic_seed",
-            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend")
+            "target_crs", "target_resolution", "s2_offset", "lulc_map", "lulc_legend", "s1_units",
+            "skip_incomplete_scenes", "allow_missing_lulc", "clouds")
     out = {k: getattr(cfg, k) for k in keys}
     out["split_fractions"] = list(out["split_fractions"])
     out["stride"] = cfg.effective_stride
@@ -472,7 +584,8 @@ def _report_summary(report) -> dict:
 
 
 def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
-                    report: Optional[dict] = None) -> list[contract.ScenePaths]:
+                    report: Optional[dict] = None, require_lulc: bool = True,
+                    clouds: bool = False) -> list[contract.ScenePaths]:
     """The manual_dir's scenes, by rsjax.data.contract.find_scenes (the one
     convention; scenes missing a source fail, or are skipped with
     skip_incomplete and listed in report['skipped_scenes']), with the manual
@@ -482,6 +595,7 @@ def discover_scenes(folder: epath.Path, skip_incomplete: bool = False,
     scene_list = folder / SCENE_LIST_FILE
     try:
         return contract.find_scenes(scene_list if scene_list.exists() else folder,
-                                    skip_incomplete=skip_incomplete, report=report)
+                                    require_lulc=require_lulc, skip_incomplete=skip_incomplete,
+                                    report=report, clouds=clouds)
     except contract.InputError as err:
         raise contract.InputError(f"manual_dir {err}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from err

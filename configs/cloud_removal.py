@@ -1,0 +1,60 @@
+"""Cloud removal with DSen2-CR (Meraner et al. 2020): cloudy S2 + S1 -> clear S2.
+
+    rsjax train --config cloud_removal:demo --workdir work/dsen2cr_demo
+    rsjax train --config cloud_removal:demo,sources=s2_cloudy+s1+dem+lulc --workdir ...
+
+Trains on the synthetic scenes under clouds (`synthetic_cloudy`,
+`synthetic_cloudy_demo`, `_bench`, `_paper`: the scale's scenes with clouds).
+Arguments (comma-separated after ':'): a scale (none: the published network
+at 256 px; `demo`: a narrower, shallower network on 64 px tiles, minutes on
+2 CPU cores; `bench`: the demo's network, longer, on the bench scenes;
+`paper`: the published network on the paper-scale scenes), `sources=` the
+inputs (the cloudy image `s2_cloudy` and any of lulc, s1, dem; DSen2-CR's
+own are s2_cloudy+s1), `steps=N`. Any field can be overridden:
+`--config.model.num_blocks=8`.
+
+Full size is the published network and training setting: width F 256,
+B 16 residual blocks scaled by 0.1, the CARL loss with weight 1, Nadam at a
+learning rate of 7e-5 (beta 0.9, 0.999), batch 16. The demo and bench scales
+narrow it to F 64 and B 6 and train at 5e-4 (a few hundred steps at 7e-5
+barely move a network of any width), decaying linearly over the second half
+as every scale but the full one does.
+"""
+import ml_collections
+
+from rsjax.configs import common
+
+
+BENCH_STEPS = 600
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="s2_cloudy+s1", steps=0)
+    scale = common.scale_of(a)
+    small = scale in ("demo", "bench")
+    c = ml_collections.ConfigDict()
+    c.trainer = "cloud_removal"
+    c.seed = 0
+    sources = common.parse_sources(a.sources)
+    if "s2_cloudy" not in sources:
+        raise ValueError(f"sources='{a.sources}': cloud removal needs s2_cloudy (e.g. s2_cloudy+s1).")
+    c.data = common.data_config(scale, clouds=True)
+    c.data.sources = sources
+    c.out_channels = 4
+    c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
+    c.model = ml_collections.ConfigDict(dict(name="dsen2cr", features=256, num_blocks=16,
+                                             residual_scale=0.1))
+    c.loss = ml_collections.ConfigDict(dict(carl_weight=1.0))
+    c.optim = ml_collections.ConfigDict(dict(name="nadam", lr=7e-5, b1=0.9, b2=0.999,
+                                             decay_start_step=None))
+    c.image_every_steps = 100 if small else 1000
+    c.eval_max_batches = 20
+    common.add_loop_settings(
+        c, scale=scale, steps=a.steps,
+        total_steps={"full": 100_000, "demo": 300, "bench": BENCH_STEPS, "paper": common.PAPER_STEPS},
+        eval_every_steps={"full": 5000, "demo": 0, "bench": 0, "paper": 1000})
+    if small:
+        c.model.features = 64
+        c.model.num_blocks = 6
+        c.optim.lr = 5e-4
+    return c

@@ -1,0 +1,386 @@
+"""Cloud removal on the cloudy synthetic scenes, as SEN12MS-CR papers report it.
+
+    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo
+    rsjax experiments cloud_removal --scale bench --workdir work/clouds_bench --seeds 2
+
+Beyond the paper: the clear image under the clouds of a cloudy one, from SAR
+(the peers' input) and, unlike the peers, terrain and land cover. Every
+method trains on the scale's cloudy dataset (`synthetic_cloudy_demo`,
+`synthetic_cloudy_bench`) and is scored on the same test tiles with
+rsjax.cloud_metrics (MAE, RMSE, PSNR, SSIM, SAM in degrees; whole tile, under
+cloud, under shadow, clear part; by cloud-cover bin):
+
+- the cloudy input itself (no removal);
+- RS-SPADE on the paper's sources only (S1 + DEM + land cover, no cloudy
+  image), its image pasted into the cloudy input under cloud and shadow (the
+  composite: the generator's output only under the mask);
+- RS-SPADE with the cloudy image as one more source, on the peers' inputs
+  (S2 cloudy + S1) and on all four, as it comes and as a composite;
+- DSen2-CR (the published architecture at the scale's width) on S2 cloudy +
+  S1, and on all four.
+
+Each run trains in its own folder `<workdir>/<method>/seed<k>` and is not
+trained again once finished (a killed experiment resumes run by run, each
+run from its last checkpoint); a finished run whose config differs from what
+the experiment now asks for is an error. Written into the workdir:
+`cloud_removal.md` and `.json` (the tables, each cell the mean over seeds
+with a 95 % Student-t interval when there are several, rsjax.experiments.
+stats; the peers' published SEN12MS-CR numbers beside them, labelled as
+measured on other data; the wall time of every run) and
+`grids/cloud_removal_seed0.png` (cloudy input, every method's image, the
+clear truth and the mask on test tiles of every cover bin).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from etils import epath
+
+from rsjax import cli
+from rsjax import cloud_metrics as cm
+from rsjax.errors import UserError
+from rsjax.experiments import stats
+
+SCALES = ("demo", "bench")
+SEEDS = {"demo": 1, "bench": 2}
+RESULTS_FILE = "eval_test_clouds.npz"
+
+# Published on SEN12MS-CR's test split (real Sentinel-1/2 pairs, 13 bands,
+# 256 px): measured on other data, for orientation only. (PSNR dB, SSIM, SAM deg.)
+PEERS = (
+    ("DSen2-CR (Meraner et al. 2020)", "S2 cloudy + S1", ("27.8-29.3", "0.874-0.878", "8.1-9.5")),
+    ("GLF-CR (Xu et al. 2022)", "S2 cloudy + S1", ("28.64", "0.885", "8.98")),
+    ("UnCRtainTS (Ebel et al. 2023)", "S2 cloudy + S1", ("28.90", "0.880", "8.32")),
+    ("diffusion models (DiffCR, EMRDM, ECRformer)", "S2 cloudy + S1", ("31.8-33.4", "", "")),
+)
+COLUMNS = (("mae", "MAE", "{:.4f}"), ("rmse", "RMSE", "{:.4f}"), ("psnr", "PSNR (dB)", "{:.2f}"),
+           ("ssim", "SSIM", "{:.3f}"), ("sam_deg", "SAM (deg)", "{:.2f}"))
+SHORT = (("psnr", "{:.2f}"), ("ssim", "{:.3f}"), ("sam_deg", "{:.2f}"))
+REGION_TITLES = {"all": "whole tile", "cloud": "under cloud", "shadow": "under shadow",
+                 "clear": "clear part"}
+
+
+def cell(runs: Sequence[Mapping[str, np.ndarray]], metric: str, region: str = "all",
+         cover_bin: Optional[int] = None) -> stats.Interval:
+    """Mean over seeds of the split-level metric, from each seed's per-image parts."""
+    fn = cm.split_metric(metric, region, cover_bin)
+    return stats.seed_interval([fn(parts) for parts in runs])
+
+
+def _format(interval: stats.Interval, fmt: str) -> str:
+    if not math.isfinite(interval.mean):
+        return "—"
+    text = fmt.format(interval.mean)
+    if interval.n_seeds > 1 and math.isfinite(interval.half_width):
+        text += " ± " + fmt.format(interval.half_width)
+    return text
+
+
+def _count(runs, region: str = "all", cover_bin: Optional[int] = None) -> int:
+    parts = runs[0]
+    r = cm.REGIONS.index(region)
+    images = np.asarray(parts["n_pixels"])[:, r] > 0
+    if cover_bin is not None:
+        images &= cm.cover_bin_index(parts["cover"]) == cover_bin
+    return int(images.sum())
+
+
+def whole_tile_table(results: Mapping[str, dict]) -> str:
+    """Every method on the whole tile, then the peers' published numbers.
+
+    results: {method key: {"label", "inputs", "runs": [per-image parts, one per seed]}}.
+    """
+    head = "| method | inputs | " + " | ".join(t for _, t, _ in COLUMNS) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(COLUMNS)]
+    for entry in results.values():
+        cells = [_format(cell(entry["runs"], m), f) for m, _, f in COLUMNS]
+        lines.append(f"| {entry['label']} | {entry['inputs']} | " + " | ".join(cells) + " |")
+    for label, inputs, (psnr, ssim, sam) in PEERS:
+        lines.append(f"| *{label}: published, other data* | {inputs} | — | — | "
+                     f"{psnr or '—'} | {ssim or '—'} | {sam or '—'} |")
+    return "\n".join(lines)
+
+
+def region_table(results: Mapping[str, dict]) -> str:
+    """PSNR / SSIM / SAM of every method in each region (images counted per region)."""
+    head = "| method | " + " | ".join(REGION_TITLES[r] for r in cm.REGIONS) + " |"
+    lines = [head, "|---|" + "---:|" * len(cm.REGIONS)]
+    for entry in results.values():
+        cells = [" / ".join(_format(cell(entry["runs"], m, r), f) for m, f in SHORT)
+                 for r in cm.REGIONS]
+        lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+    first = next(iter(results.values()))["runs"]
+    lines.append("| tiles | " + " | ".join(str(_count(first, r)) for r in cm.REGIONS) + " |")
+    return "\n".join(lines)
+
+
+def cover_table(results: Mapping[str, dict], region: str = "all") -> str:
+    """PSNR / SSIM / SAM of every method by cloud-cover bin (in one region)."""
+    labels = [cm.bin_label(*b) for b in cm.COVER_BINS]
+    lines = ["| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for entry in results.values():
+        cells = [" / ".join(_format(cell(entry["runs"], m, region, i), f) for m, f in SHORT)
+                 for i in range(len(labels))]
+        lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+    first = next(iter(results.values()))["runs"]
+    lines.append("| tiles | " + " | ".join(str(_count(first, region, i))
+                                           for i in range(len(labels))) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The runs
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    key: str                 # folder name
+    label: str               # table row
+    inputs: str              # what it takes, in words
+    config: str              # config name and arguments, with {scale}
+    composite: bool = False  # also report the cloudy input with its image under the mask
+
+
+METHODS = (
+    Method("rs_spade_no_cloudy", "RS-SPADE, paper's sources", "S1 + DEM + LULC",
+           "fusion:{scale},model=rs_spade,sources=all,clouds", composite=True),
+    Method("rs_spade_s1", "RS-SPADE", "S2 cloudy + S1",
+           "fusion:{scale},model=rs_spade,sources=s2_cloudy+s1", composite=True),
+    Method("rs_spade_all", "RS-SPADE", "S2 cloudy + S1 + DEM + LULC",
+           "fusion:{scale},model=rs_spade,sources=s2_cloudy+s1+dem+lulc", composite=True),
+    Method("dsen2cr", "DSen2-CR", "S2 cloudy + S1", "cloud_removal:{scale},sources=s2_cloudy+s1"),
+    Method("dsen2cr_all", "DSen2-CR", "S2 cloudy + S1 + DEM + LULC",
+           "cloud_removal:{scale},sources=s2_cloudy+s1+dem+lulc"),
+)
+RUN_FILE = "run.json"
+
+
+def method_config(method: Method, scale: str, seed: int, data_dir: Optional[str] = None,
+                  steps: int = 0):
+    """The locked config of one run (`steps`: another length, the learning
+    rates decaying over its second half as at the scale's own length)."""
+    from rsjax.config_loader import load_config
+
+    spec = method.config.format(scale=scale) + (f",steps={steps}" if steps else "")
+    overrides = [f"seed={seed}"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
+    return load_config(spec, overrides)
+
+
+def _config_json(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str, sort_keys=True))
+
+
+def run_method(method: Method, scale: str, seed: int, root: epath.Path,
+               data_dir: Optional[str] = None, steps: int = 0) -> dict:
+    """Trains (or resumes) one run unless it has finished; returns its record."""
+    from rsjax.trainers import trainer_module
+
+    config = method_config(method, scale, seed, data_dir, steps)
+    out = root / method.key / f"seed{seed}"
+    record_path = out / RUN_FILE
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record["config"] != _config_json(config):
+            raise UserError(f"{out}: this run finished with another config than the experiment now "
+                            "asks for. Remove that folder to redo it, or use another --workdir.")
+        return record
+    started, cpu = time.time(), time.process_time()
+    result = trainer_module(config.trainer).train_and_evaluate(config, str(out))
+    if result.get("preempted"):
+        raise KeyboardInterrupt(f"{out} stopped on request; rerun to resume")
+    record = {"method": method.key, "seed": seed, "config": _config_json(config),
+              "seconds": round(time.time() - started, 1),
+              "cpu_seconds": round(time.process_time() - cpu, 1), "step": result["step"]}
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def load_parts(root: epath.Path, method: Method, seed: int) -> dict:
+    from rsjax.trainers import cloud_eval
+
+    return cloud_eval.load_parts(root / method.key / f"seed{seed}" / RESULTS_FILE)
+
+
+def collect(root: epath.Path, methods: Sequence[Method], seeds: int) -> dict:
+    """The table rows: {row key: {"label", "inputs", "runs": [parts per seed]}}."""
+    rows: dict = {}
+    finished = {m.key: [s for s in range(seeds)
+                        if (root / m.key / f"seed{s}" / RESULTS_FILE).exists()] for m in methods}
+    first = next(((m, s[0]) for m in methods for s in [finished[m.key]] if s), None)
+    if first is None:
+        return rows
+    rows["cloudy_input"] = {"label": "cloudy input (no removal)", "inputs": "—",
+                            "runs": [load_parts(root, *first)["cloudy_input"]]}
+    for m in methods:
+        if not finished[m.key]:
+            continue
+        runs = [load_parts(root, m, s) for s in finished[m.key]]
+        rows[m.key] = {"label": m.label, "inputs": m.inputs, "runs": [r["output"] for r in runs]}
+        if m.composite:
+            rows[f"{m.key}_composite"] = {
+                "label": f"{m.label}, under the mask only", "inputs": m.inputs + " (+ mask)",
+                "runs": [r["composite"] for r in runs]}
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# The grid: the same test tiles through every method
+# ---------------------------------------------------------------------------
+def pick_tiles(covers: np.ndarray, per_bin: int = 2) -> list[int]:
+    """Test tiles to show: up to `per_bin` of each cover bin, in bin order."""
+    index = cm.cover_bin_index(covers)
+    chosen = []
+    for b in range(len(cm.COVER_BINS)):
+        chosen += list(np.flatnonzero(index == b)[:per_bin])
+    return [int(i) for i in chosen]
+
+
+def write_grid(root: epath.Path, methods: Sequence[Method], scale: str, seed: int,
+               data_dir: Optional[str] = None, steps: int = 0) -> Optional[str]:
+    """grids/cloud_removal_seed<k>.png: cloudy input, each finished method's
+    image, the clear truth and the mask, on test tiles of every cover bin."""
+    from rsjax import input_pipeline, viz
+    from rsjax.trainers import cloud_eval, trainer_module
+
+    done = [m for m in methods if (root / m.key / f"seed{seed}" / RESULTS_FILE).exists()]
+    if not done:
+        return None
+    data_cfg = method_config(done[0], scale, seed, data_dir, steps).data
+    builder = input_pipeline.get_builder(data_cfg)
+    source = builder.as_data_source(split="test")
+    normalizer = input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
+    covers = np.array([float(source[i]["cloud_cover"]) for i in range(len(source))])
+    chosen = pick_tiles(covers)
+    if not chosen:
+        return None
+    tiles = [input_pipeline.normalize_tile(
+        {k: source[i][k] for k in ("s2", "s1", "lulc", "dem", "s2_cloudy", "cloud_mask")},
+        normalizer, ("lulc", "s1", "dem", "s2_cloudy")) for i in chosen]
+    batch = {k: np.stack([t[k] for t in tiles]) for k in tiles[0]}
+    rows = {"cloudy": batch["s2_cloudy"]}
+    for m in done:
+        config = method_config(m, scale, seed, data_dir, steps)
+        fn, _ = trainer_module(config.trainer).load_inference(
+            config, str(root / m.key / f"seed{seed}"), devices=_one_device())
+        rows[f"{m.label} ({m.inputs})"] = np.asarray(fn(batch))
+    rows["clear truth"] = batch["image"]
+    rows["cloud mask"] = batch["cloud_mask"]
+    path = root / "grids" / f"cloud_removal_seed{seed}.png"
+    viz.image_grid(rows, path, label_width=190, column_titles=[
+        f"cover {100 * covers[i]:.0f}%" for i in chosen], **cloud_eval.grid_options(rows))
+    return str(path)
+
+
+def _one_device():
+    import jax
+
+    return jax.local_devices()[:1]
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict],
+                    grid: Optional[str]) -> str:
+    first = next(iter(rows.values()))["runs"][0]
+    n = len(np.asarray(first["cover"]))
+    seeds = max(len(r["runs"]) for r in rows.values())
+    lines = [f"## Cloud removal, {scale} scale ({n} test tiles, {seeds} seed(s))", "",
+             "Reflectance mapped to [0, 1] by the train split's 1st..99th percentiles; per-image "
+             "metrics averaged over the test tiles (rsjax.cloud_metrics). "
+             + ("Cells: mean ± 95 % interval over seeds. " if seeds > 1 else "")
+             + "The published rows were measured on SEN12MS-CR (real Sentinel-1/2, 13 bands, "
+               "256 px tiles): other data, for orientation only.", "",
+             "### Whole tile", "", whole_tile_table(rows), "",
+             "### By region (PSNR / SSIM / SAM deg)", "", region_table(rows), "",
+             "### By cloud cover, whole tile (PSNR / SSIM / SAM deg)", "", cover_table(rows), "",
+             "### By cloud cover, under cloud (PSNR / SSIM / SAM deg)", "",
+             cover_table(rows, region="cloud"), "", "### Runs", "",
+             "| run | steps | wall time | CPU time |", "|---|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['method']}/seed{r['seed']} | {r['step']} | {r['seconds']:.0f} s | "
+                     f"{r.get('cpu_seconds', float('nan')):.0f} s |")
+    if grid:
+        lines += ["", f"Grid: `{grid}`."]
+    return "\n".join(lines) + "\n"
+
+
+def report_json(rows: Mapping[str, dict]) -> dict:
+    out = {}
+    for key, entry in rows.items():
+        cells = {}
+        for region in cm.REGIONS:
+            for metric in cm.METRICS:
+                cells[f"{region}/{metric}"] = cell(entry["runs"], metric, region).as_dict()
+                for b, (low, high) in enumerate(cm.COVER_BINS):
+                    cells[f"{region}/{cm.bin_label(low, high)}/{metric}"] = cell(
+                        entry["runs"], metric, region, b).as_dict()
+        out[key] = {"label": entry["label"], "inputs": entry["inputs"], "cells": cells}
+    return {"ours": out, "published_other_data": [
+        {"method": label, "inputs": inputs, "psnr": p, "ssim": s_, "sam_deg": a}
+        for label, inputs, (p, s_, a) in PEERS]}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--scale", default="demo", choices=SCALES, help="experiment scale")
+    parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
+    parser.add_argument("--seeds", type=cli.positive_int, default=None,
+                        help="seeds per method (default: the scale's, "
+                             + ", ".join(f"{k} {v}" for k, v in SEEDS.items()) + ")")
+    parser.add_argument("--only", type=cli.name_list(tuple(m.key for m in METHODS)),
+                        default=",".join(m.key for m in METHODS),
+                        help="comma-separated methods to run, of " + ",".join(m.key for m in METHODS))
+    parser.add_argument("--steps", type=cli.nonnegative_int, default=0,
+                        help="every run's length (0: the scale's)")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data_dir of the datasets (default: the configs')")
+    parser.add_argument("--no_run", action="store_true",
+                        help="write the report from the finished runs only")
+
+
+def run(args) -> int:
+    seeds = args.seeds or SEEDS[args.scale]
+    methods = [m for m in METHODS if m.key in args.only]
+    for m in methods:                      # every config loads before anything starts
+        method_config(m, args.scale, 0, args.data_dir, args.steps)
+    root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
+    records = []
+    if not args.no_run:
+        from rsjax.runtime import prepare_process
+
+        prepare_process()
+        root.mkdir(parents=True, exist_ok=True)
+        todo = [(m, s) for s in range(seeds) for m in methods]
+        for i, (m, s) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {m.key}/seed{s}", flush=True)
+            records.append(run_method(m, args.scale, s, root, args.data_dir, args.steps))
+    elif not root.exists():
+        raise UserError(f"{args.workdir}: no such experiment folder (run without --no_run first).")
+    else:
+        records = [json.loads((root / m.key / f"seed{s}" / RUN_FILE).read_text())
+                   for s in range(seeds) for m in methods
+                   if (root / m.key / f"seed{s}" / RUN_FILE).exists()]
+    rows = collect(root, methods, seeds)
+    if not rows:
+        raise UserError(f"{args.workdir}: no finished run to report on.")
+    grid = write_grid(root, methods, args.scale, 0, args.data_dir, args.steps)
+    text = report_markdown(rows, args.scale, records, grid)
+    (root / "cloud_removal.md").write_text(text)
+    (root / "cloud_removal.json").write_text(json.dumps(
+        {"scale": args.scale, "seeds": seeds, "runs": records, **report_json(rows)}, indent=1,
+        default=float))
+    print(text)
+    cli.print_json({"report": str(root / "cloud_removal.md"), "json": str(root / "cloud_removal.json"),
+                    "grid": grid})
+    return 0
+
+
+main = cli.command_main(__name__)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Cloud removal with a supervised residual network: DSen2-CR (Meraner et al.
+2020) trained with its cloud-adaptive regularized L1 loss (CARL).
+
+The model takes the cloudy optical image and SAR (and any other source of
+`config.data.sources`, which must hold `s2_cloudy`), predicts a residual and
+adds it to the cloudy image (rsjax.models.dsen2cr). The loss pulls the
+output to the clear target under cloud and shadow and to the cloudy input
+elsewhere, plus the L1 to the target everywhere (rsjax.losses.
+cloud_adaptive_l1). Where a tile's mask is unknown (255), the whole tile is
+treated as covered: the loss is then twice the L1 to the target.
+
+No discriminator, one optimizer (Nadam, as published); the loop, checkpoints,
+resume, data parallelism, logging and the final evaluation (the fusion
+metrics plus the cloud-removal tables of rsjax.trainers.cloud_eval) are the
+other trainers'.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from etils import epath
+from flax import nnx
+
+from rsjax import input_pipeline, losses, metrics, viz
+from rsjax import mesh as mesh_lib
+from rsjax.data.contract import CLOUD, CLOUD_SHADOW, CLOUDY, MODEL_SOURCES, CLOUD_MASK_UNKNOWN
+from rsjax.errors import ConfigError
+from rsjax.models import create_model
+from rsjax.trainers import checkpoints, cloud_eval, loop
+from rsjax.trainers.nonfinite import all_finite, guarded_update
+
+log = logging.getLogger("rsjax")
+
+OPTIMIZERS = ("nadam", "adam")
+
+
+def selected_sources(config) -> tuple[str, ...]:
+    """The model's inputs, in the contract's order; the cloudy image must be one."""
+    sources = tuple(config.data.sources)
+    unknown = set(sources) - set(MODEL_SOURCES)
+    if unknown or CLOUDY not in sources:
+        raise ConfigError(f"config.data.sources={sources}: cloud removal needs {CLOUDY} and any "
+                          f"of {MODEL_SOURCES[:-1]} (e.g. s2_cloudy+s1, as DSen2-CR).")
+    return input_pipeline.check_sources(sources)
+
+
+class Setup:
+    """Graph definitions (train and eval mode), the optimizer and the config."""
+
+    def __init__(self, config):
+        self.config = config
+        self.sources = selected_sources(config)
+        o = config.optim
+        if o.name not in OPTIMIZERS:
+            raise ConfigError(f"config.optim.name={o.name!r}: choose one of {', '.join(OPTIMIZERS)}.")
+        model = self._create()
+        model.train()
+        self.train_graph, _ = nnx.split(model)
+        model.eval()
+        self.eval_graph, _ = nnx.split(model)
+        lr = loop.learning_rate_schedule(o.lr, config.total_steps, o.decay_start_step)
+        self.learning_rates = {"model": lr}
+        self.tx = getattr(optax, o.name)(lr, b1=o.b1, b2=o.b2)
+        self._jitted = {}
+
+    def jitted(self, name: str, fn):
+        """`jax.jit(fn)`, compiled once per run under `name`."""
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn)
+        return self._jitted[name]
+
+    def _create(self):
+        kw = dict(self.config.model.to_dict())
+        name = kw.pop("name")
+        channels = {s: input_pipeline.SOURCE_CHANNELS[s] for s in self.sources}
+        return create_model(name, source_channels=channels, rngs=nnx.Rngs(params=int(self.config.seed)),
+                            **kw)
+
+    def init_state(self) -> dict:
+        model = self._create()
+        model.train()
+        return {"step": jnp.zeros((), jnp.int32), "model": nnx.state(model),
+                "opt": self.tx.init(nnx.state(model, nnx.Param)),
+                "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def covered(cloud_mask) -> jax.Array:
+    """(B, H, W) float32: 1 under cloud, shadow, or an unknown mask."""
+    return ((cloud_mask == CLOUD) | (cloud_mask == CLOUD_SHADOW)
+            | (cloud_mask == CLOUD_MASK_UNKNOWN)).astype(jnp.float32)
+
+
+def predict(setup: Setup, state: dict, batch: dict) -> jax.Array:
+    model = nnx.merge(setup.eval_graph, state["model"])
+    return model({s: batch[s] for s in setup.sources})
+
+
+def train_step(setup: Setup, state: dict, batch: dict):
+    _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
+    weight = float(setup.config.loss.carl_weight)
+    compute_dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
+
+    def loss_fn(p):
+        model = nnx.merge(setup.train_graph, p, rest, copy=True)
+        inputs = {s: batch[s].astype(compute_dtype) for s in setup.sources}
+        out = model(inputs).astype(jnp.float32)
+        loss = losses.cloud_adaptive_l1(out, batch["image"], batch[CLOUDY], covered(batch["cloud_mask"]),
+                                        batch["valid"], weight=weight)
+        return loss, (out, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (out, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+
+    def updates():
+        param_updates, new_opt = setup.tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, param_updates)
+        return {"model": nnx.state(nnx.merge(setup.train_graph, new_params, new_rest)),
+                "opt": new_opt}
+
+    new_state = guarded_update(finite, updates, state)
+    l1 = losses.l1_loss(out, batch["image"], valid_mask=batch["valid"])
+    return new_state, {"loss": loss, "l1": l1, "nonfinite": new_state["nonfinite"].astype(jnp.float32)}
+
+
+def evaluate_split(setup: Setup, state, config, split: str, mesh,
+                   max_batches: Optional[int] = None, collect_images: int = 0,
+                   clouds: Optional[cloud_eval.CloudEvaluator] = None):
+    """PSNR/SSIM/SAM of the output over a split (as the fusion trainer scores
+    its generators), and the cloud-removal parts into `clouds`."""
+    run = setup.jitted("predict", functools.partial(predict, setup))
+    sums_fn = setup.jitted("sums", metrics.image_metric_sums)
+    it = input_pipeline.create_iterator(
+        config.data, split, global_batch_size=config.eval_batch_size, mesh=mesh, train=False,
+        seed=int(config.seed), sources=setup.sources, num_epochs=1)
+    sums = metrics.ImageMetricSums.zeros()
+    shown = None
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = run(state, batch)
+        sums = sums.merge(jax.device_get(sums_fn(input_pipeline.image_to_reflectance01(out),
+                                                 input_pipeline.image_to_reflectance01(batch["image"]),
+                                                 batch["valid"])))
+        if clouds is not None:
+            clouds.add(out, batch)
+        if collect_images and shown is None:
+            # Gathered from every host (collective: all processes take this branch).
+            shown = mesh_lib.gather_to_host(cloud_eval.grid_rows(batch, out))
+            shown = {k: v[:collect_images] for k, v in shown.items()}
+    scores = sums.compute()
+    scores["sam"] = scores["sam_rad"]
+    return scores, shown
+
+
+def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
+    """(setup, state, step, mesh): a checkpoint written on any device count."""
+    mesh = mesh_lib.create_mesh(devices)
+    setup = Setup(config)
+    state, step = checkpoints.restore_state(config, workdir, setup.init_state, mesh, step)
+    return setup, state, step, mesh
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optional[int] = None,
+                        devices=None) -> tuple[dict, Optional[dict]]:
+    """(scores with the cloud-removal tables, image-grid rows) of a checkpoint on a split."""
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    clouds = cloud_eval.CloudEvaluator()
+    scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4,
+                                   clouds=clouds)
+    result = {"trainer": "cloud_removal", "model": config.model.name, "step": int(step),
+              "split": split, "sources": list(setup.sources), "devices": int(mesh.devices.size),
+              **scores, "clouds": clouds.scores()}
+    return result, shown
+
+
+def load_inference(config, workdir: str, step: Optional[int] = None, devices=None):
+    """(remove_clouds, step) of a checkpoint (default: the latest).
+
+    `remove_clouds(batch)`: the cloud-free optical image, (B, H, W, 4) in model
+    space (a device array), of a batch holding the model's sources (each
+    (B, H, W, C) as the input pipeline makes them; other keys are ignored).
+    The batch is split over `devices` (default: all), so B must be a multiple
+    of their number.
+    """
+    setup, state, step, mesh = restore_for_eval(config, workdir, step, devices=devices)
+    run = setup.jitted("predict", functools.partial(predict, setup))
+    sharding = mesh_lib.batch_sharding(mesh)
+
+    def remove_clouds(batch):
+        return run(state, {s: jax.device_put(batch[s], sharding) for s in setup.sources})
+
+    return remove_clouds, step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
+    setup = Setup(config)                       # config errors before anything is created
+    workdir, mesh = loop.start_run(config, workdir, devices)
+    is_main = jax.process_index() == 0
+    log.info("Cloud removal (%s) on %d devices, sources %s", config.model.name,
+             mesh.devices.size, setup.sources)
+    train_iter = input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
+        train=True, seed=int(config.seed), sources=setup.sources)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
+    step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
+
+    def write_images(step, state, batch, writer):
+        out = setup.jitted("predict", functools.partial(predict, setup))(state, batch)
+        host = mesh_lib.gather_to_host(cloud_eval.grid_rows(batch, out))
+        if is_main:
+            rows = {k: v[:4] for k, v in host.items()}
+            grid = viz.render_grid(rows, **cloud_eval.grid_options(rows))
+            viz.save_png(grid, epath.Path(workdir) / "images" / f"step_{step:07d}.png")
+            writer.write_images(step, {"images": grid})
+
+    def validate(step, state, batch, writer):
+        if step != config.total_steps:          # the final evaluation follows anyway
+            scores, _ = evaluate_split(setup, state, config, "validation", mesh,
+                                       max_batches=config.eval_max_batches)
+            writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
+
+    state, step, preempted, writer = loop.run_loop(
+        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
+        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
+        learning_rates=setup.learning_rates)
+    if preempted:
+        writer.close()
+        return {"step": step, "preempted": True}
+
+    result = {"step": step}
+    if config.final_eval_split:
+        split = config.final_eval_split
+        clouds = cloud_eval.CloudEvaluator()
+        scores, shown = evaluate_split(setup, state, config, split, mesh, collect_images=4,
+                                       clouds=clouds)
+        scores.update(cloud_eval.summary(cloud_eval.write(workdir, split, step, clouds) or {}))
+        result.update(scores)
+        writer.write_scalars(step, {f"{split}_{k}": v for k, v in scores.items()})
+        if is_main and shown is not None:
+            grid = viz.render_grid(shown, **cloud_eval.grid_options(shown))
+            viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
+            writer.write_images(step, {f"{split}_images": grid})
+        loop.write_final_evaluation(workdir, split, step, scores)
+    writer.close()
+    return result

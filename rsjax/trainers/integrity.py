@@ -1,0 +1,209 @@
+"""Checkpoints that can be trusted: a checksum of every file of a saved step, verified on restore.
+
+Orbax writes a step to a temporary folder and renames it when complete, so a
+kill mid-save cannot leave a half-written step current. It does not protect a
+finished step against what happens to the disk later: a truncated `_METADATA`
+surfaces as a JSONDecodeError, and bytes overwritten inside a data file
+restore silently (zstd-compressed chunks carry no checksum). So once Orbax has
+finished a step, rsjax records the size and SHA-256 of each of its files in
+`<step>/rsjax_checksums.json` (`write_manifest`), and checks them before the
+step is restored (`verify`). A step that fails the check, or that Orbax
+cannot read, is corrupt: training and evaluation fall back to the newest
+intact step and say which one and why (`checkpoints.Checkpointer.restore`);
+training moves the corrupt steps aside (`quarantine`) so that new saves and
+Orbax's `max_to_keep` see only good ones, and nothing is deleted.
+
+A step written before checksums existed, or on object storage (gs://, whose
+objects carry their own CRC32C checked on every read), has no manifest: it is
+restored unverified, and an unreadable one still falls back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+from etils import epath
+
+log = logging.getLogger("rsjax")
+
+MANIFEST = "rsjax_checksums.json"
+QUARANTINE = "corrupt_checkpoints"
+_CHUNK = 8 * 2**20
+
+
+def _is_remote(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _files(step_dir: epath.Path) -> list[epath.Path]:
+    """Every file below a step folder except the manifest, in a stable order."""
+    out = []
+    for root, _, names in os.walk(os.fspath(step_dir)):
+        for name in names:
+            if name != MANIFEST and not name.startswith(f".{MANIFEST}"):
+                out.append(epath.Path(root) / name)
+    return sorted(out)
+
+
+def sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with open(os.fspath(path), "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(step_dir: str | os.PathLike) -> Optional[epath.Path]:
+    """Records size and SHA-256 of every file of a finished step; returns the manifest's path.
+
+    Written through a temporary name and renamed, so a manifest is whole or
+    absent. Does nothing on object storage (see the module docstring) or when
+    the step is gone (Orbax's max_to_keep may remove it first).
+    """
+    step_dir = epath.Path(os.fspath(step_dir))
+    if _is_remote(step_dir) or not step_dir.is_dir():
+        return None
+    started = time.perf_counter()
+    try:
+        entries = {os.path.relpath(os.fspath(f), os.fspath(step_dir)): {"bytes": os.path.getsize(os.fspath(f)),
+                                                                         "sha256": sha256(f)}
+                   for f in _files(step_dir)}
+    except FileNotFoundError:            # removed while hashing (max_to_keep)
+        return None
+    manifest = step_dir / MANIFEST
+    tmp = step_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
+    os.replace(os.fspath(tmp), os.fspath(manifest))
+    log.debug("Checksums of %s: %d files in %.2f s", step_dir, len(entries), time.perf_counter() - started)
+    return manifest
+
+
+def has_manifest(step_dir: str | os.PathLike) -> bool:
+    return (epath.Path(os.fspath(step_dir)) / MANIFEST).exists()
+
+
+def verify(step_dir: str | os.PathLike) -> Optional[str]:
+    """None when the step's files match its manifest (or it has none); else what is wrong."""
+    step_dir = epath.Path(os.fspath(step_dir))
+    manifest = step_dir / MANIFEST
+    if _is_remote(step_dir) or not manifest.exists():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"its checksum list {manifest.name} is unreadable ({err})"
+    for name, expected in sorted(entries.items()):
+        path = step_dir / name
+        if not path.exists():
+            return f"{name} is missing"
+        size = os.path.getsize(os.fspath(path))
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes where {expected['bytes']} were written (truncated or overwritten)"
+        if sha256(path) != expected["sha256"]:
+            return f"{name} does not match the checksum recorded when it was written (its bytes changed)"
+    return None
+
+
+def quarantine(step_dir: str | os.PathLike, workdir: str | os.PathLike) -> Optional[epath.Path]:
+    """Moves a corrupt step out of Orbax's folder into <workdir>/corrupt_checkpoints/; returns where.
+
+    Nothing is deleted: the files stay for inspection. Returns None where the
+    move is impossible (object storage, a read-only disk); the step then stays.
+    """
+    step_dir = epath.Path(os.fspath(step_dir))
+    if _is_remote(step_dir):
+        return None
+    target_root = epath.Path(os.fspath(workdir)) / QUARANTINE
+    target = target_root / step_dir.name
+    n = 1
+    while target.exists():
+        n += 1
+        target = target_root / f"{step_dir.name}.{n}"
+    try:
+        target_root.mkdir(parents=True, exist_ok=True)
+        os.replace(os.fspath(step_dir), os.fspath(target))
+    except OSError as err:
+        log.warning("Could not move the corrupt checkpoint %s aside (%s).", step_dir, err)
+        return None
+    return target
+
+
+# -- what may be saved --------------------------------------------------------------------------
+
+# A model weight (or EMA, BatchNorm statistic) this large means the run diverged: trained weights
+# are O(1), and a step at a learning rate of 1e30 leaves them near 1e30 while still finite.
+PARAMETER_LIMIT = 1e8
+
+
+def _is_optimizer_path(path) -> bool:
+    """Optimizer states (Adam's moments grow with the squared gradients) are left out of the limit."""
+    import jax
+
+    return any(isinstance(k, jax.tree_util.DictKey) and str(k.key).endswith("opt") for k in path)
+
+
+def unsafe_to_save(state) -> Optional[str]:
+    """Why a train state must not become a checkpoint, or None when it may.
+
+    Refused: the last step was skipped as non-finite (`state["nonfinite"]` > 0:
+    the run is in trouble, and resuming here would repeat it), any non-finite
+    value, or a weight beyond PARAMETER_LIMIT (diverged but finite). One pass
+    on the device, one number back to the host.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(state, dict) and "nonfinite" in state and int(jax.device_get(state["nonfinite"])) > 0:
+        return (f"its last {int(jax.device_get(state['nonfinite']))} step(s) were skipped as non-finite")
+    floats = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(state)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return None
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in floats]))
+    weights = [x for path, x in floats if not _is_optimizer_path(path)]
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in weights])) if weights else jnp.zeros(())
+    finite, largest = jax.device_get((finite, largest))
+    if not finite:
+        return "it holds non-finite values"
+    if largest > PARAMETER_LIMIT:
+        return f"its weights reach {float(largest):.3g} (beyond {PARAMETER_LIMIT:.0e}: the run diverged)"
+    return None
+
+
+# -- what counts as a corrupt step ----------------------------------------------------------------
+
+# Words in the errors Orbax, tensorstore and json raise for damaged files (not for a checkpoint
+# that simply does not fit the model, which must not be taken for corruption).
+_DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "Error reading", "Error decoding", "Error opening",
+           "Expecting", "Unterminated", "Extra data", "truncated", "corrupt", "No such file",
+           "NOT_FOUND")
+
+
+def is_damage(err: BaseException) -> bool:
+    """Whether a restore failed because files are damaged or missing (searches the cause chain)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)):
+            return True
+        if any(word in str(err) for word in _DAMAGE):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """What is wrong with the files, in one short line (tensorstore's errors carry kilobytes
+    of spec; a JSON error says which JSON file is damaged, in words)."""
+    cause = err
+    while cause is not None and not isinstance(cause, json.JSONDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, json.JSONDecodeError):
+        return (f"a JSON metadata file in it is cut short or garbled ({cause.msg} at character "
+                f"{cause.pos} of {len(cause.doc)})")
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + " ..."

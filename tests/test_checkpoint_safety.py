@@ -1,0 +1,274 @@
+"""Checkpoints that can be trusted: none poisoned, each verified by checksum, a corrupt one
+falls back to the newest intact step (training and `rsjax evaluate`), one writer per workdir,
+SIGTERM exits 143, no metrics step twice.
+
+Real Orbax checkpoints from tiny pix2pix runs on the demo dataset, corrupted on disk.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rsjax import evaluate
+from rsjax.errors import RunFailed, UserError
+from rsjax.logging_utils import read_metrics
+from rsjax.trainers import integrity
+from trainer_utils import ROOT, tiny_fusion_config
+
+
+def train(config, workdir):
+    from rsjax.trainers import get_trainer
+
+    return get_trainer(config.trainer)(config, str(workdir))
+
+
+def steps_in(workdir) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def saved_state(workdir, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def largest_parameter(state: dict) -> float:
+    """Largest magnitude among the model weights (optimizer moments left out)."""
+    out = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        keys = jax.tree_util.keystr(path)
+        if "opt" in keys or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+            continue
+        out = max(out, float(np.max(np.abs(np.asarray(leaf)))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run6(demo_data_dir, tmp_path_factory):
+    """A 6-step pix2pix run with checkpoints at steps 2, 4 and 6."""
+    config = tiny_fusion_config(demo_data_dir, steps=6)
+    config.keep_checkpoints = 3
+    workdir = tmp_path_factory.mktemp("ckpt") / "run"
+    train(config, workdir)
+    assert steps_in(workdir) == [2, 4, 6]
+    return config, workdir
+
+
+@pytest.fixture
+def run_copy(run6, tmp_path):
+    config, workdir = run6
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return config, copy
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def overwrite_middle(path, n=64):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def largest_data_file(workdir, step):
+    files = (workdir / "checkpoints" / str(step) / "state").rglob("*")
+    return max((f for f in files if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
+
+
+def run_evaluate(workdir, tmp_path, capsys, *extra):
+    out = tmp_path / "scores.json"
+    code = evaluate.main(["--workdir", str(workdir), "--output", str(out), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- checksums and fallback ------------------------------------------------------------------
+
+def test_every_saved_step_has_checksums(run6):
+    _, workdir = run6
+    for step in steps_in(workdir):
+        manifest = json.loads((workdir / "checkpoints" / str(step) / integrity.MANIFEST).read_text())
+        assert "state/_METADATA" in manifest["files"]
+        assert integrity.verify(workdir / "checkpoints" / str(step)) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated_metadata", "overwritten_data", "truncated_metadata_no_checksums"])
+def test_evaluate_falls_back_to_the_newest_intact_step(run_copy, tmp_path, capsys, damage):
+    _, workdir = run_copy
+    step6 = workdir / "checkpoints" / "6"
+    if damage == "overwritten_data":
+        overwrite_middle(largest_data_file(workdir, 6))
+    else:
+        truncate(step6 / "state" / "_METADATA")
+    if damage.endswith("no_checksums"):          # a checkpoint from before checksums: Orbax's own error
+        (step6 / integrity.MANIFEST).unlink()
+    code, out, err = run_evaluate(workdir, tmp_path, capsys)
+    assert code == 0, err
+    assert json.loads(out)["step"] == 4
+    assert "step 6" in err and "corrupt" in err and "step 4" in err, err
+    assert "JSONDecodeError" not in err and "Traceback" not in err
+    if damage == "overwritten_data":
+        assert "checksum" in err
+    assert steps_in(workdir) == [2, 4, 6]                 # evaluation moves nothing
+
+
+def test_evaluate_of_a_named_corrupt_step_is_an_error(run_copy, tmp_path, capsys):
+    _, workdir = run_copy
+    truncate(workdir / "checkpoints" / "6" / "state" / "_METADATA")
+    code, out, err = run_evaluate(workdir, tmp_path, capsys, "--step", "6")
+    assert code == 2 and out == ""
+    assert "step 6" in err and "corrupt" in err and "--step 4" in err
+
+
+def test_evaluate_on_a_read_only_workdir_prints_the_scores(run_copy, tmp_path, capsys):
+    _, workdir = run_copy
+    paths = [workdir, *(p for p in workdir.rglob("*") if p.is_dir())]
+    for p in paths:
+        os.chmod(p, 0o555)
+    immutable = False
+    if os.access(workdir, os.W_OK):          # root: permission bits do not stop writes
+        immutable = subprocess.run(["chattr", "+i", str(workdir)], capture_output=True).returncode == 0
+        if not immutable:
+            pytest.skip("cannot make a read-only folder here")
+    try:
+        before = sorted(p.name for p in workdir.iterdir())
+        code = evaluate.main(["--workdir", str(workdir)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert json.loads(captured.out)["step"] == 6
+        assert "Could not write" in captured.err
+        assert sorted(p.name for p in workdir.iterdir()) == before
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(workdir)], check=True)
+        for p in paths:
+            os.chmod(p, 0o755)
+
+
+def test_training_resumes_from_the_newest_intact_step(run_copy, caplog):
+    config, workdir = run_copy
+    overwrite_middle(largest_data_file(workdir, 6))
+    config.total_steps = 8
+    with caplog.at_level("INFO", logger="rsjax"):
+        train(config, workdir)
+    err = caplog.text
+    assert "step 6" in err and "corrupt" in err and "Resumed from step 4" in err, err
+    # The corrupt step was moved aside, not deleted; the run saved 6 and 8 again.
+    assert (workdir / "corrupt_checkpoints" / "6" / "state").is_dir()
+    assert steps_in(workdir) == [4, 6, 8]
+    # metrics.jsonl: each metric once per step (step 6 was logged by both runs; the final
+    # evaluation's test_* metrics share the last step's number, on their own line).
+    records = read_metrics(workdir, dedupe=False)
+    pairs = [(r["step"], key) for r in records for key in r if key not in ("step", "time")]
+    assert len(pairs) == len(set(pairs)), sorted(pairs)
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    assert {r["step"] for r in records if "g_loss" in r} == {2, 4, 6, 8}
+
+
+def test_training_with_every_step_corrupt_refuses(run_copy):
+    config, workdir = run_copy
+    for step in (2, 4, 6):
+        truncate(workdir / "checkpoints" / str(step) / "state" / "_METADATA")
+    with pytest.raises(UserError, match=r"no intact checkpoint.*corrupt_checkpoints"):
+        train(config, workdir)
+    assert steps_in(workdir) == [] and sorted(
+        p.name for p in (workdir / "corrupt_checkpoints").iterdir()) == ["2", "4", "6"]
+
+
+# -- no poisoned checkpoint -------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("lr", [1e30, 1e39])
+def test_diverged_run_saves_no_poisoned_checkpoint_and_says_what_is_left(demo_data_dir, tmp_path, lr):
+    config = tiny_fusion_config(demo_data_dir, steps=6)
+    config.checkpoint_every_steps = 1
+    config.log_every_steps = 1
+    config.max_nonfinite_steps = 2
+    config.optim.g_lr = config.optim.d_lr = lr
+    workdir = tmp_path / "run"
+    with pytest.raises(RunFailed) as info:
+        train(config, workdir)
+    message = str(info.value)
+    for step in steps_in(workdir):
+        state = saved_state(workdir, step)
+        assert int(state["nonfinite"]) == 0 and largest_parameter(state) < 1e8, step
+    # 1e30: step 1's weights are finite but near 1e30 (diverged); 1e39 is inf in float32.
+    assert steps_in(workdir) == []
+    assert "No checkpoint was saved" in message and "holds finite parameters" not in message
+    assert "--workdir" in message
+
+
+def test_divergence_after_good_steps_names_the_good_checkpoint_and_a_sane_rerun_resumes(run_copy):
+    config, workdir = run_copy
+    config.total_steps = 10
+    config.checkpoint_every_steps = 1
+    config.log_every_steps = 1
+    config.max_nonfinite_steps = 2
+    sane = (config.optim.g_lr, config.optim.d_lr)
+    config.optim.g_lr = config.optim.d_lr = 1e30
+    with pytest.raises(RunFailed) as info:
+        train(config, workdir)
+    assert steps_in(workdir) == [2, 4, 6]              # nothing diverged was saved
+    assert "last good checkpoint is step 6" in str(info.value)
+    config.optim.g_lr, config.optim.d_lr = sane        # as the message advises
+    train(config, workdir)
+    assert steps_in(workdir)[-1] == 10
+    assert largest_parameter(saved_state(workdir, 10)) < 1e8
+
+
+# -- one writer per workdir, SIGTERM ------------------------------------------------------------
+
+def train_command(workdir, data_dir, steps):
+    return [sys.executable, "-m", "rsjax.train", "--config", "fusion:demo,model=pix2pix",
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+            f"--config.total_steps={steps}", "--config.global_batch_size=8", "--config.eval_batch_size=8",
+            "--config.log_every_steps=1", "--config.image_every_steps=0", "--config.eval_every_steps=0",
+            "--config.checkpoint_every_steps=1000", "--config.generator.ngf=4", "--config.discriminator.ndf=4"]
+
+
+def test_second_writer_is_refused_and_sigterm_exits_143(demo_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    first = subprocess.Popen(train_command(workdir, demo_data_dir, 100000), cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    stepping = threading.Event()
+
+    def follow():                      # progress lines go to stdout, logs to stderr: both here
+        for line in first.stdout:
+            lines.append(line)
+            if line.startswith("step ") and "steps/s" in line:
+                stepping.set()
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 900
+        while not stepping.wait(2):
+            assert first.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
+        second = subprocess.run(train_command(workdir, demo_data_dir, 10), cwd=ROOT, text=True,
+                                capture_output=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"pid {first.pid}" in second.stderr and "in use" in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(300) == 143, "".join(lines[-30:])
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    reader.join(30)
+    stopped = steps_in(workdir)
+    assert len(stopped) == 1 and stopped[0] > 0, "".join(lines[-30:])   # the step it stopped at was saved
+    assert not (workdir / "rsjax.lock").exists()
+    text = "".join(lines)
+    assert json.loads(text[text.rindex("\n{") + 1:])["preempted"] is True

@@ -1,0 +1,183 @@
+"""The experiments: plans per scale, the resumable runner on real tiny runs,
+and the report's tables, intervals and verdicts read from the runs' files."""
+import json
+import os
+
+import numpy as np
+import pytest
+from etils import epath
+
+from rsjax import config_loader
+from rsjax.experiments import plan as plan_lib
+from rsjax.experiments import report, runner, stats
+
+
+@pytest.mark.parametrize("scale", plan_lib.SCALES)
+def test_plans_name_every_run_once_and_order_dependencies(scale):
+    runs = plan_lib.plan(scale)
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    position = {r.name: i for i, r in enumerate(runs)}
+    for i, run in enumerate(runs):
+        for needed in filter(None, (run.generator or "").split(",")):
+            assert position[needed] < i, (run.name, needed)
+    seeds = {r.seed for r in runs if r.table == "table1"}
+    assert seeds == set(range(plan_lib.SEEDS[scale]))
+    # Table 1 compares the three models on the same seeds; Table 3 every training set.
+    for method in plan_lib.TABLE1:
+        assert {r.seed for r in runs if r.table == "table1" and r.method == method} == seeds
+    assert {r.method for r in runs if r.table == "table3" and r.kind == "segmentation"} == {
+        "real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts"}
+
+
+@pytest.mark.parametrize("scale", plan_lib.SCALES)
+def test_every_config_of_a_scale_loads_and_names_a_dataset_config(scale):
+    """Each run's config (with its overrides) loads, locked, and its dataset is a
+    builder config rsjax can build; the tile size is the scale's."""
+    from rsjax import input_pipeline
+
+    root = epath.Path("/nonexistent-experiment")
+    tile = {"demo": 64, "bench": 64, "paper": 256}[scale]
+    for run in plan_lib.plan(scale):
+        config = runner.run_config(run, root)
+        assert config.data.tile_size == tile, run.name
+        assert input_pipeline.builder_config_for(config.data) is not None
+        assert config.data.name.endswith({"demo": "synthetic_demo", "bench": "synthetic_bench",
+                                          "paper": "synthetic_paper"}[scale])
+
+
+def test_objective_axis_changes_only_the_loss():
+    spade = config_loader.load_config("fusion:bench,objective=spade")
+    l1 = config_loader.load_config("fusion:bench,objective=spade+l1")
+    pix = config_loader.load_config("fusion:bench,model=pix2pix")
+    assert (spade.gan.loss, spade.gan.lambda_feat, spade.gan.lambda_l1) == ("hinge", 10.0, 0.0)
+    assert (l1.gan.loss, l1.gan.lambda_feat, l1.gan.lambda_l1) == ("hinge", 10.0, 100.0)
+    assert (pix.gan.loss, pix.gan.lambda_l1) == ("vanilla", 100.0)
+    a, b = spade.to_dict(), l1.to_dict()
+    a.pop("gan"), b.pop("gan")
+    assert a == b
+    for c in (spade, l1, pix):             # the same data, length, batch and evaluation
+        assert (c.total_steps, c.global_batch_size, c.eval_use_ema, c.data.name) == (
+            spade.total_steps, spade.global_batch_size, False, spade.data.name)
+
+
+def test_paper_scale_is_the_papers_setting():
+    seg = config_loader.load_config("segmentation:paper")
+    fus = config_loader.load_config("fusion:paper")
+    assert seg.data.tile_size == fus.data.tile_size == 256
+    assert fus.generator.ngf == 64 and seg.model.width == 64
+    # 50 epochs of 1,558 tiles at batch 16.
+    assert seg.total_steps == int(np.ceil(50 * 1558 / 16)) == fus.total_steps
+
+
+def _tiny(run):
+    """Smaller models and 2 steps on the demo dataset: the runner's machinery is what is tested."""
+    if run.config.startswith("segmentation"):
+        return ("model.width=4", "total_steps=2", "eval_every_steps=1", "log_every_steps=1",
+                "data.name=rs_multisource/synthetic_demo")
+    out = ["generator.ngf=4", "discriminator.ndf=4", "total_steps=2", "log_every_steps=1",
+           "image_every_steps=0", "data.name=rs_multisource/synthetic_demo"]
+    if "pix2pix" not in run.config:
+        out += ["generator.embed_dim=4", "generator.spade_hidden=8"]
+    return tuple(out)
+
+
+@pytest.mark.slow
+def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, tmp_path):
+    runs = [r for r in plan_lib.plan("demo", seeds=1, tables=("table1", "table3"))
+            if r.method in ("rs_spade", "real", "mix_1")
+            or (r.kind == "synthesize" and "optical" not in r.name)]
+    assert [r.kind for r in runs] == ["fusion", "synthesize", "segmentation", "segmentation"]
+    root = epath.Path(tmp_path / "exp")
+    lines = []
+    # A first session stops after one run ...
+    records = runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append,
+                              extra=_tiny, limit=1)
+    assert records[0] is not None and records[1:] == [None, None, None]
+    first = root / runs[0].name / runner.RUN_FILE
+    stamp = os.stat(first).st_mtime_ns
+    # ... the next one continues with the rest and leaves the finished run alone.
+    records = runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=_tiny)
+    assert all(r is not None for r in records)
+    assert os.stat(first).st_mtime_ns == stamp
+    assert any("1 of 4 runs already finished; 3 to run" in line for line in lines)
+
+    # Per-tile parts recompute the trainer's own split scores.
+    fusion_record = records[0]
+    with (root / runs[0].name / runner.TILES_FILE).open("rb") as f, np.load(f) as z:
+        tiles = dict(z)
+    assert stats.image_metric("psnr")(tiles) == pytest.approx(fusion_record["scores"]["psnr"], rel=1e-5)
+    assert stats.image_metric("sam")(tiles) == pytest.approx(fusion_record["scores"]["sam"], rel=1e-5)
+    seg_record = records[2]
+    with (root / runs[2].name / runner.TILES_FILE).open("rb") as f, np.load(f) as z:
+        cm = z["cm"]
+    assert stats.segmentation_metric("miou")({"cm": cm}) == pytest.approx(
+        seg_record["scores"]["miou"], rel=1e-6)
+    # The Mix run trained on real tiles plus one generated image per tile.
+    provenance = json.loads((root / runs[1].name / "provenance.json").read_text())
+    assert provenance["num_tiles"] > 0
+
+    rep = report.build_report(root, "demo", runs)
+    assert rep["table1"]["rs_spade"]["psnr"]["mean"] == pytest.approx(fusion_record["scores"]["psnr"], rel=1e-5)
+    verdicts = {r["claim"]: r["verdict"] for r in rep["claims"]}
+    assert verdicts["Mix 1:1 beats True Data on mIoU"] == "not resolved (1 seed)"
+    assert verdicts["RS-SPADE beats pix2pix on PSNR (dB)"] == "not run"
+    md = (root / "report.md").read_text()
+    assert "## Table 1" in md and "| RS-SPADE | 1 |" in md
+    assert (root / "grids" / "table1_rs_spade.png").exists()
+
+    # A finished run whose config no longer matches the plan is an error, not a silent mix.
+    def longer(run):
+        return _tiny(run)[:-1] + ("total_steps=3",) if run.kind == "fusion" else _tiny(run)
+    with pytest.raises(runner.UserError, match="another config"):
+        runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=longer)
+
+
+def _fake_run(root, run, tiles, history=None):
+    out = root / run.name
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"kind": run.kind, "name": run.name, "table": run.table, "method": run.method,
+              "seed": run.seed, "config": {}, "seconds": 1.0, "scores": {}}
+    if history is not None:
+        record["val_history"] = history
+    (out / runner.RUN_FILE).write_text(json.dumps(record))
+    with (out / runner.TILES_FILE).open("wb") as f:
+        np.savez(f, **tiles)
+
+
+def test_report_tables_and_verdicts_from_the_runs_files(tmp_path):
+    """Three seeds of every Table 1 and Table 3 method, written as the runner
+    writes them: a clear PSNR gain must hold, a clear loss be reversed, noise
+    stay unresolved; cells are the means of the per-seed metrics."""
+    rng = np.random.default_rng(0)
+    root = epath.Path(tmp_path)
+    runs = plan_lib.plan("bench", seeds=3, tables=("table1", "table3"))
+    base = rng.normal(20, 2, 30)
+    shift = {"pix2pix": 0.0, "rs_spade": 2.0, "rs_spade_l1": 2.0}
+    for run in runs:
+        if run.table == "table1":
+            psnr = base + shift[run.method] + rng.normal(0, 0.1, 30)
+            _fake_run(root, run, {"psnr": psnr, "ssim": np.full(30, 0.5) + rng.normal(0, 0.05, 30),
+                                  "sam_sum": np.full(30, 10.0), "sam_count": np.full(30, 100.0)})
+        elif run.kind == "segmentation":
+            cm = np.zeros((20, 9, 9))
+            good = {"real": 80, "mix_1": 60}.get(run.method, 70)
+            cm[:, 0, 0], cm[:, 1, 1], cm[:, 0, 1] = good, good, 100 - good
+            cm += rng.integers(0, 3, cm.shape)
+            history = [{"step": s, "miou": min(1.0, s / 100 * good / 80)} for s in (50, 100, 150)]
+            _fake_run(root, run, {"cm": cm}, history)
+    rep = report.build_report(root, "bench", runs)
+    verdicts = {r["claim"]: r["verdict"] for r in rep["claims"]}
+    assert verdicts["RS-SPADE beats pix2pix on PSNR (dB)"] == stats.HOLDS
+    assert verdicts["the L1 term improves RS-SPADE (the objective) on PSNR (dB)"] == stats.NOT_RESOLVED
+    assert verdicts["Mix 1:1 beats True Data on mIoU"] == stats.REVERSED
+    assert verdicts["all three sources beat S1 on PSNR (dB)"] == "not run"
+    per_seed = [stats.image_metric("psnr")(np.load(root / r.name / runner.TILES_FILE))
+                for r in runs if r.table == "table1" and r.method == "rs_spade"]
+    cell = rep["table1"]["rs_spade"]["psnr"]
+    assert cell["mean"] == pytest.approx(np.mean(per_seed))
+    assert cell["high"] - cell["mean"] == pytest.approx(
+        stats.t_quantile(0.95, 2) * np.std(per_seed, ddof=1) / np.sqrt(3))
+    assert (root / "figure8.png").exists() and (root / "report.json").exists()
+    speed = rep["claims"][-1]
+    assert speed["verdict"] == stats.REVERSED            # the worse Mix never gets there first

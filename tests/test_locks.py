@@ -1,0 +1,86 @@
+"""One writer per folder: lock files with their owner, live owners refused, dead ones taken over."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rsjax.locks import FolderBusy, FolderLock, is_stale, owner_record
+
+HOLD = """
+import sys, time
+from rsjax.locks import FolderLock
+lock = FolderLock(sys.argv[1], what="training run").acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_in_subprocess(folder) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_live_owner_is_refused_with_its_pid_and_host(tmp_path):
+    proc = hold_in_subprocess(tmp_path)
+    try:
+        with pytest.raises(FolderBusy) as info:
+            FolderLock(tmp_path, what="training run").acquire()
+        message = str(info.value)
+        assert f"pid {proc.pid}" in message and socket.gethostname() in message
+        assert str(tmp_path / "rsjax.lock") in message and "training run" in message
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
+    proc = hold_in_subprocess(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "rsjax.lock").exists()          # SIGKILL left it behind
+    with caplog.at_level("WARNING", logger="rsjax"), FolderLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "rsjax.lock").exists()
+    assert any("stale" in r.getMessage() and str(proc.pid) in r.getMessage() for r in caplog.records)
+
+
+def test_pid_reused_by_another_process_is_stale():
+    alive = owner_record()
+    assert not is_stale(alive)
+    assert is_stale(dict(alive, started=alive["started"] - 3600))   # same pid, started an hour apart
+    assert not is_stale(dict(alive, host="another-host"))            # cannot be checked from here
+
+
+def test_lock_written_on_another_host_is_refused(tmp_path):
+    (tmp_path / "rsjax.lock").write_text(json.dumps(dict(owner_record(), host="tpu-vm-7", pid=4242)))
+    with pytest.raises(FolderBusy, match=r"pid 4242 on host tpu-vm-7.*delete .*rsjax\.lock"):
+        FolderLock(tmp_path).acquire()
+
+
+def test_unreadable_lock_file_is_stale(tmp_path):
+    (tmp_path / "rsjax.lock").write_text("{\"host\": ")         # cut short by a crash mid-write
+    with FolderLock(tmp_path):
+        pass
+
+
+def test_two_processes_starting_at_once_one_wins(tmp_path):
+    racer = ("import sys, time\nfrom rsjax.locks import FolderLock, FolderBusy\n"
+             "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+             "try:\n    FolderLock(sys.argv[1]).acquire(); print('won', flush=True); time.sleep(5)\n"
+             "except FolderBusy:\n    print('busy', flush=True)\n")
+    start = str(time.time() + 3.0)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), start], stdout=subprocess.PIPE,
+                              text=True, cwd=root) for _ in range(3)]
+    outcomes = sorted(p.stdout.readline().strip() for p in procs)
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert outcomes == ["busy", "busy", "won"]
