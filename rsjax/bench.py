@@ -154,6 +154,7 @@ def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
     config = _load_config("segmentation", config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
+    config.dtype = dtype
     return config
 
 

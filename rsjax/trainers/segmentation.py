@@ -34,10 +34,18 @@ from rsjax.trainers.nonfinite import all_finite, guarded_update
 
 log = logging.getLogger("rsjax")
 
+# config.dtype: the dtype the train step computes in. Parameters, optimizer
+# state and BatchNorm's statistics stay float32; the loss is taken in float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 class Setup:
     def __init__(self, config):
         self.config = config
+        dtype = config.get("dtype", "float32")
+        if dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+        self.compute_dtype = COMPUTE_DTYPES[dtype]
         model = self._create()
         model.train()
         self.train_graph, _ = nnx.split(model)
@@ -86,12 +94,20 @@ def class_weights(config) -> Optional[jax.Array]:
     return jnp.asarray(losses.class_weights_from_counts(stats["lulc"]["frequencies"], method))
 
 
+def _cast_floats(tree, dtype):
+    """The parameters in the compute dtype (their gradients come back in float32)."""
+    if dtype == jnp.float32:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+
 def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
 
     def loss_fn(p):
-        model = nnx.merge(setup.train_graph, p, rest, copy=True)
-        logits = model(batch["image"])
+        model = nnx.merge(setup.train_graph, _cast_floats(p, setup.compute_dtype), rest, copy=True)
+        logits = model(batch["image"].astype(setup.compute_dtype)).astype(jnp.float32)
         loss = losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights)
         return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
