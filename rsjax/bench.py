@@ -69,6 +69,7 @@ AGAINST = ("none", "torch")
 # rougher than the U-Net's same-run one. The faster end of each range is the
 # reference, so a speed-up is never flattered by a slow reference run.
 PYTORCH_REFERENCE_DATE = "2026-11-30"
+PYTORCH_REFERENCE_PEAK_GFLOPS = 300.0     # that run's float32 matmul peak
 PYTORCH_REFERENCE = {
     128: {"seconds_per_step": (2.37, 2.91), "gflop_per_step": 311.0},
     256: {"seconds_per_step": (6.49, 6.49), "gflop_per_step": 1230.0},
@@ -238,7 +239,12 @@ def add_ratios(entry: dict, peak_gflops: float | None, num_devices: int) -> dict
     return entry
 
 
-def add_reference(entry: dict) -> dict:
+def add_reference(entry: dict, peak_gflops: float | None = None) -> dict:
+    """The recorded PyTorch reference's images/s and rsjax's over it; with this
+    run's matmul peak, also that ratio with both sides scaled to the same peak
+    (`speedup_vs_pytorch_at_equal_peak`): an estimate for a machine whose speed
+    drifts between runs (on a loaded machine the raw ratio says more about the
+    load than about the code), still not a same-run figure."""
     ref = PYTORCH_REFERENCE.get(entry["size"])
     # The reference is the full-width model: a variant is not comparable.
     if ref and entry["batch"] == 1 and entry["dtype"] == "float32" and not entry.get("config_arg"):
@@ -248,6 +254,10 @@ def add_reference(entry: dict) -> dict:
         entry["pytorch_reference_images_per_s"] = round(ref_images_per_s, 4)
         entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / ref_images_per_s, 2)
         entry["pytorch_reference_gflop_per_step"] = ref["gflop_per_step"]
+        if peak_gflops:
+            entry["pytorch_reference_matmul_peak_gflop_per_s"] = PYTORCH_REFERENCE_PEAK_GFLOPS
+            entry["speedup_vs_pytorch_at_equal_peak"] = round(
+                entry["speedup_vs_pytorch"] * PYTORCH_REFERENCE_PEAK_GFLOPS / peak_gflops, 2)
     return entry
 
 
@@ -419,7 +429,7 @@ def benchmark(args) -> dict:
                                         config_arg=args.config_arg)
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
-                    add_reference(entry)
+                    add_reference(entry, peak)
                 elif args.against == "torch":
                     _log(f"  PyTorch U-Net step {batch}x{size}x{size} ...")
                     add_torch_comparison(entry, torch_unet_step(

@@ -114,6 +114,13 @@ def test_fusion_reference_is_marked_as_recorded():
                                  "images_per_s": 0.2})
     assert entry["pytorch_reference"] == "recorded, not same-run"
     assert entry["speedup_vs_pytorch"] == pytest.approx(0.2 * 6.49, abs=0.01)
+    assert "speedup_vs_pytorch_at_equal_peak" not in entry       # no peak measured
+    # Measured at a matmul peak of 300 GFLOP/s; this run's is 150: the machine
+    # ran at half speed, so at equal peaks rsjax's 0.2 images/s count double.
+    scaled = bench.add_reference({"size": 256, "batch": 1, "dtype": "float32",
+                                  "images_per_s": 0.2}, peak_gflops=150.0)
+    assert scaled["pytorch_reference_matmul_peak_gflop_per_s"] == 300.0
+    assert scaled["speedup_vs_pytorch_at_equal_peak"] == pytest.approx(2 * 0.2 * 6.49, abs=0.02)
 
 
 def test_torch_unets_layout_is_rs_unets():
