@@ -54,6 +54,10 @@ EXTRAS = {
     # The dataset built on Apache Beam (DirectRunner here; Dataflow, Flink or Spark runners).
     # Checked with the pins above: it moves protobuf to 6.33, pyarrow to 25, pillow to 12.3 (no conflict).
     "beam": ["apache-beam>=2.77,<3"],
+    # rsjax bench --against torch: PyTorch's U-Net step in the same run. PyPI's
+    # Linux wheel is the CUDA build; on machines without a GPU install the CPU
+    # build first: pip install torch --index-url https://download.pytorch.org/whl/cpu
+    "bench": ["torch>=2.13,<2.14"],
 }
 
 # Where each installed package lives in the checkout.

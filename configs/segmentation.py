@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.generated_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.mix_rate = 1.0                # generated images per real tile (data=mix)
     c.in_channels = 4
+    c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
     c.model = ml_collections.ConfigDict(dict(name="rs_unet", width=64, depth=5))
     # Cross-entropy class weights from the train split's class frequencies:
     # none, or a weighting of rsjax.losses.class_weights_from_counts.

@@ -3,6 +3,7 @@
     rsjax bench                                   # everything, float32
     rsjax bench --parts fusion --sizes 128 --batches 1
     rsjax bench --dtype bfloat16                  # on a GPU or TPU
+    rsjax bench --parts matmul,unet --against torch   # PyTorch's U-Net step, same run
     rsjax bench --out work/bench.json
 
 Parts (`--parts`, comma-separated):
@@ -15,13 +16,23 @@ Parts (`--parts`, comma-separated):
   inputs already on the device. images/s, FLOP per step from XLA's cost
   analysis of the step traced with plain convolutions (`model_flops`),
   achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch
-  reference (NVlabs SPADE) measured on the development machine on 2026-11-25 (docs/benchmarks.md),
-  for the sizes the reference has.
+  reference (NVlabs SPADE) at batch 1 for the sizes it has: figures recorded
+  on the development machine (docs/benchmarks.md), not measured in the same
+  run (`pytorch_reference: "recorded, not same-run"`).
 - `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
-  width 64, depth 5, AdamW).
+  width 64, depth 5, AdamW). With `--against torch` each entry also times
+  PyTorch's step of the same U-Net (`rsjax.bench_torch`, the `bench` extra)
+  in a subprocess right after rsjax's, in the same run, so PyTorch's and
+  XLA's thread pools never compete: `pytorch` holds its figures (GFLOP/s
+  and MFU at rsjax's FLOP count of the same model, against this run's matmul
+  peak) and `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain
   workers) on the demo dataset, in megapixels/s, against what each measured
   fusion step consumes.
+
+`machine` records the date and `os.getloadavg()` at the start (the report's
+`loadavg_1_5_15_min_at_end` at the end): on a shared machine other work slows
+both frameworks, and only same-run ratios compare.
 
 Run with XLA_FLAGS unset: the figures are for one device (`--devices` uses
 more, data-parallel, and reports per-step figures for the global batch).
@@ -29,10 +40,12 @@ more, data-parallel, and reports per-step figures for the global batch).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,17 +56,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsjax import cli
-from rsjax.errors import UserError
+from rsjax.errors import RunFailed, UserError
 
 PARTS = ("matmul", "fusion", "unet", "pipeline")
+AGAINST = ("none", "torch")
 
-# NVlabs SPADE (PyTorch, oneDNN) on the development machine, 2 cores of an AMD
-# EPYC (Zen 4), float32, batch 1, 15 conditioning channels, ngf/ndf 64: seconds
-# per GAN step (measured 2026-11-25 on the 2-core development machine). The faster end of each range is the reference, so a
-# speed-up is never flattered by a slow reference run.
+# NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
+# 2 cores of an AMD EPYC (Zen 4), float32, batch 1, 15 conditioning channels,
+# ngf/ndf 64: seconds per GAN step, measured 2026-11-30 beside rsjax in one
+# run (issue 16; docs/benchmarks.md). Recorded, not measured in the run that
+# uses them: the machine's speed drifts between runs, so these ratios are
+# rougher than the U-Net's same-run one. The faster end of each range is the
+# reference, so a speed-up is never flattered by a slow reference run.
+PYTORCH_REFERENCE_DATE = "2026-11-30"
+PYTORCH_REFERENCE_PEAK_GFLOPS = 300.0     # that run's float32 matmul peak
 PYTORCH_REFERENCE = {
-    128: {"seconds_per_step": (2.8, 3.2), "gflop_per_step": 311.0},
-    256: {"seconds_per_step": (8.2, 8.8), "gflop_per_step": 1230.0},
+    128: {"seconds_per_step": (2.37, 2.91), "gflop_per_step": 311.0},
+    256: {"seconds_per_step": (6.49, 6.49), "gflop_per_step": 1230.0},
 }
 
 
@@ -136,6 +155,7 @@ def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
     config = _load_config("segmentation", config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
+    config.dtype = dtype
     return config
 
 
@@ -219,14 +239,69 @@ def add_ratios(entry: dict, peak_gflops: float | None, num_devices: int) -> dict
     return entry
 
 
-def add_reference(entry: dict) -> dict:
+def add_reference(entry: dict, peak_gflops: float | None = None) -> dict:
+    """The recorded PyTorch reference's images/s and rsjax's over it; with this
+    run's matmul peak, also that ratio with both sides scaled to the same peak
+    (`speedup_vs_pytorch_at_equal_peak`): an estimate for a machine whose speed
+    drifts between runs (on a loaded machine the raw ratio says more about the
+    load than about the code), still not a same-run figure."""
     ref = PYTORCH_REFERENCE.get(entry["size"])
     # The reference is the full-width model: a variant is not comparable.
     if ref and entry["batch"] == 1 and entry["dtype"] == "float32" and not entry.get("config_arg"):
         ref_images_per_s = 1.0 / ref["seconds_per_step"][0]
+        entry["pytorch_reference"] = "recorded, not same-run"
+        entry["pytorch_reference_date"] = PYTORCH_REFERENCE_DATE
         entry["pytorch_reference_images_per_s"] = round(ref_images_per_s, 4)
         entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / ref_images_per_s, 2)
         entry["pytorch_reference_gflop_per_step"] = ref["gflop_per_step"]
+        if peak_gflops:
+            entry["pytorch_reference_matmul_peak_gflop_per_s"] = PYTORCH_REFERENCE_PEAK_GFLOPS
+            entry["speedup_vs_pytorch_at_equal_peak"] = round(
+                entry["speedup_vs_pytorch"] * PYTORCH_REFERENCE_PEAK_GFLOPS / peak_gflops, 2)
+    return entry
+
+
+def torch_unet_step(size: int, batch: int, dtype: str, steps: int, config_arg: str = "") -> dict:
+    """PyTorch's train step of the U-Net the segmentation config builds
+    (`rsjax.bench_torch`), timed in a subprocess: its own thread pool, none of XLA's."""
+    model = unet_config(size, batch, dtype, config_arg).model
+    cmd = [sys.executable, "-m", "rsjax.bench_torch", "--batch", str(batch), "--size", str(size),
+           "--steps", str(steps), "--dtype", dtype, "--width", str(model.width),
+           "--depth", str(model.depth)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RunFailed(f"the PyTorch U-Net step ({' '.join(cmd[1:])}) failed: "
+                        f"{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def unet_parameters(config_arg: str = "") -> int:
+    """Trainable parameters of the U-Net the segmentation config builds."""
+    from rsjax.models.param_table import abstract_model, count_params
+    model = unet_config(0, 1, "float32", config_arg).model
+    return count_params(abstract_model("rs_unet", in_channels=4, num_classes=9,
+                                       width=int(model.width), depth=int(model.depth)))
+
+
+def add_torch_comparison(entry: dict, torch_entry: dict, parameters: int,
+                         peak_gflops: float | None = None) -> dict:
+    """PyTorch's figures of the same step in this run, its FLOP rate and MFU at
+    rsjax's FLOP count (the same model) and rsjax's images/s over PyTorch's.
+    A PyTorch model with another parameter count is not the same model: an error."""
+    if torch_entry["parameters"] != parameters:
+        raise RunFailed(f"the PyTorch U-Net has {torch_entry['parameters']:,} parameters, "
+                        f"rsjax's {parameters:,}: not the same layout, no comparison.")
+    entry["parameters"] = parameters
+    torch_fields = {k: torch_entry[k] for k in (
+        "torch_version", "threads", "parameters", "seconds_per_step", "seconds_min",
+        "images_per_second")}
+    if "gflop_per_step" in entry:
+        torch_fields["gflop_per_s"] = round(
+            entry["gflop_per_step"] / torch_entry["seconds_per_step"], 1)
+        if peak_gflops:
+            torch_fields["mfu"] = round(torch_fields["gflop_per_s"] / peak_gflops, 3)
+    entry["pytorch"] = torch_fields
+    entry["speedup_vs_pytorch"] = round(entry["images_per_s"] / torch_entry["images_per_second"], 3)
     return entry
 
 
@@ -261,10 +336,13 @@ def pipeline_headroom(pipe: dict, fusion_results: list[dict]) -> list[dict]:
 
 def machine() -> dict:
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind,
+    return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "platform": dev.platform, "device_kind": dev.device_kind,
             "num_devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # Other work on the machine slows both frameworks: the load says how much.
+            "loadavg_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
 
 
 # ---------------------------------------------------------------------------
@@ -289,6 +367,9 @@ def add_arguments(parser) -> None:
                         help="where the demo dataset is (built if missing) for the pipeline part")
     parser.add_argument("--config_arg", default="",
                         help="config variant for both steps, e.g. 'demo' (default: the full model)")
+    parser.add_argument("--against", choices=AGAINST, default="none",
+                        help="torch: also time PyTorch's step of the same U-Net in this run "
+                             "(needs the bench extra) and report the ratio")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
 
 
@@ -300,6 +381,26 @@ def check_args(args) -> None:
             raise UserError(f"--batches: {b} is not divisible by --devices={args.devices}")
     if args.config_arg:
         _load_config("fusion", args.config_arg)        # an unknown variant fails here, first
+    if args.against == "torch":
+        check_torch_args(args)
+
+
+def check_torch_args(args) -> None:
+    """The flags first (they fail the same with or without PyTorch), then PyTorch."""
+    if "unet" not in args.parts:
+        raise UserError("--against torch compares the U-Net step: add unet to --parts.")
+    if args.devices != 1:
+        raise UserError(f"--against torch times PyTorch on one process: use --devices 1, "
+                        f"not {args.devices}.")
+    depth = int(unet_config(0, 1, args.dtype, args.config_arg).model.depth)
+    for size in args.sizes:
+        if size % 2**depth:
+            raise UserError(f"--sizes: {size} is not a multiple of {2**depth}, which the "
+                            f"{depth}-level U-Net needs.")
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--against torch needs PyTorch: pip install 'rsjax[bench]' (on machines "
+                        "without a GPU take PyTorch's CPU build first: pip install torch "
+                        "--index-url https://download.pytorch.org/whl/cpu).")
 
 
 def benchmark(args) -> dict:
@@ -328,7 +429,12 @@ def benchmark(args) -> dict:
                                         config_arg=args.config_arg)
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
-                    add_reference(entry)
+                    add_reference(entry, peak)
+                elif args.against == "torch":
+                    _log(f"  PyTorch U-Net step {batch}x{size}x{size} ...")
+                    add_torch_comparison(entry, torch_unet_step(
+                        size, batch, args.dtype, args.steps, args.config_arg),
+                        unet_parameters(args.config_arg), peak)
                 _log("  " + json.dumps(entry))
                 results.append(entry)
 
@@ -338,6 +444,7 @@ def benchmark(args) -> dict:
         if report.get("fusion"):
             pipe["against_fusion_step"] = pipeline_headroom(pipe, report["fusion"])
         report["pipeline"] = pipe
+    report["loadavg_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
 

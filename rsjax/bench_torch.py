@@ -7,8 +7,10 @@ bands, 9 classes, widths 64 to 1024 (doubling per level, capped at 16 x 64),
 two (3x3 conv without bias, BatchNorm, ReLU) per level, 2x2 max-pool down,
 2x2 stride-2 transposed conv up and concatenation, a 1x1 head; 82,428,169
 parameters, like rsjax's. One step is forward, cross-entropy, backward and
-Adam, in float32 (or bfloat16 autocast), channels-last, on the CPU threads
-given. Printed as JSON.
+AdamW (RS-UNet's optimizer and settings: lr 1e-3, betas 0.9/0.999, weight
+decay 1e-4), in float32 (or bfloat16 autocast), channels-last, on the CPU
+threads given. `--width`/`--depth` give the layout of a config variant (the
+demo's width 16). Printed as JSON.
 
 It runs in its own process (rsjax.bench starts it), so PyTorch's and XLA's
 thread pools never compete, and the two frameworks are timed in the same run
@@ -27,29 +29,61 @@ from rsjax.errors import UserError
 RS_UNET_PARAMETERS = 82_428_169    # RS-UNet at width 64, 4 bands, 9 classes (rsjax params)
 
 
+def unet_layout(in_channels: int = 4, num_classes: int = 9, width: int = 64,
+                depth: int = 5) -> dict:
+    """RS-UNet's layout as (in, out) channels per block, the one description
+    `build_unet` builds from: encoders and decoders are double convs, the
+    upsamplers 2x2 stride-2 transposed convs, the head a 1x1 conv. Pure Python,
+    so tests check it against rsjax's model without PyTorch."""
+    widths = [width * 2 ** min(level, 4) for level in range(depth + 1)]
+    return {
+        "encoders": [(in_channels, widths[0])]
+                    + [(widths[l - 1], widths[l]) for l in range(1, depth + 1)],
+        "upsamplers": [(widths[l], widths[l - 1]) for l in range(1, depth + 1)],
+        "decoders": [(2 * widths[l - 1], widths[l - 1]) for l in range(1, depth + 1)],
+        "head": (widths[0], num_classes),
+    }
+
+
+def layout_parameter_shapes(layout: dict) -> dict[str, tuple[int, ...]]:
+    """The parameters `build_unet(layout)` has, named and shaped as rsjax's
+    RS-UNet names and shapes them (HWIO kernels; BatchNorm's weight is `scale`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for group in ("encoders", "decoders"):
+        for i, (cin, cout) in enumerate(layout[group]):
+            for j, c in enumerate((cin, cout)):
+                shapes[f"{group}.{i}.conv_{j}.kernel"] = (3, 3, c, cout)
+                shapes[f"{group}.{i}.norm_{j}.scale"] = (cout,)
+                shapes[f"{group}.{i}.norm_{j}.bias"] = (cout,)
+    for i, (cin, cout) in enumerate(layout["upsamplers"]):
+        shapes[f"upsamplers.{i}.kernel"] = (2, 2, cin, cout)
+        shapes[f"upsamplers.{i}.bias"] = (cout,)
+    cin, classes = layout["head"]
+    shapes["head.kernel"] = (1, 1, cin, classes)
+    shapes["head.bias"] = (classes,)
+    return shapes
+
+
 def build_unet(in_channels: int = 4, num_classes: int = 9, width: int = 64, depth: int = 5):
-    """The PyTorch U-Net, written for this benchmark from RS-UNet's description."""
+    """The PyTorch U-Net, written for this benchmark from `unet_layout`."""
     import torch
     from torch import nn
+
+    layout = unet_layout(in_channels, num_classes, width, depth)
 
     def double_conv(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
-    widths = [width * 2 ** min(level, 4) for level in range(depth + 1)]
-
     class UNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoders = nn.ModuleList(
-                [double_conv(in_channels, widths[0])]
-                + [double_conv(widths[l - 1], widths[l]) for l in range(1, depth + 1)])
+            self.encoders = nn.ModuleList([double_conv(*io) for io in layout["encoders"]])
             self.upsamplers = nn.ModuleList(
-                [nn.ConvTranspose2d(widths[l], widths[l - 1], 2, stride=2) for l in range(1, depth + 1)])
-            self.decoders = nn.ModuleList(
-                [double_conv(2 * widths[l - 1], widths[l - 1]) for l in range(1, depth + 1)])
-            self.head = nn.Conv2d(widths[0], num_classes, 1)
+                [nn.ConvTranspose2d(*io, 2, stride=2) for io in layout["upsamplers"]])
+            self.decoders = nn.ModuleList([double_conv(*io) for io in layout["decoders"]])
+            self.head = nn.Conv2d(*layout["head"], 1)
 
         def forward(self, x):
             skips = []
@@ -63,7 +97,19 @@ def build_unet(in_channels: int = 4, num_classes: int = 9, width: int = 64, dept
                 x = self.decoders[level - 1](torch.cat([skips[level - 1], x], dim=1))
             return self.head(x)
 
-    return UNet()
+    model = UNet()
+    want = sum(_size(s) for s in layout_parameter_shapes(layout).values())
+    if count_parameters(model) != want:       # the layout's figure is what tests check
+        raise AssertionError(f"PyTorch U-Net has {count_parameters(model)} parameters, "
+                             f"its layout {want}")
+    return model
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def count_parameters(model) -> int:
@@ -71,15 +117,16 @@ def count_parameters(model) -> int:
 
 
 def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
-                   dtype: str = "float32", seed: int = 0) -> dict:
+                   dtype: str = "float32", seed: int = 0, width: int = 64, depth: int = 5) -> dict:
     """Seconds per train step (median of `steps` after one warm-up step)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = build_unet().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build_unet(width=width, depth=depth).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999),
+                                  weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
     x = torch.randn(batch, 4, size, size).to(memory_format=torch.channels_last)
     y = torch.randint(0, 9, (batch, size, size))
@@ -103,6 +150,7 @@ def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
     seconds = statistics.median(times)
     return {"framework": "pytorch", "torch_version": torch.__version__,
             "threads": torch.get_num_threads(), "batch": batch, "size": size, "dtype": dtype,
+            "width": width, "depth": depth,
             "parameters": count_parameters(model), "seconds_per_step": seconds,
             "seconds_min": min(times), "images_per_second": batch / seconds,
             "first_step_seconds": warmup, "steps": steps}
@@ -116,6 +164,10 @@ def add_arguments(parser) -> None:
                         help="PyTorch CPU threads (0: PyTorch's default, one per core)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype (bfloat16 through CPU autocast)")
+    parser.add_argument("--width", type=cli.positive_int, default=64,
+                        help="channels of the first level (RS-UNet's model.width)")
+    parser.add_argument("--depth", type=cli.positive_int, default=5,
+                        help="down-sampling stages (RS-UNet's model.depth)")
 
 
 def run(args) -> int:
@@ -125,9 +177,11 @@ def run(args) -> int:
         raise UserError("rsjax bench --against torch needs PyTorch: pip install 'rsjax[bench]' "
                         "(on CPU-only machines take the CPU build: pip install torch "
                         "--index-url https://download.pytorch.org/whl/cpu).") from None
-    if args.size % 32:
-        raise UserError(f"--size {args.size}: the 5-level U-Net needs a multiple of 32.")
-    cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads, args.dtype))
+    if args.size % 2**args.depth:
+        raise UserError(f"--size {args.size}: a {args.depth}-level U-Net needs a multiple "
+                        f"of {2**args.depth}.")
+    cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads, args.dtype,
+                                  width=args.width, depth=args.depth))
     return 0
 
 

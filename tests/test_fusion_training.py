@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from trainer_utils import ROOT, host_numpy, tiny_fusion_config
+from trainer_utils import ROOT, convolution_dtypes, host_numpy, tiny_fusion_config
 
 
 def _final_params(config, workdir, devices=None):
@@ -198,20 +198,6 @@ def test_sigterm_saves_stops_and_the_rerun_resumes_to_the_same_parameters(
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
 
 
-def _convolution_dtypes(jaxpr) -> list[tuple]:
-    """Operand dtypes of every convolution in `jaxpr`, nested jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)        # ClosedJaxpr or Jaxpr
-                if hasattr(inner, "eqns"):
-                    found += _convolution_dtypes(inner)
-    return found
-
-
 @pytest.mark.parametrize("model", ["pix2pix", "rs_spade"])  # rs_spade: spectral norm in bf16
 def test_bfloat16_compute_trains(demo_data_dir, tmp_path, model):
     import functools
@@ -230,7 +216,7 @@ def test_bfloat16_compute_trains(demo_data_dir, tmp_path, model):
         sources=setup.sources))
     jaxpr = jax.make_jaxpr(functools.partial(fusion.train_step, setup))(
         jax.eval_shape(setup.init_state), batch)
-    convolutions = _convolution_dtypes(jaxpr.jaxpr)
+    convolutions = convolution_dtypes(jaxpr.jaxpr)
     assert len(convolutions) > 20
     assert [d for d in convolutions if d != ("bfloat16", "bfloat16")] == []
 

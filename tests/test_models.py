@@ -195,9 +195,10 @@ def test_conv2d_uses_the_row_kernel_gradient_for_wide_stride_1_outputs_only():
 
     def rewrite(conv):
         return cpu_conv.rewrite_for(conv.kernel.shape, conv.stride, conv.padding, x)
-    assert rewrite(layers.Conv2d(32, 128, 3, rngs=rngs(0))) == (
-        "row_kernel_grad" if jax.default_backend() == "cpu" else None)
-    assert rewrite(layers.Conv2d(32, 64, 3, rngs=rngs(0))) is None
+    for outputs in (128, 64):             # 64: RS-UNet's first level, SPADE's last block
+        assert rewrite(layers.Conv2d(32, outputs, 3, rngs=rngs(0))) == (
+            "row_kernel_grad" if jax.default_backend() == "cpu" else None)
+    assert rewrite(layers.Conv2d(32, 32, 3, rngs=rngs(0))) is None
     assert rewrite(layers.Conv2d(32, 128, 4, stride=2, rngs=rngs(0))) is None
     assert rewrite(layers.Conv2d(32, 128, 1, rngs=rngs(0))) is None
 
@@ -212,6 +213,33 @@ def test_conv_transpose_matches_pytorch_definition(kernel_size, padding):
     np.testing.assert_allclose(conv(jnp.asarray(x)), want, atol=1e-5)
     with pytest.raises(ValueError, match="output = 2 x input"):
         layers.ConvTranspose2d(3, 5, 3, padding=0, rngs=rngs(0))
+
+
+def test_2x2_conv_transpose_and_its_gradients_match_lax_conv_transpose():
+    """RS-UNet's upsampler (k2 p0), computed as one matmul, against XLA's
+    transposed convolution: out[2i + r] = x[i] @ kernel[r] is lax.conv_transpose
+    with the kernel flipped (it correlates the dilated input). Forward and both
+    gradients, in float32 to rounding."""
+    conv = layers.ConvTranspose2d(6, 5, 2, padding=0, rngs=rngs(0))
+    conv.bias[...] = jnp.arange(5.0)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 4, 3, 6)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(2, 8, 6, 5)), jnp.float32)
+
+    def ours(x, kernel):
+        return layers._conv_transpose_2x2(x, kernel) + conv.bias[...]
+
+    def xla(x, kernel):
+        return jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+
+    kernel = conv.kernel[...]
+    np.testing.assert_allclose(conv(x), xla(x, kernel), rtol=1e-6, atol=1e-6)
+    y, vjp = jax.vjp(ours, x, kernel)
+    want_y, want_vjp = jax.vjp(xla, x, kernel)
+    np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,size", [((43, 43), (128, 128)), ((256, 256), (8, 8)),

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer_utils import host_numpy, load_config, tiny_fusion_config
+from trainer_utils import convolution_dtypes, host_numpy, load_config, tiny_fusion_config
 
 
 def tiny_segmentation_config(data_dir, data="real", steps=4):
@@ -271,3 +271,43 @@ def test_nonfinite_segmentation_step_is_skipped_and_counted(demo_data_dir):
     assert int(m["nonfinite"]) == 0 and int(state["step"]) == 2
     assert not all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(before["model"]), jax.tree.leaves(host_numpy(state["model"]))))
+
+
+def test_bfloat16_compute_step_matches_float32_and_keeps_the_state_float32(demo_data_dir):
+    """`config.dtype=bfloat16`: every convolution and matmul of the U-Net's step
+    (forward and backward) takes bfloat16 operands, its loss is within bfloat16's
+    rounding of the float32 forward's, and parameters, BatchNorm statistics and
+    Adam's moments stay float32."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rsjax import input_pipeline
+    from rsjax import losses
+    from rsjax.errors import ConfigError
+    from rsjax.trainers import segmentation
+
+    config = tiny_segmentation_config(demo_data_dir)
+    config.dtype = "bfloat16"
+    batch = next(input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=8, mesh=None, train=True, seed=0, sources=()))
+    setup = segmentation.Setup(config)
+    step = functools.partial(segmentation.train_step, setup, None)
+    jaxpr = jax.make_jaxpr(step)(jax.eval_shape(setup.init_state), batch).jaxpr
+    ops = convolution_dtypes(jaxpr, ("conv_general_dilated", "dot_general"))
+    assert len(ops) > 40
+    assert [d for d in ops if d != ("bfloat16", "bfloat16")] == []
+
+    state = setup.init_state()
+    float32_loss = jax.jit(lambda model: losses.softmax_cross_entropy(
+        nnx.merge(setup.train_graph, model)(batch["image"]), batch["label"]))(state["model"])
+    state, m = jax.jit(step)(state, batch)
+    assert np.isfinite(float(m["loss"]))
+    assert float(m["loss"]) == pytest.approx(float(float32_loss), rel=0.02)
+    assert {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(
+        x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+    config.dtype = "float16"
+    with pytest.raises(ConfigError, match="config.dtype='float16'"):
+        segmentation.Setup(config)

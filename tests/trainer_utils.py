@@ -58,3 +58,18 @@ def tiny_cloud_config(data_dir, name: str = "cloud_removal", sources: str = "s2_
          "eval_batch_size": 8, "log_every_steps": 1, "image_every_steps": steps,
          "eval_every_steps": 0, "checkpoint_every_steps": steps, "optim.decay_start_step": None})
     return c
+
+
+def convolution_dtypes(jaxpr, primitives=("conv_general_dilated",)) -> list[tuple]:
+    """Operand dtypes of every convolution (or other `primitives`) in `jaxpr`,
+    nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in primitives:
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)        # ClosedJaxpr or Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += convolution_dtypes(inner, primitives)
+    return found

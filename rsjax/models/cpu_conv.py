@@ -9,7 +9,7 @@ AMD EPYC Zen 4, measured in the comments below):
 - "matmul": the whole convolution as one matmul over im2col patches, for big
   kernels on small images (SPADE's 4x4 and 8x8 starting resolutions).
 - "row_kernel_grad": XLA's forward and input gradient, the kernel gradient as
-  matmuls over chunks of rows (3x3 stride-1 convolutions with >= 128 outputs),
+  matmuls over chunks of rows (3x3 stride-1 convolutions with >= 64 outputs),
   `conv_valid_row_kernel_grad` on the padded input.
 
 Whether they apply is an explicit switch, `rewrites(mode)`, read when a model
@@ -105,20 +105,31 @@ def patches(x: jax.Array, kh: int, kw: int, stride: int,
 # ---------------------------------------------------------------------------
 # The row-chunked kernel gradient
 # ---------------------------------------------------------------------------
+# Fewest output channels for which the kernel gradient is computed by rows.
+_ROW_KERNEL_GRAD_MIN_OUTPUTS = 64
+
+
 def use_row_kernel_grad(kernel_shape, stride: int, x: jax.Array) -> bool:
     """Whether the kernel gradient is computed by `conv_valid_row_kernel_grad`.
 
-    XLA:CPU computes the kernel gradient of a stride-1 3x3 convolution with
-    128 outputs over a 256x256 image at 27-39 GFLOP/s against 170-200 for the
+    XLA:CPU computes the kernel gradient of a stride-1 3x3 convolution as a
+    convolution over the whole image (the pixels as its window): with 128
+    outputs over a 256x256 image at 27-39 GFLOP/s against 170-200 for the
     forward pass; written as patches^T @ dy over chunks of rows it runs at
-    68-83. With fewer than 128 outputs XLA's own is faster (66-77 against
-    20-53), so they keep it.
+    68-83. The same holds with 64 outputs (RS-UNet's first and last level,
+    SPADE's last block): forward + both gradients took 0.39-0.54x XLA's time
+    at 4x256x256 (4, 64 or 128 -> 64 channels), 4x128x128 and 1x256x256
+    (64 or 128 -> 64), measured interleaved in one process on the 2-core
+    development machine on 2026-11-30 (a loaded one: XLA's own is slower
+    still under load, the ratio is the figure). In RS-UNet's 4x256 step these
+    gradients were 38% of the time. Measured no slower at 1x128x128, 128 -> 64
+    (0.96x). Narrower layers keep XLA's.
     """
     if stride != 1 or _explicitly_sharded(x):
         # Under explicit sharding the gradient's contraction over the (sharded)
         # batch axis needs an output sharding we leave to XLA's own.
         return False
-    return kernel_shape[-1] >= 128 and kernel_shape[0] > 1
+    return kernel_shape[-1] >= _ROW_KERNEL_GRAD_MIN_OUTPUTS and kernel_shape[0] > 1
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:

@@ -69,12 +69,15 @@ def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str,
         f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
 
 
-def guarded_model_step(setup, state: dict, loss_of_model: Callable) -> tuple[dict, jax.Array, object]:
+def guarded_model_step(setup, state: dict, loss_of_model: Callable,
+                       compute_dtype=jnp.float32) -> tuple[dict, jax.Array, object]:
     """One optimizer step of a single-model trainer (segmentation, cloud removal)
     under the guard: (new state, loss, aux) where `loss_of_model(model)` ->
     (loss, aux) is computed on `setup.train_graph` merged with the state's
-    parameters, and `setup.tx` updates them; the model's other state (batch
-    statistics) is kept from the same forward pass.
+    parameters (cast to `compute_dtype`; the parameters themselves, their
+    gradients and the optimizer state stay float32), and `setup.tx` updates
+    them; the model's other state (batch statistics) is kept from the same
+    forward pass.
     """
     import optax
     from flax import nnx
@@ -82,7 +85,7 @@ def guarded_model_step(setup, state: dict, loss_of_model: Callable) -> tuple[dic
     _, params, rest = nnx.split(nnx.merge(setup.train_graph, state["model"]), nnx.Param, ...)
 
     def loss_fn(p):
-        model = nnx.merge(setup.train_graph, p, rest, copy=True)
+        model = nnx.merge(setup.train_graph, _cast_floats(p, compute_dtype), rest, copy=True)
         loss, aux = loss_of_model(model)
         return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -96,3 +99,11 @@ def guarded_model_step(setup, state: dict, loss_of_model: Callable) -> tuple[dic
                 "opt": new_opt}
 
     return guarded_update(finite, updates, state), loss, aux
+
+
+def _cast_floats(tree, dtype):
+    """The floating leaves of `tree` in `dtype` (their gradients come back in float32)."""
+    if dtype == jnp.float32:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)

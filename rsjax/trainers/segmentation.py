@@ -34,10 +34,18 @@ from rsjax.trainers.nonfinite import guarded_model_step
 
 log = logging.getLogger("rsjax")
 
+# config.dtype: the dtype the train step computes in. Parameters, optimizer
+# state and BatchNorm's statistics stay float32; the loss is taken in float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 class Setup:
     def __init__(self, config):
         self.config = config
+        dtype = config.get("dtype", "float32")
+        if dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+        self.compute_dtype = COMPUTE_DTYPES[dtype]
         model = self._create()
         model.train()
         self.train_graph, _ = nnx.split(model)
@@ -88,10 +96,10 @@ def class_weights(config) -> Optional[jax.Array]:
 
 def train_step(setup: Setup, class_weights, state: dict, batch: dict):
     def loss_of_model(model):
-        logits = model(batch["image"])
+        logits = model(batch["image"].astype(setup.compute_dtype)).astype(jnp.float32)
         return losses.softmax_cross_entropy(logits, batch["label"], class_weights=class_weights), logits
 
-    out, loss, logits = guarded_model_step(setup, state, loss_of_model)
+    out, loss, logits = guarded_model_step(setup, state, loss_of_model, setup.compute_dtype)
     cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], NUM_CLASSES)
     acc = jnp.trace(cm) / jnp.maximum(cm.sum(), 1)
     return out, {"loss": loss, "train_accuracy": acc,
