@@ -169,3 +169,30 @@ def test_prediction_flags_are_checked_before_anything_is_written(dsen2cr_workdir
         predict.predict(other, tmp_path / "x.tif", s1=s.s1, lulc=s.lulc, dem=s.dem,
                         s2_cloudy=s.s2_cloudy, progress=False)
     assert not list(tmp_path.glob("x.tif*"))
+
+
+def test_dsen2cr_in_bfloat16_computes_every_convolution_in_bfloat16(cloudy_data_dir):
+    """`config.dtype=bfloat16` reaches DSen2-CR's convolutions (forward and backward);
+    parameters and optimizer state stay float32. (It once cast only the inputs, and
+    the convolutions computed in their float32 parameters' dtype.)"""
+    import jax
+    import jax.numpy as jnp
+
+    from trainer_utils import convolution_dtypes
+    from rsjax import input_pipeline
+    from rsjax.trainers import cloud_removal
+
+    config = tiny_cloud_config(cloudy_data_dir, "cloud_removal")
+    config.dtype = "bfloat16"
+    setup = cloud_removal.Setup(config)
+    batch = next(input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=8, mesh=None, train=True, seed=0,
+        sources=setup.sources))
+    step = lambda state, b: cloud_removal.train_step(setup, state, b)
+    ops = convolution_dtypes(jax.make_jaxpr(step)(jax.eval_shape(setup.init_state), batch).jaxpr)
+    assert len(ops) >= 8
+    assert [d for d in ops if d != ("bfloat16", "bfloat16")] == []
+    state, m = jax.jit(step)(setup.init_state(), batch)
+    assert np.isfinite(float(m["loss"]))
+    assert {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(
+        x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}

@@ -112,7 +112,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
         return losses.cloud_adaptive_l1(out, batch["image"], batch[CLOUDY], covered(batch["cloud_mask"]),
                                         batch["valid"], weight=weight), out
 
-    new_state, loss, out = guarded_model_step(setup, state, loss_of_model)
+    new_state, loss, out = guarded_model_step(setup, state, loss_of_model, compute_dtype)
     l1 = losses.l1_loss(out, batch["image"], valid_mask=batch["valid"])
     return new_state, {"loss": loss, "l1": l1, "nonfinite": new_state["nonfinite"].astype(jnp.float32)}
 
