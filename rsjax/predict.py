@@ -89,6 +89,18 @@ log = logging.getLogger("rsjax")
 OUTPUT_BLOCK = 256          # GeoTIFF block side of the outputs (and rows written at a time)
 
 
+def _check_sources(workdir, sources, given: dict, flags_of: dict) -> None:
+    """InputError naming the flags of the model's sources that were not given;
+    a warning for given files the model does not take."""
+    missing = [flags_of[s] for s in sources if given[s] is None]
+    if missing:
+        raise InputError(f"{workdir}: the model was trained on sources {', '.join(sources)}; "
+                         f"also give {', '.join(missing)}.")
+    unused = [s for s in given if given[s] is not None and s not in sources]
+    if unused:
+        log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
+
+
 # ---------------------------------------------------------------------------
 # Output GeoTIFFs
 # ---------------------------------------------------------------------------
@@ -363,13 +375,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     sources = fusion.selected_sources(config)
     given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem)}
     flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)", "dem": "--dem (elevation)"}
-    missing = [flags_of[s] for s in sources if given[s] is None]
-    if missing:
-        raise InputError(f"{workdir}: the model was trained on sources {', '.join(sources)}; "
-                         f"also give {', '.join(missing)}.")
-    unused = [s for s in given if given[s] is not None and s not in sources]
-    if unused:
-        log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
+    _check_sources(workdir, sources, given, flags_of)
     grid_file = target_grid or next(given[s] for s in SOURCES if given[s] is not None)
     tile = int(config.data.tile_size)
     overlap = _overlap(overlap, tile)
@@ -498,13 +504,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
              CLOUDY: _as_path(s2_cloudy)}
     flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)",
                 "dem": "--dem (elevation)", CLOUDY: "--s2_cloudy (the cloudy Sentinel-2 image)"}
-    missing = [flags_of[s] for s in sources if given[s] is None]
-    if missing:
-        raise InputError(f"{workdir}: the model was trained on sources {', '.join(sources)}; "
-                         f"also give {', '.join(missing)}.")
-    unused = [s for s in given if given[s] is not None and s not in sources]
-    if unused:
-        log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
+    _check_sources(workdir, sources, given, flags_of)
     tile = int(config.data.tile_size)
     overlap = _overlap(overlap, tile)
     opts = _ingest_options(tile, target_grid or given[CLOUDY], target_crs, target_resolution, s1_units)
