@@ -109,6 +109,56 @@ def test_model_flops_count_the_convolution_rewrites_in_full():
         assert counted < 0.9 * analytic
 
 
+def _conv_grad_step():
+    """A 3x3, 8 -> 128 convolution's forward and both gradients on 64x64, and
+    its analytic FLOPs counting every tap: 3 x 2 x pixels x taps x C x O."""
+    x = jnp.ones((1, 64, 64, 8))
+    kernel = jnp.ones((3, 3, 8, 128))
+
+    @jax.jit
+    def step(kernel, x):
+        def loss(kernel, x):
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.sum(y ** 2)
+        return jax.grad(loss, argnums=(0, 1))(kernel, x)
+
+    return step, (kernel, x), 3 * 2 * 64 * 64 * 9 * 8 * 128
+
+
+def test_jaxpr_flops_count_every_convolution_of_the_gradient():
+    step, args, analytic = _conv_grad_step()
+    assert bench.jaxpr_flops(step.trace(*args).jaxpr) == analytic
+    # The same count as XLA's cost analysis, up to the taps on the zero border it skips.
+    assert bench.jaxpr_flops(step.trace(*args).jaxpr) == pytest.approx(
+        bench.model_flops(step, *args), rel=0.05)
+
+
+def test_jaxpr_flops_multiply_scans_and_take_the_costlier_branch():
+    a = jnp.ones((16, 32))
+    b = jnp.ones((32, 8))
+
+    def f(a, b, pred):
+        def body(carry, _):
+            return carry + a @ b, None                     # 2 x 16 x 8 x 32 each
+        out, _ = jax.lax.scan(body, jnp.zeros((16, 8)), None, length=5)
+        cheap = lambda: out                                 # noqa: E731
+        dear = lambda: out @ jnp.ones((8, 64)) @ jnp.ones((64, 8))  # noqa: E731
+        return jax.lax.cond(pred, dear, cheap)
+
+    jaxpr = jax.make_jaxpr(f)(a, b, True)
+    assert bench.jaxpr_flops(jaxpr) == 5 * 2 * 16 * 8 * 32 + 2 * 16 * 64 * 8 + 2 * 16 * 8 * 64
+
+
+def test_model_flops_fall_back_to_the_jaxpr_when_xla_gives_no_count(monkeypatch):
+    """What happened on an H200 with jax 0.11.2: the CPU lowering's cost
+    analysis had no "flops", so the bench printed no MFU."""
+    step, args, analytic = _conv_grad_step()
+    assert bench.model_flops_and_source(step, *args)[1] == "xla_cost_analysis"
+    monkeypatch.setattr(bench, "compiled_flops", lambda lowered: None)
+    assert bench.model_flops_and_source(step, *args) == (analytic, "jaxpr")
+
+
 def test_fusion_reference_is_marked_as_recorded():
     entry = bench.add_reference({"size": 256, "batch": 1, "dtype": "float32",
                                  "images_per_s": 0.2})
