@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import rasterio
@@ -73,7 +74,7 @@ def test_rs_spade_with_the_cloudy_image_trains_and_scores_cloud_removal(cloudy_d
     from rsjax.trainers import fusion
 
     config = tiny_cloud_config(cloudy_data_dir, "fusion", sources="s2_cloudy+s1+dem+lulc")
-    result = fusion.train_and_evaluate(config, str(tmp_path))
+    result = fusion.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert result["step"] == 2 and np.isfinite(result["psnr"])
     assert np.isfinite(result["clouds_composite_cloud_psnr"])
     _check_cloud_evaluation(tmp_path, _num_test(config))
@@ -85,7 +86,7 @@ def test_dsen2cr_trains_resumes_and_scores_cloud_removal(cloudy_data_dir, tmp_pa
     from rsjax.trainers import cloud_removal
 
     config = tiny_cloud_config(cloudy_data_dir, "cloud_removal")
-    result = cloud_removal.train_and_evaluate(config, str(tmp_path))
+    result = cloud_removal.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert result["step"] == 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

@@ -179,7 +179,7 @@ def test_sigterm_saves_stops_and_the_rerun_resumes_to_the_same_parameters(
     try:
         with monkeypatch.context() as patch:
             patch.setattr(logging_utils.MetricWriter, "write_scalars", terminated_at_step_2)
-            stopped = fusion.train_and_evaluate(config, str(tmp_path))
+            stopped = fusion.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
         assert signal.getsignal(signal.SIGTERM) is not previous   # the loop put ours back
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -189,7 +189,7 @@ def test_sigterm_saves_stops_and_the_rerun_resumes_to_the_same_parameters(
                   if p.name.isdigit()) == [1, 2]
 
     with caplog.at_level(logging.INFO, logger="rsjax"):
-        resumed = fusion.train_and_evaluate(config, str(tmp_path))
+        resumed = fusion.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert resumed == {"step": 4}
     assert "Resumed from step 2" in caplog.text
     step_a, a = _final_params(config, straight)
@@ -220,7 +220,7 @@ def test_bfloat16_compute_trains(demo_data_dir, tmp_path, model):
     assert len(convolutions) > 20
     assert [d for d in convolutions if d != ("bfloat16", "bfloat16")] == []
 
-    fusion.train_and_evaluate(config, str(tmp_path))
+    fusion.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records and all(np.isfinite(r["g_loss"]) for r in records)
     _, params = _final_params(config, tmp_path)
@@ -249,7 +249,7 @@ def test_rs_spade_every_source_subset_trains_a_step(demo_data_dir, tmp_path):
 
     config = tiny_fusion_config(demo_data_dir, "rs_spade", steps=2, sources="lulc+dem")
     config.final_eval_split = "validation"
-    result = fusion.train_and_evaluate(config, str(tmp_path))
+    result = fusion.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert result["step"] == 2 and np.isfinite(result["psnr"])
     assert json.loads((tmp_path / "config.json").read_text())["data"]["sources"] == ["lulc", "dem"]
 

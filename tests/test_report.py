@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,7 +31,7 @@ def fusion_run(demo_data_dir, tmp_path_factory):
     config.optim.g_lr, config.optim.d_lr = G_LR, D_LR
     config.optim.decay_start_step = 2          # constant to step 2, then linear to 0 at 4
     workdir = tmp_path_factory.mktemp("runs") / "pix2pix_demo"
-    fusion.train_and_evaluate(config, str(workdir))
+    fusion.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
     return workdir
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def generated_dir(demo_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fusion")
     config = tiny_fusion_config(demo_data_dir, "pix2pix", steps=2)
     config.final_eval_split = ""
-    fusion.train_and_evaluate(config, str(root))
+    fusion.train_and_evaluate(config, str(root), devices=jax.devices()[:1])
     out = root / "generated"
     result = synthesize.synthesize(config, str(root), "train", out=str(out), part_size=32)
     assert result["checkpoint_step"] == 2
