@@ -18,7 +18,6 @@ on the same machine. Needs the `bench` extra (PyTorch's CPU build).
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time

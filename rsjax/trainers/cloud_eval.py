@@ -168,3 +168,39 @@ def final_evaluation(workdir: str, split: str, step: int, evaluate, render, writ
         writer.write_images(step, {f"{split}_images": grid})
     loop.write_final_evaluation(workdir, split, step, scores)
     return scores
+
+
+def train_and_score(config, workdir: str, *, state, step_fn, train_iter, learning_rates,
+                    evaluate_split, write_images, render, is_main: bool) -> dict:
+    """The training loop and evaluations of a model that outputs S2 (fusion and
+    cloud removal share it): `write_images` every `image_every_steps`,
+    validation scores every `eval_every_steps` (not at the last step, where the
+    final evaluation follows), then `final_evaluation` on `final_eval_split`.
+
+    `evaluate_split(state, split, **options)` -> (scores, shown) is the trainer's
+    evaluation with its setup, config and mesh bound; `render(shown)` -> a grid.
+    Returns {"step"} and the final scores, or {"step", "preempted": True}.
+    """
+    from rsjax.trainers import loop
+
+    def validate(step, state, batch, writer):
+        if step != config.total_steps:
+            scores, _ = evaluate_split(state, "validation", max_batches=config.eval_max_batches)
+            writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
+
+    state, step, preempted, writer = loop.run_loop(
+        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
+        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
+        learning_rates=learning_rates)
+    if preempted:
+        writer.close()
+        return {"step": step, "preempted": True}
+    result = {"step": step}
+    if config.final_eval_split:
+        split = config.final_eval_split
+        result.update(final_evaluation(
+            workdir, split, step,
+            lambda clouds: evaluate_split(state, split, collect_images=4, clouds=clouds),
+            render, writer, is_main))
+    writer.close()
+    return result

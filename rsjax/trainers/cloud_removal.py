@@ -35,6 +35,7 @@ from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, cloud_eval, loop
 from rsjax.trainers.nonfinite import guarded_model_step
+from rsjax.trainers.single_model import SingleModelSetup
 
 log = logging.getLogger("rsjax")
 
@@ -51,7 +52,7 @@ def selected_sources(config) -> tuple[str, ...]:
     return input_pipeline.check_sources(sources)
 
 
-class Setup:
+class Setup(SingleModelSetup):
     """Graph definitions (train and eval mode), the optimizer and the config."""
 
     def __init__(self, config):
@@ -60,21 +61,7 @@ class Setup:
         o = config.optim
         if o.name not in OPTIMIZERS:
             raise ConfigError(f"config.optim.name={o.name!r}: choose one of {', '.join(OPTIMIZERS)}.")
-        model = self._create()
-        model.train()
-        self.train_graph, _ = nnx.split(model)
-        model.eval()
-        self.eval_graph, _ = nnx.split(model)
-        lr = loop.learning_rate_schedule(o.lr, config.total_steps, o.decay_start_step)
-        self.learning_rates = {"model": lr}
-        self.tx = getattr(optax, o.name)(lr, b1=o.b1, b2=o.b2)
-        self._jitted = {}
-
-    def jitted(self, name: str, fn):
-        """`jax.jit(fn)`, compiled once per run under `name`."""
-        if name not in self._jitted:
-            self._jitted[name] = jax.jit(fn)
-        return self._jitted[name]
+        self._build(o.lr, lambda lr: getattr(optax, o.name)(lr, b1=o.b1, b2=o.b2))
 
     def _create(self):
         kw = dict(self.config.model.to_dict())
@@ -82,13 +69,6 @@ class Setup:
         channels = {s: input_pipeline.SOURCE_CHANNELS[s] for s in self.sources}
         return create_model(name, source_channels=channels, rngs=nnx.Rngs(params=int(self.config.seed)),
                             **kw)
-
-    def init_state(self) -> dict:
-        model = self._create()
-        model.train()
-        return {"step": jnp.zeros((), jnp.int32), "model": nnx.state(model),
-                "opt": self.tx.init(nnx.state(model, nnx.Param)),
-                "nonfinite": jnp.zeros((), jnp.int32)}
 
 
 def covered(cloud_mask) -> jax.Array:
@@ -210,27 +190,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             viz.save_png(grid, epath.Path(workdir) / "images" / f"step_{step:07d}.png")
             writer.write_images(step, {"images": grid})
 
-    def validate(step, state, batch, writer):
-        if step != config.total_steps:          # the final evaluation follows anyway
-            scores, _ = evaluate_split(setup, state, config, "validation", mesh,
-                                       max_batches=config.eval_max_batches)
-            writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
-
-    state, step, preempted, writer = loop.run_loop(
+    return cloud_eval.train_and_score(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
-        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
-        learning_rates=setup.learning_rates)
-    if preempted:
-        writer.close()
-        return {"step": step, "preempted": True}
-
-    result = {"step": step}
-    if config.final_eval_split:
-        split = config.final_eval_split
-        result.update(cloud_eval.final_evaluation(
-            workdir, split, step,
-            lambda clouds: evaluate_split(setup, state, config, split, mesh, collect_images=4,
-                                          clouds=clouds),
-            lambda shown: viz.render_grid(shown, **cloud_eval.grid_options(shown)), writer, is_main))
-    writer.close()
-    return result
+        learning_rates=setup.learning_rates,
+        evaluate_split=lambda state, split, **kw: evaluate_split(setup, state, config, split,
+                                                                 mesh, **kw),
+        write_images=write_images,
+        render=lambda shown: viz.render_grid(shown, **cloud_eval.grid_options(shown)),
+        is_main=is_main)

@@ -477,30 +477,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         # step over a global array is collective); only process 0 writes.
         _write_images(setup, state, batch, workdir, step, write=is_main, writer=writer)
 
-    def validate(step, state, batch, writer):
-        if step != config.total_steps:     # the final evaluation follows anyway
-            scores, _ = evaluate_split(setup, state, config, "validation", mesh,
-                                       max_batches=config.eval_max_batches)
-            writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
-
-    state, step, preempted, writer = loop.run_loop(
+    return cloud_eval.train_and_score(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
-        periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
-        learning_rates=setup.learning_rates)
-    if preempted:
-        writer.close()
-        return {"step": step, "preempted": True}
-
-    result = {"step": step}
-    if config.final_eval_split:
-        split = config.final_eval_split
-        result.update(cloud_eval.final_evaluation(
-            workdir, split, step,
-            lambda clouds: evaluate_split(setup, state, config, split, mesh, collect_images=4,
-                                          clouds=clouds),
-            lambda shown: render_rows(shown_rows(shown)), writer, is_main))
-    writer.close()
-    return result
+        learning_rates=setup.learning_rates,
+        evaluate_split=lambda state, split, **kw: evaluate_split(setup, state, config, split,
+                                                                 mesh, **kw),
+        write_images=write_images, render=lambda shown: render_rows(shown_rows(shown)),
+        is_main=is_main)
 
 
 def _write_images(setup, state, batch, workdir, step, write: bool = True, writer=None):

@@ -31,6 +31,7 @@ from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, loop
 from rsjax.trainers.nonfinite import guarded_model_step
+from rsjax.trainers.single_model import SingleModelSetup
 
 log = logging.getLogger("rsjax")
 
@@ -39,30 +40,16 @@ log = logging.getLogger("rsjax")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class Setup:
+class Setup(SingleModelSetup):
     def __init__(self, config):
         self.config = config
         dtype = config.get("dtype", "float32")
         if dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
         self.compute_dtype = COMPUTE_DTYPES[dtype]
-        model = self._create()
-        model.train()
-        self.train_graph, _ = nnx.split(model)
-        model.eval()
-        self.eval_graph, _ = nnx.split(model)
-        lr = loop.learning_rate_schedule(config.optim.lr, config.total_steps,
-                                         config.optim.decay_start_step)
-        self.learning_rates = {"model": lr}      # logged as learning_rate/model
-        self.tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
-                              weight_decay=config.optim.weight_decay)
-        self._jitted = {}
-
-    def jitted(self, name: str, fn):
-        """`jax.jit(fn)`, compiled once per run under `name` (not at every evaluation)."""
-        if name not in self._jitted:
-            self._jitted[name] = jax.jit(fn)
-        return self._jitted[name]
+        o = config.optim
+        self._build(o.lr, lambda lr: optax.adamw(lr, b1=o.b1, b2=o.b2,
+                                                 weight_decay=o.weight_decay))
 
     def _create(self):
         kw = dict(self.config.model.to_dict())
@@ -70,13 +57,6 @@ class Setup:
         return create_model(name, in_channels=int(self.config.in_channels),
                             num_classes=NUM_CLASSES, rngs=nnx.Rngs(params=int(self.config.seed)),
                             **kw)
-
-    def init_state(self) -> dict:
-        model = self._create()
-        model.train()
-        return {"step": jnp.zeros((), jnp.int32), "model": nnx.state(model),
-                "opt": self.tx.init(nnx.state(model, nnx.Param)),
-                "nonfinite": jnp.zeros((), jnp.int32)}
 
 
 def class_weights(config) -> Optional[jax.Array]:

@@ -1,0 +1,48 @@
+"""What the one-model trainers (segmentation, cloud removal) share in their
+Setup: the model's train and eval graphs, the learning-rate schedule, the
+optimizer, a per-run cache of jitted functions and the initial train state.
+A trainer subclasses `SingleModelSetup`, defines `_create()` (its model) and
+calls `_build(lr, make_tx)` at the end of its own `__init__`. The fusion
+trainer's two networks have their own Setup."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rsjax.trainers import loop
+
+
+class SingleModelSetup:
+    config = None            # the run's ConfigDict, set by the subclass
+
+    def _create(self) -> nnx.Module:
+        raise NotImplementedError
+
+    def _build(self, lr: float, make_tx: Callable[[optax.Schedule], optax.GradientTransformation]):
+        model = self._create()
+        model.train()
+        self.train_graph, _ = nnx.split(model)
+        model.eval()
+        self.eval_graph, _ = nnx.split(model)
+        schedule = loop.learning_rate_schedule(lr, self.config.total_steps,
+                                               self.config.optim.decay_start_step)
+        self.learning_rates = {"model": schedule}      # logged as learning_rate/model
+        self.tx = make_tx(schedule)
+        self._jitted = {}
+
+    def jitted(self, name: str, fn):
+        """`jax.jit(fn)`, compiled once per run under `name` (not at every evaluation)."""
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn)
+        return self._jitted[name]
+
+    def init_state(self) -> dict:
+        model = self._create()
+        model.train()
+        return {"step": jnp.zeros((), jnp.int32), "model": nnx.state(model),
+                "opt": self.tx.init(nnx.state(model, nnx.Param)),
+                "nonfinite": jnp.zeros((), jnp.int32)}
