@@ -25,7 +25,6 @@ import ml_collections
 from rsjax.configs import common
 
 
-BENCH_STEPS = 600
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,12 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(carl_weight=1.0))
     c.optim = ml_collections.ConfigDict(dict(name="nadam", lr=7e-5, b1=0.9, b2=0.999,
                                              decay_start_step=None))
-    c.image_every_steps = 100 if small else 1000
-    c.eval_max_batches = 20
-    common.add_loop_settings(
-        c, scale=scale, steps=a.steps,
-        total_steps={"full": 100_000, "demo": 300, "bench": BENCH_STEPS, "paper": common.PAPER_STEPS},
-        eval_every_steps={"full": 5000, "demo": 0, "bench": 0, "paper": 1000})
+    common.add_image_model_loop_settings(c, scale=scale, steps=a.steps)
     if small:
         c.model.features = 64
         c.model.num_blocks = 6

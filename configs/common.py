@@ -111,3 +111,19 @@ def add_loop_settings(c: ml_collections.ConfigDict, *, scale: str, steps: int,
     c.final_eval_split = "test"
     if scale != "full":
         c.optim.decay_start_step = c.total_steps // 2
+
+
+# How long the models that output an S2 image (fusion's generators, cloud
+# removal's DSen2-CR) train at each scale, and how often they are validated.
+IMAGE_MODEL_STEPS = {"full": 100_000, "demo": 300, "bench": 600, "paper": PAPER_STEPS}
+IMAGE_MODEL_EVAL_EVERY = {"full": 5000, "demo": 0, "bench": 0, "paper": 1000}
+
+
+def add_image_model_loop_settings(c: ml_collections.ConfigDict, *, scale: str,
+                                  steps: int) -> None:
+    """`add_loop_settings` with the image models' lengths, plus their image
+    grids and the number of validation batches scored."""
+    c.image_every_steps = 100 if scale in ("demo", "bench") else 1000
+    c.eval_max_batches = 20
+    add_loop_settings(c, scale=scale, steps=steps, total_steps=IMAGE_MODEL_STEPS,
+                      eval_every_steps=IMAGE_MODEL_EVAL_EVERY)

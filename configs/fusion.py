@@ -34,7 +34,6 @@ OBJECTIVES = {
     "pix2pix": ("vanilla", 0.0, 100.0),
     "spade+l1": ("hinge", 10.0, 100.0),
 }
-BENCH_STEPS = 600
 
 
 def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
@@ -83,12 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.ema_decay = 0.999
     c.eval_use_ema = False           # the same for every model in the experiments
-    c.image_every_steps = 100 if small else 1000
-    c.eval_max_batches = 20
-    common.add_loop_settings(
-        c, scale=scale, steps=a.steps,
-        total_steps={"full": 100_000, "demo": 300, "bench": BENCH_STEPS, "paper": common.PAPER_STEPS},
-        eval_every_steps={"full": 5000, "demo": 0, "bench": 0, "paper": 1000})
+    common.add_image_model_loop_settings(c, scale=scale, steps=a.steps)
     if small:
         # Small enough that building the synthetic dataset and training finish on
         # 2 CPU cores in minutes, big enough that the sources visibly help.
