@@ -106,6 +106,30 @@ def test_paper_scale_models_take_a_training_step(part, arg, size, run):
     assert int(jax.device_get(metrics.get("nonfinite", 0))) == 0
 
 
+def test_a_run_killed_and_resumed_reports_the_wall_time_of_every_attempt(tmp_path):
+    """Attempt 1 starts at t=1000 and is killed after writing its last file at
+    t=1600; attempt 2 starts at t=5000 and finishes at t=5300: 600 + 300 s of
+    work, not the 300 s of the last piece nor the 4,300 s the run sat idle."""
+    out = epath.Path(tmp_path / "table1" / "rs_spade" / "seed0")
+    first = runner.start_attempt(out, now=1000.0)
+    assert (first["earlier_seconds"], first["earlier_attempts"]) == (0.0, 0)
+    for name, mtime in (("checkpoints/100/state", 1300.0), ("metrics.jsonl", 1600.0)):
+        path = tmp_path / "table1" / "rs_spade" / "seed0" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        os.utime(path, (mtime, mtime))
+    second = runner.start_attempt(out, now=5000.0)
+    assert (second["earlier_seconds"], second["earlier_attempts"]) == (600.0, 1)
+    record = runner.finish_attempt(second, now=5300.0)
+    assert record["seconds"] == 900.0 and record["attempts"] == 2
+    assert not record["cpu_seconds_of_all_attempts"]
+    assert runner.cpu_note(record) == " (last of 2 attempts)"
+    # A run done in one go counts its CPU time whole.
+    once = runner.finish_attempt(runner.start_attempt(epath.Path(tmp_path / "b"), now=10.0),
+                                 now=70.0)
+    assert (once["seconds"], once["attempts"], runner.cpu_note(once)) == (60.0, 1, "")
+
+
 def _tiny(run):
     """Smaller models and 2 steps on the demo dataset: the runner's machinery is what is tested."""
     if run.config.startswith("segmentation"):

@@ -296,12 +296,13 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
         md += ["## Best and worst test tiles (seed 0)", ""]
         md += [f"- {k}: ![{k}]({v})" for k, v in report["grids"].items()] + [""]
 
-    times, cpu = [], []
+    times, cpu, notes = [], [], []
     for run in runs:
         record = runner.load_finished(run, root)
         if record is not None:
             times.append((run.name, record["seconds"]))
             cpu.append((run.name, record.get("cpu_seconds")))
+            notes.append(runner.cpu_note(record))
     report["wall_seconds"] = {"runs": dict(times), "total": round(sum(t for _, t in times), 1)}
     report["cpu_seconds"] = {"runs": dict(cpu),
                              "total": round(sum(t or 0.0 for _, t in cpu), 1)}
@@ -309,9 +310,12 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     fmt_time = logging_utils.format_duration
     md += ["## Wall time", "", f"{len(times)} of {len(runs)} runs finished: "
            f"{fmt_time(report['wall_seconds']['total'])} of wall time, "
-           f"{fmt_time(report['cpu_seconds']['total'])} of CPU time (all threads).", "",
-           "| run | wall | CPU |", "|---|---:|---:|"]
-    md += [f"| {name} | {fmt_time(t)} | {fmt_time(c)} |" for (name, t), (_, c) in zip(times, cpu)]
+           f"{fmt_time(report['cpu_seconds']['total'])} of CPU time (all threads"
+           + ("; a run resumed after a kill counts the CPU time of its last attempt only"
+              if any(notes) else "") + ").", "",
+           "| run | wall (all attempts) | CPU |", "|---|---:|---:|"]
+    md += [f"| {name} | {fmt_time(t)} | {fmt_time(c)}{note} |"
+           for (name, t), (_, c), note in zip(times, cpu, notes)]
     md += [""]
     (root / "report.md").write_text("\n".join(md) + "\n")
     (root / "report.json").write_text(json.dumps(report, indent=2, default=float))

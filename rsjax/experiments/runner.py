@@ -28,6 +28,68 @@ log = logging.getLogger("rsjax")
 RUN_FILE = "run.json"
 TILES_FILE = "tiles_test.npz"
 SHOWN_FILE = "shown_test.npz"
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def start_attempt(out: epath.Path, now: Optional[float] = None) -> dict:
+    """Notes in `out`/attempts.jsonl that an invocation starts (or resumes) this
+    run, and adds up what the earlier, interrupted ones spent: a killed attempt
+    never writes its end, so it counts from its start to the newest file it
+    left in the run's folder (its last checkpoint, metrics or log line); its
+    CPU time is lost. `finish_attempt` turns this into the run's times, so a
+    run trained across sessions reports all of its wall time, not the last
+    piece."""
+    now = time.time() if now is None else now
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / ATTEMPTS_FILE
+    starts = ([json.loads(l)["start"] for l in log_file.read_text().splitlines() if l]
+              if log_file.exists() else [])
+    mtimes = _file_mtimes(out)
+    earlier = 0.0
+    for i, start in enumerate(starts):
+        until = starts[i + 1] if i + 1 < len(starts) else now
+        written = [m for m in mtimes if start <= m < until]
+        earlier += (max(written) - start) if written else 0.0
+    with log_file.open("a") as f:
+        f.write(json.dumps({"start": now}) + "\n")
+    return {"started": now, "cpu_started": time.process_time(),
+            "earlier_seconds": earlier, "earlier_attempts": len(starts)}
+
+
+def finish_attempt(attempt: dict, now: Optional[float] = None) -> dict:
+    """The run record's time fields: `seconds`, wall time of every attempt;
+    `cpu_seconds`, CPU time of every thread of this process in the last one (on a
+    shared machine the wall time grows with the load, the CPU time much less);
+    `attempts`; `cpu_seconds_of_all_attempts`, whether that CPU time is the whole."""
+    now = time.time() if now is None else now
+    return {"seconds": round(attempt["earlier_seconds"] + now - attempt["started"], 1),
+            "cpu_seconds": round(time.process_time() - attempt["cpu_started"], 1),
+            "attempts": attempt["earlier_attempts"] + 1,
+            "cpu_seconds_of_all_attempts": attempt["earlier_attempts"] == 0}
+
+
+def cpu_note(record: dict) -> str:
+    """" (last of N attempts)" where a run's CPU time covers only its last attempt."""
+    if record.get("cpu_seconds_of_all_attempts", True):
+        return ""
+    return f" (last of {record['attempts']} attempts)"
+
+
+def _file_mtimes(root: epath.Path) -> list[float]:
+    """Modification times of the files under a local run folder (none for object
+    stores, whose listing would cost a request per folder: there only the last
+    attempt's time counts)."""
+    import os
+
+    times = []
+    for folder, _, files in os.walk(os.fspath(root)):
+        for name in files:
+            if name != ATTEMPTS_FILE:
+                try:
+                    times.append(os.stat(os.path.join(folder, name)).st_mtime)
+                except OSError:          # removed while listing (a checkpoint rotated out)
+                    pass
+    return times
 
 
 def run_config(run: Run, root: epath.Path, data_dir: Optional[str] = None,
@@ -80,7 +142,7 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
 
     out = root / run.name
     config = run_config(run, root, data_dir, extra)
-    started, cpu_started = time.time(), time.process_time()
+    attempt = start_attempt(out)
     if run.kind == "synthesize":
         from rsjax import synthesize
 
@@ -102,11 +164,7 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         if history.exists():
             record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
-                  config=_portable(_resolved(config), root),
-                  seconds=round(time.time() - started, 1),
-                  # CPU time of every thread of this process: on a shared machine the
-                  # wall time grows with the load, the CPU time much less.
-                  cpu_seconds=round(time.process_time() - cpu_started, 1))
+                  config=_portable(_resolved(config), root), **finish_attempt(attempt))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
 
