@@ -128,6 +128,8 @@ def test_a_run_killed_and_resumed_reports_the_wall_time_of_every_attempt(tmp_pat
     once = runner.finish_attempt(runner.start_attempt(epath.Path(tmp_path / "b"), now=10.0),
                                  now=70.0)
     assert (once["seconds"], once["attempts"], runner.cpu_note(once)) == (60.0, 1, "")
+    # A record from before attempts were counted says its times are the last attempt's.
+    assert runner.cpu_note({"cpu_seconds": 5}) == runner.wall_note({"seconds": 5}) == " (last attempt)"
 
 
 def _tiny(run):

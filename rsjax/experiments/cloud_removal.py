@@ -301,7 +301,7 @@ def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict
              cover_table(rows, region="cloud"), "", "### Runs", "",
              "| run | steps | wall time (all attempts) | CPU time |", "|---|---:|---:|---:|"]
     for r in records:
-        lines.append(f"| {r['method']}/seed{r['seed']} | {r['step']} | {r['seconds']:.0f} s | "
+        lines.append(f"| {r['method']}/seed{r['seed']} | {r['step']} | {r['seconds']:.0f} s{runner.wall_note(r)} | "
                      f"{r.get('cpu_seconds', float('nan')):.0f} s{runner.cpu_note(r)} |")
     if grid:
         lines += ["", f"Grid: `{grid}`."]

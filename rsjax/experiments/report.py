@@ -302,7 +302,7 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
         if record is not None:
             times.append((run.name, record["seconds"]))
             cpu.append((run.name, record.get("cpu_seconds")))
-            notes.append(runner.cpu_note(record))
+            notes.append((runner.wall_note(record), runner.cpu_note(record)))
     report["wall_seconds"] = {"runs": dict(times), "total": round(sum(t for _, t in times), 1)}
     report["cpu_seconds"] = {"runs": dict(cpu),
                              "total": round(sum(t or 0.0 for _, t in cpu), 1)}
@@ -312,10 +312,10 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
            f"{fmt_time(report['wall_seconds']['total'])} of wall time, "
            f"{fmt_time(report['cpu_seconds']['total'])} of CPU time (all threads"
            + ("; a run resumed after a kill counts the CPU time of its last attempt only"
-              if any(notes) else "") + ").", "",
+              if any(c for _, c in notes) else "") + ").", "",
            "| run | wall (all attempts) | CPU |", "|---|---:|---:|"]
-    md += [f"| {name} | {fmt_time(t)} | {fmt_time(c)}{note} |"
-           for (name, t), (_, c), note in zip(times, cpu, notes)]
+    md += [f"| {name} | {fmt_time(t)}{wall_note} | {fmt_time(c)}{cpu_note} |"
+           for (name, t), (_, c), (wall_note, cpu_note) in zip(times, cpu, notes)]
     md += [""]
     (root / "report.md").write_text("\n".join(md) + "\n")
     (root / "report.json").write_text(json.dumps(report, indent=2, default=float))

@@ -70,9 +70,17 @@ def finish_attempt(attempt: dict, now: Optional[float] = None) -> dict:
 
 def cpu_note(record: dict) -> str:
     """" (last of N attempts)" where a run's CPU time covers only its last attempt."""
-    if record.get("cpu_seconds_of_all_attempts", True):
+    if "attempts" not in record:
+        return " (last attempt)"
+    if record["cpu_seconds_of_all_attempts"]:
         return ""
     return f" (last of {record['attempts']} attempts)"
+
+
+def wall_note(record: dict) -> str:
+    """" (last attempt)" for a record written before attempts were counted
+    (rsjax before 2026-11-30), whose wall time may miss earlier attempts."""
+    return "" if "attempts" in record else " (last attempt)"
 
 
 def _file_mtimes(root: epath.Path) -> list[float]:
