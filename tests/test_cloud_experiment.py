@@ -34,7 +34,8 @@ def _write_run(root: epath.Path, key: str, seed: int, noise: float) -> None:
     with (out / experiment.RESULTS_FILE).open("wb") as f:
         np.savez_compressed(f, **{f"{v}/{k}": a for v, p in variants.items() for k, a in p.items()})
     (out / experiment.RUN_FILE).write_text(json.dumps(
-        {"method": key, "seed": seed, "config": {}, "seconds": 12.0, "cpu_seconds": 20.0, "step": 300}))
+        {"method": key, "seed": seed, "config": {}, "seconds": 12.0, "cpu_seconds": 20.0, "step": 300,
+         "attempts": 1 + seed, "cpu_seconds_of_all_attempts": seed == 0}))
 
 
 def test_report_from_finished_runs(tmp_path):
@@ -56,7 +57,8 @@ def test_report_from_finished_runs(tmp_path):
         row = next(line for line in text.splitlines() if label in line)
         assert "published, other data" in row and psnr in row
     assert "| tiles | 2 | 1 | 1 | 2 |" in text                  # tiles per cover bin
-    assert "| dsen2cr/seed1 | 300 | 12 s | 20 s |" in text
+    assert "| dsen2cr/seed0 | 300 | 12 s | 20 s |" in text
+    assert "| dsen2cr/seed1 | 300 | 12 s | 20 s (last of 2 attempts) |" in text   # resumed once
     # The numbers are the split metrics of the parts, averaged over seeds.
     want = np.mean([cm.split_metric("psnr", "cloud")(r) for r in rows["dsen2cr"]["runs"]])
     got = experiment.report_json(rows)["ours"]["dsen2cr"]["cells"]["cloud/psnr"]["mean"]

@@ -3,6 +3,7 @@ and the report's tables, intervals and verdicts read from the runs' files."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
@@ -133,7 +134,9 @@ def test_a_run_killed_and_resumed_reports_the_wall_time_of_every_attempt(tmp_pat
 
 
 def _tiny(run):
-    """Smaller models and 2 steps on the demo dataset: the runner's machinery is what is tested."""
+    """Smaller models and 2 steps on the demo dataset: the runner's machinery is what
+    is tested (on one device: 8-device programs compile a quarter slower, and data
+    parallelism has its own tests)."""
     if run.config.startswith("segmentation"):
         return ("model.width=4", "total_steps=2", "eval_every_steps=1", "log_every_steps=1",
                 "data.name=rs_multisource/synthetic_demo")
@@ -154,12 +157,14 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
     lines = []
     # A first session stops after one run ...
     records = runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append,
-                              extra=_tiny, limit=1)
+                              extra=_tiny, limit=1,
+                              devices=jax.devices()[:1])
     assert records[0] is not None and records[1:] == [None, None, None]
     first = root / runs[0].name / runner.RUN_FILE
     stamp = os.stat(first).st_mtime_ns
     # ... the next one continues with the rest and leaves the finished run alone.
-    records = runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=_tiny)
+    records = runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=_tiny,
+                              devices=jax.devices()[:1])
     assert all(r is not None for r in records)
     assert os.stat(first).st_mtime_ns == stamp
     assert any("1 of 4 runs already finished; 3 to run" in line for line in lines)
@@ -192,7 +197,8 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
     def longer(run):
         return _tiny(run)[:-1] + ("total_steps=3",) if run.kind == "fusion" else _tiny(run)
     with pytest.raises(runner.UserError, match="another config"):
-        runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=longer)
+        runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=longer,
+                        devices=jax.devices()[:1])
 
 
 def _fake_run(root, run, tiles, history=None):

@@ -144,8 +144,9 @@ def check_matches(run: Run, record: dict, config, root: epath.Path) -> None:
 
 
 def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
-            extra: Optional[Callable[[Run], Sequence[str]]] = None) -> dict:
-    """Runs one run (resuming it if it was interrupted) and writes its run.json."""
+            extra: Optional[Callable[[Run], Sequence[str]]] = None, devices=None) -> dict:
+    """Runs one run (resuming it if it was interrupted) and writes its run.json;
+    `devices` (default: all) is the trainers' mesh."""
     from rsjax.trainers import trainer_module
 
     out = root / run.name
@@ -160,11 +161,11 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         record = {"kind": run.kind, "summary": summary}
     else:
         trainer = trainer_module(config.trainer)
-        result = trainer.train_and_evaluate(config, str(out))
+        result = trainer.train_and_evaluate(config, str(out), devices=devices)
         if result.get("preempted"):
             raise KeyboardInterrupt(f"{run.name} stopped on request; rerun to resume")
         # Per-tile metric parts (paired intervals) and the best and worst tiles (grids).
-        tiles, shown = trainer.score_tiles(config, str(out), "test")
+        tiles, shown = trainer.score_tiles(config, str(out), "test", devices=devices)
         np.savez_compressed((out / TILES_FILE).open("wb"), **tiles)
         np.savez_compressed((out / SHOWN_FILE).open("wb"), **shown)
         record = {"kind": run.kind, "scores": _jsonable(result)}
@@ -184,9 +185,10 @@ def _jsonable(tree):
 def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = None,
              print_fn: Callable[[str], None] = print,
              extra: Optional[Callable[[Run], Sequence[str]]] = None,
-             limit: Optional[int] = None) -> list[Optional[dict]]:
-    """Runs the unfinished runs of `runs` in order (at most `limit` of them);
-    returns every run's record (None for runs not finished)."""
+             limit: Optional[int] = None, devices=None) -> list[Optional[dict]]:
+    """Runs the unfinished runs of `runs` in order (at most `limit` of them) on
+    `devices` (default: all); returns every run's record (None for runs not
+    finished)."""
     from rsjax import logging_utils
 
     root.mkdir(parents=True, exist_ok=True)
@@ -208,7 +210,7 @@ def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = No
         eta = logging_utils.format_duration(
             spent / done * (len(todo) - done) if done else None)
         print_fn(f"[{done + 1}/{len(todo)}] {run.name} ({run.kind}) | ETA of the rest {eta}")
-        records[i] = execute(run, root, data_dir, extra)
+        records[i] = execute(run, root, data_dir, extra, devices)
         spent += records[i]["seconds"]
         done += 1
         print_fn(f"    done in {logging_utils.format_duration(records[i]['seconds'])}")
