@@ -6,7 +6,8 @@ Every run lives in `<workdir>/<run name>/`. A finished run holds `run.json`
 `shown_test.npz` (the best and worst test tiles, for the report's grids).
 An unfinished run is resumed: the trainer continues from its last
 checkpoint, so an experiment can be run in pieces, and a killed one
-continues where it stopped. A finished run whose config no longer matches
+continues where it stopped; `attempts.jsonl` keeps each attempt's start so
+that the run's wall time counts every piece. A finished run whose config no longer matches
 the plan is an error (never a silent mix of two settings): remove that run's
 folder, or use another workdir.
 """
