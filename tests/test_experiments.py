@@ -129,6 +129,12 @@ def test_a_run_killed_and_resumed_reports_the_wall_time_of_every_attempt(tmp_pat
     once = runner.finish_attempt(runner.start_attempt(epath.Path(tmp_path / "b"), now=10.0),
                                  now=70.0)
     assert (once["seconds"], once["attempts"], runner.cpu_note(once)) == (60.0, 1, "")
+    # A run whose earlier attempts predate the counting says its times are the last attempt's.
+    old = epath.Path(tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text("x")
+    resumed = runner.finish_attempt(runner.start_attempt(old))
+    assert runner.wall_note(resumed) == runner.cpu_note(resumed) == " (last attempt)"
     # A record from before attempts were counted says its times are the last attempt's.
     assert runner.cpu_note({"cpu_seconds": 5}) == runner.wall_note({"seconds": 5}) == " (last attempt)"
 

@@ -46,6 +46,9 @@ def start_attempt(out: epath.Path, now: Optional[float] = None) -> dict:
     starts = ([json.loads(l)["start"] for l in log_file.read_text().splitlines() if l]
               if log_file.exists() else [])
     mtimes = _file_mtimes(out)
+    # Files but no attempts noted: attempts of an rsjax from before this count
+    # (their time is unknown, and the record says so).
+    unrecorded = not starts and bool(mtimes)
     earlier = 0.0
     for i, start in enumerate(starts):
         until = starts[i + 1] if i + 1 < len(starts) else now
@@ -54,7 +57,8 @@ def start_attempt(out: epath.Path, now: Optional[float] = None) -> dict:
     with log_file.open("a") as f:
         f.write(json.dumps({"start": now}) + "\n")
     return {"started": now, "cpu_started": time.process_time(),
-            "earlier_seconds": earlier, "earlier_attempts": len(starts)}
+            "earlier_seconds": earlier, "earlier_attempts": len(starts),
+            "earlier_unrecorded": unrecorded}
 
 
 def finish_attempt(attempt: dict, now: Optional[float] = None) -> dict:
@@ -63,15 +67,19 @@ def finish_attempt(attempt: dict, now: Optional[float] = None) -> dict:
     shared machine the wall time grows with the load, the CPU time much less);
     `attempts`; `cpu_seconds_of_all_attempts`, whether that CPU time is the whole."""
     now = time.time() if now is None else now
-    return {"seconds": round(attempt["earlier_seconds"] + now - attempt["started"], 1),
-            "cpu_seconds": round(time.process_time() - attempt["cpu_started"], 1),
-            "attempts": attempt["earlier_attempts"] + 1,
-            "cpu_seconds_of_all_attempts": attempt["earlier_attempts"] == 0}
+    out = {"seconds": round(attempt["earlier_seconds"] + now - attempt["started"], 1),
+           "cpu_seconds": round(time.process_time() - attempt["cpu_started"], 1),
+           "attempts": attempt["earlier_attempts"] + 1,
+           "cpu_seconds_of_all_attempts": (attempt["earlier_attempts"] == 0
+                                           and not attempt.get("earlier_unrecorded"))}
+    if attempt.get("earlier_unrecorded"):
+        out["earlier_attempts_unrecorded"] = True
+    return out
 
 
 def cpu_note(record: dict) -> str:
     """" (last of N attempts)" where a run's CPU time covers only its last attempt."""
-    if "attempts" not in record:
+    if "attempts" not in record or record.get("earlier_attempts_unrecorded"):
         return " (last attempt)"
     if record["cpu_seconds_of_all_attempts"]:
         return ""
@@ -81,7 +89,8 @@ def cpu_note(record: dict) -> str:
 def wall_note(record: dict) -> str:
     """" (last attempt)" for a record written before attempts were counted
     (rsjax before 2026-11-30), whose wall time may miss earlier attempts."""
-    return "" if "attempts" in record else " (last attempt)"
+    return "" if "attempts" in record and not record.get("earlier_attempts_unrecorded") else \
+        " (last attempt)"
 
 
 def _file_mtimes(root: epath.Path) -> list[float]:
