@@ -77,9 +77,16 @@ def finish_attempt(attempt: dict, now: Optional[float] = None) -> dict:
     return out
 
 
+def _attempts_known(record: dict) -> bool:
+    """Whether every attempt of the run was counted: not for a record written
+    before attempts were (rsjax before 2026-11-30), nor for a run whose
+    earlier attempts ran under such an rsjax."""
+    return "attempts" in record and not record.get("earlier_attempts_unrecorded")
+
+
 def cpu_note(record: dict) -> str:
     """" (last of N attempts)" where a run's CPU time covers only its last attempt."""
-    if "attempts" not in record or record.get("earlier_attempts_unrecorded"):
+    if not _attempts_known(record):
         return " (last attempt)"
     if record["cpu_seconds_of_all_attempts"]:
         return ""
@@ -87,10 +94,8 @@ def cpu_note(record: dict) -> str:
 
 
 def wall_note(record: dict) -> str:
-    """" (last attempt)" for a record written before attempts were counted
-    (rsjax before 2026-11-30), whose wall time may miss earlier attempts."""
-    return "" if "attempts" in record and not record.get("earlier_attempts_unrecorded") else \
-        " (last attempt)"
+    """" (last attempt)" where a run's wall time may miss earlier attempts."""
+    return "" if _attempts_known(record) else " (last attempt)"
 
 
 def _file_mtimes(root: epath.Path) -> list[float]:

@@ -188,19 +188,11 @@ def train_and_score(config, workdir: str, *, state, step_fn, train_iter, learnin
             scores, _ = evaluate_split(state, "validation", max_batches=config.eval_max_batches)
             writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items()})
 
-    state, step, preempted, writer = loop.run_loop(
+    return loop.run_and_evaluate(
         config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
         periodic=((config.image_every_steps, write_images), (config.eval_every_steps, validate)),
-        learning_rates=learning_rates)
-    if preempted:
-        writer.close()
-        return {"step": step, "preempted": True}
-    result = {"step": step}
-    if config.final_eval_split:
-        split = config.final_eval_split
-        result.update(final_evaluation(
+        learning_rates=learning_rates,
+        final_evaluation=lambda state, split, step, writer: final_evaluation(
             workdir, split, step,
             lambda clouds: evaluate_split(state, split, collect_images=4, clouds=clouds),
             render, writer, is_main))
-    writer.close()
-    return result

@@ -64,8 +64,9 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     writer)`, run on every process (actions that write files check
     `jax.process_index()` themselves). `learning_rates` ({name: optax
     schedule}) are logged with the metrics as learning_rate/<name>, and so is
-    steps_per_second. Returns (state, step, preempted, writer); the caller
-    writes its final evaluation with the writer, then closes it.
+    steps_per_second. Returns (state, step, preempted, writer); trainers call
+    it through `run_and_evaluate`, which writes the final evaluation with the
+    writer and closes it.
     """
     ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     restored = ckpt.restore(abstract_like(state), train_iter, move_corrupt=True)
@@ -116,3 +117,19 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
         preemption.close()
         ckpt.close()
     return state, step, preempted, writer
+
+
+def run_and_evaluate(config, workdir: str, *, final_evaluation, **loop_args) -> dict:
+    """`run_loop`, then, unless the run was preempted, `final_evaluation(state,
+    split, step, writer)` -> scores on `config.final_eval_split` (when set);
+    the writer closed either way. Returns {"step", **scores}, or {"step",
+    "preempted": True}. What every trainer does after its loop."""
+    state, step, preempted, writer = run_loop(config, workdir, **loop_args)
+    if preempted:
+        writer.close()
+        return {"step": step, "preempted": True}
+    result = {"step": step}
+    if config.final_eval_split:
+        result.update(final_evaluation(state, config.final_eval_split, step, writer))
+    writer.close()
+    return result

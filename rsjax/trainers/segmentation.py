@@ -232,23 +232,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             # Rewritten whole: objects on Cloud Storage cannot be appended to.
             history_path.write_text("".join(history))
 
-    state, step, preempted, writer = loop.run_loop(
-        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
-        periodic=((config.eval_every_steps, validate),), learning_rates=setup.learning_rates)
-    if preempted:
-        writer.close()
-        return {"step": step, "preempted": True}
-
-    result = {"step": step}
-    if config.final_eval_split:
-        split = config.final_eval_split
+    def final_evaluation(state, split, step, writer):
         scores, cm, shown = evaluate_split(setup, state, config, split, mesh, collect=4)
-        result.update(scores)
         loop.write_final_evaluation(workdir, split, step,
                                     {**scores, "confusion_matrix": cm.tolist()})
         if is_main and shown is not None:
             grid = viz.render_grid(_grid_rows(shown))
             viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
             writer.write_images(step, {f"{split}_images": grid})
-    writer.close()
-    return result
+        return scores
+
+    return loop.run_and_evaluate(
+        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
+        periodic=((config.eval_every_steps, validate),), learning_rates=setup.learning_rates,
+        final_evaluation=final_evaluation)
