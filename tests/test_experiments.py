@@ -255,3 +255,102 @@ def test_report_tables_and_verdicts_from_the_runs_files(tmp_path):
     assert (root / "figure8.png").exists() and (root / "report.json").exists()
     speed = rep["claims"][-1]
     assert speed["verdict"] == stats.REVERSED            # the worse Mix never gets there first
+
+
+def _finish(root, run):
+    """A finished run as the runner records it (its config is the plan's)."""
+    out = root / run.name
+    out.mkdir(parents=True, exist_ok=True)
+    config = runner._portable(runner._resolved(runner.run_config(run, root)), root)
+    (out / runner.RUN_FILE).write_text(json.dumps({"kind": run.kind, "name": run.name,
+                                                   "seconds": 1.0, "config": config}))
+
+
+def _hold(root, run, pid):
+    """A claim on `run` by process `pid`, as another worker writes it."""
+    import psutil
+    import socket
+
+    out = root / run.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / runner.CLAIM_FILE).write_text(json.dumps({
+        "host": socket.gethostname(), "pid": pid, "started": psutil.Process(pid).create_time(),
+        "command": "rsjax experiments report", "since": "now"}))
+
+
+def test_workers_skip_held_runs_and_take_a_run_only_when_its_needs_are_finished(tmp_path):
+    """Several workers on one experiment: a run another live worker holds is
+    skipped, a run whose generator is unfinished waits, generators go first,
+    and a claim left by a dead worker is taken over."""
+    import subprocess
+    import sys
+
+    root = epath.Path(tmp_path)
+    runs = plan_lib.plan("bench", seeds=1, tables=("table1", "table3"))
+    by_name = {r.name: r for r in runs}
+    records = [None] * len(runs)
+
+    def next_name():
+        i, lock, busy = runner._next_run(runs, records, root, None, None)
+        if lock is not None:
+            lock.release()
+        return (runs[i].name if i is not None else None), busy
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _hold(root, by_name["table1/rs_spade/seed0"], other.pid)
+        _finish(root, by_name["table1/pix2pix/seed0"])
+        # Finished elsewhere: read in; held: skipped; the next generator is taken.
+        assert next_name() == ("table1/rs_spade_l1/seed0", ["table1/rs_spade/seed0"])
+        assert records[0] is not None
+        _finish(root, by_name["table1/rs_spade_l1/seed0"])
+        # Generators before segmentation, though later in the plan.
+        assert next_name()[0] == "table3/generator_optical_half/seed0"
+        _finish(root, by_name["table3/generator_optical_half/seed0"])
+        # The synthesis of the held generator waits; what needs nothing, or what
+        # is finished, goes.
+        assert next_name()[0] == "table3/real/seed0"
+        for name in ("table3/real/seed0", "generated/generator_optical_half_no_optical/seed0",
+                     "table3/real_optical_half/seed0", "table3/new_layouts/seed0"):
+            _finish(root, by_name[name])
+        name, busy = next_name()
+        assert name is None and busy == ["table1/rs_spade/seed0"]
+    finally:
+        other.kill()
+        other.wait()
+    # Its worker died: the claim is stale and taken over.
+    assert next_name()[0] == "table1/rs_spade/seed0"
+
+
+def test_run_plan_waits_for_another_worker_and_reads_its_record(tmp_path):
+    """The one run left is held by another worker: run_plan waits until that
+    worker's run.json appears, then returns its record without running it."""
+    import subprocess
+    import sys
+    import threading
+
+    root = epath.Path(tmp_path)
+    run = plan_lib.plan("bench", seeds=1, tables=("table1",))[0]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _hold(root, run, other.pid)
+        threading.Timer(1.0, _finish, (root, run)).start()
+        lines = []
+        records = runner.run_plan([run], root, print_fn=lines.append, poll_seconds=0.2)
+    finally:
+        other.kill()
+        other.wait()
+    assert records[0]["name"] == run.name
+    assert any("waiting for other workers (table1/pix2pix/seed0)" in line for line in lines)
+
+
+def test_workers_get_disjoint_cores_and_one_thread_each_on_one_core():
+    assert report.cpu_shares([0, 1], 2) == [[0], [1]]
+    assert report.cpu_shares([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    with pytest.raises(runner.UserError, match="at most 2 workers"):
+        report.cpu_shares([0, 1], 3)
+    env = report.worker_env([3], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
+                                        "--xla_cpu_multi_thread_eigen=false",
+                                        "intra_op_parallelism_threads=1"]
+    assert "intra_op_parallelism_threads=3" in report.worker_env([0, 1, 2], {})["XLA_FLAGS"]

@@ -19,8 +19,12 @@ report from what has finished so far.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 from typing import Optional
 
@@ -338,6 +342,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no_run", action="store_true",
                         help="write the report from the finished runs only")
     parser.add_argument("--list", action="store_true", help="print the plan's runs and exit")
+    parser.add_argument("--workers", type=cli.positive_int, default=1,
+                        help="runs at once on this machine, each on its share of the CPU cores "
+                             "(CPU machines: on 2 cores, 2 one-core workers do about 1.4x the "
+                             "work of one two-core worker); more machines sharing the workdir "
+                             "can each run the same command")
+    parser.add_argument("--worker_cpus", default=None, help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
@@ -355,7 +365,11 @@ def run(args) -> int:
             print(f"{r.name:45s} {r.kind:12s} {r.config} {' '.join(r.overrides)}")
         return 0
     root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
-    if not args.no_run:
+    if args.worker_cpus is not None:        # one of --workers' processes: run, no report
+        return _work(args, runs, root)
+    if not args.no_run and args.workers > 1:
+        _run_workers(args, runs, root)
+    elif not args.no_run:
         from rsjax.runtime import prepare_process
         prepare_process()
         runner.run_plan(runs, root, args.data_dir)
@@ -365,6 +379,81 @@ def run(args) -> int:
     print((root / "report.md").read_text())
     cli.print_json({"report": str(root / "report.md"), "json": str(root / "report.json"),
                     "verdicts": {r["claim"]: r["verdict"] for r in report["claims"]}})
+    return 0
+
+
+def cpu_shares(cpus: list[int], workers: int) -> list[list[int]]:
+    """The machine's cores dealt out to `workers` processes (as even as it goes)."""
+    if workers > len(cpus):
+        from rsjax.errors import UserError
+        raise UserError(f"--workers {workers}: this process may use {len(cpus)} CPU cores; "
+                        f"give at most {len(cpus)} workers (one core each at least).")
+    return [cpus[i::workers] for i in range(workers)]
+
+
+def worker_env(cores: list[int], environ=os.environ) -> dict:
+    """A worker's environment: XLA's CPU thread pool sized to its cores (one core:
+    no pool, which is what makes one-core workers efficient)."""
+    env = dict(environ)
+    flags = env.get("XLA_FLAGS", "")
+    if len(cores) == 1:
+        flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    else:
+        flags += f" intra_op_parallelism_threads={len(cores)}"
+    env["XLA_FLAGS"] = flags.strip()
+    env["TF_NUM_INTRAOP_THREADS"] = env["TF_NUM_INTEROP_THREADS"] = str(len(cores))
+    return env
+
+
+def _run_workers(args, runs, root: epath.Path) -> None:
+    """Starts `--workers` processes of this command on shares of the cores and
+    waits for them; each claims runs as they become ready (runner.run_plan).
+    The datasets are built first, here, so that no two workers build one."""
+    from rsjax import input_pipeline
+    from rsjax.errors import UserError
+
+    built = set()
+    for run in runs:
+        data = runner.run_config(run, root, args.data_dir).data
+        if data.name not in built:
+            input_pipeline.ensure_dataset(data)
+            built.add(data.name)
+    shares = cpu_shares(sorted(os.sched_getaffinity(0)), args.workers)
+    base = [sys.executable, "-m", "rsjax.experiments.report", "--scale", args.scale,
+            "--workdir", str(root), "--tables", args.tables, "--workers", str(args.workers)]
+    base += ["--seeds", str(args.seeds)] if args.seeds is not None else []
+    base += ["--data_dir", args.data_dir] if args.data_dir else []
+    print(f"{args.workers} workers on cores {shares}", flush=True)
+    procs = [subprocess.Popen(base + ["--worker_cpus", ",".join(map(str, cores))],
+                              env=worker_env(cores)) for cores in shares]
+    stopped = []
+
+    def stop(signum, frame):            # pass a stop on: each worker checkpoints and exits
+        stopped.append(signum)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped:
+        raise KeyboardInterrupt(f"{root}: stopped on request; rerun the same command to resume")
+    if any(codes):
+        raise UserError(f"{root}: a worker failed (exit codes {codes}); its error is above. "
+                        "Fix it and rerun: finished runs are kept, unfinished ones resume.")
+
+
+def _work(args, runs, root: epath.Path) -> int:
+    cores = [int(c) for c in args.worker_cpus.split(",")]
+    os.sched_setaffinity(0, cores)
+    from rsjax.runtime import prepare_process
+    prepare_process()
+    tag = f"[cores {args.worker_cpus}]"
+    runner.run_plan(runs, root, args.data_dir, workers=max(args.workers, 1),
+                    print_fn=lambda line: print(f"{tag} {line}", flush=True))
     return 0
 
 

@@ -10,6 +10,12 @@ continues where it stopped; `attempts.jsonl` keeps each attempt's start so
 that the run's wall time counts every piece. A finished run whose config no longer matches
 the plan is an error (never a silent mix of two settings): remove that run's
 folder, or use another workdir.
+
+Several workers can share one experiment (`rsjax experiments report
+--workers N` on one machine, or the same command on machines that share the
+workdir): each claims a run with a lock file in its folder before running it,
+skips runs another live worker holds, and waits for the runs a run needs (a
+synthesis waits for its generator, a segmentation for its generated images).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ RUN_FILE = "run.json"
 TILES_FILE = "tiles_test.npz"
 SHOWN_FILE = "shown_test.npz"
 ATTEMPTS_FILE = "attempts.jsonl"
+CLAIM_FILE = "worker.lock"
 
 
 def start_attempt(out: epath.Path, now: Optional[float] = None) -> dict:
@@ -107,7 +114,9 @@ def _file_mtimes(root: epath.Path) -> list[float]:
     times = []
     for folder, _, files in os.walk(os.fspath(root)):
         for name in files:
-            if name != ATTEMPTS_FILE:
+            # Not the claim: a new attempt rewrites it just before it starts,
+            # which would stretch the killed attempt before it to that moment.
+            if name not in (ATTEMPTS_FILE, CLAIM_FILE):
                 try:
                     times.append(os.stat(os.path.join(folder, name)).st_mtime)
                 except OSError:          # removed while listing (a checkpoint rotated out)
@@ -197,36 +206,107 @@ def _jsonable(tree):
     return json.loads(json.dumps(tree, default=lambda x: np.asarray(x).tolist()))
 
 
+def needs(run: Run) -> tuple[str, ...]:
+    """The runs whose outputs `run` reads: a synthesis its generator, a
+    segmentation with generated images their syntheses."""
+    if run.kind == "synthesize" and run.generator:
+        return (run.generator,)
+    if run.kind == "segmentation" and run.generator:
+        return tuple(run.generator.split(","))
+    return ()
+
+
+def claim(run: Run, root: epath.Path):
+    """This worker's lock on a run's folder, or None when another live worker holds it
+    (a lock left by a worker that died is taken over)."""
+    from rsjax import locks
+
+    lock = locks.FolderLock(root / run.name, CLAIM_FILE, "experiment worker",
+                            advice="Another worker runs it")
+    try:
+        return lock.acquire()
+    except locks.FolderBusy:
+        return None
+
+
 def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = None,
              print_fn: Callable[[str], None] = print,
              extra: Optional[Callable[[Run], Sequence[str]]] = None,
-             limit: Optional[int] = None, devices=None) -> list[Optional[dict]]:
-    """Runs the unfinished runs of `runs` in order (at most `limit` of them) on
-    `devices` (default: all); returns every run's record (None for runs not
-    finished)."""
+             limit: Optional[int] = None, devices=None, workers: int = 1,
+             poll_seconds: float = 15.0) -> list[Optional[dict]]:
+    """Runs the unfinished runs of `runs` (at most `limit` of them) on `devices`
+    (default: all), each once its needs are finished, skipping runs another
+    worker holds and waiting while others run what is left; returns every
+    run's record (None for runs not finished). `workers` (how many share the
+    experiment) only scales the ETA."""
     from rsjax import logging_utils
 
     root.mkdir(parents=True, exist_ok=True)
-    records, todo = [], []
-    for run in runs:
-        record = load_finished(run, root)
-        if record is not None:
-            check_matches(run, record, run_config(run, root, data_dir, extra), root)
-        records.append(record)
-        if record is None:
-            todo.append(run)
-    print_fn(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to run.")
-    spent, done = 0.0, 0
-    for i, run in enumerate(runs):
-        if records[i] is not None:
+    records = [_finished(run, root, data_dir, extra) for run in runs]
+    todo = sum(r is None for r in records)
+    print_fn(f"{len(runs) - todo} of {len(runs)} runs already finished; {todo} to run.")
+    spent, done, announced = 0.0, 0, False
+    while limit is None or done < limit:
+        i, lock, busy = _next_run(runs, records, root, data_dir, extra)
+        if lock is None:
+            if not busy:
+                break
+            if not announced:
+                print_fn(f"    waiting for other workers ({', '.join(busy)})")
+                announced = True
+            time.sleep(poll_seconds)
             continue
-        if limit is not None and done >= limit:
-            break
-        eta = logging_utils.format_duration(
-            spent / done * (len(todo) - done) if done else None)
-        print_fn(f"[{done + 1}/{len(todo)}] {run.name} ({run.kind}) | ETA of the rest {eta}")
-        records[i] = execute(run, root, data_dir, extra, devices)
+        announced = False
+        left = sum(r is None for r in records)
+        eta = logging_utils.format_duration(spent / done * left / max(workers, 1) if done else None)
+        print_fn(f"[{len(runs) - left + 1}/{len(runs)}] {runs[i].name} ({runs[i].kind}) | "
+                 f"ETA of the rest {eta}")
+        try:
+            records[i] = execute(runs[i], root, data_dir, extra, devices)
+        finally:
+            lock.release()
         spent += records[i]["seconds"]
         done += 1
         print_fn(f"    done in {logging_utils.format_duration(records[i]['seconds'])}")
     return records
+
+
+def _finished(run: Run, root: epath.Path, data_dir, extra) -> Optional[dict]:
+    """A run's record if it has finished (checked against the plan), else None."""
+    record = load_finished(run, root)
+    if record is not None:
+        check_matches(run, record, run_config(run, root, data_dir, extra), root)
+    return record
+
+
+def _next_run(runs, records, root, data_dir, extra):
+    """(index, claim, busy): the first unfinished run (fusion runs first, then in
+    plan order) whose needs are finished and that no other worker holds, claimed; or (None, None, names of the runs
+    other workers hold) when there is none. Records finished meanwhile by
+    other workers are read in on the way."""
+    finished = {run.name for run, r in zip(runs, records) if r is not None}
+    busy = []
+    # Generators first (the long runs, and what the others need), so that
+    # several workers finish together rather than one training the last alone.
+    order = sorted(range(len(runs)), key=lambda i: runs[i].kind != "fusion")
+    for i in order:
+        run = runs[i]
+        if records[i] is not None:
+            continue
+        records[i] = _finished(run, root, data_dir, extra)
+        if records[i] is not None:
+            finished.add(run.name)
+            continue
+        if not all(name in finished or (root / name / RUN_FILE).exists() for name in needs(run)):
+            continue
+        lock = claim(run, root)
+        if lock is None:
+            busy.append(run.name)
+            continue
+        records[i] = _finished(run, root, data_dir, extra)    # finished just before the claim
+        if records[i] is not None:
+            lock.release()
+            finished.add(run.name)
+            continue
+        return i, lock, busy
+    return None, None, busy
