@@ -191,6 +191,10 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
     assert provenance["num_tiles"] > 0
 
     rep = report.build_report(root, "demo", runs)
+    # The span runs from the first attempt's start to the last run's end: one
+    # worker ran them one after another, so it covers their wall times' sum.
+    assert rep["elapsed"]["seconds"] >= sum(r["seconds"] for r in records) - 1.0
+    assert rep["machine"]["cpu_count"] == os.cpu_count()
     assert rep["table1"]["rs_spade"]["psnr"]["mean"] == pytest.approx(fusion_record["scores"]["psnr"], rel=1e-5)
     verdicts = {r["claim"]: r["verdict"] for r in rep["claims"]}
     assert verdicts["Mix 1:1 beats True Data on mIoU"] == "not resolved (1 seed)"
@@ -280,8 +284,8 @@ def _hold(root, run, pid):
 
 def test_workers_skip_held_runs_and_take_a_run_only_when_its_needs_are_finished(tmp_path):
     """Several workers on one experiment: a run another live worker holds is
-    skipped, a run whose generator is unfinished waits, generators go first,
-    and a claim left by a dead worker is taken over."""
+    skipped, a run whose generator is unfinished waits, and a claim left by a
+    dead worker is taken over."""
     import subprocess
     import sys
 
@@ -304,13 +308,13 @@ def test_workers_skip_held_runs_and_take_a_run_only_when_its_needs_are_finished(
         assert next_name() == ("table1/rs_spade_l1/seed0", ["table1/rs_spade/seed0"])
         assert records[0] is not None
         _finish(root, by_name["table1/rs_spade_l1/seed0"])
-        # Generators before segmentation, though later in the plan.
-        assert next_name()[0] == "table3/generator_optical_half/seed0"
-        _finish(root, by_name["table3/generator_optical_half/seed0"])
-        # The synthesis of the held generator waits; what needs nothing, or what
-        # is finished, goes.
+        # The synthesis of the held generator and what reads it wait; the next
+        # run in plan order that needs nothing unfinished goes.
         assert next_name()[0] == "table3/real/seed0"
-        for name in ("table3/real/seed0", "generated/generator_optical_half_no_optical/seed0",
+        _finish(root, by_name["table3/real/seed0"])
+        assert next_name()[0] == "table3/generator_optical_half/seed0"
+        for name in ("table3/generator_optical_half/seed0",
+                     "generated/generator_optical_half_no_optical/seed0",
                      "table3/real_optical_half/seed0", "table3/new_layouts/seed0"):
             _finish(root, by_name[name])
         name, busy = next_name()

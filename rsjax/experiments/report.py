@@ -321,9 +321,66 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     md += [f"| {name} | {fmt_time(t)}{wall_note} | {fmt_time(c)}{cpu_note} |"
            for (name, t), (_, c), (wall_note, cpu_note) in zip(times, cpu, notes)]
     md += [""]
+    report["elapsed"] = elapsed(root, runs)
+    report["machine"] = machine()
+    if report["elapsed"]:
+        span = report["elapsed"]
+        md.insert(md.index("| run | wall (all attempts) | CPU |") - 1,
+                  f"From the first run's start to the last run's end: "
+                  f"{fmt_time(span['seconds'])} ({span['first_start']} to {span['last_end']} UTC; "
+                  f"runs done side by side by several workers overlap, pauses between "
+                  f"sessions are included).\n")
+    m = report["machine"]
+    md += [f"Report written on: {m['cpu']}, {m['cpu_count']} CPU cores, "
+           f"{m['memory_gib']} GiB, jax {m['jax']}, {m['date_utc']}.", ""]
     (root / "report.md").write_text("\n".join(md) + "\n")
     (root / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
+
+
+def elapsed(root: epath.Path, runs) -> Optional[dict]:
+    """The experiment's span: from the first attempt's start (attempts.jsonl) to the
+    last finished run's record (its run.json's time); None when nothing finished."""
+    import datetime
+    import os
+
+    starts, ends = [], []
+    for run in runs:
+        out = root / run.name
+        if (out / runner.RUN_FILE).exists():
+            ends.append(os.stat(os.fspath(out / runner.RUN_FILE)).st_mtime)
+        attempts = out / runner.ATTEMPTS_FILE
+        if attempts.exists():
+            starts += [json.loads(l)["start"] for l in attempts.read_text().splitlines() if l]
+    if not starts or not ends:
+        return None
+
+    def iso(t):
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return {"seconds": round(max(ends) - min(starts), 1), "first_start": iso(min(starts)),
+            "last_end": iso(max(ends))}
+
+
+def machine() -> dict:
+    """Where the report was written (the CPU's model name from /proc/cpuinfo where there is one)."""
+    import importlib.metadata
+    import os
+    import platform
+    import time
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": memory,
+            "jax": importlib.metadata.version("jax"),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 # ---------------------------------------------------------------------------

@@ -280,17 +280,16 @@ def _finished(run: Run, root: epath.Path, data_dir, extra) -> Optional[dict]:
 
 
 def _next_run(runs, records, root, data_dir, extra):
-    """(index, claim, busy): the first unfinished run (fusion runs first, then in
-    plan order) whose needs are finished and that no other worker holds, claimed; or (None, None, names of the runs
+    """(index, claim, busy): the first unfinished run in plan order whose needs
+    are finished and that no other worker holds, claimed; or (None, None, names of the runs
     other workers hold) when there is none. Records finished meanwhile by
     other workers are read in on the way."""
     finished = {run.name for run, r in zip(runs, records) if r is not None}
     busy = []
-    # Generators first (the long runs, and what the others need), so that
-    # several workers finish together rather than one training the last alone.
-    order = sorted(range(len(runs)), key=lambda i: runs[i].kind != "fusion")
-    for i in order:
-        run = runs[i]
+    # In plan order, so that tables fill one after another: an experiment run
+    # in pieces has whole tables early (taking the long generator trainings
+    # first would finish the workers together, but with no table until the end).
+    for i, run in enumerate(runs):
         if records[i] is not None:
             continue
         records[i] = _finished(run, root, data_dir, extra)
