@@ -401,9 +401,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--list", action="store_true", help="print the plan's runs and exit")
     parser.add_argument("--workers", type=cli.positive_int, default=1,
                         help="runs at once on this machine, each on its share of the CPU cores "
-                             "(CPU machines: on 2 cores, 2 one-core workers do about 1.4x the "
-                             "work of one two-core worker); more machines sharing the workdir "
-                             "can each run the same command")
+                             "(for CPU machines with more cores than one small run uses; see "
+                             "docs/experiments.md); more machines sharing the workdir can each "
+                             "run the same command")
     parser.add_argument("--worker_cpus", default=None, help=argparse.SUPPRESS)
 
 
