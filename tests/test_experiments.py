@@ -194,6 +194,8 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
     # The span runs from the first attempt's start to the last run's end: one
     # worker ran them one after another, so it covers their wall times' sum.
     assert rep["elapsed"]["seconds"] >= sum(r["seconds"] for r in records) - 1.0
+    assert all(r["finished"] >= os.stat(root / r["name"] / runner.ATTEMPTS_FILE).st_mtime - 1.0
+               for r in records)
     assert rep["machine"]["cpu_count"] == os.cpu_count()
     assert rep["table1"]["rs_spade"]["psnr"]["mean"] == pytest.approx(fusion_record["scores"]["psnr"], rel=1e-5)
     verdicts = {r["claim"]: r["verdict"] for r in rep["claims"]}

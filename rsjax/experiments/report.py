@@ -340,15 +340,17 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
 
 def elapsed(root: epath.Path, runs) -> Optional[dict]:
     """The experiment's span: from the first attempt's start (attempts.jsonl) to the
-    last finished run's record (its run.json's time); None when nothing finished."""
+    last run's end (its record's `finished`; for records from before that field,
+    the run.json's modification time); None when nothing finished."""
     import datetime
     import os
 
     starts, ends = [], []
     for run in runs:
         out = root / run.name
-        if (out / runner.RUN_FILE).exists():
-            ends.append(os.stat(os.fspath(out / runner.RUN_FILE)).st_mtime)
+        record = runner.load_finished(run, root)
+        if record is not None:
+            ends.append(record.get("finished") or os.stat(os.fspath(out / runner.RUN_FILE)).st_mtime)
         attempts = out / runner.ATTEMPTS_FILE
         if attempts.exists():
             starts += [json.loads(l)["start"] for l in attempts.read_text().splitlines() if l]

@@ -197,7 +197,8 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         if history.exists():
             record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
-                  config=_portable(_resolved(config), root), **finish_attempt(attempt))
+                  config=_portable(_resolved(config), root), **finish_attempt(attempt),
+                  finished=round(time.time(), 1))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
 
