@@ -300,10 +300,11 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
         md += ["## Best and worst test tiles (seed 0)", ""]
         md += [f"- {k}: ![{k}]({v})" for k, v in report["grids"].items()] + [""]
 
-    times, cpu, notes = [], [], []
+    times, cpu, notes, finished = [], [], [], {}
     for run in runs:
         record = runner.load_finished(run, root)
         if record is not None:
+            finished[run.name] = record
             times.append((run.name, record["seconds"]))
             cpu.append((run.name, record.get("cpu_seconds")))
             notes.append((runner.wall_note(record), runner.cpu_note(record)))
@@ -321,7 +322,7 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     md += [f"| {name} | {fmt_time(t)}{wall_note} | {fmt_time(c)}{cpu_note} |"
            for (name, t), (_, c), (wall_note, cpu_note) in zip(times, cpu, notes)]
     md += [""]
-    report["elapsed"] = elapsed(root, runs)
+    report["elapsed"] = elapsed(root, runs, finished)
     report["machine"] = machine()
     if report["elapsed"]:
         span = report["elapsed"]
@@ -338,22 +339,16 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     return report
 
 
-def elapsed(root: epath.Path, runs) -> Optional[dict]:
+def elapsed(root: epath.Path, runs, finished: dict) -> Optional[dict]:
     """The experiment's span: from the first attempt's start (attempts.jsonl) to the
     last run's end (its record's `finished`; for records from before that field,
-    the run.json's modification time); None when nothing finished."""
+    the run.json's modification time); `finished` maps run names to records.
+    None when nothing finished."""
     import datetime
-    import os
 
-    starts, ends = [], []
-    for run in runs:
-        out = root / run.name
-        record = runner.load_finished(run, root)
-        if record is not None:
-            ends.append(record.get("finished") or os.stat(os.fspath(out / runner.RUN_FILE)).st_mtime)
-        attempts = out / runner.ATTEMPTS_FILE
-        if attempts.exists():
-            starts += [json.loads(l)["start"] for l in attempts.read_text().splitlines() if l]
+    starts = [t for run in runs for t in runner.attempt_starts(root / run.name)]
+    ends = [record.get("finished") or os.stat(os.fspath(root / name / runner.RUN_FILE)).st_mtime
+            for name, record in finished.items()]
     if not starts or not ends:
         return None
 
@@ -366,7 +361,6 @@ def elapsed(root: epath.Path, runs) -> Optional[dict]:
 def machine() -> dict:
     """Where the report was written (the CPU's model name from /proc/cpuinfo where there is one)."""
     import importlib.metadata
-    import os
     import platform
     import time
 
@@ -452,7 +446,7 @@ def cpu_shares(cpus: list[int], workers: int) -> list[list[int]]:
 
 def worker_env(cores: list[int], environ=os.environ) -> dict:
     """A worker's environment: XLA's CPU thread pool sized to its cores (one core:
-    no pool, which is what makes one-core workers efficient)."""
+    no pool, whose threads would only contend for that core)."""
     env = dict(environ)
     flags = env.get("XLA_FLAGS", "")
     if len(cores) == 1:

@@ -50,8 +50,7 @@ def start_attempt(out: epath.Path, now: Optional[float] = None) -> dict:
     now = time.time() if now is None else now
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / ATTEMPTS_FILE
-    starts = ([json.loads(l)["start"] for l in log_file.read_text().splitlines() if l]
-              if log_file.exists() else [])
+    starts = attempt_starts(out)
     mtimes = _file_mtimes(out)
     # Files but no attempts noted: attempts of an rsjax from before this count
     # (their time is unknown, and the record says so).
@@ -66,6 +65,14 @@ def start_attempt(out: epath.Path, now: Optional[float] = None) -> dict:
     return {"started": now, "cpu_started": time.process_time(),
             "earlier_seconds": earlier, "earlier_attempts": len(starts),
             "earlier_unrecorded": unrecorded}
+
+
+def attempt_starts(out: epath.Path) -> list[float]:
+    """When each attempt of the run in `out` started (attempts.jsonl), oldest first."""
+    log_file = out / ATTEMPTS_FILE
+    if not log_file.exists():
+        return []
+    return [json.loads(l)["start"] for l in log_file.read_text().splitlines() if l]
 
 
 def finish_attempt(attempt: dict, now: Optional[float] = None) -> dict:
@@ -135,7 +142,7 @@ def run_config(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         overrides.append(f"data.data_dir={data_dir}")
     overrides += list(extra(run) if extra else ())
     if run.kind == "segmentation" and run.generator:
-        dirs = "+".join(str(root / name) for name in run.generator.split(","))
+        dirs = "+".join(str(root / name) for name in needs(run))
         overrides.append(f"data.generated_dir={dirs}")
     return config_loader.load_config(run.config, overrides)
 
