@@ -6,7 +6,8 @@
 
 `data=real` trains on real tiles only (the paper's True Dataset); `data=mix`
 adds generated images, `data.mix_rate` per real tile (default 1, the paper's
-1:1), each paired with its tile's real land-cover map; `data.generated_dir`
+1:1; `data.mix_all=True` takes every generated image there is), each paired
+with its tile's real land-cover map; `data.generated_dir`
 names the folder(s) of generated images ('+'-separated). Validation and test
 always use real tiles. Scales as in the fusion config: none, `demo`, `bench`,
 `paper`; `steps=N` sets the length.
@@ -35,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train_data = a.data
     c.data.generated_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.mix_rate = 1.0                # generated images per real tile (data=mix)
+    # True: every generated image in generated_dir, whatever the rate (new
+    # layouts: images of tiles the real part does not hold, so their number
+    # follows from the split).
+    c.data.mix_all = False
     c.in_channels = 4
     c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
     c.model = ml_collections.ConfigDict(dict(name="rs_unet", width=64, depth=5))

@@ -612,15 +612,20 @@ def load_generated(generated_dir: str, normalizer: Normalizer) -> list[tuple[lis
     return out
 
 
-def generated_source(base, generated_dir: str, normalizer: Normalizer, *, rate: float = 1.0,
+def generated_source(base, generated_dir: str, normalizer: Normalizer, *,
+                     rate: Optional[float] = 1.0,
                      real_indices: Optional[Sequence[int]] = None) -> MixedSource:
     """The real records `real_indices` of `base` (default: all) plus generated images.
 
     `rate` generated images per real one: round(rate x real count) images are
     taken from the folders' pool, the first folder first and, within a folder,
     in an order fixed by a hash of the tile id (so rate 0.5 takes a fixed half
-    of one folder, rate 2 needs two folders, e.g. two generators'). Each
-    generated image is paired with the base record of its tile id.
+    of one folder, rate 2 needs two folders, e.g. two generators'). A pool
+    smaller than that is an error, not a silent repeat of images.
+    rate=None takes every image in the folders, whatever the real count: for
+    generated images of tiles the real part does not hold (new layouts), whose
+    number follows from the split, not from a rate. Each generated image is
+    paired with the base record of its tile id.
     """
     real_indices = list(range(len(base))) if real_indices is None else list(real_indices)
     index = {}
@@ -637,8 +642,8 @@ def generated_source(base, generated_dir: str, normalizer: Normalizer, *, rate: 
         pool += [(folder, _stable_rank(t), index[t], offset + k) for k, t in enumerate(tile_ids)]
         images.append(s2)
         offset += len(tile_ids)
-    wanted = int(round(rate * len(real_indices)))
-    if rate < 0 or wanted > len(pool):
+    wanted = len(pool) if rate is None else int(round(rate * len(real_indices)))
+    if (rate is not None and rate < 0) or wanted > len(pool):
         raise ValueError(f"data.mix_rate={rate:g} asks for {wanted} generated images for "
                          f"{len(real_indices)} real tiles, but {generated_dir} holds {len(pool)}: "
                          "give more folders of generated images, '+'-separated, or a lower rate.")
@@ -713,7 +718,8 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
     and label 255, so that every tile is seen once and masked metrics ignore
     the padding.
     generated_dir: add generated optical images to the split (see generated_source;
-    `data_cfg.mix_rate` generated images per real one, default 1).
+    `data_cfg.mix_rate` generated images per real one, default 1; or every
+    image in the folders with `data_cfg.mix_all`).
     `data_cfg.train_scenes` ('all', 'optical', 'no_optical'; see scene_half)
     restricts the train split's real tiles to half of its scenes.
     """
@@ -734,7 +740,8 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
         real_indices = scene_half(record_scene_ids(source), train_scenes)
     if generated_dir is not None:
         source = generated_source(source, generated_dir, normalizer,
-                                  rate=float(data_cfg.get("mix_rate", 1.0)),
+                                  rate=None if data_cfg.get("mix_all", False)
+                                  else float(data_cfg.get("mix_rate", 1.0)),
                                   real_indices=real_indices)
     elif real_indices is not None:
         source = SubsetSource(source, real_indices)

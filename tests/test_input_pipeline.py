@@ -524,6 +524,24 @@ def test_generated_images_mix_one_to_one_with_real_tiles(built, tmp_path):
     assert [mixed[i]["tile_id"].decode() for i in range(4)] == ids
 
 
+def test_new_layouts_take_every_generated_image_of_the_other_tiles(built, tmp_path):
+    # Real part: tiles 0-3; generated images for tiles 4-6 only (three, fewer
+    # than the four real ones, as the optical-less half of a split can be).
+    cfg, builder = built
+    real = builder.as_data_source(split="train")
+    ids = [real[i]["tile_id"].decode() for i in range(4, 7)]
+    norm = ip.Normalizer.from_statistics(ip.load_statistics(builder))
+    np.savez(tmp_path / "gen.npz", tile_id=np.array(ids), image=np.zeros((3, 16, 16, 4), np.float32))
+    with pytest.raises(ValueError, match="mix_rate=1 asks for 4 generated images"):
+        ip.generated_source(real, str(tmp_path), norm, real_indices=range(4))
+    mixed = ip.generated_source(real, str(tmp_path), norm, rate=None, real_indices=range(4))
+    assert len(mixed) == 7
+    assert sorted(mixed[i]["tile_id"].decode() for i in range(4, 7)) == sorted(ids)
+    for i in range(4, 7):                       # each with its own (unseen) tile's labels
+        k = 4 + ids.index(mixed[i]["tile_id"].decode())
+        np.testing.assert_array_equal(mixed[i]["lulc"], real[k]["lulc"])
+
+
 def test_builders_of_named_and_derived_configs_survive_pickling(tmp_path):
     # grain's worker processes receive the data source, and with it the builder, pickled.
     import pickle

@@ -133,7 +133,7 @@ def plan(scale: str, seeds: Optional[int] = None, tables: tuple[str, ...] = ("ta
             runs.append(_segmentation(scale, "real_optical_half", seed,
                                       ("data.train_data=real", "data.train_scenes=optical")))
             runs.append(_segmentation(scale, "new_layouts", seed,
-                                      ("data.train_data=mix", "data.mix_rate=1.0",
+                                      ("data.train_data=mix", "data.mix_all=True",
                                        "data.train_scenes=optical"),
                                       (synth_half.name,)))
     return runs
