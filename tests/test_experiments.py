@@ -213,6 +213,23 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
                         devices=jax.devices()[:1])
 
 
+def test_a_key_added_with_its_neutral_value_keeps_finished_runs_but_no_other_change_does():
+    run = plan_lib.plan("bench", tables=("table3",), seeds=1)
+    run = next(r for r in run if r.method == "real")
+    root = epath.Path("/exp")
+    config = runner.run_config(run, root, "/data")
+    recorded = runner._portable(runner._resolved(config), root)
+    del recorded["data"]["mix_all"]                     # a record from before the key existed
+    runner.check_matches(run, {"config": recorded}, config, root)
+    config.data.mix_all = True                          # not what the old run did
+    with pytest.raises(runner.UserError, match="another config"):
+        runner.check_matches(run, {"config": recorded}, config, root)
+    config.data.mix_all = False
+    config.total_steps += 1                             # any other change still counts
+    with pytest.raises(runner.UserError, match="another config"):
+        runner.check_matches(run, {"config": recorded}, config, root)
+
+
 def _fake_run(root, run, tiles, history=None):
     out = root / run.name
     out.mkdir(parents=True, exist_ok=True)

@@ -165,9 +165,34 @@ def load_finished(run: Run, root: epath.Path) -> Optional[dict]:
     return json.loads(path.read_text())
 
 
+# Config keys added after runs were recorded, each with the value that does
+# what the configs did before the key existed: a finished run whose record
+# lacks the key still matches a plan that asks for exactly that value. Any
+# other value, or any other difference, is a mismatch.
+ADDED_KEYS = {
+    ("data", "mix_all"): False,
+}
+
+
+def _without_added_keys(want: dict, recorded: dict) -> dict:
+    want = json.loads(json.dumps(want))
+    for path, neutral in ADDED_KEYS.items():
+        node, seen = want, recorded
+        for key in path[:-1]:
+            node, seen = node.get(key), (seen or {}).get(key)
+            if not isinstance(node, dict):
+                break
+        else:
+            last = path[-1]
+            if last in node and node[last] == neutral and last not in (seen or {}):
+                del node[last]
+    return want
+
+
 def check_matches(run: Run, record: dict, config, root: epath.Path) -> None:
-    want = _portable(_resolved(config), root)
-    if record.get("config") != want:
+    recorded = record.get("config")
+    want = _without_added_keys(_portable(_resolved(config), root), recorded or {})
+    if recorded != want:
         raise UserError(
             f"{root / run.name}: this run finished with another config than the plan now asks "
             f"for (e.g. other steps or sizes). Remove that folder to redo it, or use another "
