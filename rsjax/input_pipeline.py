@@ -541,6 +541,12 @@ class SubsetSource:
     def __getitem__(self, i: int) -> dict:
         return self._source[self._indices[i]]
 
+    def __repr__(self) -> str:
+        # grain checks that a restored iterator reads the source it was saved
+        # from by comparing repr(source): say what the records are, not where
+        # this object lives in memory, so a resumed run matches.
+        return f"SubsetSource({self._source!r}, indices={_digest(np.asarray(self._indices))})"
+
 
 class MixedSource:
     """Real tiles followed by generated ones.
@@ -559,6 +565,7 @@ class MixedSource:
         self._real = list(real_indices)
         self._pairs = list(pairs)
         self._images = images
+        self._repr = None
 
     @property
     def num_generated(self) -> int:
@@ -576,6 +583,24 @@ class MixedSource:
         nodata = np.all(record["s2"] == contract.S2_NODATA, axis=-1, keepdims=True)
         record["s2"] = np.where(nodata, contract.S2_NODATA, self._images[image_index])
         return record
+
+    def __repr__(self) -> str:
+        # What the records are (see SubsetSource.__repr__), the generated
+        # images' content included: a resumed run must read the same images.
+        if self._repr is None:
+            images = self._images if self._images is not None else np.zeros(0)
+            self._repr = (f"MixedSource({self._base!r}, real={_digest(np.asarray(self._real))}, "
+                          f"pairs={_digest(np.asarray(self._pairs))}, images={_digest(images)})")
+        return self._repr
+
+
+def _digest(array: np.ndarray) -> str:
+    """A short content hash of an array (shape, dtype and bytes)."""
+    import hashlib
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _stable_rank(text: str) -> int:

@@ -12,8 +12,11 @@ exactly one gets it) and removed when the writer ends. A second writer is
 refused with a message naming the owner. A lock left behind by a process that
 died (SIGKILL, a power cut) is *stale* and is taken over with a warning:
 stale means written on this host by a process that no longer runs, or by
-another process that reuses its pid (told apart by the process's start time,
-`started`). A lock written on another host cannot be checked from here; the
+another process that reuses its pid (told apart by the process's `identity`:
+on Linux the boot's id and the process's start in clock ticks since boot,
+which no clock change moves; a wall-clock start time is not enough, as a
+virtual machine paused and resumed shifts every process's computed start
+time by the pause and made live locks look stale). A lock written on another host cannot be checked from here; the
 message says which host and how to remove it once that run is gone.
 
 On object storage (gs://, s3://) there is no exclusive create: the lock is
@@ -55,10 +58,37 @@ def _process_start(pid: int) -> Optional[float]:
         return float("nan")
 
 
+def _boot_id() -> Optional[str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def process_identity(pid: int) -> Optional[str]:
+    """What tells process `pid` apart from any other that has or will have its pid
+    on this host, unchanged by clock adjustments; None when it does not run.
+    Linux: the boot's id and the start in clock ticks since boot (/proc/PID/stat,
+    field 22, which psutil only offers converted to wall-clock time); elsewhere
+    psutil's start time (wall clock, to the hundredth of a second)."""
+    boot = _boot_id()
+    if boot is not None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return f"{boot}/{fields[19]}"      # fields[0] is field 3 (state); field 22 is starttime
+    started = _process_start(pid)
+    return None if started is None or math.isnan(started) else f"{started:.2f}"
+
+
 def owner_record(command: Optional[str] = None) -> dict:
     """Who this process is, as written into a lock file."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid),
+    return {"host": socket.gethostname(), "pid": pid, "identity": process_identity(pid),
+            "started": _process_start(pid),
             "command": command or " ".join(os.path.basename(a) if i == 0 else a
                                            for i, a in enumerate(sys.argv))[:300],
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -74,6 +104,9 @@ def is_stale(owner: dict) -> bool:
         return False
     if pid <= 0:
         return True
+    if owner.get("identity") is not None:
+        return process_identity(pid) != owner["identity"]
+    # A lock written before `identity` existed: compare wall-clock start times.
     started = _process_start(pid)
     if started is None:
         return True

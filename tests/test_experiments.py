@@ -294,10 +294,13 @@ def _hold(root, run, pid):
     import psutil
     import socket
 
+    from rsjax import locks
+
     out = root / run.name
     out.mkdir(parents=True, exist_ok=True)
     (out / runner.CLAIM_FILE).write_text(json.dumps({
-        "host": socket.gethostname(), "pid": pid, "started": psutil.Process(pid).create_time(),
+        "host": socket.gethostname(), "pid": pid, "identity": locks.process_identity(pid),
+        "started": psutil.Process(pid).create_time(),
         "command": "rsjax experiments report", "since": "now"}))
 
 

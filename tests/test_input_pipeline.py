@@ -373,6 +373,32 @@ def test_training_batches_are_seeded_and_resume_exactly(tiles, normalizer):
             np.testing.assert_array_equal(want[key], got[key])
 
 
+def test_subset_and_mixed_sources_resume_in_a_new_process_like_object(tiles, normalizer):
+    # A resumed run builds its source anew; grain compares repr(source) with the
+    # saved one, so equal sources must have equal reprs and others not.
+    images = np.stack([np.zeros_like(tiles[0]["s2"], np.float32)] * 3)
+
+    def sources():
+        return [ip.SubsetSource(tiles, range(2, 18)),
+                ip.MixedSource(tiles, range(12), [(14, 0), (15, 1), (16, 2)], images)]
+    for saved, fresh in zip(sources(), sources()):
+        a = ip.batch_iterator(saved, normalizer, global_batch_size=4, mesh=None, train=True,
+                              seed=5, sources=("dem",))
+        _collect(a, 2)
+        state = a.get_state()
+        expected = _collect(a, 3)
+        b = ip.batch_iterator(fresh, normalizer, global_batch_size=4, mesh=None, train=True,
+                              seed=5, sources=("dem",))
+        b.set_state(state)
+        for want, got in zip(expected, _collect(b, 3)):
+            np.testing.assert_array_equal(want["dem"], got["dem"])
+    assert repr(ip.SubsetSource(tiles, range(2, 18))) != repr(ip.SubsetSource(tiles, range(3, 19)))
+    other = images.copy()
+    other[0, 0, 0, 0] = 1.0
+    assert (repr(ip.MixedSource(tiles, range(12), [(14, 0)], images))
+            != repr(ip.MixedSource(tiles, range(12), [(14, 0)], other)))
+
+
 def test_pipeline_with_a_worker_process_resumes_exactly(tiles, normalizer):
     def make():   # batch_iterator marks absl flags parsed for grain's workers
 

@@ -54,8 +54,27 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
 def test_pid_reused_by_another_process_is_stale():
     alive = owner_record()
     assert not is_stale(alive)
-    assert is_stale(dict(alive, started=alive["started"] - 3600))   # same pid, started an hour apart
+    boot, _, ticks = alive["identity"].rpartition("/")
+    assert is_stale(dict(alive, identity=f"{boot}/{int(ticks) + 1}"))   # same pid, another start
+    old_style = {k: v for k, v in alive.items() if k != "identity"}      # written before `identity`
+    assert not is_stale(old_style)
+    assert is_stale(dict(old_style, started=alive["started"] - 3600))   # same pid, started an hour apart
     assert not is_stale(dict(alive, host="another-host"))            # cannot be checked from here
+
+
+def test_a_live_owner_stays_live_when_the_clock_moves():
+    # A paused and resumed VM shifts the wall-clock start time psutil computes
+    # (boot time + ticks) for every process; the identity does not move.
+    alive = owner_record()
+    assert not is_stale(dict(alive, started=alive["started"] - 25.0))
+
+
+def test_identity_counts_ticks_since_boot_as_proc_stat_gives_them():
+    # Independent reading: psutil's start time is boot time + ticks / CLK_TCK.
+    import psutil
+    ticks = int(owner_record()["identity"].rpartition("/")[2])
+    expected = (psutil.Process().create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK")
+    assert abs(ticks - expected) <= 2
 
 
 def test_lock_written_on_another_host_is_refused(tmp_path):
