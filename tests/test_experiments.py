@@ -194,6 +194,8 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
     # The span runs from the first attempt's start to the last run's end: one
     # worker ran them one after another, so it covers their wall times' sum.
     assert rep["elapsed"]["seconds"] >= sum(r["seconds"] for r in records) - 1.0
+    # One worker, no pauses: busy time is the runs' wall times together.
+    assert rep["elapsed"]["busy_seconds"] == pytest.approx(sum(r["seconds"] for r in records), abs=2.0)
     assert all(r["finished"] >= os.stat(root / r["name"] / runner.ATTEMPTS_FILE).st_mtime - 1.0
                for r in records)
     assert rep["machine"]["cpu_count"] == os.cpu_count()
@@ -228,6 +230,17 @@ def test_a_key_added_with_its_neutral_value_keeps_finished_runs_but_no_other_cha
     config.total_steps += 1                             # any other change still counts
     with pytest.raises(runner.UserError, match="another config"):
         runner.check_matches(run, {"config": recorded}, config, root)
+
+
+def test_busy_time_is_the_union_of_the_runs_attempts_without_pauses():
+    # Two runs side by side (0-100, 50-150), a pause, then a run killed after
+    # 30 s at 1000 and resumed at 5000 for its last 20 s: busy 150 + 50 s.
+    runs = [report.run_intervals([0.0], 100.0, 100.0),
+            report.run_intervals([50.0], 150.0, 100.0),
+            report.run_intervals([1000.0, 5000.0], 5020.0, 50.0)]
+    assert runs[2] == [(5000.0, 5020.0), (1000.0, 1030.0)]
+    assert report.union_seconds([iv for r in runs for iv in r]) == pytest.approx(200.0)
+    assert report.union_seconds([(0.0, 10.0), (2.0, 5.0), (20.0, 25.0)]) == pytest.approx(15.0)
 
 
 def _fake_run(root, run, tiles, history=None):

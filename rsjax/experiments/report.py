@@ -330,7 +330,8 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
                   f"From the first run's start to the last run's end: "
                   f"{fmt_time(span['seconds'])} ({span['first_start']} to {span['last_end']} UTC; "
                   f"runs done side by side by several workers overlap, pauses between "
-                  f"sessions are included).\n")
+                  f"sessions are included). At least one run was running for "
+                  f"{fmt_time(span['busy_seconds'])} of it (pauses left out).\n")
     m = report["machine"]
     md += [f"Report written on: {m['cpu']}, {m['cpu_count']} CPU cores, "
            f"{m['memory_gib']} GiB, jax {m['jax']}, {m['date_utc']}.", ""]
@@ -339,23 +340,56 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     return report
 
 
+def run_intervals(starts: list[float], end: float, seconds: float) -> list[tuple[float, float]]:
+    """When a finished run was running: its last attempt from its start to `end`;
+    the earlier attempts' wall time (`seconds` minus the last attempt's) laid
+    from each earlier start on, up to the next start (a killed attempt's own
+    end is not recorded, only the attempts' total)."""
+    if not starts:
+        return []
+    starts = sorted(starts)
+    out = [(starts[-1], end)]
+    earlier = max(0.0, seconds - (end - starts[-1]))
+    for start, next_start in zip(starts, starts[1:]):
+        length = min(earlier, next_start - start)
+        if length > 0:
+            out.append((start, start + length))
+        earlier -= length
+    return out
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of intervals: time during which at least one ran."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def elapsed(root: epath.Path, runs, finished: dict) -> Optional[dict]:
     """The experiment's span: from the first attempt's start (attempts.jsonl) to the
     last run's end (its record's `finished`; for records from before that field,
     the run.json's modification time); `finished` maps run names to records.
+    `busy_seconds`: the time during which at least one finished run was running
+    (the union of run_intervals), which leaves out pauses between sessions.
     None when nothing finished."""
     import datetime
 
     starts = [t for run in runs for t in runner.attempt_starts(root / run.name)]
-    ends = [record.get("finished") or os.stat(os.fspath(root / name / runner.RUN_FILE)).st_mtime
-            for name, record in finished.items()]
-    if not starts or not ends:
+    end_of = {name: record.get("finished") or os.stat(os.fspath(root / name / runner.RUN_FILE)).st_mtime
+              for name, record in finished.items()}
+    if not starts or not end_of:
         return None
+    intervals = [iv for name, record in finished.items()
+                 for iv in run_intervals(runner.attempt_starts(root / name), end_of[name],
+                                         float(record.get("seconds", 0.0)))]
 
     def iso(t):
         return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    return {"seconds": round(max(ends) - min(starts), 1), "first_start": iso(min(starts)),
-            "last_end": iso(max(ends))}
+    return {"seconds": round(max(end_of.values()) - min(starts), 1), "first_start": iso(min(starts)),
+            "last_end": iso(max(end_of.values())), "busy_seconds": round(union_seconds(intervals), 1)}
 
 
 def machine() -> dict:
