@@ -16,8 +16,9 @@ another process that reuses its pid (told apart by the process's `identity`:
 on Linux the boot's id and the process's start in clock ticks since boot,
 which no clock change moves; a wall-clock start time is not enough, as a
 virtual machine paused and resumed shifts every process's computed start
-time by the pause and made live locks look stale). A lock written on another host cannot be checked from here; the
-message says which host and how to remove it once that run is gone.
+time by the pause and made live locks look stale). A lock written on another
+host cannot be checked from here; the message says which host and how to
+remove it once that run is gone.
 
 On object storage (gs://, s3://) there is no exclusive create: the lock is
 written after checking that none is there, which catches a second run

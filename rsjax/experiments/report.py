@@ -377,13 +377,14 @@ def elapsed(root: epath.Path, runs, finished: dict) -> Optional[dict]:
     None when nothing finished."""
     import datetime
 
-    starts = [t for run in runs for t in runner.attempt_starts(root / run.name)]
+    starts_of = {run.name: runner.attempt_starts(root / run.name) for run in runs}
+    starts = [t for ts in starts_of.values() for t in ts]
     end_of = {name: record.get("finished") or os.stat(os.fspath(root / name / runner.RUN_FILE)).st_mtime
               for name, record in finished.items()}
     if not starts or not end_of:
         return None
     intervals = [iv for name, record in finished.items()
-                 for iv in run_intervals(runner.attempt_starts(root / name), end_of[name],
+                 for iv in run_intervals(starts_of.get(name, []), end_of[name],
                                          float(record.get("seconds", 0.0)))]
 
     def iso(t):
