@@ -43,7 +43,6 @@ import functools
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rsjax import cli
+from rsjax import cli, runtime
 from rsjax.errors import RunFailed, UserError
 
 PARTS = ("matmul", "fusion", "unet", "pipeline")
@@ -400,10 +399,9 @@ def pipeline_headroom(pipe: dict, fusion_results: list[dict]) -> list[dict]:
 
 def machine() -> dict:
     dev = jax.devices()[0]
-    return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return {**runtime.host(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "platform": dev.platform, "device_kind": dev.device_kind,
-            "num_devices": jax.device_count(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "num_devices": jax.device_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             # Other work on the machine slows both frameworks: the load says how much.
             "loadavg_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}

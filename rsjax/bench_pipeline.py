@@ -11,7 +11,6 @@ numpy batches) with 0, 1 and 2 grain worker processes.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 
 import ml_collections
 
-from rsjax import build_dataset, cli, input_pipeline
+from rsjax import build_dataset, cli, input_pipeline, runtime
 from rsjax.errors import UserError
 
 
@@ -87,7 +86,7 @@ def run(args) -> int:
         summary = input_pipeline.build(cfg, manual_dir=args.manual_dir)
         cfg.tile_size = input_pipeline.get_builder(cfg).builder_config.tile_size
         out = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{runtime.cpu_name()}, {os.cpu_count()} CPUs",
             "dataset": summary["dataset"],
             "tile_size": cfg.tile_size,
             "splits": summary["splits"],

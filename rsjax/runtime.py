@@ -146,3 +146,33 @@ def workdir_path(workdir) -> str:
     the result to join and write."""
     text = os.fspath(workdir)
     return text if "://" in text else os.path.abspath(text)
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 9B14") from /proc/cpuinfo where there is
+    one; else what `platform` knows, which on Linux is often just "x86_64"."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host() -> dict:
+    """The facts a benchmark or report records about the machine it ran on
+    (the one place the commands get them from)."""
+    import importlib.metadata
+    import time
+
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": memory,
+            "jax": importlib.metadata.version("jax"),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

@@ -393,3 +393,32 @@ def test_workers_get_disjoint_cores_and_one_thread_each_on_one_core():
                                         "--xla_cpu_multi_thread_eigen=false",
                                         "intra_op_parallelism_threads=1"]
     assert "intra_op_parallelism_threads=3" in report.worker_env([0, 1, 2], {})["XLA_FLAGS"]
+
+
+def test_a_worker_started_by_hand_gets_the_thread_settings_workers_would_give():
+    by_hand = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    report.pin_worker_env([1], by_hand)
+    assert by_hand["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
+                                            "--xla_cpu_multi_thread_eigen=false",
+                                            "intra_op_parallelism_threads=1"]
+    assert by_hand["TF_NUM_INTRAOP_THREADS"] == "1"
+    # One started by --workers already has them: not added twice.
+    started = report.worker_env([0, 1], {})
+    before = dict(started)
+    report.pin_worker_env([0, 1], started)
+    assert started == before
+
+
+def test_the_machine_record_names_the_cpu_model_where_linux_gives_one():
+    from rsjax import runtime
+
+    facts = runtime.host()
+    assert set(facts) >= {"cpu", "cpu_count", "memory_gib", "jax", "date_utc"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    except OSError:
+        names = []
+    if names:
+        assert facts["cpu"] == names[0]
+    assert facts["memory_gib"] is None or facts["memory_gib"] > 0

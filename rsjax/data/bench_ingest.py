@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import rasterio
 from affine import Affine
 from rasterio.warp import transform_bounds
 
-from rsjax import cli
+from rsjax import cli, runtime
 from rsjax.data.contract import S2_BANDS, S1_BANDS, ScenePaths, find_scenes
 from rsjax.data.geotiff import write_geotiff_by_windows
 from rsjax.data.ingest import IngestOptions, IngestReport, iter_scene_tiles
@@ -184,7 +183,7 @@ def add_arguments(parser) -> None:
 def benchmark(work: Path, tile_size: int = 256, large_size: int = 8192,
               skip_large: bool = False) -> dict:
     """The JSON report (see the module docstring)."""
-    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"machine": f"{runtime.cpu_name()}, {os.cpu_count()} cores",
            "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__}
     scenes, writer = demo_scenes(work / "demo")
     out["demo"] = {"scenes": len(scenes), "size": 512, "tile_size": tile_size, "writer": writer,

@@ -394,24 +394,10 @@ def elapsed(root: epath.Path, runs, finished: dict) -> Optional[dict]:
 
 
 def machine() -> dict:
-    """Where the report was written (the CPU's model name from /proc/cpuinfo where there is one)."""
-    import importlib.metadata
-    import platform
-    import time
+    """Where the report was written (rsjax.runtime.host)."""
+    from rsjax.runtime import host
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        memory = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": memory,
-            "jax": importlib.metadata.version("jax"),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    return host()
 
 
 # ---------------------------------------------------------------------------
@@ -534,9 +520,18 @@ def _run_workers(args, runs, root: epath.Path) -> None:
                         "Fix it and rerun: finished runs are kept, unfinished ones resume.")
 
 
+def pin_worker_env(cores: list[int], environ=os.environ) -> None:
+    """Gives a worker started by hand (`--worker_cpus` without `--workers`
+    having set its environment) the thread settings `--workers` would have:
+    XLA reads them when its CPU backend starts, after this."""
+    if "intra_op_parallelism_threads" not in environ.get("XLA_FLAGS", ""):
+        environ.update(worker_env(cores, environ))
+
+
 def _work(args, runs, root: epath.Path) -> int:
     cores = [int(c) for c in args.worker_cpus.split(",")]
     os.sched_setaffinity(0, cores)
+    pin_worker_env(cores)
     from rsjax.runtime import prepare_process
     prepare_process()
     tag = f"[cores {args.worker_cpus}]"

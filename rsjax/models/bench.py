@@ -21,7 +21,6 @@ FLOPs per step come from `jax.jit(f).lower(...).compile().cost_analysis()`.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rsjax import cli
+from rsjax import cli, runtime
 from rsjax.models import create_model
 from rsjax.models.patchgan import conditional_input
 
@@ -205,7 +204,7 @@ def benchmark(args) -> dict[str, Any]:
                 print(json.dumps(entry), file=sys.stderr, flush=True)      # progress
     return {
         "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-        "platform": platform.processor() or platform.machine(), "jax": jax.__version__,
+        "platform": runtime.cpu_name(), "jax": jax.__version__,
         "config": {k: v for k, v in vars(args).items() if k not in ("verbose", "config_overrides")},
         "results": results,
     }
