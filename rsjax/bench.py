@@ -26,6 +26,10 @@ Parts (`--parts`, comma-separated):
   XLA's thread pools never compete: `pytorch` holds its figures (GFLOP/s
   and MFU at rsjax's FLOP count of the same model, against this run's matmul
   peak) and `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
+- `--profile`: each train step entry also gets `profile`, a `jax.profiler`
+  trace of `--steps` more calls summed per operation class (convolution/
+  matmul, pooling, reduction, concatenate, copy/transpose, elementwise) and
+  its heaviest operations (`rsjax.bench_profile`), on CPU and accelerators.
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain
   workers) on the demo dataset, in megapixels/s, against what each measured
   fusion step consumes.
@@ -265,9 +269,11 @@ def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
 
 
 def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
-                    steps: int, config_arg: str = "") -> dict:
+                    steps: int, config_arg: str = "", profile: bool = False) -> dict:
     """Compiles one train step and times `steps` calls of it, state fed back
-    (donated) as in training, waiting on each step's metrics."""
+    (donated) as in training, waiting on each step's metrics. `profile`: then
+    traces `steps` more calls and adds where they spent their time
+    (rsjax.bench_profile) as `profile`."""
     step, state, data = make(size, batch, dtype, mesh, config_arg)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
@@ -291,6 +297,15 @@ def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
         out["gflop_per_step"] = round(flops / 1e9, 2)
         out["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
         out["flops_source"] = flops_source
+    if profile:
+        from rsjax import bench_profile
+        carried = [state]
+
+        def call():
+            carried[0], metrics = compiled(carried[0], data)
+            return metrics
+
+        out["profile"] = bench_profile.profile_calls(call, compiled.as_text(), steps)
     return out
 
 
@@ -432,6 +447,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--against", choices=AGAINST, default="none",
                         help="torch: also time PyTorch's step of the same U-Net in this run "
                              "(needs the bench extra) and report the ratio")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace --steps more calls of each train step and report "
+                             "where they spent their time, by operation class "
+                             "(rsjax.bench_profile)")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
 
 
@@ -488,7 +507,7 @@ def benchmark(args) -> dict:
             for batch in args.batches:
                 _log(f"{part} train step {batch}x{size}x{size} ({args.dtype}) ...")
                 entry = time_train_step(make, size, batch, args.dtype, mesh, steps=args.steps,
-                                        config_arg=args.config_arg)
+                                        config_arg=args.config_arg, profile=args.profile)
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
                     add_reference(entry, peak)

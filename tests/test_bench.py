@@ -44,7 +44,7 @@ def test_bench_reports_steps_mfu_and_pipeline_headroom_as_json(demo_data_dir, tm
     assert bench.main(["--parts", "matmul,fusion,unet,pipeline", "--sizes", "64",
                        "--batches", "2", "--steps", "1", "--config_arg", "demo",
                        "--matmul_sizes", "512", "--data_dir", str(demo_data_dir),
-                       "--out", str(out)]) == 0
+                       "--profile", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == report
     # The load others put on the machine, at the start and the end of the run.
@@ -59,6 +59,14 @@ def test_bench_reports_steps_mfu_and_pipeline_headroom_as_json(demo_data_dir, tm
         assert entry["gflop_per_s"] == pytest.approx(
             entry["gflop_per_step"] / entry["seconds_per_step"], rel=0.01)
         assert entry["mfu"] == pytest.approx(entry["gflop_per_s"] / peak, abs=0.002)
+        # --profile: every traced operation found in the step's HLO and classed
+        # (the demo models are narrow: their elementwise work weighs as much as
+        # their convolutions, so only that both are there is asserted).
+        prof = entry["profile"]
+        assert prof["operations_not_in_the_hlo"] == 0 and prof["op_seconds_per_step"] > 0
+        assert sum(prof["share_by_class"].values()) == pytest.approx(1.0, abs=0.01)
+        assert prof["share_by_class"]["convolution/matmul"] > 0.1
+        assert prof["share_by_class"]["elementwise"] > 0
     # The GAN step (two networks, two updates) costs more than the U-Net's.
     assert report["fusion"][0]["gflop_per_step"] > report["unet"][0]["gflop_per_step"]
     pipe = report["pipeline"]
