@@ -80,3 +80,85 @@ def test_the_command_is_registered(tmp_path, capsys):
     # Nothing finished and nothing to run: a one-line error, exit 2.
     assert experiment.main(["--workdir", str(tmp_path / "none"), "--no_run"]) == 2
     assert "no such experiment folder" in capsys.readouterr().err
+
+
+def _hold(folder: epath.Path, pid: int) -> None:
+    """A claim on a run's folder by process `pid`, as another worker writes it."""
+    import socket
+
+    import psutil
+
+    from rsjax import locks
+    from rsjax.experiments import runner
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / runner.CLAIM_FILE).write_text(json.dumps({
+        "host": socket.gethostname(), "pid": pid, "identity": locks.process_identity(pid),
+        "started": psutil.Process(pid).create_time(),
+        "command": "rsjax experiments cloud_removal", "since": "now"}))
+
+
+def _finish(root: epath.Path, key: str, seed: int) -> dict:
+    record = {"method": key, "seed": seed, "seconds": 3.0}
+    out = root / key / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / experiment.RUN_FILE).write_text(json.dumps(record))
+    return record
+
+
+def test_workers_share_the_runs_skip_held_ones_and_wait_for_them(tmp_path):
+    """run_all: a finished run is read, a run another live worker holds is
+    skipped and waited for (its record read once it appears), the others run
+    here, each under a claim that is released after it."""
+    import subprocess
+    import sys
+    import threading
+
+    from rsjax.experiments import runner
+
+    root = epath.Path(tmp_path)
+    a, b, c = (m for m in experiment.METHODS if m.key in ("rs_spade_s1", "dsen2cr", "dsen2cr_all"))
+    todo = [(a, 0), (b, 0), (c, 0)]
+    _finish(root, a.key, 0)
+    ran = []
+
+    def run_one(method, seed):
+        out = root / method.key / f"seed{seed}"
+        if not (out / experiment.RUN_FILE).exists():
+            assert (out / runner.CLAIM_FILE).exists()        # claimed while it runs
+            ran.append(method.key)
+            return _finish(root, method.key, seed)
+        return json.loads((out / experiment.RUN_FILE).read_text())
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    lines = []
+    try:
+        _hold(root / b.key / "seed0", other.pid)
+        threading.Timer(1.5, _finish, (root, b.key, 0)).start()
+        records = experiment.run_all(todo, root, run_one, print_fn=lines.append,
+                                     poll_seconds=0.2)
+    finally:
+        other.kill()
+        other.wait()
+    assert ran == ["dsen2cr_all"]                             # only the free, unfinished run
+    assert [r["method"] for r in records] == ["rs_spade_s1", "dsen2cr", "dsen2cr_all"]
+    assert not (root / c.key / "seed0" / runner.CLAIM_FILE).exists()     # released
+    assert any(line.startswith("[2/3] dsen2cr_all/seed0 | ETA of the rest") for line in lines)
+    assert any("waiting for other workers (dsen2cr/seed0)" in line for line in lines)
+
+
+def test_a_worker_is_the_same_command_on_its_cores():
+    """--workers starts copies of the command with the same choices."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    experiment.add_arguments(parser)
+    args = parser.parse_args(["--scale", "bench", "--workdir", "w", "--seeds", "3",
+                              "--only", "dsen2cr,rs_spade_all", "--steps", "5", "--workers", "2",
+                              "--data_dir", "d"])
+    command = experiment._worker_command(args, epath.Path("/abs/w"))
+    assert command[1:3] == ["-m", "rsjax.experiments.cloud_removal"]
+    again = parser.parse_args(command[3:] + ["--worker_cpus", "1"])
+    for name in ("scale", "seeds", "only", "steps", "workers", "data_dir"):
+        assert getattr(again, name) == getattr(args, name), name
+    assert again.workdir == "/abs/w" and again.worker_cpus == "1"

@@ -10,7 +10,7 @@ from etils import epath
 
 from rsjax import config_loader
 from rsjax.experiments import plan as plan_lib
-from rsjax.experiments import report, runner, stats
+from rsjax.experiments import report, runner, stats, workers
 
 
 @pytest.mark.parametrize("scale", plan_lib.SCALES)
@@ -384,28 +384,28 @@ def test_run_plan_waits_for_another_worker_and_reads_its_record(tmp_path):
 
 
 def test_workers_get_disjoint_cores_and_one_thread_each_on_one_core():
-    assert report.cpu_shares([0, 1], 2) == [[0], [1]]
-    assert report.cpu_shares([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    assert workers.cpu_shares([0, 1], 2) == [[0], [1]]
+    assert workers.cpu_shares([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
     with pytest.raises(runner.UserError, match="at most 2 workers"):
-        report.cpu_shares([0, 1], 3)
-    env = report.worker_env([3], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+        workers.cpu_shares([0, 1], 3)
+    env = workers.worker_env([3], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
                                         "--xla_cpu_multi_thread_eigen=false",
                                         "intra_op_parallelism_threads=1"]
-    assert "intra_op_parallelism_threads=3" in report.worker_env([0, 1, 2], {})["XLA_FLAGS"]
+    assert "intra_op_parallelism_threads=3" in workers.worker_env([0, 1, 2], {})["XLA_FLAGS"]
 
 
 def test_a_worker_started_by_hand_gets_the_thread_settings_workers_would_give():
     by_hand = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    report.pin_worker_env([1], by_hand)
+    workers.pin_worker_env([1], by_hand)
     assert by_hand["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
                                             "--xla_cpu_multi_thread_eigen=false",
                                             "intra_op_parallelism_threads=1"]
     assert by_hand["TF_NUM_INTRAOP_THREADS"] == "1"
     # One started by --workers already has them: not added twice.
-    started = report.worker_env([0, 1], {})
+    started = workers.worker_env([0, 1], {})
     before = dict(started)
-    report.pin_worker_env([0, 1], started)
+    workers.pin_worker_env([0, 1], started)
     assert started == before
 
 

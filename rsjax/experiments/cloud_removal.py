@@ -32,10 +32,12 @@ clear truth and the mask on test tiles of every cover bin).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import sys
+import time
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -44,7 +46,7 @@ from etils import epath
 from rsjax import cli
 from rsjax import cloud_metrics as cm
 from rsjax.errors import UserError
-from rsjax.experiments import runner, stats
+from rsjax.experiments import runner, stats, workers
 
 SCALES = ("demo", "bench")
 SEEDS = {"demo": 1, "bench": 2}
@@ -198,6 +200,51 @@ def run_method(method: Method, scale: str, seed: int, root: epath.Path,
     return record
 
 
+def run_all(todo: Sequence[tuple[Method, int]], root: epath.Path, run_one, *,
+            print_fn=print, workers: int = 1, poll_seconds: float = 15.0) -> list[dict]:
+    """Runs (`run_one(method, seed)`) every run of `todo` in order, each under
+    a claim on its folder (runner.claim_folder): a run another live worker
+    holds is skipped and waited for at the end, so several workers (`--workers`,
+    or the same command on machines sharing the workdir) share the experiment.
+    Returns the runs' records in `todo` order. `workers` only scales the ETA."""
+    from rsjax import logging_utils
+
+    records: dict = {}
+    spent, done, announced = 0.0, 0, False
+    while len(records) < len(todo):
+        busy, ran = [], False
+        for method, seed in todo:
+            key = (method.key, seed)
+            if key in records:
+                continue
+            out = root / method.key / f"seed{seed}"
+            if (out / RUN_FILE).exists():               # finished, here or by another worker
+                records[key] = run_one(method, seed)
+                continue
+            lock = runner.claim_folder(out)
+            if lock is None:
+                busy.append(f"{method.key}/seed{seed}")
+                continue
+            left = len(todo) - len(records)
+            eta = logging_utils.format_duration(
+                spent / done * left / max(workers, 1) if done else None)
+            print_fn(f"[{len(records) + 1}/{len(todo)}] {method.key}/seed{seed} | "
+                     f"ETA of the rest {eta}")
+            try:
+                records[key] = run_one(method, seed)
+            finally:
+                lock.release()
+            spent += records[key]["seconds"]
+            done += 1
+            ran, announced = True, False
+        if len(records) < len(todo) and not ran:
+            if not announced:
+                print_fn(f"    waiting for other workers ({', '.join(busy)})")
+                announced = True
+            time.sleep(poll_seconds)
+    return [records[(m.key, s)] for m, s in todo]
+
+
 def load_parts(root: epath.Path, method: Method, seed: int) -> dict:
     from rsjax.trainers import cloud_eval
 
@@ -324,6 +371,25 @@ def report_json(rows: Mapping[str, dict]) -> dict:
         for label, inputs, (p, s_, a) in PEERS]}
 
 
+def _run(args, todo, root: epath.Path, tag: str = "") -> list[dict]:
+    from rsjax.runtime import prepare_process
+
+    prepare_process()
+    root.mkdir(parents=True, exist_ok=True)
+    return run_all(todo, root, lambda m, s: run_method(m, args.scale, s, root, args.data_dir,
+                                                       args.steps),
+                   print_fn=lambda line: print(tag + line, flush=True),
+                   workers=args.workers)
+
+
+def _worker_command(args, root: epath.Path) -> list[str]:
+    command = [sys.executable, "-m", "rsjax.experiments.cloud_removal", "--scale", args.scale,
+               "--workdir", str(root), "--only", ",".join(args.only),
+               "--steps", str(args.steps), "--workers", str(args.workers)]
+    command += ["--seeds", str(args.seeds)] if args.seeds is not None else []
+    return command + (["--data_dir", args.data_dir] if args.data_dir else [])
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--scale", default="demo", choices=SCALES, help="experiment scale")
     parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
@@ -339,6 +405,11 @@ def add_arguments(parser) -> None:
                         help="TFDS data_dir of the datasets (default: the configs')")
     parser.add_argument("--no_run", action="store_true",
                         help="write the report from the finished runs only")
+    parser.add_argument("--workers", type=cli.positive_int, default=1,
+                        help="runs at once on this machine, each on its share of the CPU cores "
+                             "(see docs/experiments.md); more machines sharing the workdir can "
+                             "each run the same command")
+    parser.add_argument("--worker_cpus", default=None, help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
@@ -348,15 +419,19 @@ def run(args) -> int:
         method_config(m, args.scale, 0, args.data_dir, args.steps)
     root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
     records = []
-    if not args.no_run:
-        from rsjax.runtime import prepare_process
+    todo = [(m, s) for s in range(seeds) for m in methods]
+    if args.worker_cpus is not None:          # one of --workers' processes: run, no report
+        workers.become_worker(args.worker_cpus)
+        _run(args, todo, root, f"[cores {args.worker_cpus}] ")
+        return 0
+    if not args.no_run and args.workers > 1:
+        from rsjax import input_pipeline
 
-        prepare_process()
-        root.mkdir(parents=True, exist_ok=True)
-        todo = [(m, s) for s in range(seeds) for m in methods]
-        for i, (m, s) in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {m.key}/seed{s}", flush=True)
-            records.append(run_method(m, args.scale, s, root, args.data_dir, args.steps))
+        input_pipeline.ensure_dataset(method_config(methods[0], args.scale, 0, args.data_dir,
+                                                    args.steps).data)  # built once, here
+        workers.run_workers(_worker_command(args, root), args.workers, str(root))
+    if not args.no_run:
+        records = _run(args, todo, root)       # with --workers: every run finished, read in
     elif not root.exists():
         raise UserError(f"{args.workdir}: no such experiment folder (run without --no_run first).")
     else:

@@ -23,8 +23,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from typing import Optional
 
@@ -33,7 +31,7 @@ from etils import epath
 
 from rsjax import cli
 from rsjax.experiments import plan as plan_lib
-from rsjax.experiments import runner, stats
+from rsjax.experiments import runner, stats, workers
 
 PAPER_TABLE1 = {"pix2pix": (18.84, 0.62, 0.23), "rs_spade": (23.14, 0.84, 0.19)}
 PAPER_TABLE2 = {"s1": (18.83, 0.76, 0.25), "lulc": (20.77, 0.80, 0.21),
@@ -456,35 +454,12 @@ def run(args) -> int:
     return 0
 
 
-def cpu_shares(cpus: list[int], workers: int) -> list[list[int]]:
-    """The machine's cores dealt out to `workers` processes (as even as it goes)."""
-    if workers > len(cpus):
-        from rsjax.errors import UserError
-        raise UserError(f"--workers {workers}: this process may use {len(cpus)} CPU cores; "
-                        f"give at most {len(cpus)} workers (one core each at least).")
-    return [cpus[i::workers] for i in range(workers)]
-
-
-def worker_env(cores: list[int], environ=os.environ) -> dict:
-    """A worker's environment: XLA's CPU thread pool sized to its cores (one core:
-    no pool, whose threads would only contend for that core)."""
-    env = dict(environ)
-    flags = env.get("XLA_FLAGS", "")
-    if len(cores) == 1:
-        flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    else:
-        flags += f" intra_op_parallelism_threads={len(cores)}"
-    env["XLA_FLAGS"] = flags.strip()
-    env["TF_NUM_INTRAOP_THREADS"] = env["TF_NUM_INTEROP_THREADS"] = str(len(cores))
-    return env
-
-
 def _run_workers(args, runs, root: epath.Path) -> None:
     """Starts `--workers` processes of this command on shares of the cores and
-    waits for them; each claims runs as they become ready (runner.run_plan).
-    The datasets are built first, here, so that no two workers build one."""
+    waits for them (rsjax.experiments.workers); each claims runs as they become
+    ready (runner.run_plan). The datasets are built first, here, so that no two
+    workers build one."""
     from rsjax import input_pipeline
-    from rsjax.errors import UserError
 
     built = set()
     for run in runs:
@@ -492,46 +467,15 @@ def _run_workers(args, runs, root: epath.Path) -> None:
         if data.name not in built:
             input_pipeline.ensure_dataset(data)
             built.add(data.name)
-    shares = cpu_shares(sorted(os.sched_getaffinity(0)), args.workers)
     base = [sys.executable, "-m", "rsjax.experiments.report", "--scale", args.scale,
             "--workdir", str(root), "--tables", args.tables, "--workers", str(args.workers)]
     base += ["--seeds", str(args.seeds)] if args.seeds is not None else []
     base += ["--data_dir", args.data_dir] if args.data_dir else []
-    print(f"{args.workers} workers on cores {shares}", flush=True)
-    procs = [subprocess.Popen(base + ["--worker_cpus", ",".join(map(str, cores))],
-                              env=worker_env(cores)) for cores in shares]
-    stopped = []
-
-    def stop(signum, frame):            # pass a stop on: each worker checkpoints and exits
-        stopped.append(signum)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        codes = [p.wait() for p in procs]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if stopped:
-        raise KeyboardInterrupt(f"{root}: stopped on request; rerun the same command to resume")
-    if any(codes):
-        raise UserError(f"{root}: a worker failed (exit codes {codes}); its error is above. "
-                        "Fix it and rerun: finished runs are kept, unfinished ones resume.")
-
-
-def pin_worker_env(cores: list[int], environ=os.environ) -> None:
-    """Gives a worker started by hand (`--worker_cpus` without `--workers`
-    having set its environment) the thread settings `--workers` would have:
-    XLA reads them when its CPU backend starts, after this."""
-    if "intra_op_parallelism_threads" not in environ.get("XLA_FLAGS", ""):
-        environ.update(worker_env(cores, environ))
+    workers.run_workers(base, args.workers, str(root))
 
 
 def _work(args, runs, root: epath.Path) -> int:
-    cores = [int(c) for c in args.worker_cpus.split(",")]
-    os.sched_setaffinity(0, cores)
-    pin_worker_env(cores)
+    workers.become_worker(args.worker_cpus)
     from rsjax.runtime import prepare_process
     prepare_process()
     tag = f"[cores {args.worker_cpus}]"

@@ -250,11 +250,16 @@ def needs(run: Run) -> tuple[str, ...]:
 
 
 def claim(run: Run, root: epath.Path):
+    """This worker's lock on a run's folder (see claim_folder)."""
+    return claim_folder(root / run.name)
+
+
+def claim_folder(folder: epath.Path):
     """This worker's lock on a run's folder, or None when another live worker holds it
     (a lock left by a worker that died is taken over)."""
     from rsjax import locks
 
-    lock = locks.FolderLock(root / run.name, CLAIM_FILE, "experiment worker",
+    lock = locks.FolderLock(folder, CLAIM_FILE, "experiment worker",
                             advice="Another worker runs it")
     try:
         return lock.acquire()
