@@ -33,7 +33,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional
 
 CLASSES = ("convolution/matmul", "pooling", "reduction", "concatenate", "copy/transpose",
            "elementwise", "other")
@@ -54,27 +54,38 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALLED = re.compile(r"\b(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)")
 
 
-def _opcode(rhs: str) -> str:
-    """The opcode of an instruction's right-hand side: the type (a tuple type
-    may hold spaces and /*index*/ comments), then `opcode(`."""
-    i = 0
+class Instruction(NamedTuple):
+    opcode: str
+    called: list        # the computations it calls (fused, loop bodies, reducers)
+    shape: str          # its result type, layout left out: "f32[4,256,256,64]"
+    op_name: str        # the JAX operation it came from, when XLA kept it
+
+
+def _split_type(rhs: str) -> tuple[str, str]:
+    """(result type, rest) of an instruction's right-hand side: a tuple type
+    may hold spaces and /*index*/ comments."""
     if rhs.startswith("("):
         depth = 0
         for i, ch in enumerate(rhs):
             depth += ch == "("
             depth -= ch == ")"
             if depth == 0:
-                break
-        i += 1
-    else:
-        i = rhs.find(" ")
-    match = re.match(r"\s*([a-z][\w\-]*)\(", rhs[i:])
-    return match.group(1) if match else ""
+                return rhs[:i + 1], rhs[i + 1:]
+    head, _, rest = rhs.partition(" ")
+    return head, " " + rest
+
+
+def _instruction(rhs: str) -> Instruction:
+    shape, rest = _split_type(rhs)
+    match = re.match(r"\s*([a-z][\w\-]*)\(", rest)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    return Instruction(match.group(1) if match else "", _CALLED.findall(rest),
+                       re.sub(r"\{[^}]*\}", "", shape), op_name.group(1) if op_name else "")
 
 
 def parse_hlo(text: str) -> tuple[dict, dict]:
     """(instructions, computations) of an HLO module's text:
-    instructions {name: (opcode, [called computations])},
+    instructions {name: Instruction},
     computations {name: [instruction names]}."""
     instructions: dict = {}
     computations: dict = {}
@@ -90,7 +101,7 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
         match = _INSTRUCTION.match(line)
         if match and current is not None:
             name, rhs = match.groups()
-            instructions[name] = (_opcode(rhs), _CALLED.findall(rhs))
+            instructions[name] = _instruction(rhs)
             current.append(name)
     return instructions, computations
 
@@ -99,7 +110,7 @@ def _opcodes_within(name: str, instructions: Mapping, computations: Mapping,
                     seen: Optional[set] = None) -> set:
     """Every opcode an instruction runs, through the computations it calls."""
     seen = set() if seen is None else seen
-    opcode, called = instructions.get(name, ("", []))
+    opcode, called = instructions[name][:2] if name in instructions else ("", [])
     found = {opcode}
     for comp in called:
         if comp in seen:
@@ -181,7 +192,9 @@ def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
         "op_seconds_per_step": per_step(total),
         "seconds_per_step_by_class": {c: per_step(by_class[c]) for c in CLASSES},
         "share_by_class": {c: round(by_class[c] / total, 3) if total else None for c in CLASSES},
-        "top_operations": [[name, classify(name, instructions, computations), per_step(s)]
+        # [name, class, seconds per step, result shape, the JAX operation it came from]
+        "top_operations": [[name, classify(name, instructions, computations), per_step(s),
+                            *(instructions[name][2:] if name in instructions else ("", ""))]
                            for name, s in by_op.most_common(top)],
         "operations_not_in_the_hlo": unknown,
     }

@@ -55,7 +55,7 @@ HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 ENTRY %main.9 (x: f32[1,8,8,4], w: f32[3,3,4,8]) -> (f32[8], /*index=1*/f32[1,8,8,8]) {
   %x = f32[1,8,8,4]{3,2,1,0} parameter(0)
   %w = f32[3,3,4,8]{3,2,1,0} parameter(1)
-  %conv_fusion = f32[1,8,8,8]{3,2,1,0} fusion(%x, %w), kind=kOutput, calls=%fused_computation.1
+  %conv_fusion = f32[1,8,8,8]{3,2,1,0} fusion(%x, %w), kind=kOutput, calls=%fused_computation.1, metadata={op_name="jit(step)/conv_general_dilated" stack_frame_id=3}
   %reduce_fusion = f32[8]{0} fusion(%conv_fusion), kind=kInput, calls=%fused_computation.2
   %multiply_add_fusion = f32[8]{0} fusion(%reduce_fusion, %reduce_fusion), kind=kLoop, calls=%fused_computation.3
   %transpose_fusion = f32[1,8,8,8]{3,2,1,0} fusion(%conv_fusion), kind=kLoop, calls=%fused_computation.4
@@ -70,7 +70,9 @@ ENTRY %main.9 (x: f32[1,8,8,4], w: f32[3,3,4,8]) -> (f32[8], /*index=1*/f32[1,8,
 def test_each_operation_is_classed_by_what_it_computes():
     instructions, computations = bench_profile.parse_hlo(HLO)
     assert instructions["conv_fusion"][0] == "fusion"
-    assert instructions["tuple.9"][0] == "tuple"           # a tuple type before the opcode
+    assert instructions["tuple.9"].opcode == "tuple"       # a tuple type before the opcode
+    assert instructions["tuple.9"].shape == "(f32[8], /*index=1*/f32[1,8,8,8])"
+    assert instructions["reduce-window.7"].called == ["region_0.1"]
     expected = {"conv_fusion": "convolution/matmul", "reduce_fusion": "reduction",
                 "multiply_add_fusion": "elementwise", "transpose_fusion": "copy/transpose",
                 "reduce-window.7": "pooling", "concatenate.8": "concatenate",
@@ -90,7 +92,9 @@ def test_summary_sums_per_class_and_step_and_leaves_out_control_flow():
     assert out["op_seconds_per_step"] == pytest.approx(1.0)      # the while's 5 s left out
     assert out["wall_seconds_per_step"] == pytest.approx(1.0)
     assert out["operations_not_in_the_hlo"] == 1
-    assert out["top_operations"][0] == ["while.5", "control", 2.5]
+    assert out["top_operations"][0] == ["while.5", "control", 2.5, "(s32[], f32[8])", ""]
+    assert out["top_operations"][1] == ["conv_fusion", "convolution/matmul", 0.6,
+                                        "f32[1,8,8,8]", "jit(step)/conv_general_dilated"]
 
 
 def _profile(fn, *args):
