@@ -176,14 +176,14 @@ def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
     by_op = collections.Counter()
     for name, seconds in events:
         by_op[name] += seconds
+    class_of = {name: classify(name, instructions, computations) for name in by_op}
     by_class = collections.Counter({c: 0.0 for c in CLASSES})
     unknown = 0
     for name, seconds in by_op.items():
-        cls = classify(name, instructions, computations)
-        if cls == CONTROL:
+        if class_of[name] == CONTROL:
             continue
         unknown += name not in instructions
-        by_class[cls] += seconds
+        by_class[class_of[name]] += seconds
     total = sum(by_class.values())
     per_step = lambda s: round(s / steps, 4)
     return {
@@ -193,7 +193,7 @@ def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
         "seconds_per_step_by_class": {c: per_step(by_class[c]) for c in CLASSES},
         "share_by_class": {c: round(by_class[c] / total, 3) if total else None for c in CLASSES},
         # [name, class, seconds per step, result shape, the JAX operation it came from]
-        "top_operations": [[name, classify(name, instructions, computations), per_step(s),
+        "top_operations": [[name, class_of[name], per_step(s),
                             *(instructions[name][2:] if name in instructions else ("", ""))]
                            for name, s in by_op.most_common(top)],
         "operations_not_in_the_hlo": unknown,
