@@ -425,10 +425,8 @@ def run(args) -> int:
         _run(args, todo, root, f"[cores {args.worker_cpus}] ")
         return 0
     if not args.no_run and args.workers > 1:
-        from rsjax import input_pipeline
-
-        input_pipeline.ensure_dataset(method_config(methods[0], args.scale, 0, args.data_dir,
-                                                    args.steps).data)  # built once, here
+        workers.build_datasets(method_config(m, args.scale, 0, args.data_dir, args.steps).data
+                               for m in methods)
         workers.run_workers(_worker_command(args, root), args.workers, str(root))
     if not args.no_run:
         records = _run(args, todo, root)       # with --workers: every run finished, read in

@@ -30,6 +30,7 @@ import numpy as np
 from etils import epath
 
 from rsjax import cli
+from rsjax.runtime import host
 from rsjax.experiments import plan as plan_lib
 from rsjax.experiments import runner, stats, workers
 
@@ -321,7 +322,7 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
            for (name, t), (_, c), (wall_note, cpu_note) in zip(times, cpu, notes)]
     md += [""]
     report["elapsed"] = elapsed(root, runs, finished)
-    report["machine"] = machine()
+    report["machine"] = host()
     if report["elapsed"]:
         span = report["elapsed"]
         md.insert(md.index("| run | wall (all attempts) | CPU |") - 1,
@@ -391,13 +392,6 @@ def elapsed(root: epath.Path, runs, finished: dict) -> Optional[dict]:
             "last_end": iso(max(end_of.values())), "busy_seconds": round(union_seconds(intervals), 1)}
 
 
-def machine() -> dict:
-    """Where the report was written (rsjax.runtime.host)."""
-    from rsjax.runtime import host
-
-    return host()
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -457,16 +451,8 @@ def run(args) -> int:
 def _run_workers(args, runs, root: epath.Path) -> None:
     """Starts `--workers` processes of this command on shares of the cores and
     waits for them (rsjax.experiments.workers); each claims runs as they become
-    ready (runner.run_plan). The datasets are built first, here, so that no two
-    workers build one."""
-    from rsjax import input_pipeline
-
-    built = set()
-    for run in runs:
-        data = runner.run_config(run, root, args.data_dir).data
-        if data.name not in built:
-            input_pipeline.ensure_dataset(data)
-            built.add(data.name)
+    ready (runner.run_plan)."""
+    workers.build_datasets(runner.run_config(run, root, args.data_dir).data for run in runs)
     base = [sys.executable, "-m", "rsjax.experiments.report", "--scale", args.scale,
             "--workdir", str(root), "--tables", args.tables, "--workers", str(args.workers)]
     base += ["--seeds", str(args.seeds)] if args.seeds is not None else []

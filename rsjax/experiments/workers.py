@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import Mapping, MutableMapping, Sequence
+from typing import Iterable, Mapping, MutableMapping, Sequence
 
 from rsjax.errors import UserError
 
@@ -46,6 +46,18 @@ def pin_worker_env(cores: list[int], environ: MutableMapping[str, str] = os.envi
     XLA reads them when its CPU backend starts, after this."""
     if "intra_op_parallelism_threads" not in environ.get("XLA_FLAGS", ""):
         environ.update(worker_env(cores, environ))
+
+
+def build_datasets(data_configs: Iterable) -> None:
+    """Builds each dataset the runs read, once, before any worker starts, so
+    that no two workers build one."""
+    from rsjax import input_pipeline
+
+    built = set()
+    for data in data_configs:
+        if data.name not in built:
+            input_pipeline.ensure_dataset(data)
+            built.add(data.name)
 
 
 def become_worker(worker_cpus: str) -> list[int]:
