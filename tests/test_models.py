@@ -137,14 +137,17 @@ def test_conv2d_matmul_path_matches_numpy_and_the_convolution_gradients(
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_conv2d_chooses_the_matmul_form_only_for_big_kernels_on_small_images():
+def test_conv2d_chooses_the_matmul_form_for_big_kernels_on_small_images_and_1x1():
     conv = layers.Conv2d(64, 64, 3, rngs=rngs(0))
+    pointwise = layers.Conv2d(64, 64, 1, rngs=rngs(0))
 
     def rewrite(x):
         return cpu_conv.rewrite_for(conv.kernel.shape, conv.stride, conv.padding, x)
     small, big = jnp.zeros((1, 4, 4, 64)), jnp.zeros((1, 64, 64, 64))
     assert cpu_conv.use_matmul(conv.kernel.shape, 1, conv.padding, small)  # 576 >= 4 * 16 pixels
     assert not cpu_conv.use_matmul(conv.kernel.shape, 1, conv.padding, big)
+    assert cpu_conv.use_matmul(pointwise.kernel.shape, 1, pointwise.padding, big)
+    assert not cpu_conv.use_matmul(pointwise.kernel.shape, 2, pointwise.padding, big)
     on_cpu = jax.default_backend() == "cpu"
     assert rewrite(small) == ("matmul" if on_cpu else None)       # never on GPU/TPU
     with cpu_conv.rewrites("off"):
@@ -195,12 +198,14 @@ def test_conv2d_uses_the_row_kernel_gradient_for_wide_stride_1_outputs_only():
 
     def rewrite(conv):
         return cpu_conv.rewrite_for(conv.kernel.shape, conv.stride, conv.padding, x)
-    for outputs in (128, 64):             # 64: RS-UNet's first level, SPADE's last block
+    # 64: RS-UNet's first level, SPADE's last block; 32: SPADE's source embeddings
+    for outputs in (128, 64, 32):
         assert rewrite(layers.Conv2d(32, outputs, 3, rngs=rngs(0))) == (
             "row_kernel_grad" if jax.default_backend() == "cpu" else None)
-    assert rewrite(layers.Conv2d(32, 32, 3, rngs=rngs(0))) is None
+    assert rewrite(layers.Conv2d(32, 16, 3, rngs=rngs(0))) is None
     assert rewrite(layers.Conv2d(32, 128, 4, stride=2, rngs=rngs(0))) is None
-    assert rewrite(layers.Conv2d(32, 128, 1, rngs=rngs(0))) is None
+    assert rewrite(layers.Conv2d(32, 128, 1, rngs=rngs(0))) == (   # 1x1: a matmul
+        "matmul" if jax.default_backend() == "cpu" else None)
 
 
 @pytest.mark.parametrize("kernel_size,padding", [(4, 1), (2, 0)])  # pix2pix, RS-UNet

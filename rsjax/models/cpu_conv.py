@@ -7,10 +7,11 @@ checks them against it); they only take faster paths on CPU (jax 0.10, 2-core
 AMD EPYC Zen 4, measured in the comments below):
 
 - "matmul": the whole convolution as one matmul over im2col patches, for big
-  kernels on small images (SPADE's 4x4 and 8x8 starting resolutions).
+  kernels on small images (SPADE's 4x4 and 8x8 starting resolutions) and for
+  every 1x1 stride-1 convolution (its patches are the input itself).
 - "row_kernel_grad": XLA's forward and input gradient, the kernel gradient as
-  matmuls over chunks of rows (3x3 stride-1 convolutions with >= 64 outputs),
-  `conv_valid_row_kernel_grad` on the padded input.
+  matmuls over chunks of rows (stride-1 convolutions wider than 1x1 with >= 32
+  outputs), `conv_valid_row_kernel_grad` on the padded input.
 
 Whether they apply is an explicit switch, `rewrites(mode)`, read when a model
 is traced: "auto" (the default) when JAX's default backend is the CPU, "off"
@@ -75,8 +76,19 @@ def use_matmul(kernel_shape, stride: int, padding, x: jax.Array) -> bool:
     It only pays while the kernel outweighs the activations, so the rule is
     kernel columns (kh*kw*out) at least 4x the output pixels (batch*H*W); big
     images keep the convolution.
+
+    A 1x1 stride-1 convolution is a matmul of the pixels with the kernel and
+    copies nothing as one, so it always takes this form: XLA:CPU computes its
+    kernel gradient as a convolution over the whole image, 2.03 s against
+    0.19 s as a matmul (forward + both gradients, SPADE's 128 -> 64 shortcut at
+    4x256x256), 0.94 against 0.13 s (256 -> 128 at 4x128x128), 0.098 against
+    0.057 s (RS-UNet's 64 -> 9 head at 4x256x256), 0.010 against 0.0045 s
+    (1024 -> 512 at 1x16x16); best of 3 interleaved in one process on the
+    quiet 2-core development machine, 2026-12-01.
     """
     kh, kw, _, out = kernel_shape
+    if kh == kw == 1 and stride == 1:
+        return True
     b, h, w = x.shape[0], x.shape[1], x.shape[2]
     (lo_h, hi_h), (lo_w, hi_w) = padding
     out_pixels = b * ((h + lo_h + hi_h - kh) // stride + 1) * (
@@ -106,7 +118,7 @@ def patches(x: jax.Array, kh: int, kw: int, stride: int,
 # The row-chunked kernel gradient
 # ---------------------------------------------------------------------------
 # Fewest output channels for which the kernel gradient is computed by rows.
-_ROW_KERNEL_GRAD_MIN_OUTPUTS = 64
+_ROW_KERNEL_GRAD_MIN_OUTPUTS = 32
 
 
 def use_row_kernel_grad(kernel_shape, stride: int, x: jax.Array) -> bool:
