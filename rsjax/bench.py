@@ -30,6 +30,14 @@ Parts (`--parts`, comma-separated):
   trace of `--steps` more calls summed per operation class (convolution/
   matmul, pooling, reduction, concatenate, copy/transpose, elementwise) and
   its heaviest operations (`rsjax.bench_profile`), on CPU and accelerators.
+- `convs`: the U-Net step's 3x3 convolutions one by one, each distinct (in,
+  out, resolution) at each size and batch: forward, kernel gradient and
+  (except the first layer, whose input is data) input gradient, computed as
+  `layers.Conv2d` computes them in the step (`path`: XLA's convolution or a
+  `cpu_conv` rewrite), seconds, GFLOP/s, and `count`, how often the step has
+  the layer; `total` sums count x seconds over the layers. With `--against
+  torch`, PyTorch's (oneDNN's) time of the same layer in the same run and the
+  ratio per layer and in total: which layers rsjax loses or wins.
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain
   workers) on the demo dataset, in megapixels/s, against what each measured
   fusion step consumes.
@@ -61,7 +69,7 @@ import numpy as np
 from rsjax import cli, runtime
 from rsjax.errors import RunFailed, UserError
 
-PARTS = ("matmul", "fusion", "unet", "pipeline")
+PARTS = ("matmul", "fusion", "unet", "convs", "pipeline")
 AGAINST = ("none", "torch")
 
 # NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
@@ -353,6 +361,102 @@ def torch_unet_step(size: int, batch: int, dtype: str, steps: int, config_arg: s
     return json.loads(proc.stdout)
 
 
+def conv_layer_step(layer: dict, batch: int, dtype: str):
+    """(jitted f, args, path) where f computes one U-Net conv layer's forward
+    pass and the gradients the train step needs of it, the way `layers.Conv2d`
+    computes them in the step (its CPU rewrites included)."""
+    from flax import nnx
+    from rsjax.models import cpu_conv, layers
+    conv = layers.Conv2d(layer["in"], layer["out"], 3, use_bias=False,
+                         kernel_init=layers.he_init, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(conv)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    rng = np.random.default_rng(0)
+    shape = (batch, layer["resolution"], layer["resolution"])
+    x = jnp.asarray(rng.standard_normal((*shape, layer["in"])), dtype)
+    dy = jnp.asarray(rng.standard_normal((*shape, layer["out"])), dtype)
+    path = cpu_conv.rewrite_for(conv.kernel.shape, 1, conv.padding, x) or "xla"
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params)(x)
+
+    if layer["input_grad"]:
+        def grads(params, x, dy):
+            _, vjp = jax.vjp(forward, params, x)
+            return vjp(dy)
+    else:
+        def grads(params, x, dy):
+            _, vjp = jax.vjp(lambda p: forward(p, x), params)
+            return vjp(dy)
+    return jax.jit(grads), (params, x, dy), path
+
+
+def time_conv_layers(size: int, batch: int, dtype: str, steps: int,
+                     config_arg: str = "") -> dict:
+    """Each distinct 3x3 convolution of the U-Net step at `size` x `batch`
+    (`bench_torch.unet_conv_layers`), forward + gradients, timed alone."""
+    from rsjax import bench_torch
+    model = unet_config(size, batch, dtype, config_arg).model
+    out = []
+    for layer in bench_torch.unet_conv_layers(size, width=int(model.width),
+                                              depth=int(model.depth)):
+        fn, args, path = conv_layer_step(layer, batch, dtype)
+        jax.block_until_ready(fn(*args))                 # compile and warm up
+        seconds, fastest = _median_seconds(lambda: fn(*args), steps)
+        gflop = bench_torch.conv_layer_gflop(layer, batch)
+        out.append({**{k: layer[k] for k in ("in", "out", "resolution", "input_grad", "count",
+                                             "names")},
+                    "path": path, "gflop": round(gflop, 6), "seconds": round(seconds, 6),
+                    "seconds_min": round(fastest, 6), "gflop_per_s": round(gflop / seconds, 1)})
+    return {"size": size, "batch": batch, "dtype": dtype, "layers": out,
+            "total": conv_totals(out)}
+
+
+def conv_totals(layers: list[dict], seconds_key: str = "seconds") -> dict:
+    """Seconds and GFLOP/s of all the step's 3x3 convolutions (each layer
+    `count` times)."""
+    seconds = sum(l["count"] * l[seconds_key] for l in layers)
+    gflop = sum(l["count"] * l["gflop"] for l in layers)
+    return {"seconds": round(seconds, 4), "gflop": round(gflop, 2),
+            "gflop_per_s": round(gflop / seconds, 1)}
+
+
+def torch_conv_layers(size: int, batch: int, dtype: str, steps: int,
+                      config_arg: str = "") -> dict:
+    """PyTorch's times of the same layers (`python -m rsjax.bench_torch --convs`)."""
+    model = unet_config(size, batch, dtype, config_arg).model
+    cmd = [sys.executable, "-m", "rsjax.bench_torch", "--convs", "--batch", str(batch),
+           "--size", str(size), "--steps", str(steps), "--dtype", dtype,
+           "--width", str(model.width), "--depth", str(model.depth)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RunFailed(f"the PyTorch convolutions ({' '.join(cmd[1:])}) failed: "
+                        f"{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def add_torch_convs(entry: dict, torch_entry: dict, peak_gflops: float | None = None) -> dict:
+    """PyTorch's seconds beside each layer's and rsjax's speed over PyTorch's
+    (`speedup_vs_pytorch`: PyTorch's seconds / rsjax's), per layer and in total.
+    Layers are matched by (in, out, resolution, input_grad); a missing one is an error."""
+    theirs = {(l["in"], l["out"], l["resolution"], l["input_grad"]): l
+              for l in torch_entry["layers"]}
+    for layer in entry["layers"]:
+        key = (layer["in"], layer["out"], layer["resolution"], layer["input_grad"])
+        if key not in theirs:
+            raise RunFailed(f"PyTorch timed no {key[0]} -> {key[1]} convolution at "
+                            f"{key[2]} px: not the same layers, no comparison.")
+        layer["pytorch_seconds"] = round(theirs[key]["seconds"], 6)
+        layer["speedup_vs_pytorch"] = round(theirs[key]["seconds"] / layer["seconds"], 3)
+    total = conv_totals(entry["layers"], "pytorch_seconds")
+    entry["pytorch"] = {"torch_version": torch_entry["torch_version"],
+                        "threads": torch_entry["threads"], "total": total}
+    entry["total"]["speedup_vs_pytorch"] = round(total["seconds"] / entry["total"]["seconds"], 3)
+    if peak_gflops:
+        total["mfu"] = round(total["gflop_per_s"] / peak_gflops, 3)
+    return entry
+
+
 def unet_parameters(config_arg: str = "") -> int:
     """Trainable parameters of the U-Net the segmentation config builds."""
     from rsjax.models.param_table import abstract_model, count_params
@@ -464,20 +568,27 @@ def check_args(args) -> None:
         _load_config("fusion", args.config_arg)        # an unknown variant fails here, first
     if args.against == "torch":
         check_torch_args(args)
+    elif "convs" in args.parts:
+        check_unet_sizes(args)
 
 
-def check_torch_args(args) -> None:
-    """The flags first (they fail the same with or without PyTorch), then PyTorch."""
-    if "unet" not in args.parts:
-        raise UserError("--against torch compares the U-Net step: add unet to --parts.")
-    if args.devices != 1:
-        raise UserError(f"--against torch times PyTorch on one process: use --devices 1, "
-                        f"not {args.devices}.")
+def check_unet_sizes(args) -> None:
     depth = int(unet_config(0, 1, args.dtype, args.config_arg).model.depth)
     for size in args.sizes:
         if size % 2**depth:
             raise UserError(f"--sizes: {size} is not a multiple of {2**depth}, which the "
                             f"{depth}-level U-Net needs.")
+
+
+def check_torch_args(args) -> None:
+    """The flags first (they fail the same with or without PyTorch), then PyTorch."""
+    if "unet" not in args.parts and "convs" not in args.parts:
+        raise UserError("--against torch compares the U-Net step or its convolutions: "
+                        "add unet or convs to --parts.")
+    if args.devices != 1:
+        raise UserError(f"--against torch times PyTorch on one process: use --devices 1, "
+                        f"not {args.devices}.")
+    check_unet_sizes(args)
     if importlib.util.find_spec("torch") is None:
         raise UserError("--against torch needs PyTorch: pip install 'rsjax[bench]' (on machines "
                         "without a GPU take PyTorch's CPU build first: pip install torch "
@@ -518,6 +629,20 @@ def benchmark(args) -> dict:
                         unet_parameters(args.config_arg), peak)
                 _log("  " + json.dumps(entry))
                 results.append(entry)
+
+    if "convs" in args.parts:
+        for size in args.sizes:
+            for batch in args.batches:
+                _log(f"U-Net 3x3 convolutions one by one, {batch}x{size}x{size} ...")
+                entry = time_conv_layers(size, batch, args.dtype, args.steps, args.config_arg)
+                if peak:
+                    entry["total"]["mfu"] = round(entry["total"]["gflop_per_s"] / peak, 3)
+                if args.against == "torch":
+                    _log("  PyTorch's ...")
+                    add_torch_convs(entry, torch_conv_layers(
+                        size, batch, args.dtype, args.steps, args.config_arg), peak)
+                _log("  " + json.dumps(entry["total"]))
+                report.setdefault("convs", []).append(entry)
 
     if "pipeline" in args.parts:
         _log("input pipeline (demo dataset, host batches) ...")

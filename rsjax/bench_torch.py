@@ -12,6 +12,12 @@ decay 1e-4), in float32 (or bfloat16 autocast), channels-last, on the CPU
 threads given. `--width`/`--depth` give the layout of a config variant (the
 demo's width 16). Printed as JSON.
 
+`--convs` times the U-Net's 3x3 convolutions one by one instead (forward,
+kernel gradient and, except for the first layer, whose input is data, the
+input gradient: what the train step computes for each), one entry per
+distinct (in, out, resolution) with how often the step has it
+(`unet_conv_layers`); `rsjax bench --parts convs` times rsjax's side.
+
 It runs in its own process (rsjax.bench starts it), so PyTorch's and XLA's
 thread pools never compete, and the two frameworks are timed in the same run
 on the same machine. Needs the `bench` extra (PyTorch's CPU build).
@@ -104,6 +110,38 @@ def build_unet(in_channels: int = 4, num_classes: int = 9, width: int = 64, dept
     return model
 
 
+def unet_conv_layers(size: int, in_channels: int = 4, width: int = 64,
+                     depth: int = 5) -> list[dict]:
+    """The 3x3 convolutions of RS-UNet's step at `size` px, one entry per
+    distinct (in, out, resolution): `count` how many the step has, `names` which,
+    `input_grad` whether the step needs the gradient of its input (not for the
+    first layer, which reads the image). Pure Python, like `unet_layout`."""
+    layout = unet_layout(in_channels, 9, width, depth)
+    convs = []
+    for group in ("encoders", "decoders"):
+        for level, (cin, cout) in enumerate(layout[group]):
+            resolution = size // 2 ** level      # decoder l works at encoder l's
+            for j, c in enumerate((cin, cout)):
+                first = group == "encoders" and level == 0 and j == 0
+                convs.append((f"{group}.{level}.conv_{j}", c, cout, resolution, not first))
+    layers: dict[tuple, dict] = {}
+    for name, cin, cout, resolution, input_grad in convs:
+        key = (cin, cout, resolution, input_grad)
+        entry = layers.setdefault(key, {"in": cin, "out": cout, "resolution": resolution,
+                                        "input_grad": input_grad, "count": 0, "names": []})
+        entry["count"] += 1
+        entry["names"].append(name)
+    return sorted(layers.values(), key=lambda l: (-l["resolution"], l["in"], l["out"]))
+
+
+def conv_layer_gflop(layer: dict, batch: int) -> float:
+    """GFLOP of one layer's forward + gradients (2 per multiply-add, every tap):
+    the forward pass and the kernel gradient, and the input gradient where the
+    step needs it, each the same count."""
+    forward = 2.0 * batch * layer["resolution"] ** 2 * layer["in"] * layer["out"] * 9
+    return forward * (3 if layer["input_grad"] else 2) / 1e9
+
+
 def _size(shape) -> int:
     n = 1
     for d in shape:
@@ -155,6 +193,45 @@ def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
             "first_step_seconds": warmup, "steps": steps}
 
 
+def time_conv_layers(layers: list[dict], batch: int, steps: int = 3, threads: int = 0,
+                     dtype: str = "float32", seed: int = 0) -> dict:
+    """Seconds of each layer's forward + gradients (median of `steps` after a
+    warm-up), channels-last as the U-Net runs, the output's cotangent given."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = []
+    for layer in layers:
+        n = layer["resolution"]
+        x = torch.randn(batch, layer["in"], n, n).to(memory_format=torch.channels_last)
+        x.requires_grad_(layer["input_grad"])
+        conv = torch.nn.Conv2d(layer["in"], layer["out"], 3, padding=1, bias=False).to(
+            memory_format=torch.channels_last)
+        dy = torch.randn(batch, layer["out"], n, n).to(memory_format=torch.channels_last)
+
+        def step():
+            conv.weight.grad = None
+            x.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                y = conv(x)
+            y.backward(dy.to(y.dtype))
+
+        step()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        out.append({"in": layer["in"], "out": layer["out"], "resolution": n,
+                    "input_grad": layer["input_grad"],
+                    "seconds": statistics.median(times), "seconds_min": min(times)})
+    return {"framework": "pytorch", "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(), "batch": batch, "dtype": dtype, "steps": steps,
+            "layers": out}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per step")
     parser.add_argument("--size", type=int, default=256, help="tile side in pixels")
@@ -167,6 +244,9 @@ def add_arguments(parser) -> None:
                         help="channels of the first level (RS-UNet's model.width)")
     parser.add_argument("--depth", type=cli.positive_int, default=5,
                         help="down-sampling stages (RS-UNet's model.depth)")
+    parser.add_argument("--convs", action="store_true",
+                        help="time the U-Net's 3x3 convolutions one by one (forward + "
+                             "gradients) instead of its train step")
 
 
 def run(args) -> int:
@@ -179,8 +259,13 @@ def run(args) -> int:
     if args.size % 2**args.depth:
         raise UserError(f"--size {args.size}: a {args.depth}-level U-Net needs a multiple "
                         f"of {2**args.depth}.")
-    cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads, args.dtype,
-                                  width=args.width, depth=args.depth))
+    if args.convs:
+        layers = unet_conv_layers(args.size, width=args.width, depth=args.depth)
+        cli.print_json(time_conv_layers(layers, args.batch, args.steps, args.threads,
+                                        args.dtype))
+    else:
+        cli.print_json(time_unet_step(args.batch, args.size, args.steps, args.threads,
+                                      args.dtype, width=args.width, depth=args.depth))
     return 0
 
 

@@ -255,8 +255,119 @@ def test_bench_against_torch_runs_pytorch_or_says_how_to_install_it(capsys):
 
 
 def test_bench_against_torch_checks_its_arguments_first(capsys):
-    for argv, what in ((["--parts", "fusion"], "add unet to --parts"),
+    for argv, what in ((["--parts", "fusion"], "add unet or convs to --parts"),
                        (["--parts", "unet", "--sizes", "48"], "not a multiple of 32")):
         assert bench.main([*argv, "--against", "torch"]) == 2
         err = capsys.readouterr().err
         assert what in err and "Traceback" not in err
+
+
+def _rs_unet_3x3_convs(size: int, width: int) -> list[tuple[int, int, int]]:
+    """(in, out, input resolution) of every 3x3 convolution in RS-UNet's forward
+    pass at `size` px, read from the traced model itself (plain convolutions)."""
+    from flax import nnx
+
+    from rsjax.models import create_model, cpu_conv
+    model = create_model("rs_unet", in_channels=4, num_classes=9, width=width,
+                         rngs=nnx.Rngs(0))
+    model.eval()              # BatchNorm reads its statistics, writes none in the trace
+    with cpu_conv.rewrites("off"):
+        jaxpr = jax.make_jaxpr(lambda x: model(x))(jnp.zeros((1, size, size, 4)))
+    return sorted((e.invars[1].aval.shape[2], e.invars[1].aval.shape[3],
+                   e.invars[0].aval.shape[1])
+                  for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+                  and e.invars[1].aval.shape[:2] == (3, 3))
+
+
+def test_unet_conv_layers_are_the_models_convolutions():
+    """`bench_torch.unet_conv_layers` lists the 3x3 convolutions RS-UNet's traced
+    forward pass runs, each as often as it runs it, and only the first reads
+    the image (no input gradient)."""
+    from rsjax import bench_torch
+    for size, width in ((64, 16), (256, 64)):
+        layers = bench_torch.unet_conv_layers(size, width=width)
+        listed = sorted((l["in"], l["out"], l["resolution"])
+                        for l in layers for _ in range(l["count"]))
+        assert listed == _rs_unet_3x3_convs(size, width)
+        assert all(l["count"] == len(l["names"]) for l in layers)
+        (first,) = [l for l in layers if not l["input_grad"]]
+        assert first["names"] == ["encoders.0.conv_0"] and first["in"] == 4
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_conv_layer_step_computes_the_gradients_its_flop_count_says(input_grad):
+    """Each layer's GFLOP (forward, kernel gradient, input gradient where the
+    step needs it) is what an independent count of the convolutions in the
+    traced function finds, and the function's gradients are jax.grad's of the
+    plain convolution (whatever path `layers.Conv2d` takes)."""
+    from rsjax import bench_torch
+    from rsjax.models import cpu_conv
+    layer = {"in": 8, "out": 64, "resolution": 16, "input_grad": input_grad, "count": 1,
+             "names": ["x"]}
+    with cpu_conv.rewrites("off"):
+        fn, args, path = bench.conv_layer_step(layer, 2, "float32")
+        assert path == "xla"
+        counted = bench.jaxpr_flops(jax.make_jaxpr(fn)(*args))
+    assert counted == pytest.approx(bench_torch.conv_layer_gflop(layer, 2) * 1e9, rel=1e-9)
+    assert bench_torch.conv_layer_gflop(layer, 2) == pytest.approx(
+        2 * 2 * 16 * 16 * 8 * 64 * 9 * (3 if input_grad else 2) / 1e9)
+
+    fn, (params, x, dy), path = bench.conv_layer_step(layer, 2, "float32")
+    grads = fn(params, x, dy)
+    kernel = params["kernel"][...]
+
+    def plain(kernel, x):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * dy)
+
+    want_k, want_x = jax.grad(plain, argnums=(0, 1))(kernel, x)
+    np.testing.assert_allclose(grads[0]["kernel"][...], want_k, rtol=2e-4, atol=2e-3)
+    if input_grad:
+        np.testing.assert_allclose(grads[1], want_x, rtol=2e-4, atol=2e-4)
+    else:
+        assert len(grads) == 1
+
+
+def test_torch_convs_are_matched_layer_by_layer():
+    layers = [{"in": 4, "out": 64, "resolution": 32, "input_grad": False, "count": 1,
+               "gflop": 1.0, "seconds": 0.5},
+              {"in": 64, "out": 64, "resolution": 32, "input_grad": True, "count": 2,
+               "gflop": 3.0, "seconds": 1.0}]
+    entry = {"layers": [dict(l) for l in layers], "total": bench.conv_totals(layers)}
+    assert entry["total"] == {"seconds": 2.5, "gflop": 7.0, "gflop_per_s": 2.8}
+    theirs = {"torch_version": "2.13.0+cpu", "threads": 2, "layers": [
+        {"in": 64, "out": 64, "resolution": 32, "input_grad": True, "seconds": 2.0},
+        {"in": 4, "out": 64, "resolution": 32, "input_grad": False, "seconds": 1.0}]}
+    bench.add_torch_convs(entry, theirs, 10.0)
+    assert [l["speedup_vs_pytorch"] for l in entry["layers"]] == [2.0, 2.0]
+    assert entry["pytorch"]["total"]["seconds"] == 5.0
+    assert entry["pytorch"]["total"]["mfu"] == pytest.approx(0.14)
+    assert entry["total"]["speedup_vs_pytorch"] == 2.0
+    theirs["layers"].pop()
+    with pytest.raises(RunFailed, match="not the same layers"):
+        bench.add_torch_convs({"layers": [dict(l) for l in layers],
+                               "total": bench.conv_totals(layers)}, theirs)
+
+
+def test_bench_convs_time_every_layer_beside_pytorchs(capsys):
+    """`--parts convs` times the demo U-Net's convolutions at 32 px one by one
+    and, with PyTorch installed, PyTorch's of the same layers in the same run."""
+    argv = ["--parts", "matmul,convs", "--sizes", "32", "--batches", "2", "--steps", "1",
+            "--config_arg", "demo", "--matmul_sizes", "256"]
+    has_torch = importlib.util.find_spec("torch") is not None
+    assert bench.main(argv + (["--against", "torch"] if has_torch else [])) == 0
+    report = json.loads(capsys.readouterr().out)
+    (entry,) = report["convs"]
+    assert sum(l["count"] for l in entry["layers"]) == 22      # 2 per double conv, 11 of them
+    for layer in entry["layers"]:
+        assert layer["gflop_per_s"] == pytest.approx(layer["gflop"] / layer["seconds"],
+                                                     rel=0.01, abs=0.051)
+    assert entry["total"]["mfu"] == pytest.approx(
+        entry["total"]["gflop_per_s"] / report["matmul_peak"]["gflop_per_s"], abs=0.002)
+    if has_torch:
+        assert entry["total"]["speedup_vs_pytorch"] == pytest.approx(
+            entry["pytorch"]["total"]["seconds"] / entry["total"]["seconds"], rel=0.01)
+        assert all(l["pytorch_seconds"] > 0 for l in entry["layers"])
+    assert bench.main(["--parts", "convs", "--sizes", "48"]) == 2
+    assert "not a multiple of 32" in capsys.readouterr().err
