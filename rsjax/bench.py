@@ -26,6 +26,10 @@ Parts (`--parts`, comma-separated):
   XLA's thread pools never compete: `pytorch` holds its figures (GFLOP/s
   and MFU at rsjax's FLOP count of the same model, against this run's matmul
   peak) and `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
+  `--rounds N` repeats the pair N times (rsjax's step compiled once, then
+  PyTorch's, then rsjax's again, ...): `speedup_vs_pytorch_rounds` holds
+  each round's ratio and their median, min and max, since a VM's speed moves
+  between the two measurements, and a ratio is only as good as that.
 - `--profile`: each train step entry also gets `profile`, a `jax.profiler`
   trace of `--steps` more calls summed per operation class (convolution/
   matmul, pooling, reduction, concatenate, copy/transpose, elementwise) and
@@ -276,44 +280,55 @@ def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
     return step, state, random_batch(size, batch, (), mesh)
 
 
-def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
-                    steps: int, config_arg: str = "", profile: bool = False) -> dict:
-    """Compiles one train step and times `steps` calls of it, state fed back
-    (donated) as in training, waiting on each step's metrics. `profile`: then
-    traces `steps` more calls and adds where they spent their time
-    (rsjax.bench_profile) as `profile`."""
-    step, state, data = make(size, batch, dtype, mesh, config_arg)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
-    flops, flops_source = model_flops_and_source(step, state, data)
-    state, m = compiled(state, data)          # warm-up (first-call allocations)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
+class StepTimer:
+    """A train step compiled once and warmed up, timed (and traced) on demand,
+    its state fed back (donated) as in training."""
+
+    def __init__(self, make: Callable, size: int, batch: int, dtype: str, mesh,
+                 config_arg: str = ""):
+        step, state, self.data = make(size, batch, dtype, mesh, config_arg)
         t0 = time.perf_counter()
-        state, m = compiled(state, data)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+        self.compiled = step.lower(state, self.data).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.flops, self.flops_source = model_flops_and_source(step, state, self.data)
+        self.state = state
+        self.call()                               # warm-up (first-call allocations)
+
+    def call(self):
+        self.state, metrics = self.compiled(self.state, self.data)
+        return jax.block_until_ready(metrics)
+
+    def time(self, steps: int) -> list[float]:
+        """Seconds of each of `steps` calls, each waiting on its metrics."""
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.call()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
+                    steps: int, config_arg: str = "", profile: bool = False,
+                    timer: StepTimer | None = None) -> dict:
+    """Compiles one train step and times `steps` calls of it (median).
+    `profile`: then traces `steps` more calls and adds where they spent their
+    time (rsjax.bench_profile) as `profile`. `timer`: an already compiled step."""
+    timer = timer or StepTimer(make, size, batch, dtype, mesh, config_arg)
+    times = timer.time(steps)
     seconds = statistics.median(times)
     out = {"size": size, "batch": batch, "dtype": dtype,
            "seconds_per_step": round(seconds, 4), "seconds_min": round(min(times), 4),
-           "images_per_s": round(batch / seconds, 4), "compile_s": round(compile_s, 1)}
+           "images_per_s": round(batch / seconds, 4), "compile_s": round(timer.compile_s, 1)}
     if config_arg:
         out["config_arg"] = config_arg
-    if flops is not None:
-        out["gflop_per_step"] = round(flops / 1e9, 2)
-        out["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
-        out["flops_source"] = flops_source
+    if timer.flops is not None:
+        out["gflop_per_step"] = round(timer.flops / 1e9, 2)
+        out["gflop_per_s"] = round(timer.flops / 1e9 / seconds, 1)
+        out["flops_source"] = timer.flops_source
     if profile:
         from rsjax import bench_profile
-        carried = [state]
-
-        def call():
-            carried[0], metrics = compiled(carried[0], data)
-            return metrics
-
-        out["profile"] = bench_profile.profile_calls(call, compiled.as_text(), steps)
+        out["profile"] = bench_profile.profile_calls(timer.call, timer.compiled.as_text(), steps)
     return out
 
 
@@ -457,6 +472,20 @@ def add_torch_convs(entry: dict, torch_entry: dict, peak_gflops: float | None = 
     return entry
 
 
+def add_rounds(entry: dict, rounds: list[tuple[float, float]]) -> dict:
+    """`speedup_vs_pytorch_rounds`: rsjax's speed over PyTorch's in each round
+    of (rsjax seconds per step, PyTorch seconds per step) timed one after the
+    other, and their median, min and max: how much the ratio moves with the
+    machine within one run (the entry's other figures are the first round's)."""
+    ratios = [round(theirs / ours, 3) for ours, theirs in rounds]
+    entry["speedup_vs_pytorch_rounds"] = {
+        "rsjax_seconds": [round(ours, 4) for ours, _ in rounds],
+        "pytorch_seconds": [round(theirs, 4) for _, theirs in rounds],
+        "speedup": ratios, "median": round(statistics.median(ratios), 3),
+        "min": min(ratios), "max": max(ratios)}
+    return entry
+
+
 def unet_parameters(config_arg: str = "") -> int:
     """Trainable parameters of the U-Net the segmentation config builds."""
     from rsjax.models.param_table import abstract_model, count_params
@@ -551,6 +580,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--against", choices=AGAINST, default="none",
                         help="torch: also time PyTorch's step of the same U-Net in this run "
                              "(needs the bench extra) and report the ratio")
+    parser.add_argument("--rounds", type=cli.positive_int, default=1,
+                        help="with --against torch: time rsjax's and PyTorch's U-Net step "
+                             "this many times, one after the other, and report the ratio of "
+                             "each round with its median, min and max")
     parser.add_argument("--profile", action="store_true",
                         help="also trace --steps more calls of each train step and report "
                              "where they spent their time, by operation class "
@@ -566,6 +599,8 @@ def check_args(args) -> None:
             raise UserError(f"--batches: {b} is not divisible by --devices={args.devices}")
     if args.config_arg:
         _load_config("fusion", args.config_arg)        # an unknown variant fails here, first
+    if args.rounds > 1 and args.against != "torch":
+        raise UserError("--rounds repeats the comparison with PyTorch: add --against torch.")
     if args.against == "torch":
         check_torch_args(args)
     elif "convs" in args.parts:
@@ -617,16 +652,27 @@ def benchmark(args) -> dict:
         for size in args.sizes:
             for batch in args.batches:
                 _log(f"{part} train step {batch}x{size}x{size} ({args.dtype}) ...")
+                timer = StepTimer(make, size, batch, args.dtype, mesh, args.config_arg)
                 entry = time_train_step(make, size, batch, args.dtype, mesh, steps=args.steps,
-                                        config_arg=args.config_arg, profile=args.profile)
+                                        config_arg=args.config_arg, profile=args.profile,
+                                        timer=timer)
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
                     add_reference(entry, peak)
                 elif args.against == "torch":
                     _log(f"  PyTorch U-Net step {batch}x{size}x{size} ...")
-                    add_torch_comparison(entry, torch_unet_step(
-                        size, batch, args.dtype, args.steps, args.config_arg),
-                        unet_parameters(args.config_arg), peak)
+                    theirs = torch_unet_step(size, batch, args.dtype, args.steps, args.config_arg)
+                    add_torch_comparison(entry, theirs, unet_parameters(args.config_arg), peak)
+                    rounds = [(entry["seconds_per_step"], theirs["seconds_per_step"])]
+                    for r in range(2, args.rounds + 1):
+                        _log(f"  round {r} of {args.rounds}: rsjax, then PyTorch ...")
+                        ours = statistics.median(timer.time(args.steps))
+                        rounds.append((ours, torch_unet_step(
+                            size, batch, args.dtype, args.steps,
+                            args.config_arg)["seconds_per_step"]))
+                    if args.rounds > 1:
+                        add_rounds(entry, rounds)
+                del timer                                    # its state and buffers
                 _log("  " + json.dumps(entry))
                 results.append(entry)
 

@@ -226,6 +226,14 @@ def test_torch_comparison_reports_the_ratio_and_both_mfus():
         bench.add_torch_comparison(dict(entry), dict(TORCH_ENTRY), 5_156_425, 200.0)
 
 
+def test_rounds_report_each_ratio_and_their_spread():
+    entry = bench.add_rounds({}, [(10.0, 8.0), (5.0, 8.0), (4.0, 10.0)])
+    rounds = entry["speedup_vs_pytorch_rounds"]
+    assert rounds["speedup"] == [0.8, 1.6, 2.5]
+    assert (rounds["median"], rounds["min"], rounds["max"]) == (1.6, 0.8, 2.5)
+    assert rounds["rsjax_seconds"] == [10.0, 5.0, 4.0]
+
+
 def test_bench_against_torch_runs_pytorch_or_says_how_to_install_it(capsys):
     """With PyTorch (the bench extra), `--against torch` times PyTorch's step of
     the same U-Net (here the demo's, at 32 px) in a subprocess and reports the
@@ -233,7 +241,8 @@ def test_bench_against_torch_runs_pytorch_or_says_how_to_install_it(capsys):
     big for a test dependency) it fails first with how to install it. Either
     way the test checks what the command did."""
     argv = ["--parts", "matmul,unet", "--sizes", "32", "--batches", "2", "--steps", "1",
-            "--config_arg", "demo", "--matmul_sizes", "256", "--against", "torch"]
+            "--config_arg", "demo", "--matmul_sizes", "256", "--against", "torch",
+            "--rounds", "2"]
     if importlib.util.find_spec("torch") is None:
         assert bench.main(argv) == 2
         err = capsys.readouterr().err
@@ -252,6 +261,9 @@ def test_bench_against_torch_runs_pytorch_or_says_how_to_install_it(capsys):
         entry["images_per_s"] / torch_entry["images_per_second"], rel=0.01)
     peak = report["matmul_peak"]["gflop_per_s"]
     assert torch_entry["mfu"] == pytest.approx(torch_entry["gflop_per_s"] / peak, abs=0.002)
+    rounds = entry["speedup_vs_pytorch_rounds"]
+    assert len(rounds["speedup"]) == 2 and rounds["rsjax_seconds"][0] == entry["seconds_per_step"]
+    assert rounds["speedup"][0] == pytest.approx(entry["speedup_vs_pytorch"], rel=0.01)
 
 
 def test_bench_against_torch_checks_its_arguments_first(capsys):
@@ -260,6 +272,8 @@ def test_bench_against_torch_checks_its_arguments_first(capsys):
         assert bench.main([*argv, "--against", "torch"]) == 2
         err = capsys.readouterr().err
         assert what in err and "Traceback" not in err
+    assert bench.main(["--parts", "unet", "--rounds", "2"]) == 2
+    assert "add --against torch" in capsys.readouterr().err
 
 
 def _rs_unet_3x3_convs(size: int, width: int) -> list[tuple[int, int, int]]:
