@@ -170,8 +170,9 @@ def traced_operations(trace_dir: str) -> list[tuple[str, float]]:
 
 
 def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
-              wall_seconds: float, top: int = 15) -> dict:
-    """Per-step seconds by class and the `top` operations, from the trace's events."""
+              wall_seconds: float, top: int = 15, per_class: int = 5) -> dict:
+    """Per-step seconds by class, the `top` operations and the `per_class`
+    heaviest of each class, from the trace's events."""
     instructions, computations = parse_hlo(hlo_text)
     by_op = collections.Counter()
     for name, seconds in events:
@@ -186,16 +187,22 @@ def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
         by_class[class_of[name]] += seconds
     total = sum(by_class.values())
     per_step = lambda s: round(s / steps, 4)
+
+    def row(name: str, seconds: float) -> list:
+        # [name, class, seconds per step, result shape, the JAX operation it came from]
+        return [name, class_of[name], per_step(seconds),
+                *(instructions[name][2:] if name in instructions else ("", ""))]
     return {
         "traced_steps": steps,
         "wall_seconds_per_step": per_step(wall_seconds),
         "op_seconds_per_step": per_step(total),
         "seconds_per_step_by_class": {c: per_step(by_class[c]) for c in CLASSES},
         "share_by_class": {c: round(by_class[c] / total, 3) if total else None for c in CLASSES},
-        # [name, class, seconds per step, result shape, the JAX operation it came from]
-        "top_operations": [[name, class_of[name], per_step(s),
-                            *(instructions[name][2:] if name in instructions else ("", ""))]
-                           for name, s in by_op.most_common(top)],
+        "top_operations": [row(name, s) for name, s in by_op.most_common(top)],
+        # The heaviest few of each class: the convolutions crowd the top list,
+        # and what is left outside them is where a conv-bound step can still gain.
+        "top_by_class": {c: [row(name, s) for name, s in by_op.most_common()
+                             if class_of[name] == c][:per_class] for c in CLASSES},
         "operations_not_in_the_hlo": unknown,
     }
 

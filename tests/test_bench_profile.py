@@ -95,6 +95,10 @@ def test_summary_sums_per_class_and_step_and_leaves_out_control_flow():
     assert out["top_operations"][0] == ["while.5", "control", 2.5, "(s32[], f32[8])", ""]
     assert out["top_operations"][1] == ["conv_fusion", "convolution/matmul", 0.6,
                                         "f32[1,8,8,8]", "jit(step)/conv_general_dilated"]
+    by_class = out["top_by_class"]
+    assert [r[0] for r in by_class["elementwise"]] == ["multiply_add_fusion"]
+    assert by_class["convolution/matmul"] == [out["top_operations"][1]]
+    assert by_class["pooling"] == [] and "control" not in by_class
 
 
 def _profile(fn, *args):
