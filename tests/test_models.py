@@ -208,28 +208,6 @@ def test_conv2d_uses_the_row_kernel_gradient_for_wide_stride_1_outputs_only():
         "matmul" if jax.default_backend() == "cpu" else None)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_max_pool_2x2_is_the_reduce_window_max_pool_gradient_included(dtype):
-    """RS-UNet's 2x2 max-pool gives nnx.max_pool's output and gradient (XLA's
-    select-and-scatter: all of it to the first maximum of a window), ties
-    included: small integers make most windows tie."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.integers(0, 3, (2, 8, 6, 5)), dtype)
-    g = jnp.asarray(rng.normal(size=(2, 4, 3, 5)), dtype)
-
-    def reference(x):
-        return nnx.max_pool(x, (2, 2), strides=(2, 2))
-    y, vjp = jax.vjp(layers.max_pool_2x2, x)
-    want_y, want_vjp = jax.vjp(reference, x)
-    assert y.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
-    (dx,), (want_dx,) = vjp(g), want_vjp(g)
-    assert dx.dtype == dtype and float(jnp.sum(dx == 0)) == x.size - g.size  # one winner each
-    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32))
-    with pytest.raises(ValueError, match="even height and width"):
-        layers.max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
-
-
 @pytest.mark.parametrize("kernel_size,padding", [(4, 1), (2, 0)])  # pix2pix, RS-UNet
 def test_conv_transpose_matches_pytorch_definition(kernel_size, padding):
     conv = layers.ConvTranspose2d(3, 5, kernel_size, padding=padding, rngs=rngs(0))

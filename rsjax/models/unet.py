@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rsjax.models.layers import Conv2d, ConvTranspose2d, batch_norm, he_init, max_pool_2x2
+from rsjax.models.layers import Conv2d, ConvTranspose2d, batch_norm, he_init
 
 
 class DoubleConv(nnx.Module):
@@ -35,7 +35,7 @@ class DoubleConv(nnx.Module):
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
-    return max_pool_2x2(x)
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
 
 
 class RSUNet(nnx.Module):
