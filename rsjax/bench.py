@@ -286,6 +286,7 @@ class StepTimer:
 
     def __init__(self, make: Callable, size: int, batch: int, dtype: str, mesh,
                  config_arg: str = ""):
+        self.size, self.batch, self.dtype, self.config_arg = size, batch, dtype, config_arg
         step, state, self.data = make(size, batch, dtype, mesh, config_arg)
         t0 = time.perf_counter()
         self.compiled = step.lower(state, self.data).compile()
@@ -308,20 +309,18 @@ class StepTimer:
         return times
 
 
-def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
-                    steps: int, config_arg: str = "", profile: bool = False,
-                    timer: StepTimer | None = None) -> dict:
-    """Compiles one train step and times `steps` calls of it (median).
+def time_train_step(timer: StepTimer, *, steps: int, profile: bool = False) -> dict:
+    """The entry of a compiled train step: `steps` calls of it timed (median).
     `profile`: then traces `steps` more calls and adds where they spent their
-    time (rsjax.bench_profile) as `profile`. `timer`: an already compiled step."""
-    timer = timer or StepTimer(make, size, batch, dtype, mesh, config_arg)
+    time (rsjax.bench_profile) as `profile`."""
     times = timer.time(steps)
     seconds = statistics.median(times)
-    out = {"size": size, "batch": batch, "dtype": dtype,
+    out = {"size": timer.size, "batch": timer.batch, "dtype": timer.dtype,
            "seconds_per_step": round(seconds, 4), "seconds_min": round(min(times), 4),
-           "images_per_s": round(batch / seconds, 4), "compile_s": round(timer.compile_s, 1)}
-    if config_arg:
-        out["config_arg"] = config_arg
+           "images_per_s": round(timer.batch / seconds, 4),
+           "compile_s": round(timer.compile_s, 1)}
+    if timer.config_arg:
+        out["config_arg"] = timer.config_arg
     if timer.flops is not None:
         out["gflop_per_step"] = round(timer.flops / 1e9, 2)
         out["gflop_per_s"] = round(timer.flops / 1e9 / seconds, 1)
@@ -333,8 +332,7 @@ def time_train_step(make: Callable, size: int, batch: int, dtype: str, mesh, *,
 
 
 def add_ratios(entry: dict, peak_gflops: float | None, num_devices: int) -> dict:
-    """MFU against the measured peak (of all devices in the mesh) and, for the
-    fusion step, the speed-up over the PyTorch reference at batch 1."""
+    """MFU against the measured peak (of all devices in the mesh)."""
     if peak_gflops and "gflop_per_s" in entry:
         entry["mfu"] = round(entry["gflop_per_s"] / (peak_gflops * num_devices), 3)
     return entry
@@ -362,18 +360,23 @@ def add_reference(entry: dict, peak_gflops: float | None = None) -> dict:
     return entry
 
 
-def torch_unet_step(size: int, batch: int, dtype: str, steps: int, config_arg: str = "") -> dict:
-    """PyTorch's train step of the U-Net the segmentation config builds
-    (`rsjax.bench_torch`), timed in a subprocess: its own thread pool, none of XLA's."""
+def _run_bench_torch(what: str, size: int, batch: int, dtype: str, steps: int,
+                     config_arg: str, *flags: str) -> dict:
+    """`python -m rsjax.bench_torch` for the U-Net the segmentation config
+    builds, in a subprocess (its own thread pool, none of XLA's); its JSON."""
     model = unet_config(size, batch, dtype, config_arg).model
-    cmd = [sys.executable, "-m", "rsjax.bench_torch", "--batch", str(batch), "--size", str(size),
-           "--steps", str(steps), "--dtype", dtype, "--width", str(model.width),
-           "--depth", str(model.depth)]
+    cmd = [sys.executable, "-m", "rsjax.bench_torch", *flags, "--batch", str(batch),
+           "--size", str(size), "--steps", str(steps), "--dtype", dtype,
+           "--width", str(model.width), "--depth", str(model.depth)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise RunFailed(f"the PyTorch U-Net step ({' '.join(cmd[1:])}) failed: "
-                        f"{proc.stderr.strip()[-2000:]}")
+        raise RunFailed(f"{what} ({' '.join(cmd[1:])}) failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)
+
+
+def torch_unet_step(size: int, batch: int, dtype: str, steps: int, config_arg: str = "") -> dict:
+    """PyTorch's train step of the U-Net the segmentation config builds (`rsjax.bench_torch`)."""
+    return _run_bench_torch("the PyTorch U-Net step", size, batch, dtype, steps, config_arg)
 
 
 def conv_layer_step(layer: dict, batch: int, dtype: str):
@@ -439,15 +442,8 @@ def conv_totals(layers: list[dict], seconds_key: str = "seconds") -> dict:
 def torch_conv_layers(size: int, batch: int, dtype: str, steps: int,
                       config_arg: str = "") -> dict:
     """PyTorch's times of the same layers (`python -m rsjax.bench_torch --convs`)."""
-    model = unet_config(size, batch, dtype, config_arg).model
-    cmd = [sys.executable, "-m", "rsjax.bench_torch", "--convs", "--batch", str(batch),
-           "--size", str(size), "--steps", str(steps), "--dtype", dtype,
-           "--width", str(model.width), "--depth", str(model.depth)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RunFailed(f"the PyTorch convolutions ({' '.join(cmd[1:])}) failed: "
-                        f"{proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout)
+    return _run_bench_torch("the PyTorch convolutions", size, batch, dtype, steps, config_arg,
+                            "--convs")
 
 
 def add_torch_convs(entry: dict, torch_entry: dict, peak_gflops: float | None = None) -> dict:
@@ -467,8 +463,7 @@ def add_torch_convs(entry: dict, torch_entry: dict, peak_gflops: float | None = 
     entry["pytorch"] = {"torch_version": torch_entry["torch_version"],
                         "threads": torch_entry["threads"], "total": total}
     entry["total"]["speedup_vs_pytorch"] = round(total["seconds"] / entry["total"]["seconds"], 3)
-    if peak_gflops:
-        total["mfu"] = round(total["gflop_per_s"] / peak_gflops, 3)
+    add_ratios(total, peak_gflops, 1)
     return entry
 
 
@@ -653,9 +648,7 @@ def benchmark(args) -> dict:
             for batch in args.batches:
                 _log(f"{part} train step {batch}x{size}x{size} ({args.dtype}) ...")
                 timer = StepTimer(make, size, batch, args.dtype, mesh, args.config_arg)
-                entry = time_train_step(make, size, batch, args.dtype, mesh, steps=args.steps,
-                                        config_arg=args.config_arg, profile=args.profile,
-                                        timer=timer)
+                entry = time_train_step(timer, steps=args.steps, profile=args.profile)
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
                     add_reference(entry, peak)
@@ -681,8 +674,7 @@ def benchmark(args) -> dict:
             for batch in args.batches:
                 _log(f"U-Net 3x3 convolutions one by one, {batch}x{size}x{size} ...")
                 entry = time_conv_layers(size, batch, args.dtype, args.steps, args.config_arg)
-                if peak:
-                    entry["total"]["mfu"] = round(entry["total"]["gflop_per_s"] / peak, 3)
+                add_ratios(entry["total"], peak, 1)          # one device's convolutions
                 if args.against == "torch":
                     _log("  PyTorch's ...")
                     add_torch_convs(entry, torch_conv_layers(

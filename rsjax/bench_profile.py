@@ -187,6 +187,7 @@ def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
         by_class[class_of[name]] += seconds
     total = sum(by_class.values())
     per_step = lambda s: round(s / steps, 4)
+    ranked = by_op.most_common()            # heaviest first, sorted once
 
     def row(name: str, seconds: float) -> list:
         # [name, class, seconds per step, result shape, the JAX operation it came from]
@@ -198,10 +199,10 @@ def summarize(events: Iterable[tuple[str, float]], hlo_text: str, steps: int,
         "op_seconds_per_step": per_step(total),
         "seconds_per_step_by_class": {c: per_step(by_class[c]) for c in CLASSES},
         "share_by_class": {c: round(by_class[c] / total, 3) if total else None for c in CLASSES},
-        "top_operations": [row(name, s) for name, s in by_op.most_common(top)],
+        "top_operations": [row(name, s) for name, s in ranked[:top]],
         # The heaviest few of each class: the convolutions crowd the top list,
         # and what is left outside them is where a conv-bound step can still gain.
-        "top_by_class": {c: [row(name, s) for name, s in by_op.most_common()
+        "top_by_class": {c: [row(name, s) for name, s in ranked
                              if class_of[name] == c][:per_class] for c in CLASSES},
         "operations_not_in_the_hlo": unknown,
     }

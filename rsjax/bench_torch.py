@@ -142,6 +142,19 @@ def conv_layer_gflop(layer: dict, batch: int) -> float:
     return forward * (3 if layer["input_grad"] else 2) / 1e9
 
 
+def _time_calls(call, steps: int) -> tuple[float, list[float]]:
+    """Seconds of a first (warm-up) call and of each of `steps` more."""
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
 def _size(shape) -> int:
     n = 1
     for d in shape:
@@ -176,14 +189,7 @@ def time_unet_step(batch: int, size: int, steps: int = 3, threads: int = 0,
         optimizer.step()
         return loss.detach().item()
 
-    start = time.perf_counter()
-    step()
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    warmup, times = _time_calls(step, steps)
     seconds = statistics.median(times)
     return {"framework": "pytorch", "torch_version": torch.__version__,
             "threads": torch.get_num_threads(), "batch": batch, "size": size, "dtype": dtype,
@@ -218,12 +224,7 @@ def time_conv_layers(layers: list[dict], batch: int, steps: int = 3, threads: in
                 y = conv(x)
             y.backward(dy.to(y.dtype))
 
-        step()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+        _, times = _time_calls(step, steps)
         out.append({"in": layer["in"], "out": layer["out"], "resolution": n,
                     "input_grad": layer["input_grad"],
                     "seconds": statistics.median(times), "seconds_min": min(times)})
