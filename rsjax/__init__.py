@@ -1,3 +1,8 @@
 """rsjax: multi-source remote-sensing fusion and segmentation in JAX/Flax."""
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # One version: the one pyproject.toml gives the installed package.
+    __version__ = _metadata.version("rsjax")
+except _metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+    __version__ = "0+unknown"

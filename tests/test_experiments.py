@@ -375,12 +375,31 @@ def test_run_plan_waits_for_another_worker_and_reads_its_record(tmp_path):
         _hold(root, run, other.pid)
         threading.Timer(1.0, _finish, (root, run)).start()
         lines = []
-        records = runner.run_plan([run], root, print_fn=lines.append, poll_seconds=0.2)
+        # Bounded: if the other worker's record never appears, fail in 60 s
+        # naming the run waited for (the held run is never trained here).
+        records = runner.run_plan([run], root, print_fn=lines.append, poll_seconds=0.2,
+                                  max_wait=60)
     finally:
         other.kill()
         other.wait()
     assert records[0]["name"] == run.name
     assert any("waiting for other workers (table1/pix2pix/seed0)" in line for line in lines)
+
+
+def test_run_plan_waiting_past_max_wait_fails_naming_the_run_it_waited_for(tmp_path):
+    import subprocess
+    import sys
+
+    root = epath.Path(tmp_path)
+    run = plan_lib.plan("bench", seeds=1, tables=("table1",))[0]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _hold(root, run, other.pid)
+        with pytest.raises(TimeoutError, match="table1/pix2pix/seed0"):
+            runner.run_plan([run], root, print_fn=lambda _: None, poll_seconds=0.1, max_wait=0.5)
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_workers_get_disjoint_cores_and_one_thread_each_on_one_core():

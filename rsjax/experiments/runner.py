@@ -271,30 +271,35 @@ def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = No
              print_fn: Callable[[str], None] = print,
              extra: Optional[Callable[[Run], Sequence[str]]] = None,
              limit: Optional[int] = None, devices=None, workers: int = 1,
-             poll_seconds: float = 15.0) -> list[Optional[dict]]:
+             poll_seconds: float = 15.0,
+             max_wait: Optional[float] = None) -> list[Optional[dict]]:
     """Runs the unfinished runs of `runs` (at most `limit` of them) on `devices`
     (default: all), each once its needs are finished, skipping runs another
     worker holds and waiting while others run what is left; returns every
     run's record (None for runs not finished). `workers` (how many share the
-    experiment) only scales the ETA."""
+    experiment) only scales the ETA. `max_wait` (seconds, default none) bounds
+    one wait for other workers: past it, a TimeoutError names the runs waited for."""
     from rsjax import logging_utils
 
     root.mkdir(parents=True, exist_ok=True)
     records = [_finished(run, root, data_dir, extra) for run in runs]
     todo = sum(r is None for r in records)
     print_fn(f"{len(runs) - todo} of {len(runs)} runs already finished; {todo} to run.")
-    spent, done, announced = 0.0, 0, False
+    spent, done, waiting_since = 0.0, 0, None
     while limit is None or done < limit:
         i, lock, busy = _next_run(runs, records, root, data_dir, extra)
         if lock is None:
             if not busy:
                 break
-            if not announced:
+            if waiting_since is None:
                 print_fn(f"    waiting for other workers ({', '.join(busy)})")
-                announced = True
+                waiting_since = time.monotonic()
+            elif max_wait is not None and time.monotonic() - waiting_since > max_wait:
+                raise TimeoutError(f"waited {max_wait:.0f} s for other workers to finish "
+                                   f"{', '.join(busy)} in {root}")
             time.sleep(poll_seconds)
             continue
-        announced = False
+        waiting_since = None
         left = sum(r is None for r in records)
         eta = logging_utils.format_duration(spent / done * left / max(workers, 1) if done else None)
         print_fn(f"[{len(runs) - left + 1}/{len(runs)}] {runs[i].name} ({runs[i].kind}) | "
