@@ -1,8 +1,8 @@
 """Reads TensorBoard event files back, independently of the writer.
 
-TensorBoard's own reader is not installed (it comes with the tensorboard
-package, which needs TensorFlow's protos and much more), so the TFRecord
-framing is read here from its specification:
+Independent of the writer (tensorboardX) and of TensorBoard's own reader
+(tensorboard's EventAccumulator, which test_report.py checks against this
+one), the TFRecord framing is read here from its specification:
 
     uint64 length (little endian)
     uint32 masked CRC-32C of the 8 length bytes

@@ -6,6 +6,7 @@ import pytest
 
 from rsjax.data import couplings, synthetic
 from rsjax.data.contract import NUM_CLASSES
+from rsjax.errors import UserError
 
 
 def _toy(n=300, d=5, k=4, seed=0):
@@ -126,8 +127,35 @@ def test_ordering_violations():
 
 
 def test_too_few_tiles_is_a_clear_error():
-    with pytest.raises(ValueError, match="too few valid pixels"):
+    with pytest.raises(UserError, match="too few valid pixels: no tiles"):
         couplings.coupling_r2([])
+
+
+def test_holdout_stripes_run_over_the_scene_so_tiles_smaller_than_the_stripes_get_a_share():
+    """Issue 27: with 64 px tiles and 32 px blocks, stripes restarted in every
+    tile never reach the held-out phase (block indices sum to 2 at most, the
+    held-out one is 3): nothing was held out. Laid over the scene, the tiles'
+    masks are the scene's mask cut into tiles."""
+    scene = couplings.holdout_mask((256, 256), block=32, test_every=4)
+    tiles = synthetic.scene_tiles(synthetic.render_scene_arrays("s", 256, (0, 0)), tile_size=64)
+    seen = np.zeros_like(scene)
+    for index, tile in enumerate(tiles):
+        row, col = couplings.tile_origin(tile, index)
+        seen[row:row + 64, col:col + 64] = couplings.holdout_mask((64, 64), 32, 4, (row, col))
+    np.testing.assert_array_equal(seen, scene)
+    assert scene.mean() == pytest.approx(0.25, abs=0.02)
+    assert not couplings.holdout_mask((64, 64), 32, 4).any()     # one tile at the origin: none
+
+
+def test_tile_origin_from_the_tile_id_or_side_by_side():
+    from rsjax.data.ingest import tile_id
+
+    assert couplings.tile_origin({"tile_id": tile_id("a_r1_c2", 512, 64), "s2": np.zeros((64, 64, 4))},
+                                 7) == (512, 64)
+    assert couplings.tile_origin({"s2": np.zeros((64, 48, 4))}, 3) == (0, 144)
+    # Tiles without ids, laid side by side: small tiles still land in both splits.
+    result = couplings.coupling_r2((_tile(64, 64, seed=k) for k in range(4)), [("s1",)])
+    assert result["test_pixels"] == pytest.approx(0.25 * 4 * 62 * 62, rel=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +180,19 @@ def test_markdown_table(small_result):
     assert len(table) == 2 + 7 and table[-1].startswith("| lulc+s1+dem |")
 
 
+@pytest.fixture(scope="module")
+def written_scenes(tmp_path_factory):
+    scenes = tmp_path_factory.mktemp("couplings") / "scenes"
+    synthetic.write_scenes(scenes, num_scenes=2, size=256, seed=0)
+    return scenes
+
+
 # rasterio's own windows.py still multiplies Affines with `*` (its pending deprecation, not ours).
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:rasterio.windows")
-def test_command_on_written_scenes_through_ingestion(tmp_path, capsys):
+def test_command_on_written_scenes_through_ingestion(written_scenes, tmp_path, capsys):
     # The real path: GeoTIFFs from the writer, registered and tiled by rsjax.data.ingest.
-    synthetic.write_scenes(tmp_path / "scenes", num_scenes=2, size=256, seed=0)
     out = tmp_path / "couplings.json"
-    code = couplings.main(["--scenes_dir", str(tmp_path / "scenes"), "--tile_size", "128",
+    code = couplings.main(["--scenes_dir", str(written_scenes), "--tile_size", "128",
                            "--block", "16", "--json_out", str(out)])
     printed = capsys.readouterr().out
     assert "| lulc+s1+dem |" in printed
@@ -167,3 +201,34 @@ def test_command_on_written_scenes_through_ingestion(tmp_path, capsys):
     assert result["tiles"] == 8
     r2 = {name: row["r2"] for name, row in result["subsets"].items()}
     assert couplings.ordering_violations(r2, margin=0.01) == []
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:rasterio.windows")
+def test_command_with_tiles_smaller_than_the_stripes(written_scenes, tmp_path, capsys):
+    """`rsjax couplings --tile_size 64` (issue 27) was a ValueError traceback
+    ("too few valid pixels (... 0 to score)"): now a quarter of the pixels are held out."""
+    out = tmp_path / "couplings.json"
+    code = couplings.main(["--scenes_dir", str(written_scenes), "--tile_size", "64",
+                           "--json_out", str(out)])
+    captured = capsys.readouterr()
+    assert code in (0, 1) and "Traceback" not in captured.err and "error:" not in captured.err
+    result = json.loads(out.read_text())
+    assert result["tiles"] == 32
+    share = result["test_pixels"] / (result["test_pixels"] + result["train_pixels"])
+    assert share == pytest.approx(0.25, abs=0.03)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:rasterio.windows")
+@pytest.mark.parametrize("args, message", [
+    (["--test_every", "1"], "error: --test_every 1: must be at least 2"),
+    (["--test_every", "100"], "the held-out blocks (32 x 32 px, one in 100 in diagonal stripes "
+                              "over each scene) cover too few pixels"),
+    (["--tile_size", "512"], "no tiles (every scene smaller than the tile, or mostly no-data): "
+                             "give larger scenes or a smaller --tile_size"),
+    (["--lam", "-1"], "error: --lam -1.0: the ridge penalty must be 0 or more"),
+])
+def test_command_mistakes_are_one_error_line(written_scenes, capsys, args, message):
+    code = couplings.main(["--scenes_dir", str(written_scenes), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1

@@ -18,9 +18,10 @@ Features per pixel, for each source in the subset, and the same channels'
   hillshade.
 
 Pixels with no data in any source (s2 0, s1 NaN, lulc 255, dem NaN) are
-dropped; a fixed number of pixels is drawn per tile (seeded). In every tile
-one 32 x 32 block in four (diagonal stripes) is held out for scoring, the
-rest trains a ridge regression (closed form on standardised features,
+dropped; a fixed number of pixels is drawn per tile (seeded). One 32 x 32
+block in four, in diagonal stripes laid over each scene (so tiles of any size,
+even smaller than four blocks, get their share), is held out for scoring,
+the rest trains a ridge regression (closed form on standardised features,
 unpenalised intercept). Held-out blocks rather than held-out tiles: a few
 demo tiles cannot all contain snow, lakes and towns, and a test set without
 them would measure the split, not the sources. R² is 1 - SS_res / SS_tot
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +46,7 @@ import numpy as np
 
 from rsjax import cli
 from rsjax.data.contract import ASPECT_FLAT, LULC_NODATA, NUM_CLASSES, S2_BANDS, S2_NODATA, SOURCES
+from rsjax.errors import UserError
 
 REFLECTANCE_SCALE = 10000.0
 
@@ -83,22 +86,44 @@ def source_channels(tile: dict, source: str) -> np.ndarray:
     raise ValueError(f"unknown source '{source}': expected one of {', '.join(SOURCES)}.")
 
 
-def holdout_mask(shape: tuple[int, int], block: int = 32, test_every: int = 4) -> np.ndarray:
+def holdout_mask(shape: tuple[int, int], block: int = 32, test_every: int = 4,
+                 origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """True for held-out pixels: one block of `block` x `block` pixels in
     `test_every`, in diagonal stripes, so that every tile (and every kind of
     terrain and cover) lands in both splits while the split pixels stay in
-    separate blocks (3x3 means only straddle block edges)."""
+    separate blocks (3x3 means only straddle block edges).
+
+    `origin` is the (row, col) of the tile's top-left pixel in its scene: the
+    stripes are laid over the scene, not restarted in every tile, so a tile
+    narrower than the stripes' period (64 px with the default 32 px blocks,
+    whose local block indices sum to 2 at most, never 3) still lands in both
+    splits across the scene's tiles."""
     rows, cols = np.indices(shape)
+    rows, cols = rows + origin[0], cols + origin[1]
     return ((rows // block) + (cols // block)) % test_every == test_every - 1
 
 
+TILE_ORIGIN = re.compile(r"_r(\d+)_c(\d+)$")     # rsjax.data.ingest.tile_id, synthetic.scene_tiles
+
+
+def tile_origin(tile: dict, index: int) -> tuple[int, int]:
+    """The tile's top-left pixel (row, col) in its scene, from its tile id
+    (`<scene>_r<row>_c<col>`, as ingestion and the synthetic tiles name them);
+    a tile without one is placed as if the tiles so far lay side by side in
+    one row (the `index`-th tile at column `index` x its width)."""
+    match = TILE_ORIGIN.search(str(tile.get("tile_id", "")))
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    return 0, index * int(np.shape(tile["s2"])[1])
+
+
 def tile_samples(tile: dict, sources: Sequence[str], max_pixels: int, rng: np.random.Generator,
-                 test_every: int = 4, block: int = 32) -> dict:
+                 test_every: int = 4, block: int = 32, origin: tuple[int, int] = (0, 0)) -> dict:
     """Draws up to `max_pixels` valid pixels of a tile, split into train and held-out.
 
     Returns {"train"/"test": ({source: (N, 2C) channels and their 3x3 means},
     (N, 4) reflectance)}. A pixel is valid when every source and every 3x3 mean
-    is finite and S2 has data.
+    is finite and S2 has data. `origin`: the tile's place in its scene (`holdout_mask`).
     """
     s2 = np.asarray(tile["s2"])
     valid = ~np.all(s2 == S2_NODATA, axis=-1)
@@ -111,7 +136,7 @@ def tile_samples(tile: dict, sources: Sequence[str], max_pixels: int, rng: np.ra
     index = np.flatnonzero(valid.ravel())
     if index.size > max_pixels:
         index = np.sort(rng.choice(index, max_pixels, replace=False))
-    held_out = holdout_mask(s2.shape[:2], block, test_every).ravel()[index]
+    held_out = holdout_mask(s2.shape[:2], block, test_every, origin).ravel()[index]
     target = s2.reshape(-1, s2.shape[-1]).astype(np.float64) / REFLECTANCE_SCALE
     out = {}
     for split, chosen in (("train", index[~held_out]), ("test", index[held_out])):
@@ -154,14 +179,16 @@ def coupling_r2(tiles: Iterable[dict], subsets: Optional[Sequence[Sequence[str]]
                 block: int = 32, seed: int = 0) -> dict:
     """Held-out R² of predicting the optical bands from each source subset.
 
-    Tiles are read once (any iterable, e.g. a generator over scenes). In every
-    tile, one block of `block` x `block` pixels in `test_every` is held out
-    for scoring (`holdout_mask`); the rest trains. All subsets are scored on
+    Tiles are read once (any iterable, e.g. a generator over scenes). One
+    block of `block` x `block` pixels in `test_every`, in stripes over each
+    scene, is held out for scoring (`holdout_mask`, `tile_origin`); the rest
+    trains. All subsets are scored on
     the same pixels. Returns {"subsets": {name: {"r2": mean over bands,
     "r2_per_band": {band: r2}}}, "train_pixels", "test_pixels", "tiles", "lambda"}.
     """
     if test_every < 2:
-        raise ValueError(f"test_every must be at least 2 (1 would hold out every pixel), got {test_every}.")
+        raise UserError(f"--test_every {test_every}: must be at least 2 (1 would hold out every "
+                        "pixel and leave none to fit).")
     subsets = [tuple(s) for s in (subsets or all_subsets())]
     for subset in subsets:
         for source in subset:
@@ -173,9 +200,10 @@ def coupling_r2(tiles: Iterable[dict], subsets: Optional[Sequence[Sequence[str]]
     parts = {"train": ([], []), "test": ([], [])}
     num_tiles = 0
     for tile in tiles:
+        origin = tile_origin(tile, num_tiles)
         num_tiles += 1
         for split, (features, target) in tile_samples(tile, sources, pixels_per_tile, rng,
-                                                      test_every, block).items():
+                                                      test_every, block, origin).items():
             parts[split][0].append(features)
             parts[split][1].append(target)
 
@@ -190,13 +218,27 @@ def coupling_r2(tiles: Iterable[dict], subsets: Optional[Sequence[Sequence[str]]
         x_train, y_train = stacked("train", subset)
         x_test, y_test = stacked("test", subset)
         if len(x_train) < 2 or len(x_test) < 2:
-            raise ValueError(f"too few valid pixels ({len(x_train)} to fit, {len(x_test)} to score) "
-                             f"in {num_tiles} tile(s): give more or larger tiles with data in every source.")
+            raise UserError(too_few_pixels(len(x_train), len(x_test), num_tiles, block, test_every))
         r2 = r2_per_band(y_test, ridge_predict(ridge_fit(x_train, y_train, lam), x_test))
         results[subset_name(subset)] = dict(r2=float(r2.mean()),
                                             r2_per_band=dict(zip(S2_BANDS, map(float, r2))))
     return dict(subsets=results, train_pixels=int(len(y_train)), test_pixels=int(len(y_test)),
                 tiles=num_tiles, **{"lambda": lam})
+
+
+def too_few_pixels(train: int, test: int, num_tiles: int, block: int, test_every: int) -> str:
+    """Why there is nothing to fit or to score, and what to pass."""
+    counts = f"{train} valid pixel(s) to fit, {test} to score, in {num_tiles} tile(s)"
+    if num_tiles == 0:
+        return ("too few valid pixels: no tiles (every scene smaller than the tile, or mostly "
+                "no-data): give larger scenes or a smaller --tile_size.")
+    if train >= 2:
+        return (f"too few valid pixels ({counts}): the held-out blocks ({block} x {block} px, one "
+                f"in {test_every} in diagonal stripes over each scene) cover too few pixels with "
+                f"data in every source: pass a smaller --block or --test_every, or give larger "
+                "scenes.")
+    return (f"too few valid pixels ({counts}): give more or larger tiles with data in every "
+            "source (no-data in S2, S1, the land cover or the DEM drops a pixel).")
 
 
 def ordering_violations(r2: dict, margin: float = 0.0) -> list[str]:
@@ -253,6 +295,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from rsjax.data.contract import find_scenes
 
+    if args.test_every < 2:
+        raise UserError(f"--test_every {args.test_every}: must be at least 2 (1 would hold out "
+                        "every pixel and leave none to fit).")
+    if args.lam < 0:
+        raise UserError(f"--lam {args.lam}: the ridge penalty must be 0 or more.")
     if args.scenes_dir is not None:
         find_scenes(args.scenes_dir)          # a missing folder or scene: one error line, first
     with tempfile.TemporaryDirectory(prefix="rsjax_couplings_") as tmp:
