@@ -54,6 +54,15 @@ The steps:
    name and renamed when complete, with the permissions a new file of the
    user gets (their umask), so a failed run leaves no half-written output
    (and keeps an older file of that name).
+5. describing (`rsjax.predict_outputs`): reflectance bands carry GDAL scale
+   1e-4 and offset 0 (so GIS software reads reflectance), descriptions B2,
+   B3, B4, B8 and colour interpretation blue, green, red, undefined; land
+   cover carries its colour table and class names (band tags CLASS_<value>);
+   the run is named by its workdir's last component, never by a local path.
+   Then a STAC Item goes beside the output, `<out>.stac.json` (footprint,
+   projection and raster fields read from the file, the model, links to the
+   inputs). Loading, compilation, progress (with an ETA) and the paths
+   written are logged.
 
 Each tile is read through its own window of the target grid, exactly as
 ingestion reads a training tile, so a tile of the scene at a training tile's
@@ -69,6 +78,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
+import json
 import logging
 import math
 import os
@@ -79,13 +90,17 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from rsjax.data.contract import (CLOUDY, LULC_CLASSES, LULC_NODATA, LULC_PALETTE, NUM_CLASSES,
-                                 S2_BANDS, S2_NODATA, SOURCES, InputError, ScenePaths)
+from rsjax import predict_outputs
+from rsjax.data.contract import (CLOUDY, LULC_NODATA, NUM_CLASSES, S2_BANDS, S2_NODATA, SOURCES,
+                                 InputError, ScenePaths)
+from rsjax.file_modes import new_file_mode
+from rsjax.predict_outputs import CLOUD_FREE, LAND_COVER, SYNTHETIC, OutputSpec
 from rsjax.tiling import tile_offsets, tiled_predict
 
 log = logging.getLogger("rsjax")
 
 OUTPUT_BLOCK = 256          # GeoTIFF block side of the outputs (and rows written at a time)
+REFLECTANCE_UNITS = "surface reflectance x 10000 (GDAL scale 1e-4, offset 0: reflectance)"
 
 
 def _check_sources(workdir, sources, given: dict, flags_of: dict) -> None:
@@ -116,15 +131,6 @@ def output_profile(grid, count: int, dtype: str, nodata: float, block: int = OUT
                 BIGTIFF="IF_SAFER", overviews=overviews)
 
 
-def _new_file_mode() -> int:
-    """The permissions a new file of this user gets: 0o666 less the umask."""
-    # Python 3.11 has no os.getumask(): set and restore it (this process writes
-    # no other file at that moment).
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it to `path` when the block
@@ -140,7 +146,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, _new_file_mode())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -181,13 +187,15 @@ def cog_output(path: str | os.PathLike, profile: Mapping) -> Iterator:
         write_cog(staging, final, overviews, int(profile.get("blockxsize", OUTPUT_BLOCK)))
 
 
-def _palette_colormap() -> dict[int, tuple[int, int, int, int]]:
-    """Dynamic World's colours for labels 0..8; every other value (255 = no data) transparent."""
-    cmap = {i: (0, 0, 0, 0) for i in range(256)}
-    for label, hex_colour in enumerate(LULC_PALETTE):
-        h = hex_colour.lstrip("#")
-        cmap[label] = (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255)
-    return cmap
+_palette_colormap = predict_outputs.palette_colormap
+
+
+def write_stac(out: str | os.PathLike, item: dict) -> Path:
+    """Writes a STAC Item (a dict) as `<out>.stac.json`, atomically, with the user's permissions."""
+    path = predict_outputs.stac_path(out)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(item, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -243,8 +251,7 @@ def load_model(workdir, *, config=None, step: Optional[int] = None, data_dir: Op
                          "takes fusion, segmentation and cloud_removal runs.")
     normalizer = dataset_normalizer(config.data, data_dir)
     devices = _local_devices(devices)
-    inference = trainer_module(config.trainer).load_inference(config, str(workdir), step,
-                                                               devices=devices)
+    inference = _restore(trainer_module(config.trainer), config, workdir, step, devices)
     return LoadedModel(str(workdir), config, normalizer, inference, len(devices))
 
 
@@ -255,8 +262,47 @@ def _inference(model, trainer, config, workdir, step, devices):
         fn, ckpt_step = model.inference
         return fn, ckpt_step, model.num_devices
     devices = _local_devices(devices)
-    fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    fn, ckpt_step = _restore(trainer, config, workdir, step, devices)
     return fn, ckpt_step, len(devices)
+
+
+def model_name(config) -> str:
+    """The network a run trained: its generator (fusion) or its model (the others)."""
+    return str(config.generator.name if config.trainer == "fusion" else config.model.name)
+
+
+def _restore(trainer, config, workdir, step, devices) -> tuple:
+    """The trainer's `load_inference`, saying what it loads and how long it took
+    (restoring a checkpoint takes seconds to minutes, with nothing else to see)."""
+    log.info("loading the model from %s (%s) ...", workdir,
+             f"step {step}" if step is not None else "its latest checkpoint")
+    started = time.perf_counter()
+    fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    log.info("loaded %s %s, step %d, on %d device(s) in %.1f s", config.trainer, model_name(config),
+             int(ckpt_step), len(devices), time.perf_counter() - started)
+    return _logs_compilation(fn), ckpt_step
+
+
+def _logs_compilation(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """`fn` (a jitted model), logging the compilation its first call on each batch
+    shape does: jit compiles inside that call, before the computation is dispatched
+    asynchronously, so the call's duration is the compile time. A model loaded
+    once for many scenes (`load_model`) compiles, and says so, once."""
+    compiled: set = set()
+
+    def call(batch: dict):
+        shapes = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
+        if shapes in compiled:
+            return fn(batch)
+        first = np.shape(next(iter(batch.values())))
+        log.info("compiling the model for batches of %d tiles of %d x %d px ...", *first[:3])
+        started = time.perf_counter()
+        outputs = fn(batch)
+        compiled.add(shapes)
+        log.info("compiled in %.1f s", time.perf_counter() - started)
+        return outputs
+
+    return call
 
 
 def _batch_size(requested: Optional[int], config, num_devices: int) -> int:
@@ -285,20 +331,63 @@ def _local_devices(devices):
 # ---------------------------------------------------------------------------
 # The two modes
 # ---------------------------------------------------------------------------
+class TileProgress:
+    """Logs `tile 96/400 (24.0%) | 12.3 tiles/s | ETA 25s` as batches of tiles
+    finish: at the first batch, then at most every `every_seconds`, and at the
+    last. The rate counts from the first batch on, so the compilation the first
+    batch carries does not slow the estimate."""
+
+    def __init__(self, total: int, every_seconds: float = 10.0, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.every_seconds, self.enabled, self._clock = total, every_seconds, enabled, clock
+        self.done = 0
+        self._first: Optional[tuple[int, float]] = None      # (tiles done, time) at the first batch
+        self._last_line = -math.inf
+
+    def __call__(self, tiles: int) -> Optional[str]:
+        self.done += tiles
+        now = self._clock()
+        if self._first is None:
+            self._first = (self.done, now)
+        elif self.done < self.total and now - self._last_line < self.every_seconds:
+            return None
+        if not self.enabled:
+            return None
+        self._last_line = now
+        line = self.line(now)
+        log.info("%s", line)
+        return line
+
+    def line(self, now: float) -> str:
+        from rsjax.logging_utils import eta_seconds, format_duration
+
+        tiles, seconds = self.done - self._first[0], now - self._first[1]
+        rate = f"{tiles / seconds:.3g} tiles/s" if tiles > 0 and seconds > 0 else "? tiles/s"
+        eta = format_duration(eta_seconds(tiles, seconds, self.total - self.done))
+        return (f"tile {self.done}/{self.total} ({100.0 * self.done / self.total:.1f}%) | {rate} | "
+                f"ETA {eta}")
+
+
 def _run(reg, *, tile: int, overlap: int, channels: int, read_tile, predict_batch, batch_size: int,
          out: Path, profile: dict, to_output: Callable[[np.ndarray, np.ndarray], np.ndarray],
-         descriptions: Sequence[str], tags: Mapping[str, str], colormap=None,
-         progress: bool = True) -> dict:
-    """Tiled prediction of a registered scene into an atomically written GeoTIFF."""
+         spec: OutputSpec, tags: Mapping[str, str], progress: bool = True,
+         timings: Optional[dict] = None) -> dict:
+    """Tiled prediction of a registered scene into an atomically written GeoTIFF
+    with `spec`'s band metadata and `tags`.
+
+    timings: a dict to add seconds to by phase: `tiled_predict`'s ("read",
+    "model", "blend", "write") and "cog" (closing the staged GeoTIFF and
+    copying it as a COG with overviews)."""
     import rasterio
     from rasterio.windows import Window
-    from tqdm import tqdm
 
     step = tile - overlap
     total = len(tile_offsets(reg.height, tile, step)) * len(tile_offsets(reg.width, tile, step))
+    log.info("predicting %s: %d x %d px in %d tiles of %d px (overlap %d), batches of %d",
+             out.name, reg.width, reg.height, total, tile, overlap, batch_size)
+    bar = TileProgress(total, enabled=progress)
     started = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=64 * 2**20), cog_output(out, profile) as dst, \
-            tqdm(total=total, unit="tile", desc=f"predict {out.name}", disable=not progress) as bar:
+    with rasterio.Env(GDAL_CACHEMAX=64 * 2**20), cog_output(out, profile) as dst:
 
         def write_rows(row, values, nodata):
             data = to_output(values, nodata)                  # (count, nrows, width)
@@ -306,17 +395,55 @@ def _run(reg, *, tile: int, overlap: int, channels: int, read_tile, predict_batc
 
         tiles = tiled_predict(reg.height, reg.width, tile=tile, overlap=overlap, channels=channels,
                               read_tile=read_tile, predict_batch=predict_batch, write_rows=write_rows,
-                              batch_size=batch_size, flush_rows=OUTPUT_BLOCK, on_tiles=bar.update)
-        for i, name in enumerate(descriptions, start=1):
-            dst.set_band_description(i, name)
+                              batch_size=batch_size, flush_rows=OUTPUT_BLOCK, on_tiles=bar,
+                              timings=timings)
+        predict_outputs.apply_band_metadata(dst, spec)
         dst.update_tags(**tags)
-        if colormap is not None:
-            dst.write_colormap(1, colormap)
+        finishing = time.perf_counter()
     seconds = time.perf_counter() - started
+    if timings is not None:
+        timings["cog"] = timings.get("cog", 0.0) + (started + seconds - finishing)
     return {"out": str(out), "width": reg.width, "height": reg.height, "crs": reg.grid.crs_string(),
             "transform": list(reg.grid.transform)[:6], "tile_size": tile, "overlap": overlap,
             "tiles": tiles, "seconds": round(seconds, 2),
             "tiles_per_s": round(tiles / seconds, 2) if seconds > 0 else None}
+
+
+def provenance(mode: str, config, workdir, ckpt_step, sources: Sequence[str], tile: int,
+               overlap: int) -> dict:
+    """What made an output, as STAC properties: no local path, the run by its name."""
+    import rsjax
+
+    return {"rsjax:mode": mode, "rsjax:trainer": str(config.trainer), "rsjax:model": model_name(config),
+            "rsjax:sources": list(sources), "rsjax:run": predict_outputs.run_name(workdir),
+            "rsjax:checkpoint_step": int(ckpt_step), "rsjax:version": rsjax.__version__,
+            "rsjax:tile_size": int(tile), "rsjax:overlap": int(overlap)}
+
+
+def provenance_tags(properties: Mapping[str, Any]) -> dict[str, str]:
+    """The same as GeoTIFF tags: rsjax:checkpoint_step -> RSJAX_CHECKPOINT_STEP, lists comma-joined."""
+    return {"RSJAX_" + key.split(":", 1)[1].upper(): ",".join(v) if isinstance(v, list) else str(v)
+            for key, v in properties.items()}
+
+
+def _finish(result: dict, out: Path, spec: OutputSpec, properties: Mapping[str, Any],
+            inputs: Sequence[tuple[str, Any]]) -> dict:
+    """Writes the STAC Item beside the finished output and says where both are.
+
+    inputs: (role, source), the one whose acquisition time dates the scene first."""
+    created = dt.datetime.now(dt.timezone.utc)
+    item = predict_outputs.stac_item(out, spec, properties, inputs,
+                                     predict_outputs.scene_datetime(inputs), created)
+    stac = write_stac(out, item.to_dict(include_self_link=False, transform_hrefs=False))
+    log.info("wrote %s (%d tiles in %.1f s) and its STAC item %s", out, result["tiles"],
+             result["seconds"], stac)
+    result["stac"] = str(stac)
+    return result
+
+
+def spec_profile(grid, spec: OutputSpec) -> dict:
+    """`output_profile` of an output kind (its band count, data type, no-data, overviews)."""
+    return output_profile(grid, len(spec.bands), spec.dtype, spec.nodata, overviews=spec.overviews)
 
 
 def _ingest_options(tile: int, target_grid, target_crs, target_resolution, s1_units: str):
@@ -346,7 +473,8 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                    step: Optional[int] = None, overlap: Optional[int] = None,
                    batch_size: Optional[int] = None, devices=None, config=None,
                    data_dir: Optional[str] = None, s1_units: str = "auto",
-                   progress: bool = True, model: Optional[LoadedModel] = None) -> dict:
+                   progress: bool = True, model: Optional[LoadedModel] = None,
+                   timings: Optional[dict] = None) -> dict:
     """A fusion checkpoint over whole-scene S1 / land cover / DEM GeoTIFFs -> a
     synthetic 4-band optical GeoTIFF at `out` (see the module docstring).
 
@@ -355,7 +483,8 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     (default: the workdir's config.json); `data_dir`: where the training
     dataset is, when not where the config says; `model`: a `load_model`
     result to use instead of restoring the checkpoint (config, step, data_dir
-    and devices then come from it). Returns a summary dict.
+    and devices then come from it); `timings`: a dict to add seconds to by
+    phase (see `_run`; `rsjax bench_predict`). Returns a summary dict.
     """
     from rasterio.windows import Window
 
@@ -397,17 +526,17 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
             s2[nodata] = S2_NODATA
             return np.moveaxis(s2, -1, 0)
 
-        tags = {"RSJAX_MODE": "fusion", "RSJAX_WORKDIR": str(Path(workdir).absolute()),
-                "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_GENERATOR": str(config.generator.name),
-                "RSJAX_SOURCES": ",".join(sources), "RSJAX_TILE_SIZE": str(tile),
-                "RSJAX_OVERLAP": str(overlap), "UNITS": "surface reflectance x 10000"}
+        properties = provenance("fusion", config, workdir, ckpt_step, sources, tile, overlap)
+        tags = {**provenance_tags(properties), "UNITS": REFLECTANCE_UNITS}
         result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
                       predict_batch=generate, batch_size=size,
-                      out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
-                      to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
+                      out=out, profile=spec_profile(reg.grid, SYNTHETIC),
+                      to_output=to_output, spec=SYNTHETIC, tags=tags, progress=progress,
+                      timings=timings)
     result.update(mode="fusion", checkpoint_step=int(ckpt_step), sources=list(sources),
                   devices=num_devices, batch_size=size)
-    return result
+    return _finish(result, out, SYNTHETIC, properties,
+                   [(s, given[s]) for s in ("s1", "lulc", "dem") if s in sources])
 
 
 def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
@@ -452,17 +581,15 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
             labels[nodata] = LULC_NODATA
             return labels[None]
 
-        tags = {"RSJAX_MODE": "segmentation", "RSJAX_WORKDIR": str(Path(workdir).absolute()),
-                "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_TILE_SIZE": str(tile),
-                "RSJAX_OVERLAP": str(overlap), "CLASSES": ",".join(LULC_CLASSES)}
+        properties = provenance("segmentation", config, workdir, ckpt_step, ("s2",), tile, overlap)
+        tags = {**provenance_tags(properties), "CLASSES": ",".join(LAND_COVER.classes)}
         result = _run(reg, tile=tile, overlap=overlap, channels=NUM_CLASSES, read_tile=read_tile,
                       predict_batch=probabilities, batch_size=size, out=out,
-                      profile=output_profile(reg.grid, 1, "uint8", LULC_NODATA, overviews="mode"),
-                      to_output=to_output, descriptions=("label",), tags=tags,
-                      colormap=_palette_colormap(), progress=progress)
+                      profile=spec_profile(reg.grid, LAND_COVER), to_output=to_output,
+                      spec=LAND_COVER, tags=tags, progress=progress)
     result.update(mode="segmentation", checkpoint_step=int(ckpt_step),
                   devices=num_devices, batch_size=size)
-    return result
+    return _finish(result, out, LAND_COVER, properties, [("s2", scene.s2)])
 
 
 def uses_clouds(config) -> bool:
@@ -536,20 +663,21 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
             s2[nodata] = S2_NODATA
             return np.moveaxis(s2, -1, 0)
 
-        tags = {"RSJAX_MODE": "cloud_removal", "RSJAX_WORKDIR": str(Path(workdir).absolute()),
-                "RSJAX_CHECKPOINT_STEP": str(ckpt_step), "RSJAX_TRAINER": str(config.trainer),
-                "RSJAX_SOURCES": ",".join(sources), "RSJAX_TILE_SIZE": str(tile),
-                "RSJAX_OVERLAP": str(overlap), "UNITS": "surface reflectance x 10000",
-                "RSJAX_CLOUD_MASK": ("cloudy image kept where the mask is clear (0), model under "
-                                     "cloud (1) and shadow (2)") if cloud_mask is not None
-                else "none: the model's image everywhere"}
+        properties = {
+            **provenance("cloud_removal", config, workdir, ckpt_step, sources, tile, overlap),
+            "rsjax:cloud_mask": ("cloudy image kept where the mask is clear (0), model under "
+                                 "cloud (1) and shadow (2)") if cloud_mask is not None
+            else "none: the model's image everywhere"}
+        tags = {**provenance_tags(properties), "UNITS": REFLECTANCE_UNITS}
         result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
                       predict_batch=predict_batch, batch_size=size,
-                      out=out, profile=output_profile(reg.grid, len(S2_BANDS), "uint16", S2_NODATA),
-                      to_output=to_output, descriptions=S2_BANDS, tags=tags, progress=progress)
+                      out=out, profile=spec_profile(reg.grid, CLOUD_FREE),
+                      to_output=to_output, spec=CLOUD_FREE, tags=tags, progress=progress)
     result.update(mode="cloud_removal", checkpoint_step=int(ckpt_step), sources=list(sources),
                   cloud_mask=cloud_mask is not None, devices=num_devices, batch_size=size)
-    return result
+    inputs = [(CLOUDY, given[CLOUDY]), *((s, given[s]) for s in ("s1", "lulc", "dem") if s in sources),
+              ("cloud_mask", _as_path(cloud_mask))]          # None (no mask) is left out
+    return _finish(result, out, CLOUD_FREE, properties, inputs)
 
 
 def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> np.ndarray:

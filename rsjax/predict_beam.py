@@ -12,13 +12,15 @@ with the one-scene code (`rsjax.predict.predict`), so every output is the
 file the one-scene command writes for that scene, byte for byte:
 `<out_dir>/<scene>_synthetic_s2.tif` (fusion) or `<scene>_landcover.tif`
 (segmentation), each written under a temporary name and renamed when
-complete. A scene that fails (a missing source, a corrupt file) is reported
+complete, with its STAC Item beside it (`<output>.stac.json`, the same but
+for its `created` time). A scene that fails (a missing source, a corrupt file) is reported
 with its reason and the others finish; the command prints every scene's
 result as JSON and exits with status 1 when any failed.
 
 Without `--beam_pipeline_options` the pipeline runs on Beam's DirectRunner in
 this process. Outputs to gs:// or s3:// are written locally first and copied
-when complete (one object, never a partial one).
+when complete (one object, never a partial one), the STAC Item after the
+GeoTIFF it describes.
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ def _predict_fn():
 
 def predict_one(scene: contract.ScenePaths, model, out_dir: str, options: dict, worker: dict) -> dict:
     """One scene with a loaded model; every failure becomes a result with its reason."""
-    from rsjax import predict
+    from rsjax import predict, predict_outputs
 
     trainer = model.config.trainer
     out = storage.join(out_dir, output_name(scene.scene_id, trainer))
@@ -130,6 +132,8 @@ def predict_one(scene: contract.ScenePaths, model, out_dir: str, options: dict, 
                 summary = predict.predict(model.workdir, local, model=model, progress=False,
                                           **inputs, **options)
                 _upload(local, out)
+                _upload(summary["stac"], out + predict_outputs.STAC_SUFFIX)
+                summary["stac"] = out + predict_outputs.STAC_SUFFIX
         else:
             summary = predict.predict(model.workdir, out, model=model, progress=False,
                                       **inputs, **options)

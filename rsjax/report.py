@@ -35,6 +35,7 @@ from etils import epath
 
 from rsjax import cli
 from rsjax.errors import UserError
+from rsjax.file_modes import new_dir_mode
 
 REPORT_FILE = "report.html"
 DEFAULT_OUTPUT = "report"                   # under WORKDIR
@@ -448,6 +449,7 @@ def write_report(workdir: str, output: Optional[str] = None) -> dict:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    os.chmod(staging, new_dir_mode())         # mkdtemp's 0o700 would become the report's mode
     try:
         sections = [_write_run(run, staging / run.slug) for run in runs]
         title = f"rsjax report: {root.name}"

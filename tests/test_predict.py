@@ -109,6 +109,33 @@ def _assert_tiled_and_compressed(path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
 
 
+def _assert_no_local_paths(out, stac, workdir, scene) -> None:
+    """No tag of the GeoTIFF (any domain, dataset or band) nor the STAC Item holds the
+    workdir's or the inputs' absolute path, or the temporary folder's; the item's
+    projection is the file's."""
+    import tempfile
+
+    import pystac
+
+    forbidden = [str(Path(workdir).absolute()), tempfile.gettempdir(), str(Path(scene.s1).parent)]
+    with rasterio.open(out) as ds:
+        # DERIVED_SUBDATASETS is GDAL's, made from the path it opened, not stored in the file.
+        stored = [ns for ns in ds.tag_namespaces() if ns != "DERIVED_SUBDATASETS"]
+        values = [v for ns in stored for v in ds.tags(ns=ns).values()]
+        values += list(ds.tags().values())
+        values += [v for band in range(1, ds.count + 1) for v in ds.tags(band).values()]
+        shape, transform, epsg = [ds.height, ds.width], list(ds.transform)[:6], ds.crs.to_epsg()
+    assert len(values) > 8 and not [v for v in values if any(f in v for f in forbidden)], values
+    assert stac == f"{out}.stac.json"
+    text = Path(stac).read_text()
+    assert not [f for f in forbidden if f in text]
+    item = pystac.Item.from_file(stac)
+    assert item.properties["proj:shape"] == shape and item.properties["proj:transform"] == transform
+    assert item.properties["proj:code"] == f"EPSG:{epsg}"
+    assert item.properties["rsjax:run"] == Path(workdir).name
+    assert [link.title for link in item.links if link.rel == "derived_from"]
+
+
 def _grid_of(path) -> tuple:
     with rasterio.open(path) as ds:
         return ds.crs, ds.transform, ds.width, ds.height
@@ -178,16 +205,19 @@ def test_fusion_output_is_on_the_target_grid_tiled_and_compressed(fusion_workdir
     from rsjax.data.validate import grid_of_file
 
     out = tmp_path / "default_grid.tif"
-    predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, out, progress=False)
+    result = predict.predict_fusion(fusion_workdir, scene.s1, scene.lulc, scene.dem, out,
+                                    progress=False)
     lulc_crs, lulc_transform, lulc_w, lulc_h = _grid_of(scene.lulc)
     with rasterio.open(out) as ds:
         assert ds.crs == lulc_crs and ds.transform == lulc_transform
         assert (ds.width, ds.height) == (lulc_w, lulc_h)
         assert ds.count == 4 and ds.dtypes == ("uint16",) * 4 and ds.nodata == S2_NODATA
-        assert ds.descriptions == ("B2", "B3", "B4", "B8")
+        assert ds.descriptions == ("B2", "B3", "B4", "B8") and ds.scales == (1e-4,) * 4
         assert ds.tags()["RSJAX_MODE"] == "fusion"
+        assert ds.tags()["RSJAX_RUN"] == fusion_workdir.name
         data = ds.read()
     _assert_tiled_and_compressed(out)
+    _assert_no_local_paths(out, result["stac"], fusion_workdir, scene)
     assert (data > 0).mean() > 0.5
 
     out30 = tmp_path / "dem_grid.tif"
@@ -265,6 +295,7 @@ def test_landcover_map_on_the_s2_grid(segmentation_workdir, scene, demo_data_dir
         cmap = ds.colormap(1)
         labels = ds.read(1)
     _assert_tiled_and_compressed(out)
+    _assert_no_local_paths(out, result["stac"], segmentation_workdir, scene)
     assert cmap[1][:3] == tuple(int(LULC_PALETTE[1][i:i + 2], 16) for i in (1, 3, 5))
     assert set(np.unique(labels)) <= set(range(9)) | {LULC_NODATA}
     _assert_not_constant(labels)
@@ -462,6 +493,26 @@ def test_a_model_of_some_sources_needs_and_reads_only_those(lulc_dem_workdir, sc
         assert np.abs(got.astype(np.int32) - expected).max() <= 1, tile["tile_id"]
 
 
+def _assert_feedback(err: str, workdir, out, summary) -> None:
+    """What `rsjax predict` says on stderr while it works: the model it loads, the
+    compilation and its time, progress with an ETA, and where the outputs went."""
+    import re
+
+    step = summary["checkpoint_step"]
+    assert f"loading the model from {workdir} (" in err
+    name = predict.model_name(config_from_workdir(workdir))
+    assert f"loaded fusion {name}, step {step}, on {summary['devices']} device(s) in " in err
+    assert re.search(r"compiling the model for batches of \d+ tiles of 64 x 64 px \.\.\.\n.*compiled in "
+                     r"\d+\.\d s", err)
+    total = summary["tiles"]
+    assert re.search(rf"tile {total}/{total} \(100\.0%\) \| [0-9.?]+ tiles/s \| ETA 0s", err), err
+    assert f"wrote {out} ({total} tiles in " in err and f"STAC item {out}.stac.json" in err
+    lines = err.splitlines()
+    order = [next(i for i, line in enumerate(lines) if re.search(key, line))
+             for key in ("loading the model", "compiling", r" tile \d+/", "wrote")]
+    assert order == sorted(order), lines
+
+
 def test_command_line_predicts_with_the_checkpoint_of_the_step_given(
         fusion_workdir, demo_data_dir, scene, tmp_path, monkeypatch, capsys):
     """A run with checkpoints 0 (the fusion_workdir's state) and 5 (another
@@ -489,9 +540,12 @@ def test_command_line_predicts_with_the_checkpoint_of_the_step_given(
         assert cli.main(["predict", f"--workdir={workdir}", f"--s1={scene.s1}",
                          f"--lulc={scene.lulc}", f"--dem={scene.dem}", f"--out={out}",
                          *extra]) == 0
-        printed = capsys.readouterr().out
+        captured = capsys.readouterr()
+        printed = captured.out
         summary = json.loads(printed[printed.index("{"):])
         assert summary["out"] == str(out) and summary["mode"] == "fusion"
+        assert summary["stac"] == f"{out}.stac.json" and Path(summary["stac"]).is_file()
+        _assert_feedback(captured.err, workdir, out, summary)
         with rasterio.open(out) as ds:
             assert ds.tags()["RSJAX_CHECKPOINT_STEP"] == str(summary["checkpoint_step"])
             outputs[name] = (summary["checkpoint_step"], ds.read())

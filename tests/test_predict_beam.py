@@ -58,8 +58,9 @@ def test_many_scenes_on_beam_equal_the_one_scene_command(fusion_workdir, demo_da
     # One model load per worker process, however many scenes it predicted.
     loads = {(r["worker"]["pid"], r["worker"]["model_load"]) for r in ok}
     assert len(loads) == len({pid for pid, _ in loads}) and all(n == 1 for _, n in loads)
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        f"{s.scene_id}_synthetic_s2.tif" for s in scenes)      # nothing else left behind
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(      # nothing else left behind
+        f"{s.scene_id}_synthetic_s2.tif{suffix}" for s in scenes for suffix in ("", ".stac.json"))
+    assert all(r["stac"] == r["out"] + ".stac.json" for r in ok)
 
     for s in scenes:
         single = tmp_path / "one" / f"{s.scene_id}_synthetic_s2.tif"

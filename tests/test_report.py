@@ -67,6 +67,33 @@ def test_training_run_event_files(fusion_run):
     assert np.array_equal(pixels, np.asarray(Image.open(fusion_run / "eval_test.png").convert("RGB")))
 
 
+def test_tensorboard_reads_the_run_event_files(fusion_run):
+    """`tensorboard --logdir WORKDIR` (README): TensorBoard's own reader, the one
+    its server uses, finds every tag with the values and pixels the independent
+    reader finds."""
+    import io
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    ours = read_events(fusion_run)
+    accumulator = event_accumulator.EventAccumulator(
+        str(fusion_run), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert sorted(tags["scalars"]) == sorted(ours["scalars"]) and "g_loss" in tags["scalars"]
+    for tag, values in ours["scalars"].items():
+        assert [(e.step, e.value) for e in accumulator.Scalars(tag)] == \
+            [(step, pytest.approx(value)) for step, value in values], tag
+    assert sorted(tags["images"]) == sorted(ours["images"]) == ["images", "test_images"]
+    for tag, grids in ours["images"].items():
+        read = accumulator.Images(tag)
+        assert [e.step for e in read] == [step for step, _ in grids]
+        for event, (_, pixels) in zip(read, grids):
+            assert (event.height, event.width) == pixels.shape[:2]
+            png = Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")
+            assert np.array_equal(np.asarray(png), pixels)
+
+
 # --------------------------------------------------------------------------- HTML checks
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
@@ -254,3 +281,28 @@ def test_report_segmentation_scores_as_tables(tmp_path):
     assert "confusion_matrix (rows: truth, columns: prediction)" in text
     assert f"<td>{LULC_CLASSES[1]}</td><td>0</td><td>1</td><td>5</td>" in text   # row 1 of cm
     assert f"<td>miou</td><td>{scores['miou']:.4g}</td>" in text
+
+
+def test_report_folder_and_files_follow_the_umask(tmp_path):
+    """The report is built in a mkdtemp folder (0o700) and renamed into place: it
+    gets the modes of a folder the user makes (0o777 less the umask), not 0o700."""
+    import os
+    import stat
+
+    from rsjax import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    for mask, dir_mode, file_mode in ((0o022, 0o755, 0o644), (0o002, 0o775, 0o664)):
+        old = os.umask(mask)
+        try:
+            result = report.write_report(str(run), str(tmp_path / f"report_{mask:03o}"))
+        finally:
+            os.umask(old)
+        page = Path(result["report"])
+        folders = [page.parent] + [p for p in page.parent.rglob("*") if p.is_dir()]
+        files = [p for p in page.parent.rglob("*") if p.is_file()]
+        assert len(folders) >= 2 and len(files) >= 2          # the page, a run's folder and curve
+        assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {dir_mode}
+        assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {file_mode}
