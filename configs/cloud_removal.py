@@ -10,7 +10,9 @@ at 256 px; `demo`: a narrower, shallower network on 64 px tiles, minutes on
 2 CPU cores; `bench`: the demo's network, longer, on the bench scenes;
 `paper`: the published network on the paper-scale scenes), `sources=` the
 inputs (the cloudy image `s2_cloudy` and any of lulc, s1, dem; DSen2-CR's
-own are s2_cloudy+s1), `steps=N`. Any field can be overridden:
+own are s2_cloudy+s1), `steps=N`, `manual` (your own exports with a cloudy
+image, `<scene>_s2_cloudy.tif`, in `--config.data.manual_dir=DIR`: the
+`manual_cloudy` dataset). Any field can be overridden:
 `--config.model.num_blocks=8`.
 
 Full size is the published network and training setting: width F 256,
@@ -28,7 +30,8 @@ from rsjax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="s2_cloudy+s1", steps=0)
+    a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="s2_cloudy+s1", steps=0,
+                         manual=False)
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
     c = ml_collections.ConfigDict()
@@ -37,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sources = common.parse_sources(a.sources)
     if "s2_cloudy" not in sources:
         raise ValueError(f"sources='{a.sources}': cloud removal needs s2_cloudy (e.g. s2_cloudy+s1).")
-    c.data = common.data_config(scale, clouds=True)
+    c.data = common.data_config(scale, clouds=True, manual=a.manual)
     c.data.sources = sources
     c.out_channels = 4
     c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)

@@ -58,16 +58,28 @@ def scale_of(a: ml_collections.ConfigDict) -> str:
     return named[0] if named else "full"
 
 
-def data_config(scale: str, clouds: bool = False) -> ml_collections.ConfigDict:
+# Your own exports (the `manual` config argument): the builder's manual
+# configs, at the paper's 256 px tiles unless --config.data.tile_size says other.
+MANUAL_TILE_SIZE = 256
+
+
+def data_config(scale: str, clouds: bool = False, manual: bool = False) -> ml_collections.ConfigDict:
     """The dataset block: which TFDS dataset, where, and how to read it
     (`clouds`: the scale's cloud-removal dataset, the same scenes under clouds,
-    e.g. synthetic_cloudy_demo)."""
+    e.g. synthetic_cloudy_demo; `manual`: the user's exports in
+    data.manual_dir, built on first use, whatever the scale)."""
     name, tile_size = DATASETS[scale]
+    if manual:
+        name, tile_size = "manual", MANUAL_TILE_SIZE
     if clouds:
-        name = name.replace("synthetic", "synthetic_cloudy", 1)
+        name = name.replace("synthetic", "synthetic_cloudy", 1).replace("manual", "manual_cloudy", 1)
     d = ml_collections.ConfigDict()
     d.name = f"rs_multisource/{name}"
-    d.data_dir = "work/tensorflow_datasets"
+    # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets (rsjax.input_pipeline.data_dir_of);
+    # a run saves the folder it used in its config.json.
+    d.data_dir = ml_collections.FieldReference(None, field_type=str)
+    if manual:
+        d.manual_dir = ml_collections.FieldReference(None, field_type=str)
     d.tile_size = tile_size
     d.sources = SOURCES
     d.worker_count = 0          # grain worker processes; 0 reads in the main process

@@ -9,6 +9,11 @@ Arguments (comma-separated after ':'):
   (the experiments' scale on 2 CPU cores: the demo's models, longer, on the
   larger `synthetic_bench` dataset), `paper` (the paper's setting: full-width
   models, 256 px tiles of `synthetic_paper`, 50 epochs of 1,558 tiles);
+- `manual`: train on your own exports instead of synthetic scenes (any
+  scale: `fusion:manual` at the reference sizes, `fusion:manual,demo` small):
+  `--config.data.manual_dir=DIR` (the folder of `<scene>_s2.tif`, `_s1.tif`,
+  `_lulc.tif`, `_dem.tif`), 256 px tiles unless `--config.data.tile_size=N`;
+  the dataset is built on first use and found again afterwards;
 - `sources=lulc+s1+dem` (any non-empty subset);
 - `model=rs_spade|pix2pix`;
 - `objective=spade|pix2pix|spade+l1`: the GAN objective, by default the
@@ -44,14 +49,15 @@ def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="all",
-                         model="rs_spade", objective="", steps=0, clouds=False)
+                         model="rs_spade", objective="", steps=0, clouds=False, manual=False)
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
     c = ml_collections.ConfigDict()
     c.trainer = "fusion"
     c.seed = 0
     sources = common.parse_sources(a.sources)
-    c.data = common.data_config(scale, clouds=common.wants_clouds(a.clouds, sources))
+    c.data = common.data_config(scale, clouds=common.wants_clouds(a.clouds, sources),
+                                manual=a.manual)
     c.data.sources = sources
     c.out_channels = 4
     c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)

@@ -10,7 +10,8 @@ adds generated images, `data.mix_rate` per real tile (default 1, the paper's
 with its tile's real land-cover map; `data.generated_dir`
 names the folder(s) of generated images ('+'-separated). Validation and test
 always use real tiles. Scales as in the fusion config: none, `demo`, `bench`,
-`paper`; `steps=N` sets the length.
+`paper`; `steps=N` sets the length; `manual` trains on your own exports
+(`--config.data.manual_dir=DIR`, as in the fusion config).
 """
 import ml_collections
 
@@ -24,14 +25,15 @@ BENCH_STEPS = 300
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, demo=False, bench=False, paper=False, data="real", steps=0)
+    a = common.parse_arg(arg, demo=False, bench=False, paper=False, data="real", steps=0,
+                         manual=False)
     if a.data not in ("real", "mix"):
         raise ValueError(f"data='{a.data}': choose real or mix.")
     scale = common.scale_of(a)
     c = ml_collections.ConfigDict()
     c.trainer = "segmentation"
     c.seed = 0
-    c.data = common.data_config(scale)
+    c.data = common.data_config(scale, manual=a.manual)
     c.data.sources = ()                  # the U-Net sees the optical image only
     c.data.train_data = a.data
     c.data.generated_dir = ml_collections.FieldReference(None, field_type=str)

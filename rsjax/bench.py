@@ -519,7 +519,8 @@ def pipeline_rate(data_dir: str, batch: int, batches: int) -> dict:
     the demo dataset, built first if missing."""
     from rsjax import bench_pipeline, input_pipeline
     config = _load_config("fusion", "demo")
-    config.data.data_dir = data_dir
+    if data_dir:
+        config.data.data_dir = data_dir
     input_pipeline.ensure_dataset(config.data)
     rate = bench_pipeline.time_pipeline(config.data, batch_size=batch, batches=batches,
                                         worker_count=0)
@@ -568,8 +569,9 @@ def add_arguments(parser) -> None:
                         help="timed steps per entry (median)")
     parser.add_argument("--matmul_sizes", type=cli.int_list, default=None,
                         help="square matmul sizes for the peak (default 2048,4096; 8192 on GPU/TPU)")
-    parser.add_argument("--data_dir", default="work/tensorflow_datasets",
-                        help="where the demo dataset is (built if missing) for the pipeline part")
+    parser.add_argument("--data_dir", default=None,
+                        help="where the demo dataset is (built if missing) for the pipeline part "
+                             "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     parser.add_argument("--config_arg", default="",
                         help="config variant for both steps, e.g. 'demo' (default: the full model)")
     parser.add_argument("--against", choices=AGAINST, default="none",

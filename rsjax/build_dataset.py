@@ -1,6 +1,6 @@
 """Build the rs_multisource TFDS dataset, with progress bars, and print the split counts.
 
-    rsjax build --config synthetic_demo --data_dir work/tensorflow_datasets
+    rsjax build --config synthetic_demo
     rsjax build --config synthetic --tile_size 128
     rsjax build --config manual --manual_dir /path/to/exports --tile_size 256
     rsjax build --config manual --manual_dir gs://bucket/exports \
@@ -35,8 +35,9 @@ TILING_OPTIONS = ("tile_size", "stride", "max_nodata_fraction", "split_mode", "b
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default="synthetic", metavar="NAME",
                         help="builder config: synthetic, synthetic_demo or manual")
-    parser.add_argument("--data_dir", default="work/tensorflow_datasets",
-                        help="TFDS data_dir to write to (local path or gs://)")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data_dir to write to (local path or gs://; default: "
+                             "$TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     parser.add_argument("--tile_size", type=int, default=None,
                         help="tile side in pixels (default: the config's)")
     parser.add_argument("--stride", type=int, default=None,
@@ -114,22 +115,18 @@ def check_builder_config(data_cfg):
 
 def check_manual_dir(config_name: str, manual_dir, require_lulc: bool = True,
                      skip_incomplete: bool = False) -> None:
-    """The manual config reads scenes from `manual_dir`: check they are there
+    """The manual configs read scenes from `manual_dir`: check they are there
     (and complete, as the options ask) before TFDS creates anything."""
-    if config_name != "manual":
+    if not config_name.startswith("manual"):
         return
     if manual_dir is None:
-        raise UserError("--config manual reads your exports: give --manual_dir FOLDER "
+        raise UserError(f"--config {config_name} reads your exports: give --manual_dir FOLDER "
                         "(the folder of <scene>_{s2,s1,lulc,dem}.tif files).")
-    from rsjax.data import storage
-    from rsjax.data.contract import find_scenes
-    from rsjax.tfds_builder.rs_multisource.rs_multisource_dataset_builder import SCENE_LIST_FILE
+    from rsjax import input_pipeline
 
-    # A scenes.txt there lists scene prefixes (anywhere, https:// included) instead of files.
-    listing = storage.join(manual_dir, SCENE_LIST_FILE)
-    # InputError: not a folder, no scenes, a missing source (unless skipped)
-    find_scenes(listing if storage.exists(listing) else manual_dir, require_lulc=require_lulc,
-                skip_incomplete=skip_incomplete)
+    input_pipeline.check_manual_dir(manual_dir, require_lulc=require_lulc,
+                                    skip_incomplete=skip_incomplete,
+                                    clouds=config_name.startswith("manual_cloudy"))
 
 
 def check_file_format(file_format: str) -> None:
@@ -154,7 +151,7 @@ def run(args) -> int:
     check_builder_config(cfg)
     check_manual_dir(args.config, args.manual_dir, require_lulc=not args.allow_missing_lulc,
                      skip_incomplete=bool(args.skip_incomplete_scenes))
-    if args.manual_dir is not None and args.config != "manual":
+    if args.manual_dir is not None and not args.config.startswith("manual"):
         raise UserError(f"--manual_dir {args.manual_dir}: only the manual config reads it; "
                         f"--config {args.config} writes its own synthetic scenes.")
     check_file_format(args.file_format)

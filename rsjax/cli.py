@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench_ingest": ("rsjax.data.bench_ingest", "benchmark ingestion (JSON)"),
     "bench_build": ("rsjax.data.bench_build", "benchmark the dataset build, with and without Beam (JSON)"),
     "bench_pipeline": ("rsjax.bench_pipeline", "benchmark the input pipeline (JSON)"),
+    "bench_predict": ("rsjax.bench_predict", "benchmark whole-scene prediction to a COG (JSON)"),
     "bench_layers": ("rsjax.models.bench", "benchmark single layers (JSON)"),
     "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),
 }
@@ -254,6 +255,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# Library warnings that say nothing useful to a user of rsjax (shown with --verbose):
+# TFDS about a dataset folder whose build is under way or was interrupted (rsjax
+# cleans those up itself), Orbax about a checkpoint save that a final save waited for.
+NOISE = ("Variant folder ", "Waiting for previous save to complete")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE)
+
+
 def setup_process(verbose: bool = False) -> None:
     """Logging for people (rsjax's INFO lines, the libraries' warnings), absl
     flags marked parsed (grain's worker processes read them)."""
@@ -263,6 +275,11 @@ def setup_process(verbose: bool = False) -> None:
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    absl_logger = logging.getLogger("absl")
+    for old in [f for f in absl_logger.filters if isinstance(f, _DropNoise)]:
+        absl_logger.removeFilter(old)
+    if not verbose:
+        absl_logger.addFilter(_DropNoise())
     rsjax_log = logging.getLogger("rsjax")
     if not rsjax_log.handlers:
         handler = _StderrHandler()

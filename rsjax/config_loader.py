@@ -74,7 +74,12 @@ def _module_for(head: str):
 
 
 def load_config(spec: str, overrides: Sequence[str] = (), lock: bool = True) -> ml_collections.ConfigDict:
-    """The config named by `spec` with `overrides` ('a.b=value' or '--config.a.b=value') applied."""
+    """The config named by `spec` with `overrides` ('a.b=value' or '--config.a.b=value') applied.
+
+    A `.json` file (a run's saved config.json, relative or absolute) is that
+    run's config exactly, with the overrides on top."""
+    if spec.endswith(".json"):
+        return config_from_file(spec, overrides, lock)
     head, arg = split_spec(spec)
     module = _module_for(head)
     if not hasattr(module, "get_config"):
@@ -107,11 +112,27 @@ def config_from_workdir(workdir: str | os.PathLike, overrides: Sequence[str] = (
     if not file.exists():
         raise ConfigError(f"{file}: no saved config in the workdir. Pass the workdir of a "
                           "training run, or give the training config with --config.")
+    return config_from_file(file, overrides, lock)
+
+
+def config_from_file(file: str | os.PathLike, overrides: Sequence[str] = (),
+                     lock: bool = True) -> ml_collections.ConfigDict:
+    """A saved config.json (a run's), as a ConfigDict with `overrides` applied."""
+    from etils import epath
+
+    text = os.fspath(file)
+    file = epath.Path(text if "://" in text else os.path.abspath(text))
+    if not file.is_file():
+        raise ConfigError(f"--config {text}: no such file. Give a run's saved config.json "
+                          "(<workdir>/config.json), a config name or a .py file.")
     try:
         raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{file}: not valid JSON ({err}). Give the training config with "
-                          "--config instead.") from err
+                          "--config NAME instead.") from err
+    if not isinstance(raw, dict) or "trainer" not in raw:
+        raise ConfigError(f"{file}: not an rsjax run's config.json (it has no 'trainer'). "
+                          "Give the config.json a training run saved in its workdir.")
     config = ml_collections.ConfigDict(_tuples_back(raw))
     apply_overrides(config, overrides)
     if lock:

@@ -59,7 +59,8 @@ written.
 
 Data config fields (an ml_collections.ConfigDict, `data_cfg`):
 - name: TFDS name with config, e.g. 'rs_multisource/synthetic'.
-- data_dir: the TFDS data_dir (e.g. 'work/tensorflow_datasets').
+- data_dir: the TFDS data_dir; None: $TFDS_DATA_DIR, else TFDS's default
+  (~/tensorflow_datasets), see data_dir_of.
 - tile_size: tile side in pixels; when it differs from the named config's,
   a derived config '<config>_t<tile_size>' is used (see builder_config_for).
 - worker_count: grain worker processes (0 = read in the main process).
@@ -78,6 +79,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
@@ -88,6 +91,8 @@ from rsjax.data import contract
 SOURCE_CHANNELS = {"lulc": contract.NUM_CLASSES, "s1": 2, "dem": 5,
                    contract.CLOUDY: len(contract.S2_BANDS)}
 CLOUD_RECORD_KEYS = ("s2_cloudy", "cloud_mask")     # rasters of a dataset with clouds
+
+log = logging.getLogger("rsjax")
 
 
 # ----------------------------------------------------------------------------
@@ -338,34 +343,171 @@ def builder_config_for(data_cfg):
     return config.name if config is base else config
 
 
+def default_data_dir() -> str:
+    """Where datasets go when no data_dir is given: $TFDS_DATA_DIR, else TFDS's
+    own default, ~/tensorflow_datasets (never a folder relative to the current
+    directory, so a run started elsewhere finds the same dataset)."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"),
+                                                           "tensorflow_datasets")
+
+
+def absolute(path: Optional[str]) -> Optional[str]:
+    """A local path made absolute (so a saved config means the same from any
+    directory); URLs (gs://, s3://, https://) and None as they are."""
+    if path is None or "://" in str(path):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def data_dir_of(data_cfg) -> str:
+    """The data config's data_dir, or the default one, absolute."""
+    given = data_cfg.get("data_dir") if hasattr(data_cfg, "get") else data_cfg.data_dir
+    return absolute(str(given) if given else default_data_dir())
+
+
+def resolve_paths(data_cfg) -> None:
+    """Fills in the data config's default data_dir and makes its local paths
+    absolute, in place: what a run saves in config.json then reads the same
+    dataset from any directory."""
+    data_cfg.data_dir = data_dir_of(data_cfg)
+    if data_cfg.get("manual_dir"):
+        data_cfg.manual_dir = absolute(str(data_cfg.manual_dir))
+
+
+def dataset_name(data_cfg) -> str:
+    """'rs_multisource/manual_t64': the dataset's TFDS name with its (derived) config."""
+    config = builder_config_for(data_cfg)
+    return f"{_builder_module().Builder.name}/{config if isinstance(config, str) else config.name}"
+
+
 def get_builder(data_cfg):
     import tensorflow_datasets as tfds  # noqa: F401
     module = _builder_module()
-    return module.Builder(config=builder_config_for(data_cfg), data_dir=str(data_cfg.data_dir))
+    return module.Builder(config=builder_config_for(data_cfg), data_dir=data_dir_of(data_cfg))
+
+
+def check_manual_dir(manual_dir, *, require_lulc: bool = True, skip_incomplete: bool = False,
+                     clouds: bool = False) -> list:
+    """The scenes of the user's export folder (a `scenes.txt` there lists scene
+    prefixes instead), checked before TFDS creates anything: a missing folder,
+    no scenes or a missing source is an InputError that names it."""
+    from rsjax.data import storage
+    from rsjax.data.contract import find_scenes
+    from rsjax.tfds_builder.rs_multisource.rs_multisource_dataset_builder import SCENE_LIST_FILE
+
+    listing = storage.join(manual_dir, SCENE_LIST_FILE)
+    return find_scenes(listing if storage.exists(listing) else manual_dir, require_lulc=require_lulc,
+                       skip_incomplete=skip_incomplete, clouds=clouds)
+
+
+def built_inputs(builder) -> Optional[dict]:
+    """{manual_dir, scenes, fingerprint} of the files a built manual dataset
+    came from (None for datasets built before this was recorded)."""
+    module = _builder_module()
+    return (builder.info.metadata.get(module.BUILD_REPORT_KEY) or {}).get("inputs")
+
+
+def other_manual_datasets(data_cfg) -> list[str]:
+    """The manual datasets built in data_cfg's data_dir under any options (tile
+    size, ...), each as 'config (tile_size N, from FOLDER)', for messages."""
+    from etils import epath
+
+    module = _builder_module()
+    base = str(data_cfg.name).partition("/")[2] or "manual"
+    root = epath.Path(data_dir_of(data_cfg)) / module.Builder.name
+    found = []
+    for info in sorted(root.glob("*/*/metadata.json")) if root.is_dir() else []:
+        config = info.parent.parent.name
+        derived_of_other = any(config.startswith(other) and not base.startswith(other)
+                               for other in module.Builder.builder_configs if other != base)
+        if not (config == base or config.startswith(base + "_")) or derived_of_other:
+            continue
+        try:
+            report = json.loads(info.read_text()).get(module.BUILD_REPORT_KEY) or {}
+        except (OSError, ValueError):
+            continue
+        found.append(f"{config} (tile_size {(report.get('config') or {}).get('tile_size')}, from "
+                     f"{(report.get('inputs') or {}).get('manual_dir', 'a folder not recorded')})")
+    return found
+
+
+def _check_manual(data_cfg, builder, manual_dir: Optional[str]) -> Optional[list]:
+    """For a dataset of the user's exports: the scenes to build from when it is
+    not built yet (the folder checked first), None when the built one is this
+    folder's. Never takes a dataset built from other files, nor one of another
+    tile size: the UserError says which exists and what to pass."""
+    from rsjax.data import contract
+    from rsjax.errors import UserError
+
+    name = f"{builder.name}/{builder.builder_config.name}"
+    where = data_dir_of(data_cfg)
+    if builder.is_prepared():
+        built = built_inputs(builder)
+        if manual_dir is None or built is None:
+            return None
+        scenes = check_manual_dir(manual_dir, require_lulc=not builder.builder_config.allow_missing_lulc,
+                                  skip_incomplete=builder.builder_config.skip_incomplete_scenes,
+                                  clouds=builder.builder_config.clouds)
+        if contract.inputs_fingerprint(scenes) != built.get("fingerprint"):
+            raise UserError(
+                f"{name} in {where} was built from other files ({built.get('scenes')} scenes in "
+                f"{built.get('manual_dir')}) than {manual_dir} holds now ({len(scenes)} scenes). "
+                f"Rebuild it with `rsjax build --config {builder.builder_config.name} --manual_dir "
+                f"{manual_dir} --tile_size {builder.builder_config.tile_size} --data_dir {where} "
+                f"--overwrite`, or keep both by giving this run another --config.data.data_dir.")
+        return None
+    if manual_dir is None:
+        others = other_manual_datasets(data_cfg)
+        known = (f" Built there: {'; '.join(others)}; to use one, pass its "
+                 f"--config.data.tile_size=N (and --config.data.manual_dir=DIR)." if others else "")
+        raise UserError(
+            f"{name} (your exports, tile_size {data_cfg.tile_size}) is not built in {where}, and "
+            f"no folder of exports was given: pass --config.data.manual_dir=DIR (the folder of "
+            f"<scene>_s2.tif, _s1.tif, _lulc.tif, _dem.tif files); it is built on first use.{known}")
+    return check_manual_dir(manual_dir, require_lulc=not builder.builder_config.allow_missing_lulc,
+                            skip_incomplete=builder.builder_config.skip_incomplete_scenes,
+                            clouds=builder.builder_config.clouds)
 
 
 def ensure_dataset(data_cfg, *, manual_dir: Optional[str] = None):
     """Builds the dataset named by data_cfg unless it is already prepared; returns the builder.
 
     The synthetic configs build themselves; the manual config reads
-    `manual_dir` (or data_cfg.manual_dir). On several hosts, process 0 builds
+    `manual_dir` (or data_cfg.manual_dir), checked before anything is
+    created, and a built manual dataset is used only when it was built from
+    the same files (see _check_manual). On several hosts, process 0 builds
     and the others wait for it (data_dir must be shared storage).
     """
     import jax
     import tensorflow_datasets as tfds
 
     builder = get_builder(data_cfg)
+    manual_dir = absolute(manual_dir or (data_cfg.get("manual_dir") if hasattr(data_cfg, "get")
+                                         else None))
+    manual = not builder.builder_config.is_synthetic
+    if manual:
+        _check_manual(data_cfg, builder, manual_dir)
     if builder.is_prepared():
         return builder
-    manual_dir = manual_dir or (data_cfg.get("manual_dir") if hasattr(data_cfg, "get") else None)
     if jax.process_index() == 0:
+        log.info("Building %s/%s in %s%s (once; later runs find it)", builder.name,
+                 builder.builder_config.name, data_dir_of(data_cfg),
+                 f" from {manual_dir}" if manual else "")
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        log.info("Built: %s", split_counts_line(builder))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("rsjax.ensure_dataset")
         builder = get_builder(data_cfg)
     return builder
+
+
+def split_counts_line(builder) -> str:
+    """'train 70, validation 20, test 10 tiles' of a built dataset."""
+    splits = builder.info.splits
+    return ", ".join(f"{name} {splits[name].num_examples}" for name in ("train", "validation", "test")
+                     if name in splits) + " tiles"
 
 
 def beam_options(beam_pipeline_options: str):
@@ -394,7 +536,9 @@ def build(data_cfg, *, manual_dir=None, file_format="array_record", overwrite=Fa
     tfds.display_progress_bar(True)   # TFDS's tqdm bars: examples generated, shuffled, written
     config = builder_config_for(data_cfg)
     module = _builder_module()
-    builder = module.Builder(config=config, data_dir=str(data_cfg.data_dir), file_format=file_format)
+    builder = module.Builder(config=config, data_dir=data_dir_of(data_cfg), file_format=file_format)
+    if not builder.builder_config.is_synthetic and not overwrite:
+        _check_manual(data_cfg, builder, absolute(manual_dir))   # never another folder's dataset
     started = time.perf_counter()
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
@@ -751,9 +895,9 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
     builder = get_builder(data_cfg)
     if not builder.is_prepared():
         raise FileNotFoundError(
-            f"{data_cfg.name} (tile_size {data_cfg.tile_size}) is not built in {data_cfg.data_dir}: "
-            f"run `python -m rsjax.build_dataset --config {str(data_cfg.name).partition('/')[2] or 'synthetic'} "
-            f"--data_dir {data_cfg.data_dir} --tile_size {data_cfg.tile_size}`, or call ensure_dataset")
+            f"{data_cfg.name} (tile_size {data_cfg.tile_size}) is not built in {data_dir_of(data_cfg)}: "
+            f"run `rsjax build --config {str(data_cfg.name).partition('/')[2] or 'synthetic'} "
+            f"--data_dir {data_dir_of(data_cfg)} --tile_size {data_cfg.tile_size}`, or call ensure_dataset")
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {data_cfg.name}: {list(builder.info.splits)}")
     check_cloud_sources(sources, builder, data_cfg)

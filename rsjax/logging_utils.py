@@ -344,6 +344,11 @@ class ProgressReporter:
         self._printed_once = False
         self.enabled = _is_main_process()
 
+    def restart(self, step: int) -> None:
+        """Measure from `step` on (after a first step that carried the
+        compilation), and print at the next call."""
+        self._last_step, self._last_time, self._printed_once = int(step), self._clock(), False
+
     def __call__(self, step: int, metrics: Optional[Mapping[str, Any]] = None) -> Optional[str]:
         """Prints and returns the progress line when one is due, else returns None."""
         now = self._clock()

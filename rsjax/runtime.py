@@ -31,7 +31,7 @@ from typing import Mapping, Optional
 
 from rsjax.errors import UserError
 
-COMPILATION_CACHE = "work/jax_cache"
+DEFAULT = "default"      # prepare_process's compilation cache: compilation_cache_dir()
 
 # (JAX's name, rsjax's alias) of the three coordinator variables.
 COORDINATOR = ("JAX_COORDINATOR_ADDRESS", "RSJAX_COORDINATOR")
@@ -39,7 +39,16 @@ NUM_PROCESSES = ("JAX_NUM_PROCESSES", "RSJAX_NUM_PROCESSES")
 PROCESS_ID = ("JAX_PROCESS_ID", "RSJAX_PROCESS_ID")
 
 
-def prepare_process(compilation_cache: Optional[str] = COMPILATION_CACHE) -> None:
+def compilation_cache_dir() -> str:
+    """Where compiled steps are kept between runs: $RSJAX_CACHE_DIR, else
+    $XDG_CACHE_HOME/rsjax, else ~/.cache/rsjax (the `jax` folder inside), never a
+    folder relative to the current directory."""
+    base = os.environ.get("RSJAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rsjax")
+    return os.path.join(os.path.abspath(os.path.expanduser(base)), "jax")
+
+
+def prepare_process(compilation_cache: Optional[str] = DEFAULT) -> None:
     """What every command that runs a model does first: the compile cache, and
     joining a multi-host job when there is one (see the module docstring)."""
     enable_compilation_cache(compilation_cache)
@@ -50,15 +59,24 @@ def prepare_process(compilation_cache: Optional[str] = COMPILATION_CACHE) -> Non
             logging.getLogger("rsjax").setLevel(logging.WARNING)
 
 
-def enable_compilation_cache(directory: Optional[str] = COMPILATION_CACHE) -> None:
+def enable_compilation_cache(directory: Optional[str] = DEFAULT) -> None:
     """Reuse compiled steps across runs (resume, evaluation, the experiment
     tables): compiling a GAN step costs a minute on a small CPU. A cache
-    directory set already (JAX_COMPILATION_CACHE_DIR) is kept."""
+    directory set already (JAX_COMPILATION_CACHE_DIR) is kept; None: none."""
     import jax
 
+    if directory == DEFAULT:
+        directory = compilation_cache_dir()
     if directory and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def cache_dir_in_use() -> Optional[str]:
+    """The compilation cache folder this process uses (None: none)."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir or None
 
 
 def _first(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[Optional[str], Optional[str]]:
@@ -163,6 +181,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide which kernels XLA and numpy run (x86 and Arm names).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+              "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """Which of SIMD_FLAGS /proc/cpuinfo lists (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def host() -> dict:
     """The facts a benchmark or report records about the machine it ran on
     (the one place the commands get them from)."""
@@ -173,6 +209,7 @@ def host() -> dict:
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         memory = None
-    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": memory,
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
+            "memory_gib": memory,
             "jax": importlib.metadata.version("jax"),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

@@ -31,13 +31,18 @@ def with_test_xla_flags(preset: str) -> str:
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Commands the tests run in-process (rsjax.cli.main) turn on JAX's persistent
-# compilation cache in work/jax_cache, relative to the current directory,
+# compilation cache (by default ~/.cache/rsjax/jax, see rsjax.runtime)
 # unless a cache is set: give them a temporary one, so the tests write nothing
 # into the checkout (and programs compiled alike in several tests compile once).
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="rsjax_tests_jax_cache_")
 atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Likewise datasets built without a data_dir (the default is ~/tensorflow_datasets):
+# a temporary folder, never the user's home.
+_DATA_DIR = tempfile.mkdtemp(prefix="rsjax_tests_tfds_")
+atexit.register(shutil.rmtree, _DATA_DIR, ignore_errors=True)
+os.environ.setdefault("TFDS_DATA_DIR", _DATA_DIR)
 
 # Run against this checkout even when another copy of rsjax is installed.
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """`rsjax build` as a user meets it: clean one-line errors with their exit status, and builds
 that leave nothing behind."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -90,7 +91,10 @@ def test_tiling_says_its_size_up_front_and_its_progress(exports, tmp_path, capsy
                  "--split_mode", "random", "--data_dir", tmp_path) == 0
     text = capsys.readouterr().err
     assert "scene 'scene_a': 64 x 64 px on the target grid, 16 tile position(s) of 16 px" in text
-    assert "train split: 32/32 tiles (100.0%)" in text and "ETA" in text
+    assert "train split: 32/32 tile positions read (100.0%)" in text and "ETA" in text
+    # Each split's own count, and the counts add up to the positions.
+    kept = {m[0]: int(m[1]) for m in re.findall(r"(\w+) split: (\d+) tiles kept", text)}
+    assert set(kept) == {"train", "validation", "test"} and sum(kept.values()) == 32
 
 
 def test_build_killed_mid_way_leaves_nothing_for_the_next_build(tmp_path):

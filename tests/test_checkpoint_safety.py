@@ -6,6 +6,7 @@ Real Orbax checkpoints from tiny pix2pix runs on the demo dataset, corrupted on 
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -245,10 +246,10 @@ def test_second_writer_is_refused_and_sigterm_exits_143(demo_data_dir, tmp_path)
     lines = []
     stepping = threading.Event()
 
-    def follow():                      # progress lines go to stdout, logs to stderr: both here
+    def follow():                      # the log (progress lines too) and the result JSON: both here
         for line in first.stdout:
             lines.append(line)
-            if line.startswith("step ") and "steps/s" in line:
+            if re.search(r"\bstep \d+/\d+ .*steps/s", line):
                 stepping.set()
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()

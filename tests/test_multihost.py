@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import socket
 import subprocess
 import sys
@@ -30,10 +31,12 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    # The compile cache stays rsjax's default (work/jax_cache in the checkout,
-    # set by prepare_process), so a second run of this test skips compiling.
+    # The compile cache is the one prepare_process sets from RSJAX_CACHE_DIR,
+    # in the checkout's ignored work/ folder, so a second run of this test
+    # skips compiling (and nothing is written to the user's home).
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RSJAX_") and k != "JAX_COMPILATION_CACHE_DIR"}
+    env["RSJAX_CACHE_DIR"] = str(Path(__file__).resolve().parents[1] / "work" / "cache")
     flags = env.get("XLA_FLAGS", "").split()
     flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
     env.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}"] + flags),

@@ -135,6 +135,32 @@ class ScenePaths:
                 if f.name != "scene_id" and getattr(self, f.name) is not None}
 
 
+def _file_key(path) -> tuple[str, int]:
+    """(file name, size in bytes; -1 where the size is not cheap to know: remote files)."""
+    text = os.fspath(path) if not isinstance(path, str) else path
+    if storage.is_url(text):
+        return storage.name(text), -1
+    try:
+        return storage.name(text), os.path.getsize(text)
+    except OSError:
+        return storage.name(text), -1
+
+
+def inputs_fingerprint(scenes: Iterable[ScenePaths]) -> str:
+    """A short digest of which files a dataset is built from: every scene's
+    source files by name and size. The same exports copied elsewhere give the
+    same digest; another set of files (added, removed, replaced) another one,
+    so a dataset built from other files is never taken for this folder's."""
+    import hashlib
+
+    keys = []
+    for scene in scenes:
+        for source, path in sorted(scene.as_dict().items()):
+            pieces = path.pieces if isinstance(path, Mosaic) else (path,)
+            keys += [(scene.scene_id, source, *_file_key(piece)) for piece in pieces]
+    return hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()[:16]
+
+
 def scene_to_record(scene: ScenePaths) -> tuple:
     """A scene as plain data, (scene_id, ((source, path or (piece, ...) or None), ...)),
     to hand to other processes (Beam would turn the dataclass into a schema row)."""

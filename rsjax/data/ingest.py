@@ -451,7 +451,7 @@ def announce_tiles(scene_id: str, grid, opts: IngestOptions) -> int:
 
 
 class TileProgress:
-    """Counts tile positions read and logs `what: 1200/5000 tiles (24.0%), 35.2/s, ETA 1m48s`
+    """Counts tile positions read and logs `what: 1200/5000 tile positions read (24.0%), 35.2/s, ETA 1m48s`
     at most every `every_seconds`, so a long tiling is never silent (an IngestReport's `progress`).
 
     `total`: the positions to read, when known up front (the dataset build
@@ -485,7 +485,7 @@ class TileProgress:
         elapsed = (self.clock() if now is None else now) - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         share = f" ({100.0 * self.done / self.total:.1f}%)" if self.total else ""
-        return (f"{self.what}: {self.done}/{self.total} tiles{share}, {rate:.3g}/s, ETA "
+        return (f"{self.what}: {self.done}/{self.total} tile positions read{share}, {rate:.3g}/s, ETA "
                 f"{format_duration(eta_seconds(self.done, elapsed, self.total - self.done))}")
 
 

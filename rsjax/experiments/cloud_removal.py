@@ -186,7 +186,8 @@ def run_method(method: Method, scale: str, seed: int, root: epath.Path,
     record_path = out / RUN_FILE
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if record["config"] != _config_json(config):
+        if runner.without_locations(record["config"]) != runner.without_locations(
+                _config_json(config)):
             raise UserError(f"{out}: this run finished with another config than the experiment now "
                             "asks for. Remove that folder to redo it, or use another --workdir.")
         return record

@@ -189,9 +189,18 @@ def _without_added_keys(want: dict, recorded: dict) -> dict:
     return want
 
 
+def without_locations(config_dict: Optional[dict]) -> Optional[dict]:
+    """The config less where its dataset lives (data.data_dir): moving the
+    datasets, or its default changing, changes no result."""
+    if not isinstance(config_dict, dict) or not isinstance(config_dict.get("data"), dict):
+        return config_dict
+    return {**config_dict, "data": {k: v for k, v in config_dict["data"].items() if k != "data_dir"}}
+
+
 def check_matches(run: Run, record: dict, config, root: epath.Path) -> None:
-    recorded = record.get("config")
-    want = _without_added_keys(_portable(_resolved(config), root), recorded or {})
+    recorded = without_locations(record.get("config"))
+    want = without_locations(_without_added_keys(_portable(_resolved(config), root),
+                                                  recorded or {}))
     if recorded != want:
         raise UserError(
             f"{root / run.name}: this run finished with another config than the plan now asks "

@@ -128,7 +128,10 @@ class Setup:
     def __init__(self, config, sources):
         self.config = config
         self.sources = sources
-        g, d = create_models(config, sources, int(config.seed))
+        # Abstract models: only the graph definitions are needed here, and
+        # creating real ones eagerly compiled every layer's initializer apart
+        # (minutes of silence on a small CPU before the first step).
+        g, d = nnx.eval_shape(lambda: create_models(config, sources, int(config.seed)))
         g.train(); d.train()
         self.g_train_graph, _ = nnx.split(g)
         self.d_train_graph, _ = nnx.split(d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Optional
 
 import jax
@@ -40,10 +41,11 @@ def start_run(config, workdir: str, devices=None):
     workdir created, the mesh over `devices` (default: all) checked against the
     batch size, the dataset built when missing."""
     workdir = workdir_path(workdir)      # local (made absolute) or gs://
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = mesh_lib.create_mesh(devices)
     mesh_lib.check_batch_size(config.global_batch_size, mesh)
+    # The dataset first: a missing or mismatched one is an error that leaves no workdir.
     input_pipeline.ensure_dataset(config.data)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     return workdir, mesh
 
 
@@ -77,7 +79,9 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     writer = logging_utils.MetricWriter(workdir, resume_step=start_step)
     if start_step == 0:
         logging_utils.write_config(config, workdir)
-    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step)
+    # Through the log: one timestamped stream (stderr), stdout keeps the result JSON.
+    progress = logging_utils.ProgressReporter(config.total_steps, first_step=start_step,
+                                              print_fn=log.info)
     step_rate = logging_utils.StepRate(first_step=start_step)
     preemption = PreemptionWatcher()
 
@@ -85,9 +89,20 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     try:
         while step < config.total_steps:
             batch = next(train_iter)
+            if step == start_step:
+                log.info("Compiling the train step (the first step waits for it) ...")
+                compile_started = time.monotonic()
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append(metrics)
+            if step == start_step + 1:
+                # The first step carries the compilation: say how long it took,
+                # and measure speed and ETA over the steps after it.
+                jax.block_until_ready(metrics)
+                log.info("Compiled and ran the first step in %s; training continues.",
+                         logging_utils.format_duration(time.monotonic() - compile_started))
+                progress.restart(step)
+                step_rate = logging_utils.StepRate(first_step=step)
             # Pull metrics to the host only at log time; this also bounds how far
             # the host runs ahead of the devices: on several fake CPU devices an XLA
             # all-reduce rendezvous can time out when the host never waits.
@@ -130,6 +145,13 @@ def run_and_evaluate(config, workdir: str, *, final_evaluation, **loop_args) -> 
         return {"step": step, "preempted": True}
     result = {"step": step}
     if config.final_eval_split:
+        log.info("Evaluating step %d on the %s split (the first batch compiles) ...", step,
+                 config.final_eval_split)
+        started = time.monotonic()
         result.update(final_evaluation(state, config.final_eval_split, step, writer))
+        log.info("Evaluated in %s: %s", logging_utils.format_duration(time.monotonic() - started),
+                 ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                           if k in ("psnr", "ssim", "sam", "miou", "accuracy")
+                           and isinstance(v, (int, float))))
     writer.close()
     return result

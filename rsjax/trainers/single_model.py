@@ -23,7 +23,9 @@ class SingleModelSetup:
         raise NotImplementedError
 
     def _build(self, lr: float, make_tx: Callable[[optax.Schedule], optax.GradientTransformation]):
-        model = self._create()
+        # An abstract model: only its graph definitions are needed here (a real
+        # one would compile every layer's initializer eagerly, one by one).
+        model = nnx.eval_shape(self._create)
         model.train()
         self.train_graph, _ = nnx.split(model)
         model.eval()

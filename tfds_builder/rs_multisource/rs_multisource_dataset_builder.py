@@ -267,8 +267,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             out.mkdir(parents=True, exist_ok=True)
             return list(write_scenes(out, num_scenes=cfg.synthetic_scenes, size=cfg.synthetic_size,
                                      seed=cfg.synthetic_seed, cloudy=cfg.clouds))
-        return discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
-                               self._report, require_lulc=not cfg.allow_missing_lulc, clouds=cfg.clouds)
+        scenes = discover_scenes(epath.Path(dl_manager.manual_dir), cfg.skip_incomplete_scenes,
+                                 self._report, require_lulc=not cfg.allow_missing_lulc,
+                                 clouds=cfg.clouds)
+        # Which files the dataset comes from, so that training on another
+        # folder never silently takes this dataset (rsjax.input_pipeline).
+        self._report["inputs"] = {"manual_dir": str(dl_manager.manual_dir), "scenes": len(scenes),
+                                  "fingerprint": contract.inputs_fingerprint(scenes)}
+        return scenes
+
+    # TFDS prints "Downloading and preparing dataset Unknown size (download:
+    # Unknown size, ...)" and "downloaded and prepared" to stdout: nothing is
+    # downloaded here and the sizes are unknown, so say what happens instead,
+    # in the log (rsjax's commands print their own summary).
+    def _log_download_bytes(self) -> None:
+        logging.info("Building %s/%s from %s into %s", self.name, self.builder_config.name,
+                     "synthetic scenes" if self.builder_config.is_synthetic else "local files",
+                     self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("Built %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
 
     def download_and_prepare(self, *args, **kwargs):
         """TFDS's build, one at a time per config: the build holds a lock file in the config's
@@ -359,7 +377,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata[STATISTICS_KEY] = summary["statistics"]
         self.info.metadata[BUILD_REPORT_KEY] = build_report(
             self.builder_config, self._num_scenes, self._report["skipped_scenes"],
-            summary["dropped_straddling_tiles"], _report_summary(report))
+            summary["dropped_straddling_tiles"], _report_summary(report),
+            self._report.get("inputs"))
         if self.builder_config.clouds:
             self.info.metadata[BUILD_REPORT_KEY]["tiles_by_cover"] = {
                 split: cover_counts(summary["tiles_by_cover"].get(split, [0] * (len(contract.COVER_BINS) + 1)))
@@ -405,7 +424,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         report.require_tiles()         # no scene yields a tile: say why, scene by scene
         if count == 0:
             raise _empty_split_error(cfg, split, len(scenes))
-        logging.info("%s: %d tiles in %.1f s", split, count, time.perf_counter() - started)
+        # The split's own count (the progress lines count positions read, all splits').
+        logging.getLogger("rsjax").info("%s split: %d tiles kept in %.1f s", split, count,
+                                        time.perf_counter() - started)
         if cfg.clouds:
             # One dict for all splits, referenced by the build report: complete
             # when TFDS writes metadata.json after the last split.
@@ -416,7 +437,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             self.info.metadata[STATISTICS_KEY] = self._statistics.result()
             self.info.metadata[BUILD_REPORT_KEY] = build_report(
                 cfg, len(scenes), self._report["skipped_scenes"],
-                self._report["dropped_straddling_tiles"], _report_summary(report))
+                self._report["dropped_straddling_tiles"], _report_summary(report),
+                self._report.get("inputs"))
             if cfg.clouds:
                 self.info.metadata[BUILD_REPORT_KEY]["tiles_by_cover"] = self._report.setdefault(
                     "tiles_by_cover", {})
@@ -479,9 +501,10 @@ def scene_examples(scene: contract.ScenePaths, cfg: RsMultisourceConfig, opts,
 
 
 def build_report(cfg: RsMultisourceConfig, num_scenes: int, skipped_scenes, dropped_straddling: int,
-                 ingest_summary: dict) -> dict:
+                 ingest_summary: dict, inputs: Optional[dict] = None) -> dict:
     return {
         "config": _config_summary(cfg),
+        **({"inputs": inputs} if inputs else {}),
         "num_scenes": int(num_scenes),
         "skipped_scenes": list(skipped_scenes),
         "dropped_straddling_tiles": int(dropped_straddling),
