@@ -17,6 +17,7 @@ rows to a writer callback (see rsjax.predict for the GeoTIFF version).
 from __future__ import annotations
 
 import collections
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -127,7 +128,8 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
                   predict_batch: Callable[[dict], object],
                   write_rows: Callable[[int, np.ndarray, np.ndarray], None],
                   batch_size: int, flush_rows: int,
-                  on_tiles: Optional[Callable[[int], None]] = None) -> int:
+                  on_tiles: Optional[Callable[[int], None]] = None,
+                  timings: Optional[dict] = None) -> int:
     """Runs a model over a height x width scene tile by tile and blends the outputs.
 
     read_tile(row, col, h, w) -> (inputs, nodata): model inputs {name: (h, w, c)}
@@ -144,8 +146,20 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
     Tiles stream in row-major order and batches run across rows of tiles (only
     the scene's last batch is padded, with zero tiles); rows are written once
     every tile that touches them is in.
+    timings: a dict to add this thread's seconds to, by phase: "read"
+        (read_tile), "model" (predict_batch and waiting for its outputs; the
+        devices' work while the host reads is not counted), "blend" (padding,
+        stacking, accumulating) and "write" (weighted averages and write_rows).
     Returns the number of tiles run.
     """
+    clock = time.perf_counter
+
+    def spent(phase: str, since: float) -> float:
+        now = clock()
+        if timings is not None:
+            timings[phase] = timings.get(phase, 0.0) + (now - since)
+        return now
+
     step = tile - overlap
     rows = tile_offsets(height, tile, step)
     cols = tile_offsets(width, tile, step)
@@ -157,7 +171,9 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
 
     def collect(batch, outputs):
         nonlocal first_open
+        t = clock()
         outputs = np.asarray(outputs, np.float32)
+        t = spent("model", t)
         for k, (i, row, col) in enumerate(batch):
             h, w = min(tile, height - row), min(tile, width - col)
             acc.add(row, col, outputs[k, :h, :w], window[:h, :w])
@@ -166,7 +182,9 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
             first_open += 1
         # Rows above the first incomplete row of tiles are final: write them in whole blocks.
         upto = height if first_open == len(rows) else (rows[first_open] // flush_rows) * flush_rows
+        t = spent("blend", t)
         acc.flush(upto, write_rows)
+        spent("write", t)
         if on_tiles is not None:
             on_tiles(len(batch))
 
@@ -176,13 +194,19 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
         tiles = []
         for _, row, col in batch:
             h, w = min(tile, height - row), min(tile, width - col)
+            t = clock()
             inputs, nodata = read_tile(row, col, h, w)
+            t = spent("read", t)
             acc.extend_to(row + h)
             acc.or_nodata(row, col, nodata)
             tiles.append({k: pad_tile(v, tile) for k, v in inputs.items()})
+            spent("blend", t)
+        t = clock()
         tiles += [{k: np.zeros_like(v) for k, v in tiles[0].items()}] * (batch_size - len(tiles))
-        stacked = {k: np.stack([t[k] for t in tiles]) for k in tiles[0]}
+        stacked = {k: np.stack([x[k] for x in tiles]) for k in tiles[0]}
+        t = spent("blend", t)
         pending.append((batch, predict_batch(stacked)))
+        spent("model", t)
         if len(pending) > 1:
             collect(*pending.popleft())
     while pending:
