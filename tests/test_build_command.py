@@ -89,12 +89,17 @@ def test_s1_units_option_reaches_ingestion(exports, tmp_path, capsys):
 def test_tiling_says_its_size_up_front_and_its_progress(exports, tmp_path, capsys):
     assert build("--config", "manual", "--manual_dir", exports, "--tile_size", "16",
                  "--split_mode", "random", "--data_dir", tmp_path) == 0
-    text = capsys.readouterr().err
+    captured = capsys.readouterr()
+    text = captured.err
     assert "scene 'scene_a': 64 x 64 px on the target grid, 16 tile position(s) of 16 px" in text
     assert "train split: 32/32 tile positions read (100.0%)" in text and "ETA" in text
-    # Each split's own count, and the counts add up to the positions.
+    # Each split's own count, as the build report has it: the counts add up to the
+    # tiles kept (scene_b has one tile over the nodata limit: 31 of the 32 positions).
     kept = {m[0]: int(m[1]) for m in re.findall(r"(\w+) split: (\d+) tiles kept", text)}
-    assert set(kept) == {"train", "validation", "test"} and sum(kept.values()) == 32
+    report = summary(captured.out)["build_report"]
+    assert set(kept) == {"train", "validation", "test"}
+    assert sum(kept.values()) == report["ingest"]["tiles_kept"] == 32 - report["ingest"]["tiles_dropped_nodata"]
+    assert kept == summary(captured.out)["splits"]
 
 
 def test_build_killed_mid_way_leaves_nothing_for_the_next_build(tmp_path):

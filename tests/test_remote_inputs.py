@@ -205,5 +205,10 @@ def test_the_beam_build_reads_the_same_dataset_over_http(served, tmp_path):
             for key in ("s2", "s1", "lulc", "dem", "transform"):
                 assert a[i][key].tobytes() == b[i][key].tobytes()
     assert remote.info.metadata[rsm.STATISTICS_KEY] == local.info.metadata[rsm.STATISTICS_KEY]
-    # The report names the scenes by id, never by where they were read from.
-    assert remote.info.metadata[rsm.BUILD_REPORT_KEY] == local.info.metadata[rsm.BUILD_REPORT_KEY]
+    # The report names the scenes by id, never by where they were read from; only
+    # its `inputs` (which folder, to find the dataset again) tells the two apart.
+    remote_report, local_report = (dict(b.info.metadata[rsm.BUILD_REPORT_KEY]) for b in (remote, local))
+    remote_inputs, local_inputs = remote_report.pop("inputs"), local_report.pop("inputs")
+    assert remote_report == local_report
+    assert remote_inputs["scenes"] == local_inputs["scenes"] == len(contract.find_scenes(cogs))
+    assert (remote_inputs["manual_dir"], local_inputs["manual_dir"]) == (str(manual), str(cogs))
