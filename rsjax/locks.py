@@ -20,6 +20,14 @@ time by the pause and made live locks look stale). A lock written on another
 host cannot be checked from here; the message says which host and how to
 remove it once that run is gone.
 
+Taking over a stale lock is check, delete, create: two runs restarted
+together after a crash would both find the stale lock, and the slower one
+would delete the faster one's fresh lock and both would run. So every
+check-and-take (and release) on a local disk happens under an advisory
+`flock` on the folder itself (`_guarded`): the kernel drops it when the
+process dies, and the folder, unlike the lock file, is never deleted and
+recreated, so every contender locks the same inode and only one takes over.
+
 On object storage (gs://, s3://) there is no exclusive create: the lock is
 written after checking that none is there, which catches a second run
 started any time later but not one started in the same second.
@@ -27,6 +35,7 @@ started any time later but not one started in the same second.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -160,6 +169,11 @@ class FolderLock:
 
     def _acquire_once(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
+        with _guarded(self.folder):
+            return self._take()
+
+    def _take(self) -> "FolderLock":
+        """Creates the lock file, or takes over a stale one (under `_guarded`)."""
         for _ in range(3):
             if self._create():
                 self.held = True
@@ -182,10 +196,11 @@ class FolderLock:
         if not self.held:
             return
         self.held = False
-        holder = self._read_holder(retries=1)
-        if holder is not None and (holder.get("host"), holder.get("pid")) == (
-                self.owner["host"], self.owner["pid"]):
-            self.path.unlink(missing_ok=True)
+        with _guarded(self.folder):
+            holder = self._read_holder(retries=1)
+            if holder is not None and (holder.get("host"), holder.get("pid")) == (
+                    self.owner["host"], self.owner["pid"]):
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "FolderLock":
         return self if self.held else self.acquire()
@@ -229,6 +244,28 @@ class FolderLock:
         # Not a lock rsjax wrote (or one cut short by a crash mid-write): treat as stale on this host.
         return {"host": socket.gethostname(), "pid": -1, "command": "unreadable lock file",
                 "since": "unknown"}
+
+
+@contextlib.contextmanager
+def _guarded(folder) -> Iterator[None]:
+    """Holds an exclusive `flock` on `folder` (a local one) for a check-and-take of its lock file.
+
+    Held for milliseconds, released when the block ends or the process dies.
+    Where there is no flock (object storage, a file system refusing it) the
+    block runs unguarded, as before."""
+    text = os.fspath(folder)
+    fd = None
+    if "://" not in text:
+        try:
+            fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            log.debug("%s: no flock (%s); taking its lock unguarded.", text, err)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)                 # closing drops the flock
 
 
 @contextlib.contextmanager

@@ -103,3 +103,62 @@ def test_two_processes_starting_at_once_one_wins(tmp_path):
         p.kill()
         p.wait()
     assert outcomes == ["busy", "busy", "won"]
+
+
+RACE = """
+import json, multiprocessing as mp, os, sys
+
+from rsjax.locks import FolderBusy, FolderLock
+
+
+def racer(root, trials, barrier, results):
+    for trial in range(trials):
+        lock = FolderLock(os.path.join(root, str(trial)))
+        barrier.wait()                          # both start together, against the stale lock
+        try:
+            lock.acquire()
+            outcome = "won"
+        except FolderBusy:
+            outcome = "busy"
+        results.put((trial, outcome))
+        barrier.wait()                          # the winner holds it until the other has tried
+        lock.release()
+
+
+if __name__ == "__main__":
+    root, trials = sys.argv[1], int(sys.argv[2])
+    ctx = mp.get_context("fork")              # this script imports no JAX: fork is safe and fast
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=racer, args=(root, trials, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = {}
+    for _ in range(2 * trials):
+        trial, outcome = results.get(timeout=60)
+        outcomes.setdefault(trial, []).append(outcome)
+    for p in procs:
+        p.join(60)
+    print(json.dumps(outcomes))
+"""
+
+
+def test_two_processes_taking_over_a_stale_lock_at_once_one_wins(tmp_path):
+    # A restart after a crash: a stale lock is there, and two runs start together. Each used
+    # to delete whatever lock file it found stale, so one deleted the other's fresh lock
+    # and both ran (40 of 100 trials).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = json.dumps(dict(owner_record(), pid=dead.pid, identity="gone/0", command="crashed run"))
+    trials = 100
+    for trial in range(trials):
+        (tmp_path / str(trial)).mkdir()
+        (tmp_path / str(trial) / "rsjax.lock").write_text(stale)
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), str(trials)], capture_output=True,
+                          text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout)
+    doubles = [t for t, o in outcomes.items() if sorted(o) != ["busy", "won"]]
+    assert len(outcomes) == trials and not doubles, f"{len(doubles)} of {trials} trials: {[(t, outcomes[t]) for t in doubles[:5]]}"
