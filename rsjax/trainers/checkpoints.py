@@ -6,7 +6,9 @@ iterator's position, saved by grain's own Orbax handler (one small JSON file
 per process, since every process reads its own share of the data), so a
 resumed run sees exactly the batches it would have seen. Every finished step
 carries checksums of its files, and a corrupt step falls back to the newest
-intact one (`integrity.py`).
+intact one (`integrity.py`); a step without them (a run killed between a
+save's commit and its checksums) is unverified: restored with a warning and
+a finiteness check, never named the last good one.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from rsjax import mesh as mesh_lib
 from rsjax.errors import UserError
 from rsjax.runtime import workdir_path
 from rsjax.trainers import integrity
+from rsjax.trainers.nonfinite import unsaved_final_state
 
 log = logging.getLogger("rsjax")
 
@@ -54,6 +57,7 @@ class Checkpointer:
                                              item_names=("state", "data_iter"))
         self._saved_step = self.manager.latest_step()
         self._unhashed: list[int] = []
+        self.refused: Optional[str] = None     # why the last save asked for was refused
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -63,16 +67,17 @@ class Checkpointer:
         anything with get_state/set_state/start_prefetch) when the interval says
         so (or `force`); a step is saved once, and never a state that must not
         be resumed (`integrity.unsafe_to_save`)."""
+        self._checksum_finished()
         if step == self._saved_step:
             return False
         if not force and not self.manager.should_save(step):
             return False
-        problem = integrity.unsafe_to_save(state)
-        if problem:
-            last = self.latest_step()
-            log.error("Not saving step %d: %s. %s", step, problem,
+        self.refused = integrity.unsafe_to_save(state)
+        if self.refused:
+            last = self.last_good_step()
+            log.error("Not saving step %d: %s. %s", step, self.refused,
                       f"The last good checkpoint stays step {last}." if last is not None
-                      else "No checkpoint has been saved yet.")
+                      else "No good checkpoint has been saved yet.")
             return False
         if self._unhashed:
             # The previous save has to be finished before its checksums; Orbax's save would
@@ -87,6 +92,36 @@ class Checkpointer:
             self._saved_step = step
             self._unhashed.append(step)
         return saved
+
+    def save_final(self, step: int, state: Any, data_iter=None) -> None:
+        """Saves the run's final state; raises RunFailed when it must not be saved
+        (diverged, non-finite): a run whose end was not kept has failed, and its
+        exit status must say so to a scheduler."""
+        if step == self._saved_step or self.save(step, state, data_iter, force=True):
+            return
+        unsaved_final_state(step, self.refused, os.fspath(self.workdir), self.last_good_step())
+
+    def last_good_step(self) -> Optional[int]:
+        """The newest step whose checksums were recorded (any step, on object storage).
+
+        This run's pending saves are finished and checksummed first (they are
+        good: `save` refuses bad states); a step without checksums, left by a run
+        killed between its commit and its checksums, is never named: its bytes
+        cannot be vouched for."""
+        self.wait()
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if integrity.is_verified(self.directory / str(step)):
+                return step
+        return None
+
+    def _checksum_finished(self) -> None:
+        """Checksums of the saves Orbax has finished, without waiting for one in progress.
+
+        Called on every loop step (through `save`), so a step gets its checksums
+        within a step of its commit, not at the next save; a kill in between
+        leaves it unverified, which `restore` says and checks."""
+        if self._unhashed and not self.manager.is_saving_in_progress():
+            self._record_checksums()
 
     def _record_checksums(self) -> None:
         """Checksums of the finished steps not yet recorded (process 0; see integrity.py)."""
@@ -128,6 +163,8 @@ class Checkpointer:
                             or not integrity.is_damage(err)):
                         raise
                     why = f"Orbax cannot read it ({integrity.short_error(err)})"
+            if why is None and not integrity.is_verified(self.directory / str(candidate)):
+                why = self._check_unverified(candidate, state)
             if why is None:
                 if corrupt:
                     log.warning("Using checkpoint step %d, the newest intact one in %s (newer: %s).",
@@ -151,6 +188,18 @@ class Checkpointer:
             + (f"They were moved to {self.workdir / integrity.QUARANTINE}: rerun to train from "
                "step 0, or use a new --workdir." if moved else
                "Train again in a new --workdir, or restore the checkpoint folder from a copy."))
+
+    def _check_unverified(self, step: int, state: Any) -> Optional[str]:
+        """Why a restored step without checksums is unusable, or None; warns either way.
+
+        Its bytes cannot be checked, so at least its values are: a state that must
+        not have been saved (non-finite, diverged) is damage and falls back."""
+        log.warning("Checkpoint step %d in %s has no checksums (the run that saved it stopped "
+                    "before recording them): it is unverified; its restored values are checked "
+                    "finite, but changed bytes that still read as numbers go unnoticed.",
+                    step, self.directory)
+        problem = integrity.unsafe_to_save(state)
+        return f"it has no checksums and {problem}" if problem else None
 
     def _restore_step(self, abstract_state: Any, data_iter, step: int):
         items = {"state": ocp.args.StandardRestore(abstract_state)}

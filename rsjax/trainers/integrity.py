@@ -13,9 +13,12 @@ intact step and say which one and why (`checkpoints.Checkpointer.restore`);
 training moves the corrupt steps aside (`quarantine`) so that new saves and
 Orbax's `max_to_keep` see only good ones, and nothing is deleted.
 
-A step written before checksums existed, or on object storage (gs://, whose
-objects carry their own CRC32C checked on every read), has no manifest: it is
-restored unverified, and an unreadable one still falls back.
+On object storage (gs://, whose objects carry their own CRC32C checked on
+every read) there is no manifest, and none is needed. A local step without
+one (written before checksums existed, or by a run killed between the save's
+commit and its checksums) is unverified: restored with a warning, its values
+checked finite (`unsafe_to_save`), never reported as the last good step, and
+an unreadable one still falls back.
 """
 from __future__ import annotations
 
@@ -85,6 +88,11 @@ def write_manifest(step_dir: str | os.PathLike) -> Optional[epath.Path]:
 
 def has_manifest(step_dir: str | os.PathLike) -> bool:
     return (epath.Path(os.fspath(step_dir)) / MANIFEST).exists()
+
+
+def is_verified(step_dir: str | os.PathLike) -> bool:
+    """Whether a step's bytes can be vouched for: checksums recorded, or object storage's own."""
+    return _is_remote(step_dir) or has_manifest(step_dir)
 
 
 def verify(step_dir: str | os.PathLike) -> Optional[str]:

@@ -22,6 +22,7 @@ from rsjax import mesh as mesh_lib
 from rsjax.runtime import workdir_path
 from rsjax.trainers.checkpoints import Checkpointer, PreemptionWatcher, abstract_like
 from rsjax.trainers.nonfinite import check_nonfinite
+from rsjax.trainers import resume_check
 
 log = logging.getLogger("rsjax")
 
@@ -70,6 +71,8 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
     it through `run_and_evaluate`, which writes the final evaluation with the
     writer and closes it.
     """
+    # Before any restore or write: another state structure is an error, other changes are recorded.
+    resume_check.check_resume(config, workdir)
     ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
     restored = ckpt.restore(abstract_like(state), train_iter, move_corrupt=True)
     start_step = 0
@@ -111,7 +114,7 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
                 pending = []
                 summary = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
                 check_nonfinite(int(host[-1]["nonfinite"]), config.max_nonfinite_steps, step,
-                                workdir, last_good=ckpt.latest_step())
+                                workdir, last_good=ckpt.last_good_step)
                 writer.write_scalars(step, {
                     **summary, "steps_per_second": step_rate(step),
                     **logging_utils.learning_rate_scalars(learning_rates or {}, step)})
@@ -126,7 +129,7 @@ def run_loop(config, workdir: str, *, state, step_fn, train_iter, periodic=(),
                             step)
                 break
         jax.block_until_ready(state)
-        ckpt.save(step, state, train_iter, force=True)
+        ckpt.save_final(step, state, train_iter)     # RunFailed when it must not be kept
         ckpt.wait()
     finally:
         preemption.close()

@@ -46,14 +46,17 @@ class NonFiniteLossError(RunFailed):
 
 
 def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str,
-                    last_good: Optional[int] = None) -> None:
+                    last_good: Optional[int] | Callable[[], Optional[int]] = None) -> None:
     """Stops the run after `limit` consecutive non-finite steps, saying what was kept and how to go on.
 
-    `last_good`: the newest checkpoint step (none is saved while steps are
+    `last_good`: the newest good checkpoint step (none is saved while steps are
     skipped or weights diverge, see `integrity.unsafe_to_save`), None when the
-    run saved none."""
+    run saved none; or a function giving it, called only when the run stops
+    (finding it waits for pending saves)."""
     if consecutive < limit:
         return
+    if callable(last_good):
+        last_good = last_good()
     if last_good is None:
         kept = ("No checkpoint was saved (the model was never in a state worth keeping), so "
                 "there is nothing to resume: start again with the change below, in this "
@@ -67,6 +70,23 @@ def check_nonfinite(consecutive: int, limit: int, step: int, workdir: str,
         f"gradient; they were skipped and did not change the model. {kept}. Lower the learning "
         f"rates (--config.optim.*), try float32 (--config.dtype=float32), or look for NaN "
         f"in the inputs (the data pipeline maps no-data to 0 and masks it).")
+
+
+class UnsavedFinalStateError(RunFailed):
+    """The run's final state must not be kept (diverged or non-finite), so the run failed."""
+
+
+def unsaved_final_state(step: int, problem: Optional[str], workdir: str,
+                        last_good: Optional[int]) -> None:
+    """Raises UnsavedFinalStateError: a run that ends without keeping its final state
+    exits 1, not 0 (a scheduler would take 0 for a finished run), in one line."""
+    kept = (f"the last good checkpoint is step {last_good} in {workdir}/checkpoints, and "
+            f"rerunning with the change below resumes from it" if last_good is not None else
+            "no good checkpoint was saved, so there is nothing to resume")
+    raise UnsavedFinalStateError(
+        f"The run ended at step {step} without saving its final state: {problem or 'it was refused'}; "
+        f"{kept}. Lower the learning rates (--config.optim.*), try float32 "
+        f"(--config.dtype=float32), or look for NaN in the inputs.")
 
 
 def guarded_model_step(setup, state: dict, loss_of_model: Callable,

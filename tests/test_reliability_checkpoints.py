@@ -1,0 +1,135 @@
+"""Checkpoints a crash cannot make trusted wrongly: a step's checksums follow its commit at
+once, a step without them is unverified (warned about, its values checked, never named the
+last good one), and a run whose final state was not saved exits non-zero."""
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rsjax import train as train_command
+from rsjax.errors import RunFailed
+from rsjax.trainers import integrity
+from rsjax.trainers.checkpoints import Checkpointer, abstract_like
+from trainer_utils import tiny_fusion_config
+
+
+def small_state(value=1.0):
+    return {"model": {"w": jnp.full((4,), value, jnp.float32)}, "step": jnp.int32(0)}
+
+
+def step_dir(workdir, step):
+    return workdir / "checkpoints" / str(step)
+
+
+def test_a_step_gets_its_checksums_without_waiting_for_the_next_save(tmp_path):
+    ckpt = Checkpointer(tmp_path, every_steps=10, keep=3)
+    try:
+        assert ckpt.save(10, small_state())
+        ckpt.manager.wait_until_finished()       # Orbax has committed step 10
+        ckpt.save(11, small_state())             # the loop's next step, not a save step
+        # A SIGKILL now used to leave step 10 without checksums until the save at step 20.
+        assert integrity.has_manifest(step_dir(tmp_path, 10))
+    finally:
+        ckpt.close()
+
+
+def checkpoints_10_and_20(workdir, state20):
+    """Step 10 with checksums; step 20 as a run killed between its commit and its checksums
+    left it (written straight through Orbax, as `save` would refuse a bad state)."""
+    ckpt = Checkpointer(workdir, every_steps=10, keep=3)
+    ckpt.save(10, small_state())
+    ckpt.wait()
+    ckpt.manager.save(20, args=ocp.args.Composite(state=ocp.args.StandardSave(state20)))
+    ckpt.manager.close()
+    assert integrity.has_manifest(step_dir(workdir, 10)) and not integrity.has_manifest(step_dir(workdir, 20))
+
+
+def test_a_step_without_checksums_is_restored_with_a_warning_but_never_the_last_good(tmp_path, caplog):
+    checkpoints_10_and_20(tmp_path, small_state(2.0))
+    ckpt = Checkpointer(tmp_path, every_steps=10, keep=3)
+    try:
+        with caplog.at_level("WARNING", logger="rsjax"):
+            state, step = ckpt.restore(abstract_like(small_state()))
+        assert step == 20 and float(state["model"]["w"][0]) == 2.0
+        assert any("step 20" in r.getMessage() and "no checksums" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        assert ckpt.last_good_step() == 10
+    finally:
+        ckpt.close()
+
+
+def test_a_step_without_checksums_holding_nan_falls_back(tmp_path, caplog):
+    checkpoints_10_and_20(tmp_path, small_state(float("nan")))
+    ckpt = Checkpointer(tmp_path, every_steps=10, keep=3)
+    try:
+        with caplog.at_level("WARNING", logger="rsjax"):
+            state, step = ckpt.restore(abstract_like(small_state()))
+        assert step == 10 and np.isfinite(np.asarray(state["model"]["w"])).all()
+        assert "step 20" in caplog.text and "non-finite" in caplog.text, caplog.text
+    finally:
+        ckpt.close()
+
+
+def overwrite_middle(path, n=64):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def largest_data_file(workdir, step):
+    files = (step_dir(workdir, step) / "state").rglob("*")
+    return max((f for f in files if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def run6(demo_data_dir, tmp_path_factory):
+    """A 6-step pix2pix run with checkpoints at steps 2, 4 and 6."""
+    from rsjax.trainers import get_trainer
+
+    config = tiny_fusion_config(demo_data_dir, steps=6)
+    config.keep_checkpoints = 3
+    workdir = tmp_path_factory.mktemp("ckpt") / "run"
+    get_trainer(config.trainer)(config, str(workdir))
+    return config, workdir
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_damaged_step_without_checksums_is_not_called_the_last_good(run6, tmp_path, caplog):
+    from rsjax.trainers import get_trainer
+
+    config, original = run6
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    # SIGKILL after step 6 was committed, before its checksums; then its bytes changed.
+    (step_dir(workdir, 6) / integrity.MANIFEST).unlink()
+    overwrite_middle(largest_data_file(workdir, 6))
+    config.total_steps = 10
+    config.checkpoint_every_steps = config.log_every_steps = 1
+    config.max_nonfinite_steps = 2
+    config.optim.g_lr = config.optim.d_lr = 1e30
+    with caplog.at_level("INFO", logger="rsjax"), pytest.raises(RunFailed) as info:
+        get_trainer(config.trainer)(config, str(workdir))
+    assert "step 6" in caplog.text and "no checksums" in caplog.text, caplog.text
+    assert "last good checkpoint is step 4" in str(info.value), str(info.value)
+    assert "stays step 6" not in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_run_that_diverges_without_stopping_exits_1(demo_data_dir, tmp_path, capsys):
+    # lr 1e30 for 3 steps: too few for max_nonfinite_steps to stop it, and nothing may be saved.
+    code = train_command.main([
+        "--config", "fusion:demo,model=pix2pix", "--workdir", str(tmp_path / "run"),
+        f"--config.data.data_dir={demo_data_dir}", "--config.total_steps=3",
+        "--config.global_batch_size=8", "--config.eval_batch_size=8", "--config.log_every_steps=1",
+        "--config.image_every_steps=0", "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=1000", "--config.generator.ngf=4",
+        "--config.discriminator.ndf=4", "--config.optim.g_lr=1e30", "--config.optim.d_lr=1e30"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1, err[-2000:]
+    assert len(errors) == 1 and "without saving its final state" in errors[0], err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
