@@ -31,7 +31,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     config = cli.load_config_arg(args)
-    from rsjax import input_pipeline
+    from rsjax import config_checks, input_pipeline
+
+    # Values before anything is created: a bad one is one line, no workdir or dataset.
+    config_checks.check_config(config)
 
     # The saved config.json then names the same dataset from any directory.
     input_pipeline.resolve_paths(config.data)
