@@ -16,7 +16,9 @@ over https rarely list folders, so a scene source may instead be a list
 file: a text file (`*.txt`, local or remote) with one scene prefix per line,
 `<prefix>_s2.tif` etc. being that scene's files (a line may also name one
 file; blank lines and `#` comments are skipped; relative prefixes are taken
-from the list file's folder).
+from the list file's folder). A remote list names files on its own scheme
+and host (bucket) only, below its folder; no list takes `/vsi...` paths or
+query strings (see `list_entry`).
 
 Paths stay strings when they are URLs: `pathlib.Path` would fold `//`.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Union
 
@@ -94,6 +97,16 @@ def gdal_options() -> dict:
     .ovr and similar sidecars on open (each one is a request on object storage);
     CPL_VSIL_CURL_ALLOWED_EXTENSIONS: only GeoTIFFs are fetched over HTTP;
     GDAL_HTTP_MERGE_CONSECUTIVE_RANGES: neighbouring blocks in one request.
+
+    These are for speed, not safety. A `/vsicurl?header_file=FILE&url=...` path
+    makes GDAL send FILE's lines as HTTP headers (a local secret to any host);
+    GDAL 3.10 (rasterio 1.4's wheel) has no setting that turns the `header_file`
+    key off (it also reads use_head, cookie, proxy*, unsafessl, ... from such a
+    path). So paths taken from list files are checked before GDAL sees them
+    (`list_entry`: no `/vsi` paths, no query strings), and that check does not
+    depend on CPL_VSIL_CURL_ALLOWED_EXTENSIONS, which happens to refuse such a
+    path as well. GDAL_HTTP_HEADER_FILE, when the user sets it (credentials), is
+    left alone: it is theirs, not a list's.
     """
     return {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
@@ -218,14 +231,12 @@ def scene_paths(source: PathLike) -> list[PathLike]:
     """
     if not is_list_file(source):
         return list_folder(source)
-    base = parent(source)
     paths: list[PathLike] = []
-    for line in read_text(source).splitlines():
+    for lineno, line in enumerate(read_text(source).splitlines(), start=1):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
-        if not is_url(entry) and not Path(entry).is_absolute():
-            entry = str(join(base, entry))
+        entry = str(list_entry(source, lineno, entry))
         if entry.lower().endswith((".tif", ".tiff")):
             paths.append(as_path(entry))
             continue
@@ -238,3 +249,58 @@ def scene_paths(source: PathLike) -> list[PathLike]:
         paths.extend(p for p in (as_path(f"{entry}_{role}.tif") for role in CLOUD_SOURCES)
                      if exists(p))
     return paths
+
+
+# ---------------------------------------------------------------- list entries
+# A remote list (gs://, s3://, http(s)://) may be filled by someone else: its
+# lines must not send requests to other hosts or read local files, so it names
+# files on its own scheme and host (bucket) only, relative ones below its
+# folder. A local list is the user's own file, given like a folder on the command
+# line (the manual_dir's scenes.txt naming https:// exports, predict's lists of
+# absolute paths): it may name local paths and URLs. No list hands GDAL a path
+# with options: `/vsi...` lines and query strings are refused (see gdal_options).
+# Signed URLs go with the other query strings: a prefix gets `_s2.tif` appended,
+# which would land after the query, and a signature's keys cannot be told from
+# GDAL's own (`/vsicurl?header_file=...`).
+_LIST_ADVICE = ("A list names scene prefixes or files: paths relative to its folder, or URLs "
+                "(a remote list: on its own host or bucket only); credentials come from GDAL's "
+                "settings, never from a list.")
+
+
+def list_entry(source: PathLike, lineno: int, entry: str) -> PathLike:
+    """The path line `lineno` of list file `source` names (relative entries taken
+    from the list's folder), or a UserError naming the list, the line and the fix."""
+    problem = _gdal_problem(entry) or (_remote_problem(source, entry) if is_url(source) else None)
+    if problem:
+        raise UserError(f"{source}, line {lineno}: '{entry}' {problem}. {_LIST_ADVICE}")
+    return as_path(entry) if is_url(entry) else join(parent(source), entry)
+
+
+def _gdal_problem(entry: str):
+    """Why any list refuses `entry` as a way to hand GDAL options, or None."""
+    if entry.lower().startswith("/vsi"):
+        return ("is a GDAL virtual path, whose options can make GDAL send local files "
+                "as HTTP headers; write the plain URL (gs://, s3://, https://)")
+    if "?" in entry:
+        return "has a query string (signed URLs and GDAL options are not taken from lists)"
+    if is_url(entry) and scheme(entry) not in URL_SCHEMES:
+        return f"has the unsupported scheme '{scheme(entry)}://'; use gs://, s3:// or https://"
+    return None
+
+
+def _remote_problem(source: PathLike, entry: str):
+    """Why a remote list refuses `entry` (another host, a local file, '..'), or None."""
+    if not is_url(entry) and entry.startswith(("/", "\\", "~")):
+        return "is a local path; a remote list names files beside it only"
+    if ".." in entry.replace("\\", "/").split("/"):
+        return "leaves the list's folder with '..'; write a path below that folder"
+    if is_url(entry) and _origin(entry) != _origin(source):
+        return (f"is not on the list's own {_origin(source)}; a remote list names files "
+                "on its own host or bucket only (write another list there, or a local list)")
+    return None
+
+
+def _origin(url: PathLike) -> str:
+    """'scheme://host[:port]' (the bucket for gs:// and s3://), lowercased."""
+    parts = urllib.parse.urlsplit(str(url))
+    return f"{parts.scheme}://{parts.netloc}".lower()
