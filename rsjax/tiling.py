@@ -17,6 +17,7 @@ rows to a writer callback (see rsjax.predict for the GeoTIFF version).
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from typing import Callable, Optional
 
@@ -163,7 +164,9 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
     step = tile - overlap
     rows = tile_offsets(height, tile, step)
     cols = tile_offsets(width, tile, step)
-    positions = [(i, row, col) for i, row in enumerate(rows) for col in cols]
+    # Produced as the batches need them: a list of every position of a large grid
+    # would cost gigabytes before the first tile is read.
+    positions = ((i, row, col) for i, row in enumerate(rows) for col in cols)
     window = blend_window(tile, overlap)
     acc = RowAccumulator(width, channels)
     missing = [len(cols)] * len(rows)        # tiles of each row of tiles not yet accumulated
@@ -189,8 +192,7 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
             on_tiles(len(batch))
 
     pending: collections.deque = collections.deque()
-    for b in range(0, len(positions), batch_size):
-        batch = positions[b:b + batch_size]
+    while batch := list(itertools.islice(positions, batch_size)):
         tiles = []
         for _, row, col in batch:
             h, w = min(tile, height - row), min(tile, width - col)
@@ -211,4 +213,4 @@ def tiled_predict(height: int, width: int, *, tile: int, overlap: int, channels:
             collect(*pending.popleft())
     while pending:
         collect(*pending.popleft())
-    return len(positions)
+    return len(rows) * len(cols)

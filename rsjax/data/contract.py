@@ -70,9 +70,32 @@ COVER_BINS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0))
 
 
 def cover_bin(cover: float) -> int:
-    """Index of a tile's cloud cover in COVER_BINS, -1 when it is unknown (NaN)."""
+    """Index of a tile's cloud cover in COVER_BINS, -1 when it is unknown (NaN).
+
+    A stored share is float32: 90 cloud pixels of 100 read back as 0.89999998,
+    so the share is rounded to 6 decimals first (shares of tiles of up to a
+    million pixels stay apart). Where the pixel counts are at hand, use
+    `cover_bin_of_counts`, which is exact."""
+    if cover == cover:                      # not NaN
+        cover = round(float(cover), 6)
     for i, (low, high) in enumerate(COVER_BINS):
         if low <= cover < high or (i == len(COVER_BINS) - 1 and cover == high):
+            return i
+    return -1
+
+
+def cover_bin_of_counts(cloudy: int, known: int) -> int:
+    """Index in COVER_BINS of `cloudy` cloud pixels among `known` ones, -1 when none is known.
+
+    Exact: the bin edges are compared as integers (cloudy * 1000 against
+    edge * 1000 * known), so 90 cloud pixels of 100 are in the 90-100 % bin."""
+    cloudy, known = int(cloudy), int(known)
+    if known <= 0:
+        return -1
+    for i, (low, high) in enumerate(COVER_BINS):
+        lo, hi = round(low * 1000), round(high * 1000)
+        last = i == len(COVER_BINS) - 1
+        if lo * known <= cloudy * 1000 and (cloudy * 1000 < hi * known or (last and cloudy <= known)):
             return i
     return -1
 

@@ -82,12 +82,12 @@ from rasterio.windows import Window
 from rsjax import cli
 from rsjax.data import landcover, sar, storage, terrain
 from rsjax.data.contract import (CLOUD, CLOUD_MASK_UNKNOWN, COVER_BINS, LULC_NODATA, S2_NODATA,
-                                 InputError, ScenePaths, cover_bin, find_scenes)
+                                 InputError, ScenePaths, cover_bin_of_counts, find_scenes)
 from rsjax.data.rasterio_io import open_source, read_failure
 from rsjax.errors import UserError
 from rsjax.data.register import DemSource, WarpedSource
 from rsjax.data.untrusted import SIDECARS_OFF
-from rsjax.data.validate import SourceSpec, inspect_scene
+from rsjax.data.validate import SourceSpec, default_max_grid_pixels, inspect_scene
 
 log = logging.getLogger("rsjax")
 
@@ -122,6 +122,9 @@ class IngestOptions:
         sorted pairs. See `landcover.py`.
     lulc_legend: "auto" refuses a land-cover file whose values cannot be
         Dynamic World (a 0/1 map); "dynamic_world" takes it as it is.
+    max_grid_pixels: refuse a target grid of more pixels (default: $RSJAX_MAX_GRID_PIXELS,
+        else 2.5e9, about 20 Sentinel-2 granules; see validate.py), so that a
+        file declaring an absurd size is an error, not hours of reading.
     allow_any_format: open source files with any GDAL format and their sidecar
         files (VRTs included, following the files and URLs they name). Off by
         default: sources are read as plain GeoTIFFs only (`untrusted.py`),
@@ -143,6 +146,7 @@ class IngestOptions:
     lulc_map: landcover.LulcMap | str | None = None
     lulc_legend: str = "auto"
     allow_any_format: bool = False
+    max_grid_pixels: int = dataclasses.field(default_factory=default_max_grid_pixels)
 
     def __post_init__(self):
         # UserError (a ValueError): the command line prints it as one line.
@@ -160,6 +164,8 @@ class IngestOptions:
             raise UserError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
         if self.s1_units not in sar.UNITS:
             raise UserError(f"s1_units must be one of {sar.UNITS}, got {self.s1_units!r}")
+        if self.max_grid_pixels < 1:
+            raise UserError(f"max_grid_pixels must be a positive number of pixels, got {self.max_grid_pixels}")
         if self.dem_fill_distance < 0:
             raise UserError(f"dem_fill_distance must be >= 0, got {self.dem_fill_distance}")
 
@@ -537,8 +543,9 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
             counts.tiles_kept += 1
             t = reg.grid.window_transform(window)
             if reg.has_clouds:
+                cloudy, known = cloud_counts(arrays["cloud_mask"])
                 arrays["cloud_cover"] = cloud_cover(arrays["cloud_mask"])
-                counts.tiles_by_cover[cover_bin(float(arrays["cloud_cover"]))] += 1   # -1: unknown
+                counts.tiles_by_cover[cover_bin_of_counts(cloudy, known)] += 1   # -1: unknown
             yield {
                 **arrays,
                 "tile_id": tile_id(scene.scene_id, int(window.row_off), int(window.col_off)),
@@ -551,13 +558,17 @@ def iter_scene_tiles(scene: ScenePaths, opts: IngestOptions = IngestOptions(),
             log.warning("%s", counts.warning)
 
 
+def cloud_counts(mask: np.ndarray) -> tuple[int, int]:
+    """(cloud pixels, pixels with a known mask code): code 1 is cloud, shadows are not."""
+    return int(np.count_nonzero(mask == CLOUD)), int(np.count_nonzero(mask != CLOUD_MASK_UNKNOWN))
+
+
 def cloud_cover(mask: np.ndarray) -> np.float32:
     """Share of cloud pixels (code 1; shadows are not cloud) among the pixels with
-    a known mask code; NaN when no code is known."""
-    known = mask != CLOUD_MASK_UNKNOWN
-    if not known.any():
-        return np.float32(np.nan)
-    return np.float32(np.count_nonzero(mask == CLOUD) / np.count_nonzero(known))
+    a known mask code; NaN when no code is known. Stored with the tile; its
+    cover bin comes from the counts (`contract.cover_bin_of_counts`)."""
+    cloudy, known = cloud_counts(mask)
+    return np.float32(cloudy / known) if known else np.float32(np.nan)
 
 
 def no_tile_reason(scene_id: str, width: int, height: int, opts: IngestOptions, counts: SceneCounts) -> str:
@@ -605,6 +616,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lulc_legend", default="auto", choices=landcover.LEGENDS,
                         help="'dynamic_world': take a land-cover file whose values look like another "
                              "legend as it is")
+    parser.add_argument("--max_grid_pixels", type=int, default=None,
+                        help="refuse a target grid of more pixels (default 2.5e9, about 20 "
+                             "Sentinel-2 granules, or $RSJAX_MAX_GRID_PIXELS)")
     parser.add_argument("--allow_any_format", action="store_true",
                         help="read source files in any GDAL format, VRTs and sidecar files included "
                              "(by default only plain GeoTIFFs: other formats can make GDAL read any "
@@ -617,7 +631,8 @@ def run(args) -> int:
                          target_resolution=args.target_resolution, target_grid=args.target_grid,
                          s1_units=args.s1_units, s2_offset=args.s2_offset,
                          lulc_map=args.lulc_map, lulc_legend=args.lulc_legend,
-                         allow_any_format=args.allow_any_format)
+                         allow_any_format=args.allow_any_format,
+                         **({} if args.max_grid_pixels is None else {"max_grid_pixels": args.max_grid_pixels}))
     report = IngestReport(progress=TileProgress(what="dry run"))
     for scene in find_scenes(args.folder, require_lulc=not args.allow_missing_lulc, clouds=args.clouds):
         for _ in iter_scene_tiles(scene, opts, report):

@@ -244,13 +244,23 @@ class WarpedSource:
                                         resampling, src_nodata, dst_nodata, resampling_scale(ds, grid))
 
     def read(self, window: Window) -> np.ndarray:
-        """(bands, h, w) float32 for a window inside the target grid."""
+        """(bands, h, w) float32 for a window inside the target grid.
+
+        +-inf is no-data, like NaN and the declared value: read directly it
+        becomes `dst_nodata`; through the warper (which knows one no-data value
+        only) every target pixel whose kernel touched it is non-finite, and no-data."""
         if self.vrt is not None:
-            return self.vrt.read(self.bands, window=window, out_dtype="float32")
+            data = self.vrt.read(self.bands, window=window, out_dtype="float32")
+            if not np.isnan(self.dst_nodata):
+                data[~np.isfinite(data)] = self.dst_nodata
+            else:
+                data[np.isinf(data)] = np.nan
+            return data
         data = self.ds.read(self.bands, window=window, out_dtype="float32")
-        if self.src_nodata is not None:
-            invalid = np.isnan(data) if np.isnan(self.src_nodata) else (data == np.float32(self.src_nodata))
-            data[invalid] = self.dst_nodata
+        invalid = ~np.isfinite(data)
+        if self.src_nodata is not None and not np.isnan(self.src_nodata):
+            invalid |= data == np.float32(self.src_nodata)
+        data[invalid] = self.dst_nodata
         return data
 
     def close(self) -> None:

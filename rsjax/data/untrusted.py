@@ -130,6 +130,19 @@ def check_opened(ds: rasterio.DatasetReader, path) -> None:
             f"pixels; {_ADVICE}. Write the GeoTIFF again without that metadata (gdal_translate).")
 
 
+def _file_kind(path: Path) -> str:
+    """'a folder', 'a FIFO (named pipe)', ... for a path that is not a regular file."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
 def _short(items: dict) -> str:
     return ", ".join(f"{k}={str(v)[:120]}" for k, v in items.items())
 
@@ -145,6 +158,12 @@ def open_input(path: str | Path, what: str, any_format: bool = False) -> rasteri
     remote = is_remote(path)
     name = str(path)
     local = None if remote else Path(path)
+    if local is not None and local.exists() and not local.is_file():
+        # A FIFO or device would block GDAL's open forever (nothing writes to it), and
+        # a folder is no raster: only regular files (or links to them) are opened.
+        raise InputError(
+            f"{local}: is not a regular file ({_file_kind(local)}), so it is not opened. Point "
+            f"rsjax at the {what} GeoTIFF itself (a copy or a link to a file).")
     if local is not None and not any_format:
         # Checked before GDAL sees the file: a VRT is refused without being opened.
         if local.is_file():

@@ -36,11 +36,24 @@ from rsjax.data import landcover, optical, plausible, sar, storage
 from rsjax.data.contract import (CLOUD_MASK_CODES, CLOUD_MASK_UNKNOWN, LULC_NODATA, NUM_CLASSES, S2_BANDS,
                                  InputError, ScenePaths, Source, as_source)
 from rsjax.data.rasterio_io import WHAT, open_raster, read_failure, select_bands, source_name
-from rsjax.data.register import TargetGrid, footprint_overlaps, target_grid_for
+from rsjax.data.register import TargetGrid, footprint_overlaps, resampling_scale, target_grid_for
 
 log = logging.getLogger(__name__)
 
 SAMPLE_PIXELS = 512
+# Work is bounded by what the files hold, not by what they declare:
+# - a source may be at most this many times finer than the target grid along
+#   each axis: reading one target window costs (ratio * window)^2 source
+#   pixels (the DEM's window is read whole, to fill voids), so a DEM of 1 cm
+#   pixels declared over a 10 m grid would ask for gigabytes per tile. 32
+#   takes a 1 m LiDAR DEM onto a 30 m grid; a 256 px tile then reads at most
+#   8192^2 source pixels (256 MiB as float32) per band.
+MAX_SOURCE_OVERSAMPLING = 32
+# - the target grid may hold at most this many pixels (IngestOptions.max_grid_pixels,
+#   --max_grid_pixels, or RSJAX_MAX_GRID_PIXELS): 2.5e9 is 50000 x 50000 px,
+#   about 20 Sentinel-2 granules (10980^2) on one grid. Beyond it a file of a
+#   few hundred bytes could announce millions of tiles and hours of reading.
+DEFAULT_MAX_GRID_PIXELS = 2_500_000_000
 _MAX_LISTED = 10
 _MAX_VALUES = 1000            # distinct label values: far more than any legend
 
@@ -228,6 +241,8 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
                 f"{path}: its footprint {tuple(round(b, 6) for b in ds.bounds)} in {ds.crs} does not "
                 f"overlap the target grid (the optical scene's area). Check that this file belongs "
                 f"to the same scene and has the right CRS.")
+        if grid is not None:
+            check_resolution_ratio(ds, grid, path, role)
         nodata = default_nodata(role, ds)
         sample = _sample(ds, bands, role)
         invalid = _invalid(sample, nodata)
@@ -267,6 +282,58 @@ def inspect_source(path: Source, role: str, grid: TargetGrid | None, opts) -> So
                           warnings=tuple(w for w in warnings if w))
 
 
+def check_resolution_ratio(ds: rasterio.DatasetReader, grid: TargetGrid, path, role: str) -> None:
+    """InputError when `ds` is more than MAX_SOURCE_OVERSAMPLING times finer than the grid."""
+    target_per_source = min(resampling_scale(ds, grid))
+    finer = 1.0 / target_per_source if target_per_source > 0 else float("inf")
+    if finer > MAX_SOURCE_OVERSAMPLING:
+        raise InputError(
+            f"{path}: its pixels are {finer:.4g} times finer than the target grid's "
+            f"({abs(ds.transform.a):.4g} {_units(ds.crs)} against {grid.resolution[0]:.4g} m), more "
+            f"than the {MAX_SOURCE_OVERSAMPLING}x rsjax reads (each target tile would read "
+            f"{finer:.4g}^2 times its pixels from this file). Resample the {WHAT[role]} file nearer "
+            f"the target resolution first (e.g. gdalwarp -tr {grid.resolution[0]:g} "
+            f"{grid.resolution[1]:g} -r average), or register onto a finer grid (--target_resolution).")
+
+
+def _units(crs) -> str:
+    return "degrees" if crs is not None and crs.is_geographic else "m"
+
+
+def check_grid_size(grid: TargetGrid, where: str, opts) -> None:
+    """InputError when the grid holds more pixels than `opts.max_grid_pixels` allows."""
+    limit = max_grid_pixels(opts)
+    pixels = grid.width * grid.height
+    if pixels > limit:
+        raise InputError(
+            f"{where}: the target grid it gives is {grid.width} x {grid.height} px ({pixels:.3g} "
+            f"pixels), more than max_grid_pixels ({limit:.3g}; a Sentinel-2 granule is 1.2e8). "
+            "Check its size and resolution; if the grid is meant, raise the limit: "
+            "RSJAX_MAX_GRID_PIXELS=N before any rsjax command (or rsjax ingest --max_grid_pixels N).")
+
+
+def max_grid_pixels(opts) -> int:
+    """The grid-size limit of `opts`, else `default_max_grid_pixels()`."""
+    value = getattr(opts, "max_grid_pixels", None)
+    return default_max_grid_pixels() if value is None else int(value)
+
+
+def default_max_grid_pixels() -> int:
+    """$RSJAX_MAX_GRID_PIXELS (so a dataset build can raise it), else DEFAULT_MAX_GRID_PIXELS."""
+    import os
+
+    value = os.environ.get("RSJAX_MAX_GRID_PIXELS")
+    if not value:
+        return DEFAULT_MAX_GRID_PIXELS
+    try:
+        return max(1, int(float(value)))
+    except (ValueError, OverflowError):
+        # Read when options are made (also at import): a warning, not a traceback.
+        log.warning("RSJAX_MAX_GRID_PIXELS=%r is not a number of pixels; using %d.", value,
+                    DEFAULT_MAX_GRID_PIXELS)
+        return DEFAULT_MAX_GRID_PIXELS
+
+
 def grid_of_file(path: Path, opts) -> TargetGrid:
     """The target grid taken from any GeoTIFF (`opts.target_grid`), by the rule used for S2 files."""
     with open_raster(path, "grid", _any_format(opts)) as ds:
@@ -301,8 +368,10 @@ def inspect_scene(scene: ScenePaths, opts) -> tuple[TargetGrid, dict[str, Source
             specs["s2"] = inspect_source(as_source(scene.s2), "s2", None, opts)
             with open_raster(scene.s2, "s2", _any_format(opts)) as ds:
                 grid = target_grid_for(ds, opts.target_crs, opts.target_resolution)
+        check_grid_size(grid, str(grid_file if grid_file is not None else scene.s2), opts)
     except InputError as err:
         problems.append(str(err))
+        grid = None
     # A scene read for prediction may lack any source but the one the grid comes from;
     # S2 was inspected above unless another file gives the grid.
     roles = [r for r in ("s2", "s1", "dem", "lulc", "s2_cloudy", "cloud_mask")
