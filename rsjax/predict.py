@@ -93,6 +93,7 @@ import numpy as np
 from rsjax import predict_outputs
 from rsjax.data.contract import (CLOUDY, LULC_NODATA, NUM_CLASSES, S2_BANDS, S2_NODATA, SOURCES,
                                  InputError, ScenePaths)
+from rsjax.errors import UserError
 from rsjax.file_modes import new_file_mode
 from rsjax.predict_outputs import CLOUD_FREE, LAND_COVER, SYNTHETIC, OutputSpec
 from rsjax.tiling import tile_offsets, tiled_predict
@@ -113,6 +114,34 @@ def _check_sources(workdir, sources, given: dict, flags_of: dict) -> None:
     unused = [s for s in given if given[s] is not None and s not in sources]
     if unused:
         log.warning("The model takes no %s: ignoring those files.", ", ".join(unused))
+
+
+def check_output_path(out, inputs: Mapping[str, Any]) -> Path:
+    """`out` as a Path, or an InputError when writing it would destroy something:
+    `out` is one of the inputs (the same file, through links or not), or an
+    existing folder. Inputs that are URLs or mosaics cannot be `out` and are skipped."""
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give the path of the GeoTIFF to write, "
+                         f"e.g. {out / 'prediction.tif'}.")
+    for flag, given in inputs.items():
+        if not isinstance(given, (str, os.PathLike)) or "://" in str(given):
+            continue
+        if _same_file(out, Path(given)):
+            raise InputError(f"--out {out}: is the {flag} input ({given}); writing it would "
+                             "overwrite that input. Give another --out path.")
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode when both exist (hard and soft
+    links too), else the same path once links and '..' are resolved."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -277,10 +306,59 @@ def _restore(trainer, config, workdir, step, devices) -> tuple:
     log.info("loading the model from %s (%s) ...", workdir,
              f"step {step}" if step is not None else "its latest checkpoint")
     started = time.perf_counter()
-    fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    saved = _saved_config(workdir)
+    if saved is not None and model_description(saved) != model_description(config):
+        raise UserError(_other_model_message(workdir, config, saved))
+    try:
+        fn, ckpt_step = trainer.load_inference(config, str(workdir), step, devices=devices)
+    except (ValueError, TypeError, KeyError) as err:
+        if isinstance(err, UserError):
+            raise
+        # Orbax's "tree structures do not match" and its kin: a config of another model.
+        raise UserError(_other_model_message(workdir, config, saved, err)) from err
     log.info("loaded %s %s, step %d, on %d device(s) in %.1f s", config.trainer, model_name(config),
              int(ckpt_step), len(devices), time.perf_counter() - started)
     return _logs_compilation(fn), ckpt_step
+
+
+def model_description(config) -> str:
+    """'rs_spade on lulc+dem': the network and the sources it takes, as a checkpoint holds them."""
+    from rsjax import input_pipeline
+
+    sources = tuple(config.get("data", {}).get("sources", ()) or ())
+    try:
+        sources = input_pipeline.check_sources(sources)
+    except ValueError:
+        pass
+    try:
+        name = model_name(config)
+    except AttributeError:
+        name = "?"
+    return f"{config.get('trainer')} {name} on {'+'.join(sources) or 'no sources'}"
+
+
+def _saved_config(workdir):
+    """The config the run saved in `workdir`, or None (no config.json, or unreadable)."""
+    from rsjax.config_loader import config_from_workdir
+
+    try:
+        return config_from_workdir(workdir)
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def _other_model_message(workdir, config, saved, err: Optional[BaseException] = None) -> str:
+    """One line: what the checkpoint holds, what the config describes, what to do."""
+    if saved is not None and model_description(saved) == model_description(config):
+        why = str(err).splitlines()[0][:200] if err is not None else "other sizes"
+        return (f"{workdir}: the checkpoint does not fit the config given ({model_description(config)} "
+                f"of other sizes, e.g. generator.ngf: {why}). Leave --config out to predict with "
+                "the run's own config.")
+    holds = (f"holds {model_description(saved)} (its config.json)" if saved is not None
+             else "holds another model")
+    return (f"{workdir}: the checkpoint {holds}, but the config given describes "
+            f"{model_description(config)}. Leave --config out to predict with the run's own "
+            "config, or give the workdir of a run of that model.")
 
 
 def _logs_compilation(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
@@ -494,7 +572,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
 
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
-    out = Path(out)
+    out = check_output_path(out, {"--s1": s1, "--lulc": lulc, "--dem": dem, "--target_grid": target_grid})
     config = model.config if model is not None else run_config(workdir, config)
     _check_trainer(config, "fusion", workdir)
     if uses_clouds(config):
@@ -558,7 +636,7 @@ def predict_landcover(workdir, s2=None, out=None, *, target_grid=None,
         raise ValueError("out: give the path of the GeoTIFF to write")
     if s2 is None:
         raise InputError(f"{workdir}: a land-cover model needs the optical image: give --s2.")
-    out = Path(out)
+    out = check_output_path(out, {"--s2": s2, "--target_grid": target_grid})
     config = model.config if model is not None else run_config(workdir, config)
     _check_trainer(config, "segmentation", workdir)
     tile = int(config.data.tile_size)
@@ -618,7 +696,8 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
 
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
-    out = Path(out)
+    out = check_output_path(out, {"--s2_cloudy": s2_cloudy, "--cloud_mask": cloud_mask, "--s1": s1,
+                                  "--lulc": lulc, "--dem": dem, "--target_grid": target_grid})
     config = model.config if model is not None else run_config(workdir, config)
     if not uses_clouds(config):
         raise InputError(f"{workdir}: its model does not take a cloudy image (sources "

@@ -556,3 +556,47 @@ def test_command_line_predicts_with_the_checkpoint_of_the_step_given(
         np.testing.assert_array_equal(outputs["step0"][1], ds.read())
     assert outputs["step0"][0] == 0 and outputs["latest"][0] == 5
     assert np.abs(outputs["latest"][1].astype(int) - outputs["step0"][1]).mean() > 10
+
+
+# ---------------------------------------------------------------------------
+# Outputs that would destroy an input, and checkpoints of another model
+# ---------------------------------------------------------------------------
+def test_out_that_is_an_input_or_a_folder_is_refused(fusion_workdir, scene, tmp_path, capsys):
+    """Issue 28: --out equal to an input (also through a link) used to overwrite
+    it; --out an existing folder was a traceback."""
+    import shutil
+
+    from rsjax import cli
+
+    lulc = tmp_path / "lulc.tif"
+    shutil.copy(scene.lulc, lulc)
+    link = tmp_path / "link.tif"
+    link.symlink_to(lulc)
+    before = lulc.read_bytes()
+    inputs = [f"--workdir={fusion_workdir}", f"--s1={scene.s1}", f"--lulc={lulc}",
+              f"--dem={scene.dem}"]
+    for out, message in ((lulc, "is the --lulc input"), (link, "is the --lulc input"),
+                         (tmp_path, "is a folder")):
+        status = cli.main(["predict", *inputs, f"--out={out}"])
+        err = capsys.readouterr().err
+        assert status == 2, err[-2000:]
+        assert message in err and str(out) in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert lulc.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.tif", "lulc.tif"]
+
+
+def test_a_checkpoint_of_another_model_is_one_line_naming_both(fusion_workdir, lulc_dem_workdir,
+                                                               scene, tmp_path):
+    """Issue 28: predicting with a config of another model or sources than the
+    checkpoint holds was an Orbax or TypeError traceback."""
+    other = config_from_workdir(lulc_dem_workdir)
+    out = tmp_path / "out.tif"
+    with pytest.raises(UserError) as err:
+        predict.predict(fusion_workdir, out, s1=scene.s1, lulc=scene.lulc, dem=scene.dem,
+                        config=other)
+    message = str(err.value)
+    assert "rs_spade" in message and "lulc+dem" in message
+    assert "pix2pix_unet" in message and "lulc+s1+dem" in message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []
