@@ -196,17 +196,59 @@ def disk_full(err: BaseException) -> Optional[str]:
         if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
                 or any(marker in text for marker in _DISK_FULL):
             where = getattr(err, "filename", None) or _path_in(text)
-            return (f"the disk is full (or over its quota){f' writing {where}' if where else ''}. "
-                    "Free space there, or write elsewhere (--data_dir, --workdir, --out).")
+            where = _readable_path(str(where)) if where else None
+            return (f"the disk is full (or over its quota){f' writing {where}' if where else ''}"
+                    f"{_space_note(where) if where else ''}. Free space there, or write elsewhere "
+                    "(--data_dir, --workdir, --out).")
         err = err.__cause__ or err.__context__
     return None
 
 
 def _path_in(text: str) -> Optional[str]:
+    """The first absolute path a library's error text names as written to (quoted or not)."""
     import re
 
-    match = re.search(r"(?:writing|open|to) (/[^\s;:,]+)", text)
+    match = re.search(r"(?:writing|open|to|file)\s*:?\s*[\"']?(/[^\s;:,\"']+)", text)
     return match.group(1) if match else None
+
+
+def _readable_path(path: str) -> str:
+    """A path as the user knows it: Orbax's temporary names dropped, a checkpoint's
+    file cut at its step folder (<workdir>/checkpoints/2)."""
+    import re
+
+    path = re.sub(r"\.orbax-checkpoint-tmp[^/]*", "", path)
+    match = re.match(r"(.*/checkpoints/\d+)(/|$)", path)
+    return match.group(1) if match else path
+
+
+def _space_note(path: str) -> str:
+    """'; 0.1 MiB free there, and a checkpoint of this run takes 1.9 MiB': what is free
+    on the path's file system and, for a checkpoint, how much one needs."""
+    import shutil
+    from pathlib import Path
+
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        note = f"; {_mib(shutil.disk_usage(existing).free)} free there"
+    except OSError:
+        return ""
+    folder = Path(path).parent if Path(path).parent.name == "checkpoints" else None
+    sizes = [_tree_size(step) for step in folder.iterdir()
+             if step.name.isdigit() and step.is_dir()] if folder is not None and folder.is_dir() else []
+    if sizes:
+        note += f", and a checkpoint of this run takes {_mib(max(sizes))}"
+    return note
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size < 2**30 else f"{size / 2**30:.1f} GiB"
+
+
+def _tree_size(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
@@ -266,6 +308,68 @@ class _DropNoise(logging.Filter):
         return not str(record.msg).startswith(NOISE)
 
 
+# A full disk under an asynchronous checkpoint fails in every thread Orbax writes
+# with: each logs the error with its traceback, and tensorstore's late callbacks
+# print "Event loop is closed" tracebacks by the dozen (issue 28: 744 tracebacks).
+# The command ends with one `error:` line naming the path (`disk_full`); before it,
+# one warning line says where, and the rest is dropped (shown with --verbose).
+_FULL_MARKERS = _DISK_FULL + ("RESOURCE_EXHAUSTED",)
+
+
+class _OneDiskFullError(logging.Filter):
+    """Lets the first disk-full error of a library through as one line, drops the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not _mentions_full_disk(record):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg, record.args = _first_line(record.getMessage()), ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _mentions_full_disk(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += f" {record.exc_info[1]}"
+    return any(marker in text for marker in _FULL_MARKERS)
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= 400 else line[:400] + " ..."
+
+
+def _quiet_late_callbacks() -> None:
+    """Drops the 'Event loop is closed' tracebacks of callbacks that outlive a failed
+    save's event loop (printed through sys.excepthook from tensorstore's threads and
+    sys.unraisablehook); every other exception is shown as before."""
+    def is_late_callback(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+    if getattr(previous_excepthook, "_rsjax_quiet", False):
+        return
+
+    def excepthook(kind, value, tb):
+        if not is_late_callback(value):
+            previous_excepthook(kind, value, tb)
+
+    def unraisablehook(unraisable):
+        if not is_late_callback(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    excepthook._rsjax_quiet = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def setup_process(verbose: bool = False) -> None:
     """Logging for people (rsjax's INFO lines, the libraries' warnings), absl
     flags marked parsed (grain's worker processes read them)."""
@@ -276,10 +380,12 @@ def setup_process(verbose: bool = False) -> None:
         flags.FLAGS.mark_as_parsed()
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     absl_logger = logging.getLogger("absl")
-    for old in [f for f in absl_logger.filters if isinstance(f, _DropNoise)]:
+    for old in [f for f in absl_logger.filters if isinstance(f, (_DropNoise, _OneDiskFullError))]:
         absl_logger.removeFilter(old)
     if not verbose:
         absl_logger.addFilter(_DropNoise())
+        absl_logger.addFilter(_OneDiskFullError())
+        _quiet_late_callbacks()
     rsjax_log = logging.getLogger("rsjax")
     if not rsjax_log.handlers:
         handler = _StderrHandler()

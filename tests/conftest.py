@@ -59,6 +59,31 @@ def tests_data() -> Path:
     return TESTS_DATA
 
 
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """`mount_tmpfs("48k") -> Path`: a real small file system (tmpfs), so that writes
+    fill it (a full disk, not a patched write); skipped where mounting is not allowed."""
+    import shutil
+    import subprocess
+    import uuid
+
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", f"rsjax-{uuid.uuid4().hex[:8]}",
+                 str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """The `synthetic_demo` TFDS dataset (8 scenes, 64 px tiles), built once per session."""

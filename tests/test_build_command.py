@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,9 @@ DUMMY = ROOT / "tfds_builder" / "rs_multisource" / "dummy_data"
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 48 KiB filesystem (tmpfs), so a build fills it; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=48k", f"rsjax-{uuid.uuid4().hex[:8]}", str(mount)],
-            capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+def small_disk(mount_tmpfs):
+    """A real 48 KiB filesystem, so a build fills it."""
+    return mount_tmpfs("48k")
 
 
 def test_full_disk_is_one_line(small_disk, capsys):

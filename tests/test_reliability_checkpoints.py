@@ -133,3 +133,32 @@ def test_a_run_that_diverges_without_stopping_exits_1(demo_data_dir, tmp_path, c
     assert len(errors) == 1 and "without saving its final state" in errors[0], err[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_path(demo_data_dir, mount_tmpfs):
+    """Issue 28: a disk that fills during an asynchronous save used to print 4,766
+    stderr lines and 744 tracebacks from Orbax's threads before a line naming no path.
+    A real 3 MiB file system: the first checkpoint (about 1.9 MiB) fits, the second does not."""
+    import subprocess
+    import sys
+
+    disk = mount_tmpfs("3m")
+    workdir = disk / "run"
+    done = subprocess.run([
+        sys.executable, "-m", "rsjax.train", "--config", "fusion:demo,model=pix2pix",
+        "--workdir", str(workdir), f"--config.data.data_dir={demo_data_dir}",
+        "--config.total_steps=4", "--config.global_batch_size=8", "--config.eval_batch_size=8",
+        "--config.log_every_steps=1", "--config.image_every_steps=0", "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=1", "--config.generator.ngf=4", "--config.discriminator.ndf=4"],
+        capture_output=True, text=True, timeout=600)
+    err = done.stderr
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1, err[-3000:]
+    assert len(errors) == 1 and "disk is full" in errors[0], err[-3000:]
+    assert f"writing {workdir}/checkpoints/" in errors[0] and "MiB free there" in errors[0], errors[0]
+    assert "a checkpoint of this run takes" in errors[0], errors[0]
+    assert "Traceback" not in err and len(err.splitlines()) < 20, err[-3000:]
+    # What was committed before the disk filled is intact, and the lock is gone.
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and integrity.verify(step_dir(workdir, steps[-1])) is None
+    assert not (workdir / "rsjax.lock").exists()
