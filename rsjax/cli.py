@@ -198,7 +198,7 @@ def disk_full(err: BaseException) -> Optional[str]:
             where = getattr(err, "filename", None) or _path_in(text)
             where = _readable_path(str(where)) if where else None
             return (f"the disk is full (or over its quota){f' writing {where}' if where else ''}"
-                    f"{_space_note(where) if where else ''}. Free space there, or write elsewhere "
+                    f"{space_note(where) if where else ''}. Free space there, or write elsewhere "
                     "(--data_dir, --workdir, --out).")
         err = err.__cause__ or err.__context__
     return None
@@ -222,7 +222,7 @@ def _readable_path(path: str) -> str:
     return match.group(1) if match else path
 
 
-def _space_note(path: str) -> str:
+def space_note(path: str) -> str:
     """'; 0.1 MiB free there, and a checkpoint of this run takes 1.9 MiB': what is free
     on the path's file system and, for a checkpoint, how much one needs."""
     import shutil
@@ -384,7 +384,14 @@ def setup_process(verbose: bool = False) -> None:
         absl_logger.removeFilter(old)
     if not verbose:
         absl_logger.addFilter(_DropNoise())
-        absl_logger.addFilter(_OneDiskFullError())
+        # One filter for both: Orbax's thread errors (absl) and the futures nobody awaited
+        # once a save failed (asyncio, "Future exception was never retrieved").
+        one_disk_full = _OneDiskFullError()
+        absl_logger.addFilter(one_disk_full)
+        asyncio_logger = logging.getLogger("asyncio")
+        for old in [f for f in asyncio_logger.filters if isinstance(f, _OneDiskFullError)]:
+            asyncio_logger.removeFilter(old)
+        asyncio_logger.addFilter(one_disk_full)
         _quiet_late_callbacks()
     rsjax_log = logging.getLogger("rsjax")
     if not rsjax_log.handlers:

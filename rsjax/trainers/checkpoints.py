@@ -12,6 +12,7 @@ a finiteness check, never named the last good one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,12 +25,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from rsjax import mesh as mesh_lib
-from rsjax.errors import UserError
+from rsjax.errors import RunFailed, UserError
 from rsjax.runtime import workdir_path
 from rsjax.trainers import integrity
 from rsjax.trainers.nonfinite import unsaved_final_state
 
 log = logging.getLogger("rsjax")
+
+
+class DiskFullError(RunFailed):
+    """A checkpoint could not be written: the disk (or the quota) is full."""
 
 
 class Checkpointer:
@@ -58,6 +63,7 @@ class Checkpointer:
         self._saved_step = self.manager.latest_step()
         self._unhashed: list[int] = []
         self.refused: Optional[str] = None     # why the last save asked for was refused
+        self._writing: Optional[int] = None    # the step of the last save started
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -82,12 +88,15 @@ class Checkpointer:
         if self._unhashed:
             # The previous save has to be finished before its checksums; Orbax's save would
             # wait for it anyway, and nothing deletes steps meanwhile.
-            self.manager.wait_until_finished()
+            with self._disk_full_fails_the_run():
+                self.manager.wait_until_finished()
             self._record_checksums()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._writing = step
+        with self._disk_full_fails_the_run():
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             self._saved_step = step
             self._unhashed.append(step)
@@ -247,13 +256,36 @@ class Checkpointer:
         return restored
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._disk_full_fails_the_run():
+            self.manager.wait_until_finished()
         self._record_checksums()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self._record_checksums()
-        self.manager.close()
+        with self._disk_full_fails_the_run():
+            self.manager.wait_until_finished()
+            self._record_checksums()
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_fails_the_run(self):
+        """A full disk under a save (raised by the save, or by the wait for an asynchronous
+        one) as one RunFailed naming the step folder, the free space and what was kept."""
+        from rsjax import cli
+
+        try:
+            yield
+        except Exception as err:  # pylint: disable=broad-except
+            if isinstance(err, RunFailed) or cli.disk_full(err) is None:
+                raise
+            where = str(self.directory / str(self._writing)) if self._writing is not None \
+                else str(self.directory)
+            kept = [s for s in self.manager.all_steps() if s != self._writing]
+            raise DiskFullError(
+                f"the disk is full (or over its quota) writing {where}{cli.space_note(where)}. "
+                + (f"The checkpoints saved before are intact (newest: step {max(kept)}). "
+                   if kept else "No checkpoint was saved before. ")
+                + "Free space there and rerun the same command to resume, or train in "
+                "another --workdir.") from err
 
 
 def restore_state(config, workdir: str, init_fn, mesh, step: Optional[int] = None):
