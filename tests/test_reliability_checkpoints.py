@@ -162,3 +162,42 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_path(demo_data_d
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and integrity.verify(step_dir(workdir, steps[-1])) is None
     assert not (workdir / "rsjax.lock").exists()
+
+
+def test_only_the_configured_steps_are_saved(tmp_path):
+    """Every `checkpoint_every_steps` (and on preemption or at the end, by `force`):
+    not also the first step, as Orbax's default policy would."""
+    ckpt = Checkpointer(tmp_path, every_steps=3, keep=5)
+    for step in range(1, 8):
+        ckpt.save(step, small_state(float(step)))
+    ckpt.close()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def test_saving_a_replicated_state_on_cpu_devices_compiles_nothing(tmp_path):
+    """Orbax's replica-parallel writing sliced each replicated array on every
+    device: one compilation per device and shape (232 for the tiny demo model on
+    8 CPU devices, about 10 s between the first steps of every run)."""
+    import jax
+
+    devices = jax.devices()
+    assert len(devices) == 8
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put({"model": {f"w{i}": jnp.full((16 + i,), 1.0, jnp.float32) for i in range(6)},
+                            "step": jnp.int32(0)}, replicated)
+    assert integrity.unsafe_to_save(state) is None     # compiles the finiteness check before counting
+    compiled = []
+
+    def listener(event, seconds, **kwargs):
+        if "backend_compile" in event:
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ckpt = Checkpointer(tmp_path, every_steps=1, keep=2)
+        ckpt.save(1, state)
+        ckpt.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == [], f"{len(compiled)} compilations while saving"
