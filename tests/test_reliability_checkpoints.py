@@ -201,3 +201,22 @@ def test_saving_a_replicated_state_on_cpu_devices_compiles_nothing(tmp_path):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiled == [], f"{len(compiled)} compilations while saving"
+
+
+@pytest.mark.parametrize("group_values", [1 << 24, 5])     # one group, and a group per leaf or two
+def test_what_may_be_saved_is_judged_over_every_leaf(monkeypatch, group_values):
+    monkeypatch.setattr(integrity, "CHECK_GROUP_VALUES", group_values)
+
+    def state(**changes):
+        base = {"g": {"w": jnp.ones((3,)), "b": jnp.zeros((2,), jnp.bfloat16)},
+                "g_opt": {"mu": jnp.full((4,), 1e12)}, "step": jnp.int32(3)}
+        for path, value in changes.items():
+            group, leaf = path.split("__")
+            base[group] = {**base[group], leaf: value}
+        return base
+
+    assert integrity.unsafe_to_save(state()) is None        # large optimizer moments are fine
+    assert "non-finite" in integrity.unsafe_to_save(state(g_opt__mu=jnp.array([1.0, jnp.nan, 0.0, 0.0])))
+    assert "non-finite" in integrity.unsafe_to_save(state(g__b=jnp.array([jnp.inf, 0.0], jnp.bfloat16)))
+    assert "non-finite" in integrity.unsafe_to_save(state(g__w=jnp.array([-jnp.inf, 0.0, 0.0])))
+    assert "1e+09" in integrity.unsafe_to_save(state(g__w=jnp.array([0.0, -1e9, 0.0])))
