@@ -86,7 +86,11 @@ def test_lock_written_on_another_host_is_refused(tmp_path):
 def test_unreadable_lock_file_is_stale(tmp_path):
     (tmp_path / "rsjax.lock").write_text("{\"host\": ")         # cut short by a crash mid-write
     with FolderLock(tmp_path):
-        pass
+        # Taken over: the file now names this process, and a second taker is refused.
+        assert json.loads((tmp_path / "rsjax.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(FolderBusy):
+            FolderLock(tmp_path).acquire()
+    assert not (tmp_path / "rsjax.lock").exists()
 
 
 def test_two_processes_starting_at_once_one_wins(tmp_path):
