@@ -74,13 +74,14 @@ def _to_json_number(name: str, value: Any) -> Optional[float | int]:
     return item if math.isfinite(item) else None
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict:
-    """{'iou': {'water': 0.5}, 'loss': x} -> {'iou/water': 0.5, 'loss': x}."""
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict:
+    """{'iou': {'water': 0.5}, 'loss': x} -> {'iou/water': 0.5, 'loss': x} (nested
+    mappings of any kind: scores, metrics, configs with sep=".")."""
     flat = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+            flat.update(flatten_metrics(value, prefix=f"{name}{sep}", sep=sep))
         else:
             flat[name] = value
     return flat

@@ -59,6 +59,23 @@ def tests_data() -> Path:
     return TESTS_DATA
 
 
+@pytest.fixture(scope="session")
+def run6(demo_data_dir, tmp_path_factory):
+    """A 6-step tiny pix2pix run with checkpoints at steps 2, 4 and 6, trained once
+    per session for the checkpoint tests. Shared: copy its workdir (and config)
+    before changing them."""
+    from trainer_utils import tiny_fusion_config
+
+    from rsjax.trainers import get_trainer
+
+    config = tiny_fusion_config(demo_data_dir, steps=6)
+    config.keep_checkpoints = 3
+    workdir = tmp_path_factory.mktemp("ckpt") / "run"
+    get_trainer(config.trainer)(config, str(workdir))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+    return config, workdir
+
+
 @pytest.fixture
 def mount_tmpfs(tmp_path):
     """`mount_tmpfs("48k") -> Path`: a real small file system (tmpfs), so that writes

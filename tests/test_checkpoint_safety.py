@@ -23,7 +23,7 @@ from rsjax import evaluate
 from rsjax.errors import RunFailed, UserError
 from rsjax.logging_utils import read_metrics
 from rsjax.trainers import integrity
-from trainer_utils import ROOT, tiny_fusion_config
+from trainer_utils import ROOT, largest_data_file, overwrite_middle, tiny_fusion_config
 
 
 def train(config, workdir):
@@ -52,40 +52,17 @@ def largest_parameter(state: dict) -> float:
     return out
 
 
-@pytest.fixture(scope="module")
-def run6(demo_data_dir, tmp_path_factory):
-    """A 6-step pix2pix run with checkpoints at steps 2, 4 and 6."""
-    config = tiny_fusion_config(demo_data_dir, steps=6)
-    config.keep_checkpoints = 3
-    workdir = tmp_path_factory.mktemp("ckpt") / "run"
-    train(config, workdir)
-    assert steps_in(workdir) == [2, 4, 6]
-    return config, workdir
-
-
 @pytest.fixture
 def run_copy(run6, tmp_path):
     config, workdir = run6
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    return config, copy
+    return config.copy_and_resolve_references(), copy    # run6 is shared: tests change copies
 
 
 def truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
-
-
-def overwrite_middle(path, n=64):
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
-    path.write_bytes(bytes(data))
-
-
-def largest_data_file(workdir, step):
-    files = (workdir / "checkpoints" / str(step) / "state").rglob("*")
-    return max((f for f in files if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
 
 
 def run_evaluate(workdir, tmp_path, capsys, *extra):

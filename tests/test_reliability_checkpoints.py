@@ -12,7 +12,7 @@ from rsjax import train as train_command
 from rsjax.errors import RunFailed
 from rsjax.trainers import integrity
 from rsjax.trainers.checkpoints import Checkpointer, abstract_like
-from trainer_utils import tiny_fusion_config
+from trainer_utils import largest_data_file, overwrite_middle, tiny_fusion_config
 
 
 def small_state(value=1.0):
@@ -72,35 +72,12 @@ def test_a_step_without_checksums_holding_nan_falls_back(tmp_path, caplog):
         ckpt.close()
 
 
-def overwrite_middle(path, n=64):
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
-    path.write_bytes(bytes(data))
-
-
-def largest_data_file(workdir, step):
-    files = (step_dir(workdir, step) / "state").rglob("*")
-    return max((f for f in files if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
-
-
-@pytest.fixture(scope="module")
-def run6(demo_data_dir, tmp_path_factory):
-    """A 6-step pix2pix run with checkpoints at steps 2, 4 and 6."""
-    from rsjax.trainers import get_trainer
-
-    config = tiny_fusion_config(demo_data_dir, steps=6)
-    config.keep_checkpoints = 3
-    workdir = tmp_path_factory.mktemp("ckpt") / "run"
-    get_trainer(config.trainer)(config, str(workdir))
-    return config, workdir
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_damaged_step_without_checksums_is_not_called_the_last_good(run6, tmp_path, caplog):
     from rsjax.trainers import get_trainer
 
     config, original = run6
+    config = config.copy_and_resolve_references()      # the fixture is shared: change a copy
     workdir = tmp_path / "run"
     shutil.copytree(original, workdir)
     # SIGKILL after step 6 was committed, before its checksums; then its bytes changed.

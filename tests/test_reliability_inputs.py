@@ -63,6 +63,27 @@ def run_limited(code: str, timeout: float = 90.0) -> subprocess.CompletedProcess
         pytest.fail(f"still running after {timeout} s (unbounded work)")
 
 
+def refused_under_limit(scene: ScenePaths, call: str, accepted: str, timeout: float = 90.0) -> str:
+    """Runs the one-line `call` on `scene` (a ScenePaths named `scene` there) in a
+    limited subprocess; the InputError it must raise, as text (`accepted`: the
+    failure when it raises none)."""
+    paths = ", ".join(f"{role}=Path({str(getattr(scene, role))!r})" for role in ("s2", "s1", "dem", "lulc"))
+    result = run_limited(f"""
+        from pathlib import Path
+        from rsjax.data.contract import InputError, ScenePaths
+        from rsjax.data.ingest import IngestOptions, iter_scene_tiles, validate_scene
+        scene = ScenePaths({scene.scene_id!r}, {paths})
+        try:
+            {call}
+        except InputError as err:
+            print(err)
+            raise SystemExit(0)
+        raise SystemExit({accepted!r})
+    """, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 # ---------------------------------------------------------------------------
 # Item 4: +-inf is no-data in every reader, exactly as the source's own no-data
 # ---------------------------------------------------------------------------
@@ -109,20 +130,9 @@ def test_a_fifo_named_like_a_source_is_refused_not_opened(tmp_path):
     sc = scene(tmp_path)
     fifo = tmp_path / "y_s2.tif"
     os.mkfifo(fifo)
-    result = run_limited(f"""
-        from pathlib import Path
-        from rsjax.data.contract import InputError, ScenePaths
-        from rsjax.data.ingest import validate_scene
-        try:
-            validate_scene(ScenePaths("y", s2=Path({str(fifo)!r}), s1=Path({str(sc.s1)!r}),
-                                      dem=Path({str(sc.dem)!r}), lulc=Path({str(sc.lulc)!r})))
-        except InputError as err:
-            print(err)
-            raise SystemExit(0)
-        raise SystemExit("accepted a FIFO")
-    """, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert str(fifo) in result.stdout and "not a regular file" in result.stdout
+    out = refused_under_limit(ScenePaths("y", s2=fifo, s1=sc.s1, dem=sc.dem, lulc=sc.lulc),
+                              "validate_scene(scene)", "accepted a FIFO", timeout=60)
+    assert str(fifo) in out and "not a regular file" in out
 
 
 def test_a_symlink_to_a_regular_file_is_read_as_before(tmp_path):
@@ -188,44 +198,20 @@ def test_a_dem_with_centimetre_pixels_is_refused_naming_the_file(tmp_path):
     fine = Affine(0.01, 0.0, T.c, 0.0, -0.01, T.f)            # 1 cm pixels over the 480 m scene
     dem = _sparse_geotiff(tmp_path / "x_dem.tif", N * 1000, N * 1000, fine)
     assert dem.stat().st_size < 5_000_000
-    result = run_limited(f"""
-        from pathlib import Path
-        from rsjax.data.contract import InputError, ScenePaths
-        from rsjax.data.ingest import IngestOptions, iter_scene_tiles
-        scene = ScenePaths("x", s2=Path({str(sc.s2)!r}), s1=Path({str(sc.s1)!r}), dem=Path({str(dem)!r}),
-                           lulc=Path({str(sc.lulc)!r}))
-        try:
-            for _ in iter_scene_tiles(scene, IngestOptions(tile_size=32)):
-                pass
-        except InputError as err:
-            print(err)
-            raise SystemExit(0)
-        raise SystemExit("ingested a DEM of 1 cm pixels")
-    """)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert str(dem) in result.stdout and "finer than the target grid" in result.stdout
+    out = refused_under_limit(ScenePaths("x", s2=sc.s2, s1=sc.s1, dem=dem, lulc=sc.lulc),
+                              "for _ in iter_scene_tiles(scene, IngestOptions(tile_size=32)): pass",
+                              "ingested a DEM of 1 cm pixels")
+    assert str(dem) in out and "finer than the target grid" in out
 
 
 def test_a_grid_of_a_million_pixels_squared_is_refused_unless_allowed(tmp_path):
     sc = scene(tmp_path)
     grid_file = _sparse_geotiff(tmp_path / "grid.tif", 1_000_000, 1_000_000, T, dtype="uint8", block=1_000_000)
     assert grid_file.stat().st_size < 2000
-    result = run_limited(f"""
-        from pathlib import Path
-        from rsjax.data.contract import InputError, ScenePaths
-        from rsjax.data.ingest import IngestOptions, iter_scene_tiles
-        scene = ScenePaths("x", s2=Path({str(sc.s2)!r}), s1=Path({str(sc.s1)!r}), dem=Path({str(sc.dem)!r}),
-                           lulc=Path({str(sc.lulc)!r}))
-        try:
-            for _ in iter_scene_tiles(scene, IngestOptions(tile_size=16, target_grid={str(grid_file)!r})):
-                pass
-        except InputError as err:
-            print(err)
-            raise SystemExit(0)
-        raise SystemExit("tiled a grid of 10^12 pixels")
-    """, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert str(grid_file) in result.stdout and "max_grid_pixels" in result.stdout
+    out = refused_under_limit(
+        sc, f"for _ in iter_scene_tiles(scene, IngestOptions(tile_size=16, target_grid={str(grid_file)!r})): pass",
+        "tiled a grid of 10^12 pixels", timeout=60)
+    assert str(grid_file) in out and "max_grid_pixels" in out
     # The documented override takes it (validation only: nothing is tiled here).
     grid = validate_scene(sc, IngestOptions(tile_size=16, target_grid=str(grid_file), max_grid_pixels=10**12))
     assert (grid.width, grid.height) == (1_000_000, 1_000_000)

@@ -73,3 +73,18 @@ def convolution_dtypes(jaxpr, primitives=("conv_general_dilated",)) -> list[tupl
                 if hasattr(inner, "eqns"):
                     found += convolution_dtypes(inner, primitives)
     return found
+
+
+# -- damaging a checkpoint on purpose (tests of the integrity checks) -----------------------------
+def overwrite_middle(path, n=64):
+    """Changes n bytes in the middle of a file, keeping its size."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def largest_data_file(workdir, step):
+    """The largest of a checkpoint step's OCDBT data files (where the weights are)."""
+    files = (Path(workdir) / "checkpoints" / str(step) / "state").rglob("*")
+    return max((f for f in files if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)

@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 from etils import epath
 
+from rsjax import logging_utils
 from rsjax.errors import ConfigError
 
 log = logging.getLogger("rsjax")
@@ -38,15 +39,9 @@ def is_structural(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in STRUCTURAL)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; tuples as lists, as JSON has them."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return flat
+def flatten(tree: dict) -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (both configs come through JSON: tuples are lists)."""
+    return logging_utils.flatten_metrics(tree, sep=".")
 
 
 def differences(saved: dict, current: dict) -> list[str]:
@@ -95,8 +90,6 @@ def _describe(saved: dict, current: dict, keys: list[str]) -> str:
 
 def _record(workdir: epath.Path, saved: dict, current: dict, changed: list[str], step: int) -> None:
     """The previous config to the history, the current one to config.json."""
-    from rsjax import logging_utils
-
     log.info("Resuming at step %d with a changed config: %s (the previous one is kept in %s).",
              step, _describe(saved, current, changed), HISTORY_FILE)
     history = workdir / HISTORY_FILE
