@@ -379,19 +379,17 @@ def setup_process(verbose: bool = False) -> None:
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
-    absl_logger = logging.getLogger("absl")
-    for old in [f for f in absl_logger.filters if isinstance(f, (_DropNoise, _OneDiskFullError))]:
-        absl_logger.removeFilter(old)
+    absl_logger, asyncio_logger = logging.getLogger("absl"), logging.getLogger("asyncio")
+    for logger in (absl_logger, asyncio_logger):
+        for old in [f for f in logger.filters if isinstance(f, (_DropNoise, _OneDiskFullError))]:
+            logger.removeFilter(old)
     if not verbose:
         absl_logger.addFilter(_DropNoise())
         # One filter for both: Orbax's thread errors (absl) and the futures nobody awaited
         # once a save failed (asyncio, "Future exception was never retrieved").
         one_disk_full = _OneDiskFullError()
-        absl_logger.addFilter(one_disk_full)
-        asyncio_logger = logging.getLogger("asyncio")
-        for old in [f for f in asyncio_logger.filters if isinstance(f, _OneDiskFullError)]:
-            asyncio_logger.removeFilter(old)
-        asyncio_logger.addFilter(one_disk_full)
+        for logger in (absl_logger, asyncio_logger):
+            logger.addFilter(one_disk_full)
         _quiet_late_callbacks()
     rsjax_log = logging.getLogger("rsjax")
     if not rsjax_log.handlers:

@@ -251,10 +251,7 @@ class WarpedSource:
         only) every target pixel whose kernel touched it is non-finite, and no-data."""
         if self.vrt is not None:
             data = self.vrt.read(self.bands, window=window, out_dtype="float32")
-            if not np.isnan(self.dst_nodata):
-                data[~np.isfinite(data)] = self.dst_nodata
-            else:
-                data[np.isinf(data)] = np.nan
+            data[~np.isfinite(data)] = self.dst_nodata
             return data
         data = self.ds.read(self.bands, window=window, out_dtype="float32")
         invalid = ~np.isfinite(data)

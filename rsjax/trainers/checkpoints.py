@@ -13,6 +13,7 @@ a finiteness check, never named the last good one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ def save_policy(every_steps: int):
                                    policies.PreemptionCheckpointingPolicy()])
 
 
+@functools.cache
 def _serial_replica_writes_on_cpu() -> None:
     """On CPU devices, each replicated array is written from one replica.
 
@@ -53,7 +55,8 @@ def _serial_replica_writes_on_cpu() -> None:
     parallel), which slices it on every device: one small program compiled per
     device and array shape, 232 compilations and about 10 s for the tiny demo
     model on 8 CPU devices, to copy memory that is already the host's. Devices
-    that are not CPUs keep Orbax's default."""
+    that are not CPUs keep Orbax's default. Registered once per process (the
+    registry is global)."""
     if jax.default_backend() != "cpu":
         return
     from orbax.checkpoint import type_handlers
