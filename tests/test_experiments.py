@@ -2,6 +2,8 @@
 and the report's tables, intervals and verdicts read from the runs' files."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -402,29 +404,51 @@ def test_run_plan_waiting_past_max_wait_fails_naming_the_run_it_waited_for(tmp_p
         other.wait()
 
 
-def test_workers_get_disjoint_cores_and_one_thread_each_on_one_core():
+_COUNT_XLA_THREADS = """
+import os, sys
+from rsjax.experiments import workers
+workers.become_worker(sys.argv[1])
+import jax, jax.numpy as jnp
+x = jnp.ones((256, 256)); (x @ x).block_until_ready()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sum("XLAEigen" in n for n in names))
+"""
+
+
+def xla_pool_threads(cores: list[int], environ: dict) -> int:
+    """XLA's CPU pool threads in a worker pinned to `cores` (a fresh process)."""
+    out = subprocess.run([sys.executable, "-c", _COUNT_XLA_THREADS, ",".join(map(str, cores))],
+                         env=environ, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+def test_workers_get_disjoint_cores_and_xla_threads_for_their_cores_only():
     assert workers.cpu_shares([0, 1], 2) == [[0], [1]]
     assert workers.cpu_shares([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
     with pytest.raises(runner.UserError, match="at most 2 workers"):
         workers.cpu_shares([0, 1], 3)
-    env = workers.worker_env([3], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
-                                        "--xla_cpu_multi_thread_eigen=false",
-                                        "intra_op_parallelism_threads=1"]
-    assert "intra_op_parallelism_threads=3" in workers.worker_env([0, 1, 2], {})["XLA_FLAGS"]
+    cores = sorted(os.sched_getaffinity(0))
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # A worker on one core runs XLA with one pool thread; on two, two (the
+    # affinity is what sizes XLA's pool). Any share's environment must start
+    # XLA at all: a stray non-flag token in XLA_FLAGS kills it.
+    assert xla_pool_threads(cores[:1], workers.worker_env(cores[:1], base)) == 1
+    assert xla_pool_threads(cores[:2], workers.worker_env(cores[:2], base)) == len(cores[:2])
+    assert workers.worker_env([3], base)["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+    assert "XLA_FLAGS" not in workers.worker_env([0, 1, 2], base)
 
 
 def test_a_worker_started_by_hand_gets_the_thread_settings_workers_would_give():
     by_hand = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     workers.pin_worker_env([1], by_hand)
     assert by_hand["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
-                                            "--xla_cpu_multi_thread_eigen=false",
-                                            "intra_op_parallelism_threads=1"]
+                                            "--xla_cpu_multi_thread_eigen=false"]
     assert by_hand["TF_NUM_INTRAOP_THREADS"] == "1"
     # One started by --workers already has them: not added twice.
-    started = workers.worker_env([0, 1], {})
+    started = workers.worker_env([0], {})
     before = dict(started)
-    workers.pin_worker_env([0, 1], started)
+    workers.pin_worker_env([0], started)
     assert started == before
 
 

@@ -17,6 +17,9 @@ from typing import Iterable, Mapping, MutableMapping, Sequence
 
 from rsjax.errors import UserError
 
+# Set in a worker's environment: the cores its thread settings were made for.
+_PINNED = "RSJAX_WORKER_CPUS"
+
 
 def cpu_shares(cpus: list[int], workers: int) -> list[list[int]]:
     """The machine's cores dealt out to `workers` processes (as even as it goes)."""
@@ -27,16 +30,17 @@ def cpu_shares(cpus: list[int], workers: int) -> list[list[int]]:
 
 
 def worker_env(cores: list[int], environ: Mapping[str, str] = os.environ) -> dict:
-    """A worker's environment: XLA's CPU thread pool sized to its cores (one core:
-    no pool, whose threads would only contend for that core)."""
+    """A worker's environment: one core turns XLA's multi-threaded Eigen off (its
+    threads would only contend for that core). XLA sizes its CPU thread pool from
+    the cores the process may run on, so the affinity set by become_worker is what
+    bounds it; there is no XLA flag for the pool's size (a bare
+    `intra_op_parallelism_threads=N` in XLA_FLAGS is ignored after a flag and,
+    alone, read as a flag-file name that kills the process)."""
     env = dict(environ)
-    flags = env.get("XLA_FLAGS", "")
-    if len(cores) == 1:
-        flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    else:
-        flags += f" intra_op_parallelism_threads={len(cores)}"
-    env["XLA_FLAGS"] = flags.strip()
+    if len(cores) == 1 and "--xla_cpu_multi_thread_eigen" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     env["TF_NUM_INTRAOP_THREADS"] = env["TF_NUM_INTEROP_THREADS"] = str(len(cores))
+    env[_PINNED] = ",".join(map(str, cores))
     return env
 
 
@@ -44,7 +48,7 @@ def pin_worker_env(cores: list[int], environ: MutableMapping[str, str] = os.envi
     """Gives a worker started by hand (`--worker_cpus` without `--workers`
     having set its environment) the thread settings `--workers` would have:
     XLA reads them when its CPU backend starts, after this."""
-    if "intra_op_parallelism_threads" not in environ.get("XLA_FLAGS", ""):
+    if environ.get(_PINNED) != ",".join(map(str, cores)):
         environ.update(worker_env(cores, environ))
 
 
