@@ -52,7 +52,14 @@ def test_report_from_finished_runs(tmp_path):
     text = experiment.report_markdown(rows, "demo", records, None)
     # Our rows with intervals over the two seeds, the peers' rows labelled as other data.
     dsen2cr_row = next(line for line in text.splitlines() if line.startswith("| DSen2-CR | S2 cloudy + S1 |"))
-    assert "±" in dsen2cr_row
+    # Each cell is the mean over the two seeds ± the t-interval's half width
+    # (t at 97.5 % with 1 degree of freedom: 12.706, any statistics table).
+    expected = []
+    for metric, _, fmt in experiment.COLUMNS:
+        per_seed = [cm.split_metric(metric, "all")(r) for r in rows["dsen2cr"]["runs"]]
+        half = 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2)
+        expected.append(f"{fmt.format(np.mean(per_seed))} ± {fmt.format(half)}")
+    assert dsen2cr_row == "| DSen2-CR | S2 cloudy + S1 | " + " | ".join(expected) + " |"
     for label, _, (psnr, ssim, sam) in experiment.PEERS:
         row = next(line for line in text.splitlines() if label in line)
         assert "published, other data" in row and psnr in row
