@@ -50,6 +50,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests (hypothesis, in the test extra) draw the same examples on every
+# run (derandomize: CI's verdict never depends on luck), keep no example
+# database in the checkout, and have no per-example deadline (a first call may
+# compile).
+settings.register_profile("rsjax", derandomize=True, database=None, deadline=None,
+                          print_blob=True)
+settings.load_profile("rsjax")
 
 TESTS_DATA = Path(__file__).resolve().parent / "data"
 
