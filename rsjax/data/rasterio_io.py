@@ -28,7 +28,7 @@ import rasterio.dtypes
 
 from rsjax.data import storage
 from rsjax.data.contract import InputError, Mosaic, Source, split_offsets
-from rsjax.data.untrusted import open_input
+from rsjax.data.untrusted import open_input, reopen_name
 
 # Descriptions accepted for each source, in channel order. Each channel lists
 # the names it may go by (the first is the canonical one).
@@ -117,7 +117,8 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str, any_format: bool = False) -> str:
     infos = []
     for piece in mosaic.pieces:
         with open_raster(piece, role, any_format) as ds:
-            infos.append(dict(path=str(piece), layout=_piece_layout(ds), transform=ds.transform,
+            infos.append(dict(path=str(piece), source=reopen_name(ds, storage.gdal_path(piece)),
+                              layout=_piece_layout(ds), transform=ds.transform,
                               width=ds.width, height=ds.height, tags=ds.tags(),
                               band_tags=[ds.tags(i) for i in ds.indexes],
                               offsets=ds.offsets, scales=ds.scales))
@@ -175,8 +176,7 @@ def mosaic_vrt_xml(mosaic: Mosaic, role: str, any_format: bool = False) -> str:
         _metadata(el, first["band_tags"][band - 1])
         for info, col, row in placed:
             source = ET.SubElement(el, "SimpleSource")
-            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = storage.gdal_path(
-                info["path"])
+            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = info["source"]
             ET.SubElement(source, "SourceBand").text = str(band)
             ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(info["width"]),
                           ySize=str(info["height"]))

@@ -60,6 +60,7 @@ from rasterio.windows import Window
 
 from rsjax.data import storage
 from rsjax.data.plausible import implausible_elevation
+from rsjax.data.untrusted import reopen_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +222,9 @@ def exact_warped_vrt(ds: rasterio.DatasetReader, crs: CRS, transform: Affine, wi
                    XSCALE=repr(float(scale[0])), YSCALE=repr(float(scale[1]))) as vrt:
         description = vrt.tags(ns="xml:VRT")["xml:VRT"]
     # GDAL itself opens the source from the description: a URL needs its /vsicurl/
-    # (/vsigs/, /vsis3/) name, or GDAL's HTTP driver would download the whole file.
-    return rasterio.open(exact_vrt_xml(description, storage.gdal_path(ds.name)))
+    # (/vsigs/, /vsis3/) name, or GDAL's HTTP driver would download the whole file;
+    # a GeoTIFF is reopened as GeoTIFF only (untrusted.reopen_name).
+    return rasterio.open(exact_vrt_xml(description, reopen_name(ds, storage.gdal_path(ds.name))))
 
 
 class WarpedSource:

@@ -21,6 +21,11 @@ So every source file is opened by `open_input`:
   metadata, or when a sidecar beside it would point GDAL elsewhere or change
   what its pixels mean (see `sidecar_problem`).
 
+GDAL reopens a checked file by its name where rsjax builds a VRT over it (the
+exact warp in `register.exact_warped_vrt`, a split export's mosaic); a file
+replaced by a VRT between the check and that reopen would be read as the VRT,
+so the name GDAL is given there is `reopen_name`'s, which opens GeoTIFF only.
+
 Paths a user names on purpose (`gs://`, `s3://`, `https://`, `/vsi...` on a
 command line) are opened as given, still as GeoTIFF only; nothing beside them
 is looked at. rsjax's own in-memory mosaics of split exports are built from
@@ -145,6 +150,20 @@ def _file_kind(path: Path) -> str:
 
 def _short(items: dict) -> str:
     return ", ".join(f"{k}={str(v)[:120]}" for k, v in items.items())
+
+
+def reopen_name(ds: rasterio.DatasetReader, name: str) -> str:
+    """The name under which a VRT that rsjax builds makes GDAL reopen `ds`'s file (`name`).
+
+    For a GeoTIFF it is prefixed with `GTIFF_RAW:`, which GDAL opens with the GTiff
+    driver only: a file swapped for a VRT after `open_input` checked it cannot be
+    reopened as that VRT. The prefix changes nothing else but GDAL's colour
+    conversion of CMYK and YCbCr files; those (`SOURCE_COLOR_SPACE`) keep their
+    bare name, so that they read the same through a VRT as directly.
+    """
+    if ds.driver == "GTiff" and "SOURCE_COLOR_SPACE" not in ds.tags(ns="IMAGE_STRUCTURE"):
+        return "GTIFF_RAW:" + name
+    return name
 
 
 def open_input(path: str | Path, what: str, any_format: bool = False) -> rasterio.DatasetReader:
