@@ -306,3 +306,65 @@ def test_report_folder_and_files_follow_the_umask(tmp_path):
         assert len(folders) >= 2 and len(files) >= 2          # the page, a run's folder and curve
         assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {dir_mode}
         assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {file_mode}
+
+
+# -- the page in a real browser (Debian's Chromium, headless; .ci/run installs it) ---------------
+
+# Appended to a copy of the page: once everything has loaded, it writes what the browser
+# made of the page into the DOM, which --dump-dom prints.
+_BROWSER_PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images].map(img => ({
+    src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0,
+    shown: img.getBoundingClientRect().width > 0}));
+  const out = document.createElement("pre");
+  out.id = "rsjax-probe";
+  out.textContent = JSON.stringify({images, pwned: window.pwned === 1, title: document.title,
+                                    height: document.body.scrollHeight,
+                                    text: document.body.innerText});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def browser() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+    return path
+
+
+def rendered(page: Path, tmp_path: Path) -> dict:
+    """What headless Chromium made of `page` (see _BROWSER_PROBE)."""
+    import html
+    import json
+    import re
+    import subprocess
+
+    probe = page.with_name("probed.html")
+    probe.write_text(page.read_text(encoding="utf-8") + _BROWSER_PROBE, encoding="utf-8")
+    out = subprocess.run(
+        [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000",
+         "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe_out = re.search(r'<pre id="rsjax-probe">(.*?)</pre>', out.stdout, re.S)
+    assert probe_out, out.stdout[-2000:]
+    return json.loads(html.unescape(probe_out.group(1)))
+
+
+def test_report_renders_in_a_real_browser_with_every_image_and_names_escaped(fusion_run, tmp_path):
+    """A run named with HTML in it: the browser shows the name as text (no element,
+    no script run), every figure loads and is laid out, and the page has a body."""
+    from rsjax import report
+
+    hostile = '<img src=x onerror="window.pwned=1">'
+    root = tmp_path / "runs"
+    shutil.copytree(fusion_run, root / hostile, ignore=shutil.ignore_patterns("checkpoints", "report"))
+    report.write_report(str(root))
+    page = rendered(root / "report" / "report.html", tmp_path)
+    assert not page["pwned"]
+    assert hostile in page["text"]                              # shown, as text
+    images = page["images"]
+    assert len(images) >= 8 and all(i["loaded"] and i["shown"] for i in images), images
+    assert page["title"] and page["height"] > 1000
