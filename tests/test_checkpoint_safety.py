@@ -4,6 +4,7 @@ SIGTERM exits 143, no metrics step twice.
 
 Real Orbax checkpoints from tiny pix2pix runs on the demo dataset, corrupted on disk.
 """
+import hashlib
 import json
 import os
 import re
@@ -41,6 +42,17 @@ def saved_state(workdir, step: int) -> dict:
     return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
 
 
+def checked_steps(workdir) -> list[int]:
+    """The saved steps, each read back: no skipped step in it, its weights finite and sane.
+    At least one: a check of no checkpoint at all would pass whatever was saved."""
+    steps = steps_in(workdir)
+    assert steps, f"no checkpoint in {workdir} to check"
+    for step in steps:
+        state = saved_state(workdir, step)
+        assert int(state["nonfinite"]) == 0 and largest_parameter(state) < 1e8, step   # NaN fails too
+    return steps
+
+
 def largest_parameter(state: dict) -> float:
     """Largest magnitude among the model weights (optimizer moments left out)."""
     out = 0.0
@@ -74,12 +86,22 @@ def run_evaluate(workdir, tmp_path, capsys, *extra):
 
 # -- checksums and fallback ------------------------------------------------------------------
 
-def test_every_saved_step_has_checksums(run6):
+def test_every_saved_step_has_checksums_of_every_file(run6):
+    """What integrity.py promises: the size and SHA-256 of every file of the step
+    (the weights' data files, not just the metadata), computed here independently."""
     _, workdir = run6
+    assert steps_in(workdir) == [2, 4, 6]
     for step in steps_in(workdir):
-        manifest = json.loads((workdir / "checkpoints" / str(step) / integrity.MANIFEST).read_text())
-        assert "state/_METADATA" in manifest["files"]
-        assert integrity.verify(workdir / "checkpoints" / str(step)) is None
+        folder = workdir / "checkpoints" / str(step)
+        listed = json.loads((folder / integrity.MANIFEST).read_text())["files"]
+        on_disk = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")
+                   if p.is_file() and p.name != integrity.MANIFEST}
+        assert set(listed) == set(on_disk), step
+        assert largest_data_file(workdir, step).relative_to(folder).as_posix() in listed
+        for name, path in on_disk.items():
+            assert listed[name] == {"bytes": path.stat().st_size,
+                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}, name
+        assert integrity.verify(folder) is None
 
 
 @pytest.mark.parametrize("damage", ["truncated_metadata", "overwritten_data", "truncated_metadata_no_checksums"])
@@ -165,6 +187,60 @@ def test_training_with_every_step_corrupt_refuses(run_copy):
         p.name for p in (workdir / "corrupt_checkpoints").iterdir()) == ["2", "4", "6"]
 
 
+# -- a checkpoint of another config is intact, not corrupt ---------------------------------------
+
+def files_under(folder) -> list[tuple[str, int]]:
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size)
+                  for p in folder.rglob("*") if p.is_file())
+
+
+def test_words_of_damage_do_not_make_a_step_whose_checksums_match_corrupt(run_copy):
+    _, workdir = run_copy
+    step6 = workdir / "checkpoints" / "6"
+    # What a checkpoint of another layout (or a workdir path with "corrupt" in it) can raise.
+    err = ValueError('NOT_FOUND: Error opening "zarr" driver: No such file: /data/corrupt/.zarray')
+    assert not integrity.is_damage(err, step6)               # its files match their checksums
+    overwrite_middle(largest_data_file(workdir, 6))
+    assert integrity.is_damage(err, step6)                   # they no longer do
+    (step6 / integrity.MANIFEST).unlink()
+    assert integrity.is_damage(err, step6)                   # no checksums: the words decide
+    assert not integrity.is_damage(ValueError("Requested shape: (8,) is not compatible with the "
+                                              "stored shape: (4,)."), step6)
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_training_on_a_checkpoint_of_another_config_is_an_error_and_moves_nothing(
+        run_copy, demo_data_dir, checksums):
+    """Corrupt steps are moved aside and skipped; an intact step of another config must not
+    be (nor its older steps, all of that config): an error naming the difference."""
+    _, workdir = run_copy
+    (workdir / "config.json").unlink()        # as a run from before config.json: no resume check
+    if not checksums:                         # judged by the saved tree, then the error's words
+        for step in (2, 4, 6):
+            (workdir / "checkpoints" / str(step) / integrity.MANIFEST).unlink()
+    before = files_under(workdir / "checkpoints")
+    other = tiny_fusion_config(demo_data_dir, steps=8, sources="lulc+dem")     # 2 channels fewer
+    with pytest.raises(UserError) as info:
+        train(other, workdir)
+    message = str(info.value)
+    assert "step 6 does not fit this config's state" in message, message
+    assert "d/first/kernel/value saved (4, 4, 20, 4), here (4, 4, 18, 4)" in message, message
+    assert files_under(workdir / "checkpoints") == before
+    assert not (workdir / integrity.QUARANTINE).exists()
+
+
+def test_evaluate_with_another_config_is_an_error_and_moves_nothing(run_copy, tmp_path, capsys):
+    _, workdir = run_copy
+    before = files_under(workdir / "checkpoints")
+    code, out, err = run_evaluate(workdir, tmp_path, capsys, "--config.generator.ngf=8")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and out == "" and len(errors) == 1, err[-2000:]
+    assert "step 6 does not fit" in errors[0] and "match their checksums" in errors[0], errors[0]
+    assert "here (4, 4, 16, 8)" in errors[0] and "Traceback" not in err
+    assert "step 4" not in err                       # no fallback to an older step
+    assert files_under(workdir / "checkpoints") == before
+
+
 # -- no poisoned checkpoint -------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -179,10 +255,9 @@ def test_diverged_run_saves_no_poisoned_checkpoint_and_says_what_is_left(demo_da
     with pytest.raises(RunFailed) as info:
         train(config, workdir)
     message = str(info.value)
-    for step in steps_in(workdir):
-        state = saved_state(workdir, step)
-        assert int(state["nonfinite"]) == 0 and largest_parameter(state) < 1e8, step
     # 1e30: step 1's weights are finite but near 1e30 (diverged); 1e39 is inf in float32.
+    # Nothing to read back: a step saved at all is the failure (the steps a diverging
+    # resume keeps are read back in the next test).
     assert steps_in(workdir) == []
     assert "No checkpoint was saved" in message and "holds finite parameters" not in message
     assert "--workdir" in message
@@ -198,12 +273,11 @@ def test_divergence_after_good_steps_names_the_good_checkpoint_and_a_sane_rerun_
     config.optim.g_lr = config.optim.d_lr = 1e30
     with pytest.raises(RunFailed) as info:
         train(config, workdir)
-    assert steps_in(workdir) == [2, 4, 6]              # nothing diverged was saved
+    assert checked_steps(workdir) == [2, 4, 6]         # nothing diverged was saved
     assert "last good checkpoint is step 6" in str(info.value)
     config.optim.g_lr, config.optim.d_lr = sane        # as the message advises
     train(config, workdir)
-    assert steps_in(workdir)[-1] == 10
-    assert largest_parameter(saved_state(workdir, 10)) < 1e8
+    assert checked_steps(workdir) == [8, 9, 10]        # saved every step, the newest 3 kept
 
 
 # -- one writer per workdir, SIGTERM ------------------------------------------------------------

@@ -183,7 +183,9 @@ class Checkpointer:
         named `step` that is corrupt is a UserError. With `move_corrupt`
         (training) corrupt steps are moved to <workdir>/corrupt_checkpoints/, so
         that new saves and max_to_keep see good steps only. No intact step at
-        all is a UserError.
+        all is a UserError. So is an intact step that does not fit `abstract_state`
+        (a checkpoint of another config: `integrity.mismatch`, `integrity.is_damage`),
+        naming how its arrays differ; nothing is moved then.
         """
         available = sorted(self.manager.all_steps(), reverse=True)
         if step is not None and step not in available:
@@ -194,19 +196,7 @@ class Checkpointer:
             return None
         corrupt: list[tuple[int, str]] = []
         for candidate in candidates:
-            why = integrity.verify(self.directory / str(candidate))
-            if why is None:
-                try:
-                    state = self._restore_step(abstract_state, data_iter, candidate)
-                except Exception as err:  # pylint: disable=broad-except
-                    # Files that match their checksums are intact: an error is something else
-                    # (a checkpoint of another config). Without checksums, judge by the error.
-                    if (integrity.has_manifest(self.directory / str(candidate))
-                            or not integrity.is_damage(err)):
-                        raise
-                    why = f"Orbax cannot read it ({integrity.short_error(err)})"
-            if why is None and not integrity.is_verified(self.directory / str(candidate)):
-                why = self._check_unverified(candidate, state)
+            state, why = self._restore_intact(abstract_state, data_iter, candidate)
             if why is None:
                 if corrupt:
                     log.warning("Using checkpoint step %d, the newest intact one in %s (newer: %s).",
@@ -230,6 +220,41 @@ class Checkpointer:
             + (f"They were moved to {self.workdir / integrity.QUARANTINE}: rerun to train from "
                "step 0, or use a new --workdir." if moved else
                "Train again in a new --workdir, or restore the checkpoint folder from a copy."))
+
+    def _restore_intact(self, abstract_state: Any, data_iter, step: int) -> tuple[Any, Optional[str]]:
+        """(state, why step `step` is corrupt or None); state None when unread.
+
+        An intact step that does not fit `abstract_state` is a UserError: it is a checkpoint
+        of another config, and moving it aside, or falling back to an older step (of the same
+        other config), would hide the real mistake."""
+        folder = self.directory / str(step)
+        why = integrity.verify(folder)
+        if why is not None:
+            return None, why
+        # Compared before Orbax reads an array: a failed read leaves the other reads pending.
+        differs = integrity.mismatch(folder / "state", abstract_state)
+        if differs:
+            raise self._another_config(step, differs)
+        try:
+            state = self._restore_step(abstract_state, data_iter, step)
+        except Exception as err:  # pylint: disable=broad-except
+            if not integrity.is_damage(err, folder):
+                raise         # intact files of the same shapes: not a corrupt step, a real error
+            return None, f"Orbax cannot read it ({integrity.short_error(err)})"
+        if not integrity.is_verified(folder):
+            return state, self._check_unverified(step, state)
+        return state, None
+
+    def _another_config(self, step: int, differs: str) -> UserError:
+        """The error for an intact step that does not fit the state: written with another config."""
+        intact = ("its files match their checksums"
+                  if integrity.has_manifest(self.directory / str(step)) else "its files look intact")
+        return UserError(
+            f"{self.directory / str(step)}: checkpoint step {step} does not fit this config's state: "
+            f"{differs}. {intact.capitalize()}: it was written with another config (model, widths, "
+            "sources). Nothing was moved. Use the config it was trained with (evaluate and "
+            "predict read the workdir's config.json unless --config is given), or another "
+            "--workdir for a new run.")
 
     def _check_unverified(self, step: int, state: Any) -> Optional[str]:
         """Why a restored step without checksums is unusable, or None; warns either way.

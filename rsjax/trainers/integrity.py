@@ -11,7 +11,10 @@ step is restored (`verify`). A step that fails the check, or that Orbax
 cannot read, is corrupt: training and evaluation fall back to the newest
 intact step and say which one and why (`checkpoints.Checkpointer.restore`);
 training moves the corrupt steps aside (`quarantine`) so that new saves and
-Orbax's `max_to_keep` see only good ones, and nothing is deleted.
+Orbax's `max_to_keep` see only good ones, and nothing is deleted. A step
+that is intact but does not fit the state restored into it (a checkpoint of
+another model, width or sources) is not corrupt: an error naming how its
+arrays differ, nothing moved (`mismatch`, `is_damage`).
 
 On object storage (gs://, whose objects carry their own CRC32C checked on
 every read) there is no manifest, and none is needed. A local step without
@@ -227,15 +230,23 @@ def unsafe_to_save(state) -> Optional[str]:
 
 # -- what counts as a corrupt step ----------------------------------------------------------------
 
-# Words in the errors Orbax, tensorstore and json raise for damaged files (not for a checkpoint
-# that simply does not fit the model, which must not be taken for corruption).
+# Words in the errors Orbax, tensorstore and json raise for damaged files. Only a step without
+# checksums (object storage, a step from before them) is judged by them (`is_damage`).
 _DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "Error reading", "Error decoding", "Error opening",
            "Expecting", "Unterminated", "Extra data", "truncated", "corrupt", "No such file",
            "NOT_FOUND")
 
 
-def is_damage(err: BaseException) -> bool:
-    """Whether a restore failed because files are damaged or missing (searches the cause chain)."""
+def is_damage(err: BaseException, step_dir: str | os.PathLike) -> bool:
+    """Whether restoring `step_dir` failed because its files are damaged or missing, rather
+    than because the checkpoint is intact but of another config (model, widths, sources),
+    which must be an error: never moved aside, nor skipped for an older step.
+
+    Files that match their checksums are intact, whatever the error's words (a NOT_FOUND or
+    "No such file" from a checkpoint of another layout, a path with "corrupt" in it). Only a
+    step without checksums is judged by the words (and the cause chain)."""
+    if has_manifest(step_dir):
+        return verify(step_dir) is not None
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -245,6 +256,51 @@ def is_damage(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{'g/convs/0/kernel': shape} of every leaf of a saved tree's metadata or of a tree of
+    ShapeDtypeStructs; a PRNG key by the shape of its key data (what Orbax saves)."""
+    import jax
+
+    def name(key) -> str:
+        for attr in ("key", "idx", "name"):        # DictKey, SequenceKey, GetAttrKey
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    def shape(leaf) -> tuple:
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        return tuple(getattr(leaf, "shape", None) or ())
+    return {"/".join(name(k) for k in path): shape(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def mismatch(state_dir: str | os.PathLike, abstract_state, show: int = 3) -> Optional[str]:
+    """How a saved state's arrays differ from `abstract_state`'s (names, shapes): what a
+    checkpoint of another config looks like, said in a line. None when they agree, or when
+    the saved metadata cannot be read (damage, for `is_damage` to judge)."""
+    import orbax.checkpoint as ocp
+
+    reader = ocp.StandardCheckpointHandler()
+    try:
+        saved = _shapes(reader.metadata(epath.Path(os.fspath(state_dir))).tree)
+    except Exception:  # pylint: disable=broad-except
+        return None
+    finally:
+        reader.close()
+    here = _shapes(abstract_state)
+    parts = []
+    for what, names in (
+            ("of other shapes", [f"{k} saved {saved[k]}, here {here[k]}"
+                                 for k in sorted(saved.keys() & here.keys()) if saved[k] != here[k]]),
+            ("only in the checkpoint", sorted(saved.keys() - here.keys())),
+            ("only in this config's state", sorted(here.keys() - saved.keys()))):
+        if names:
+            parts.append(f"{len(names)} arrays {what} ({'; '.join(names[:show])}"
+                         + (", ..." if len(names) > show else "") + ")")
+    return ", ".join(parts) or None
 
 
 def short_error(err: BaseException, limit: int = 300) -> str:
