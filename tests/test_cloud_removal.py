@@ -81,24 +81,33 @@ def test_rs_spade_with_the_cloudy_image_trains_and_scores_cloud_removal(cloudy_d
     assert (tmp_path / "images" / "step_0000002.png").exists() and (tmp_path / "eval_test.png").exists()
 
 
-def test_dsen2cr_trains_resumes_and_scores_cloud_removal(cloudy_data_dir, tmp_path):
+def test_dsen2cr_trains_resumes_and_scores_cloud_removal(cloudy_data_dir, tmp_path, caplog):
     from rsjax import evaluate
+    from rsjax.logging_utils import read_metrics
     from rsjax.trainers import cloud_removal
 
     config = tiny_cloud_config(cloudy_data_dir, "cloud_removal")
-    result = cloud_removal.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
-    assert result["step"] == 2
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 2 and all(np.isfinite(losses))
+    # Two steps, saved at step 2; no final evaluation yet (the resumed run's is the one scored).
+    first = config.copy_and_resolve_references()
+    first.final_eval_split, first.image_every_steps = "", 0
+    assert cloud_removal.train_and_evaluate(first, str(tmp_path), devices=jax.devices()[:1]) == {"step": 2}
+    config.total_steps = 3
+    with caplog.at_level("INFO", logger="rsjax"):
+        result = cloud_removal.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert result["step"] == 3 and "Resumed from step 2" in caplog.text, caplog.text[-2000:]
+    # It continued: step 3 follows the first run's steps 1 and 2, none of them trained twice.
+    logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path, dedupe=False) if "loss" in r]
+    assert [step for step, _ in logged] == [1, 2, 3] and all(np.isfinite([loss for _, loss in logged]))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
     _check_cloud_evaluation(tmp_path, _num_test(config))
     # rsjax evaluate reads the checkpoint through the trainer's entry point and
     # draws the cloud grid.
     scores = evaluate.evaluate_checkpoint(config, str(tmp_path), "test")
-    assert scores["trainer"] == "cloud_removal" and scores["psnr"] == pytest.approx(result["psnr"])
+    assert scores["trainer"] == "cloud_removal" and scores["step"] == 3
+    assert scores["psnr"] == pytest.approx(result["psnr"])
     assert scores["clouds"]["output"]["regions"]["all"]["psnr"] == pytest.approx(
         result["clouds_output_all_psnr"])
-    assert (tmp_path / "eval_test_2.png").exists()
+    assert (tmp_path / "eval_test_3.png").exists()
 
 
 # ---------------------------------------------------------------------------- prediction

@@ -74,18 +74,21 @@ def test_paper_scale_is_the_papers_setting():
 
 
 @pytest.mark.parametrize("part,arg,size,run", [
-    ("fusion", "paper", 32, False),                 # RS-SPADE at full width
-    ("fusion", "paper,model=pix2pix", 256, True),   # U-Net-256 needs 256 px (8 downsamplings)
-    ("unet", "paper", 32, False),                   # RS-UNet, width 64, depth 5
+    # RS-SPADE at full width
+    pytest.param("fusion", "paper", 32, False, id="rs_spade-traced"),
+    # U-Net-256 needs 256 px (8 downsamplings)
+    pytest.param("fusion", "paper,model=pix2pix", 256, True, id="pix2pix_256px-stepped"),
+    # RS-UNet, width 64, depth 5
+    pytest.param("unet", "paper", 32, False, id="rs_unet-traced"),
 ])
-def test_paper_scale_models_take_a_training_step(part, arg, size, run):
+def test_paper_scale_models_build_and_trace_their_training_step(part, arg, size, run):
     """The paper's configs start: their full-width models, optimizers and loss
     make the real train step (random inputs of the pipeline's shapes, batch 1,
-    one device). pix2pix takes the step at the paper's 256 px; RS-SPADE and the
-    U-Net are traced through it (shapes, dtypes, every config key used) at
-    32 px without compiling, since compiling them costs 1-1.5 minutes of the
-    suite and the same code runs numerically at the small widths in every
-    training test. Each scale's dataset config is checked in
+    one device), traced through (shapes, dtypes, every config key used).
+    Only pix2pix also takes the step, at the paper's 256 px; RS-SPADE and the
+    U-Net are traced at 32 px without compiling, since compiling them costs
+    1-1.5 minutes of the suite and the same code runs numerically at the small
+    widths in every training test. Each scale's dataset config is checked in
     test_every_config_of_a_scale_loads_and_names_a_dataset_config."""
     import jax
 
