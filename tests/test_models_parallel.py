@@ -94,9 +94,29 @@ def gan_losses(d_real, d_fake_for_d, d_fake_for_g):
     return d_loss, g_loss + 10 * matching / len(d_real)
 
 
-@pytest.mark.slow  # about 25 s, nearly all of it compiling the generator's backward pass
-def test_gan_forward_backward_on_8_devices(mesh):
-    """One jitted G+D step on a sharded global batch; every parameter gets a gradient."""
+def assert_trees_close(got, want, what, rtol, floor=2e-6):
+    """Leaf by leaf, to `rtol` of each leaf's largest magnitude plus an absolute
+    `floor`: float32 round-off in a gradient is absolute, ~1e-7 times the O(1)
+    losses it comes from, so an entry whose terms cancel (or a bias before a
+    BatchNorm, whose exact gradient is 0) keeps ~1e-7 of noise that no relative
+    tolerance of its own tiny size allows. A wrong reduction moves whole leaves
+    by O(1) of their size."""
+    want_leaves, tree = jax.tree_util.tree_flatten_with_path(want)
+    got_leaves = tree.flatten_up_to(got)
+    for (path, a), b in zip(want_leaves, got_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=0, atol=rtol * np.abs(a).max() + floor,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.slow  # about 60 s, nearly all of it compiling the G+D step twice (1 and 8 devices)
+def test_gan_step_on_8_devices_equals_the_step_on_1_device(mesh):
+    """Two jitted G+D steps on a global batch sharded over 8 devices give the
+    losses, gradients, parameters, BatchNorm statistics and spectral-norm
+    vectors of the same two steps on one device with the whole batch: the
+    all-reduces average over the global batch (a sum without the mean, a
+    per-device loss or a missing all-reduce would differ by far more than
+    float32's reduction order). Every parameter gets a gradient."""
     generator = RSSpadeGenerator(SOURCES, 4, ngf=2, embed_dim=4, tile_size=64, rngs=rngs(0))
     discriminator = MultiscaleDiscriminator(sum(SOURCES.values()) + 4, ndf=2, rngs=rngs(1))
     g_def, g_params, g_rest = nnx.split(generator, nnx.Param, ...)
@@ -122,28 +142,49 @@ def test_gan_forward_backward_on_8_devices(mesh):
         return (sgd(g_params, grads[0]), g_rest, sgd(d_params, grads[1]), d_rest,
                 grads, {"d_loss": d_loss, "g_loss": g_loss, "fake_max": jnp.abs(fake).max()})
 
-    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     rng = np.random.default_rng(0)
     batch = 8
-    sources = {k: jax.device_put(rng.normal(size=(batch, s, s, c)).astype(np.float32), data)
+    sources = {k: rng.normal(size=(batch, s, s, c)).astype(np.float32)
                for k, c in SOURCES.items() for s in [22 if k == "dem" else 64]}
-    real = jax.device_put(rng.uniform(-1, 1, size=(batch, 64, 64, 4)).astype(np.float32), data)
-    state = jax.device_put((g_params, g_rest, d_params, d_rest), replicated)
-    start = state
-    for _ in range(2):
-        *state, grads, metrics = step(*state, sources, real)
-        jax.block_until_ready((state, grads, metrics))  # wait every step: an all-reduce rendezvous can time out otherwise
+    real = rng.uniform(-1, 1, size=(batch, 64, 64, 4)).astype(np.float32)
+    start = (g_params, g_rest, d_params, d_rest)
+
+    def two_steps(state_sharding, batch_sharding):
+        state = jax.device_put(start, state_sharding)
+        inputs = jax.device_put((sources, real), batch_sharding)
+        results = []
+        for _ in range(2):
+            *state, grads, metrics = step(*state, *inputs)
+            jax.block_until_ready((state, grads, metrics))  # wait every step: an all-reduce rendezvous can time out otherwise
+            results.append((grads, metrics))
+        return state, results
+
+    one = jax.devices()[0]
+    state1, results1 = two_steps(one, one)
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    state8, results8 = two_steps(replicated, data)
+
+    # float32 sums in another order (8 partial sums, then the all-reduce) differ
+    # by a few ulps per addition: up to ~5e-6 of a leaf's size here over the ~3e4
+    # terms of a gradient (BatchNorm's 1/std and the second step's dependence on
+    # the first amplify it), and under a quarter of rtol + floor at worst.
+    # A sum without the mean is off by 7x, a per-device gradient by O(1).
+    for k, ((grads1, metrics1), (grads8, metrics8)) in enumerate(zip(results1, results8)):
+        assert_trees_close(metrics8, metrics1, f"step {k} metrics", rtol=1e-5)
+        assert_trees_close(grads8, grads1, f"step {k} gradients", rtol=1e-4)
+    assert_trees_close(state8, state1, "state after 2 steps", rtol=1e-4)
+
+    for grads, metrics in results8:
         assert all(np.isfinite(float(v)) for v in metrics.values())
         assert float(metrics["fake_max"]) <= 1.0
-
-    for grad in grads:
+    for grad in results8[-1][0]:
         flat = nnx.to_flat_state(grad)
         dead = [path for path, g in flat if not np.any(np.asarray(g[...]) != 0)]
         assert not dead, f"parameters without gradient: {dead}"
-        assert all(np.isfinite(np.asarray(g[...])).all() for _, g in flat)
-    assert state[0]["fc"]["kernel"][...].sharding.is_fully_replicated
-    # Training mode moved the BatchNorm statistics and the spectral-norm vectors.
-    g_rest_before, g_rest_after = start[1], state[1]
+    assert state8[0]["fc"]["kernel"][...].sharding.is_fully_replicated
+    # Training mode moved the BatchNorm statistics and the spectral-norm vectors
+    # (so comparing them above compared something).
+    g_rest_before, g_rest_after = start[1], state8[1]
     assert not np.allclose(g_rest_after["head_0"]["norm_0"]["norm"]["mean"][...],
                            g_rest_before["head_0"]["norm_0"]["norm"]["mean"][...])
     assert not np.allclose(g_rest_after["head_0"]["conv_0"]["u"][...],
