@@ -125,31 +125,71 @@ def test_cross_entropy_by_hand_with_ignore_and_class_weights():
     assert float(losses.softmax_cross_entropy(jnp.asarray(logits), jnp.full(4, 255))) == 0.0
 
 
-def test_gradients_are_finite_even_on_degenerate_inputs():
+def test_degenerate_inputs_give_the_hand_computed_losses_and_gradients():
+    """Edge cases where a naive formula divides by zero or overflows: each loss
+    and its gradient against the value worked out by hand from the formula."""
+    flat = jnp.full((1, 16, 16, 4), 0.5)                              # zero variance everywhere
+    n = flat.size
+
     @jax.jit            # one compilation for all cases keeps the test fast
-    def all_gradients(noise):
-        flat = jnp.full((1, 16, 16, 4), 0.5)                          # zero variance everywhere
-        ssim_grad = jax.grad(losses.ssim_loss)
+    def all_cases(noise):
+        def at(loss, x):
+            return jax.value_and_grad(loss)(x)
+        ssim = losses.ssim_loss
         return {
-            "hinge_g": jax.grad(lambda x: losses.generator_loss([[x, x]]))(flat),
-            "vanilla_d": jax.grad(lambda x: sum(losses.discriminator_loss([[x]], [[-x]], "vanilla")))(
-                jnp.full((2, 3), 80.0)),
-            "lsgan_d": jax.grad(lambda x: sum(losses.discriminator_loss([[x]], [[x]], "lsgan")))(flat),
-            "l1_all_masked": jax.grad(lambda x: losses.l1_loss(x, flat, jnp.zeros((1, 16, 16), bool)))(flat),
-            "l1_at_zero_error": jax.grad(losses.l1_loss)(flat, flat),
-            "ssim_identical_flat": ssim_grad(flat, flat),
-            "ssim_random": ssim_grad(noise, flat),
-            "ce_all_ignored": jax.grad(lambda z: losses.softmax_cross_entropy(z, jnp.full(4, 255)))(
-                jnp.zeros((4, 9))),
-            "ce_extreme_logits": jax.grad(lambda z: losses.softmax_cross_entropy(z, jnp.arange(4)))(
-                jnp.full((4, 9), 1e4).at[:, 0].set(-1e4)),
+            "hinge_g": at(lambda x: losses.generator_loss([[x, x]]), flat),
+            "vanilla_d": at(lambda x: sum(losses.discriminator_loss([[x]], [[-x]], "vanilla")),
+                            jnp.full((2, 3), 80.0)),
+            "lsgan_d": at(lambda x: sum(losses.discriminator_loss([[x]], [[x]], "lsgan")), flat),
+            "l1_all_masked": at(lambda x: losses.l1_loss(x, flat, jnp.zeros((1, 16, 16), bool)), flat),
+            "l1_at_zero_error": at(lambda x: losses.l1_loss(x, flat), flat),
+            "ssim_identical_flat": at(lambda x: ssim(x, flat), flat),
+            "ssim_random": at(lambda x: ssim(x, flat), noise),
+            "ce_all_ignored": at(lambda z: losses.softmax_cross_entropy(z, jnp.full(4, 255)),
+                                 jnp.zeros((4, 9))),
+            "ce_extreme_logits": at(lambda z: losses.softmax_cross_entropy(z, jnp.arange(4)),
+                                    jnp.full((4, 9), 1e4).at[:, 0].set(-1e4)),
         }
 
+    # Extreme logits: every row's softmax puts 0 on column 0 (-1e4) and 1/8 on
+    # the 8 others (1e4). Row 0's label is column 0: ce = 2e4 + log 8; rows
+    # 1-3 hit a 1e4 column: ce = log 8. Gradient of the mean: (softmax - onehot) / 4.
+    softmax = np.full((4, 9), 1 / 8).astype(np.float64)
+    softmax[:, 0] = 0
+    ce_grad = (softmax - np.eye(4, 9)) / 4
+    want = {
+        # -mean(logits): -0.5, and -1/n on every logit.
+        "hinge_g": (-0.5, np.full(flat.shape, -1 / n)),
+        # softplus(-80) twice, and d/dx of 2 * mean(softplus(-x)) over 6 logits
+        # = -2 * sigmoid(-80) / 6: tiny, but a float32 normal number, not 0 or NaN.
+        "vanilla_d": (2 * np.log1p(np.exp(-80.0)), np.full((2, 3), -np.exp(-80.0) / 3)),
+        # (0.5 - 1)^2 + 0.5^2, and (2 (x - 1) + 2 x) / n = 0 at x = 0.5.
+        "lsgan_d": (0.5, np.zeros(flat.shape)),
+        # Nothing valid: 0 / max(0, 1), a constant.
+        "l1_all_masked": (0.0, np.zeros(flat.shape)),
+        # SSIM of identical images is 1 whatever the (zero) variance: loss 0, its
+        # minimum, so the gradient of this smooth function vanishes there.
+        "ssim_identical_flat": (0.0, np.zeros(flat.shape)),
+        # No labelled pixel: the loss is defined as 0, a constant.
+        "ce_all_ignored": (0.0, np.zeros((4, 9))),
+        "ce_extreme_logits": ((2e4 + 4 * np.log(8)) / 4, ce_grad),
+    }
     noise = np.random.default_rng(0).uniform(0, 1, (1, 16, 16, 4)).astype(np.float32)
-    for name, grad in all_gradients(noise).items():
-        assert bool(jnp.all(jnp.isfinite(grad))), name
+    got = all_cases(noise)
+    for name, (value, grad) in want.items():
+        # Non-zero references to float32 round-off, relatively (the vanilla case's
+        # 1e-35 included); zero ones to the round-off of sums over 1024 terms
+        # (SSIM's E[x^2] - E[x]^2 of a flat image is not exactly 0).
+        assert float(got[name][0]) == pytest.approx(value, rel=1e-6, abs=1e-6 if value == 0 else 0), name
+        np.testing.assert_allclose(got[name][1], grad, rtol=1e-5, atol=0 if np.any(grad) else 1e-7,
+                                   err_msg=name)
+    # |x| has no derivative at 0: any subgradient in [-1/n, 1/n] is right (JAX
+    # takes the right derivative, +1/n; PyTorch sign(0) = 0), anything outside is not.
+    value, grad = got["l1_at_zero_error"]
+    assert float(value) == 0.0
+    assert np.all(np.abs(np.asarray(grad)) <= 1 / n), "l1_at_zero_error"
     # The random case has a real gradient (the test would not notice an all-zero one otherwise).
-    assert float(jnp.abs(all_gradients(noise)["ssim_random"]).sum()) > 0
+    assert float(jnp.abs(got["ssim_random"][1]).sum()) > 0
 
 
 def test_losses_jit():
