@@ -169,3 +169,94 @@ def test_a_worker_is_the_same_command_on_its_cores():
     for name in ("scale", "seeds", "only", "steps", "workers", "data_dir"):
         assert getattr(again, name) == getattr(args, name), name
     assert again.workdir == "/abs/w" and again.worker_cpus == "1"
+
+
+# ---------------------------------------------------------------------------
+# run_method and write_grid on a real run: the suite's tiny DSen2-CR, 2 steps
+# ---------------------------------------------------------------------------
+def _method_with_config(config, folder) -> experiment.Method:
+    """The experiment's DSen2-CR method with `config`: a Method's config may
+    be a saved config.json, which keeps the run as cheap as the suite's tiny one."""
+    import dataclasses
+
+    from rsjax import logging_utils
+
+    logging_utils.write_config(config, folder)
+    dsen2cr = next(m for m in experiment.METHODS if m.key == "dsen2cr")
+    return dataclasses.replace(dsen2cr, config=str(folder / "config.json"))
+
+
+@pytest.fixture(scope="module")
+def finished_dsen2cr(cloudy_data_dir, tmp_path_factory):
+    """(root, method, record) of the experiment's one DSen2-CR run, trained once."""
+    from trainer_utils import tiny_cloud_config
+
+    method = _method_with_config(tiny_cloud_config(cloudy_data_dir), tmp_path_factory.mktemp("config"))
+    root = epath.Path(tmp_path_factory.mktemp("experiment"))
+    return root, method, experiment.run_method(method, "demo", 0, root)
+
+
+def test_run_method_trains_once_then_reads_its_record(finished_dsen2cr, cloudy_data_dir, tmp_path):
+    from trainer_utils import tiny_cloud_config
+
+    from rsjax.experiments import runner
+
+    root, method, record = finished_dsen2cr
+    out = root / "dsen2cr" / "seed0"
+    assert json.loads((out / experiment.RUN_FILE).read_text()) == record
+    assert record["method"] == "dsen2cr" and record["seed"] == 0 and record["step"] == 2
+    assert record["config"]["seed"] == 0 and record["config"]["model"]["features"] == 8
+    assert record["attempts"] == 1 and record["seconds"] > 0
+    # Its per-image parts are what the tables read: one value per test tile.
+    rows = experiment.collect(root, [method], seeds=1)
+    assert list(rows) == ["cloudy_input", "dsen2cr"]
+    assert len(np.asarray(rows["dsen2cr"]["runs"][0]["cover"])) == 5    # conftest.CLOUDY_DATA's test split
+    # Asked again, the finished run is read, not trained (no new attempt), also
+    # from datasets moved elsewhere (data_dir is not part of a run's identity).
+    attempts = (out / runner.ATTEMPTS_FILE).read_text()
+    assert experiment.run_method(method, "demo", 0, root, data_dir=str(tmp_path)) == record
+    assert (out / runner.ATTEMPTS_FILE).read_text() == attempts
+    # Another config for the same folder is refused, naming the folder; nothing moves.
+    other = tiny_cloud_config(cloudy_data_dir)
+    other.optim.lr = 1e-3
+    changed = _method_with_config(other, tmp_path)
+    with pytest.raises(experiment.UserError, match="finished with another config") as err:
+        experiment.run_method(changed, "demo", 0, root)
+    assert str(out) in str(err.value)
+    assert json.loads((out / experiment.RUN_FILE).read_text()) == record
+
+
+def test_write_grid_shows_each_method_on_tiles_of_every_cover_bin(finished_dsen2cr):
+    """The grid is the cloudy input, the run's own output, the clear truth and
+    the mask, on up to 2 test tiles per cover bin, pixel for pixel."""
+    from PIL import Image
+
+    from rsjax import input_pipeline, viz
+    from rsjax.trainers import cloud_eval, cloud_removal
+
+    root, method, _ = finished_dsen2cr
+    assert experiment.write_grid(root, [method], "demo", seed=1) is None     # nothing finished
+    path = experiment.write_grid(root, [method], "demo", seed=0)
+    assert path == str(root / "grids" / "cloud_removal_seed0.png")
+
+    config = experiment.method_config(method, "demo", 0)
+    builder = input_pipeline.get_builder(config.data)
+    source = builder.as_data_source(split="test")
+    covers = np.array([float(t["cloud_cover"]) for t in source])
+    chosen = experiment.pick_tiles(covers)
+    bins = set(cm.cover_bin_index(covers).tolist())
+    assert set(cm.cover_bin_index(covers[chosen]).tolist()) == bins and len(bins) > 1
+    norm = input_pipeline.Normalizer.from_statistics(input_pipeline.load_statistics(builder))
+    tiles = [input_pipeline.normalize_tile(source[i], norm, ("lulc", "s1", "dem", "s2_cloudy"))
+             for i in chosen]
+    batch = {k: np.stack([t[k] for t in tiles]) for k in ("s1", "s2_cloudy", "image", "cloud_mask")}
+    remove_clouds, step = cloud_removal.load_inference(config, str(root / "dsen2cr" / "seed0"),
+                                                       devices=jax.devices()[:1])
+    assert step == 2
+    output = np.asarray(remove_clouds(batch))
+    assert not np.allclose(output, batch["s2_cloudy"])          # the model's image, not its input
+    rows = {"cloudy": batch["s2_cloudy"], "DSen2-CR (S2 cloudy + S1)": output,
+            "clear truth": batch["image"], "cloud mask": batch["cloud_mask"]}
+    want = viz.render_grid(rows, label_width=190, column_titles=[
+        f"cover {100 * covers[i]:.0f}%" for i in chosen], **cloud_eval.grid_options(rows))
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), want)

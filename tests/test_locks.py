@@ -166,3 +166,52 @@ def test_two_processes_taking_over_a_stale_lock_at_once_one_wins(tmp_path):
     outcomes = json.loads(done.stdout)
     doubles = [t for t, o in outcomes.items() if sorted(o) != ["busy", "won"]]
     assert len(outcomes) == trials and not doubles, f"{len(doubles)} of {trials} trials: {[(t, outcomes[t]) for t in doubles[:5]]}"
+
+
+# One process of a 2-process JAX job (jax.distributed, one CPU device each)
+# starting a training run: it takes the workdir's lock as train_and_evaluate does.
+LOCK_IN_A_JOB = """
+import sys
+from rsjax import locks, runtime
+runtime.maybe_initialize_distributed()          # joins the job from RSJAX_* (gloo on CPU)
+import jax
+try:
+    with locks.workdir_lock(sys.argv[1]):
+        print("acquired", flush=True)
+except locks.FolderBusy as err:
+    print(f"process {jax.process_index()} of {jax.process_count()}: {err}", flush=True)
+    sys.exit(2)
+"""
+
+
+def test_a_held_workdir_refuses_every_process_of_a_multi_host_run(tmp_path):
+    """While this process trains in a workdir, a 2-process run started there is
+    refused on both processes, promptly (neither waits in a collective for the
+    other): process 0, which checks, names the owner; process 1 points to it."""
+    import socket as sockets
+
+    with sockets.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RSJAX_", "JAX_COORDINATOR"))}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               RSJAX_COORDINATOR=f"localhost:{port}", RSJAX_NUM_PROCESSES="2")
+    with FolderLock(tmp_path, what="training run"):
+        procs = [subprocess.Popen([sys.executable, "-c", LOCK_IN_A_JOB, str(tmp_path)],
+                                  env=dict(env, RSJAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        try:
+            outputs = [p.communicate(timeout=120)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert [p.returncode for p in procs] == [2, 2], outputs
+        first, second = (next(line for line in out.splitlines() if line.startswith("process "))
+                         for out in outputs)
+        assert first.startswith(f"process 0 of 2: {tmp_path}: in use by another training run "
+                                f"(pid {os.getpid()} on host {socket.gethostname()}")
+        assert "train in another --workdir" in first
+        assert second == f"process 1 of 2: {tmp_path}: in use by another training run (see process 0's message)."
+        assert json.loads((tmp_path / "rsjax.lock").read_text())["pid"] == os.getpid()   # still ours
