@@ -71,7 +71,7 @@ def tests_data() -> Path:
 @pytest.fixture(scope="session")
 def run6(demo_data_dir, tmp_path_factory):
     """A 6-step tiny pix2pix run with checkpoints at steps 2, 4 and 6, trained once
-    per session for the checkpoint tests. Shared: copy its workdir (and config)
+    per test run for the checkpoint tests. Shared: copy its workdir (and config)
     before changing them."""
     from trainer_utils import tiny_fusion_config
 
@@ -79,8 +79,11 @@ def run6(demo_data_dir, tmp_path_factory):
 
     config = tiny_fusion_config(demo_data_dir, steps=6)
     config.keep_checkpoints = 3
-    workdir = tmp_path_factory.mktemp("ckpt") / "run"
-    get_trainer(config.trainer)(config, str(workdir))
+
+    def train(folder: Path) -> None:
+        get_trainer(config.trainer)(config, str(folder / "run"))
+
+    workdir = built_once(tmp_path_factory, "ckpt", train) / "run"
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
     return config, workdir
 
@@ -110,18 +113,38 @@ def mount_tmpfs(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test run, however many xdist workers: the
+    first worker to get here builds <shared temp>/<name> under an exclusive lock
+    and marks it done; the others wait for the lock and reuse the folder (a
+    dataset or a trained run costs 10-30 s of a 2-core machine)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base   # shared by the workers
+    folder, done = root / name, root / name / ".built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)              # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)     # a build that failed in another worker
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
-    """The `synthetic_demo` TFDS dataset (8 scenes, 64 px tiles), built once per session."""
+    """The `synthetic_demo` TFDS dataset (8 scenes, 64 px tiles), built once per test run."""
     import ml_collections
 
     from rsjax import input_pipeline
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    cfg = ml_collections.ConfigDict(dict(name="rs_multisource/synthetic_demo",
-                                         data_dir=str(data_dir), tile_size=64, worker_count=0))
-    input_pipeline.ensure_dataset(cfg)
-    return data_dir
+    def build(data_dir: Path) -> None:
+        input_pipeline.ensure_dataset(ml_collections.ConfigDict(dict(
+            name="rs_multisource/synthetic_demo", data_dir=str(data_dir), tile_size=64,
+            worker_count=0)))
+    return built_once(tmp_path_factory, "tfds", build)
 
 
 # A small dataset with clouds: 3 synthetic scenes of 128 px, 32 px tiles; split
@@ -133,15 +156,15 @@ CLOUDY_DATA = dict(name="rs_multisource/synthetic_cloudy_demo", tile_size=32, sy
 
 @pytest.fixture(scope="session")
 def cloudy_data_dir(tmp_path_factory) -> Path:
-    """A small `synthetic_cloudy_demo` dataset (CLOUDY_DATA), built once per session."""
+    """A small `synthetic_cloudy_demo` dataset (CLOUDY_DATA), built once per test run."""
     import ml_collections
 
     from rsjax import input_pipeline
 
-    data_dir = tmp_path_factory.mktemp("tfds_cloudy")
-    input_pipeline.ensure_dataset(ml_collections.ConfigDict(dict(
-        data_dir=str(data_dir), worker_count=0, **CLOUDY_DATA)))
-    return data_dir
+    def build(data_dir: Path) -> None:
+        input_pipeline.ensure_dataset(ml_collections.ConfigDict(dict(
+            data_dir=str(data_dir), worker_count=0, **CLOUDY_DATA)))
+    return built_once(tmp_path_factory, "tfds_cloudy", build)
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +183,27 @@ def _rsjax_logger_propagates():
 
 # ---------------------------------------------------------------------------
 # CI: no test may be silently absent
+# ---------------------------------------------------------------------------
+# The suite runs on two workers that take whole files (pytest.ini: -n 2 --dist
+# loadfile). They finish together when the longest files start first and the
+# short ones fill the end (longest-processing-time-first scheduling); xdist's
+# own order (files with the most tests first, --no-loadscope-reorder turns it
+# off) started the longest ones last. Seconds of worker time per file, measured
+# with --durations=0 on a 2-core machine (2026-12-07); other files follow in
+# their usual order, and a test's place inside its file is kept.
+LONGEST_FILES = ("test_fusion_training.py", "test_experiments.py", "test_checkpoint_safety.py",
+                 "test_bench.py", "test_own_data.py", "test_models.py", "test_predict.py",
+                 "test_segmentation.py", "test_multihost.py", "test_cloud_removal.py",
+                 "test_cli.py", "test_models_parallel.py", "test_cloud_experiment.py",
+                 "test_reliability_checkpoints.py", "test_bench_predict.py", "test_metrics.py",
+                 "test_reliability_config.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 # ---------------------------------------------------------------------------
 # A skip (no gdaldem, no TensorFlow, fewer than 8 devices) is fine on a
 # developer's machine, where `-ra` lists it; in CI (.ci/run sets
