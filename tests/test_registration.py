@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
@@ -337,6 +339,32 @@ def test_registered_values_do_not_depend_on_the_read_window(exact_scene):
                                    err_msg=where)
         np.testing.assert_allclose(arrays["dem"][..., 1], crop(whole["dem"], window)[..., 1], rtol=0, atol=0.01,
                                    err_msg=where)
+
+
+@pytest.fixture(scope="module")
+def registered_whole(exact_scene):
+    """The exact scene registered and open, with its whole grid read once."""
+    with RegisteredScene(exact_scene) as reg:
+        yield reg, reg.read(Window(0, 0, EXACT_SIZE, EXACT_SIZE))
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+def test_any_window_reads_the_pixels_of_the_whole_grid(registered_whole, data):
+    """Property (hypothesis): a window of any position, width and height (1 px to the
+    whole grid, at the grid's edges too) reads what the whole grid holds there."""
+    reg, whole = registered_whole
+    row, col = data.draw(st.integers(0, EXACT_SIZE - 1)), data.draw(st.integers(0, EXACT_SIZE - 1))
+    window = Window(col, row, data.draw(st.integers(1, EXACT_SIZE - col)),
+                    data.draw(st.integers(1, EXACT_SIZE - row)))
+    arrays = reg.read(window)
+    where = f"window {window}"
+    np.testing.assert_array_equal(arrays["lulc"], crop(whole["lulc"], window), err_msg=where)
+    np.testing.assert_array_equal(arrays["s2"], crop(whole["s2"], window), err_msg=where)
+    np.testing.assert_allclose(arrays["s1"], crop(whole["s1"], window), rtol=0, atol=1e-3, err_msg=where)
+    for band, atol in ((0, 1e-3), (1, 0.01)):                    # elevation (m), slope (deg)
+        np.testing.assert_allclose(arrays["dem"][..., band], crop(whole["dem"], window)[..., band],
+                                   rtol=0, atol=atol, err_msg=where)
 
 
 def gdalwarp(src, dst, grid_transform, width, height, resampling, extra=()):

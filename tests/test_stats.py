@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rsjax import metrics
 from rsjax.experiments import stats
@@ -144,3 +146,47 @@ def test_band_over_seeds():
     mean, low, high = stats.band([[0.1, 0.2], [0.3, 0.4], [0.2, 0.3]])
     np.testing.assert_allclose(mean, [0.2, 0.3])
     np.testing.assert_allclose(high - mean, 4.3027 * 0.1 / math.sqrt(3), rtol=1e-4)
+
+
+# -- properties on random data (hypothesis) -------------------------------------------------------
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+@given(st.lists(finite, min_size=2, max_size=12))
+def test_seed_interval_is_scipys_t_interval_for_any_sample(values):
+    """Against an independent reference: scipy's Student-t interval of the mean."""
+    from scipy import stats as scipy_stats
+
+    iv = stats.seed_interval(values)
+    x = np.asarray(values)
+    sem = x.std(ddof=1) / math.sqrt(len(x))
+    assert iv.mean == pytest.approx(x.mean(), abs=1e-9)
+    if sem > 0:
+        low, high = scipy_stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sem)
+        assert (iv.low, iv.high) == pytest.approx((low, high), rel=1e-6, abs=1e-9)
+    assert iv.low <= iv.mean <= iv.high and iv.n_seeds == len(x)
+
+
+@st.composite
+def paired_runs(draw):
+    """Per-tile PSNR-like parts of two methods over the same seeds and tiles."""
+    seeds, tiles = draw(st.integers(2, 4)), draw(st.integers(2, 12))
+    grid = st.lists(st.lists(st.floats(0, 50, allow_nan=False), min_size=tiles, max_size=tiles),
+                    min_size=seeds, max_size=seeds)
+    return ([{"psnr": np.array(r)} for r in draw(grid)], [{"psnr": np.array(r)} for r in draw(grid)])
+
+
+@settings(max_examples=40)
+@given(paired_runs(), st.floats(-10, 10, allow_nan=False))
+def test_paired_difference_is_antisymmetric_and_shifts_with_a_constant(runs, shift):
+    """Swapping the methods negates the interval; adding a constant to every score
+    of A moves it by that constant (PSNR is a mean over tiles); the point estimate
+    is always inside."""
+    a, b = runs
+    metric = stats.image_metric("psnr")
+    iv = stats.paired_difference(a, b, metric, n_boot=50, seed=1)
+    swapped = stats.paired_difference(b, a, metric, n_boot=50, seed=1)
+    moved = stats.paired_difference([{"psnr": r["psnr"] + shift} for r in a], b, metric, n_boot=50, seed=1)
+    assert iv.low <= iv.mean <= iv.high
+    assert (swapped.low, swapped.high) == pytest.approx((-iv.high, -iv.low), abs=1e-6)
+    assert (moved.low, moved.high) == pytest.approx((iv.low + shift, iv.high + shift), abs=1e-6)
