@@ -234,20 +234,28 @@ def test_rounds_report_each_ratio_and_their_spread():
     assert rounds["rsjax_seconds"] == [10.0, 5.0, 4.0]
 
 
-def test_bench_against_torch_runs_pytorch_or_says_how_to_install_it(capsys):
-    """With PyTorch (the bench extra), `--against torch` times PyTorch's step of
+TORCH_ARGV = ["--parts", "matmul,unet", "--sizes", "32", "--batches", "2", "--steps", "1",
+              "--config_arg", "demo", "--matmul_sizes", "256", "--against", "torch", "--rounds", "2"]
+
+def test_bench_against_torch_without_pytorch_says_how_to_install_it(capsys, monkeypatch):
+    """Without PyTorch (the lookup of the module finds nothing, as on a machine
+    without the bench extra), `--against torch` fails before timing anything,
+    saying how to install it, in one line."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torch" else find_spec(name, *args))
+    assert bench.main(TORCH_ARGV) == 2
+    captured = capsys.readouterr()
+    assert "pip install 'rsjax[bench]'" in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_bench_against_torch_runs_pytorchs_step_in_the_same_run(capsys):
+    """With PyTorch (in the test extra), `--against torch` times PyTorch's step of
     the same U-Net (here the demo's, at 32 px) in a subprocess and reports the
-    ratio; without it (CI's test install: PyPI's PyTorch is the CUDA build, too
-    big for a test dependency) it fails first with how to install it. Either
-    way the test checks what the command did."""
-    argv = ["--parts", "matmul,unet", "--sizes", "32", "--batches", "2", "--steps", "1",
-            "--config_arg", "demo", "--matmul_sizes", "256", "--against", "torch",
-            "--rounds", "2"]
-    if importlib.util.find_spec("torch") is None:
-        assert bench.main(argv) == 2
-        err = capsys.readouterr().err
-        assert "pip install 'rsjax[bench]'" in err and "Traceback" not in err
-        return
+    ratio."""
+    pytest.importorskip("torch", reason="PyTorch (CPU) is in the test extra")
+    argv = TORCH_ARGV
     assert bench.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["machine"]["loadavg_1_5_15_min"]) == 3
@@ -366,11 +374,11 @@ def test_torch_convs_are_matched_layer_by_layer():
 
 def test_bench_convs_time_every_layer_beside_pytorchs(capsys):
     """`--parts convs` times the demo U-Net's convolutions at 32 px one by one
-    and, with PyTorch installed, PyTorch's of the same layers in the same run."""
+    and PyTorch's of the same layers in the same run (PyTorch is in the test extra)."""
     argv = ["--parts", "matmul,convs", "--sizes", "32", "--batches", "2", "--steps", "1",
             "--config_arg", "demo", "--matmul_sizes", "256"]
-    has_torch = importlib.util.find_spec("torch") is not None
-    assert bench.main(argv + (["--against", "torch"] if has_torch else [])) == 0
+    pytest.importorskip("torch", reason="PyTorch (CPU) is in the test extra")
+    assert bench.main(argv + ["--against", "torch"]) == 0
     report = json.loads(capsys.readouterr().out)
     (entry,) = report["convs"]
     assert sum(l["count"] for l in entry["layers"]) == 22      # 2 per double conv, 11 of them
@@ -379,9 +387,9 @@ def test_bench_convs_time_every_layer_beside_pytorchs(capsys):
                                                      rel=0.01, abs=0.051)
     assert entry["total"]["mfu"] == pytest.approx(
         entry["total"]["gflop_per_s"] / report["matmul_peak"]["gflop_per_s"], abs=0.002)
-    if has_torch:
-        assert entry["total"]["speedup_vs_pytorch"] == pytest.approx(
-            entry["pytorch"]["total"]["seconds"] / entry["total"]["seconds"], rel=0.01)
-        assert all(l["pytorch_seconds"] > 0 for l in entry["layers"])
+    # PyTorch's side, the same layers in the same run.
+    assert entry["total"]["speedup_vs_pytorch"] == pytest.approx(
+        entry["pytorch"]["total"]["seconds"] / entry["total"]["seconds"], rel=0.01)
+    assert all(l["pytorch_seconds"] > 0 for l in entry["layers"])
     assert bench.main(["--parts", "convs", "--sizes", "48"]) == 2
     assert "not a multiple of 32" in capsys.readouterr().err
