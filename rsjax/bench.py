@@ -45,6 +45,9 @@ Parts (`--parts`, comma-separated):
 - `pipeline`: the training input pipeline's rate (host batches, 0 grain
   workers) on the demo dataset, in megapixels/s, against what each measured
   fusion step consumes.
+- `startup`: seconds to the first step of the quick start's train command
+  (one step, demo dataset built first), cold and warm compilation cache, by
+  phase (rsjax.bench_startup).
 
 `machine` records the date and `os.getloadavg()` at the start (the report's
 `loadavg_1_5_15_min_at_end` at the end): on a shared machine other work slows
@@ -73,7 +76,7 @@ import numpy as np
 from rsjax import cli, runtime
 from rsjax.errors import RunFailed, UserError
 
-PARTS = ("matmul", "fusion", "unet", "convs", "pipeline")
+PARTS = ("matmul", "fusion", "unet", "convs", "pipeline", "startup")
 AGAINST = ("none", "torch")
 
 # NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
@@ -690,6 +693,12 @@ def benchmark(args) -> dict:
         if report.get("fusion"):
             pipe["against_fusion_step"] = pipeline_headroom(pipe, report["fusion"])
         report["pipeline"] = pipe
+    if "startup" in args.parts:
+        from rsjax import bench_startup
+        _log("seconds to the first step: the quick start's train command, 1 step, "
+             "cold then warm compilation cache (a few minutes) ...")
+        report["startup"] = bench_startup.startup(args.data_dir)
+        _log("  " + json.dumps(report["startup"]))
     report["loadavg_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 

@@ -194,9 +194,10 @@ def _rsjax_logger_propagates():
 LONGEST_FILES = ("test_fusion_training.py", "test_experiments.py", "test_checkpoint_safety.py",
                  "test_bench.py", "test_own_data.py", "test_models.py", "test_predict.py",
                  "test_segmentation.py", "test_multihost.py", "test_cloud_removal.py",
-                 "test_cli.py", "test_models_parallel.py", "test_cloud_experiment.py",
-                 "test_reliability_checkpoints.py", "test_bench_predict.py", "test_metrics.py",
-                 "test_reliability_config.py", "test_report.py")
+                 "test_cli.py", "test_bench_startup.py", "test_models_parallel.py",
+                 "test_cloud_experiment.py", "test_reliability_checkpoints.py",
+                 "test_bench_predict.py", "test_metrics.py", "test_reliability_config.py",
+                 "test_report.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
