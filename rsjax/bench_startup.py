@@ -6,13 +6,15 @@ twice: with an empty compilation cache (cold, a user's first run) and again with
 the cache the first run filled (warm, every later run). Each run reports, as
 JSON, where its seconds went:
 
-- `interpreter_and_imports_s`: from the process's start to `rsjax.cli` imported;
+- `interpreter_and_imports_s`: from the process's start to the command's
+  libraries imported (jax, flax, optax, orbax, rsjax's trainer);
 - `first_step_s`: from the process's start to the first step's metrics on disk;
 - `total_s`: the whole command (it also evaluates, checkpoints and draws grids);
 - `compile_s`, `trace_s`, `lower_s`: XLA compilation (or loading the program
   from the cache), tracing to jaxprs and lowering to MLIR, summed over every
   jitted program (jax.monitoring's events), `programs` how many and
-  `cache_hits` how many were loaded from the cache (`cache_read_s`);
+  `cache_hits` how many were loaded from the cache (`cache_read_s`),
+  `compile_s_by_program` the compile seconds of each (0.05 s or more);
 - `checkpoint_blocking_s`: the time Orbax held the training loop (its own
   event; the rest of a save runs in the background);
 - `tensorflow_imported`: whether training imported TensorFlow (it must not).
@@ -66,17 +68,27 @@ def _watch_for(path: Path, found: dict, stop: threading.Event) -> None:
 def measure(config: str, workdir: str, data_dir: str, overrides: tuple = ()) -> dict:
     """In this process: the train command's phases (see the module docstring);
     `overrides`: more `--config.key=value` arguments."""
-    from rsjax import cli                      # what every command imports first
+    # What the train command imports, imported first so their seconds are counted here.
+    import flax.nnx  # noqa: F401
+    import jax  # noqa: F401
+    import optax  # noqa: F401
+    import orbax.checkpoint  # noqa: F401
+
+    from rsjax import cli
+    from rsjax.trainers import fusion  # noqa: F401
     imports_done = _since_process_start()
     from jax._src import monitoring
 
     sums: dict = collections.defaultdict(float)
     counts: dict = collections.Counter()
+    by_program: dict = collections.defaultdict(float)
 
-    def on_event(event: str, seconds: float, **_) -> None:
+    def on_event(event: str, seconds: float, **kwargs) -> None:
         if event in _EVENTS:
             sums[_EVENTS[event]] += seconds
             counts[event] += 1
+        if event == "/jax/core/compile/backend_compile_duration":
+            by_program[kwargs.get("fun_name", "?")] += seconds
 
     monitoring.register_event_duration_secs_listener(on_event)
     found: dict = {}
@@ -93,6 +105,8 @@ def measure(config: str, workdir: str, data_dir: str, overrides: tuple = ()) -> 
             "first_step_s": found.get("first_step_s"), "total_s": round(total, 2),
             **{k: round(sums[k], 2) for k in _EVENTS.values()},
             "programs": counts["/jax/core/compile/backend_compile_duration"],
+            "compile_s_by_program": {k: round(v, 2) for k, v in sorted(
+                by_program.items(), key=lambda kv: -kv[1]) if v >= 0.05},
             "cache_hits": counts["/jax/compilation_cache/cache_retrieval_time_sec"],
             "tensorflow_imported": "tensorflow" in sys.modules}
 

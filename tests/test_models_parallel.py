@@ -189,3 +189,40 @@ def test_gan_step_on_8_devices_equals_the_step_on_1_device(mesh):
                            g_rest_before["head_0"]["norm_0"]["norm"]["mean"][...])
     assert not np.allclose(g_rest_after["head_0"]["conv_0"]["u"][...],
                            g_rest_before["head_0"]["conv_0"]["u"][...])
+
+
+_INIT_THREE_WAYS = """
+import jax, numpy as np
+from flax import nnx
+from rsjax import mesh as mesh_lib
+from rsjax.models.patchgan import MultiscaleDiscriminator
+
+def init():
+    return nnx.state(MultiscaleDiscriminator(20, ndf=4, rngs=nnx.Rngs(0)), nnx.Param)
+
+mesh = mesh_lib.create_mesh(jax.devices()[:1])
+got = mesh_lib.init_replicated(init, mesh)
+one_shot = jax.jit(init, compiler_options=mesh_lib.ONE_SHOT_CPU_OPTIONS)()
+optimized = jax.jit(init)()
+same = lambda x, y: all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+print(same(got, one_shot), same(got, optimized))
+"""
+
+
+def test_initial_state_is_compiled_with_the_one_shot_options_on_cpu(mesh):
+    """init_replicated compiles with ONE_SHOT_CPU_OPTIONS on CPU (XLA's backend
+    optimizations cost a cold start 10 s for a program that runs once). Seen in a
+    process with XLA's default options (the tests' own flags turn them off for
+    everything): its state is, bit for bit, the one-shot program's, and not the
+    optimized program's (which contracts multiply-adds: round-off differs)."""
+    import subprocess
+    import sys
+
+    from rsjax import mesh as mesh_lib
+
+    assert mesh_lib.one_shot_compiler_options(mesh) == mesh_lib.ONE_SHOT_CPU_OPTIONS
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _INIT_THREE_WAYS], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]
