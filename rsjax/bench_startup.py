@@ -8,7 +8,8 @@ JSON, where its seconds went:
 
 - `interpreter_and_imports_s`: from the process's start to the command's
   libraries imported (jax, flax, optax, orbax, rsjax's trainer);
-- `first_step_s`: from the process's start to the first step's metrics on disk;
+- `first_step_s`: from the process's start to the first step's losses in
+  metrics.jsonl;
 - `total_s`: the whole command (it also evaluates, checkpoints and draws grids);
 - `compile_s`, `trace_s`, `lower_s`: XLA compilation (or loading the program
   from the cache), tracing to jaxprs and lowering to MLIR, summed over every
@@ -56,10 +57,27 @@ def _since_process_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
+def _first_step_logged(path: Path) -> bool:
+    """Whether metrics.jsonl holds a training step's losses (the file is opened,
+    and may get other records, before the first step has run)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue                       # a line being written
+        if isinstance(record, dict) and any(k.endswith("loss") for k in record):
+            return True
+    return False
+
+
 def _watch_for(path: Path, found: dict, stop: threading.Event) -> None:
-    """Notes when `path` first exists (the first step's metrics written)."""
+    """Notes when the first step's losses are in `path` (metrics.jsonl)."""
     while not stop.is_set():
-        if path.exists():
+        if _first_step_logged(path):
             found["first_step_s"] = round(_since_process_start(), 2)
             return
         stop.wait(0.05)
