@@ -184,28 +184,6 @@ def _rsjax_logger_propagates():
 # ---------------------------------------------------------------------------
 # CI: no test may be silently absent
 # ---------------------------------------------------------------------------
-# The suite runs on two workers that take whole files (pytest.ini: -n 2 --dist
-# loadfile). They finish together when the longest files start first and the
-# short ones fill the end (longest-processing-time-first scheduling); xdist's
-# own order (files with the most tests first, --no-loadscope-reorder turns it
-# off) started the longest ones last. Seconds of worker time per file, measured
-# with --durations=0 on a 2-core machine (2026-12-07); other files follow in
-# their usual order, and a test's place inside its file is kept.
-LONGEST_FILES = ("test_fusion_training.py", "test_experiments.py", "test_checkpoint_safety.py",
-                 "test_bench.py", "test_own_data.py", "test_models.py", "test_predict.py",
-                 "test_segmentation.py", "test_multihost.py", "test_cloud_removal.py",
-                 "test_cli.py", "test_bench_startup.py", "test_models_parallel.py",
-                 "test_cloud_experiment.py", "test_reliability_checkpoints.py",
-                 "test_bench_predict.py", "test_metrics.py", "test_reliability_config.py",
-                 "test_report.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
-# ---------------------------------------------------------------------------
 # A skip (no gdaldem, no TensorFlow, fewer than 8 devices) is fine on a
 # developer's machine, where `-ra` lists it; in CI (.ci/run sets
 # RSJAX_FAIL_ON_SKIP=1) it means something the tests need is missing, so the
