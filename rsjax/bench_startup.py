@@ -25,19 +25,16 @@ command line); the parent only starts it and reads its JSON line.
 """
 from __future__ import annotations
 
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-
-_STARTED = time.perf_counter()       # before anything heavy is imported
-
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 # One step of the quick start's run, logged at once, nothing periodic but the end.
 TRAIN_OVERRIDES = ("--config.total_steps=1", "--config.log_every_steps=1",
