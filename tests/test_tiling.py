@@ -107,16 +107,13 @@ def scenes(draw):
                 flush_rows=draw(st.integers(1, 20)))
 
 
-def run_tiled(height, width, tile, overlap, batch_size, flush_rows, inputs, nodata, model):
-    """tiled_predict over in-memory arrays; returns the written scene and mask, and
-    checks that rows were written once each, in order."""
+def run_tiled(case, read_tile, model):
+    """tiled_predict over `case`'s sizes with `read_tile` and `model`; returns the
+    written scene and mask, and checks that rows were written once each, in order."""
+    height, width = case["height"], case["width"]
     out = np.full((height, width, 1), np.nan, np.float32)
     out_nodata = np.zeros((height, width), bool)
     next_row = [0]
-
-    def read_tile(row, col, nrows, ncols):
-        return ({k: v[row:row + nrows, col:col + ncols] for k, v in inputs.items()},
-                nodata[row:row + nrows, col:col + ncols])
 
     def write_rows(row, values, mask):
         assert row == next_row[0]
@@ -124,9 +121,9 @@ def run_tiled(height, width, tile, overlap, batch_size, flush_rows, inputs, noda
         out[row:row + len(values)] = values
         out_nodata[row:row + len(values)] = mask
 
-    tiling.tiled_predict(height, width, tile=tile, overlap=overlap, channels=1, read_tile=read_tile,
-                         predict_batch=model, write_rows=write_rows, batch_size=batch_size,
-                         flush_rows=flush_rows)
+    tiling.tiled_predict(height, width, tile=case["tile"], overlap=case["overlap"], channels=1,
+                         read_tile=read_tile, predict_batch=model, write_rows=write_rows,
+                         batch_size=case["batch_size"], flush_rows=case["flush_rows"])
     assert next_row[0] == height
     return out[..., 0], out_nodata
 
@@ -149,8 +146,11 @@ def test_any_tiling_of_an_affine_model_reproduces_the_scene(case):
     rng = np.random.default_rng(case["height"] * 1000 + case["width"])
     field = rng.normal(size=(case["height"], case["width"], 1)).astype(np.float32)
     nodata = rng.random((case["height"], case["width"])) < 0.1
-    out, out_nodata = run_tiled(**case, inputs={"x": field}, nodata=nodata,
-                                model=lambda b: 3.0 * b["x"] - 1.0)
+
+    def read_tile(row, col, nrows, ncols):
+        return ({"x": field[row:row + nrows, col:col + ncols]},
+                nodata[row:row + nrows, col:col + ncols])
+    out, out_nodata = run_tiled(case, read_tile, model=lambda b: 3.0 * b["x"] - 1.0)
     np.testing.assert_allclose(out, 3.0 * field[..., 0] - 1.0, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out_nodata, nodata)
 
@@ -175,22 +175,8 @@ def test_any_tiling_blends_tiles_with_the_documented_weights(case):
         total[r:r + h, c:c + w] += win * (k + 1)
         weight[r:r + h, c:c + w] += win
 
-    out = run_tiled_numbers(case, lambda row, col, h, w: np.full((h, w, 1), numbers[(row, col)], np.float32))
+    def read_number(row, col, nrows, ncols):
+        return ({"n": np.full((nrows, ncols, 1), numbers[(row, col)], np.float32)},
+                np.zeros((nrows, ncols), bool))
+    out, _ = run_tiled(case, read_number, model=lambda b: b["n"])
     np.testing.assert_allclose(out, total / weight, rtol=1e-5)
-
-
-def run_tiled_numbers(case, read_number):
-    """tiled_predict where each tile's input is made by read_number(row, col, h, w)."""
-    height, width = case["height"], case["width"]
-    out = np.full((height, width), np.nan, np.float32)
-
-    def read_tile(row, col, nrows, ncols):
-        return {"n": read_number(row, col, nrows, ncols)}, np.zeros((nrows, ncols), bool)
-
-    def write_rows(row, values, mask):
-        out[row:row + len(values)] = values[..., 0]
-
-    tiling.tiled_predict(height, width, tile=case["tile"], overlap=case["overlap"], channels=1,
-                         read_tile=read_tile, predict_batch=lambda b: b["n"], write_rows=write_rows,
-                         batch_size=case["batch_size"], flush_rows=case["flush_rows"])
-    return out
