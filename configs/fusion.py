@@ -15,7 +15,8 @@ Arguments (comma-separated after ':'):
   `_lulc.tif`, `_dem.tif`), 256 px tiles unless `--config.data.tile_size=N`;
   the dataset is built on first use and found again afterwards;
 - `sources=lulc+s1+dem` (any non-empty subset);
-- `model=rs_spade|pix2pix`;
+- `model=rs_spade|pix2pix|flow` (flow: the rectified-flow generator of
+  rsjax.models.flow, sampled in `--config.flow.sample_steps` Euler or Heun steps);
 - `objective=spade|pix2pix|spade+l1`: the GAN objective, by default the
   model's own (RS-SPADE: hinge + feature matching x10; pix2pix: vanilla GAN +
   L1 x100); `spade+l1` adds pix2pix's L1 x100 term to SPADE's, so that
@@ -82,12 +83,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                lambda_ssim=0.0, reuse_generator_forward=True))
         c.optim = ml_collections.ConfigDict(dict(g_lr=2e-4, d_lr=2e-4, b1=0.5, b2=0.999,
                                                  decay_start_step=None))
+    elif a.model == "flow":
+        # Rectified flow (rsjax.models.flow): a U-Net velocity network with
+        # RS-SPADE's per-source embeddings modulating every block, Adam 1e-4,
+        # sampled in 8 Euler steps; no discriminator, no GAN objective.
+        c.generator = ml_collections.ConfigDict(dict(
+            name="flow_unet", ngf=64, channel_mults=(1, 2, 4), embed_dim=32, hidden=128,
+            time_dim=256, groups=8))
+        c.flow = ml_collections.ConfigDict(dict(sample_steps=8, solver="euler",
+                                                time_sampling="logit_normal"))
+        c.optim = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.999,
+                                                 decay_start_step=None))
+        if a.objective:
+            raise ValueError(f"objective='{a.objective}': the flow model has no GAN objective.")
     else:
-        raise ValueError(f"model='{a.model}': choose rs_spade or pix2pix.")
-    set_objective(c.gan, a.objective or ("spade" if a.model == "rs_spade" else "pix2pix"))
+        raise ValueError(f"model='{a.model}': choose rs_spade, pix2pix or flow.")
+    if a.model != "flow":
+        set_objective(c.gan, a.objective or ("spade" if a.model == "rs_spade" else "pix2pix"))
 
     c.ema_decay = 0.999
-    c.eval_use_ema = False           # the same for every model in the experiments
+    # The GANs are scored on their own weights (the same for every model in the
+    # experiments); the flow model on its EMA weights, part of the method.
+    c.eval_use_ema = a.model == "flow"
     common.add_image_model_loop_settings(c, scale=scale, steps=a.steps)
     if small:
         # Small enough that building the synthetic dataset and training finish on
@@ -97,6 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.generator.spade_hidden = 32
             c.discriminator.ndf = 16
             c.discriminator.n_layers = 3
+        elif a.model == "flow":
+            c.generator.ngf = 16
+            c.generator.hidden = 32
+            c.generator.time_dim = 64
         else:
             c.generator.ngf = 16
             c.generator.num_downs = 6      # 64 px tiles

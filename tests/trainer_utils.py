@@ -25,31 +25,39 @@ def load_config(name: str, arg: str = "demo"):
     return load(f"{name}:{arg}" if arg else name, lock=False)
 
 
+# The fusion models at the smallest widths that still exercise every layer.
+TINY_MODELS = {
+    "pix2pix": {"generator.ngf": 4, "discriminator.ndf": 4},
+    "rs_spade": {"generator.ngf": 4, "discriminator.ndf": 4, "generator.embed_dim": 4,
+                 "generator.spade_hidden": 8},
+    "flow": {"generator.ngf": 4, "generator.channel_mults": (1, 2), "generator.embed_dim": 4,
+             "generator.hidden": 8, "generator.time_dim": 16, "generator.groups": 2,
+             "flow.sample_steps": 2},
+}
+
+
 def tiny_fusion_config(data_dir, model: str = "pix2pix", steps: int = 4, sources: str = "all"):
     """The demo config shrunk so a run compiles and trains in seconds."""
     c = load_config("fusion", f"demo,model={model},sources={sources}")
     tiny = {"data.data_dir": str(data_dir), "data.augment": True, "total_steps": steps,
             "global_batch_size": 8, "eval_batch_size": 8, "log_every_steps": 2,
             "image_every_steps": 0, "eval_every_steps": 0, "checkpoint_every_steps": 2,
-            "optim.decay_start_step": None, "generator.ngf": 4, "discriminator.ndf": 4}
-    if model == "rs_spade":
-        tiny.update({"generator.embed_dim": 4, "generator.spade_hidden": 8})
+            "optim.decay_start_step": None, **TINY_MODELS[model]}
     c.update_from_flattened_dict(tiny)
     return c
 
 
 def tiny_cloud_config(data_dir, name: str = "cloud_removal", sources: str = "s2_cloudy+s1",
-                      steps: int = 2, extra: str = ""):
+                      steps: int = 2, extra: str = "", model: str = "rs_spade"):
     """A run on the small cloudy dataset (conftest.CLOUDY_DATA), shrunk to train
-    in seconds: `cloud_removal` (DSen2-CR) or `fusion` (RS-SPADE); `extra`: more
-    config arguments (e.g. "clouds")."""
+    in seconds: `cloud_removal` (DSen2-CR) or `fusion` (`model`: RS-SPADE by
+    default); `extra`: more config arguments (e.g. "clouds")."""
     from conftest import CLOUDY_DATA
 
-    model = ["model=rs_spade"] if name == "fusion" else []
-    c = load_config(name, ",".join(["demo", *model, f"sources={sources}", *filter(None, [extra])]))
+    model_arg = [f"model={model}"] if name == "fusion" else []
+    c = load_config(name, ",".join(["demo", *model_arg, f"sources={sources}", *filter(None, [extra])]))
     if name == "fusion":
-        c.update_from_flattened_dict({"generator.ngf": 4, "discriminator.ndf": 4,
-                                      "generator.embed_dim": 4, "generator.spade_hidden": 8})
+        c.update_from_flattened_dict(TINY_MODELS[model])
     else:
         c.update_from_flattened_dict({"model.features": 8, "model.num_blocks": 1})
     c.data.update(CLOUDY_DATA)

@@ -8,12 +8,14 @@
 | `patchgan`            | `patchgan.NLayerDiscriminator`          | junyanz pix2pix 70x70 |
 | `rs_unet`             | `unet.RSUNet`                           | paper Sec. 4        |
 | `dsen2cr`             | `dsen2cr.DSen2CR`                       | Meraner et al. 2020 (cloud removal) |
+| `flow_unet`           | `flow.FlowUNet`                         | rectified flow (Liu et al. 2022), RS-SPADE's conditioning |
 """
 from __future__ import annotations
 
 from flax import nnx
 
 from rsjax.models.dsen2cr import DSen2CR
+from rsjax.models.flow import FlowUNet
 from rsjax.models.patchgan import MultiscaleDiscriminator, NLayerDiscriminator
 from rsjax.models.pix2pix import UNetGenerator
 from rsjax.models.spade import RSSpadeGenerator
@@ -26,6 +28,7 @@ MODELS = {
     "patchgan": NLayerDiscriminator,
     "rs_unet": RSUNet,
     "dsen2cr": DSen2CR,
+    "flow_unet": FlowUNet,
 }
 
 
@@ -41,5 +44,5 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **kw
     return MODELS[name](**kwargs, rngs=rngs)
 
 
-__all__ = ["MODELS", "create_model", "DSen2CR", "MultiscaleDiscriminator", "NLayerDiscriminator",
+__all__ = ["MODELS", "create_model", "DSen2CR", "FlowUNet", "MultiscaleDiscriminator", "NLayerDiscriminator",
            "RSSpadeGenerator", "RSUNet", "UNetGenerator"]

@@ -39,7 +39,7 @@ from rsjax.data.contract import MODEL_SOURCES
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
 from rsjax.locks import one_writer
-from rsjax.trainers import checkpoints, cloud_eval, loop
+from rsjax.trainers import checkpoints, cloud_eval, flow, loop
 from rsjax.trainers.nonfinite import all_finite, guarded_update
 
 log = logging.getLogger("rsjax")
@@ -160,6 +160,18 @@ class Setup:
             "ema": jax.tree.map(jnp.copy, g_params),
             "nonfinite": jnp.zeros((), jnp.int32),
         }
+
+
+def make_setup(config, sources):
+    """The Setup of the config's generator: the GAN's (this module) or the flow
+    model's (rsjax.trainers.flow), which offer the same interface."""
+    return flow.Setup(config, sources) if flow.is_flow(config) else Setup(config, sources)
+
+
+def step_function(setup):
+    """The jitted train step of a `make_setup` Setup (the state is donated)."""
+    step = flow.train_step if isinstance(setup, flow.Setup) else train_step
+    return jax.jit(functools.partial(step, setup), donate_argnums=(0,))
 
 
 def ema_update(ema, params, decay):
@@ -343,7 +355,7 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=N
     """(setup, state, step, mesh): a checkpoint written on any device count, on
     a mesh over `devices` (default: all)."""
     mesh = mesh_lib.create_mesh(devices)
-    setup = Setup(config, selected_sources(config))
+    setup = make_setup(config, selected_sources(config))
     state, step = checkpoints.restore_state(config, workdir, setup.init_state, mesh, step)
     return setup, state, step, mesh
 
@@ -471,9 +483,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     train_iter = input_pipeline.create_iterator(
         config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
         train=True, seed=int(config.seed), sources=sources)
-    setup = Setup(config, sources)
+    setup = make_setup(config, sources)
     state = mesh_lib.init_replicated(setup.init_state, mesh)
-    step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
+    step_fn = step_function(setup)
 
     def write_images(step, state, batch, writer):
         # Every process runs the generator on its part of the batch (a jitted

@@ -1,0 +1,158 @@
+"""The rectified-flow generator's training step and sampler, behind the fusion
+trainer (`--config fusion:demo,model=flow`).
+
+`Setup` offers what the fusion trainer asks of its GAN Setup (`sources`,
+`init_state`, `learning_rates`, `generate_jit`), so the fusion trainer's
+loop, evaluation, per-tile scores, image grids, checkpoints and inference
+serve the flow model unchanged; only the step (`train_step`) and how an
+image is made (`generate`: a few ODE steps from noise) are its own.
+
+One network, one Adam optimizer, and EMA weights whose decay warms up as
+min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage
+with num_updates): a run of a few hundred steps gets an average of its late
+weights, not of its initialization. Evaluation samples with the EMA weights
+by default (`eval_use_ema`).
+
+Sampling is deterministic for a given `seed`: the starting noise is drawn
+from `jax.random.key(seed)` at the batch's shape, the same for every batch.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rsjax import input_pipeline
+from rsjax.errors import ConfigError
+from rsjax.models import create_model
+from rsjax.models import flow as flow_model
+from rsjax.trainers.nonfinite import guarded_model_step
+from rsjax.trainers.single_model import SingleModelSetup
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TIME_SAMPLINGS = ("logit_normal", "uniform")
+# The sampling noise's stream, apart from the seed's other uses (training noise: fold_in(step)).
+_SAMPLING_STREAM = 2**31 - 1
+
+
+def is_flow(config) -> bool:
+    """Whether a fusion config's generator is the flow model."""
+    return str(config.generator.name) == "flow_unet"
+
+
+class Setup(SingleModelSetup):
+    """The flow model's graph definitions, optimizer and config."""
+
+    def __init__(self, config, sources):
+        self.config = config
+        self.sources = tuple(sources)
+        self.generator_name = str(config.generator.name)
+        dtype = config.get("dtype", "float32")
+        if dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+        self.compute_dtype = COMPUTE_DTYPES[dtype]
+        f = config.flow
+        if f.solver not in flow_model.SOLVERS:
+            raise ConfigError(f"config.flow.solver={f.solver!r}: choose one of "
+                              f"{', '.join(flow_model.SOLVERS)}.")
+        if int(f.sample_steps) < 1:
+            raise ConfigError(f"config.flow.sample_steps={f.sample_steps}: at least 1.")
+        if f.time_sampling not in TIME_SAMPLINGS:
+            raise ConfigError(f"config.flow.time_sampling={f.time_sampling!r}: choose one of "
+                              f"{', '.join(TIME_SAMPLINGS)}.")
+        o = config.optim
+        self._build(o.lr, lambda lr: optax.adam(lr, b1=o.b1, b2=o.b2))
+        self._generate = {}
+
+    def _create(self):
+        kw = dict(self.config.generator.to_dict())
+        name = kw.pop("name")
+        channels = {s: input_pipeline.SOURCE_CHANNELS[s] for s in self.sources}
+        return create_model(name, source_channels=channels,
+                            out_channels=int(self.config.out_channels),
+                            rngs=nnx.Rngs(params=int(self.config.seed)), **kw)
+
+    def init_state(self) -> dict:
+        model = self._create()
+        model.train()
+        params = nnx.state(model, nnx.Param)
+        return {"step": jnp.zeros((), jnp.int32), "model": nnx.state(model),
+                "opt": self.tx.init(params), "ema": jax.tree.map(jnp.copy, params),
+                "nonfinite": jnp.zeros((), jnp.int32)}
+
+    def generate_jit(self, use_ema: bool):
+        """The jitted sampler, (state, batch) -> image, compiled once per run."""
+        if use_ema not in self._generate:
+            self._generate[use_ema] = jax.jit(functools.partial(generate, self, use_ema=use_ema))
+        return self._generate[use_ema]
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA decay after `step` updates: min(decay, (1 + step) / (10 + step))."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def masked_mean_square(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared error over valid pixels (valid: (B, H, W)) and all channels."""
+    weights = jnp.broadcast_to(valid.astype(jnp.float32)[..., None], pred.shape)
+    return jnp.sum(jnp.square(pred - target) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def train_step(setup: Setup, state: dict, batch: dict):
+    """One flow-matching step: noise and a time per image, the point x_t on the
+    straight path from the noise to the image, and the squared error of the
+    predicted velocity against image - noise over valid pixels."""
+    f = setup.config.flow
+    cd = setup.compute_dtype
+    key = jax.random.fold_in(jax.random.key(int(setup.config.seed)), state["step"])
+    k_noise, k_time = jax.random.split(key)
+    image = batch["image"].astype(jnp.float32)
+    noise = jax.random.normal(k_noise, image.shape, jnp.float32)
+    t = flow_model.sample_times(k_time, image.shape[0], f.time_sampling)
+    x_t = flow_model.interpolate(noise, image, t)
+    sources = {s: batch[s].astype(cd) for s in setup.sources}
+
+    def loss_of_model(model):
+        velocity = model(x_t.astype(cd), t, sources).astype(jnp.float32)
+        return masked_mean_square(velocity, image - noise, batch["valid"]), None
+
+    new_state, loss, _ = guarded_model_step(setup, state, loss_of_model, cd)
+    # A skipped (non-finite) step leaves the parameters as they were; the EMA
+    # then moves towards those same parameters, which is harmless.
+    params = nnx.state(nnx.merge(setup.train_graph, new_state["model"]), nnx.Param)
+    decay = ema_decay_at(state["step"], float(setup.config.ema_decay))
+    new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                    state["ema"], params)
+    return new_state, {"loss": loss, "nonfinite": new_state["nonfinite"].astype(jnp.float32)}
+
+
+def sampling_noise(seed: int, shape) -> jax.Array:
+    """The starting noise of `seed`'s samples, of `shape` (B, H, W, C)."""
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), _SAMPLING_STREAM), shape)
+
+
+def generate(setup: Setup, state: dict, batch: dict, use_ema: bool,
+             noise: Optional[jax.Array] = None) -> jax.Array:
+    """Images in model space [-1, 1] for the batch's sources: `config.flow.
+    sample_steps` steps of `config.flow.solver` from `noise` (default:
+    `sampling_noise(seed)` at the batch's shape), clipped to [-1, 1]."""
+    f = setup.config.flow
+    sources = {s: batch[s] for s in setup.sources}
+    first = sources[setup.sources[0]]
+    if noise is None:
+        noise = sampling_noise(int(setup.config.seed),
+                               (*first.shape[:3], int(setup.config.out_channels)))
+    graph, params, rest = nnx.split(nnx.merge(setup.eval_graph, state["model"]), nnx.Param, ...)
+    if use_ema:
+        params = state["ema"]
+
+    def velocity(x, t):
+        return nnx.merge(graph, params, rest)(x, t, sources)
+
+    out = flow_model.sample(velocity, noise.astype(jnp.float32), int(f.sample_steps), str(f.solver))
+    return jnp.clip(out, -1.0, 1.0)
