@@ -295,6 +295,21 @@ def _inference(model, trainer, config, workdir, step, devices):
     return fn, ckpt_step, len(devices)
 
 
+def scene_noise(config) -> Callable[[int, int, int, int], dict]:
+    """`noise_of(row, col, nrows, ncols)`: the extra model input of a scene's
+    window: for a flow model, {"noise": its starting noise}, a function of the
+    seed and the scene pixel (rsjax.trainers.flow.grid_noise), so the tiles
+    overlapping at a pixel start from the same noise there and blend without
+    seams; for the other models, nothing."""
+    from rsjax.trainers import flow
+
+    if config.get("trainer") != "fusion" or not flow.is_flow(config):
+        return lambda row, col, nrows, ncols: {}
+    seed = int(config.seed)
+    return lambda row, col, nrows, ncols: {
+        "noise": flow.grid_noise(seed, row, col, nrows, ncols, len(S2_BANDS))}
+
+
 def model_name(config) -> str:
     """The network a run trained: its generator (fusion) or its model (the others)."""
     return str(config.generator.name if config.trainer == "fusion" else config.model.name)
@@ -579,6 +594,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
         raise InputError(f"{workdir}: its generator takes the cloudy image: use predict_clouds "
                          "(--s2_cloudy).")
     sources = fusion.selected_sources(config)
+    noise_of = scene_noise(config)
     given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem)}
     flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)", "dem": "--dem (elevation)"}
     _check_sources(workdir, sources, given, flags_of)
@@ -597,7 +613,8 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
         def read_tile(row, col, nrows, ncols):
             arrays = reg.read(Window(col, row, ncols, nrows))
             model_inputs = input_pipeline.normalize_tile(arrays, normalizer, sources)
-            return {s: model_inputs[s] for s in sources}, source_nodata(arrays, sources)
+            inputs = {s: model_inputs[s] for s in sources}
+            return {**inputs, **noise_of(row, col, nrows, ncols)}, source_nodata(arrays, sources)
 
         def to_output(values, nodata):
             s2 = input_pipeline.image_to_s2(values, normalizer)
@@ -718,6 +735,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                        lulc=given["lulc"] if "lulc" in sources else None,
                        s2_cloudy=given[CLOUDY], cloud_mask=_as_path(cloud_mask))
     normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
+    noise_of = scene_noise(config)
     with RegisteredScene(scene, opts) as reg:
         remove_clouds, ckpt_step, num_devices = _inference(model, trainer, config, workdir, step,
                                                            devices)
@@ -729,7 +747,7 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
             inputs = {s: model_inputs[s] for s in sources}
             if cloud_mask is not None:
                 inputs["cloud_mask"] = model_inputs["cloud_mask"]
-            return inputs, source_nodata(arrays, sources)
+            return {**inputs, **noise_of(row, col, nrows, ncols)}, source_nodata(arrays, sources)
 
         def predict_batch(batch):
             image = remove_clouds(batch)

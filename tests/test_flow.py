@@ -86,6 +86,22 @@ def test_training_times_and_the_ema_warm_up():
     assert decays == pytest.approx([0.1, 0.5, 0.999])
 
 
+def test_grid_noise_is_a_function_of_the_scene_pixel_and_normal():
+    from scipy import stats
+
+    big = flow_trainer.grid_noise(3, 100, 200, 64, 80, 4)
+    # Any window holds the values of the same scene pixels.
+    np.testing.assert_array_equal(flow_trainer.grid_noise(3, 110, 230, 20, 30, 4),
+                                  big[10:30, 30:60])
+    assert big.dtype == np.float32 and big.shape == (64, 80, 4)
+    assert stats.kstest(big.ravel(), "norm").pvalue > 0.01
+    # Neighbours, bands, seeds and streams are uncorrelated.
+    for a, b in ((big[:, :-1], big[:, 1:]), (big[:-1], big[1:]), (big[..., 0], big[..., 1]),
+                 (big, flow_trainer.grid_noise(4, 100, 200, 64, 80, 4)),
+                 (big, flow_trainer.grid_noise(3, 100, 200, 64, 80, 4, stream=1))):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.05
+
+
 # ---------------------------------------------------------------------------- the network
 def test_the_network_starts_at_zero_velocity_and_every_parameter_learns():
     net = _tiny_net()

@@ -198,6 +198,32 @@ def test_fusion_scene_reproduces_the_training_tiles(fusion_workdir, scene, demo_
         assert np.abs(got.astype(np.int32) - expected).max() <= 1, tile["tile_id"]
 
 
+def test_a_flow_scene_starts_every_pixel_from_the_scenes_own_noise(demo_data_dir, scene, tmp_path):
+    """An untrained flow model predicts zero velocity, so its image is its
+    starting noise (clipped): predicted with overlapping tiles, the scene must
+    equal the noise of the whole scene drawn at once. Tiles that each drew
+    their own noise would disagree where they overlap and blend to something
+    else."""
+    from rsjax import input_pipeline
+    from rsjax.trainers import flow, fusion
+
+    config = tiny_fusion_config(demo_data_dir, "flow")
+    config.seed = 7
+    setup = fusion.make_setup(config, fusion.selected_sources(config))
+    workdir = _write_workdir(tmp_path / "flow_run", config, setup.init_state)
+    out = tmp_path / "flow_s2.tif"
+    predict.predict_fusion(workdir, scene.s1, scene.lulc, scene.dem, out, target_grid=scene.s2,
+                           overlap=32, progress=False)
+    with rasterio.open(out) as ds:
+        got = ds.read()                                            # (4, H, W) uint16
+    noise = flow.grid_noise(7, 0, 0, got.shape[1], got.shape[2], 4)
+    expected = np.moveaxis(input_pipeline.image_to_s2(np.clip(noise, -1, 1),
+                                                      predict.dataset_normalizer(config.data)), -1, 0)
+    valid = got != S2_NODATA
+    assert valid.mean() > 0.9
+    assert np.abs(got.astype(np.int32) - expected)[valid].max() <= 1
+
+
 def test_fusion_output_is_on_the_target_grid_tiled_and_compressed(fusion_workdir, scene, tmp_path):
     """Default grid: the land-cover file's. Any other GeoTIFF can give the grid
     (here the DEM, in EPSG:4326), by ingestion's rule."""

@@ -14,7 +14,10 @@ weights, not of its initialization. Evaluation samples with the EMA weights
 by default (`eval_use_ema`).
 
 Sampling is deterministic for a given `seed`: the starting noise is drawn
-from `jax.random.key(seed)` at the batch's shape, the same for every batch.
+from `jax.random.key(seed)` at the batch's shape (the same for every batch of
+an evaluation), or given with the batch as `noise`. Whole-scene prediction
+gives `grid_noise`: a function of the seed and the pixel's place in the
+scene, so the tiles that overlap at a pixel start from the same noise there.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -136,14 +140,44 @@ def sampling_noise(seed: int, shape) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), _SAMPLING_STREAM), shape)
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele et al. 2014) on uint64: a bijection
+    whose outputs pass BigCrush for consecutive inputs."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def grid_noise(seed: int, row: int, col: int, height: int, width: int, channels: int,
+               stream: int = 0) -> np.ndarray:
+    """(height, width, channels) float32 standard normal noise of the window at
+    (row, col) of a scene: each value a hash of (seed, stream, scene row, scene
+    column, band), so any window holds the same values at the same scene
+    pixels (Box-Muller on two hashed uniforms). Written by hand: numpy's and
+    JAX's generators draw arrays, not values at given coordinates."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed * 1_000_003 + stream], np.uint64))
+        r = np.arange(row, row + height, dtype=np.uint64)[:, None, None]
+        c = np.arange(col, col + width, dtype=np.uint64)[None, :, None]
+        b = np.arange(channels, dtype=np.uint64)[None, None, :]
+        index = ((r << np.uint64(24)) + c) * np.uint64(64) + b * np.uint64(2)   # bands < 32
+        bits = [_splitmix64(_splitmix64(index + np.uint64(j)) ^ key) for j in (0, 1)]
+    u1, u2 = [((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53 for x in bits]
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
 def generate(setup: Setup, state: dict, batch: dict, use_ema: bool,
              noise: Optional[jax.Array] = None) -> jax.Array:
     """Images in model space [-1, 1] for the batch's sources: `config.flow.
-    sample_steps` steps of `config.flow.solver` from `noise` (default:
-    `sampling_noise(seed)` at the batch's shape), clipped to [-1, 1]."""
+    sample_steps` steps of `config.flow.solver` from `noise` (default: the
+    batch's `noise`, else `sampling_noise(seed)` at the batch's shape),
+    clipped to [-1, 1]."""
     f = setup.config.flow
     sources = {s: batch[s] for s in setup.sources}
     first = sources[setup.sources[0]]
+    if noise is None:
+        noise = batch.get("noise")
     if noise is None:
         noise = sampling_noise(int(setup.config.seed),
                                (*first.shape[:3], int(setup.config.out_channels)))

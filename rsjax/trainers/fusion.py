@@ -463,8 +463,11 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
     generator = setup.generate_jit(bool(config.get("eval_use_ema", False)))
     sharding = mesh_lib.batch_sharding(mesh)
 
+    # A flow model also takes the batch's starting noise when it has one (whole scenes).
+    keys = (*setup.sources, "noise") if isinstance(setup, flow.Setup) else setup.sources
+
     def generate(batch):
-        return generator(state, {s: jax.device_put(batch[s], sharding) for s in setup.sources})
+        return generator(state, {k: jax.device_put(batch[k], sharding) for k in keys if k in batch})
 
     return generate, step
 
