@@ -60,6 +60,9 @@ def reference_configs(sources: Mapping[str, int] = REFERENCE_SOURCES, *, out_cha
                                       norm="batch", use_spectral_norm=False)),
         "rs_unet": ("rs_unet", dict(in_channels=unet_in, num_classes=9, width=unet_width)),
         "dsen2cr": ("dsen2cr", dict(source_channels={"s2_cloudy": out_channels, "s1": 2})),
+        # rsjax's own (no published reference): the fusion config's model=flow.
+        "flow_unet": ("flow_unet", dict(source_channels=dict(sources), out_channels=out_channels,
+                                        ngf=ngf, embed_dim=embed_dim)),
     }
 
 
