@@ -195,6 +195,13 @@ def image_to_s2(x, normalizer: Normalizer) -> np.ndarray:
     return np.clip(np.round(reflectance * 10000.0), 1, 65535).astype(np.uint16)
 
 
+def image_std_to_s2(std, normalizer: Normalizer) -> np.ndarray:
+    """A standard deviation in model space -> the S2 unit (uint16 reflectance x
+    10000; image_to_s2's slope, no offset), at least 1 (0 is no-data)."""
+    scale = 0.5 * (np.asarray(normalizer.s2_high, np.float64) - np.asarray(normalizer.s2_low, np.float64))
+    return np.clip(np.round(np.asarray(std, np.float64) * scale), 1, 65535).astype(np.uint16)
+
+
 def cloudy_to_model(s2_cloudy: np.ndarray, norm: Normalizer) -> np.ndarray:
     """The cloudy S2 image (uint16 x 10000) in the clear image's model space:
     the same affine per band, not clipped to the clear image's percentiles

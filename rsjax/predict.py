@@ -95,7 +95,7 @@ from rsjax.data.contract import (CLOUDY, LULC_NODATA, NUM_CLASSES, S2_BANDS, S2_
                                  InputError, ScenePaths)
 from rsjax.errors import UserError
 from rsjax.file_modes import new_file_mode
-from rsjax.predict_outputs import CLOUD_FREE, LAND_COVER, SYNTHETIC, OutputSpec
+from rsjax.predict_outputs import CLOUD_FREE, LAND_COVER, SYNTHETIC, SYNTHETIC_MEAN_STD, OutputSpec
 from rsjax.tiling import tile_offsets, tiled_predict
 
 log = logging.getLogger("rsjax")
@@ -295,19 +295,29 @@ def _inference(model, trainer, config, workdir, step, devices):
     return fn, ckpt_step, len(devices)
 
 
-def scene_noise(config) -> Callable[[int, int, int, int], dict]:
+def scene_noise(config, samples: int = 1) -> Callable[[int, int, int, int], dict]:
     """`noise_of(row, col, nrows, ncols)`: the extra model input of a scene's
     window: for a flow model, {"noise": its starting noise}, a function of the
     seed and the scene pixel (rsjax.trainers.flow.grid_noise), so the tiles
     overlapping at a pixel start from the same noise there and blend without
-    seams; for the other models, nothing."""
+    seams ((nrows, ncols, samples, 4) for several samples, one noise stream
+    each); for the other models, nothing."""
     from rsjax.trainers import flow
 
-    if config.get("trainer") != "fusion" or not flow.is_flow(config):
+    if not is_flow_run(config):
         return lambda row, col, nrows, ncols: {}
-    seed = int(config.seed)
-    return lambda row, col, nrows, ncols: {
-        "noise": flow.grid_noise(seed, row, col, nrows, ncols, len(S2_BANDS))}
+    seed, bands = int(config.seed), len(S2_BANDS)
+    if samples == 1:
+        return lambda row, col, nrows, ncols: {
+            "noise": flow.grid_noise(seed, row, col, nrows, ncols, bands)}
+    return lambda row, col, nrows, ncols: {"noise": np.stack(   # samples after the pixels: padded as a tile
+        [flow.grid_noise(seed, row, col, nrows, ncols, bands, stream=k) for k in range(samples)], axis=2)}
+
+
+def is_flow_run(config) -> bool:
+    from rsjax.trainers import flow
+
+    return config.get("trainer") == "fusion" and flow.is_flow(config)
 
 
 def model_name(config) -> str:
@@ -567,9 +577,11 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
                    batch_size: Optional[int] = None, devices=None, config=None,
                    data_dir: Optional[str] = None, s1_units: str = "auto",
                    progress: bool = True, model: Optional[LoadedModel] = None,
-                   timings: Optional[dict] = None) -> dict:
+                   timings: Optional[dict] = None, samples: int = 1) -> dict:
     """A fusion checkpoint over whole-scene S1 / land cover / DEM GeoTIFFs -> a
     synthetic 4-band optical GeoTIFF at `out` (see the module docstring).
+    `samples` > 1 (flow models): that many samples per pixel, written as their
+    mean (bands 1-4) and standard deviation (bands 5-8).
 
     Only the sources the model was trained on are needed (and read). `step`:
     checkpoint step (default: the latest); `config`: the training config
@@ -594,7 +606,14 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
         raise InputError(f"{workdir}: its generator takes the cloudy image: use predict_clouds "
                          "(--s2_cloudy).")
     sources = fusion.selected_sources(config)
-    noise_of = scene_noise(config)
+    if samples < 1:
+        raise InputError(f"--samples {samples}: give 1 or more.")
+    if samples > 1 and not is_flow_run(config):
+        raise InputError(f"{workdir}: --samples is for flow models (model=flow), whose images "
+                         "vary with their starting noise; this run's generator is "
+                         f"{model_name(config)}.")
+    noise_of = scene_noise(config, samples)
+    spec = SYNTHETIC_MEAN_STD if samples > 1 else SYNTHETIC
     given = {"lulc": _as_path(lulc), "s1": _as_path(s1), "dem": _as_path(dem)}
     flags_of = {"lulc": "--lulc (land cover)", "s1": "--s1 (Sentinel-1 VV/VH)", "dem": "--dem (elevation)"}
     _check_sources(workdir, sources, given, flags_of)
@@ -617,20 +636,26 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
             return {**inputs, **noise_of(row, col, nrows, ncols)}, source_nodata(arrays, sources)
 
         def to_output(values, nodata):
-            s2 = input_pipeline.image_to_s2(values, normalizer)
+            bands = len(S2_BANDS)
+            s2 = input_pipeline.image_to_s2(values[..., :bands], normalizer)
+            if samples > 1:
+                s2 = np.concatenate([s2, input_pipeline.image_std_to_s2(values[..., bands:],
+                                                                        normalizer)], axis=-1)
             s2[nodata] = S2_NODATA
             return np.moveaxis(s2, -1, 0)
 
         properties = provenance("fusion", config, workdir, ckpt_step, sources, tile, overlap)
+        if samples > 1:
+            properties["rsjax:samples"] = samples
         tags = {**provenance_tags(properties), "UNITS": REFLECTANCE_UNITS}
-        result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
+        result = _run(reg, tile=tile, overlap=overlap, channels=len(spec.bands), read_tile=read_tile,
                       predict_batch=generate, batch_size=size,
-                      out=out, profile=spec_profile(reg.grid, SYNTHETIC),
-                      to_output=to_output, spec=SYNTHETIC, tags=tags, progress=progress,
+                      out=out, profile=spec_profile(reg.grid, spec),
+                      to_output=to_output, spec=spec, tags=tags, progress=progress,
                       timings=timings)
     result.update(mode="fusion", checkpoint_step=int(ckpt_step), sources=list(sources),
-                  devices=num_devices, batch_size=size)
-    return _finish(result, out, SYNTHETIC, properties,
+                  devices=num_devices, batch_size=size, samples=samples)
+    return _finish(result, out, spec, properties,
                    [(s, given[s]) for s in ("s1", "lulc", "dem") if s in sources])
 
 
@@ -792,11 +817,15 @@ def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> n
 
 
 def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, s2_cloudy=None,
-            cloud_mask=None, config=None, **kwargs) -> dict:
+            cloud_mask=None, config=None, samples: int = 1, **kwargs) -> dict:
     """One of the modes, chosen by the workdir's run: cloud removal (its model
-    takes the cloudy image), segmentation or fusion."""
+    takes the cloudy image), segmentation or fusion (`samples`: see predict_fusion)."""
     model = kwargs.get("model")
     config = model.config if model is not None else run_config(workdir, config)
+    if samples != 1 and (uses_clouds(config) or not is_flow_run(config)):
+        raise InputError(f"{workdir}: --samples is for flow models (fusion:...,model=flow) "
+                         "without the cloudy image; this run's model is "
+                         f"{model_name(config)}" + (" with the cloudy image." if uses_clouds(config) else "."))
     if uses_clouds(config):
         if s2 is not None:
             raise InputError(f"{workdir}: a cloud-removal run takes the cloudy image (--s2_cloudy), "
@@ -816,7 +845,7 @@ def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, s2_cloudy=No
     if s2 is not None:
         raise InputError(f"{workdir}: a fusion run generates the optical image from --s1, --lulc "
                          "and --dem; it takes no --s2.")
-    return predict_fusion(workdir, s1, lulc, dem, out, config=config, **kwargs)
+    return predict_fusion(workdir, s1, lulc, dem, out, config=config, samples=samples, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -854,6 +883,9 @@ def add_arguments(parser) -> None:
                         help="tile overlap in pixels (default: a quarter of the tile)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=None,
                         help="tiles per batch (default: the config's eval_batch_size)")
+    parser.add_argument("--samples", type=cli.positive_int, default=1,
+                        help="flow models (model=flow): samples per pixel; more than 1 writes "
+                             "their mean (bands 1-4) and standard deviation (bands 5-8)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--data_dir", default=None,
                         help="TFDS data_dir of the training dataset (default: the config's)")
@@ -881,6 +913,8 @@ def run(args) -> int:
                             "leave out --out, --s1, --lulc, --dem and --s2.")
         if not args.out_dir:
             raise UserError("--scenes needs --out_dir (one output per scene goes there).")
+        if args.samples != 1:
+            raise UserError("--samples predicts one scene (--out); --scenes does not take it yet.")
     elif args.out is None:
         raise UserError("give --out (one scene), or --scenes with --out_dir (many scenes).")
     elif args.out_dir or args.beam_pipeline_options:
@@ -903,7 +937,8 @@ def run(args) -> int:
                      s2_cloudy=args.s2_cloudy, cloud_mask=args.cloud_mask, config=config,
                      target_grid=args.target_grid, target_crs=args.target_crs,
                      target_resolution=args.target_resolution, step=args.step,
-                     overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir)
+                     overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir,
+                     samples=args.samples)
     cli.print_json(result)
     return 0
 

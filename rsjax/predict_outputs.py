@@ -69,6 +69,12 @@ CLOUD_FREE = dataclasses.replace(
     REFLECTANCE, title="cloud-free Sentinel-2 surface reflectance (B2, B3, B4, B8)")
 SYNTHETIC = dataclasses.replace(
     REFLECTANCE, title="synthetic Sentinel-2 surface reflectance (B2, B3, B4, B8)")
+# A flow model's K samples: their per-pixel mean (the four bands) then their
+# standard deviation, in the same unit (reflectance x 10000, at least 1).
+SYNTHETIC_MEAN_STD = dataclasses.replace(
+    REFLECTANCE, title="synthetic Sentinel-2 surface reflectance (B2, B3, B4, B8): mean, then "
+                       "standard deviation over samples",
+    bands=S2_BAND_SPECS + tuple(BandSpec(f"{b.name}_std") for b in S2_BAND_SPECS))
 LAND_COVER = OutputSpec("land cover (Dynamic World classes)", "uint8", LULC_NODATA,
                         (BandSpec("label", colorinterp="palette"),), "mode", classes=LULC_CLASSES)
 

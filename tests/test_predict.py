@@ -198,30 +198,71 @@ def test_fusion_scene_reproduces_the_training_tiles(fusion_workdir, scene, demo_
         assert np.abs(got.astype(np.int32) - expected).max() <= 1, tile["tile_id"]
 
 
-def test_a_flow_scene_starts_every_pixel_from_the_scenes_own_noise(demo_data_dir, scene, tmp_path):
-    """An untrained flow model predicts zero velocity, so its image is its
-    starting noise (clipped): predicted with overlapping tiles, the scene must
-    equal the noise of the whole scene drawn at once. Tiles that each drew
-    their own noise would disagree where they overlap and blend to something
-    else."""
-    from rsjax import input_pipeline
-    from rsjax.trainers import flow, fusion
+@pytest.fixture(scope="module")
+def flow_workdir(demo_data_dir, tmp_path_factory) -> Path:
+    """An untrained flow model (seed 7): it predicts zero velocity, so each of
+    its images is its starting noise, clipped to [-1, 1]."""
+    from rsjax.trainers import fusion
 
     config = tiny_fusion_config(demo_data_dir, "flow")
     config.seed = 7
     setup = fusion.make_setup(config, fusion.selected_sources(config))
-    workdir = _write_workdir(tmp_path / "flow_run", config, setup.init_state)
+    return _write_workdir(tmp_path_factory.mktemp("flow_run"), config, setup.init_state)
+
+
+def _noise_image(shape, streams=(0,)) -> np.ndarray:
+    """(streams, H, W, 4): the untrained flow model's images over a whole scene."""
+    from rsjax.trainers import flow
+
+    return np.stack([np.clip(flow.grid_noise(7, 0, 0, *shape, 4, stream=k), -1, 1) for k in streams])
+
+
+def test_a_flow_scene_starts_every_pixel_from_the_scenes_own_noise(flow_workdir, scene, tmp_path):
+    """Predicted with overlapping tiles, the untrained model's scene must equal
+    the noise of the whole scene drawn at once. Tiles that each drew their own
+    noise would disagree where they overlap and blend to something else."""
+    from rsjax import input_pipeline
+
     out = tmp_path / "flow_s2.tif"
-    predict.predict_fusion(workdir, scene.s1, scene.lulc, scene.dem, out, target_grid=scene.s2,
+    predict.predict_fusion(flow_workdir, scene.s1, scene.lulc, scene.dem, out, target_grid=scene.s2,
                            overlap=32, progress=False)
     with rasterio.open(out) as ds:
         got = ds.read()                                            # (4, H, W) uint16
-    noise = flow.grid_noise(7, 0, 0, got.shape[1], got.shape[2], 4)
-    expected = np.moveaxis(input_pipeline.image_to_s2(np.clip(noise, -1, 1),
-                                                      predict.dataset_normalizer(config.data)), -1, 0)
+    normalizer = predict.dataset_normalizer(config_from_workdir(flow_workdir).data)
+    expected = np.moveaxis(input_pipeline.image_to_s2(_noise_image(got.shape[1:])[0], normalizer), -1, 0)
     valid = got != S2_NODATA
     assert valid.mean() > 0.9
     assert np.abs(got.astype(np.int32) - expected)[valid].max() <= 1
+
+
+def test_flow_samples_are_written_as_their_mean_and_standard_deviation(flow_workdir, scene, tmp_path,
+                                                                       fusion_workdir):
+    from rsjax import input_pipeline
+
+    out = tmp_path / "flow_k3.tif"
+    result = predict.predict(flow_workdir, out, s1=scene.s1, lulc=scene.lulc, dem=scene.dem,
+                             target_grid=scene.s2, overlap=16, progress=False, samples=3)
+    assert result["samples"] == 3
+    with rasterio.open(out) as ds:
+        got = ds.read().astype(np.int64)                           # (8, H, W)
+        assert ds.descriptions == ("B2", "B3", "B4", "B8", "B2_std", "B3_std", "B4_std", "B8_std")
+    samples = _noise_image(got.shape[1:], streams=(0, 1, 2))
+    normalizer = predict.dataset_normalizer(config_from_workdir(flow_workdir).data)
+    mean, std = samples.mean(axis=0), samples.std(axis=0)
+    valid = got[0] != S2_NODATA
+    expected_mean = np.moveaxis(input_pipeline.image_to_s2(mean, normalizer), -1, 0)
+    assert np.abs(got[:4] - expected_mean)[:, valid].max() <= 1
+    # The standard deviation in the mean's unit: mean + std, written as an
+    # image, sits std above the mean (where neither is clipped).
+    above = np.moveaxis(input_pipeline.image_to_s2(mean + std, normalizer), -1, 0).astype(np.int64)
+    inside = valid & np.all((mean + std < 0.99) & (mean > -0.99), axis=-1)
+    assert inside.mean() > 0.3
+    assert np.abs(got[4:] - (above - expected_mean))[:, inside].max() <= 2
+    # Samples of a GAN, or of no model, are refused before anything is written.
+    with pytest.raises(InputError, match="--samples is for flow models"):
+        predict.predict(fusion_workdir, tmp_path / "gan.tif", s1=scene.s1, lulc=scene.lulc,
+                        dem=scene.dem, samples=2, progress=False)
+    assert not (tmp_path / "gan.tif").exists()
 
 
 def test_fusion_output_is_on_the_target_grid_tiled_and_compressed(fusion_workdir, scene, tmp_path):

@@ -172,7 +172,8 @@ def generate(setup: Setup, state: dict, batch: dict, use_ema: bool,
     """Images in model space [-1, 1] for the batch's sources: `config.flow.
     sample_steps` steps of `config.flow.solver` from `noise` (default: the
     batch's `noise`, else `sampling_noise(seed)` at the batch's shape),
-    clipped to [-1, 1]."""
+    clipped to [-1, 1]. Noise of shape (B, H, W, K, C) gives K samples per
+    image and returns their mean and standard deviation: (B, H, W, 2 C)."""
     f = setup.config.flow
     sources = {s: batch[s] for s in setup.sources}
     first = sources[setup.sources[0]]
@@ -188,5 +189,12 @@ def generate(setup: Setup, state: dict, batch: dict, use_ema: bool,
     def velocity(x, t):
         return nnx.merge(graph, params, rest)(x, t, sources)
 
-    out = flow_model.sample(velocity, noise.astype(jnp.float32), int(f.sample_steps), str(f.solver))
-    return jnp.clip(out, -1.0, 1.0)
+    def one(start):
+        out = flow_model.sample(velocity, start.astype(jnp.float32), int(f.sample_steps),
+                                str(f.solver))
+        return jnp.clip(out, -1.0, 1.0)
+
+    if noise.ndim == 5:   # (B, H, W, K, C): K samples, one after another (memory of one)
+        samples = jax.lax.map(one, jnp.moveaxis(noise, 3, 0))
+        return jnp.concatenate([samples.mean(axis=0), samples.std(axis=0)], axis=-1)
+    return one(noise)
