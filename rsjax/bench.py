@@ -34,6 +34,12 @@ Parts (`--parts`, comma-separated):
   trace of `--steps` more calls summed per operation class (convolution/
   matmul, pooling, reduction, concatenate, copy/transpose, elementwise) and
   its heaviest operations (`rsjax.bench_profile`), on CPU and accelerators.
+- `flow`: the rectified-flow generator (`fusion:...,model=flow`): its train
+  step as `fusion` times the GAN's, then its sampler at `--flow_sample_steps`
+  (default 1,2,4,8 Euler steps; EMA weights, as evaluation samples): seconds
+  per batch, images/s, FLOP per batch (one network evaluation's model FLOPs
+  times the evaluations: a step's loop body is counted once by XLA's cost
+  analysis), FLOP/s and MFU.
 - `convs`: the U-Net step's 3x3 convolutions one by one, each distinct (in,
   out, resolution) at each size and batch: forward, kernel gradient and
   (except the first layer, whose input is data) input gradient, computed as
@@ -76,7 +82,7 @@ import numpy as np
 from rsjax import cli, runtime
 from rsjax.errors import RunFailed, UserError
 
-PARTS = ("matmul", "fusion", "unet", "convs", "pipeline", "startup")
+PARTS = ("matmul", "fusion", "unet", "flow", "convs", "pipeline", "startup")
 AGAINST = ("none", "torch")
 
 # NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
@@ -265,10 +271,62 @@ def fusion_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
     from rsjax.trainers import fusion
     config = fusion_config(size, batch, dtype, config_arg)
     sources = fusion.selected_sources(config)
-    setup = fusion.Setup(config, sources)
+    setup = fusion.make_setup(config, sources)
     state = mesh_lib.init_replicated(setup.init_state, mesh)
-    step = jax.jit(functools.partial(fusion.train_step, setup), donate_argnums=(0,))
-    return step, state, random_batch(size, batch, sources, mesh)
+    return fusion.step_function(setup), state, random_batch(size, batch, sources, mesh)
+
+
+def flow_arg(config_arg: str = "") -> str:
+    """The fusion config argument of the flow model (on top of `config_arg`)."""
+    return ",".join(filter(None, [config_arg, "model=flow"]))
+
+
+def flow_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
+    """(jitted step, state, batch) of the flow model's train step."""
+    return fusion_step(size, batch, dtype, mesh, flow_arg(config_arg))
+
+
+def time_flow_sampling(size: int, batch: int, dtype: str, mesh, config_arg: str,
+                       sample_steps: tuple[int, ...], repeats: int,
+                       peak_gflops: float | None) -> list[dict]:
+    """The flow model's sampler (EMA weights) at each number of steps: one entry each."""
+    from flax import nnx
+
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import flow, fusion
+    config = fusion_config(size, batch, dtype, flow_arg(config_arg))
+    sources = fusion.selected_sources(config)
+    setup = fusion.make_setup(config, sources)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
+    data = random_batch(size, batch, sources, mesh)
+
+    @jax.jit
+    def velocity_once(state, data):
+        model = nnx.merge(setup.eval_graph, state["model"])
+        return model(data["image"], jnp.full((batch,), 0.5), {s: data[s] for s in sources})
+    per_evaluation = model_flops(velocity_once, state, data)
+    evaluations_per_step = 2 if config.flow.solver == "heun" else 1
+    entries = []
+    for steps in sample_steps:
+        config.flow.sample_steps = steps            # read when the sampler is traced
+        sampler = jax.jit(functools.partial(flow.generate, setup, use_ema=True))
+        t0 = time.perf_counter()
+        compiled = sampler.lower(state, data).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(compiled(state, data))                 # warm-up
+        seconds, fastest = _median_seconds(lambda: compiled(state, data), repeats)
+        entry = {"size": size, "batch": batch, "dtype": dtype, "sample_steps": steps,
+                 "solver": str(config.flow.solver), "seconds_per_batch": round(seconds, 4),
+                 "seconds_min": round(fastest, 4), "images_per_s": round(batch / seconds, 4),
+                 "compile_s": round(compile_s, 1)}
+        if config_arg:
+            entry["config_arg"] = config_arg
+        if per_evaluation:
+            flops = per_evaluation * steps * evaluations_per_step
+            entry["gflop_per_batch"] = round(flops / 1e9, 2)
+            entry["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
+        entries.append(add_ratios(entry, peak_gflops, mesh.devices.size))
+    return entries
 
 
 def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
@@ -588,6 +646,8 @@ def add_arguments(parser) -> None:
                         help="also trace --steps more calls of each train step and report "
                              "where they spent their time, by operation class "
                              "(rsjax.bench_profile)")
+    parser.add_argument("--flow_sample_steps", type=cli.int_list, default="1,2,4,8",
+                        help="the flow part: sampling steps to time, comma-separated")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
 
 
@@ -645,7 +705,7 @@ def benchmark(args) -> dict:
         peak = report["matmul_peak"]["gflop_per_s"]
         _log(f"  {peak} GFLOP/s")
 
-    for part, make in (("fusion", fusion_step), ("unet", unet_step)):
+    for part, make in (("fusion", fusion_step), ("unet", unet_step), ("flow", flow_step)):
         if part not in args.parts:
             continue
         results = report.setdefault(part, [])
@@ -657,6 +717,13 @@ def benchmark(args) -> dict:
                 add_ratios(entry, peak, args.devices)
                 if part == "fusion":
                     add_reference(entry, peak)
+                elif part == "flow":
+                    del timer                                # the step's state, before the sampler's
+                    timer = None
+                    _log(f"  sampling at {list(args.flow_sample_steps)} steps ...")
+                    entry = {"train_step": entry, "sampling": time_flow_sampling(
+                        size, batch, args.dtype, mesh, args.config_arg,
+                        tuple(args.flow_sample_steps), args.steps, peak)}
                 elif args.against == "torch":
                     _log(f"  PyTorch U-Net step {batch}x{size}x{size} ...")
                     theirs = torch_unet_step(size, batch, args.dtype, args.steps, args.config_arg)

@@ -78,6 +78,40 @@ def test_bench_reports_steps_mfu_and_pipeline_headroom_as_json(demo_data_dir, tm
                                                            rel=0.05)
 
 
+def test_bench_times_the_flow_models_step_and_its_sampler_at_each_step_count(capsys):
+    assert bench.main(["--parts", "flow", "--sizes", "32", "--batches", "2", "--steps", "1",
+                       "--config_arg", "demo", "--flow_sample_steps", "1,3"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["flow"]
+    step = entry["train_step"]
+    assert (step["size"], step["batch"]) == (32, 2) and step["gflop_per_step"] > 0
+    one, three = entry["sampling"]
+    assert (one["sample_steps"], three["sample_steps"], one["solver"]) == (1, 3, "euler")
+    for e in (one, three):
+        assert e["images_per_s"] == pytest.approx(2 / e["seconds_per_batch"], rel=0.01)
+        assert e["gflop_per_s"] == pytest.approx(e["gflop_per_batch"] / e["seconds_per_batch"],
+                                                 rel=0.01)
+    # One evaluation's count (a sampling step: one Euler evaluation) against an
+    # independent one: the convolutions and matrix products of the network's
+    # jaxpr (elementwise work is what XLA adds).
+    from flax import nnx
+
+    from rsjax.trainers import fusion
+    config = bench.fusion_config(32, 2, "float32", bench.flow_arg("demo"))
+    sources = fusion.selected_sources(config)
+    setup = fusion.make_setup(config, sources)
+    batch = {s: jnp.zeros((2, 32, 32, c)) for s, c in
+             {"lulc": 9, "s1": 2, "dem": 5}.items() if s in sources}
+
+    def forward(params):
+        model = nnx.merge(setup.eval_graph, params)
+        return model(jnp.zeros((2, 32, 32, 4)), jnp.full((2,), 0.5), batch)
+    from rsjax.models import cpu_conv
+    with cpu_conv.rewrites("off"):        # as the bench counts: plain convolutions
+        jaxpr = jax.make_jaxpr(forward)(jax.eval_shape(setup.init_state)["model"])
+    dense = bench.jaxpr_flops(jaxpr.jaxpr) / 1e9
+    assert dense == pytest.approx(one["gflop_per_batch"], rel=0.1), dense
+
+
 def test_bench_rejects_unknown_parts_and_indivisible_batches(capsys):
     assert bench.main(["--parts", "fusion,gpu"]) == 2       # argparse: a bad --parts value
     assert "unknown gpu" in capsys.readouterr().err
