@@ -37,9 +37,9 @@ Parts (`--parts`, comma-separated):
 - `flow`: the rectified-flow generator (`fusion:...,model=flow`): its train
   step as `fusion` times the GAN's, then its sampler at `--flow_sample_steps`
   (default 1,2,4,8 Euler steps; EMA weights, as evaluation samples): seconds
-  per batch, images/s, FLOP per batch (one network evaluation's model FLOPs
-  times the evaluations: a step's loop body is counted once by XLA's cost
-  analysis), FLOP/s and MFU.
+  per batch, images/s, FLOP per batch (the model FLOPs of the sources' part,
+  computed once per batch, plus those of one velocity evaluation times the
+  evaluations: XLA's cost analysis counts a loop's body once), FLOP/s and MFU.
 - `convs`: the U-Net step's 3x3 convolutions one by one, each distinct (in,
   out, resolution) at each size and batch: forward, kernel gradient and
   (except the first layer, whose input is data) input gradient, computed as
@@ -301,10 +301,17 @@ def time_flow_sampling(size: int, batch: int, dtype: str, mesh, config_arg: str,
     data = random_batch(size, batch, sources, mesh)
 
     @jax.jit
-    def velocity_once(state, data):
+    def condition(state, data):
         model = nnx.merge(setup.eval_graph, state["model"])
-        return model(data["image"], jnp.full((batch,), 0.5), {s: data[s] for s in sources})
-    per_evaluation = model_flops(velocity_once, state, data)
+        return model.condition({s: data[s] for s in sources}, (size, size))
+
+    @jax.jit
+    def velocity(state, data, cond):
+        model = nnx.merge(setup.eval_graph, state["model"])
+        return model.velocity(data["image"], jnp.full((batch,), 0.5), cond)
+    # The sampler computes the sources' part once and the rest at every evaluation.
+    per_condition = model_flops(condition, state, data)
+    per_evaluation = model_flops(velocity, state, data, jax.eval_shape(condition, state, data))
     evaluations_per_step = 2 if config.flow.solver == "heun" else 1
     entries = []
     for steps in sample_steps:
@@ -321,8 +328,10 @@ def time_flow_sampling(size: int, batch: int, dtype: str, mesh, config_arg: str,
                  "compile_s": round(compile_s, 1)}
         if config_arg:
             entry["config_arg"] = config_arg
-        if per_evaluation:
-            flops = per_evaluation * steps * evaluations_per_step
+        if per_evaluation and per_condition:
+            flops = per_condition + per_evaluation * steps * evaluations_per_step
+            entry["gflop_condition"] = round(per_condition / 1e9, 3)
+            entry["gflop_per_evaluation"] = round(per_evaluation / 1e9, 3)
             entry["gflop_per_batch"] = round(flops / 1e9, 2)
             entry["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
         entries.append(add_ratios(entry, peak_gflops, mesh.devices.size))

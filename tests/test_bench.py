@@ -90,9 +90,10 @@ def test_bench_times_the_flow_models_step_and_its_sampler_at_each_step_count(cap
         assert e["images_per_s"] == pytest.approx(2 / e["seconds_per_batch"], rel=0.01)
         assert e["gflop_per_s"] == pytest.approx(e["gflop_per_batch"] / e["seconds_per_batch"],
                                                  rel=0.01)
-    # One evaluation's count (a sampling step: one Euler evaluation) against an
-    # independent one: the convolutions and matrix products of the network's
-    # jaxpr (elementwise work is what XLA adds).
+    # The counts against independent ones: the convolutions and matrix products
+    # of the network's jaxpr (elementwise work is what XLA adds). One Euler step
+    # is one whole network; each further step, one velocity evaluation (the
+    # sources' part is computed once).
     from flax import nnx
 
     from rsjax.trainers import fusion
@@ -102,14 +103,24 @@ def test_bench_times_the_flow_models_step_and_its_sampler_at_each_step_count(cap
     batch = {s: jnp.zeros((2, 32, 32, c)) for s, c in
              {"lulc": 9, "s1": 2, "dem": 5}.items() if s in sources}
 
+    x, t = jnp.zeros((2, 32, 32, 4)), jnp.full((2,), 0.5)
+
     def forward(params):
-        model = nnx.merge(setup.eval_graph, params)
-        return model(jnp.zeros((2, 32, 32, 4)), jnp.full((2,), 0.5), batch)
+        return nnx.merge(setup.eval_graph, params)(x, t, batch)
+
+    def velocity(params, condition):
+        return nnx.merge(setup.eval_graph, params).velocity(x, t, condition)
     from rsjax.models import cpu_conv
+    params = jax.eval_shape(setup.init_state)["model"]
+    condition = jax.eval_shape(lambda p: nnx.merge(setup.eval_graph, p).condition(batch, (32, 32)),
+                               params)
     with cpu_conv.rewrites("off"):        # as the bench counts: plain convolutions
-        jaxpr = jax.make_jaxpr(forward)(jax.eval_shape(setup.init_state)["model"])
-    dense = bench.jaxpr_flops(jaxpr.jaxpr) / 1e9
-    assert dense == pytest.approx(one["gflop_per_batch"], rel=0.1), dense
+        whole = bench.jaxpr_flops(jax.make_jaxpr(forward)(params).jaxpr) / 1e9
+        one_velocity = bench.jaxpr_flops(jax.make_jaxpr(velocity)(params, condition).jaxpr) / 1e9
+    assert whole == pytest.approx(one["gflop_per_batch"], rel=0.1), whole
+    assert 2 * one_velocity == pytest.approx(three["gflop_per_batch"] - one["gflop_per_batch"],
+                                             rel=0.1), one_velocity
+    assert one_velocity < 0.7 * whole        # the sources' part is most of the work
 
 
 def test_bench_rejects_unknown_parts_and_indivisible_batches(capsys):

@@ -59,11 +59,16 @@ class ModulatedNorm(nnx.Module):
         self.mlp_beta = Conv2d(hidden, features, 3, kernel_init=_zeros, rngs=rngs)
         self.time = nnx.Linear(time_dim, 2 * features, kernel_init=_zeros, rngs=rngs)
 
-    def __call__(self, x: jax.Array, modulation: jax.Array, temb: jax.Array) -> jax.Array:
-        hidden = jax.nn.relu(self.mlp_shared(resize_nearest(modulation, x.shape[1:3])))
+    def spatial(self, modulation: jax.Array, size: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+        """(gamma, beta) at `size`: the part that depends on the sources only."""
+        hidden = jax.nn.relu(self.mlp_shared(resize_nearest(modulation, size)))
+        return self.mlp_gamma(hidden), self.mlp_beta(hidden)
+
+    def __call__(self, x: jax.Array, spatial: tuple[jax.Array, jax.Array],
+                 temb: jax.Array) -> jax.Array:
+        gamma, beta = spatial
         scale, shift = jnp.split(self.time(temb)[:, None, None, :].astype(x.dtype), 2, axis=-1)
-        return (self.norm(x) * (1 + self.mlp_gamma(hidden) + scale)
-                + self.mlp_beta(hidden) + shift)
+        return self.norm(x) * (1 + gamma + scale) + beta + shift
 
 
 class FlowBlock(nnx.Module):
@@ -81,9 +86,13 @@ class FlowBlock(nnx.Module):
         self.shortcut = (Conv2d(fin, fout, 1, use_bias=False, kernel_init=he_init, rngs=rngs)
                          if fin != fout else None)
 
-    def __call__(self, x, modulation, temb):
-        h = self.conv_0(jax.nn.silu(self.norm_0(x, modulation, temb)))
-        h = self.conv_1(jax.nn.silu(self.norm_1(h, modulation, temb)))
+    def spatial(self, modulation, size):
+        """Both norms' (gamma, beta) at the block's resolution `size`."""
+        return self.norm_0.spatial(modulation, size), self.norm_1.spatial(modulation, size)
+
+    def __call__(self, x, spatial, temb):
+        h = self.conv_0(jax.nn.silu(self.norm_0(x, spatial[0], temb)))
+        h = self.conv_1(jax.nn.silu(self.norm_1(h, spatial[1], temb)))
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
@@ -134,30 +143,45 @@ class FlowUNet(nnx.Module):
         return dict(self.sources)
 
     def __call__(self, x: jax.Array, t: jax.Array, sources: Mapping[str, jax.Array]) -> jax.Array:
+        return self.velocity(x, t, self.condition(sources, x.shape[1:3], x.dtype))
+
+    def condition(self, sources: Mapping[str, jax.Array], size: tuple[int, int],
+                  dtype=jnp.float32) -> list:
+        """What the velocity takes from the sources, for images of `size`: every
+        block's SPADE scale and shift, in the blocks' order. It does not depend
+        on x or t, so a sampler computes it once for all its steps (most of the
+        network's work at the default widths)."""
         _check_sources(sources, self.source_channels)
-        size = x.shape[1:3]
         step = 2 ** (self.levels - 1)
         if size[0] % step or size[1] % step:
-            raise ValueError(f"image size {size} must be a multiple of {step} "
+            raise ValueError(f"image size {tuple(size)} must be a multiple of {step} "
                              f"({self.levels} levels)")
-        if x.shape[-1] != self.out_channels:
-            raise ValueError(f"x must have {self.out_channels} channels, got shape {x.shape}")
         # As RS-SPADE: each source embedded at its own resolution, then resized to the image's.
         modulation = self.fusion([resize_linear(self.embed[k](sources[k]), size)
-                                  for k, _ in self.sources]).astype(x.dtype)
+                                  for k, _ in self.sources]).astype(dtype)
+        sizes = [(size[0] >> i, size[1] >> i) for i in range(self.levels)]
+        return ([b.spatial(modulation, sz) for b, sz in zip(self.down, sizes)]
+                + [self.middle.spatial(modulation, sizes[-1])]
+                + [b.spatial(modulation, sz) for b, sz in zip(self.up, reversed(sizes))])
+
+    def velocity(self, x: jax.Array, t: jax.Array, condition: list) -> jax.Array:
+        """v(x_t, t) given `condition(sources, ...)` of the same images."""
+        if x.shape[-1] != self.out_channels:
+            raise ValueError(f"x must have {self.out_channels} channels, got shape {x.shape}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
         temb = self.time_1(jax.nn.silu(self.time_0(time_features(t, self.time_dim).astype(x.dtype))))
+        spatial = iter(condition)
         h = self.conv_in(x)
         skips = []
         for i, block in enumerate(self.down):
-            h = block(h, modulation, temb)
+            h = block(h, next(spatial), temb)
             skips.append(h)
             if i < self.levels - 1:
                 b, hh, ww, c = h.shape
                 h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
-        h = self.middle(h, modulation, temb)
+        h = self.middle(h, next(spatial), temb)
         for i, block in enumerate(self.up):
-            h = block(jnp.concatenate([h, skips.pop()], axis=-1), modulation, temb)
+            h = block(jnp.concatenate([h, skips.pop()], axis=-1), next(spatial), temb)
             if i < self.levels - 1:
                 h = upsample2x(h)
         return self.conv_out(jax.nn.silu(self.norm_out(h)))

@@ -186,8 +186,12 @@ def generate(setup: Setup, state: dict, batch: dict, use_ema: bool,
     if use_ema:
         params = state["ema"]
 
+    model = nnx.merge(graph, params, rest)
+    # The sources' part of the network once, not at every step (rsjax.models.flow).
+    condition = model.condition(sources, first.shape[1:3])
+
     def velocity(x, t):
-        return nnx.merge(graph, params, rest)(x, t, sources)
+        return model.velocity(x, t, condition)
 
     def one(start):
         out = flow_model.sample(velocity, start.astype(jnp.float32), int(f.sample_steps),
