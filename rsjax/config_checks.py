@@ -17,7 +17,7 @@ TRAINERS = ("fusion", "segmentation", "cloud_removal")
 DTYPES = ("float32", "bfloat16")
 GAN_LOSSES = ("hinge", "vanilla", "lsgan")
 # Model keys by trainer, and the roles each may play.
-GENERATORS = ("rs_spade", "pix2pix_unet")
+GENERATORS = ("rs_spade", "pix2pix_unet", "flow_unet")
 DISCRIMINATORS = ("multiscale_patchgan", "patchgan")
 MODELS_BY_TRAINER = {"segmentation": ("rs_unet",), "cloud_removal": ("dsen2cr",)}
 # At least 1: the loop divides by them or counts up to them.
@@ -65,6 +65,13 @@ def _check_names(config) -> None:
         _choice(config, "generator.name", GENERATORS)
         _choice(config, "discriminator.name", DISCRIMINATORS)
         _choice(config, "gan.loss", GAN_LOSSES)
+        if _get(config, "generator.name") == "flow_unet":
+            from rsjax.models.flow import SOLVERS
+            from rsjax.trainers.flow import TIME_SAMPLINGS
+
+            _choice(config, "flow.solver", SOLVERS)
+            _choice(config, "flow.time_sampling", TIME_SAMPLINGS)
+            _check_int(config, "flow.sample_steps", 1)
     else:
         _choice(config, "model.name", MODELS_BY_TRAINER.get(config.get("trainer"), ()))
 

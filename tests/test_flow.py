@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from trainer_utils import host_numpy, load_config, tiny_cloud_config, tiny_fusion_config
+from trainer_utils import (TINY_MODELS, host_numpy, load_config, tiny_cloud_config,
+                           tiny_fusion_config)
 
 from rsjax.errors import ConfigError
 from rsjax.models import flow as flow_model
@@ -263,3 +264,28 @@ def test_flow_with_the_cloudy_image_trains_and_scores_cloud_removal(cloudy_data_
     assert result["step"] == 2 and np.isfinite(result["psnr"])
     assert np.isfinite(result["clouds_composite_cloud_psnr"])
     assert (tmp_path / "eval_test_clouds.json").exists() and (tmp_path / "eval_test.png").exists()
+
+
+def test_the_train_command_trains_a_flow_model_and_predict_samples_it(demo_data_dir, tmp_path,
+                                                                       capsys):
+    """The command line's way (its config checks included): `rsjax train
+    --config fusion:demo,model=flow`, then `rsjax predict --samples 2`."""
+    from rsjax import cli
+    from rsjax.data.contract import find_scenes
+
+    tiny = [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+            for k, v in TINY_MODELS["flow"].items()]
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", "fusion:demo,model=flow", "--workdir", str(workdir),
+                     f"--config.data.data_dir={demo_data_dir}", "--config.total_steps=1",
+                     "--config.image_every_steps=0", *tiny]) == 0
+    assert (workdir / "eval_test.json").exists()
+    scene = find_scenes(next(demo_data_dir.rglob("*_s2.tif")).parent)[0]
+    out = tmp_path / "k2.tif"
+    capsys.readouterr()
+    assert cli.main(["predict", "--workdir", str(workdir), "--s1", str(scene.s1), "--lulc",
+                     str(scene.lulc), "--dem", str(scene.dem), "--out", str(out),
+                     "--samples", "2"]) == 0
+    import rasterio
+    with rasterio.open(out) as ds:
+        assert ds.count == 8 and ds.descriptions[4] == "B2_std"
