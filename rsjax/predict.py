@@ -310,8 +310,11 @@ def scene_noise(config, samples: int = 1) -> Callable[[int, int, int, int], dict
     if samples == 1:
         return lambda row, col, nrows, ncols: {
             "noise": flow.grid_noise(seed, row, col, nrows, ncols, bands)}
-    return lambda row, col, nrows, ncols: {"noise": np.stack(   # samples after the pixels: padded as a tile
-        [flow.grid_noise(seed, row, col, nrows, ncols, bands, stream=k) for k in range(samples)], axis=2)}
+    # The samples axis after the pixels': a tile cut by the scene's edge is padded
+    # on its first two axes (rsjax.tiling.pad_tile).
+    return lambda row, col, nrows, ncols: {"noise": np.stack(
+        [flow.grid_noise(seed, row, col, nrows, ncols, bands, stream=k) for k in range(samples)],
+        axis=2)}
 
 
 def is_flow_run(config) -> bool:

@@ -111,13 +111,15 @@ def test_the_network_starts_at_zero_velocity_and_every_parameter_learns():
     graph, params = nnx.split(net, nnx.Param)
 
     @jax.jit
-    def grad(p):
-        return jax.grad(lambda p: jnp.mean((nnx.merge(graph, p)(x, t, src) - 1.0) ** 2))(p)
+    def descend(p):
+        """(p after one gradient step, the gradient at p)."""
+        g = jax.grad(lambda p: jnp.mean((nnx.merge(graph, p)(x, t, src) - 1.0) ** 2))(p)
+        return jax.tree.map(lambda p, g: p - 0.5 * g, p, g), g
     # From zero-initialized layers, gradient steps must reach every parameter
     # (a layer nothing flows into would stay at its initial value).
     for _ in range(3):
-        params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grad(params))
-    grads = grad(params)
+        params, _ = descend(params)
+    _, grads = descend(params)
     flat = jax.tree_util.tree_leaves_with_path(grads)
     dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
     assert not dead, dead

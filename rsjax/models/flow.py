@@ -169,7 +169,8 @@ class FlowUNet(nnx.Module):
         if x.shape[-1] != self.out_channels:
             raise ValueError(f"x must have {self.out_channels} channels, got shape {x.shape}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-        temb = self.time_1(jax.nn.silu(self.time_0(time_features(t, self.time_dim).astype(x.dtype))))
+        features = time_features(t, self.time_dim).astype(x.dtype)
+        temb = self.time_1(jax.nn.silu(self.time_0(features)))
         spatial = iter(condition)
         h = self.conv_in(x)
         skips = []
