@@ -144,6 +144,20 @@ def l1_loss(pred, target, valid_mask=None):
     return jnp.sum(error * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def gaussian_nll(mean, variance, target, valid_mask=None):
+    """The negative log-likelihood of `target` under independent Gaussians of
+    `mean` and `variance` (> 0) per pixel and band, without its constant
+    0.5 log(2 pi): mean of 0.5 (log variance + (target - mean)^2 / variance)
+    over valid pixels (valid_mask (B, H, W)) and bands. UnCRtainTS's loss with a
+    diagonal covariance (Ebel et al. 2023)."""
+    mean, variance, target = (jnp.asarray(a, jnp.float32) for a in (mean, variance, target))
+    nll = 0.5 * (jnp.log(variance) + jnp.square(target - mean) / variance)
+    if valid_mask is None:
+        return jnp.mean(nll)
+    weights = jnp.broadcast_to(valid_mask.astype(jnp.float32)[..., None], nll.shape)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def cloud_adaptive_l1(pred, target, cloudy, covered, valid_mask=None, *, weight: float = 1.0):
     """DSen2-CR's cloud-adaptive regularized L1 loss (CARL, Meraner et al. 2020):
 

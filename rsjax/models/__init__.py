@@ -9,6 +9,7 @@
 | `rs_unet`             | `unet.RSUNet`                           | paper Sec. 4        |
 | `dsen2cr`             | `dsen2cr.DSen2CR`                       | Meraner et al. 2020 (cloud removal) |
 | `flow_unet`           | `flow.FlowUNet`                         | rectified flow (Liu et al. 2022), RS-SPADE's conditioning |
+| `uncrtaints`          | `uncrtaints.UnCRtainTS`                 | Ebel et al. 2023, mono-temporal (cloud removal with variance) |
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from rsjax.models.flow import FlowUNet
 from rsjax.models.patchgan import MultiscaleDiscriminator, NLayerDiscriminator
 from rsjax.models.pix2pix import UNetGenerator
 from rsjax.models.spade import RSSpadeGenerator
+from rsjax.models.uncrtaints import UnCRtainTS
 from rsjax.models.unet import RSUNet
 
 MODELS = {
@@ -29,6 +31,7 @@ MODELS = {
     "rs_unet": RSUNet,
     "dsen2cr": DSen2CR,
     "flow_unet": FlowUNet,
+    "uncrtaints": UnCRtainTS,
 }
 
 
@@ -45,4 +48,4 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **kw
 
 
 __all__ = ["MODELS", "create_model", "DSen2CR", "FlowUNet", "MultiscaleDiscriminator", "NLayerDiscriminator",
-           "RSSpadeGenerator", "RSUNet", "UNetGenerator"]
+           "RSSpadeGenerator", "RSUNet", "UNetGenerator", "UnCRtainTS"]

@@ -39,6 +39,9 @@ REFERENCE_COUNTS = {
     # Counted layer by layer from the published architecture (tests/test_dsen2cr.py):
     # 4 bands + VV/VH in, F 256, B 16; 18,947,341 with Sentinel-2's 13 bands.
     "dsen2cr": (18_905_860, True, "DSen2-CR (Meraner et al. 2020), 4 bands + SAR"),
+    # The authors' mono-temporal model, 13 bands + VV/VH, counted layer by layer
+    # from their code (tests/test_uncrtaints.py): the tables' "0.52 M".
+    "uncrtaints": (520_218, True, "UnCRtainTS mono-temporal (Ebel et al. 2023), 13 bands + SAR"),
 }
 
 
@@ -60,6 +63,8 @@ def reference_configs(sources: Mapping[str, int] = REFERENCE_SOURCES, *, out_cha
                                       norm="batch", use_spectral_norm=False)),
         "rs_unet": ("rs_unet", dict(in_channels=unet_in, num_classes=9, width=unet_width)),
         "dsen2cr": ("dsen2cr", dict(source_channels={"s2_cloudy": out_channels, "s1": 2})),
+        "uncrtaints": ("uncrtaints", dict(source_channels={"s2_cloudy": 13, "s1": 2},
+                                          out_channels=13)),
         # rsjax's own (no published reference): the fusion config's model=flow.
         "flow_unet": ("flow_unet", dict(source_channels=dict(sources), out_channels=out_channels,
                                         ngf=ngf, embed_dim=embed_dim)),

@@ -1,0 +1,118 @@
+"""UnCRtainTS, mono-temporal (Ebel et al. 2023, CVPR EarthVision), in Flax NNX, NHWC:
+cloud removal with a per-pixel, per-band predicted variance.
+
+The architecture as the authors' code builds it for one input date
+(PatrickTUM/UnCRtainTS, model/src/backbones/uncrtaints.py, `is_mono`;
+defaults of model/parse_args.py; read, not copied):
+
+    x = concat(cloudy optical, SAR)
+    x = ReLU(GroupNorm_4(conv1x1(x -> 128)))                       the input block
+    1 x MBConv(128, GroupNorm), 5 x MBConv(128, BatchNorm)        encoder, then decoder
+    conv1x1(128 -> 2 x bands): a mean and a variance per band      (`covmode='diag'`)
+
+    MBConv(x) = x + BN(pw(SE(GELU(N(dw3x3(GELU(N(pw(N(x)))))))))   (expansion 2)
+
+with pw a bias-free conv1x1 (128 -> 256 -> 128), dw a bias-free depthwise
+conv3x3 with reflect padding, SE a squeeze-and-excitation (mean over pixels,
+dense 256 -> 32, GELU, dense 32 -> 256, sigmoid, no biases) and N the block's
+norm (the first one is the block's pre-norm). With 13 bands and VV/VH that is
+520,218 parameters (tests/test_uncrtaints.py counts it layer by layer), the
+0.52 M the SEN12MS-CR tables give.
+
+Differences on purpose: the mean lives in rsjax's model space [-1, 1] (2
+sigmoid - 1, where the authors' is scale_by x sigmoid in [0, scale_by]); the
+variance is softplus + 1e-3 (their `var_nonLinearity='softplus'` with the
+epsilon they use when scale_by != 1), in model-space units; any set of
+sources may join (concatenated in order).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rsjax.models.layers import batch_norm
+
+WIDTH = 128
+EXPANSION = 2
+SE_RATIO = 0.25          # of the block's input width
+GROUPS = 4
+VARIANCE_FLOOR = 1e-3
+
+
+def _norm(kind: str, features: int, rngs: nnx.Rngs) -> nnx.Module:
+    if kind == "group":      # PyTorch's GroupNorm: 4 groups, eps 1e-5, affine
+        return nnx.GroupNorm(features, num_groups=GROUPS, epsilon=1e-5, rngs=rngs)
+    if kind == "batch":
+        return batch_norm(features, affine=True, rngs=rngs)
+    raise ValueError(f"norm={kind!r}: choose group or batch")
+
+
+def depthwise_reflect(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 depthwise conv (kernel (3, 3, 1, C)) of x reflect-padded by 1."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    return jax.lax.conv_general_dilated(
+        padded, kernel.astype(x.dtype), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+class MBConv(nnx.Module):
+    """The inverted-residual block with squeeze-and-excitation (see the module docstring)."""
+
+    def __init__(self, width: int, *, norm: str, rngs: nnx.Rngs):
+        hidden = width * EXPANSION
+        squeezed = int(width * SE_RATIO)
+        self.pre_norm = _norm(norm, width, rngs)
+        self.expand = nnx.Linear(width, hidden, use_bias=False, rngs=rngs)
+        self.norm_1 = _norm(norm, hidden, rngs)
+        self.depthwise = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, 3, 1, hidden)))
+        self.norm_2 = _norm(norm, hidden, rngs)
+        self.se_reduce = nnx.Linear(hidden, squeezed, use_bias=False, rngs=rngs)
+        self.se_expand = nnx.Linear(squeezed, hidden, use_bias=False, rngs=rngs)
+        self.project = nnx.Linear(hidden, width, use_bias=False, rngs=rngs)
+        self.norm_3 = _norm(norm, width, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gelu = lambda v: jax.nn.gelu(v, approximate=False)   # noqa: E731  (PyTorch's nn.GELU)
+        h = gelu(self.norm_1(self.expand(self.pre_norm(x))))
+        h = gelu(self.norm_2(depthwise_reflect(h, self.depthwise[...])))
+        excite = jax.nn.sigmoid(self.se_expand(gelu(self.se_reduce(h.mean(axis=(1, 2))))))
+        h = h * excite[:, None, None, :]
+        return x + self.norm_3(self.project(h))
+
+
+class UnCRtainTS(nnx.Module):
+    """`__call__(sources)` -> (mean, variance), each (B, H, W, out_channels):
+    the cloud-free image in model space [-1, 1] and its predicted per-pixel,
+    per-band variance (> 0)."""
+
+    def __init__(self, source_channels: Mapping[str, int], out_channels: int = 4, *,
+                 width: int = WIDTH, encoder_blocks: int = 1, decoder_blocks: int = 5,
+                 rngs: nnx.Rngs):
+        if not source_channels:
+            raise ValueError("source_channels is empty: UnCRtainTS needs at least one source")
+        self.sources = tuple((str(k), int(v)) for k, v in source_channels.items())
+        self.out_channels = out_channels
+        in_channels = sum(v for _, v in self.sources)
+        self.in_conv = nnx.Linear(in_channels, width, rngs=rngs)
+        self.in_norm = _norm("group", width, rngs)
+        self.encoder = nnx.List([MBConv(width, norm="group", rngs=rngs)
+                                 for _ in range(encoder_blocks)])
+        self.decoder = nnx.List([MBConv(width, norm="batch", rngs=rngs)
+                                 for _ in range(decoder_blocks)])
+        self.out_conv = nnx.Linear(width, 2 * out_channels, rngs=rngs)
+
+    def __call__(self, sources: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        missing = [k for k, _ in self.sources if k not in sources]
+        if missing:
+            raise ValueError(f"sources missing {missing}; the model was built with "
+                             f"{[k for k, _ in self.sources]}")
+        x = jnp.concatenate([sources[k] for k, _ in self.sources], axis=-1)
+        h = jax.nn.relu(self.in_norm(self.in_conv(x)))
+        for block in (*self.encoder, *self.decoder):
+            h = block(h)
+        out = self.out_conv(h)
+        mean, raw_variance = out[..., :self.out_channels], out[..., self.out_channels:]
+        return 2.0 * jax.nn.sigmoid(mean) - 1.0, jax.nn.softplus(raw_variance) + VARIANCE_FLOOR
