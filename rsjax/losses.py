@@ -131,17 +131,27 @@ def feature_matching_loss(real_outputs, fake_outputs, layer_reduction: str = "su
     return total / len(real_scales)
 
 
-def l1_loss(pred, target, valid_mask=None):
-    """Mean absolute error over valid pixels and all channels.
+def masked_mean(values, valid_mask=None):
+    """Mean of (B, H, W, C) `values` over valid pixels and all channels.
 
-    valid_mask: optional (B, H, W) (or anything broadcastable to pred without its
-    channel axis), True/1 where the target has data. 0 when nothing is valid.
+    valid_mask: optional (B, H, W) (or anything broadcastable to values without
+    its channel axis), True/1 where the target has data. 0 when nothing is valid.
     """
-    error = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
     if valid_mask is None:
-        return jnp.mean(error)
-    weights = jnp.broadcast_to(valid_mask.astype(jnp.float32)[..., None], error.shape)
-    return jnp.sum(error * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return jnp.mean(values)
+    weights = jnp.broadcast_to(valid_mask.astype(jnp.float32)[..., None], values.shape)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def l1_loss(pred, target, valid_mask=None):
+    """Mean absolute error over valid pixels and all channels (see masked_mean)."""
+    return masked_mean(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)), valid_mask)
+
+
+def l2_loss(pred, target, valid_mask=None):
+    """Mean squared error over valid pixels and all channels (see masked_mean)."""
+    return masked_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)),
+                       valid_mask)
 
 
 def gaussian_nll(mean, variance, target, valid_mask=None):
@@ -151,11 +161,8 @@ def gaussian_nll(mean, variance, target, valid_mask=None):
     over valid pixels (valid_mask (B, H, W)) and bands. UnCRtainTS's loss with a
     diagonal covariance (Ebel et al. 2023)."""
     mean, variance, target = (jnp.asarray(a, jnp.float32) for a in (mean, variance, target))
-    nll = 0.5 * (jnp.log(variance) + jnp.square(target - mean) / variance)
-    if valid_mask is None:
-        return jnp.mean(nll)
-    weights = jnp.broadcast_to(valid_mask.astype(jnp.float32)[..., None], nll.shape)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return masked_mean(0.5 * (jnp.log(variance) + jnp.square(target - mean) / variance),
+                       valid_mask)
 
 
 def cloud_adaptive_l1(pred, target, cloudy, covered, valid_mask=None, *, weight: float = 1.0):

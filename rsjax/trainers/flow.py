@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rsjax import input_pipeline
+from rsjax import input_pipeline, losses
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
 from rsjax.models import flow as flow_model
@@ -101,12 +101,6 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def masked_mean_square(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean squared error over valid pixels (valid: (B, H, W)) and all channels."""
-    weights = jnp.broadcast_to(valid.astype(jnp.float32)[..., None], pred.shape)
-    return jnp.sum(jnp.square(pred - target) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def train_step(setup: Setup, state: dict, batch: dict):
     """One flow-matching step: noise and a time per image, the point x_t on the
     straight path from the noise to the image, and the squared error of the
@@ -123,7 +117,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
 
     def loss_of_model(model):
         velocity = model(x_t.astype(cd), t, sources).astype(jnp.float32)
-        return masked_mean_square(velocity, image - noise, batch["valid"]), None
+        return losses.l2_loss(velocity, image - noise, batch["valid"]), None
 
     new_state, loss, _ = guarded_model_step(setup, state, loss_of_model, cd)
     # A skipped (non-finite) step leaves the parameters as they were; the EMA
