@@ -34,6 +34,7 @@ from rsjax import input_pipeline, losses
 from rsjax.errors import ConfigError
 from rsjax.models import create_model
 from rsjax.models import flow as flow_model
+from rsjax.trainers import loop
 from rsjax.trainers.nonfinite import guarded_model_step
 from rsjax.trainers.single_model import SingleModelSetup
 
@@ -124,8 +125,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
     # then moves towards those same parameters, which is harmless.
     params = nnx.state(nnx.merge(setup.train_graph, new_state["model"]), nnx.Param)
     decay = ema_decay_at(state["step"], float(setup.config.ema_decay))
-    new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                    state["ema"], params)
+    new_state["ema"] = loop.ema_update(state["ema"], params, decay)
     return new_state, {"loss": loss, "nonfinite": new_state["nonfinite"].astype(jnp.float32)}
 
 

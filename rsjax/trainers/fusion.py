@@ -174,10 +174,6 @@ def step_function(setup):
     return jax.jit(functools.partial(step, setup), donate_argnums=(0,))
 
 
-def ema_update(ema, params, decay):
-    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-
-
 # ---------------------------------------------------------------------------
 # The GAN step
 # ---------------------------------------------------------------------------
@@ -287,7 +283,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
             "d": _merge_state(setup.d_train_graph, optax.apply_updates(d_params, d_updates),
                               new_d_rest),
             "g_opt": new_g_opt, "d_opt": new_d_opt,
-            "ema": ema_update(state["ema"], new_g_params, setup.config.ema_decay),
+            "ema": loop.ema_update(state["ema"], new_g_params, setup.config.ema_decay),
         }
 
     out_state = guarded_update(finite, updates, state)

@@ -37,6 +37,11 @@ def learning_rate_schedule(base_lr: float, total_steps: int,
                                  transition_begin=decay_start_step)
 
 
+def ema_update(ema, params, decay):
+    """The exponential moving average of the parameters after one update."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
 def start_run(config, workdir: str, devices=None):
     """(workdir as a string every library takes, mesh) of a training run: the
     workdir created, the mesh over `devices` (default: all) checked against the
