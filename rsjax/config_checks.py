@@ -66,14 +66,19 @@ def _check_names(config) -> None:
         _choice(config, "discriminator.name", DISCRIMINATORS)
         _choice(config, "gan.loss", GAN_LOSSES)
         if _get(config, "generator.name") == "flow_unet":
-            from rsjax.models.flow import SOLVERS
-            from rsjax.trainers.flow import TIME_SAMPLINGS
-
-            _choice(config, "flow.solver", SOLVERS)
-            _choice(config, "flow.time_sampling", TIME_SAMPLINGS)
-            _check_int(config, "flow.sample_steps", 1)
+            check_flow(config)
     else:
         _choice(config, "model.name", MODELS_BY_TRAINER.get(config.get("trainer"), ()))
+
+
+def check_flow(config) -> None:
+    """The flow model's sampling and training-time settings (also checked by its Setup)."""
+    from rsjax.models.flow import SOLVERS
+    from rsjax.trainers.flow import TIME_SAMPLINGS
+
+    _choice(config, "flow.solver", SOLVERS)
+    _choice(config, "flow.time_sampling", TIME_SAMPLINGS)
+    _check_int(config, "flow.sample_steps", 1)
 
 
 def _check_int(config, key: str, minimum: int) -> None:

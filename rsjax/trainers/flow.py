@@ -30,15 +30,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rsjax import input_pipeline, losses
-from rsjax.errors import ConfigError
+from rsjax import config_checks, input_pipeline, losses
 from rsjax.models import create_model
 from rsjax.models import flow as flow_model
 from rsjax.trainers import loop
 from rsjax.trainers.nonfinite import guarded_model_step
-from rsjax.trainers.single_model import SingleModelSetup
+from rsjax.trainers.single_model import SingleModelSetup, compute_dtype
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TIME_SAMPLINGS = ("logit_normal", "uniform")
 # The sampling noise's stream, apart from the seed's other uses (training noise: fold_in(step)).
 _SAMPLING_STREAM = 2**31 - 1
@@ -56,19 +54,8 @@ class Setup(SingleModelSetup):
         self.config = config
         self.sources = tuple(sources)
         self.generator_name = str(config.generator.name)
-        dtype = config.get("dtype", "float32")
-        if dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
-        self.compute_dtype = COMPUTE_DTYPES[dtype]
-        f = config.flow
-        if f.solver not in flow_model.SOLVERS:
-            raise ConfigError(f"config.flow.solver={f.solver!r}: choose one of "
-                              f"{', '.join(flow_model.SOLVERS)}.")
-        if int(f.sample_steps) < 1:
-            raise ConfigError(f"config.flow.sample_steps={f.sample_steps}: at least 1.")
-        if f.time_sampling not in TIME_SAMPLINGS:
-            raise ConfigError(f"config.flow.time_sampling={f.time_sampling!r}: choose one of "
-                              f"{', '.join(TIME_SAMPLINGS)}.")
+        self.compute_dtype = compute_dtype(config)
+        config_checks.check_flow(config)       # as `rsjax train` checks it, for library callers
         o = config.optim
         self._build(o.lr, lambda lr: optax.adam(lr, b1=o.b1, b2=o.b2))
         self._generate = {}

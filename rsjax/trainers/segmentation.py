@@ -31,22 +31,14 @@ from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, loop
 from rsjax.trainers.nonfinite import guarded_model_step
-from rsjax.trainers.single_model import SingleModelSetup
+from rsjax.trainers.single_model import SingleModelSetup, compute_dtype
 
 log = logging.getLogger("rsjax")
-
-# config.dtype: the dtype the train step computes in. Parameters, optimizer
-# state and BatchNorm's statistics stay float32; the loss is taken in float32.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class Setup(SingleModelSetup):
     def __init__(self, config):
         self.config = config
-        dtype = config.get("dtype", "float32")
-        if dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
-        self.compute_dtype = COMPUTE_DTYPES[dtype]
+        self.compute_dtype = compute_dtype(config)
         o = config.optim
         self._build(o.lr, lambda lr: optax.adamw(lr, b1=o.b1, b2=o.b2,
                                                  weight_decay=o.weight_decay))

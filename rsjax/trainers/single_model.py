@@ -13,7 +13,21 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rsjax.errors import ConfigError
 from rsjax.trainers import loop
+
+
+# config.dtype: the dtype the train step computes in. Parameters, optimizer
+# state and BatchNorm's statistics stay float32; the loss is taken in float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config):
+    """`config.dtype` (default float32) as a JAX dtype; another name is a ConfigError."""
+    dtype = config.get("dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"config.dtype={dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+    return COMPUTE_DTYPES[dtype]
 
 
 class SingleModelSetup:
