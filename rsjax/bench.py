@@ -727,8 +727,7 @@ def benchmark(args) -> dict:
                 if part == "fusion":
                     add_reference(entry, peak)
                 elif part == "flow":
-                    del timer                                # the step's state, before the sampler's
-                    timer = None
+                    timer = None                             # the step's state, before the sampler's
                     _log(f"  sampling at {list(args.flow_sample_steps)} steps ...")
                     entry = {"train_step": entry, "sampling": time_flow_sampling(
                         size, batch, args.dtype, mesh, args.config_arg,

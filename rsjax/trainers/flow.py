@@ -22,7 +22,6 @@ scene, so the tiles that overlap at a pixel start from the same noise there.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -148,18 +147,16 @@ def grid_noise(seed: int, row: int, col: int, height: int, width: int, channels:
     return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
 
 
-def generate(setup: Setup, state: dict, batch: dict, use_ema: bool,
-             noise: Optional[jax.Array] = None) -> jax.Array:
+def generate(setup: Setup, state: dict, batch: dict, use_ema: bool) -> jax.Array:
     """Images in model space [-1, 1] for the batch's sources: `config.flow.
-    sample_steps` steps of `config.flow.solver` from `noise` (default: the
-    batch's `noise`, else `sampling_noise(seed)` at the batch's shape),
-    clipped to [-1, 1]. Noise of shape (B, H, W, K, C) gives K samples per
-    image and returns their mean and standard deviation: (B, H, W, 2 C)."""
+    sample_steps` steps of `config.flow.solver` from the batch's `noise` (default:
+    `sampling_noise(seed)` at the batch's shape), clipped to [-1, 1]. Noise of
+    shape (B, H, W, K, C) gives K samples per image and returns their mean and
+    standard deviation: (B, H, W, 2 C)."""
     f = setup.config.flow
     sources = {s: batch[s] for s in setup.sources}
     first = sources[setup.sources[0]]
-    if noise is None:
-        noise = batch.get("noise")
+    noise = batch.get("noise")
     if noise is None:
         noise = sampling_noise(int(setup.config.seed),
                                (*first.shape[:3], int(setup.config.out_channels)))

@@ -459,8 +459,9 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
     generator = setup.generate_jit(bool(config.get("eval_use_ema", False)))
     sharding = mesh_lib.batch_sharding(mesh)
 
-    # A flow model also takes the batch's starting noise when it has one (whole scenes).
-    keys = (*setup.sources, "noise") if isinstance(setup, flow.Setup) else setup.sources
+    # A flow model also takes the batch's starting noise when it has one (whole
+    # scenes: rsjax.predict.scene_noise gives it to flow models only).
+    keys = (*setup.sources, "noise")
 
     def generate(batch):
         return generator(state, {k: jax.device_put(batch[k], sharding) for k in keys if k in batch})
