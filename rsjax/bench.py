@@ -40,6 +40,12 @@ Parts (`--parts`, comma-separated):
   per batch, images/s, FLOP per batch (the model FLOPs of the sources' part,
   computed once per batch, plus those of one velocity evaluation times the
   evaluations: XLA's cost analysis counts a loop's body once), FLOP/s and MFU.
+- `uncrtaints`, `dsen2cr`: the cloud-removal trainer's step
+  (`rsjax.trainers.cloud_removal.train_step`, `cloud_removal:...,model=`
+  each; sources s2_cloudy+s1): UnCRtainTS with its Gaussian NLL, DSen2-CR
+  with CARL, timed as `fusion` is. Not in the default parts: DSen2-CR's
+  published width costs minutes per step on a CPU (`--config_arg demo` is
+  its narrower network).
 - `convs`: the U-Net step's 3x3 convolutions one by one, each distinct (in,
   out, resolution) at each size and batch: forward, kernel gradient and
   (except the first layer, whose input is data) input gradient, computed as
@@ -82,7 +88,9 @@ import numpy as np
 from rsjax import cli, runtime
 from rsjax.errors import RunFailed, UserError
 
-PARTS = ("matmul", "fusion", "unet", "flow", "convs", "pipeline", "startup")
+PARTS = ("matmul", "fusion", "unet", "flow", "uncrtaints", "dsen2cr", "convs", "pipeline", "startup")
+# What `rsjax bench` runs without --parts.
+DEFAULT_PARTS = ("matmul", "fusion", "unet", "flow", "convs", "pipeline", "startup")
 AGAINST = ("none", "torch")
 
 # NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
@@ -261,6 +269,8 @@ def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict
         c = input_pipeline.SOURCE_CHANNELS[s]
         host[s] = (np.eye(c, dtype=np.float32)[rng.integers(0, c, shape)] if s == "lulc"
                    else rng.standard_normal((*shape, c)).astype(np.float32))
+    if "s2_cloudy" in sources:                  # clear, cloud, shadow
+        host["cloud_mask"] = rng.integers(0, 3, shape).astype(np.uint8)
     return jax.device_put(host, mesh_lib.batch_sharding(mesh))
 
 
@@ -336,6 +346,20 @@ def time_flow_sampling(size: int, batch: int, dtype: str, mesh, config_arg: str,
             entry["gflop_per_s"] = round(flops / 1e9 / seconds, 1)
         entries.append(add_ratios(entry, peak_gflops, mesh.devices.size))
     return entries
+
+
+def cloud_removal_step(model: str, size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
+    """(jitted step, state, batch) of the cloud-removal trainer with `model`."""
+    from rsjax import mesh as mesh_lib
+    from rsjax.trainers import cloud_removal
+    config = _load_config("cloud_removal", ",".join(filter(None, [config_arg, f"model={model}"])))
+    config.data.tile_size = size
+    config.global_batch_size = batch
+    config.dtype = dtype
+    setup = cloud_removal.Setup(config)
+    state = mesh_lib.init_replicated(setup.init_state, mesh)
+    step = jax.jit(functools.partial(cloud_removal.train_step, setup), donate_argnums=(0,))
+    return step, state, random_batch(size, batch, setup.sources, mesh)
 
 
 def unet_step(size: int, batch: int, dtype: str, mesh, config_arg: str = ""):
@@ -625,8 +649,9 @@ def machine() -> dict:
 # Command line
 # ---------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--parts", type=cli.name_list(PARTS), default=",".join(PARTS),
-                        help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", type=cli.name_list(PARTS), default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (default "
+                             f"{','.join(DEFAULT_PARTS)})")
     parser.add_argument("--sizes", type=cli.int_list, default="128,256",
                         help="tile sizes, comma-separated")
     parser.add_argument("--batches", type=cli.int_list, default="1,4",
@@ -714,7 +739,10 @@ def benchmark(args) -> dict:
         peak = report["matmul_peak"]["gflop_per_s"]
         _log(f"  {peak} GFLOP/s")
 
-    for part, make in (("fusion", fusion_step), ("unet", unet_step), ("flow", flow_step)):
+    steps = (("fusion", fusion_step), ("unet", unet_step), ("flow", flow_step),
+             ("uncrtaints", functools.partial(cloud_removal_step, "uncrtaints")),
+             ("dsen2cr", functools.partial(cloud_removal_step, "dsen2cr")))
+    for part, make in steps:
         if part not in args.parts:
             continue
         results = report.setdefault(part, [])

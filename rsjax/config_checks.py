@@ -19,7 +19,7 @@ GAN_LOSSES = ("hinge", "vanilla", "lsgan")
 # Model keys by trainer, and the roles each may play.
 GENERATORS = ("rs_spade", "pix2pix_unet", "flow_unet")
 DISCRIMINATORS = ("multiscale_patchgan", "patchgan")
-MODELS_BY_TRAINER = {"segmentation": ("rs_unet",), "cloud_removal": ("dsen2cr",)}
+MODELS_BY_TRAINER = {"segmentation": ("rs_unet",), "cloud_removal": ("dsen2cr", "uncrtaints")}
 # At least 1: the loop divides by them or counts up to them.
 POSITIVE = ("total_steps", "global_batch_size", "eval_batch_size", "log_every_steps",
             "keep_checkpoints", "max_nonfinite_steps", "out_channels", "in_channels")

@@ -95,7 +95,8 @@ from rsjax.data.contract import (CLOUDY, LULC_NODATA, NUM_CLASSES, S2_BANDS, S2_
                                  InputError, ScenePaths)
 from rsjax.errors import UserError
 from rsjax.file_modes import new_file_mode
-from rsjax.predict_outputs import CLOUD_FREE, LAND_COVER, SYNTHETIC, SYNTHETIC_MEAN_STD, OutputSpec
+from rsjax.predict_outputs import (CLOUD_FREE, CLOUD_FREE_MEAN_STD, LAND_COVER, SYNTHETIC,
+                                   SYNTHETIC_MEAN_STD, OutputSpec)
 from rsjax.tiling import tile_offsets, tiled_predict
 
 log = logging.getLogger("rsjax")
@@ -727,17 +728,21 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                    config=None, data_dir: Optional[str] = None, s1_units: str = "auto",
                    progress: bool = True, model: Optional[LoadedModel] = None) -> dict:
     """A cloud-removal checkpoint (a run whose sources include `s2_cloudy`:
-    the cloud_removal trainer's DSen2-CR, or RS-SPADE) over a whole-scene cloudy
-    S2 GeoTIFF and the other sources it takes -> a cloud-free 4-band GeoTIFF at
-    `out`. With `cloud_mask`, the cloudy image is kept where the mask says
-    clear (see the module docstring). Arguments as in `predict_fusion`.
+    the cloud_removal trainer's DSen2-CR or UnCRtainTS, or RS-SPADE) over a
+    whole-scene cloudy S2 GeoTIFF and the other sources it takes -> a
+    cloud-free 4-band GeoTIFF at `out`; 8 bands for a model with a variance
+    (UnCRtainTS): the image, then the square root of its variance (blended
+    across tiles as a variance). With `cloud_mask`, the cloudy image is kept
+    where the mask says clear, with a standard deviation of 0 there (written as
+    1, the least value that is not no-data; see the module docstring).
+    Arguments as in `predict_fusion`.
     """
     import jax.numpy as jnp
     from rasterio.windows import Window
 
     from rsjax import input_pipeline
     from rsjax.data.ingest import RegisteredScene
-    from rsjax.trainers import cloud_eval, trainer_module
+    from rsjax.trainers import cloud_eval, cloud_removal, trainer_module
 
     if out is None:
         raise ValueError("out: give the path of the GeoTIFF to write")
@@ -764,6 +769,9 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                        s2_cloudy=given[CLOUDY], cloud_mask=_as_path(cloud_mask))
     normalizer = model.normalizer if model is not None else dataset_normalizer(config.data, data_dir)
     noise_of = scene_noise(config)
+    variance = config.trainer == "cloud_removal" and cloud_removal.predicts_variance(config)
+    spec = CLOUD_FREE_MEAN_STD if variance else CLOUD_FREE
+    bands = len(S2_BANDS)
     with RegisteredScene(scene, opts) as reg:
         remove_clouds, ckpt_step, num_devices = _inference(model, trainer, config, workdir, step,
                                                            devices)
@@ -778,13 +786,21 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
             return {**inputs, **noise_of(row, col, nrows, ncols)}, source_nodata(arrays, sources)
 
         def predict_batch(batch):
-            image = remove_clouds(batch)
+            out = remove_clouds(batch)
             if cloud_mask is None:
+                return out
+            cloudy, mask = jnp.asarray(batch[CLOUDY]), jnp.asarray(batch["cloud_mask"])
+            image = cloud_eval.composite(out[..., :bands], cloudy, mask)
+            if not variance:
                 return image
-            return cloud_eval.composite(image, jnp.asarray(batch[CLOUDY]), jnp.asarray(batch["cloud_mask"]))
+            kept = cloud_eval.kept_clear(cloudy, mask)[..., None]
+            return jnp.concatenate([image, jnp.where(kept, 0.0, out[..., bands:])], axis=-1)
 
         def to_output(values, nodata):
-            s2 = input_pipeline.image_to_s2(values, normalizer)
+            s2 = input_pipeline.image_to_s2(values[..., :bands], normalizer)
+            if variance:
+                std = np.sqrt(np.maximum(values[..., bands:], 0.0))
+                s2 = np.concatenate([s2, input_pipeline.image_std_to_s2(std, normalizer)], axis=-1)
             s2[nodata] = S2_NODATA
             return np.moveaxis(s2, -1, 0)
 
@@ -794,15 +810,15 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
                                  "cloud (1) and shadow (2)") if cloud_mask is not None
             else "none: the model's image everywhere"}
         tags = {**provenance_tags(properties), "UNITS": REFLECTANCE_UNITS}
-        result = _run(reg, tile=tile, overlap=overlap, channels=len(S2_BANDS), read_tile=read_tile,
+        result = _run(reg, tile=tile, overlap=overlap, channels=len(spec.bands), read_tile=read_tile,
                       predict_batch=predict_batch, batch_size=size,
-                      out=out, profile=spec_profile(reg.grid, CLOUD_FREE),
-                      to_output=to_output, spec=CLOUD_FREE, tags=tags, progress=progress)
+                      out=out, profile=spec_profile(reg.grid, spec),
+                      to_output=to_output, spec=spec, tags=tags, progress=progress)
     result.update(mode="cloud_removal", checkpoint_step=int(ckpt_step), sources=list(sources),
                   cloud_mask=cloud_mask is not None, devices=num_devices, batch_size=size)
     inputs = [(CLOUDY, given[CLOUDY]), *((s, given[s]) for s in ("s1", "lulc", "dem") if s in sources),
               ("cloud_mask", _as_path(cloud_mask))]          # None (no mask) is left out
-    return _finish(result, out, CLOUD_FREE, properties, inputs)
+    return _finish(result, out, spec, properties, inputs)
 
 
 def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> np.ndarray:
@@ -870,7 +886,9 @@ def add_arguments(parser) -> None:
                         help="fusion: elevation GeoTIFF (slope, aspect, hillshade are derived)")
     parser.add_argument("--s2", default=None, help="segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
     parser.add_argument("--s2_cloudy", default=None,
-                        help="cloud removal: the cloudy Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
+                        help="cloud removal: the cloudy Sentinel-2 GeoTIFF (B2, B3, B4, B8); "
+                             "a model with a variance (UnCRtainTS) writes 4 more bands, "
+                             "its standard deviation")
     parser.add_argument("--cloud_mask", default=None,
                         help="cloud removal, optional: its cloud/shadow mask GeoTIFF (0 clear, 1 "
                              "cloud, 2 shadow); the cloudy image is then kept where it is clear")

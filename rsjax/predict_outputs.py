@@ -75,6 +75,12 @@ SYNTHETIC_MEAN_STD = dataclasses.replace(
     REFLECTANCE, title="synthetic Sentinel-2 surface reflectance (B2, B3, B4, B8): mean, then "
                        "standard deviation over samples",
     bands=S2_BAND_SPECS + tuple(BandSpec(f"{b.name}_std") for b in S2_BAND_SPECS))
+# A model with a predicted variance (UnCRtainTS): the image, then the square
+# root of its variance, in the image's unit (reflectance x 10000, at least 1).
+CLOUD_FREE_MEAN_STD = dataclasses.replace(
+    REFLECTANCE, title="cloud-free Sentinel-2 surface reflectance (B2, B3, B4, B8), then its "
+                       "predicted standard deviation (square root of the model's variance)",
+    bands=S2_BAND_SPECS + tuple(BandSpec(f"{b.name}_std") for b in S2_BAND_SPECS))
 LAND_COVER = OutputSpec("land cover (Dynamic World classes)", "uint8", LULC_NODATA,
                         (BandSpec("label", colorinterp="palette"),), "mode", classes=LULC_CLASSES)
 

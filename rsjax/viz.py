@@ -296,8 +296,13 @@ def plot_curves(series: Mapping[str, tuple], path: str | os.PathLike, xlabel: st
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Writes a matplotlib Figure as a PNG at its own size and dpi; returns the path."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    figure.savefig(buffer, format="png", dpi=figure.dpi)
     return _write_bytes(path, buffer.getvalue())
 
 

@@ -171,6 +171,22 @@ def cloudy_data_dir(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "tfds_cloudy", build)
 
 
+@pytest.fixture(scope="session")
+def cloudy_scene(cloudy_data_dir):
+    """A scene of the cloudy dataset with both clear and cloudy pixels."""
+    import rasterio
+
+    from rsjax.data.contract import CLOUD_CLEAR, find_scenes
+
+    folder = next(cloudy_data_dir.rglob("*_s2_cloudy.tif")).parent
+    for scene in find_scenes(folder, clouds=True):
+        with rasterio.open(scene.cloud_mask) as f:
+            clear = (f.read(1) == CLOUD_CLEAR).mean()
+        if 0.1 < clear < 0.9:
+            return scene
+    raise AssertionError("no partly cloudy scene")
+
+
 @pytest.fixture(autouse=True)
 def _rsjax_logger_propagates():
     """Commands run in-process (rsjax.cli) give the 'rsjax' logger its own

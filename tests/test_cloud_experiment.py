@@ -74,6 +74,34 @@ def test_report_from_finished_runs(tmp_path):
     assert {p["method"] for p in published} == {label for label, _, _ in experiment.PEERS}
 
 
+def test_the_uncertainty_table_is_each_seeds_scores_averaged(tmp_path):
+    from rsjax import uncertainty_metrics as um
+
+    root = epath.Path(tmp_path)
+    methods = [m for m in experiment.METHODS if m.key in ("uncrtaints", "dsen2cr")]
+    per_seed = []
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        n = rng.integers(100, 200, 30).astype(np.float64)
+        var = rng.uniform(0.001, 0.01, 30)
+        parts = {"n": n, "var": var * n, "se": var * n * rng.uniform(0.5, 2.0, 30),
+                 "nll": rng.normal(-2.0, 0.1, 30) * n}
+        out = root / "uncrtaints" / f"seed{seed}"
+        out.mkdir(parents=True)
+        with (out / experiment.UNCERTAINTY_FILE).open("wb") as f:
+            np.savez_compressed(f, **parts)
+        per_seed.append(um.uncertainty_scores(parts))
+    (root / "dsen2cr" / "seed0").mkdir(parents=True)          # no variance: no row
+    rows = experiment.uncertainty_rows(root, methods, seeds=2)
+    assert list(rows) == ["uncrtaints"]
+    uce = [t["uce"] for t in per_seed]
+    half = 12.706 * np.std(uce, ddof=1) / np.sqrt(2)
+    row = next(line for line in experiment.uncertainty_table(rows).splitlines()
+               if line.startswith("| UnCRtainTS |"))
+    assert f"| {np.mean(uce):.4f} ± {half:.4f} |" in row
+    assert rows["uncrtaints"]["cells"]["nll"].mean == pytest.approx(np.mean([t["nll"] for t in per_seed]))
+
+
 def test_grid_tiles_cover_every_bin():
     covers = np.array([0.95, 0.0, 0.3, 1.0, 0.05, 0.6, np.nan, 0.99])
     assert experiment.pick_tiles(covers, per_bin=2) == [1, 4, 2, 5, 0, 3]

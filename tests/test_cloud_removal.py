@@ -15,7 +15,7 @@ import rasterio
 from trainer_utils import load_config, tiny_cloud_config
 
 from rsjax import predict
-from rsjax.data.contract import CLOUD_CLEAR, InputError, S2_NODATA, find_scenes
+from rsjax.data.contract import CLOUD_CLEAR, InputError, S2_NODATA
 from rsjax.trainers import cloud_eval
 
 
@@ -125,18 +125,6 @@ def dsen2cr_workdir(cloudy_data_dir, tmp_path_factory) -> Path:
     ckpt.close()
     logging_utils.write_config(config, root)
     return root
-
-
-@pytest.fixture(scope="module")
-def cloudy_scene(cloudy_data_dir):
-    """A scene of the cloudy dataset with both clear and cloudy pixels."""
-    folder = next(cloudy_data_dir.rglob("*_s2_cloudy.tif")).parent
-    for scene in find_scenes(folder, clouds=True):
-        with rasterio.open(scene.cloud_mask) as f:
-            clear = (f.read(1) == CLOUD_CLEAR).mean()
-        if 0.1 < clear < 0.9:
-            return scene
-    raise AssertionError("no partly cloudy scene")
 
 
 def test_prediction_removes_clouds_and_keeps_the_clear_part(dsen2cr_workdir, cloudy_scene, tmp_path):

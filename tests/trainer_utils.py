@@ -47,19 +47,25 @@ def tiny_fusion_config(data_dir, model: str = "pix2pix", steps: int = 4, sources
     return c
 
 
+# The cloud_removal trainer's models, shrunk likewise.
+TINY_CLOUD_MODELS = {
+    "dsen2cr": {"model.features": 8, "model.num_blocks": 1},
+    "uncrtaints": {"model.width": 8, "model.decoder_blocks": 1},
+}
+
+
 def tiny_cloud_config(data_dir, name: str = "cloud_removal", sources: str = "s2_cloudy+s1",
-                      steps: int = 2, extra: str = "", model: str = "rs_spade"):
+                      steps: int = 2, extra: str = "", model: str = ""):
     """A run on the small cloudy dataset (conftest.CLOUDY_DATA), shrunk to train
-    in seconds: `cloud_removal` (DSen2-CR) or `fusion` (`model`: RS-SPADE by
-    default); `extra`: more config arguments (e.g. "clouds")."""
+    in seconds: `cloud_removal` (`model`: DSen2-CR by default, or uncrtaints) or
+    `fusion` (`model`: RS-SPADE by default); `extra`: more config arguments
+    (e.g. "clouds")."""
     from conftest import CLOUDY_DATA
 
-    model_arg = [f"model={model}"] if name == "fusion" else []
-    c = load_config(name, ",".join(["demo", *model_arg, f"sources={sources}", *filter(None, [extra])]))
-    if name == "fusion":
-        c.update_from_flattened_dict(TINY_MODELS[model])
-    else:
-        c.update_from_flattened_dict({"model.features": 8, "model.num_blocks": 1})
+    model = model or ("rs_spade" if name == "fusion" else "dsen2cr")
+    c = load_config(name, ",".join(["demo", f"model={model}", f"sources={sources}",
+                                    *filter(None, [extra])]))
+    c.update_from_flattened_dict((TINY_MODELS if name == "fusion" else TINY_CLOUD_MODELS)[model])
     c.data.update(CLOUDY_DATA)
     c.update_from_flattened_dict(
         {"data.data_dir": str(data_dir), "total_steps": steps, "global_batch_size": 8,

@@ -17,7 +17,11 @@ cloud, under shadow, clear part; by cloud-cover bin):
 - RS-SPADE with the cloudy image as one more source, on the peers' inputs
   (S2 cloudy + S1) and on all four, as it comes and as a composite;
 - DSen2-CR (the published architecture at the scale's width) on S2 cloudy +
-  S1, and on all four.
+  S1, and on all four;
+- UnCRtainTS (its published network) on S2 cloudy + S1, whose predicted
+  variance is also scored (an uncertainty table: NLL, UCE, AUCE and the
+  rank correlation of variance and error, rsjax.uncertainty_metrics);
+- the flow model (`fusion:...,model=flow`) on all four.
 
 Each run trains in its own folder `<workdir>/<method>/seed<k>` and is not
 trained again once finished (a killed experiment resumes run by run, each
@@ -157,7 +161,15 @@ METHODS = (
     Method("dsen2cr", "DSen2-CR", "S2 cloudy + S1", "cloud_removal:{scale},sources=s2_cloudy+s1"),
     Method("dsen2cr_all", "DSen2-CR", "S2 cloudy + S1 + DEM + LULC",
            "cloud_removal:{scale},sources=s2_cloudy+s1+dem+lulc"),
+    Method("uncrtaints", "UnCRtainTS", "S2 cloudy + S1",
+           "cloud_removal:{scale},model=uncrtaints,sources=s2_cloudy+s1"),
+    Method("flow_all", "flow model", "S2 cloudy + S1 + DEM + LULC",
+           "fusion:{scale},model=flow,sources=s2_cloudy+s1+dem+lulc"),
 )
+UNCERTAINTY_FILE = "eval_test_uncertainty.npz"
+UNCERTAINTY_COLUMNS = (("nll", "NLL", "{:.3f}"), ("uce", "UCE", "{:.4f}"), ("auce", "AUCE", "{:.4f}"),
+                       ("rmse", "RMSE", "{:.4f}"), ("rmv", "RMV", "{:.4f}"),
+                       ("spearman_variance_error", "Spearman (variance, error)", "{:.2f}"))
 RUN_FILE = "run.json"
 
 
@@ -313,7 +325,8 @@ def write_grid(root: epath.Path, methods: Sequence[Method], scale: str, seed: in
         config = method_config(m, scale, seed, data_dir, steps)
         fn, _ = trainer_module(config.trainer).load_inference(
             config, str(root / m.key / f"seed{seed}"), devices=_one_device())
-        rows[f"{m.label} ({m.inputs})"] = np.asarray(fn(batch))
+        # [..., :4]: the image, without the variance bands a model may add (UnCRtainTS).
+        rows[f"{m.label} ({m.inputs})"] = np.asarray(fn(batch))[..., :batch["image"].shape[-1]]
     rows["clear truth"] = batch["image"]
     rows["cloud mask"] = batch["cloud_mask"]
     path = root / "grids" / f"cloud_removal_seed{seed}.png"
@@ -331,8 +344,36 @@ def _one_device():
 # ---------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------
+def uncertainty_rows(root: epath.Path, methods: Sequence[Method], seeds: int) -> dict:
+    """{method key: {"label", "inputs", "cells": {metric: Interval over seeds}}} of
+    the finished runs that scored a predicted variance (UnCRtainTS)."""
+    from rsjax import uncertainty_metrics
+
+    out = {}
+    for m in methods:
+        paths = [root / m.key / f"seed{s}" / UNCERTAINTY_FILE for s in range(seeds)]
+        tables = []
+        for path in filter(lambda p: p.exists(), paths):
+            with path.open("rb") as f, np.load(f) as z:
+                tables.append(uncertainty_metrics.uncertainty_scores(dict(z)))
+        if tables:
+            out[m.key] = {"label": m.label, "inputs": m.inputs, "cells": {
+                k: stats.seed_interval([float("nan") if t[k] is None else t[k] for t in tables])
+                for k, _, _ in UNCERTAINTY_COLUMNS}}
+    return out
+
+
+def uncertainty_table(rows: Mapping[str, dict]) -> str:
+    lines = ["| method | inputs | " + " | ".join(t for _, t, _ in UNCERTAINTY_COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(UNCERTAINTY_COLUMNS)]
+    for entry in rows.values():
+        lines.append(f"| {entry['label']} | {entry['inputs']} | " + " | ".join(
+            _format(entry["cells"][k], f) for k, _, f in UNCERTAINTY_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
 def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict],
-                    grid: Optional[str]) -> str:
+                    grid: Optional[str], uncertainty: Optional[Mapping[str, dict]] = None) -> str:
     first = next(iter(rows.values()))["runs"][0]
     n = len(np.asarray(first["cover"]))
     seeds = max(len(r["runs"]) for r in rows.values())
@@ -346,7 +387,14 @@ def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict
              "### By region (PSNR / SSIM / SAM deg)", "", region_table(rows), "",
              "### By cloud cover, whole tile (PSNR / SSIM / SAM deg)", "", cover_table(rows), "",
              "### By cloud cover, under cloud (PSNR / SSIM / SAM deg)", "",
-             cover_table(rows, region="cloud"), "", "### Runs", "",
+             cover_table(rows, region="cloud"), ""]
+    if uncertainty:
+        lines += ["### Predicted uncertainty, whole tile", "",
+                  "Per test image: its MSE against its mean predicted variance, both in the "
+                  "metrics' [0, 1] space; UCE and AUCE over 20 variance bins, RMSE against "
+                  "RMV (root mean variance); NLL per pixel and band (rsjax.uncertainty_metrics).",
+                  "", uncertainty_table(uncertainty), ""]
+    lines += ["### Runs", "",
              "| run | steps | wall time (all attempts) | CPU time |", "|---|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r['method']}/seed{r['seed']} | {r['step']} | {r['seconds']:.0f} s{runner.wall_note(r)} | "
@@ -441,11 +489,14 @@ def run(args) -> int:
     if not rows:
         raise UserError(f"{args.workdir}: no finished run to report on.")
     grid = write_grid(root, methods, args.scale, 0, args.data_dir, args.steps)
-    text = report_markdown(rows, args.scale, records, grid)
+    uncertainty = uncertainty_rows(root, methods, seeds)
+    text = report_markdown(rows, args.scale, records, grid, uncertainty)
     (root / "cloud_removal.md").write_text(text)
     (root / "cloud_removal.json").write_text(json.dumps(
-        {"scale": args.scale, "seeds": seeds, "runs": records, **report_json(rows)}, indent=1,
-        default=float))
+        {"scale": args.scale, "seeds": seeds, "runs": records, **report_json(rows),
+         "uncertainty": {k: {"label": e["label"], "inputs": e["inputs"],
+                             "cells": {m: c.as_dict() for m, c in e["cells"].items()}}
+                         for k, e in uncertainty.items()}}, indent=1, default=float))
     print(text)
     cli.print_json({"report": str(root / "cloud_removal.md"), "json": str(root / "cloud_removal.json"),
                     "grid": grid})

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from rsjax import cloud_metrics, input_pipeline
+from rsjax import cloud_metrics, input_pipeline, uncertainty_metrics
 from rsjax.data import contract
 
 VARIANTS = ("output", "composite", "cloudy_input")
@@ -43,8 +43,12 @@ def composite(output, cloudy, cloud_mask):
     Where the mask is unknown (255) or the cloudy image has no data, the output
     is taken: nothing there can be trusted to be clear.
     """
-    clear = (cloud_mask == contract.CLOUD_CLEAR) & jnp.any(cloudy != 0, axis=-1)
-    return jnp.where(clear[..., None], cloudy, output)
+    return jnp.where(kept_clear(cloudy, cloud_mask)[..., None], cloudy, output)
+
+
+def kept_clear(cloudy, cloud_mask):
+    """(B, H, W) bool: where `composite` keeps the cloudy image (mask clear, data there)."""
+    return (cloud_mask == contract.CLOUD_CLEAR) & jnp.any(cloudy != 0, axis=-1)
 
 
 def _variant_parts(output, batch) -> dict:
@@ -145,19 +149,25 @@ def grid_options(rows: Mapping) -> dict:
 
 
 def final_evaluation(workdir: str, split: str, step: int, evaluate, render, writer,
-                     is_main: bool) -> dict:
+                     is_main: bool, uncertainty: bool = False) -> dict:
     """The end-of-training evaluation of a model that outputs S2 (RS-SPADE, pix2pix,
-    DSen2-CR), with the cloud-removal tables when the split has clouds: scores
-    logged and written (loop.write_final_evaluation), a grid of the shown tiles.
+    DSen2-CR, UnCRtainTS), with the cloud-removal tables when the split has
+    clouds: scores logged and written (loop.write_final_evaluation), a grid of
+    the shown tiles; with `uncertainty` (a model with a variance), its
+    calibration table and figure too (uncertainty_metrics.write).
 
-    `evaluate(clouds)` -> (scores, shown rows or None) runs the trainer's own
-    evaluation, feeding `clouds` (a CloudEvaluator); `render(shown)` -> the grid.
+    `evaluate(clouds, uncertainty)` -> (scores, shown rows or None) runs the
+    trainer's own evaluation, feeding `clouds` (a CloudEvaluator) and
+    `uncertainty` (an UncertaintyEvaluator, or None); `render(shown)` -> the grid.
     """
     from rsjax import viz                        # plotting only here
     from rsjax.trainers import loop
 
     clouds = CloudEvaluator()
-    scores, shown = evaluate(clouds)
+    variances = uncertainty_metrics.UncertaintyEvaluator() if uncertainty else None
+    scores, shown = evaluate(clouds, variances)
+    if variances is not None and is_main:
+        uncertainty_metrics.write(workdir, split, step, variances)
     cloud_scores = write(workdir, split, step, clouds)
     if cloud_scores:
         scores.update(summary(cloud_scores))
@@ -171,7 +181,8 @@ def final_evaluation(workdir: str, split: str, step: int, evaluate, render, writ
 
 
 def train_and_score(config, workdir: str, *, state, step_fn, train_iter, learning_rates,
-                    evaluate_split, write_images, render, is_main: bool) -> dict:
+                    evaluate_split, write_images, render, is_main: bool,
+                    uncertainty: bool = False) -> dict:
     """The training loop and evaluations of a model that outputs S2 (fusion and
     cloud removal share it): `write_images` every `image_every_steps`,
     validation scores every `eval_every_steps` (not at the last step, where the
@@ -179,7 +190,9 @@ def train_and_score(config, workdir: str, *, state, step_fn, train_iter, learnin
 
     `evaluate_split(state, split, **options)` -> (scores, shown) is the trainer's
     evaluation with its setup, config and mesh bound; `render(shown)` -> a grid.
-    Returns {"step"} and the final scores, or {"step", "preempted": True}.
+    With `uncertainty`, the final evaluation scores the model's variance too
+    (`evaluate_split` then takes an `uncertainty` evaluator). Returns {"step"}
+    and the final scores, or {"step", "preempted": True}.
     """
     from rsjax.trainers import loop
 
@@ -194,5 +207,7 @@ def train_and_score(config, workdir: str, *, state, step_fn, train_iter, learnin
         learning_rates=learning_rates,
         final_evaluation=lambda state, split, step, writer: final_evaluation(
             workdir, split, step,
-            lambda clouds: evaluate_split(state, split, collect_images=4, clouds=clouds),
-            render, writer, is_main))
+            lambda clouds, variances: evaluate_split(
+                state, split, collect_images=4, clouds=clouds,
+                **({"uncertainty": variances} if variances is not None else {})),
+            render, writer, is_main, uncertainty=uncertainty))
