@@ -61,3 +61,22 @@ def test_resume_with_another_learning_rate_rewrites_config_and_keeps_history(tra
     assert history[0]["from_step"] == 0 and history[0]["until_step"] == 2
     assert history[0]["config"]["optim"]["g_lr"] == 2e-4
     assert set(history[0]["changed"]) == {"optim.g_lr", "total_steps"}
+
+
+@pytest.mark.parametrize("trainer", ["fusion", "cloud_removal", "segmentation"])
+def test_every_trainer_refuses_a_dtype_it_does_not_honour(demo_data_dir, trainer):
+    """float16 was once trained in float32 without a word by the fusion and
+    cloud-removal trainers; each Setup now resolves config.dtype the one way."""
+    from trainer_utils import load_config
+    from rsjax.trainers import cloud_removal, fusion, segmentation
+
+    if trainer == "fusion":
+        config = tiny_fusion_config(demo_data_dir, "pix2pix")
+        make = lambda c: fusion.Setup(c, fusion.selected_sources(c))        # noqa: E731
+    else:
+        config = load_config(trainer, "demo")
+        make = {"cloud_removal": cloud_removal.Setup, "segmentation": segmentation.Setup}[trainer]
+    make(config)                                             # float32: fine
+    config.dtype = "float16"
+    with pytest.raises(ConfigError, match="config.dtype='float16'.*float32, bfloat16"):
+        make(config)

@@ -39,7 +39,7 @@ from rsjax.models import MODELS, create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, cloud_eval, loop
 from rsjax.trainers.nonfinite import guarded_model_step
-from rsjax.trainers.single_model import SingleModelSetup, compute_dtype
+from rsjax.trainers.single_model import SingleModelSetup
 
 log = logging.getLogger("rsjax")
 
@@ -103,7 +103,7 @@ def predict(setup: Setup, state: dict, batch: dict) -> jax.Array:
 
 
 def train_step(setup: Setup, state: dict, batch: dict):
-    dtype = compute_dtype(setup.config)
+    dtype = setup.compute_dtype
 
     def loss_of_model(model):
         inputs = {s: batch[s].astype(dtype) for s in setup.sources}

@@ -34,7 +34,7 @@ from rsjax.models import create_model
 from rsjax.models import flow as flow_model
 from rsjax.trainers import loop
 from rsjax.trainers.nonfinite import guarded_model_step
-from rsjax.trainers.single_model import SingleModelSetup, compute_dtype
+from rsjax.trainers.single_model import SingleModelSetup
 
 TIME_SAMPLINGS = ("logit_normal", "uniform")
 # The sampling noise's stream, apart from the seed's other uses (training noise: fold_in(step)).
@@ -53,7 +53,6 @@ class Setup(SingleModelSetup):
         self.config = config
         self.sources = tuple(sources)
         self.generator_name = str(config.generator.name)
-        self.compute_dtype = compute_dtype(config)
         config_checks.check_flow(config)       # as `rsjax train` checks it, for library callers
         o = config.optim
         self._build(o.lr, lambda lr: optax.adam(lr, b1=o.b1, b2=o.b2))

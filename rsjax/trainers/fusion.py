@@ -41,6 +41,7 @@ from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, cloud_eval, flow, loop
 from rsjax.trainers.nonfinite import all_finite, guarded_update
+from rsjax.trainers.single_model import compute_dtype
 
 log = logging.getLogger("rsjax")
 
@@ -128,6 +129,7 @@ class Setup:
     def __init__(self, config, sources):
         self.config = config
         self.sources = sources
+        self.compute_dtype = compute_dtype(config)     # float16 or a typo: a ConfigError here
         # Abstract models: only the graph definitions are needed here, and
         # creating real ones eagerly compiled every layer's initializer apart
         # (minutes of silence on a small CPU before the first step).
@@ -202,13 +204,13 @@ def train_step(setup: Setup, state: dict, batch: dict):
     real = batch["image"]
     _, g_params, g_rest = nnx.split(nnx.merge(setup.g_train_graph, state["g"]), nnx.Param, ...)
     _, d_params, d_rest = nnx.split(nnx.merge(setup.d_train_graph, state["d"]), nnx.Param, ...)
-    compute_dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
+    dtype = setup.compute_dtype
     d_scale = 0.5 if cfg.loss == "vanilla" else 1.0   # pix2pix halves D's objective; SPADE does not
 
     def cast(tree):
-        if compute_dtype == jnp.float32:
+        if dtype == jnp.float32:
             return tree
-        return jax.tree.map(lambda x: x.astype(compute_dtype)
+        return jax.tree.map(lambda x: x.astype(dtype)
                             if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
     def generate_fake(g_p, g_r):
@@ -220,7 +222,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
     def discriminate(d_p, d_r, image):
         x = jnp.concatenate([cond, image.astype(cond.dtype)], axis=-1)
         out, new_rest = _apply(setup.d_train_graph, cast(d_p), d_r,
-                               lambda d: d(x.astype(compute_dtype)))
+                               lambda d: d(x.astype(dtype)))
         return as_multiscale(out), new_rest
 
     def adversarial(d_p, fake):

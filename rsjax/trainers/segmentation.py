@@ -31,14 +31,13 @@ from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, loop
 from rsjax.trainers.nonfinite import guarded_model_step
-from rsjax.trainers.single_model import SingleModelSetup, compute_dtype
+from rsjax.trainers.single_model import SingleModelSetup
 
 log = logging.getLogger("rsjax")
 
 class Setup(SingleModelSetup):
     def __init__(self, config):
         self.config = config
-        self.compute_dtype = compute_dtype(config)
         o = config.optim
         self._build(o.lr, lambda lr: optax.adamw(lr, b1=o.b1, b2=o.b2,
                                                  weight_decay=o.weight_decay))

@@ -37,6 +37,7 @@ class SingleModelSetup:
         raise NotImplementedError
 
     def _build(self, lr: float, make_tx: Callable[[optax.Schedule], optax.GradientTransformation]):
+        self.compute_dtype = compute_dtype(self.config)   # float16 or a typo: a ConfigError here
         # An abstract model: only its graph definitions are needed here (a real
         # one would compile every layer's initializer eagerly, one by one).
         model = nnx.eval_shape(self._create)
