@@ -24,7 +24,10 @@ def _final_params(config, workdir, devices=None):
 
 @pytest.mark.parametrize("total,start", [(300, 150), (10, 3), (7, 6), (5, None), (5, 5), (5, 9)])
 def test_learning_rate_is_constant_then_linear_to_zero(total, start):
-    """optax's schedule gives, bit for bit, the formula the trainers used before it."""
+    """optax's schedule gives the formula the trainers used before it, to 1 ulp:
+    the two round differently at some steps under the older CPU emitters the
+    tests compile with (conftest.TEST_XLA_FLAGS; bit for bit under the
+    default ones), and optax's is -9e-12, not 0, past the last update."""
     import jax.numpy as jnp
 
     from rsjax.trainers.loop import learning_rate_schedule
@@ -39,8 +42,8 @@ def test_learning_rate_is_constant_then_linear_to_zero(total, start):
     steps = jnp.arange(total + 3, dtype=jnp.int32)
     got = np.asarray(jax.jit(jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32)))(steps))
     want = np.asarray(jax.jit(jax.vmap(lambda s: jnp.asarray(reference(s), jnp.float32)))(steps))
-    np.testing.assert_array_equal(got, want)
-    assert got[0] == np.float32(2e-4) and (start is None or start >= total or got[total] == 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-11)
+    assert got[0] == np.float32(2e-4) and (start is None or start >= total or abs(got[total]) < 1e-11)
 
 
 @pytest.mark.parametrize("name", ["fusion:demo", "pix2pix:demo", "segmentation:demo"])
