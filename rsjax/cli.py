@@ -33,12 +33,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export_ee": ("rsjax.data.export_ee", "export scenes from Earth Engine as ingestion's GeoTIFFs"),
     "ingest": ("rsjax.data.ingest", "check your own exports: validate, register, tile (dry run)"),
     "build": ("rsjax.build_dataset", "build the rs_multisource TFDS dataset"),
-    "train": ("rsjax.train", "train RS-SPADE, pix2pix or RS-UNet"),
+    "train": ("rsjax.train", "train a model: RS-SPADE, pix2pix, the flow model, RS-UNet, "
+                             "DSen2-CR or UnCRtainTS"),
     "evaluate": ("rsjax.evaluate", "score a checkpoint on a split"),
     "synthesize": ("rsjax.synthesize", "generated optical images for every tile of a split"),
     "predict": ("rsjax.predict", "whole-scene prediction to a georeferenced GeoTIFF"),
     "report": ("rsjax.report", "an HTML page of one run or a folder of runs"),
-    "experiments": ("rsjax.experiments", "the paper's experiments (Tables 1-3)"),
+    "experiments": ("rsjax.experiments", "the paper's experiments (Tables 1-3) and cloud removal"),
     "couplings": ("rsjax.data.couplings", "how much each source tells about the optical bands"),
     "params": ("rsjax.models.param_table", "parameter table of the models"),
     "bench": ("rsjax.bench", "benchmark the train steps (JSON)"),
@@ -49,6 +50,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench_layers": ("rsjax.models.bench", "benchmark single layers (JSON)"),
     "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),
 }
+# Listed apart in `rsjax --help`, after the commands a user works with.
+DEVELOPER_COMMANDS = ("params", "bench", "bench_ingest", "bench_build", "bench_pipeline",
+                      "bench_predict", "bench_layers")
 
 log = logging.getLogger("rsjax")
 
@@ -434,9 +438,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`rsjax SUBCOMMAND ...`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     width = max(len(n) for n in COMMANDS)
-    listing = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in COMMANDS.items())
+
+    def listing(names):
+        return "\n".join(f"  {n.ljust(width)}  {COMMANDS[n][1]}" for n in names)
+    users = [n for n in COMMANDS if n not in DEVELOPER_COMMANDS]
     usage = (f"usage: rsjax [--version] SUBCOMMAND [options]\n\n{description(__doc__).splitlines()[0]}"
-             f"\n\nsubcommands:\n{listing}\n\n`rsjax SUBCOMMAND --help` describes each one.")
+             f"\n\nsubcommands:\n{listing(users)}\n\nfor developers (model tables, benchmarks):\n"
+             f"{listing(DEVELOPER_COMMANDS)}\n\n`rsjax SUBCOMMAND --help` describes each one.")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage)
         return 0 if argv else 2

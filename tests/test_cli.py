@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,12 @@ def test_top_level_help_lists_every_subcommand(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in cli.COMMANDS)
+    # The commands a user works with first, the developers' tools under their own heading.
+    users, developers = out.split("for developers")
+    assert all(f"  {name} " in developers for name in cli.DEVELOPER_COMMANDS)
+    assert not any(f"  {name} " in developers for name in cli.COMMANDS
+                   if name not in cli.DEVELOPER_COMMANDS)
+    assert set(cli.DEVELOPER_COMMANDS) <= set(cli.COMMANDS)
     assert cli.main(["experiments", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in experiments.SUBCOMMANDS)
@@ -278,3 +285,12 @@ def test_demo_runs_from_a_non_editable_install_in_another_directory(tmp_path):
                              "--data_dir", str(data_dir)))
     assert summary["built"] is False and summary["dataset"] == "rs_multisource/synthetic_demo"
     assert sum(summary["splits"].values()) > 0
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_help_names_no_internal_issue(words, capsys):
+    """Help is for users: no reference to the project's issue tracker."""
+    _module(words)
+    assert cli.main([*words, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"\bissue \d+", out, re.IGNORECASE), out

@@ -6,7 +6,7 @@
 
 Run it with XLA_FLAGS unset (one device): it measures a single device.
 
-Models at the reference configuration (issue 4): the RS-SPADE generator with the
+Models at the paper's reference configuration: the RS-SPADE generator with the
 15 conditioning channels (land cover 9 + SAR 2 + terrain 4, all at the tile's
 resolution) and 4 output bands; SPADE's multi-scale discriminator on 15 + 4
 channels; RS-UNet on 4 bands with 9 classes. A step is the loss's forward pass

@@ -9,7 +9,7 @@ Counts only trainable parameters (`nnx.Param`), as PyTorch's
 and spectral norm's u/v vectors are state, not parameters, in both. Models are
 built with `nnx.eval_shape`, so nothing is allocated or compiled.
 
-Reference configuration (issue 4, Sec. 6): 15 conditioning channels (9 land-cover
+Reference configuration (the paper, Sec. 6): 15 conditioning channels (9 land-cover
 one-hot + 2 SAR + 4 terrain), 4 output bands, 256x256 tiles, ngf = ndf = 64.
 """
 from __future__ import annotations
