@@ -235,6 +235,10 @@ def test_run_method_trains_once_then_reads_its_record(finished_dsen2cr, cloudy_d
     assert record["method"] == "dsen2cr" and record["seed"] == 0 and record["step"] == 2
     assert record["config"]["seed"] == 0 and record["config"]["model"]["features"] == 8
     assert record["attempts"] == 1 and record["seconds"] > 0
+    from rsjax import provenance
+    assert record["provenance"]["dataset"] == provenance.dataset_fingerprint(
+        tiny_cloud_config(cloudy_data_dir).data)
+    assert record["provenance"]["code"] == provenance.code()
     # Its per-image parts are what the tables read: one value per test tile.
     rows = experiment.collect(root, [method], seeds=1)
     assert list(rows) == ["cloudy_input", "dsen2cr"]

@@ -191,6 +191,12 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
         cm = z["cm"]
     assert stats.segmentation_metric("miou")({"cm": cm}) == pytest.approx(
         seg_record["scores"]["miou"], rel=1e-6)
+    # Each record says what made it: the code, the libraries and the dataset.
+    from rsjax import provenance
+    made = records[0]["provenance"]
+    assert made["code"] == provenance.code() and made["packages"]["jax"] == jax.__version__
+    assert made["dataset"] == provenance.dataset_fingerprint(
+        runner.run_config(runs[0], root, str(demo_data_dir), _tiny).data)
     # The Mix run trained on real tiles plus one generated image per tile.
     provenance = json.loads((root / runs[1].name / "provenance.json").read_text())
     assert provenance["num_tiles"] > 0

@@ -207,8 +207,11 @@ def run_method(method: Method, scale: str, seed: int, root: epath.Path,
     result = trainer_module(config.trainer).train_and_evaluate(config, str(out))
     if result.get("preempted"):
         raise KeyboardInterrupt(f"{out} stopped on request; rerun to resume")
+    from rsjax import provenance
+
     record = {"method": method.key, "seed": seed, "config": _config_json(config),
-              "step": result["step"], **runner.finish_attempt(attempt)}
+              "step": result["step"], **runner.finish_attempt(attempt),
+              "provenance": provenance.record(config.data)}
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
@@ -399,6 +402,12 @@ def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict
     for r in records:
         lines.append(f"| {r['method']}/seed{r['seed']} | {r['step']} | {r['seconds']:.0f} s{runner.wall_note(r)} | "
                      f"{r.get('cpu_seconds', float('nan')):.0f} s{runner.cpu_note(r)} |")
+    from rsjax import provenance
+    differ = provenance.differences(list(records))
+    if differ:
+        lines += ["", "The runs were not all made by the same code, libraries or data "
+                      "(each run.json holds its `provenance`):", ""]
+        lines += [f"- {k}: {', '.join(str(v) for v in values)}" for k, values in differ.items()]
     if grid:
         lines += ["", f"Grid: `{grid}`."]
     return "\n".join(lines) + "\n"

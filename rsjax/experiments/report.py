@@ -334,6 +334,14 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     m = report["machine"]
     md += [f"Report written on: {m['cpu']}, {m['cpu_count']} CPU cores, "
            f"{m['memory_gib']} GiB, jax {m['jax']}, {m['date_utc']}.", ""]
+    from rsjax import provenance
+    report["provenance_differences"] = provenance.differences(list(finished.values()))
+    if report["provenance_differences"]:
+        md += ["The finished runs were not all made by the same code, libraries or data "
+               "(each run.json holds its `provenance`):", ""]
+        md += [f"- {k}: {', '.join(str(v) for v in values)}"
+               for k, values in report["provenance_differences"].items()]
+        md += [""]
     (root / "report.md").write_text("\n".join(md) + "\n")
     (root / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report

@@ -237,9 +237,11 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         history = out / "val_history.jsonl"
         if history.exists():
             record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
+    from rsjax import provenance
+
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
                   config=_portable(_resolved(config), root), **finish_attempt(attempt),
-                  finished=round(time.time(), 1))
+                  finished=round(time.time(), 1), provenance=provenance.record(config.data))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
 
