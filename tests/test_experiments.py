@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from rsjax import config_loader
+from rsjax import config_loader, input_pipeline
 from rsjax.experiments import plan as plan_lib
 from rsjax.experiments import report, runner, stats, workers
 
@@ -191,6 +191,14 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
         cm = z["cm"]
     assert stats.segmentation_metric("miou")({"cm": cm}) == pytest.approx(
         seg_record["scores"]["miou"], rel=1e-6)
+    # The per-tile record names each tile's scene, in the split's order.
+    with (root / runs[0].name / runner.TILES_FILE).open("rb") as f, np.load(f) as z:
+        scene_ids = z["scene_id"]
+    source = input_pipeline.get_builder(runner.run_config(runs[0], root, str(demo_data_dir),
+                                                          _tiny).data).as_data_source(split="test")
+    assert list(scene_ids) == [source[i]["scene_id"].decode() if isinstance(source[i]["scene_id"], bytes)
+                               else source[i]["scene_id"] for i in range(len(source))]
+    assert len(set(scene_ids)) < len(scene_ids)            # tiles share scenes
     # Each record says what made it: the code, the libraries and the dataset.
     from rsjax import provenance
     made = records[0]["provenance"]
@@ -302,6 +310,36 @@ def test_report_tables_and_verdicts_from_the_runs_files(tmp_path):
     assert (root / "figure8.png").exists() and (root / "report.json").exists()
     speed = rep["claims"][-1]
     assert speed["verdict"] == stats.REVERSED            # the worse Mix never gets there first
+
+
+def test_claims_resample_scenes_where_the_tiles_name_them(tmp_path):
+    """Runs whose per-tile records carry scene ids get the scene-cluster interval
+    (and, for one release, the tile bootstrap's beside it); older runs the tile one."""
+    rng = np.random.default_rng(5)
+    runs = [r for r in plan_lib.plan("bench", seeds=3, tables=("table1",))
+            if r.method in ("rs_spade", "pix2pix")]
+    scenes = np.repeat([f"scene{k}" for k in range(8)], 4)
+    base = rng.normal(20, 2, 32) + np.repeat(rng.normal(0, 2, 8), 4)
+    for with_scenes, root in ((True, epath.Path(tmp_path / "new")), (False, epath.Path(tmp_path / "old"))):
+        for run in runs:
+            tiles = {"psnr": base + (1.0 if run.method == "rs_spade" else 0.0) + rng.normal(0, 0.3, 32),
+                     "ssim": np.full(32, 0.5), "sam_sum": np.full(32, 10.0),
+                     "sam_count": np.full(32, 100.0)}
+            _fake_run(root, run, {**tiles, "scene_id": scenes} if with_scenes else tiles)
+        rep = report.build_report(root, "bench", runs)
+        row = next(r for r in rep["claims"] if r["claim"] == "RS-SPADE beats pix2pix on PSNR (dB)")
+        a = [dict(np.load(root / r.name / runner.TILES_FILE)) for r in runs if r.method == "rs_spade"]
+        b = [dict(np.load(root / r.name / runner.TILES_FILE)) for r in runs if r.method == "pix2pix"]
+        want = stats.paired_difference(a, b, stats.image_metric("psnr"),
+                                       clusters=scenes if with_scenes else None)
+        assert row["difference"] == pytest.approx(want.as_dict())
+        if with_scenes:
+            assert row["interval"] == report.SCENE_BOOTSTRAP
+            tile = stats.paired_difference(a, b, stats.image_metric("psnr"))
+            assert row["difference_tile_bootstrap"] == pytest.approx(tile.as_dict())
+            assert "resampled by scene" in (root / "report.md").read_text()
+        else:
+            assert row["interval"] == report.TILE_BOOTSTRAP and "difference_tile_bootstrap" not in row
 
 
 def _finish(root, run):

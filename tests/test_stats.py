@@ -190,3 +190,51 @@ def test_paired_difference_is_antisymmetric_and_shifts_with_a_constant(runs, shi
     assert iv.low <= iv.mean <= iv.high
     assert (swapped.low, swapped.high) == pytest.approx((-iv.high, -iv.low), abs=1e-6)
     assert (moved.low, moved.high) == pytest.approx((iv.low + shift, iv.high + shift), abs=1e-6)
+
+
+def _clustered_runs(rng, mu, seeds, scenes, per_scene, sd_scene, sd_tile, sd_seed, sd_noise):
+    """As _crossed_runs, with A's advantage varying by scene (tiles of a scene
+    share it) as well as by tile: tiles are not independent draws."""
+    scene_of = np.repeat(np.arange(scenes), per_scene)
+    tiles = scenes * per_scene
+    base = rng.normal(20.0, 2.0, tiles)
+    effect = rng.normal(0.0, sd_scene, scenes)[scene_of] + rng.normal(0.0, sd_tile, tiles)
+    a_runs, b_runs = [], []
+    for _ in range(seeds):
+        b = base + rng.normal(0.0, sd_noise, tiles)
+        a = b + mu + rng.normal(0.0, sd_seed) + effect + rng.normal(0.0, sd_noise, tiles)
+        a_runs.append({"psnr": a})
+        b_runs.append({"psnr": b})
+    return a_runs, b_runs, scene_of
+
+
+def test_the_scene_bootstrap_covers_where_the_tile_bootstrap_does_not():
+    """Tiles in 2x2 blocks of scenes: with A's advantage varying by scene, the
+    tile bootstrap (tiles as independent) understates the spread and
+    undercovers; resampling scenes covers at the nominal rate."""
+    rng = np.random.default_rng(4)
+    metric = stats.image_metric("psnr")
+    shape = dict(seeds=8, scenes=12, per_scene=4, sd_scene=1.0, sd_tile=0.3, sd_seed=0.1,
+                 sd_noise=0.3)
+    trials, by_tile, by_scene = 200, 0, 0
+    for i in range(trials):
+        a, b, scene_of = _clustered_runs(rng, mu=0.5, **shape)
+        tile_iv = stats.paired_difference(a, b, metric, n_boot=200, seed=i)
+        scene_iv = stats.paired_difference(a, b, metric, n_boot=200, seed=i, clusters=scene_of)
+        by_tile += tile_iv.low <= 0.5 <= tile_iv.high
+        by_scene += scene_iv.low <= 0.5 <= scene_iv.high
+    assert by_tile / trials < 0.85, by_tile / trials
+    assert by_scene / trials >= 0.93, by_scene / trials
+
+
+def test_resampling_scenes_draws_whole_scenes():
+    draw = stats.resampler(6, clusters=["a", "a", "b", "b", "b", "c"])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        tiles = draw(rng)
+        # Every scene drawn comes whole: its tiles appear equally often.
+        counts = np.bincount(tiles, minlength=6)
+        assert counts[0] == counts[1] and counts[2] == counts[3] == counts[4]
+        assert len(tiles) == 2 * (counts[0]) + 3 * counts[2] + counts[5]
+    with pytest.raises(ValueError, match="3 cluster labels for 6 tiles"):
+        stats.resampler(6, clusters=["a", "b", "c"])

@@ -231,6 +231,7 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
             raise KeyboardInterrupt(f"{run.name} stopped on request; rerun to resume")
         # Per-tile metric parts (paired intervals) and the best and worst tiles (grids).
         tiles, shown = trainer.score_tiles(config, str(out), "test", devices=devices)
+        tiles["scene_id"] = test_scene_ids(config.data, len(next(iter(tiles.values()))))
         np.savez_compressed((out / TILES_FILE).open("wb"), **tiles)
         np.savez_compressed((out / SHOWN_FILE).open("wb"), **shown)
         record = {"kind": run.kind, "scores": _jsonable(result)}
@@ -244,6 +245,18 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
                   finished=round(time.time(), 1), provenance=provenance.record(config.data))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
+
+
+def test_scene_ids(data_cfg, num_tiles: int) -> np.ndarray:
+    """The scene of each test tile, in the order the trainers score them (the
+    split's): what the reports resample together (rsjax.experiments.stats.resampler)."""
+    from rsjax import input_pipeline
+
+    source = input_pipeline.get_builder(data_cfg).as_data_source(split="test")
+    ids = np.asarray(input_pipeline.record_scene_ids(source))
+    if len(ids) != num_tiles:
+        raise RuntimeError(f"{len(ids)} test records but {num_tiles} scored tiles")
+    return ids
 
 
 def _jsonable(tree):

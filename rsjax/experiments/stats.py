@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -130,13 +130,31 @@ def _check_runs(runs: Sequence[Mapping[str, np.ndarray]]) -> int:
     return lengths.pop()
 
 
+def resampler(n_tiles: int, clusters: Optional[Sequence] = None) -> Callable:
+    """`draw(rng)` -> tile indices of one bootstrap sample: `n_tiles` tiles
+    drawn with replacement, or, given each tile's cluster (its scene), as many
+    clusters drawn with replacement as there are, each bringing all its tiles.
+    Tiles of one scene share its land, light and season: drawn one by one, as
+    if independent, they understate the spread of a test set of new scenes."""
+    if clusters is None:
+        return lambda rng: rng.integers(0, n_tiles, n_tiles)
+    labels = np.asarray(clusters)
+    if len(labels) != n_tiles:
+        raise ValueError(f"{len(labels)} cluster labels for {n_tiles} tiles")
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    return lambda rng: np.concatenate([members[i] for i in
+                                       rng.integers(0, len(members), len(members))])
+
+
 def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
                       b_runs: Sequence[Mapping[str, np.ndarray]], metric: Metric,
-                      level: float = LEVEL, n_boot: int = 1000, seed: int = 0) -> Interval:
+                      level: float = LEVEL, n_boot: int = 1000, seed: int = 0,
+                      clusters: Optional[Sequence] = None) -> Interval:
     """Interval of mean_s [metric(A_s) - metric(B_s)] over seeds and test tiles.
 
     a_runs[s], b_runs[s]: per-tile parts of method A and B trained with seed s,
-    every run scored on the same tiles in the same order.
+    every run scored on the same tiles in the same order. `clusters`: each
+    tile's scene, to resample scenes rather than tiles (`resampler`).
     """
     if len(a_runs) != len(b_runs) or not a_runs:
         raise ValueError(f"need the same non-zero number of seeds for both methods, got "
@@ -148,9 +166,10 @@ def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
     if s < 2:
         return Interval(mean, math.nan, math.nan, s)
     rng = np.random.default_rng(seed)
+    draw = resampler(n_tiles, clusters)
     boots = np.empty(n_boot)
     for i in range(n_boot):
-        tiles = rng.integers(0, n_tiles, n_tiles)
+        tiles = draw(rng)
         boots[i] = np.mean([metric(_take(a, tiles)) - metric(_take(b, tiles))
                             for a, b in zip(a_runs, b_runs)])
     var_seed = float(np.var(per_seed, ddof=1)) / s
