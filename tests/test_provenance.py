@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import jax
-import pytest
 
 from rsjax import provenance
 
