@@ -237,21 +237,23 @@ def _load_config(name: str, arg: str | None = None):
     return load_config(f"{name}:{arg}" if arg else name)
 
 
-def fusion_config(size: int, batch: int, dtype: str, config_arg: str = ""):
-    config = _load_config("fusion", config_arg or None)
+def _step_config(name: str, config_arg: str, size: int, batch: int, dtype: str):
+    """The config `name:config_arg` at the bench's tile size, batch and dtype."""
+    config = _load_config(name, config_arg or None)
     config.data.tile_size = size
     config.global_batch_size = batch
     config.dtype = dtype
+    return config
+
+
+def fusion_config(size: int, batch: int, dtype: str, config_arg: str = ""):
+    config = _step_config("fusion", config_arg, size, batch, dtype)
     config.total_steps = 1000
     return config
 
 
 def unet_config(size: int, batch: int, dtype: str, config_arg: str = ""):
-    config = _load_config("segmentation", config_arg or None)
-    config.data.tile_size = size
-    config.global_batch_size = batch
-    config.dtype = dtype
-    return config
+    return _step_config("segmentation", config_arg, size, batch, dtype)
 
 
 def random_batch(size: int, batch: int, sources, mesh, *, seed: int = 0) -> dict:
@@ -352,10 +354,8 @@ def cloud_removal_step(model: str, size: int, batch: int, dtype: str, mesh, conf
     """(jitted step, state, batch) of the cloud-removal trainer with `model`."""
     from rsjax import mesh as mesh_lib
     from rsjax.trainers import cloud_removal
-    config = _load_config("cloud_removal", ",".join(filter(None, [config_arg, f"model={model}"])))
-    config.data.tile_size = size
-    config.global_batch_size = batch
-    config.dtype = dtype
+    config = _step_config("cloud_removal", ",".join(filter(None, [config_arg, f"model={model}"])),
+                          size, batch, dtype)
     setup = cloud_removal.Setup(config)
     state = mesh_lib.init_replicated(setup.init_state, mesh)
     step = jax.jit(functools.partial(cloud_removal.train_step, setup), donate_argnums=(0,))

@@ -641,12 +641,8 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
 
         def to_output(values, nodata):
             bands = len(S2_BANDS)
-            s2 = input_pipeline.image_to_s2(values[..., :bands], normalizer)
-            if samples > 1:
-                s2 = np.concatenate([s2, input_pipeline.image_std_to_s2(values[..., bands:],
-                                                                        normalizer)], axis=-1)
-            s2[nodata] = S2_NODATA
-            return np.moveaxis(s2, -1, 0)
+            return s2_bands(values[..., :bands], nodata, normalizer,
+                            std=values[..., bands:] if samples > 1 else None)
 
         properties = provenance("fusion", config, workdir, ckpt_step, sources, tile, overlap)
         if samples > 1:
@@ -797,12 +793,8 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
             return jnp.concatenate([image, jnp.where(kept, 0.0, out[..., bands:])], axis=-1)
 
         def to_output(values, nodata):
-            s2 = input_pipeline.image_to_s2(values[..., :bands], normalizer)
-            if variance:
-                std = np.sqrt(np.maximum(values[..., bands:], 0.0))
-                s2 = np.concatenate([s2, input_pipeline.image_std_to_s2(std, normalizer)], axis=-1)
-            s2[nodata] = S2_NODATA
-            return np.moveaxis(s2, -1, 0)
+            std = np.sqrt(np.maximum(values[..., bands:], 0.0)) if variance else None
+            return s2_bands(values[..., :bands], nodata, normalizer, std=std)
 
         properties = {
             **provenance("cloud_removal", config, workdir, ckpt_step, sources, tile, overlap),
@@ -819,6 +811,19 @@ def predict_clouds(workdir, s2_cloudy=None, out=None, *, s1=None, lulc=None, dem
     inputs = [(CLOUDY, given[CLOUDY]), *((s, given[s]) for s in ("s1", "lulc", "dem") if s in sources),
               ("cloud_mask", _as_path(cloud_mask))]          # None (no mask) is left out
     return _finish(result, out, spec, properties, inputs)
+
+
+def s2_bands(image, nodata, normalizer, std=None) -> np.ndarray:
+    """(bands, H, W) uint16 of a model-space image (H, W, 4), then of its
+    standard deviation (model space) when given: the S2 unit, no-data where
+    `nodata` (H, W) is set."""
+    from rsjax import input_pipeline
+
+    s2 = input_pipeline.image_to_s2(image, normalizer)
+    if std is not None:
+        s2 = np.concatenate([s2, input_pipeline.image_std_to_s2(std, normalizer)], axis=-1)
+    s2[nodata] = S2_NODATA
+    return np.moveaxis(s2, -1, 0)
 
 
 def source_nodata(arrays: Mapping[str, np.ndarray], sources: Sequence[str]) -> np.ndarray:

@@ -104,3 +104,12 @@ def differences(records: list[dict]) -> dict[str, list]:
         for k, v in values.items():
             fields.setdefault(k, set()).add(v)
     return {k: sorted(v, key=str) for k, v in fields.items() if len(v) > 1}
+
+
+def difference_lines(differ: dict[str, list]) -> list[str]:
+    """Markdown lines saying what `differences` found (none when nothing differs)."""
+    if not differ:
+        return []
+    return ["", "The finished runs were not all made by the same code, libraries or data "
+                "(each run.json holds its `provenance`):", "",
+            *(f"- {k}: {', '.join(str(v) for v in values)}" for k, values in differ.items()), ""]

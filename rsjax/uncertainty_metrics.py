@@ -139,14 +139,15 @@ def write(workdir: str, split: str, step: int, evaluator: UncertaintyEvaluator) 
 
     from etils import epath
 
-    scores = evaluator.scores()
-    if scores is None:
+    parts = evaluator.parts()
+    if not parts or not len(parts["n"]):
         return None
+    scores = uncertainty_scores(parts)
     root = epath.Path(workdir)
     (root / f"eval_{split}_uncertainty.json").write_text(
         json.dumps({"step": int(step), **scores}, indent=2))
     with (root / f"eval_{split}_uncertainty.npz").open("wb") as f:
-        np.savez_compressed(f, **evaluator.parts())
+        np.savez_compressed(f, **parts)
     plot(scores, root / f"eval_{split}_uncertainty.png")
     return scores
 

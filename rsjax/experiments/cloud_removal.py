@@ -403,11 +403,7 @@ def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict
         lines.append(f"| {r['method']}/seed{r['seed']} | {r['step']} | {r['seconds']:.0f} s{runner.wall_note(r)} | "
                      f"{r.get('cpu_seconds', float('nan')):.0f} s{runner.cpu_note(r)} |")
     from rsjax import provenance
-    differ = provenance.differences(list(records))
-    if differ:
-        lines += ["", "The runs were not all made by the same code, libraries or data "
-                      "(each run.json holds its `provenance`):", ""]
-        lines += [f"- {k}: {', '.join(str(v) for v in values)}" for k, values in differ.items()]
+    lines += provenance.difference_lines(provenance.differences(list(records)))
     if grid:
         lines += ["", f"Grid: `{grid}`."]
     return "\n".join(lines) + "\n"

@@ -96,19 +96,19 @@ SCENE_BOOTSTRAP = "scene-cluster bootstrap (the scenes resampled, each with all 
 TILE_BOOTSTRAP = "tile bootstrap (tiles resampled as if independent)"
 
 
-def paired(ea: dict, eb: dict, seeds, metric: str) -> dict:
-    """The claim's interval fields: the paired difference over `seeds`, its
-    scenes resampled where the records name them; for one release also the
-    tile bootstrap's interval beside it, for comparison."""
+def paired(ea: dict, eb: dict, seeds, metric: str) -> tuple[dict, stats.Interval]:
+    """(the claim's interval fields, the interval): the paired difference over
+    `seeds`, its scenes resampled where the records name them; for one release
+    also the tile bootstrap's interval beside it, for comparison."""
     a_runs, b_runs = [ea[s]["tiles"] for s in seeds], [eb[s]["tiles"] for s in seeds]
     scenes = tile_scenes([ea[s] for s in seeds] + [eb[s] for s in seeds])
     iv = stats.paired_difference(a_runs, b_runs, metric_fn(metric), clusters=scenes)
     out = {"difference": iv.as_dict(), "interval": TILE_BOOTSTRAP if scenes is None
-           else SCENE_BOOTSTRAP, "_interval": iv}
+           else SCENE_BOOTSTRAP}
     if scenes is not None:
         out["difference_tile_bootstrap"] = stats.paired_difference(
             a_runs, b_runs, metric_fn(metric)).as_dict()
-    return out
+    return out, iv
 
 
 def claim(results: dict, a: tuple, b: tuple, metric: str, higher: bool, text: str) -> dict:
@@ -119,8 +119,7 @@ def claim(results: dict, a: tuple, b: tuple, metric: str, higher: bool, text: st
     if not seeds:
         row.update(difference=None, verdict="not run")
         return row
-    fields = paired(ea, eb, seeds, metric)
-    iv = fields.pop("_interval")
+    fields, iv = paired(ea, eb, seeds, metric)
     row.update(fields, verdict=stats.verdict(iv, higher) if len(seeds) > 1
                else f"{stats.NOT_RESOLVED} (1 seed)")
     return row
@@ -368,12 +367,7 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
            f"{m['memory_gib']} GiB, jax {m['jax']}, {m['date_utc']}.", ""]
     from rsjax import provenance
     report["provenance_differences"] = provenance.differences(list(finished.values()))
-    if report["provenance_differences"]:
-        md += ["The finished runs were not all made by the same code, libraries or data "
-               "(each run.json holds its `provenance`):", ""]
-        md += [f"- {k}: {', '.join(str(v) for v in values)}"
-               for k, values in report["provenance_differences"].items()]
-        md += [""]
+    md += provenance.difference_lines(report["provenance_differences"])
     (root / "report.md").write_text("\n".join(md) + "\n")
     (root / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
