@@ -42,17 +42,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiments": ("rsjax.experiments", "the paper's experiments (Tables 1-3) and cloud removal"),
     "couplings": ("rsjax.data.couplings", "how much each source tells about the optical bands"),
     "params": ("rsjax.models.param_table", "parameter table of the models"),
-    "bench": ("rsjax.bench", "benchmark the train steps (JSON)"),
-    "bench_ingest": ("rsjax.data.bench_ingest", "benchmark ingestion (JSON)"),
-    "bench_build": ("rsjax.data.bench_build", "benchmark the dataset build, with and without Beam (JSON)"),
-    "bench_pipeline": ("rsjax.bench_pipeline", "benchmark the input pipeline (JSON)"),
-    "bench_predict": ("rsjax.bench_predict", "benchmark whole-scene prediction to a COG (JSON)"),
-    "bench_layers": ("rsjax.models.bench", "benchmark single layers (JSON)"),
+    "bench": ("rsjax.bench", "benchmarks as JSON: train steps, input pipeline, ingest, build, "
+                             "predict, layers"),
     "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),
 }
 # Listed apart in `rsjax --help`, after the commands a user works with.
-DEVELOPER_COMMANDS = ("params", "bench", "bench_ingest", "bench_build", "bench_pipeline",
-                      "bench_predict", "bench_layers")
+DEVELOPER_COMMANDS = ("params", "bench")
+# Old command names that still work for one release, with a line saying the new one.
+RENAMED: dict[str, tuple[str, ...]] = {
+    "bench_ingest": ("bench", "ingest"), "bench_build": ("bench", "build"),
+    "bench_pipeline": ("bench", "pipeline"), "bench_predict": ("bench", "predict"),
+    "bench_layers": ("bench", "layers"),
+}
 
 log = logging.getLogger("rsjax")
 
@@ -314,7 +315,7 @@ class _DropNoise(logging.Filter):
 
 # A full disk under an asynchronous checkpoint fails in every thread Orbax writes
 # with: each logs the error with its traceback, and tensorstore's late callbacks
-# print "Event loop is closed" tracebacks by the dozen (issue 28: 744 tracebacks).
+# print "Event loop is closed" tracebacks by the dozen (744 in one failed run).
 # The command ends with one `error:` line naming the path (`disk_full`); before it,
 # one warning line says where, and the rest is dropped (shown with --verbose).
 _FULL_MARKERS = _DISK_FULL + ("RESOURCE_EXHAUSTED",)
@@ -453,6 +454,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"rsjax {__version__}")
         return 0
     name = argv[0].replace("-", "_")
+    if name in RENAMED:
+        new = RENAMED[name]
+        print(f"note: `rsjax {argv[0]}` is now `rsjax {' '.join(new)}`; the old name goes in "
+              f"the next release.", file=sys.stderr)
+        argv, name = [*new, *argv[1:]], new[0]
     if name not in COMMANDS:
         import difflib
         close = difflib.get_close_matches(name, COMMANDS, n=1)
@@ -475,6 +481,11 @@ def _run_group(group: str, package, argv: Sequence[str]) -> int:
         print(f"usage: rsjax {group} NAME [options]\n\n{description(package.__doc__)}\n\n"
               f"{group}:\n{listing}")
         return 0 if argv else 2
+    default = getattr(package, "DEFAULT_SUBCOMMAND", None)
+    if default and argv[0].startswith("-"):        # `rsjax bench --parts ...`: the old form
+        print(f"note: `rsjax {group} {argv[0]} ...` is now `rsjax {group} {default} {argv[0]} ...`; "
+              f"the old form goes in the next release.", file=sys.stderr)
+        argv = [default, *argv]
     name = argv[0].replace("-", "_")
     if name not in commands:
         print(f"error: unknown {group} '{argv[0]}'; choose one of {', '.join(commands)}.",

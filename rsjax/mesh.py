@@ -41,7 +41,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
 
 # A program that runs once (initialization) is not worth XLA:CPU's backend
 # optimizations: the demo RS-SPADE's init_state compiles in 21.7 s with them and
-# 11.6 s without, and runs in 0.5 s instead of 0.1 s (rsjax bench --parts
+# 11.6 s without, and runs in 0.5 s instead of 0.1 s (rsjax bench steps --parts
 # startup, 2026-12-07, 2-core AMD EPYC). Values differ from the optimized
 # program's by float32 round-off (contracted multiply-adds), the same on every run.
 ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0,

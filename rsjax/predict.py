@@ -593,7 +593,7 @@ def predict_fusion(workdir, s1=None, lulc=None, dem=None, out=None, *, target_gr
     dataset is, when not where the config says; `model`: a `load_model`
     result to use instead of restoring the checkpoint (config, step, data_dir
     and devices then come from it); `timings`: a dict to add seconds to by
-    phase (see `_run`; `rsjax bench_predict`). Returns a summary dict.
+    phase (see `_run`; `rsjax bench predict`). Returns a summary dict.
     """
     from rasterio.windows import Window
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsjax import bench
+from rsjax.bench import steps as bench
 from rsjax.errors import RunFailed
 
 
@@ -234,7 +234,7 @@ def test_torch_unets_layout_is_rs_unets():
     comparison whose counts differ."""
     from flax import nnx
 
-    from rsjax import bench_torch
+    from rsjax.bench import pytorch as bench_torch
     from rsjax.models.param_table import abstract_model
 
     for width in (64, 16):
@@ -248,7 +248,7 @@ def test_torch_unets_layout_is_rs_unets():
     assert bench.unet_parameters() == bench_torch.RS_UNET_PARAMETERS == 82_428_169
 
 
-# PyTorch's figures for RS-UNet at 4x256, as `python -m rsjax.bench_torch` printed them.
+# PyTorch's figures for RS-UNet at 4x256, as `python -m rsjax.bench.pytorch` printed them.
 TORCH_ENTRY = {"framework": "pytorch", "torch_version": "2.13.0+cpu", "threads": 2,
                "batch": 4, "size": 256, "dtype": "float32", "width": 64, "depth": 5,
                "parameters": 82_428_169, "seconds_per_step": 8.0, "seconds_min": 7.9,
@@ -350,7 +350,7 @@ def test_unet_conv_layers_are_the_models_convolutions():
     """`bench_torch.unet_conv_layers` lists the 3x3 convolutions RS-UNet's traced
     forward pass runs, each as often as it runs it, and only the first reads
     the image (no input gradient)."""
-    from rsjax import bench_torch
+    from rsjax.bench import pytorch as bench_torch
     for size, width in ((64, 16), (256, 64)):
         layers = bench_torch.unet_conv_layers(size, width=width)
         listed = sorted((l["in"], l["out"], l["resolution"])
@@ -367,7 +367,7 @@ def test_conv_layer_step_computes_the_gradients_its_flop_count_says(input_grad):
     step needs it) is what an independent count of the convolutions in the
     traced function finds, and the function's gradients are jax.grad's of the
     plain convolution (whatever path `layers.Conv2d` takes)."""
-    from rsjax import bench_torch
+    from rsjax.bench import pytorch as bench_torch
     from rsjax.models import cpu_conv
     layer = {"in": 8, "out": 64, "resolution": 16, "input_grad": input_grad, "count": 1,
              "names": ["x"]}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from rsjax.data import bench_build
+from rsjax.bench import build as bench_build
 
 DUMMY_DATA = Path(__file__).resolve().parents[1] / "tfds_builder" / "rs_multisource" / "dummy_data"
 

@@ -1,4 +1,4 @@
-"""`rsjax bench_predict`: a tiny scene through the real prediction path, in a
+"""`rsjax bench predict`: a tiny scene through the real prediction path, in a
 child process, to a COG; the JSON's figures and the output checked."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 import rasterio
 
-from rsjax import bench_predict, cli
+from rsjax import cli
+from rsjax.bench import predict as bench_predict
 
 
 def test_bench_predict_tiny_scene(tmp_path, capsys):

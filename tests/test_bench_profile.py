@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rsjax import bench_profile
+from rsjax.bench import profiling as bench_profile
 
 # An HLO module as XLA:CPU prints it, cut down: each ENTRY operation's class is known.
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}

@@ -1,4 +1,4 @@
-"""`rsjax bench --parts startup`: the one-step train command in fresh processes,
+"""`rsjax bench steps --parts startup`: the one-step train command in fresh processes,
 cold and warm compilation cache, its seconds by phase."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ TINY = ("--config.generator.ngf=4", "--config.discriminator.ndf=4",
 
 
 def test_startup_times_a_cold_then_a_warm_first_step(demo_data_dir):
-    from rsjax import bench_startup
+    from rsjax.bench import startup as bench_startup
 
     out = bench_startup.startup(str(demo_data_dir), "fusion:demo,model=pix2pix", TINY)
     assert out["command"].startswith("rsjax train --config fusion:demo,model=pix2pix --config.total_steps=1")

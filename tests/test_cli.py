@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from rsjax import cli, experiments
+from rsjax import bench, cli, experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SUBCOMMANDS = [[name] for name in cli.COMMANDS if name != "experiments"] + \
-              [["experiments", name] for name in experiments.SUBCOMMANDS]
+# Command groups (`rsjax experiments NAME`, `rsjax bench NAME`) list their own subcommands.
+GROUPS = {"experiments": experiments.SUBCOMMANDS, "bench": bench.SUBCOMMANDS}
+SUBCOMMANDS = [[name] for name in cli.COMMANDS if name not in GROUPS] + \
+              [[group, name] for group, names in GROUPS.items() for name in names]
 
 
 def _module(words: list[str]):
-    name = (cli.COMMANDS[words[0]][0] if len(words) == 1
-            else experiments.SUBCOMMANDS[words[1]][0])
+    name = cli.COMMANDS[words[0]][0] if len(words) == 1 else GROUPS[words[0]][words[1]][0]
     if importlib.util.find_spec(name) is None:
         pytest.skip(f"{name} is not in this tree")
     return importlib.import_module(name)
@@ -61,9 +62,20 @@ def test_top_level_help_lists_every_subcommand(capsys):
     assert not any(f"  {name} " in developers for name in cli.COMMANDS
                    if name not in cli.DEVELOPER_COMMANDS)
     assert set(cli.DEVELOPER_COMMANDS) <= set(cli.COMMANDS)
-    assert cli.main(["experiments", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert all(f"  {name} " in out for name in experiments.SUBCOMMANDS)
+    for group, names in GROUPS.items():
+        assert cli.main([group, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert all(f"  {name} " in out for name in names)
+
+
+@pytest.mark.parametrize("old, new", [(["bench_layers"], ["bench", "layers"]),
+                                      (["bench", "--parts", "matmul"], ["bench", "steps", "--parts", "matmul"])])
+def test_old_command_names_still_work_and_name_the_new_one(old, new, capsys):
+    """Renamed commands run for one more release, with one line naming the new form."""
+    assert cli.main([*old, "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"usage: rsjax {' '.join(new[:2])} ")
+    assert err.count("\n") == 1 and f"is now `rsjax {' '.join(new[:2])}" in err
 
 
 def test_python_m_module_is_the_same_command():

@@ -1,4 +1,4 @@
-"""`rsjax build` and `rsjax bench_pipeline` as a user runs them: a fresh build,
+"""`rsjax build` and `rsjax bench pipeline` as a user runs them: a fresh build,
 one found and not rebuilt, --overwrite, TFRecord files, and the pipeline
 benchmark's report, on the builder's two small dummy scenes."""
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_paper_scale_models_build_and_trace_their_training_step(part, arg, size,
     test_every_config_of_a_scale_loads_and_names_a_dataset_config."""
     import jax
 
-    from rsjax import bench
+    from rsjax.bench import steps as bench
     from rsjax import mesh as mesh_lib
 
     make = bench.fusion_step if part == "fusion" else bench.unet_step

@@ -394,14 +394,14 @@ def test_dynamic_world_export_label_band_chosen_among_probabilities(belgium, tmp
 
 def test_benchmark_scene_writer_and_memory_probe(tmp_path):
     """The benchmark's windowed writer gives a valid scene, and the child-side probe reports memory."""
-    from rsjax.data import bench_ingest
+    from rsjax.bench import ingest as bench_ingest
     scene = bench_ingest.write_simple_scene(tmp_path, "bench", size=300, seed=1)
     validate_scene(scene)
     with rasterio.open(scene.dem) as ds:
         assert ds.crs.to_epsg() == 4326 and (read(scene.dem) == -32767.0).any()     # geographic, with voids
     # In a fresh process, as the benchmark runs it: the pytest process's own peak
     # RSS holds JAX and every earlier test.
-    out = subprocess.run([sys.executable, "-m", "rsjax.data.bench_ingest", "--child_register",
+    out = subprocess.run([sys.executable, "-m", "rsjax.bench.ingest", "--child_register",
                           str(tmp_path), "--tile_size", "100"], check=True, capture_output=True,
                          text=True, cwd=Path(__file__).resolve().parents[1]).stdout
     result = json.loads(out.strip().splitlines()[-1])

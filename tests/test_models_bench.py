@@ -1,10 +1,10 @@
-"""rsjax bench_layers (rsjax.models.bench): FLOP counting against an analytic count, and the JSON report."""
+"""rsjax bench layers (rsjax.bench.layers): FLOP counting against an analytic count, and the JSON report."""
 import json
 
 import jax
 import jax.numpy as jnp
 
-from rsjax.models import bench
+from rsjax.bench import layers as bench
 
 
 def test_flops_of_a_convolution_match_the_analytic_count():

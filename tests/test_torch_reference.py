@@ -1,5 +1,5 @@
 """RS-UNet against an independent implementation: PyTorch's layers (the U-Net
-`rsjax bench --against torch` times, rsjax.bench_torch.build_unet) given
+`rsjax bench steps --against torch` times, rsjax.bench.pytorch.build_unet) given
 rsjax's weights compute the same logits. PyTorch (CPU) is in the test extra."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rsjax import bench_torch
+from rsjax.bench import pytorch as bench_torch
 from rsjax.models.unet import RSUNet
 
 

@@ -56,7 +56,7 @@ def depthwise_reflect(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Written as the sum of the nine shifted images times their weights, not as
     a grouped convolution: XLA:CPU computes a grouped convolution's kernel
     gradient as a dense C x C one (a (C, 3, 3, C) result, C times the work),
-    which made it 83 % of UnCRtainTS's train step (rsjax bench --profile,
+    which made it 83 % of UnCRtainTS's train step (rsjax bench steps --profile,
     2026-12-07); the sum's gradient is nine products and sums. Summed row by
     row of the kernel (one slice of rows, three of columns each), which XLA
     fuses better than nine independent slices: forward and backward of a

@@ -2,8 +2,8 @@
 each traced XLA operation's time put in a class by what the compiled HLO says
 it computes, summed per class and per operation.
 
-`rsjax bench --profile` adds this to every train step it times (issue 16:
-"profile first"). Works the same on CPU (XLA:CPU's thunks, each traced on the
+`rsjax bench steps --profile` adds this to every train step it times (profile
+first, then rewrite). Works the same on CPU (XLA:CPU's thunks, each traced on the
 thread that ran it) and on accelerators (the device's "XLA Ops" line).
 
 Classes, in the order a fusion is put in the first that matches what it

@@ -1,10 +1,10 @@
 """The training benchmark: the real train steps, their FLOP rate and MFU. JSON out.
 
-    rsjax bench                                   # everything, float32
-    rsjax bench --parts fusion --sizes 128 --batches 1
-    rsjax bench --dtype bfloat16                  # on a GPU or TPU
-    rsjax bench --parts matmul,unet --against torch   # PyTorch's U-Net step, same run
-    rsjax bench --out work/bench.json
+    rsjax bench steps                                   # everything, float32
+    rsjax bench steps --parts fusion --sizes 128 --batches 1
+    rsjax bench steps --dtype bfloat16                  # on a GPU or TPU
+    rsjax bench steps --parts matmul,unet --against torch   # PyTorch's U-Net step, same run
+    rsjax bench steps --out work/bench.json
 
 Parts (`--parts`, comma-separated):
 - `matmul`: the machine's measured matmul peak (square matmuls in the bench's
@@ -89,14 +89,14 @@ from rsjax import cli, runtime
 from rsjax.errors import RunFailed, UserError
 
 PARTS = ("matmul", "fusion", "unet", "flow", "uncrtaints", "dsen2cr", "convs", "pipeline", "startup")
-# What `rsjax bench` runs without --parts.
+# What `rsjax bench steps` runs without --parts.
 DEFAULT_PARTS = ("matmul", "fusion", "unet", "flow", "convs", "pipeline", "startup")
 AGAINST = ("none", "torch")
 
 # NVlabs SPADE (PyTorch 2.13, oneDNN, 2 threads) on the development machine,
 # 2 cores of an AMD EPYC (Zen 4), float32, batch 1, 15 conditioning channels,
 # ngf/ndf 64: seconds per GAN step, measured 2026-11-30 beside rsjax in one
-# run (issue 16; docs/benchmarks.md). Recorded, not measured in the run that
+# run (docs/benchmarks.md). Recorded, not measured in the run that
 # uses them: the machine's speed drifts between runs, so these ratios are
 # rougher than the U-Net's same-run one. The faster end of each range is the
 # reference, so a speed-up is never flattered by a slow reference run.
@@ -420,7 +420,7 @@ def time_train_step(timer: StepTimer, *, steps: int, profile: bool = False) -> d
         out["gflop_per_s"] = round(timer.flops / 1e9 / seconds, 1)
         out["flops_source"] = timer.flops_source
     if profile:
-        from rsjax import bench_profile
+        from rsjax.bench import profiling as bench_profile
         out["profile"] = bench_profile.profile_calls(timer.call, timer.compiled.as_text(), steps)
     return out
 
@@ -456,10 +456,10 @@ def add_reference(entry: dict, peak_gflops: float | None = None) -> dict:
 
 def _run_bench_torch(what: str, size: int, batch: int, dtype: str, steps: int,
                      config_arg: str, *flags: str) -> dict:
-    """`python -m rsjax.bench_torch` for the U-Net the segmentation config
+    """`python -m rsjax.bench.pytorch` for the U-Net the segmentation config
     builds, in a subprocess (its own thread pool, none of XLA's); its JSON."""
     model = unet_config(size, batch, dtype, config_arg).model
-    cmd = [sys.executable, "-m", "rsjax.bench_torch", *flags, "--batch", str(batch),
+    cmd = [sys.executable, "-m", "rsjax.bench.pytorch", *flags, "--batch", str(batch),
            "--size", str(size), "--steps", str(steps), "--dtype", dtype,
            "--width", str(model.width), "--depth", str(model.depth)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -507,7 +507,7 @@ def time_conv_layers(size: int, batch: int, dtype: str, steps: int,
                      config_arg: str = "") -> dict:
     """Each distinct 3x3 convolution of the U-Net step at `size` x `batch`
     (`bench_torch.unet_conv_layers`), forward + gradients, timed alone."""
-    from rsjax import bench_torch
+    from rsjax.bench import pytorch as bench_torch
     model = unet_config(size, batch, dtype, config_arg).model
     out = []
     for layer in bench_torch.unet_conv_layers(size, width=int(model.width),
@@ -535,7 +535,7 @@ def conv_totals(layers: list[dict], seconds_key: str = "seconds") -> dict:
 
 def torch_conv_layers(size: int, batch: int, dtype: str, steps: int,
                       config_arg: str = "") -> dict:
-    """PyTorch's times of the same layers (`python -m rsjax.bench_torch --convs`)."""
+    """PyTorch's times of the same layers (`python -m rsjax.bench.pytorch --convs`)."""
     return _run_bench_torch("the PyTorch convolutions", size, batch, dtype, steps, config_arg,
                             "--convs")
 
@@ -611,7 +611,8 @@ def add_torch_comparison(entry: dict, torch_entry: dict, parameters: int,
 def pipeline_rate(data_dir: str, batch: int, batches: int) -> dict:
     """Host-side tiles/s (and megapixels/s) of the fusion training pipeline on
     the demo dataset, built first if missing."""
-    from rsjax import bench_pipeline, input_pipeline
+    from rsjax import input_pipeline
+    from rsjax.bench import pipeline as bench_pipeline
     config = _load_config("fusion", "demo")
     if data_dir:
         config.data.data_dir = data_dir
@@ -797,7 +798,7 @@ def benchmark(args) -> dict:
             pipe["against_fusion_step"] = pipeline_headroom(pipe, report["fusion"])
         report["pipeline"] = pipe
     if "startup" in args.parts:
-        from rsjax import bench_startup
+        from rsjax.bench import startup as bench_startup
         _log("seconds to the first step: the quick start's train command, 1 step, "
              "cold then warm compilation cache (a few minutes) ...")
         report["startup"] = bench_startup.startup(args.data_dir)

@@ -1,7 +1,7 @@
 """Benchmark the dataset build: in one process, and on Apache Beam's DirectRunner with N workers (JSON).
 
     python -m rsjax.data.synthetic --out work/bench_scenes --scenes 16 --size 1024
-    python -m rsjax.data.bench_build --scenes_dir work/bench_scenes --workers 0 1 2
+    python -m rsjax.bench.build --scenes_dir work/bench_scenes --workers 0 1 2
 
 Each build runs in a fresh process (the `manual` config over `--scenes_dir`,
 into a temporary data_dir), and this process samples the resident memory of

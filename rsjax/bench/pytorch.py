@@ -1,6 +1,6 @@
-"""PyTorch side of `rsjax bench --against torch`: the RS-UNet train step in PyTorch.
+"""PyTorch side of `rsjax bench steps --against torch`: the RS-UNet train step in PyTorch.
 
-    python -m rsjax.bench_torch --batch 4 --size 256 --steps 3
+    python -m rsjax.bench.pytorch --batch 4 --size 256 --steps 3
 
 A plain PyTorch U-Net with RS-UNet's layout (rsjax/models/unet.py): 4 input
 bands, 9 classes, widths 64 to 1024 (doubling per level, capped at 16 x 64),
@@ -16,7 +16,7 @@ demo's width 16). Printed as JSON.
 kernel gradient and, except for the first layer, whose input is data, the
 input gradient: what the train step computes for each), one entry per
 distinct (in, out, resolution) with how often the step has it
-(`unet_conv_layers`); `rsjax bench --parts convs` times rsjax's side.
+(`unet_conv_layers`); `rsjax bench steps --parts convs` times rsjax's side.
 
 It runs in its own process (rsjax.bench starts it), so PyTorch's and XLA's
 thread pools never compete, and the two frameworks are timed in the same run
@@ -254,7 +254,7 @@ def run(args) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise UserError("rsjax bench --against torch needs PyTorch: pip install 'rsjax[bench]' "
+        raise UserError("rsjax bench steps --against torch needs PyTorch: pip install 'rsjax[bench]' "
                         "(on CPU-only machines take the CPU build: pip install torch "
                         "--index-url https://download.pytorch.org/whl/cpu).") from None
     if args.size % 2**args.depth:

@@ -1,6 +1,6 @@
 """Ingestion benchmark: tiles/s on the demo scenes, peak memory on a large scene.
 
-    rsjax bench_ingest [--work_dir work/bench_ingest] [--large_size 8192] [--skip_large]
+    rsjax bench ingest [--work_dir work/bench_ingest] [--large_size 8192] [--skip_large]
 
 Prints one JSON object:
 - `demo`: tiles per second for ingesting the demo scenes (4 scenes of 512 px,
@@ -192,7 +192,7 @@ def benchmark(work: Path, tile_size: int = 256, large_size: int = 8192,
         start = time.perf_counter()
         folder = large_scene(work, large_size)
         write_s = time.perf_counter() - start
-        proc = subprocess.run([sys.executable, "-m", "rsjax.data.bench_ingest", "--child_register",
+        proc = subprocess.run([sys.executable, "-m", "rsjax.bench.ingest", "--child_register",
                                str(folder), "--tile_size", str(tile_size)],
                               capture_output=True, text=True, check=True)
         child = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Benchmark of the data path: dataset build, then the training input pipeline.
 
-    rsjax bench_pipeline                        # synthetic_demo, 64 px tiles
-    rsjax bench_pipeline --config synthetic --tile_size 256 --batch_size 8
+    rsjax bench pipeline                        # synthetic_demo, 64 px tiles
+    rsjax bench pipeline --config synthetic --tile_size 256 --batch_size 8
 
 Prints JSON: the build's tiles/s (ingestion of every scene + TFDS writing,
 all splits, into a fresh temporary data_dir) and the pipeline's tiles/s

@@ -1,8 +1,8 @@
 """Forward+backward throughput of the rsjax models, with XLA's FLOP counts. JSON out.
 
-    rsjax bench_layers                      # G, D, U-Net at 128 and 256, batch 1 and 4
-    rsjax bench_layers --sizes 128 --batches 1,4 --models G,D,unet
-    rsjax bench_layers --models gan --sizes 128 --batches 1   # one G+D GAN step
+    rsjax bench layers                      # G, D, U-Net at 128 and 256, batch 1 and 4
+    rsjax bench layers --sizes 128 --batches 1,4 --models G,D,unet
+    rsjax bench layers --models gan --sizes 128 --batches 1   # one G+D GAN step
 
 Run it with XLA_FLAGS unset (one device): it measures a single device.
 

@@ -1,9 +1,9 @@
 """Benchmark of whole-scene prediction: a synthetic granule from GeoTIFFs to a COG.
 
-    rsjax bench_predict                                   # one Sentinel-2 granule, 10980 x 10980 px
-    rsjax bench_predict --sizes 2048,4096,10980 --output bench_predict.json
-    rsjax bench_predict --size 300 --tile_size 64             # seconds
-    rsjax bench_predict --size 2048 --config fusion:demo      # the demo's RS-SPADE widths
+    rsjax bench predict                                   # one Sentinel-2 granule, 10980 x 10980 px
+    rsjax bench predict --sizes 2048,4096,10980 --output bench_predict.json
+    rsjax bench predict --size 300 --tile_size 64             # seconds
+    rsjax bench predict --size 2048 --config fusion:demo      # the demo's RS-SPADE widths
 
 Per size, prints JSON (and writes it to --output): the wall time of
 `rsjax.predict.predict_fusion` (model already loaded and compiled), tiles/s,
@@ -89,7 +89,7 @@ def _status_mib(field: str) -> Optional[float]:
 def _ru_maxrss_mib() -> float:
     """getrusage's peak resident set (KiB on Linux, bytes on macOS), in MiB. It
     survives execve, so in a child it is at least what the parent held when it
-    forked (`rsjax bench_predict` keeps its parent small)."""
+    forked (`rsjax bench predict` keeps its parent small)."""
     scale = 1.0 if sys.platform != "darwin" else 1.0 / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
 
@@ -333,7 +333,7 @@ def _generator_parameters(model) -> Optional[int]:
 def scene_inputs(work_dir: Path, size: int) -> tuple[dict, Optional[float]]:
     """The simple scene of side `size` ({s1, lulc, dem} paths), written window by
     window unless an earlier run left it complete; the seconds writing took (None: reused)."""
-    from rsjax.data.bench_ingest import write_simple_scene
+    from rsjax.bench.ingest import write_simple_scene
 
     folder = work_dir / f"inputs_{size}"
     marker = folder / "complete"
@@ -343,12 +343,12 @@ def scene_inputs(work_dir: Path, size: int) -> tuple[dict, Optional[float]]:
         t = time.perf_counter()
         write_simple_scene(folder, scene_id, size, seed=7)
         written = round(time.perf_counter() - t, 2)
-        marker.write_text("written by rsjax bench_predict\n")
+        marker.write_text("written by rsjax bench predict\n")
     return {s: str(folder / f"{scene_id}_{s}.tif") for s in ("s1", "lulc", "dem")}, written
 
 
 def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "rsjax.bench_predict", "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "rsjax.bench.predict", "--child", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])

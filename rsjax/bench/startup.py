@@ -1,4 +1,4 @@
-"""Seconds to the first step: `rsjax bench --parts startup`.
+"""Seconds to the first step: `rsjax bench steps --parts startup`.
 
 Runs the quick start's training command, one step (`rsjax train --config
 fusion:demo --config.total_steps=1`, dataset already built), in a fresh process,
@@ -20,7 +20,7 @@ JSON, where its seconds went:
   event; the rest of a save runs in the background);
 - `tensorflow_imported`: whether training imported TensorFlow (it must not).
 
-The measured process is `python -m rsjax.bench_startup` (this module's own
+The measured process is `python -m rsjax.bench.startup` (this module's own
 command line); the parent only starts it and reads its JSON line.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def run_once(config: str, data_dir: str, cache_dir: str, workdir: str,
     """One measured train command in a fresh process, compilation cache `cache_dir`."""
     env = dict(os.environ, RSJAX_CACHE_DIR=cache_dir)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)       # the command's own default: RSJAX_CACHE_DIR
-    proc = subprocess.run([sys.executable, "-m", "rsjax.bench_startup", "--config", config,
+    proc = subprocess.run([sys.executable, "-m", "rsjax.bench.startup", "--config", config,
                            "--workdir", workdir, "--data_dir", data_dir,
                            *[f"--override={o.removeprefix('--config.')}" for o in overrides]],
                           env=env, capture_output=True, text=True)
