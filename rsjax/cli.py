@@ -25,23 +25,23 @@ import sys
 import textwrap
 from typing import Any, Callable, Optional, Sequence
 
-from rsjax.errors import RunFailed, UserError
+from rsjax.errors import DISK_FULL_MARKERS, RunFailed, UserError, disk_full
 
 # name -> (module, one-line summary). Order is the order of `rsjax --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "scenes": ("rsjax.data.synthetic", "write synthetic multi-source scenes as GeoTIFFs"),
-    "export_ee": ("rsjax.data.export_ee", "export scenes from Earth Engine as ingestion's GeoTIFFs"),
-    "ingest": ("rsjax.data.ingest", "check your own exports: validate, register, tile (dry run)"),
+    "scenes": ("rsjax.commands.scenes", "write synthetic multi-source scenes as GeoTIFFs"),
+    "export_ee": ("rsjax.commands.export_ee", "export scenes from Earth Engine as ingestion's GeoTIFFs"),
+    "ingest": ("rsjax.commands.ingest", "check your own exports: validate, register, tile (dry run)"),
     "build": ("rsjax.build_dataset", "build the rs_multisource TFDS dataset"),
     "train": ("rsjax.train", "train a model: RS-SPADE, pix2pix, the flow model, RS-UNet, "
                              "DSen2-CR or UnCRtainTS"),
     "evaluate": ("rsjax.evaluate", "score a checkpoint on a split"),
     "synthesize": ("rsjax.synthesize", "generated optical images for every tile of a split"),
-    "predict": ("rsjax.predict", "whole-scene prediction to a georeferenced GeoTIFF"),
+    "predict": ("rsjax.commands.predict", "whole-scene prediction to a georeferenced GeoTIFF"),
     "report": ("rsjax.report", "an HTML page of one run or a folder of runs"),
     "experiments": ("rsjax.experiments", "the paper's experiments (Tables 1-3) and cloud removal"),
-    "couplings": ("rsjax.data.couplings", "how much each source tells about the optical bands"),
-    "params": ("rsjax.models.param_table", "parameter table of the models"),
+    "couplings": ("rsjax.commands.couplings", "how much each source tells about the optical bands"),
+    "params": ("rsjax.commands.params", "parameter table of the models"),
     "bench": ("rsjax.bench", "benchmarks as JSON: train steps, input pipeline, ingest, build, "
                              "predict, layers"),
     "tpu": ("rsjax.launch.tpu", "Cloud TPU VM: create, install, run, logs, delete"),
@@ -183,79 +183,6 @@ def print_json(result: Any) -> None:
         print(json.dumps(result, indent=2, default=str), flush=True)
 
 
-_DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large")
-
-
-def disk_full(err: BaseException) -> Optional[str]:
-    """One line for an error caused by a full disk (or quota), whatever library raised it, else None.
-
-    Libraries report it their own way: OSError ENOSPC/EDQUOT/EFBIG from Python,
-    a RuntimeError whose text carries strerror from C++ writers (array_record,
-    tensorstore), GDAL's own messages; the cause chain is searched too."""
-    import errno
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err)
-        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
-                or any(marker in text for marker in _DISK_FULL):
-            where = getattr(err, "filename", None) or _path_in(text)
-            where = _readable_path(str(where)) if where else None
-            return (f"the disk is full (or over its quota){f' writing {where}' if where else ''}"
-                    f"{space_note(where) if where else ''}. Free space there, or write elsewhere "
-                    "(--data_dir, --workdir, --out).")
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _path_in(text: str) -> Optional[str]:
-    """The first absolute path a library's error text names as written to (quoted or not)."""
-    import re
-
-    match = re.search(r"(?:writing|open|to|file)\s*:?\s*[\"']?(/[^\s;:,\"']+)", text)
-    return match.group(1) if match else None
-
-
-def _readable_path(path: str) -> str:
-    """A path as the user knows it: Orbax's temporary names dropped, a checkpoint's
-    file cut at its step folder (<workdir>/checkpoints/2)."""
-    import re
-
-    path = re.sub(r"\.orbax-checkpoint-tmp[^/]*", "", path)
-    match = re.match(r"(.*/checkpoints/\d+)(/|$)", path)
-    return match.group(1) if match else path
-
-
-def space_note(path: str) -> str:
-    """'; 0.1 MiB free there, and a checkpoint of this run takes 1.9 MiB': what is free
-    on the path's file system and, for a checkpoint, how much one needs."""
-    import shutil
-    from pathlib import Path
-
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        note = f"; {_mib(shutil.disk_usage(existing).free)} free there"
-    except OSError:
-        return ""
-    folder = Path(path).parent if Path(path).parent.name == "checkpoints" else None
-    sizes = [_tree_size(step) for step in folder.iterdir()
-             if step.name.isdigit() and step.is_dir()] if folder is not None and folder.is_dir() else []
-    if sizes:
-        note += f", and a checkpoint of this run takes {_mib(max(sizes))}"
-    return note
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB" if size < 2**30 else f"{size / 2**30:.1f} GiB"
-
-
-def _tree_size(folder) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
 def report_errors(fn: Callable[[], Any], verbose: bool) -> int:
     """Runs `fn`; returns the exit status: 0, 2 for user errors, 1 for failed runs."""
     try:
@@ -318,7 +245,7 @@ class _DropNoise(logging.Filter):
 # print "Event loop is closed" tracebacks by the dozen (744 in one failed run).
 # The command ends with one `error:` line naming the path (`disk_full`); before it,
 # one warning line says where, and the rest is dropped (shown with --verbose).
-_FULL_MARKERS = _DISK_FULL + ("RESOURCE_EXHAUSTED",)
+_FULL_MARKERS = DISK_FULL_MARKERS + ("RESOURCE_EXHAUSTED",)
 
 
 class _OneDiskFullError(logging.Filter):

@@ -73,8 +73,7 @@ def _check_names(config) -> None:
 
 def check_flow(config) -> None:
     """The flow model's sampling and training-time settings (also checked by its Setup)."""
-    from rsjax.models.flow import SOLVERS
-    from rsjax.trainers.flow import TIME_SAMPLINGS
+    from rsjax.models.flow import SOLVERS, TIME_SAMPLINGS
 
     _choice(config, "flow.solver", SOLVERS)
     _choice(config, "flow.time_sampling", TIME_SAMPLINGS)

@@ -1,13 +1,13 @@
 """Whole-scene prediction to GeoTIFF.
 
     # synthetic optical image from SAR, land cover and terrain (a fusion run)
-    python -m rsjax.predict --workdir work/fusion_demo --s1 scene_s1.tif \\
+    rsjax predict --workdir work/fusion_demo --s1 scene_s1.tif \\
         --lulc scene_lulc.tif --dem scene_dem.tif --out scene_synthetic_s2.tif
     # land-cover map from an optical image (a segmentation run)
-    python -m rsjax.predict --workdir work/seg_real --s2 scene_s2.tif --out scene_lulc_pred.tif
+    rsjax predict --workdir work/seg_real --s2 scene_s2.tif --out scene_lulc_pred.tif
     # cloud removal (a run whose sources include the cloudy image: DSen2-CR, or
     # RS-SPADE with sources=s2_cloudy+...); with a mask, only clouds and shadows change
-    python -m rsjax.predict --workdir work/dsen2cr --s2_cloudy scene_s2_cloudy.tif \
+    rsjax predict --workdir work/dsen2cr --s2_cloudy scene_s2_cloudy.tif \
         --s1 scene_s1.tif [--cloud_mask scene_cloudmask.tif] --out scene_declouded_s2.tif
 
 The workdir's saved config (`config.json`, written by `python -m rsjax.train`)
@@ -870,106 +870,3 @@ def predict(workdir, out, *, s1=None, lulc=None, dem=None, s2=None, s2_cloudy=No
         raise InputError(f"{workdir}: a fusion run generates the optical image from --s1, --lulc "
                          "and --dem; it takes no --s2.")
     return predict_fusion(workdir, s1, lulc, dem, out, config=config, samples=samples, **kwargs)
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-# The command line of this module; the other sections are its library.
-import sys  # noqa: E402
-
-from rsjax import cli  # noqa: E402
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--workdir", required=True,
-                        help="workdir of the training run (checkpoints and config.json)")
-    parser.add_argument("--out", default=None, help="GeoTIFF to write (one scene)")
-    parser.add_argument("--s1", default=None, help="fusion: Sentinel-1 GeoTIFF (VV, VH; linear or dB)")
-    parser.add_argument("--lulc", default=None, help="fusion: Dynamic World land-cover GeoTIFF (label)")
-    parser.add_argument("--dem", default=None,
-                        help="fusion: elevation GeoTIFF (slope, aspect, hillshade are derived)")
-    parser.add_argument("--s2", default=None, help="segmentation: Sentinel-2 GeoTIFF (B2, B3, B4, B8)")
-    parser.add_argument("--s2_cloudy", default=None,
-                        help="cloud removal: the cloudy Sentinel-2 GeoTIFF (B2, B3, B4, B8); "
-                             "a model with a variance (UnCRtainTS) writes 4 more bands, "
-                             "its standard deviation")
-    parser.add_argument("--cloud_mask", default=None,
-                        help="cloud removal, optional: its cloud/shadow mask GeoTIFF (0 clear, 1 "
-                             "cloud, 2 shadow); the cloudy image is then kept where it is clear")
-    parser.add_argument("--target_grid", default=None,
-                        help="GeoTIFF whose grid the output is on (default: the land-cover file "
-                             "for fusion, the S2 file for segmentation, the cloudy S2 file for "
-                             "cloud removal)")
-    parser.add_argument("--target_crs", default=None,
-                        help="output CRS (projected, metres), as in ingestion")
-    parser.add_argument("--target_resolution", type=float, default=None,
-                        help="output pixel size in metres, as in ingestion")
-    parser.add_argument("--overlap", type=cli.nonnegative_int, default=None,
-                        help="tile overlap in pixels (default: a quarter of the tile)")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=None,
-                        help="tiles per batch (default: the config's eval_batch_size)")
-    parser.add_argument("--samples", type=cli.positive_int, default=1,
-                        help="flow models (model=flow): samples per pixel; more than 1 writes "
-                             "their mean (bands 1-4) and standard deviation (bands 5-8)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--data_dir", default=None,
-                        help="TFDS data_dir of the training dataset (default: the config's)")
-    cli.add_config_argument(parser, required=False,
-                            help="the training config (default: the workdir's config.json)")
-    parser.add_argument("--scenes", default=None,
-                        help="many scenes, on Apache Beam (the `beam` extra): a folder of "
-                             "<scene>_{s2,s1,lulc,dem}.tif (local, gs://, s3://, https://) or a .txt "
-                             "list of scene prefixes; with --out_dir instead of --out and the inputs")
-    parser.add_argument("--out_dir", default=None,
-                        help="with --scenes: folder (local, gs://, s3://) for "
-                             "<scene>_synthetic_s2.tif / <scene>_landcover.tif")
-    parser.add_argument("--beam_pipeline_options", default=None, metavar="KEY=VALUE,...",
-                        help="with --scenes: Beam pipeline options, e.g. "
-                             "'direct_num_workers=2,direct_running_mode=multi_processing' or "
-                             "'runner=DataflowRunner,...' (default: the DirectRunner in this process)")
-
-
-def run(args) -> int:
-    from rsjax.errors import UserError
-
-    if args.scenes:
-        if args.out or any(v for v in (args.s1, args.lulc, args.dem, args.s2)):
-            raise UserError("--scenes takes --out_dir and finds each scene's files itself: "
-                            "leave out --out, --s1, --lulc, --dem and --s2.")
-        if not args.out_dir:
-            raise UserError("--scenes needs --out_dir (one output per scene goes there).")
-        if args.samples != 1:
-            raise UserError("--samples predicts one scene (--out); --scenes does not take it yet.")
-    elif args.out is None:
-        raise UserError("give --out (one scene), or --scenes with --out_dir (many scenes).")
-    elif args.out_dir or args.beam_pipeline_options:
-        raise UserError("--out_dir and --beam_pipeline_options go with --scenes.")
-    config = cli.load_config_arg(args, workdir=args.workdir)
-    from rsjax.runtime import prepare_process
-
-    prepare_process()
-    if args.scenes:
-        from rsjax import predict_beam
-
-        result = predict_beam.run_from_flags(
-            args.workdir, args.scenes, args.out_dir, args.beam_pipeline_options, config=config,
-            step=args.step, data_dir=args.data_dir, target_grid=args.target_grid,
-            target_crs=args.target_crs, target_resolution=args.target_resolution,
-            overlap=args.overlap, batch_size=args.batch_size)
-        cli.print_json(result)
-        return 1 if result["failed"] else 0
-    result = predict(args.workdir, args.out, s1=args.s1, lulc=args.lulc, dem=args.dem, s2=args.s2,
-                     s2_cloudy=args.s2_cloudy, cloud_mask=args.cloud_mask, config=config,
-                     target_grid=args.target_grid, target_crs=args.target_crs,
-                     target_resolution=args.target_resolution, step=args.step,
-                     overlap=args.overlap, batch_size=args.batch_size, data_dir=args.data_dir,
-                     samples=args.samples)
-    cli.print_json(result)
-    return 0
-
-
-main = cli.command_main(__name__)
-
-if __name__ == "__main__":
-    sys.exit(main())

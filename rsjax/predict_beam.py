@@ -1,6 +1,6 @@
 """Prediction over many scenes on Apache Beam (the `beam` extra).
 
-    python -m rsjax.predict --workdir RUN --scenes FOLDER_OR_LIST.txt --out_dir OUT \\
+    rsjax predict --workdir RUN --scenes FOLDER_OR_LIST.txt --out_dir OUT \\
         [--beam_pipeline_options direct_num_workers=2,direct_running_mode=multi_processing]
 
 `--scenes` is a folder of `<scene>_{s2,s1,lulc,dem}.tif` files (local, gs://,

@@ -123,8 +123,8 @@ def test_bad_scene_is_the_dry_runs_message_and_exit_status(exports, tmp_path, ca
     """A truncated file: the build stops as the dry run does, one error naming the file, exit 2."""
     s1 = exports / "scene_a_s1.tif"
     s1.write_bytes(s1.read_bytes()[:600])
-    from rsjax.data import ingest
-    assert ingest.main([str(exports), "--tile_size", "16"]) == 2
+    from rsjax import cli
+    assert cli.main(["ingest", str(exports), "--tile_size", "16"]) == 2
     dry = capsys.readouterr().err
     assert build("--config", "manual", "--manual_dir", exports, "--tile_size", "16",
                  "--data_dir", tmp_path / "tfds") == 2

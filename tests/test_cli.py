@@ -79,9 +79,9 @@ def test_old_command_names_still_work_and_name_the_new_one(old, new, capsys):
 
 
 def test_python_m_module_is_the_same_command():
-    proc = subprocess.run([sys.executable, "-m", "rsjax.data.ingest", "--help"], cwd=ROOT / "tests",
+    proc = subprocess.run([sys.executable, "-m", "rsjax.commands.ingest", "--help"], cwd=ROOT / "tests",
                           capture_output=True, text=True, check=True)
-    assert proc.stdout.startswith("usage: python -m rsjax.data.ingest ")
+    assert proc.stdout.startswith("usage: python -m rsjax.commands.ingest ")
     assert "--tile_size" in proc.stdout and "--allow_missing_lulc" in proc.stdout
 
 

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from rsjax import cli
 from rsjax.data import couplings, synthetic
 from rsjax.data.contract import NUM_CLASSES
 from rsjax.errors import UserError
@@ -192,7 +193,7 @@ def written_scenes(tmp_path_factory):
 def test_command_on_written_scenes_through_ingestion(written_scenes, tmp_path, capsys):
     # The real path: GeoTIFFs from the writer, registered and tiled by rsjax.data.ingest.
     out = tmp_path / "couplings.json"
-    code = couplings.main(["--scenes_dir", str(written_scenes), "--tile_size", "128",
+    code = cli.main(["couplings", "--scenes_dir", str(written_scenes), "--tile_size", "128",
                            "--block", "16", "--json_out", str(out)])
     printed = capsys.readouterr().out
     assert "| lulc+s1+dem |" in printed
@@ -208,7 +209,7 @@ def test_command_with_tiles_smaller_than_the_stripes(written_scenes, tmp_path, c
     """`rsjax couplings --tile_size 64` (issue 27) was a ValueError traceback
     ("too few valid pixels (... 0 to score)"): now a quarter of the pixels are held out."""
     out = tmp_path / "couplings.json"
-    code = couplings.main(["--scenes_dir", str(written_scenes), "--tile_size", "64",
+    code = cli.main(["couplings", "--scenes_dir", str(written_scenes), "--tile_size", "64",
                            "--json_out", str(out)])
     captured = capsys.readouterr()
     assert code in (0, 1) and "Traceback" not in captured.err and "error:" not in captured.err
@@ -228,7 +229,7 @@ def test_command_with_tiles_smaller_than_the_stripes(written_scenes, tmp_path, c
     (["--lam", "-1"], "error: --lam -1.0: the ridge penalty must be 0 or more"),
 ])
 def test_command_mistakes_are_one_error_line(written_scenes, capsys, args, message):
-    code = couplings.main(["--scenes_dir", str(written_scenes), *args])
+    code = cli.main(["couplings", "--scenes_dir", str(written_scenes), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1

@@ -10,6 +10,7 @@ import pytest
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
+from rsjax import cli
 from rsjax.data import contract, export_ee
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def _poisoned_env(tmp_path) -> dict:
 
 
 def _run(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "rsjax.data.export_ee", *args],
+    return subprocess.run([sys.executable, "-m", "rsjax.commands.export_ee", *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
@@ -168,7 +169,7 @@ def test_drive_destination_and_explicit_crs(tmp_path):
 ])
 def test_bad_arguments_name_the_flag(tmp_path, capsys, extra, message):
     areas = _areas_file(tmp_path)
-    status = export_ee.main(["--areas", str(areas), *extra] + (
+    status = cli.main(["export_ee", "--areas", str(areas), *extra] + (
         ["--dry_run"] if message != "--project is needed" else []))
     err = capsys.readouterr().err
     assert status == 2 and message in err, err

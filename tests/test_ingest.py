@@ -359,7 +359,7 @@ def test_input_error_is_a_value_error():
 
 def test_command_line_dry_run_reports_and_exits_2_on_bad_input(belgium, tmp_path, capsys):
     import shutil
-    from rsjax.data.ingest import main
+    from rsjax.commands.ingest import main
     for role in ("s2", "s1", "dem"):
         shutil.copy(getattr(belgium, role), tmp_path / f"be_{role}.tif")
     shutil.copy(belgium.lulc, tmp_path / "be_lulc.tif")
@@ -508,7 +508,7 @@ def test_split_export_pieces_that_do_not_fit_are_named(belgium, tmp_path):
 
 def test_samples_are_usable_by_the_dry_run_as_documented(tests_data, capsys):
     """`rsjax ingest tests/data/<sample> ...` on the folders as they are."""
-    from rsjax.data.ingest import main
+    from rsjax.commands.ingest import main
     assert main([str(tests_data / "worldcereal_belgium_2021"), "--allow_missing_lulc",
                  "--tile_size", "50"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 
 from rsjax.models import create_model
+from rsjax.commands.params import main as param_table_main
 from rsjax.models import cpu_conv, layers
 from rsjax.models.param_table import (
-    REFERENCE_COUNTS, REFERENCE_SOURCES, abstract_model, count_params, main as param_table_main,
+    REFERENCE_COUNTS, REFERENCE_SOURCES, abstract_model, count_params,
     reference_configs,
 )
 from rsjax.models.patchgan import (

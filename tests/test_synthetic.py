@@ -7,6 +7,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
+from rsjax import cli
 from rsjax.data import synthetic
 from rsjax.data.contract import LULC_CLASSES, S1_BANDS, S2_BANDS, find_scenes
 
@@ -228,7 +229,7 @@ def test_bad_arguments_are_named():
 
 
 def test_command_line(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--scenes", "1", "--size", "32", "--seed", "7", "--sar_db"])
+    cli.main(["scenes", "--out", str(tmp_path), "--scenes", "1", "--size", "32", "--seed", "7", "--sar_db"])
     printed = capsys.readouterr().out
     assert "synth_s7_000" in printed and "wrote 1 scene" in printed
     [scene] = find_scenes(tmp_path)

@@ -302,15 +302,15 @@ def test_split_export_mosaic_is_read_but_a_piece_that_is_a_vrt_is_refused(tmp_pa
 
 
 def test_dry_run_refuses_a_vrt_unless_formats_are_allowed(tmp_path, capsys):
-    from rsjax.data import ingest
+    from rsjax import cli
     folder = tmp_path / "scenes"
     s = scene(folder)
     copy = write_geotiff(tmp_path / "optical.tif", rasterio.open(s.s2).read(), CRS, T, nodata=0)
     s.s2.write_text(vrt_xml(str(copy)))
-    assert ingest.main([str(folder), "--tile_size", "16"]) == 2
+    assert cli.main(["ingest", str(folder), "--tile_size", "16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and str(s.s2) in err and "allow_any_format" in err
-    assert ingest.main([str(folder), "--tile_size", "16", "--allow_any_format"]) == 0
+    assert cli.main(["ingest", str(folder), "--tile_size", "16", "--allow_any_format"]) == 0
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Benchmark the dataset build: in one process, and on Apache Beam's DirectRunner with N workers (JSON).
 
-    python -m rsjax.data.synthetic --out work/bench_scenes --scenes 16 --size 1024
+    rsjax scenes --out work/bench_scenes --scenes 16 --size 1024
     python -m rsjax.bench.build --scenes_dir work/bench_scenes --workers 0 1 2
 
 Each build runs in a fresh process (the `manual` config over `--scenes_dir`,
@@ -115,7 +115,7 @@ def _one_scene_dir(scenes_dir: Path, tmp: Path) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--scenes_dir", required=True,
                         help="folder of <scene>_{s2,s1,lulc,dem}.tif (e.g. written by "
-                             "python -m rsjax.data.synthetic)")
+                             "rsjax scenes)")
     parser.add_argument("--tile_size", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2],
                         help="DirectRunner worker counts to measure; 0 is the build without Beam")
@@ -125,7 +125,7 @@ def run(args) -> int:
     scenes_dir = Path(args.scenes_dir)
     if not scenes_dir.is_dir():
         raise UserError(f"--scenes_dir {scenes_dir}: not a folder. Write scenes first: "
-                        "python -m rsjax.data.synthetic --out DIR --scenes 16 --size 1024")
+                        "rsjax scenes --out DIR --scenes 16 --size 1024")
     results = {"scenes_dir": str(scenes_dir), "tile_size": args.tile_size,
                "cpu_count": psutil.cpu_count(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="rsjax_one_scene_") as tmp:

@@ -1,114 +1,15 @@
 """Synthetic multi-source scenes: the embedded default dataset of rsjax.
 
-Writes, per scene, four GeoTIFFs shaped like the real products, so that the
-ingestion path the tests, the quick start and the benchmarks exercise is the one
-real exports take::
-
-    rsjax scenes --out work/scenes --scenes 4 --size 512 --seed 0
-
-| file                     | like                     | content                                                        |
-|--------------------------|--------------------------|----------------------------------------------------------------|
-| `<id>_s2.tif`            | Sentinel-2 L2A           | B2 B3 B4 B8, uint16 reflectance x 10000, 10 m, UTM, nodata 0   |
-| `<id>_s1.tif`            | Sentinel-1 GRD           | VV VH, float32 linear sigma0 (dB with `--sar_db`), nodata NaN, 10 m, same UTM zone, origin shifted by a fraction of a pixel and a slightly different extent |
-| `<id>_lulc.tif`          | Dynamic World            | uint8 label 0..8, nodata 255, on the S2 grid                   |
-| `<id>_dem.tif`           | Copernicus DEM GLO-30    | float32 metres, EPSG:4326, 1 arc-second pixels, footprint plus a margin, a few voids = -32767 |
-| `<id>_s2_cloudy.tif`, `<id>_cloudmask.tif` (`--cloudy`) | cloudy S2 twin | the same S2 scene under clouds and their shadows; mask 0 clear, 1 cloud, 2 shadow |
-
-All files are tiled 256 x 256 and deflate-compressed. Scene ids are
-`synth_s{seed}_{k:03d}`; everything is a deterministic function of the seed.
-
-The scene model
----------------
-Each scene sits in a random UTM zone (29N-37N, Europe) at 36-58 deg N. Every
-field is computed once on a 10 m "truth" grid in that zone, aligned with the S2
-grid and large enough to cover all four products; each product then samples its
-own grid from it (S2 and land cover: a window; S1: bilinear resampling of the
-noise-free power, then speckle; DEM: `rasterio.warp.reproject`, average). The couplings are physical, and each source carries
-information the others lack:
-
-1. **Terrain** (seen by the DEM, and through illumination by S2 and S1):
-   fractal relief by spectral synthesis (Gaussian noise shaped to a power
-   spectrum ~ f^-4.4, vectorised with numpy's FFT), mapped through a square
-   so lowlands are flat and uplands steep, scaled to a per-scene base
-   (50-600 m) and relief (250-1000 m; median slopes of 10-17 deg). Lakes fill
-   the lowest basins (3-8 % of the area) to a flat water level (the DEM is
-   flat over water, as Copernicus DEM is). Slope and aspect come from Horn's
-   method on the 10 m grid. The DEM product is the 10 m truth averaged onto
-   the 1 arc-second EPSG:4326 grid (so it is coarser than the truth: part of
-   the illumination is not in it), with 2-5 small voids.
-2. **Land cover** (seen only by the land-cover product, with sharp
-   boundaries): rules on elevation, slope, a wetness index (elevation below
-   its ~300 m neighbourhood mean, flatness) and independent noise, in priority
-   order: water in the basins; flooded vegetation on the wet margin a few
-   metres above the lake level; snow above a snow line at 80-110 % of the
-   scene's relief (so some scenes have none); built-up clusters around a few
-   centres on flat lowland, cut into 50 m blocks; bare rock on steep slopes and just below the snow line; crops in
-   rectangular parcels on flat lowland (whole parcels, so field edges are
-   straight); trees on slopes and in wet/noisy patches; shrub on dry sites,
-   grass elsewhere.
-3. **Within-class variation** (seen by S2 AND S1, never by the label): a
-   smooth "vegetation density / moisture" field d in [0, 1], independent of
-   the class; in crop parcels d is one value per parcel (growth stage). Each
-   class has a sparse (d=0) and a dense (d=1) spectrum and backscatter, and the
-   pixel interpolates between them.
-4. **Optical** (S2): per-class surface reflectance with realistic magnitudes
-   (clear water B2 ~0.045, NIR ~0.012; forest NIR 0.22-0.36; crops from bare
-   soil to NIR ~0.48; built ~0.15; snow ~0.9), times topographic illumination
-   `f_sky + (1 - f_sky) * max(cos i, 0) / cos(z)`, cos i from the sun
-   against the 10 m slope/aspect, f_sky = 0.2 for skylight. The sun stands
-   where it does at Sentinel-2's 10:30 overpass in the northern mid-latitudes
-   (azimuth 140-165 deg, elevation 30-60 deg), NOT at the cartographic
-   hillshade light (315/45): real optical images are lit from the south-east,
-   so a model must learn illumination from slope and aspect rather than copy
-   the hillshade channel. Then a 4 % per-pixel texture (information in no
-   other source), the sensor's blur (Gaussian, sigma 0.5 px) and noise.
-5. **SAR** (S1): per-class sigma0 in dB at the reference incidence (water
-   -24..-16 VV, forest -9.5..-7, built +4..-2, flooded vegetation up to -3 by
-   double bounce), scaled by the local incidence angle on the terrain,
-   `(cos theta_loc / cos theta_ref)^2` (a rough-surface cosine law), with the
-   sensor looking from the east (descending pass, sensor azimuth ~100 deg,
-   incidence 31-44 deg); slopes facing away beyond grazing are radar shadow.
-   Built blocks get a random orientation term (+-3 dB, double bounce depends on
-   the street direction): SAR-only information. The noise-free sigma0 is
-   resampled (bilinear, linear power) onto the S1 grid, the thermal noise floor
-   (NESZ -26 dB) is added, and multiplicative gamma speckle with 4.4 looks.
-6. **Clouds** (`--cloudy`, drawn after everything else, so the clear products
-   do not change): two layers over the clear scene, each blending its own
-   reflectance with what it lets through, `out = under * (1 - a) + top * a`.
-   - *Thick* (cumulus, tops at 0.8-3 km): a field of cells (fractal, f^-3)
-     inside weather systems (a smooth f^-6 field, 40 % of the mix), so one part
-     of a scene can be overcast and another clear; thresholded at the scene's
-     cover target, with optical thickness growing inwards at a per-scene rate
-     (opacity `1 - exp(-tau)`: soft semi-transparent edges, opaque cores);
-     cloud tops at reflectance 0.45-0.8 with a 12 % texture, nearly white.
-   - *Thin* (cirrus at 7-11 km, in 40 % of the scenes): streaks stretched
-     3-6x along a random wind direction over 10-60 % of the scene, opacity up
-     to 0.1-0.45, reflectance 0.25-0.4, bluer than the thick clouds; the
-     surface stays visible through it.
-   - *Shadows*: each layer, shifted by height / tan(sun elevation) away from
-     the sun (azimuth 140-165 deg, so shadows fall north-west of their
-     clouds, hundreds of metres to kilometres away), blocks its opacity's
-     share of the direct sunlight (cirrus half of it: it scatters forward);
-     skylight stays, so a shadow darkens a pixel by its direct share of the
-     irradiance times the blocked fraction, and not at all on a slope the sun
-     does not reach.
-   - *Cover*: the scene's target is drawn from `CLOUD_COVER_MIXTURE`: 20 %
-     U(0, 0.1), 65 % U(0.1, 0.9), 15 % U(0.9, 1). On the demo layout (256 px
-     scenes, 64 px tiles, 24 scenes) the tiles' cloud cover falls 26 % in
-     0-10 %, 19 % in 10-50 %, 23 % in 50-90 % and 33 % in 90-100 % (mean 54 %;
-     SEN12MS-CR's is 48 %). Pixels under 5 % opacity and shadows darkening
-     by less than 2 % are left out, so wherever the mask says clear the
-     cloudy image equals the clear one.
-   - *Mask* (`<id>_cloudmask.tif`): 1 cloud (either layer), 2 shadow outside
-     the clouds, 0 clear.
-
-`rsjax.data.couplings` measures how much each source tells about the optical
-bands on these scenes (and checks that every source adds something).
+`write_scenes` writes, per scene, `<id>_s2.tif`, `<id>_s1.tif`, `<id>_lulc.tif`
+and `<id>_dem.tif` (and a cloudy S2 twin with its mask), shaped like the real
+products, from one physical scene model: terrain, land cover, within-class
+variation, optics lit by the overpass sun, SAR by the local incidence angle,
+clouds and their shadows. Every value follows from the seed. docs/synthetic.md
+describes the files and the model; `rsjax scenes` is the command.
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -119,7 +20,6 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform as warp_transform, transform_bounds
 
-from rsjax import cli
 from rsjax.data.contract import CLOUD as CLOUD_CODE, CLOUD_CLEAR, CLOUD_MASK_UNKNOWN, CLOUD_SHADOW
 from rsjax.data.contract import (ASPECT_FLAT, LULC_CLASSES, LULC_NODATA, S1_BANDS, S2_BANDS,
                                  S2_NODATA, ScenePaths)
@@ -839,30 +739,3 @@ def write_scenes(out_dir: str | Path, num_scenes: int = 4, size: int = 512, seed
     check_size(size)                    # before the folder is created
     return [write_scene(out_dir, scene_id_for(seed, k), size, (seed, k), sar_db=sar_db, cloudy=cloudy)
             for k in range(num_scenes)]
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--scenes", type=cli.positive_int, default=4, help="number of scenes")
-    parser.add_argument("--size", type=int, default=512,
-                        help=f"S2 scene side in 10 m pixels (at least {MIN_SIZE})")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="scene k is drawn from (seed, k); ids synth_s{seed}_{k:03d}")
-    parser.add_argument("--sar_db", action="store_true", help="write S1 in dB (as Earth Engine does)")
-    parser.add_argument("--cloudy", action="store_true",
-                        help="also write a cloudy S2 twin and its cloud/shadow mask")
-
-
-def run(args) -> int:
-    scenes = write_scenes(args.out, args.scenes, args.size, args.seed, sar_db=args.sar_db,
-                          cloudy=args.cloudy)
-    for scene in scenes:
-        print(f"{scene.scene_id}: " + ", ".join(str(p) for p in scene.as_dict().values()))
-    print(f"wrote {len(scenes)} scene(s) of {args.size}x{args.size} px to {args.out}")
-    return 0
-
-
-main = cli.command_main(__name__)
-
-if __name__ == "__main__":
-    sys.exit(main())

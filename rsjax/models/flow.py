@@ -29,6 +29,8 @@ from rsjax.models.layers import Conv2d, he_init, resize_linear, resize_nearest, 
 from rsjax.models.spade import SourceEmbedding, SourceFusion, _check_sources
 
 SOLVERS = ("euler", "heun")
+# How training draws the time t of each example (trainers/flow.py).
+TIME_SAMPLINGS = ("logit_normal", "uniform")
 _zeros = nnx.initializers.zeros_init()
 
 

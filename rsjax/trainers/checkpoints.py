@@ -329,18 +329,18 @@ class Checkpointer:
     def _disk_full_fails_the_run(self):
         """A full disk under a save (raised by the save, or by the wait for an asynchronous
         one) as one RunFailed naming the step folder, the free space and what was kept."""
-        from rsjax import cli
+        from rsjax.errors import disk_full, space_note
 
         try:
             yield
         except Exception as err:  # pylint: disable=broad-except
-            if isinstance(err, RunFailed) or cli.disk_full(err) is None:
+            if isinstance(err, RunFailed) or disk_full(err) is None:
                 raise
             where = str(self.directory / str(self._writing)) if self._writing is not None \
                 else str(self.directory)
             kept = [s for s in self.manager.all_steps() if s != self._writing]
             raise DiskFullError(
-                f"the disk is full (or over its quota) writing {where}{cli.space_note(where)}. "
+                f"the disk is full (or over its quota) writing {where}{space_note(where)}. "
                 + (f"The checkpoints saved before are intact (newest: step {max(kept)}). "
                    if kept else "No checkpoint was saved before. ")
                 + "Free space there and rerun the same command to resume, or train in "

@@ -36,7 +36,6 @@ from rsjax.trainers import loop
 from rsjax.trainers.nonfinite import guarded_model_step
 from rsjax.trainers.single_model import SingleModelSetup
 
-TIME_SAMPLINGS = ("logit_normal", "uniform")
 # The sampling noise's stream, apart from the seed's other uses (training noise: fold_in(step)).
 _SAMPLING_STREAM = 2**31 - 1
 
