@@ -3,36 +3,18 @@
     rsjax tpu all --name rsjax-1 --zone us-central1-a \\
         --accelerator_type v5litepod-16 --runtime_version v2-alpha-tpuv5-lite \\
         --config fusion --workdir gs://BUCKET/runs/fusion1 \\
-        --data_dir gs://BUCKET/tensorflow_datasets [--spot] [--dry_run] \\
-        [--config.total_steps=200000 ...]
+        --data_dir gs://BUCKET/tensorflow_datasets --spot --dry_run
+    rsjax tpu logs --name rsjax-1 --zone us-central1-a --worker all
 
-Actions (each a list of commands, run in order):
-  wheel    builds the wheel that `install` ships: the rsjax running this
-           command (this version, `rsjax --version`), never the current
-           directory. From a checkout of rsjax (pyproject.toml naming rsjax
-           beside the package): `pip wheel --no-deps` of a clean copy of its
-           files, uncommitted edits included; installed from a wheel: the
-           installed files, repacked. Anything else is refused.
-  create   gcloud compute tpus tpu-vm create (type, zone, runtime, spot/preemptible)
-  install  the wheel copied to every worker and pip-installed there with the
-           `tpu` extra; or --pip_index URL: rsjax==VERSION from that index; or
-           --git_url URL[@REF]: a clone of that repository (checked to be
-           rsjax) installed on every worker
-  run      `python -m rsjax.train` (`rsjax train`) on every worker at once,
-           in ~/rsjax, under nohup with a log file per worker (~/rsjax_run.log),
-           so it survives ssh drops; a gs:// data_dir is first copied to the
-           worker's disk (ArrayRecord files cannot be read from Cloud Storage)
-  logs     follows worker 0's log (--worker all: every worker's) until training ends
-  delete   gcloud compute tpus tpu-vm delete
-  all      wheel, create, install, run, logs, delete (the wheel first, so a
-           failed build leaves no VM running)
---dry_run prints the commands (one per line, shell-quoted) instead of running them.
-`--config` is a config name (fusion, fusion:demo,sources=lulc+s1) or a .py file:
-a local one is checked here and copied to the workers; one that is not here
-is taken relative to ~/rsjax on the workers (the --git_url clone).
-`--config.KEY=VALUE` overrides are passed on to rsjax.train (and checked here
-first when the config is a name or a local file, so a typo fails before any
-VM exists).
+Actions, each a list of commands run in order: `wheel` (builds the wheel of
+the rsjax running this command, never of the current directory), `create`,
+`install` (that wheel on every worker, or `--pip_index` / `--git_url`), `run`
+(`rsjax train` on every worker under nohup, a gs:// data_dir copied to local
+disk first), `logs`, `delete`, and `all` (all of them, the wheel first).
+`--dry_run` prints the commands instead of running them. `--config` is a
+config name or a .py file, and `--config.KEY=VALUE` overrides are checked
+here before any VM exists, then passed on. docs/scaling.md describes each
+action.
 """
 # Every command is built by a pure function returning an argv list, so tests
 # check the exact commands; `run` only checks, plans and runs.

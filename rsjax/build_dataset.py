@@ -1,12 +1,12 @@
 """Build the rs_multisource TFDS dataset, with progress bars, and print the split counts.
 
-    rsjax build --config synthetic_demo
-    rsjax build --config synthetic --tile_size 128
-    rsjax build --config manual --manual_dir /path/to/exports --tile_size 256
-    rsjax build --config manual --manual_dir gs://bucket/exports \
+    rsjax build --dataset synthetic_demo
+    rsjax build --dataset synthetic --tile_size 128
+    rsjax build --dataset manual --manual_dir /path/to/exports --tile_size 256
+    rsjax build --dataset manual --manual_dir gs://bucket/exports \\
         --beam_pipeline_options direct_num_workers=2,direct_running_mode=multi_processing
 
-`--config` is one of the builder's configs: `synthetic` (8 scenes of 1024 px),
+`--dataset` is one of the builder's configs: `synthetic` (8 scenes of 1024 px),
 `synthetic_demo` (the quick start's small one) or `manual` (your GeoTIFF
 exports in `--manual_dir`); for cloud removal `synthetic_cloudy[_demo]` and
 `manual_cloudy` (with `<scene>_s2_cloudy.tif` and `<scene>_cloudmask.tif`). The same build as `tfds build` on the builder
@@ -31,9 +31,12 @@ TILING_OPTIONS = ("tile_size", "stride", "max_nodata_fraction", "split_mode", "b
                   "split_seed", "s2_offset", "lulc_map", "lulc_legend", "s1_units",
                   "skip_incomplete_scenes", "allow_missing_lulc")
 
+# Old option names, still taken for one release (see rsjax.cli.rename_options).
+RENAMED_OPTIONS = {"--config": "--dataset"}
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default="synthetic", metavar="NAME",
+    parser.add_argument("--dataset", default="synthetic", metavar="NAME",
                         help="builder config: synthetic, synthetic_demo or manual")
     parser.add_argument("--data_dir", default=None,
                         help="TFDS data_dir to write to (local path or gs://; default: "
@@ -105,7 +108,7 @@ def check_builder_config(data_cfg):
         import difflib
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--config {name}: unknown dataset config.{hint} Choose one of "
+        raise ConfigError(f"--dataset {name}: unknown dataset config.{hint} Choose one of "
                           f"{', '.join(names)}.")
     try:
         return input_pipeline.builder_config_for(data_cfg)
@@ -120,7 +123,7 @@ def check_manual_dir(config_name: str, manual_dir, require_lulc: bool = True,
     if not config_name.startswith("manual"):
         return
     if manual_dir is None:
-        raise UserError(f"--config {config_name} reads your exports: give --manual_dir FOLDER "
+        raise UserError(f"--dataset {config_name} reads your exports: give --manual_dir FOLDER "
                         "(the folder of <scene>_{s2,s1,lulc,dem}.tif files).")
     from rsjax import input_pipeline
 
@@ -144,16 +147,16 @@ def check_file_format(file_format: str) -> None:
 def run(args) -> int:
     if args.config_overrides:
         raise UserError(f"--config.{args.config_overrides[0]}: `rsjax build` takes a dataset "
-                        "config name, without --config.KEY overrides; use its options "
+                        "name (--dataset), without --config.KEY overrides; use its options "
                         "(rsjax build --help).")
     options = {key: getattr(args, key) for key in TILING_OPTIONS}
-    cfg = data_config(args.config, args.data_dir, **options)
+    cfg = data_config(args.dataset, args.data_dir, **options)
     check_builder_config(cfg)
-    check_manual_dir(args.config, args.manual_dir, require_lulc=not args.allow_missing_lulc,
+    check_manual_dir(args.dataset, args.manual_dir, require_lulc=not args.allow_missing_lulc,
                      skip_incomplete=bool(args.skip_incomplete_scenes))
-    if args.manual_dir is not None and not args.config.startswith("manual"):
+    if args.manual_dir is not None and not args.dataset.startswith("manual"):
         raise UserError(f"--manual_dir {args.manual_dir}: only the manual config reads it; "
-                        f"--config {args.config} writes its own synthetic scenes.")
+                        f"--dataset {args.dataset} writes its own synthetic scenes.")
     check_file_format(args.file_format)
     from rsjax import input_pipeline
     from rsjax.data import storage

@@ -84,6 +84,24 @@ def normalize_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def rename_options(argv: Sequence[str], renamed: dict[str, Optional[str]], prog: str) -> list[str]:
+    """Old option names still work for one release: each becomes its new name
+    (None: dropped, what it asked for is now the default), with one note line."""
+    out = []
+    for token in argv:
+        name, sep, value = token.partition("=")
+        if name in renamed:
+            new = renamed[name]
+            now = f"`{prog} {new}`" if new else "the default"
+            print(f"note: {name} is now {now}; the old form goes in the next release.",
+                  file=sys.stderr)
+            if new is None:
+                continue
+            token = new + sep + value
+        out.append(token)
+    return out
+
+
 def description(doc: Optional[str]) -> str:
     return textwrap.dedent(doc or "").strip()
 
@@ -132,6 +150,18 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 1,4") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated positive integers, e.g. 1,4")
+    return values
+
+
+def nonnegative_int_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; every item an integer of 0 or more."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers of 0 or more, "
+                                         "e.g. 0,1,2")
     return values
 
 
@@ -336,6 +366,7 @@ def run_command(module, argv: Optional[Sequence[str]], prog: str) -> int:
     """Parses `argv` with the module's arguments and runs it; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser(prog, module.__doc__, module.add_arguments)
+    argv = rename_options(normalize_flags(argv), getattr(module, "RENAMED_OPTIONS", {}), prog)
     verbose = "--verbose" in argv
     try:
         args = parse(parser, argv)

@@ -3,7 +3,7 @@ fusion runs, accuracy, per-class IoU and mIoU for segmentation runs.
 
     rsjax evaluate --workdir work/demo                     # latest checkpoint, test split
     rsjax evaluate --workdir work/seg_real --split validation --step 200
-    rsjax evaluate --workdir work/demo --output scores.json
+    rsjax evaluate --workdir work/demo --out scores.json
 
 The run's saved config (`<workdir>/config.json`) says what to build and which
 dataset to read; `--config` replaces it. The checkpoint may have been written
@@ -94,6 +94,10 @@ def markdown_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Old option names, still taken for one release (see rsjax.cli.rename_options).
+RENAMED_OPTIONS = {"--output": "--out"}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", required=True, help="the training run's workdir")
     cli.add_config_argument(parser, required=False,
@@ -101,7 +105,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step", type=int, default=None,
                         help="checkpoint step (default: the latest)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to score")
-    parser.add_argument("--output", default=None,
+    parser.add_argument("--out", default=None,
                         help="JSON file for the scores (default: <workdir>/eval_<split>_<step>.json)")
 
 
@@ -119,7 +123,7 @@ def run(args) -> int:
     cli.print_json(result)             # the scores first: a failed write loses nothing
     if jax.process_index() == 0:
         try:
-            write_outputs(result, rows, args.workdir, args.output)
+            write_outputs(result, rows, args.workdir, args.out)
         except OSError as err:
             log.warning("Could not write the evaluation files (%s); the scores are printed above.",
                         err)

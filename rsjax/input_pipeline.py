@@ -459,7 +459,7 @@ def _check_manual(data_cfg, builder, manual_dir: Optional[str]) -> Optional[list
             raise UserError(
                 f"{name} in {where} was built from other files ({built.get('scenes')} scenes in "
                 f"{built.get('manual_dir')}) than {manual_dir} holds now ({len(scenes)} scenes). "
-                f"Rebuild it with `rsjax build --config {builder.builder_config.name} --manual_dir "
+                f"Rebuild it with `rsjax build --dataset {builder.builder_config.name} --manual_dir "
                 f"{manual_dir} --tile_size {builder.builder_config.tile_size} --data_dir {where} "
                 f"--overwrite`, or keep both by giving this run another --config.data.data_dir.")
         return None
@@ -903,7 +903,7 @@ def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, 
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"{data_cfg.name} (tile_size {data_cfg.tile_size}) is not built in {data_dir_of(data_cfg)}: "
-            f"run `rsjax build --config {str(data_cfg.name).partition('/')[2] or 'synthetic'} "
+            f"run `rsjax build --dataset {str(data_cfg.name).partition('/')[2] or 'synthetic'} "
             f"--data_dir {data_dir_of(data_cfg)} --tile_size {data_cfg.tile_size}`, or call ensure_dataset")
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {data_cfg.name}: {list(builder.info.splits)}")

@@ -7,7 +7,7 @@
     rsjax predict --workdir work/seg_real --s2 scene_s2.tif --out scene_lulc_pred.tif
     # cloud removal (a run whose sources include the cloudy image: DSen2-CR, or
     # RS-SPADE with sources=s2_cloudy+...); with a mask, only clouds and shadows change
-    rsjax predict --workdir work/dsen2cr --s2_cloudy scene_s2_cloudy.tif \
+    rsjax predict --workdir work/dsen2cr --s2_cloudy scene_s2_cloudy.tif \\
         --s1 scene_s1.tif [--cloud_mask scene_cloudmask.tif] --out scene_declouded_s2.tif
 
 The workdir's saved config (`config.json`, written by `python -m rsjax.train`)

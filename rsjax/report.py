@@ -1,13 +1,13 @@
 """An HTML page of a training run or a folder of runs: curves, image grids, scores.
 
-    rsjax report work/demo                    # one run -> work/demo/report/report.html
-    rsjax report work/experiments             # every run below it, with a summary table
-    rsjax report work/demo --output /tmp/demo_report
+    rsjax report --workdir work/demo            # one run -> work/demo/report/report.html
+    rsjax report --workdir work/experiments     # every run below it, with a summary table
+    rsjax report --workdir work/demo --out_dir /tmp/demo_report
 
 The page shows each run's loss, learning-rate, speed and evaluation curves,
 its latest image grids and its evaluation JSON, and a summary table across
 runs. A run is a folder holding a metrics.jsonl (what `rsjax train --workdir`
-writes); WORKDIR is one run, or a folder with runs in its subfolders (found at
+writes); `--workdir` is one run, or a folder with runs in its subfolders (found at
 any depth; a run's own subfolders are not searched). The page, its curves
 (PNG, drawn from metrics.jsonl) and copies of the runs' image grids,
 evaluation JSON and config go into one folder, and the page refers to them by
@@ -18,6 +18,7 @@ while it trains (a half-written last line is skipped).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import html
 import json
@@ -463,16 +464,33 @@ def write_report(workdir: str, output: Optional[str] = None) -> dict:
 
 # --------------------------------------------------------------------------- command line
 
+# Old option names, still taken for one release (see rsjax.cli.rename_options).
+RENAMED_OPTIONS = {"--output": "--out_dir"}
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("workdir", metavar="WORKDIR",
+    parser.add_argument("--workdir", default=None,
                         help="a training run's workdir, or a folder with runs in its subfolders")
-    parser.add_argument("--output", default=None,
-                        help="folder for report.html and its files (default: WORKDIR/report); "
+    parser.add_argument("--out_dir", default=None,
+                        help="folder for report.html and its files (default: <workdir>/report); "
                              "an earlier report there is replaced")
+    # `rsjax report WORKDIR`, the old form, for one more release.
+    parser.add_argument("old_workdir", nargs="?", default=None, help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
-    cli.print_json(write_report(args.workdir, args.output))
+    from rsjax.errors import UserError
+
+    if args.old_workdir is not None:
+        if args.workdir is not None:
+            raise UserError(f"give the run's folder once: --workdir {args.workdir}.")
+        print(f"note: `rsjax report {args.old_workdir}` is now `rsjax report --workdir "
+              f"{args.old_workdir}`; the old form goes in the next release.", file=sys.stderr)
+        args.workdir = args.old_workdir
+    if args.workdir is None:
+        raise UserError("give --workdir: a training run's workdir, or a folder with runs in its "
+                        "subfolders.")
+    cli.print_json(write_report(args.workdir, args.out_dir))
     return 0
 
 

@@ -1,23 +1,16 @@
 """Generate one optical image for every tile of a split with a trained fusion checkpoint.
 
-    rsjax synthesize --fusion_workdir work/demo --split train
-    rsjax synthesize --fusion_workdir work/demo --split train --out work/generated --step 2000
+    rsjax synthesize --workdir work/demo --split train
+    rsjax synthesize --workdir work/demo --split train --out_dir work/generated --step 2000
 
-One 4-band image per tile, once, keyed by tile id, for the segmentation
+One 4-band image per tile, keyed by tile id, for the segmentation
 experiment's Mix dataset (`rsjax train --config segmentation:demo,data=mix
---config.data.generated_dir=DIR`). The fusion run's saved config
-(`<fusion_workdir>/config.json`) says which model and dataset; `--config`
-replaces it.
-
-Output (default `<fusion_workdir>/generated/<split>`):
-- `part-00000.npz`, ...: `tile_id` (N,) and `s2` (N, H, W, 4) uint16
-  reflectance x 10000, the dataset's own unit, so the input pipeline
-  normalizes generated and real images identically;
-- `provenance.json`: checkpoint step, fusion config, dataset, split, counts.
-
-Parts are written to a temporary name and renamed when complete, so an
-interrupted run resumes at the first missing part and never leaves a half
-part that the pipeline would read.
+--config.data.generated_dir=DIR`). The run's saved config says which model
+and dataset (`--config` replaces it). Output (default
+`<workdir>/generated/<split>`): `part-00000.npz`, ... (`tile_id`, and `s2` as
+uint16 reflectance x 10000, the dataset's unit) and `provenance.json`. Each
+part is renamed into place when complete, so an interrupted run resumes at
+the first missing part; docs/training.md says more.
 """
 from __future__ import annotations
 
@@ -124,17 +117,19 @@ def synthesize(config, fusion_workdir: str, split: str = "train", out: Optional[
 
 
 SPLITS = ("train", "validation", "test")
+# Old option names, still taken for one release (see rsjax.cli.rename_options).
+RENAMED_OPTIONS = {"--fusion_workdir": "--workdir", "--out": "--out_dir"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--fusion_workdir", required=True,
+    parser.add_argument("--workdir", required=True,
                         help="workdir of the fusion training run (checkpoints, config.json)")
     cli.add_config_argument(parser, required=False,
                             help="the fusion training config (default: the workdir's config.json)")
     parser.add_argument("--split", default="train", choices=SPLITS,
                         help="split whose tiles get a generated image")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: <fusion_workdir>/generated/<split>)")
+    parser.add_argument("--out_dir", default=None,
+                        help="output folder (default: <workdir>/generated/<split>)")
     parser.add_argument("--step", type=int, default=None,
                         help="checkpoint step (default: the latest)")
     parser.add_argument("--part_size", type=cli.positive_int, default=64,
@@ -147,15 +142,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from rsjax import evaluate
 
-    evaluate.check_workdir(args.fusion_workdir)      # before the output folder is created
-    config = cli.load_config_arg(args, workdir=args.fusion_workdir)
+    evaluate.check_workdir(args.workdir)      # before the output folder is created
+    config = cli.load_config_arg(args, workdir=args.workdir)
     if config.get("trainer") != "fusion":
-        raise UserError(f"{args.fusion_workdir}: a {config.get('trainer')!r} run; synthesize "
+        raise UserError(f"{args.workdir}: a {config.get('trainer')!r} run; synthesize "
                         "needs a fusion run (rsjax train --config fusion:...).")
     from rsjax.runtime import prepare_process
 
     prepare_process()
-    cli.print_json(synthesize(config, args.fusion_workdir, args.split, args.out, args.step,
+    cli.print_json(synthesize(config, args.workdir, args.split, args.out_dir, args.step,
                               args.part_size, scenes=args.scenes))
     return 0
 

@@ -15,7 +15,7 @@ def test_bench_predict_tiny_scene(tmp_path, capsys):
     output = tmp_path / "bench.json"
     status = cli.main(["bench_predict", "--size", "300", "--tile_size", "64",
                        "--model_alone_batches", "1",
-                       "--work_dir", str(tmp_path / "work"), "--output", str(output)])
+                       "--out_dir", str(tmp_path / "work"), "--out", str(output)])
     printed = capsys.readouterr().out
     assert status == 0
     report = json.loads(output.read_text())

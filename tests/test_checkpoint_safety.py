@@ -79,7 +79,7 @@ def truncate(path, keep=0.5):
 
 def run_evaluate(workdir, tmp_path, capsys, *extra):
     out = tmp_path / "scores.json"
-    code = evaluate.main(["--workdir", str(workdir), "--output", str(out), *extra])
+    code = evaluate.main(["--workdir", str(workdir), "--out", str(out), *extra])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

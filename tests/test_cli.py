@@ -4,10 +4,12 @@ the demo runs from a non-editable install in another directory."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -152,40 +154,40 @@ USER_ERRORS = {
                                           "--config.checkpoint_every_steps=-1: must be at least 0"),
     "evaluate missing workdir": (["evaluate", "--workdir", "missing_run"],
                                  "missing_run: workdir does not exist"),
-    "build unknown config": (["build", "--config", "nosuchconfig", "--data_dir", "tfds"],
-                             "--config nosuchconfig: unknown dataset config"),
-    "build close config": (["build", "--config", "synthetic_dmeo", "--data_dir", "tfds"],
+    "build unknown config": (["build", "--dataset", "nosuchconfig", "--data_dir", "tfds"],
+                             "--dataset nosuchconfig: unknown dataset config"),
+    "build close config": (["build", "--dataset", "synthetic_dmeo", "--data_dir", "tfds"],
                            "Did you mean 'synthetic_demo'?"),
-    "build overrides": (["build", "--config", "synthetic_demo", "--config.tile_size=3"],
-                        "--config.tile_size=3: `rsjax build` takes a dataset config name"),
-    "build bad tile size": (["build", "--config", "synthetic_demo", "--tile_size", "4",
+    "build overrides": (["build", "--dataset", "synthetic_demo", "--config.tile_size=3"],
+                        "--config.tile_size=3: `rsjax build` takes a dataset name (--dataset)"),
+    "build bad tile size": (["build", "--dataset", "synthetic_demo", "--tile_size", "4",
                              "--data_dir", "tfds"], "tile_size=4 is too small"),
-    "build manual without dir": (["build", "--config", "manual", "--data_dir", "tfds"],
+    "build manual without dir": (["build", "--dataset", "manual", "--data_dir", "tfds"],
                                  "give --manual_dir FOLDER"),
-    "build manual missing dir": (["build", "--config", "manual", "--manual_dir", "exports",
+    "build manual missing dir": (["build", "--dataset", "manual", "--manual_dir", "exports",
                                   "--data_dir", "tfds"], "exports: not a folder"),
-    "build manual_dir for synthetic": (["build", "--config", "synthetic_demo", "--manual_dir",
+    "build manual_dir for synthetic": (["build", "--dataset", "synthetic_demo", "--manual_dir",
                                         "."], "only the manual config reads it"),
     "predict missing workdir": (["predict", "--workdir", "missing_run", "--s2", "s2.tif",
                                  "--out", "out/lulc.tif"], "missing_run: workdir does not exist"),
     "ingest missing folder": (["ingest", "exports"], "exports: not a folder"),
     "ingest bad tile size": (["ingest", ".", "--tile_size", "2"], "tile_size must be at least 3"),
-    "synthesize missing workdir": (["synthesize", "--fusion_workdir", "missing_run"],
+    "synthesize missing workdir": (["synthesize", "--workdir", "missing_run"],
                                    "missing_run: workdir does not exist"),
-    "scenes too small": (["scenes", "--out", "scenes", "--size", "8"], "8 px is too small"),
-    "scenes none": (["scenes", "--out", "scenes", "--scenes", "0"],
+    "scenes too small": (["scenes", "--out_dir", "scenes", "--size", "8"], "8 px is too small"),
+    "scenes none": (["scenes", "--out_dir", "scenes", "--scenes", "0"],
                     "argument --scenes: 0: must be a positive integer"),
     "couplings missing folder": (["couplings", "--scenes_dir", "scenes"], "scenes: not a folder"),
-    "bench_pipeline unknown config": (["bench_pipeline", "--config", "nosuch"],
-                                      "--config nosuch: unknown dataset config"),
-    "bench_layers unknown model": (["bench_layers", "--models", "G,X"], "unknown X"),
+    "bench_pipeline unknown config": (["bench", "pipeline", "--dataset", "nosuch"],
+                                      "--dataset nosuch: unknown dataset config"),
+    "bench layers unknown model": (["bench", "layers", "--models", "G,X"], "unknown X"),
     "params bad sources": (["params", "--sources", "lulc=nine"], "must look like lulc=9"),
     "report unknown scale": (["experiments", "report", "--workdir", "exp", "--scale", "huge"],
                              "invalid choice: 'huge'"),
     "report unknown table": (["experiments", "report", "--workdir", "exp", "--tables", "table4"],
                              "--tables table4: choose from table1, table2, table3"),
-    "report nothing run": (["experiments", "report", "--workdir", "exp", "--no_run"],
-                           "exp: no such experiment folder"),
+    "report nothing run": (["experiments", "report", "--workdir", "exp"],
+                           "exp: no such experiment folder; add --run"),
     "unknown subcommand": (["trian"], "unknown subcommand 'trian'. Did you mean 'train'?"),
     "unknown experiment": (["experiments", "table4"], "unknown experiments 'table4'"),
 }
@@ -206,7 +208,7 @@ def test_user_errors_are_one_line_exit_2_and_create_nothing(argv, message, tmp_p
     assert sorted(os.listdir(tmp_path)) == []
 
 
-@pytest.mark.parametrize("argv", [["synthesize", "--fusion_workdir", "run"],
+@pytest.mark.parametrize("argv", [["synthesize", "--workdir", "run"],
                                   ["evaluate", "--workdir", "run"]], ids=" ".join)
 def test_a_workdir_without_checkpoint_is_an_error_that_writes_nothing(argv, tmp_path, monkeypatch,
                                                                       capsys):
@@ -226,7 +228,7 @@ def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
     from rsjax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown dataset config"):
-        cli.main(["build", "--config", "nosuchconfig", "--verbose"])
+        cli.main(["build", "--dataset", "nosuchconfig", "--verbose"])
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def test_demo_runs_from_a_non_editable_install_in_another_directory(tmp_path):
     assert json.loads((workdir / "eval_test_2.json").read_text()) == scores
 
     # The console script, and the dataset the train command built: found, not rebuilt.
-    summary = json.loads(run(str(site / "bin" / "rsjax"), "build", "--config", "synthetic_demo",
+    summary = json.loads(run(str(site / "bin" / "rsjax"), "build", "--dataset", "synthetic_demo",
                              "--data_dir", str(data_dir)))
     assert summary["built"] is False and summary["dataset"] == "rs_multisource/synthetic_demo"
     assert sum(summary["splits"].values()) > 0
@@ -306,3 +308,99 @@ def test_help_names_no_internal_issue(words, capsys):
     assert cli.main([*words, "--help"]) == 0
     out = capsys.readouterr().out
     assert not re.search(r"\bissue \d+", out, re.IGNORECASE), out
+
+
+def _examples(doc: str) -> list[list[str]]:
+    """The example commands of a help text: indented lines starting `rsjax `,
+    continuation lines joined, comments dropped, split as a shell would."""
+    found, pending = [], None
+    for line in cli.description(doc).splitlines():
+        text = line.strip()
+        if pending is None and not (line.startswith("    ") and text.startswith("rsjax ")):
+            continue
+        pending = text if pending is None else f"{pending} {text}"
+        if pending.endswith("\\"):
+            pending = pending[:-1].rstrip()
+            continue
+        found.append(shlex.split(pending, comments=True))
+        pending = None
+    return found
+
+
+def _parser_of(words: list[str]):
+    """The parser and remaining arguments of an example `rsjax CMD [NAME] ...`."""
+    name = words[1]
+    if name in GROUPS:
+        module, rest = importlib.import_module(GROUPS[name][words[2]][0]), words[3:]
+    else:
+        module, rest = importlib.import_module(cli.COMMANDS[name][0]), words[2:]
+    return cli.make_parser("rsjax", module.__doc__, module.add_arguments), rest
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_help_is_short_and_its_examples_paste(words, capsys):
+    """Every command's help: at most a dozen lines of prose before the options,
+    examples as `rsjax ...` that parse with the options they name (continuation
+    lines kept: a single backslash at a docstring's line end would join them),
+    and no `python -m` forms."""
+    module = _module(words)
+    description = cli.description(module.__doc__).splitlines()
+    prose = [line for line in description if line.strip() and not line.startswith("    ")]
+    assert len(prose) <= 12, f"{' '.join(words)}: {len(prose)} lines of prose before the options"
+    assert "python -m" not in module.__doc__
+    examples = _examples(module.__doc__)
+    assert examples, f"{' '.join(words)}: no example"
+    for example in examples:
+        parser, rest = _parser_of(example)
+        try:
+            cli.parse(parser, rest)
+        except SystemExit:
+            pytest.fail(f"the example `{' '.join(example)}` does not parse: "
+                        f"{capsys.readouterr().err}")
+    # A lost continuation shows as an option run into a long line of the example before it.
+    source = inspect.getsource(module)
+    docstring = source[source.index('"""'):source.index('"""', source.index('"""') + 3)]
+    assert not re.search(r"(?<!\\)\\\n", docstring), "a single backslash ends a docstring line"
+
+
+def test_the_examples_check_finds_a_lost_continuation_and_a_bad_option():
+    joined = _examples("x\n\n    rsjax build --dataset manual \\\n        --manual_dir d  # yours\n")
+    assert joined == [["rsjax", "build", "--dataset", "manual", "--manual_dir", "d"]]
+    parser, rest = _parser_of(["rsjax", "build", "--no_such_option"])
+    with pytest.raises(SystemExit):
+        cli.parse(parser, rest)
+
+
+@pytest.mark.parametrize("argv, note, error", [
+    (["synthesize", "--fusion_workdir", "missing_run"], "--fusion_workdir is now `rsjax synthesize "
+     "--workdir`", "missing_run: workdir does not exist"),
+    (["report", "missing_run"], "is now `rsjax report --workdir missing_run`", "missing_run"),
+    (["build", "--config", "nosuch", "--data_dir", "tfds"], "--config is now `rsjax build --dataset`",
+     "--dataset nosuch: unknown dataset config"),
+    (["experiments", "report", "--workdir", "exp", "--no_run"], "--no_run is now the default",
+     "exp: no such experiment folder; add --run"),
+    (["couplings", "--scenes_dir", "scenes", "--json_out", "r.json"], "--json_out is now "
+     "`rsjax couplings --out`", "scenes: not a folder"),
+    (["ingest", "exports", "--dry_run"], None, "exports: not a folder"),
+])
+def test_old_option_names_still_work_for_one_release(argv, note, error, tmp_path, monkeypatch,
+                                                     capsys):
+    """The previous release's option names do what the new ones do, after one
+    line naming the new form; `ingest --dry_run` is accepted (it never writes)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and error in err[-1]
+    assert (note is None and len(err) == 1) or (len(err) == 2 and note in err[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_build_takes_a_comma_list_and_the_old_space_separated_one(capsys):
+    from rsjax.bench.build import worker_counts
+    from rsjax.errors import UserError
+
+    assert worker_counts(["0,1,2"]) == [0, 1, 2] and capsys.readouterr().err == ""
+    assert worker_counts(["0", "2"]) == [0, 2]
+    assert "is now --workers 0,2" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--workers"):
+        worker_counts(["-1"])

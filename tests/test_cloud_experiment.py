@@ -113,7 +113,7 @@ def test_the_command_is_registered(tmp_path, capsys):
     assert SUBCOMMANDS["cloud_removal"][0] == "rsjax.experiments.cloud_removal"
     assert experiment.main(["--help"]) == 0 and "SEN12MS-CR" in capsys.readouterr().out
     # Nothing finished and nothing to run: a one-line error, exit 2.
-    assert experiment.main(["--workdir", str(tmp_path / "none"), "--no_run"]) == 2
+    assert experiment.main(["--workdir", str(tmp_path / "none")]) == 2
     assert "no such experiment folder" in capsys.readouterr().err
 
 

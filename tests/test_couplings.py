@@ -194,7 +194,7 @@ def test_command_on_written_scenes_through_ingestion(written_scenes, tmp_path, c
     # The real path: GeoTIFFs from the writer, registered and tiled by rsjax.data.ingest.
     out = tmp_path / "couplings.json"
     code = cli.main(["couplings", "--scenes_dir", str(written_scenes), "--tile_size", "128",
-                           "--block", "16", "--json_out", str(out)])
+                           "--block", "16", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "| lulc+s1+dem |" in printed
     result = json.loads(out.read_text())
@@ -210,7 +210,7 @@ def test_command_with_tiles_smaller_than_the_stripes(written_scenes, tmp_path, c
     ("too few valid pixels (... 0 to score)"): now a quarter of the pixels are held out."""
     out = tmp_path / "couplings.json"
     code = cli.main(["couplings", "--scenes_dir", str(written_scenes), "--tile_size", "64",
-                           "--json_out", str(out)])
+                           "--out", str(out)])
     captured = capsys.readouterr()
     assert code in (0, 1) and "Traceback" not in captured.err and "error:" not in captured.err
     result = json.loads(out.read_text())

@@ -473,7 +473,7 @@ def dummy_data_cfg(data_dir):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cfg = dummy_data_cfg(tmp_path_factory.mktemp("tfds"))
-    with pytest.raises(FileNotFoundError, match=r"is not built in .*rsjax build --config manual"):
+    with pytest.raises(FileNotFoundError, match=r"is not built in .*rsjax build --dataset manual"):
         ip.create_iterator(cfg, "train", global_batch_size=8, mesh=None, train=True, seed=0)
     builder = ip.ensure_dataset(cfg)
     assert builder.builder_config.name == "manual_b1_seed1_t16"

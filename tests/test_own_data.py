@@ -260,7 +260,7 @@ def test_a_dataset_of_other_files_or_another_tile_size_is_never_taken(journey):
     # The same files copied elsewhere are the same dataset: found, not rebuilt.
     copied = user.home / "copied"
     shutil.copytree(user.cwd / "exports", copied)
-    done = user(["rsjax", "build", "--config", "manual", "--manual_dir", str(copied),
+    done = user(["rsjax", "build", "--dataset", "manual", "--manual_dir", str(copied),
                  "--tile_size", "64"])
     assert json.loads(done.stdout)["built"] is False
 

@@ -174,7 +174,7 @@ def _srcs(checker):
 def test_report_of_one_run(fusion_run, tmp_path, capsys):
     from rsjax import report
 
-    assert report.main([str(fusion_run), "--output", str(tmp_path / "out")]) == 0
+    assert report.main(["--workdir", str(fusion_run), "--out_dir", str(tmp_path / "out")]) == 0
     assert '"report":' in capsys.readouterr().out
     html_path = tmp_path / "out" / "report.html"
     copied = tmp_path / "elsewhere"                      # relative paths: the folder travels
@@ -193,8 +193,8 @@ def test_report_of_one_run(fusion_run, tmp_path, capsys):
     assert f'href="#{slug}"' in text and "pix2pix_unet" in text             # summary row
 
     # Default output: WORKDIR/report, replaced by a second report, no leftovers.
-    assert report.main([str(fusion_run)]) == 0
-    assert report.main([str(fusion_run)]) == 0
+    assert report.main(["--workdir", str(fusion_run)]) == 0
+    assert report.main(["--workdir", str(fusion_run)]) == 0
     check_report(fusion_run / "report" / "report.html")
     assert not [p for p in fusion_run.iterdir() if p.name.startswith(".report")]
 
@@ -225,10 +225,10 @@ def test_report_of_a_folder_of_runs(fusion_run, tmp_path):
 def test_report_user_errors_exit_2_and_create_nothing(tmp_path, capsys):
     from rsjax import report
 
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert report.main(["--workdir", str(tmp_path / "missing")]) == 2
     assert "missing: no such folder" in capsys.readouterr().err
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    assert report.main([str(tmp_path / "empty")]) == 2
+    assert report.main(["--workdir", str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "empty").iterdir()] == ["sub"]
     run = tmp_path / "run"
@@ -236,11 +236,11 @@ def test_report_user_errors_exit_2_and_create_nothing(tmp_path, capsys):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "data.txt").write_text("keep me")
-    assert report.main([str(run), "--output", str(tmp_path / "precious")]) == 2
+    assert report.main(["--workdir", str(run), "--out_dir", str(tmp_path / "precious")]) == 2
     assert "not a report folder" in capsys.readouterr().err
     assert (tmp_path / "precious" / "data.txt").read_text() == "keep me"
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2}\n')
-    assert report.main([str(run)]) == 2
+    assert report.main(["--workdir", str(run)]) == 2
     assert "metrics.jsonl:2: not a JSON object" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
 

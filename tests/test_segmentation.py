@@ -107,8 +107,8 @@ def test_synthesize_command_resumes_a_run_interrupted_with_parts_missing(generat
     (out / "provenance.json").unlink()                    # written at the end only
     kept = (out / "part-00000.npz").stat().st_mtime_ns
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["synthesize", "--fusion_workdir", str(generated_dir.parent), "--split",
-                     "train", "--out", str(out), "--part_size", "32"]) == 0
+    assert cli.main(["synthesize", "--workdir", str(generated_dir.parent), "--split",
+                     "train", "--out_dir", str(out), "--part_size", "32"]) == 0
     text = capsys.readouterr().out
     printed = json.loads(text[text.index("{"):])
     num_tiles = json.loads((generated_dir / "provenance.json").read_text())["num_tiles"]

@@ -229,7 +229,7 @@ def test_bad_arguments_are_named():
 
 
 def test_command_line(tmp_path, capsys):
-    cli.main(["scenes", "--out", str(tmp_path), "--scenes", "1", "--size", "32", "--seed", "7", "--sar_db"])
+    cli.main(["scenes", "--out_dir", str(tmp_path), "--scenes", "1", "--size", "32", "--seed", "7", "--sar_db"])
     printed = capsys.readouterr().out
     assert "synth_s7_000" in printed and "wrote 1 scene" in printed
     [scene] = find_scenes(tmp_path)

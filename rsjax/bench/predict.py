@@ -1,47 +1,19 @@
 """Benchmark of whole-scene prediction: a synthetic granule from GeoTIFFs to a COG.
 
     rsjax bench predict                                   # one Sentinel-2 granule, 10980 x 10980 px
-    rsjax bench predict --sizes 2048,4096,10980 --output bench_predict.json
+    rsjax bench predict --sizes 2048,4096,10980 --out bench_predict.json
     rsjax bench predict --size 300 --tile_size 64             # seconds
     rsjax bench predict --size 2048 --config fusion:demo      # the demo's RS-SPADE widths
 
-Per size, prints JSON (and writes it to --output): the wall time of
-`rsjax.predict.predict_fusion` (model already loaded and compiled), tiles/s,
-seconds per megapixel (the same at every size when time is linear in area;
-also in CPU seconds of the predicting process, which other work on a shared
-machine inflates less than the wall time),
-the peak resident memory of the process that predicts (sampled with psutil in
-a thread, and the kernel's high-water marks: /proc VmHWM and ru_maxrss; goal:
-under 4 GiB whatever the size), and where the wall time went, as seconds and
-shares that sum to 1:
-- `read`: reading each tile's window through ingestion's registration (S1
-  warped and converted to dB, land cover, DEM with slope, aspect and
-  hillshade) and normalizing it;
-- `model`: handing batches to the jitted generator and waiting for its
-  outputs (on CPU the generator runs while the host reads the next batch,
-  and that overlap is not counted; `model_alone` times a batch on its own);
-- `blend`: padding and stacking tiles, accumulating the weighted outputs;
-- `write`: weighted averages, conversion to uint16 and writing the rows
-  into the staged GeoTIFF;
-- `cog`: closing the staged GeoTIFF and copying it as a Cloud Optimized
-  GeoTIFF with overviews;
-- `other`: the rest (opening and checking the inputs, bookkeeping, the
-  STAC item).
-Outside the wall time: `model_load_s` (imports, building or restoring the
-checkpoint) and `compile_s` (the first batch, jitted before the scene).
-
-Each size runs in a fresh child process (this command with an internal
-flag), so its peak memory is its own. The inputs are written window by
-window (`rsjax.data.bench_ingest.write_simple_scene`: S1 on a shifted grid in
-UTM, labels on the S2 grid, a DEM in EPSG:4326 at 1 arc-second with voids;
-smooth, simple fields, not the physical synthetic generator, whose scenes
-need about 230 bytes per pixel in memory), into --work_dir, and reused by
-later runs. The model is a fusion generator built from `--config` (default:
-`fusion:demo`'s RS-SPADE at the tests' tiny widths, ngf 4, SPADE hidden 8,
-embeddings 4) at `--tile_size` (default 256, the reference configs'), with
-its initial weights saved as a step-0 checkpoint (timing does not
-depend on the weights) and fixed normalization constants (no dataset is
-built); or a trained run with --workdir (and --data_dir).
+Per size, in a fresh child process (so its peak memory is its own): the wall
+time of `rsjax.predict.predict_fusion` with the model loaded and compiled,
+tiles/s, seconds per megapixel (wall and CPU), the peak resident memory
+(goal: under 4 GiB at any size) and the shares of the time spent reading,
+in the model, blending, writing, making the COG and elsewhere. The inputs are
+simple smooth fields written window by window into `--out_dir` and reused;
+the model is `--config`'s generator (default: the tests' tiny RS-SPADE) with
+its initial weights, or a trained run with `--workdir`. docs/benchmarks.md
+says what each share holds and keeps the figures seen.
 """
 from __future__ import annotations
 
@@ -378,6 +350,10 @@ def extrapolation(results: list[dict], size: int = GRANULE) -> Optional[dict]:
             "wall_s": round(largest["s_per_megapixel"] * size * size / 1e6, 1)}
 
 
+# Old option names, still taken for one release (see rsjax.cli.rename_options).
+RENAMED_OPTIONS = {"--output": "--out", "--work_dir": "--out_dir"}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--size", type=cli.positive_int, default=GRANULE,
                         help="scene side in 10 m pixels (a Sentinel-2 granule is 10980)")
@@ -398,11 +374,11 @@ def add_arguments(parser) -> None:
                              "and tile size; --config and --tile_size do not apply)")
     parser.add_argument("--data_dir", default=None,
                         help="with --workdir: the TFDS data_dir of its dataset (default: the config's)")
-    parser.add_argument("--work_dir", default="work/bench_predict",
+    parser.add_argument("--out_dir", default="work/bench_predict",
                         help="where the inputs (reused), the model checkpoint and the outputs go")
     parser.add_argument("--model_alone_batches", type=cli.nonnegative_int, default=3,
                         help="batches to time the generator alone on, after the prediction")
-    parser.add_argument("--output", default=None, help="also write the JSON to this file")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
@@ -428,7 +404,7 @@ def run(args) -> int:
     sizes = args.sizes or [args.size]
     if min(sizes) < 16:
         raise UserError(f"--sizes {min(sizes)}: scenes need at least 16 pixels a side.")
-    work_dir = Path(args.work_dir).absolute()
+    work_dir = Path(args.out_dir).absolute()
     work_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "arguments": {"sizes": sizes, "config": None if args.workdir else spec_name,
@@ -461,9 +437,9 @@ def run(args) -> int:
         print(f"bench_predict: {size} x {size} px: {result['wall_s']} s, {result['tiles_per_s']} "
               f"tiles/s, peak {result['memory']['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
         summarize(report, complete=len(report["results"]) == len(sizes))
-        if args.output:           # after every size: a long run stopped early keeps what it measured
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        if args.out:           # after every size: a long run stopped early keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     cli.print_json(report)
     return 0
 

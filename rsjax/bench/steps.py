@@ -1,72 +1,20 @@
-"""The training benchmark: the real train steps, their FLOP rate and MFU. JSON out.
+"""The training benchmark: the real train steps, their FLOP rate and MFU, as JSON.
 
-    rsjax bench steps                                   # everything, float32
+    rsjax bench steps                                   # the default parts, float32
     rsjax bench steps --parts fusion --sizes 128 --batches 1
     rsjax bench steps --dtype bfloat16                  # on a GPU or TPU
-    rsjax bench steps --parts matmul,unet --against torch   # PyTorch's U-Net step, same run
+    rsjax bench steps --parts matmul,unet --against torch --rounds 5   # PyTorch's step, same run
+    rsjax bench steps --parts uncrtaints,dsen2cr --config_arg demo --profile
     rsjax bench steps --out work/bench.json
 
-Parts (`--parts`, comma-separated):
-- `matmul`: the machine's measured matmul peak (square matmuls in the bench's
-  dtype, the best median over the sizes tried); the denominator of MFU.
-- `fusion`: one step of `rsjax.trainers.fusion.train_step`, exactly what
-  `rsjax train --config fusion` runs (RS-SPADE and the
-  multi-scale PatchGAN at full width, hinge + feature matching, both Adam
-  updates, EMA, the non-finite guard), jitted with the state donated, on random
-  inputs already on the device. images/s, FLOP per step from XLA's cost
-  analysis of the step traced with plain convolutions (`model_flops`),
-  achieved FLOP/s, MFU = achieved / peak, and the speed-up over the PyTorch
-  reference (NVlabs SPADE) at batch 1 for the sizes it has: figures recorded
-  on the development machine (docs/benchmarks.md), not measured in the same
-  run (`pytorch_reference: "recorded, not same-run"`).
-- `unet`: the same for `rsjax.trainers.segmentation.train_step` (RS-UNet,
-  width 64, depth 5, AdamW). With `--against torch` each entry also times
-  PyTorch's step of the same U-Net (`rsjax.bench_torch`, the `bench` extra)
-  in a subprocess right after rsjax's, in the same run, so PyTorch's and
-  XLA's thread pools never compete: `pytorch` holds its figures (GFLOP/s
-  and MFU at rsjax's FLOP count of the same model, against this run's matmul
-  peak) and `speedup_vs_pytorch` is rsjax's images/s over PyTorch's.
-  `--rounds N` repeats the pair N times (rsjax's step compiled once, then
-  PyTorch's, then rsjax's again, ...): `speedup_vs_pytorch_rounds` holds
-  each round's ratio and their median, min and max, since a VM's speed moves
-  between the two measurements, and a ratio is only as good as that.
-- `--profile`: each train step entry also gets `profile`, a `jax.profiler`
-  trace of `--steps` more calls summed per operation class (convolution/
-  matmul, pooling, reduction, concatenate, copy/transpose, elementwise) and
-  its heaviest operations (`rsjax.bench_profile`), on CPU and accelerators.
-- `flow`: the rectified-flow generator (`fusion:...,model=flow`): its train
-  step as `fusion` times the GAN's, then its sampler at `--flow_sample_steps`
-  (default 1,2,4,8 Euler steps; EMA weights, as evaluation samples): seconds
-  per batch, images/s, FLOP per batch (the model FLOPs of the sources' part,
-  computed once per batch, plus those of one velocity evaluation times the
-  evaluations: XLA's cost analysis counts a loop's body once), FLOP/s and MFU.
-- `uncrtaints`, `dsen2cr`: the cloud-removal trainer's step
-  (`rsjax.trainers.cloud_removal.train_step`, `cloud_removal:...,model=`
-  each; sources s2_cloudy+s1): UnCRtainTS with its Gaussian NLL, DSen2-CR
-  with CARL, timed as `fusion` is. Not in the default parts: DSen2-CR's
-  published width costs minutes per step on a CPU (`--config_arg demo` is
-  its narrower network).
-- `convs`: the U-Net step's 3x3 convolutions one by one, each distinct (in,
-  out, resolution) at each size and batch: forward, kernel gradient and
-  (except the first layer, whose input is data) input gradient, computed as
-  `layers.Conv2d` computes them in the step (`path`: XLA's convolution or a
-  `cpu_conv` rewrite), seconds, GFLOP/s, and `count`, how often the step has
-  the layer; `total` sums count x seconds over the layers. With `--against
-  torch`, PyTorch's (oneDNN's) time of the same layer in the same run and the
-  ratio per layer and in total: which layers rsjax loses or wins.
-- `pipeline`: the training input pipeline's rate (host batches, 0 grain
-  workers) on the demo dataset, in megapixels/s, against what each measured
-  fusion step consumes.
-- `startup`: seconds to the first step of the quick start's train command
-  (one step, demo dataset built first), cold and warm compilation cache, by
-  phase (rsjax.bench_startup).
-
-`machine` records the date and `os.getloadavg()` at the start (the report's
-`loadavg_1_5_15_min_at_end` at the end): on a shared machine other work slows
-both frameworks, and only same-run ratios compare.
-
-Run with XLA_FLAGS unset: the figures are for one device (`--devices` uses
-more, data-parallel, and reports per-step figures for the global batch).
+Parts: `matmul` (the machine's peak, MFU's denominator), `fusion`, `unet`,
+`flow`, `uncrtaints`, `dsen2cr` (each the exact jitted train step `rsjax
+train` runs, state donated, on random inputs on the device), `convs` (the
+U-Net's 3x3 convolutions one by one), `pipeline` (the input pipeline against
+what a step consumes) and `startup` (seconds to the first step, cold and
+warm). `--profile` adds where each step's time goes. Every entry records the
+machine (CPU model and ISA flags, load); only same-run ratios compare.
+docs/benchmarks.md says what each part times and keeps the figures seen.
 """
 from __future__ import annotations
 

@@ -27,6 +27,10 @@ def _ingested_tiles(scenes_dir: str, tile_size: int):
         yield from iter_scene_tiles(scene, IngestOptions(tile_size=tile_size))
 
 
+# Old option names, still taken for one release (see rsjax.cli.rename_options).
+RENAMED_OPTIONS = {"--json_out": "--out"}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--scenes_dir", default=None,
                         help="folder of <scene>_{s2,s1,lulc,dem}.tif (default: the demo scenes, "
@@ -41,7 +45,7 @@ def add_arguments(parser) -> None:
                         help="side of the held-out pixel blocks")
     parser.add_argument("--lam", type=float, default=1.0, help="ridge penalty (standardised features)")
     parser.add_argument("--seed", type=int, default=0, help="pixel sampling seed")
-    parser.add_argument("--json_out", default=None, help="also write the JSON result here")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
 
 
 def run(args) -> int:
@@ -69,8 +73,8 @@ def run(args) -> int:
     print(markdown_table(result))
     print()
     print(json.dumps(result, indent=1))
-    if args.json_out:
-        path = Path(args.json_out)
+    if args.out:
+        path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
     if violations:

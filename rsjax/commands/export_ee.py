@@ -1,10 +1,10 @@
 """Export scenes from Earth Engine as the four GeoTIFFs ingestion reads, for a list of areas.
 
-    rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \
+    rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \\
         --bucket my-bucket --prefix exports --dry_run          # print every task, touch nothing
-    rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \
+    rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \\
         --bucket my-bucket --prefix exports --project my-ee-project
-    rsjax build --config manual --manual_dir gs://my-bucket/exports   # once the tasks are done
+    rsjax build --dataset manual --manual_dir gs://my-bucket/exports   # once the tasks are done
 
 Four tasks per area (a GeoJSON feature in longitude/latitude) write
 `<scene>_{s2,s1,lulc,dem}.tif` on one exact grid (the area's UTM zone unless

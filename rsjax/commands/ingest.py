@@ -4,7 +4,7 @@
     rsjax ingest work/exports --tile_size 128 --allow_missing_lulc
     rsjax ingest work/cloudy_exports --clouds      # with <scene>_s2_cloudy.tif (+ _cloudmask.tif)
 
-The check to run before `rsjax build --config manual --manual_dir FOLDER`: it
+The check to run before `rsjax build --dataset manual --manual_dir FOLDER`: it
 prints the report (tiles kept and dropped per scene, grid, S1 units) as JSON,
 and a bad file as one `error:` line naming it (exit 2). docs/data.md
 describes the file contract and what each check does.
@@ -52,6 +52,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max_grid_pixels", type=int, default=None,
                         help="refuse a target grid of more pixels (default 2.5e9, about 20 "
                              "Sentinel-2 granules, or $RSJAX_MAX_GRID_PIXELS)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="accepted and changes nothing: ingest never writes (the dataset is "
+                             "written by `rsjax build --dataset manual --manual_dir FOLDER`)")
     parser.add_argument("--allow_any_format", action="store_true",
                         help="read source files in any GDAL format, VRTs and sidecar files included "
                              "(by default only plain GeoTIFFs: other formats can make GDAL read any "

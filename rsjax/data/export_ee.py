@@ -4,7 +4,7 @@
         --bucket my-bucket --prefix exports --dry_run          # print every task, touch nothing
     rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \\
         --bucket my-bucket --prefix exports --project my-ee-project
-    rsjax build --config manual --manual_dir gs://my-bucket/exports   # once the tasks are done
+    rsjax build --dataset manual --manual_dir gs://my-bucket/exports   # once the tasks are done
 
 For every area (a GeoJSON Feature, in longitude/latitude) four export tasks
 write Cloud Optimized GeoTIFFs with explicit no-data, named as ingestion pairs

@@ -1,7 +1,7 @@
 """Ingestion: validate, register and tile scenes' GeoTIFFs into the data contract.
 
 As a command, a dry run over a folder of exports (nothing is written), the
-check to run before `rsjax build --config manual --manual_dir FOLDER`; it
+check to run before `rsjax build --dataset manual --manual_dir FOLDER`; it
 prints the report (tiles kept and dropped per scene, grid, S1 units) as JSON,
 and a bad file as one `error:` line naming it (exit 2):
 

@@ -1,11 +1,12 @@
 """The paper's experiments, made answerable: several seeds, intervals, verdicts.
 
-    rsjax experiments report --scale demo --workdir work/exp_demo
-    rsjax experiments report --scale bench --workdir work/exp_bench
-    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo
+    rsjax experiments report --scale demo --workdir work/exp_demo --run
+    rsjax experiments report --scale bench --workdir work/exp_bench --run
+    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo --run
 
-`report` runs every run of a scale's plan that has not finished (resuming an
-interrupted one) and writes the tables, claims and figures;
+With `--run`, each trains every run of its plan that has not finished
+(resuming an interrupted one); then, and without `--run` only, it writes the
+tables, claims and figures of the finished runs;
 `rsjax experiments NAME --help` describes each experiment.
 """
 

@@ -1,38 +1,19 @@
 """Cloud removal on the cloudy synthetic scenes, as SEN12MS-CR papers report it.
 
-    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo
-    rsjax experiments cloud_removal --scale bench --workdir work/clouds_bench --seeds 2
+    rsjax experiments cloud_removal --scale demo --workdir work/clouds_demo --run
+    rsjax experiments cloud_removal --scale bench --workdir work/clouds_bench --seeds 2 --run
+    rsjax experiments cloud_removal --scale bench --workdir work/clouds_bench   # report only
 
-Beyond the paper: the clear image under the clouds of a cloudy one, from SAR
-(the peers' input) and, unlike the peers, terrain and land cover. Every
-method trains on the scale's cloudy dataset (`synthetic_cloudy_demo`,
-`synthetic_cloudy_bench`) and is scored on the same test tiles with
-rsjax.cloud_metrics (MAE, RMSE, PSNR, SSIM, SAM in degrees; whole tile, under
-cloud, under shadow, clear part; by cloud-cover bin):
-
-- the cloudy input itself (no removal);
-- RS-SPADE on the paper's sources only (S1 + DEM + land cover, no cloudy
-  image), its image pasted into the cloudy input under cloud and shadow (the
-  composite: the generator's output only under the mask);
-- RS-SPADE with the cloudy image as one more source, on the peers' inputs
-  (S2 cloudy + S1) and on all four, as it comes and as a composite;
-- DSen2-CR (the published architecture at the scale's width) on S2 cloudy +
-  S1, and on all four;
-- UnCRtainTS (its published network) on S2 cloudy + S1, whose predicted
-  variance is also scored (an uncertainty table: NLL, UCE, AUCE and the
-  rank correlation of variance and error, rsjax.uncertainty_metrics);
-- the flow model (`fusion:...,model=flow`) on all four.
-
-Each run trains in its own folder `<workdir>/<method>/seed<k>` and is not
-trained again once finished (a killed experiment resumes run by run, each
-run from its last checkpoint); a finished run whose config differs from what
-the experiment now asks for is an error. Written into the workdir:
-`cloud_removal.md` and `.json` (the tables, each cell the mean over seeds
-with a 95 % Student-t interval when there are several, rsjax.experiments.
-stats; the peers' published SEN12MS-CR numbers beside them, labelled as
-measured on other data; the wall time of every run) and
-`grids/cloud_removal_seed0.png` (cloudy input, every method's image, the
-clear truth and the mask on test tiles of every cover bin).
+Beyond the paper: the clear image under the clouds, from SAR (the peers'
+input) and, unlike the peers, terrain and land cover. Every method (the
+cloudy input itself, RS-SPADE with and without the cloudy image and as a
+composite, DSen2-CR, UnCRtainTS with its uncertainty, the flow model) trains
+on the scale's cloudy dataset and is scored on the same test tiles by
+region and cloud-cover bin (rsjax.cloud_metrics). Each run has its folder
+`<workdir>/<method>/seed<k>` and resumes; the workdir gets `cloud_removal.md`
+and `.json` (mean and 95 % interval over seeds, the peers' published numbers
+beside them) and `grids/cloud_removal_seed0.png`. docs/cloud_removal.md
+describes every method and metric.
 """
 from __future__ import annotations
 
@@ -444,6 +425,11 @@ def _worker_command(args, root: epath.Path) -> list[str]:
     return command + (["--data_dir", args.data_dir] if args.data_dir else [])
 
 
+# Old option names, still taken for one release (see rsjax.cli.rename_options):
+# reading is now the default, and --run trains.
+RENAMED_OPTIONS = {"--no_run": None}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--scale", default="demo", choices=SCALES, help="experiment scale")
     parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
@@ -457,8 +443,10 @@ def add_arguments(parser) -> None:
                         help="every run's length (0: the scale's)")
     parser.add_argument("--data_dir", default=None,
                         help="TFDS data_dir of the datasets (default: the configs')")
-    parser.add_argument("--no_run", action="store_true",
-                        help="write the report from the finished runs only")
+    parser.add_argument("--run", action="store_true",
+                        help="first train every run that has not finished (resuming "
+                             "one that was stopped): minutes at the demo scale, hours at bench; "
+                             "without it, the report is written from the finished runs only")
     parser.add_argument("--workers", type=cli.positive_int, default=1,
                         help="runs at once on this machine, each on its share of the CPU cores "
                              "(see docs/experiments.md); more machines sharing the workdir can "
@@ -478,18 +466,22 @@ def run(args) -> int:
         workers.become_worker(args.worker_cpus)
         _run(args, todo, root, f"[cores {args.worker_cpus}] ")
         return 0
-    if not args.no_run and args.workers > 1:
+    if args.run and args.workers > 1:
         workers.build_datasets(method_config(m, args.scale, 0, args.data_dir, args.steps).data
                                for m in methods)
         workers.run_workers(_worker_command(args, root), args.workers, str(root))
-    if not args.no_run:
+    if args.run:
         records = _run(args, todo, root)       # with --workers: every run finished, read in
     elif not root.exists():
-        raise UserError(f"{args.workdir}: no such experiment folder (run without --no_run first).")
+        raise UserError(f"{args.workdir}: no such experiment folder; add --run to train its "
+                        f"{len(todo)} runs.")
     else:
         records = [json.loads((root / m.key / f"seed{s}" / RUN_FILE).read_text())
                    for s in range(seeds) for m in methods
                    if (root / m.key / f"seed{s}" / RUN_FILE).exists()]
+        if len(records) < len(todo):
+            print(f"note: {len(todo) - len(records)} of {len(todo)} runs have not finished; add "
+                  "--run to train them.", file=sys.stderr)
     rows = collect(root, methods, seeds)
     if not rows:
         raise UserError(f"{args.workdir}: no finished run to report on.")

@@ -1,21 +1,18 @@
 """The paper's experiments at one scale, with seeds, intervals and verdicts, in one command.
 
-    rsjax experiments report --scale demo  --workdir work/exp_demo    # minutes, 1 seed
-    rsjax experiments report --scale bench --workdir work/exp_bench   # hours on 2 CPU cores, 3 seeds
-    rsjax experiments report --scale paper --workdir work/exp_paper   # the paper's setting (GPU)
+    rsjax experiments report --scale demo  --workdir work/exp_demo --run   # minutes, 1 seed
+    rsjax experiments report --scale bench --workdir work/exp_bench --run  # hours on 2 cores, 3 seeds
+    rsjax experiments report --scale paper --workdir work/exp_paper --run  # the paper's setting (GPU)
+    rsjax experiments report --scale bench --workdir work/exp_bench        # report what has finished
 
-Runs every run of the scale's plan that has not finished yet (resuming an
-interrupted one from its checkpoint), then writes into the workdir:
-- report.md and report.json: Tables 1-3, each cell the mean over seeds with a
-  95% interval, the paper's numbers beside them, and one row per paper claim
-  with its verdict (holds / reversed / not resolved) from the interval of
-  the paired difference over seeds and test tiles (rsjax.experiments.stats);
-  the wall time of every run;
-- figure8.png: validation mIoU during training, mean and 95% band over
-  seeds, for each training set;
-- grids/*.png: each method's best and worst test tiles (seed 0).
-Every number comes from the runs' JSON and npz files; `--no_run` writes the
-report from what has finished so far.
+With `--run`, trains every run of the scale's plan that has not finished
+(resuming an interrupted one from its checkpoint); then writes into the
+workdir report.md and report.json (Tables 1-3, each cell the mean over seeds
+with a 95 % interval beside the paper's number; each claim's verdict, holds,
+reversed or not resolved, from the interval of its paired difference; every
+run's wall time), figure8.png (validation mIoU over training) and grids of
+each method's best and worst test tiles. Without `--run` it reports what has
+finished and says what has not. docs/experiments.md describes the protocol.
 """
 from __future__ import annotations
 
@@ -429,6 +426,11 @@ def elapsed(root: epath.Path, runs, finished: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+# Old option names, still taken for one release (see rsjax.cli.rename_options):
+# reading is now the default, and --run trains.
+RENAMED_OPTIONS = {"--no_run": None}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--scale", default="demo", choices=plan_lib.SCALES, help="experiment scale")
     parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
@@ -439,8 +441,10 @@ def add_arguments(parser) -> None:
                         help="comma-separated subset of table1, table2, table3")
     parser.add_argument("--data_dir", default=None,
                         help="TFDS data_dir of the datasets (default: the configs')")
-    parser.add_argument("--no_run", action="store_true",
-                        help="write the report from the finished runs only")
+    parser.add_argument("--run", action="store_true",
+                        help="first train every run of the plan that has not finished (resuming "
+                             "one that was stopped): minutes at the demo scale, hours at bench; "
+                             "without it, the report is written from the finished runs only")
     parser.add_argument("--list", action="store_true", help="print the plan's runs and exit")
     parser.add_argument("--workers", type=cli.positive_int, default=1,
                         help="runs at once on this machine, each on its share of the CPU cores "
@@ -467,14 +471,20 @@ def run(args) -> int:
     root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
     if args.worker_cpus is not None:        # one of --workers' processes: run, no report
         return _work(args, runs, root)
-    if not args.no_run and args.workers > 1:
+    if args.run and args.workers > 1:
         _run_workers(args, runs, root)
-    elif not args.no_run:
+    elif args.run:
         from rsjax.runtime import prepare_process
         prepare_process()
         runner.run_plan(runs, root, args.data_dir)
     elif not root.exists():
-        raise UserError(f"{args.workdir}: no such experiment folder (run without --no_run first).")
+        raise UserError(f"{args.workdir}: no such experiment folder; add --run to train its runs "
+                        f"({len(runs)} at this scale and these tables).")
+    else:
+        unfinished = [r.name for r in runs if not (root / r.name / runner.RUN_FILE).exists()]
+        if unfinished:
+            print(f"note: {len(unfinished)} of {len(runs)} runs have not finished (the first: "
+                  f"{unfinished[0]}); add --run to train them.", file=sys.stderr)
     report = build_report(root, args.scale, runs)
     print((root / "report.md").read_text())
     cli.print_json({"report": str(root / "report.md"), "json": str(root / "report.json"),

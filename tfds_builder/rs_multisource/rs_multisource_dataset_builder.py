@@ -185,7 +185,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         RsMultisourceConfig(
             name="synthetic_bench",
             description="16 synthetic scenes of 512 x 512 px, 64 px tiles: the experiments' "
-                        "scale on 2 CPU cores (rsjax experiments report --scale bench).",
+                        "scale on 2 CPU cores (rsjax experiments report --scale bench --run).",
             tile_size=64, synthetic_scenes=16, synthetic_size=512),
         RsMultisourceConfig(
             name="synthetic_paper",
