@@ -145,10 +145,6 @@ def check_file_format(file_format: str) -> None:
 
 
 def run(args) -> int:
-    if args.config_overrides:
-        raise UserError(f"--config.{args.config_overrides[0]}: `rsjax build` takes a dataset "
-                        "name (--dataset), without --config.KEY overrides; use its options "
-                        "(rsjax build --help).")
     options = {key: getattr(args, key) for key in TILING_OPTIONS}
     cfg = data_config(args.dataset, args.data_dir, **options)
     check_builder_config(cfg)

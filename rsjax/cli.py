@@ -189,7 +189,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
     args = parser.parse_args(rest)
     args.config_overrides = overrides
     if overrides and "config" not in vars(args):
-        parser.error(f"{overrides[0].split('=')[0]}: this command takes no config overrides")
+        parser.error(f"--config.{overrides[0]}: this command takes no config overrides "
+                     "(its --help lists its options)")
     return args
 
 

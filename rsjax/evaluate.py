@@ -9,7 +9,7 @@ The run's saved config (`<workdir>/config.json`) says what to build and which
 dataset to read; `--config` replaces it. The checkpoint may have been written
 on any number of devices. The scores are printed (JSON) before anything is
 written; then `eval_<split>_<step>.json`, a Markdown table and a PNG grid go
-into the workdir (or the JSON to `--output`). A read-only workdir still gives
+into the workdir (or the JSON to `--out`). A read-only workdir still gives
 the printed result.
 """
 from __future__ import annotations

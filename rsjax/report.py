@@ -421,7 +421,7 @@ def _replace_folder(new: Path, target: Path) -> None:
 def check_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or
                             (any(output.iterdir()) and not (output / REPORT_FILE).exists())):
-        raise UserError(f"--output {output}: exists and is not a report folder (no {REPORT_FILE}); "
+        raise UserError(f"--out_dir {output}: exists and is not a report folder (no {REPORT_FILE}); "
                         "it would be replaced. Choose a new or empty folder, or an earlier "
                         "report's.")
 
@@ -434,7 +434,7 @@ def write_report(workdir: str, output: Optional[str] = None) -> dict:
         raise UserError(f"{workdir}: no such folder. Pass the workdir of a training run "
                         "(rsjax train --workdir ...) or a folder of them.")
     if output is None and "://" in text:
-        raise UserError(f"{workdir} is remote: pass --output with a local folder for the report.")
+        raise UserError(f"{workdir} is remote: pass --out_dir with a local folder for the report.")
     target = Path(os.path.abspath(output)) if output else Path(os.fspath(root)) / DEFAULT_OUTPUT
     check_output(target)
     paths = find_runs(root, exclude=epath.Path(os.fspath(target)))

@@ -159,7 +159,7 @@ USER_ERRORS = {
     "build close config": (["build", "--dataset", "synthetic_dmeo", "--data_dir", "tfds"],
                            "Did you mean 'synthetic_demo'?"),
     "build overrides": (["build", "--dataset", "synthetic_demo", "--config.tile_size=3"],
-                        "--config.tile_size=3: `rsjax build` takes a dataset name (--dataset)"),
+                        "--config.tile_size=3: this command takes no config overrides"),
     "build bad tile size": (["build", "--dataset", "synthetic_demo", "--tile_size", "4",
                              "--data_dir", "tfds"], "tile_size=4 is too small"),
     "build manual without dir": (["build", "--dataset", "manual", "--data_dir", "tfds"],

@@ -74,9 +74,6 @@ def _worker_counts(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    if args.config_overrides:
-        raise UserError(f"--config.{args.config_overrides[0]}: this command takes a dataset "
-                        "name (--dataset), without --config.KEY overrides.")
     workers = _worker_counts(args.workers)
     cfg = build_dataset.data_config(args.dataset, "", tile_size=args.tile_size,
                                     block_tiles=args.block_tiles, split_seed=args.split_seed)
