@@ -121,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.generator.time_dim = 64
             # Runs of hundreds of steps: at 1e-4 a 600-step demo run reached 9.3 dB
             # PSNR on the test tiles, at 1e-3 21.2 dB (one run each, 2026-12-07,
-            # docs/records/flow-demo-lr-2026-12-07).
+            # records/flow-demo-lr-2026-12-07).
             c.optim.lr = 1e-3
         else:
             c.generator.ngf = 16
