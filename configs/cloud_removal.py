@@ -43,16 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          manual=False, model="dsen2cr")
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
-    c = ml_collections.ConfigDict()
-    c.trainer = "cloud_removal"
-    c.seed = 0
     sources = common.parse_sources(a.sources)
     if "s2_cloudy" not in sources:
         raise ValueError(f"sources='{a.sources}': cloud removal needs s2_cloudy (e.g. s2_cloudy+s1).")
-    c.data = common.data_config(scale, clouds=True, manual=a.manual)
-    c.data.sources = sources
-    c.out_channels = 4
-    c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
+    c = common.optical_output_config("cloud_removal", scale, sources, clouds=True, manual=a.manual)
     if a.model == "uncrtaints":
         c.model = ml_collections.ConfigDict(dict(name="uncrtaints", width=128, encoder_blocks=1,
                                                  decoder_blocks=5))

@@ -91,6 +91,21 @@ def data_config(scale: str, clouds: bool = False, manual: bool = False) -> ml_co
     return d
 
 
+def optical_output_config(trainer: str, scale: str, sources, *, clouds: bool,
+                          manual: bool) -> ml_collections.ConfigDict:
+    """What every trainer with the 4 optical bands as output starts from (fusion,
+    cloud removal): its name, the seed, the scale's dataset with `sources`, the
+    output bands and the compute dtype."""
+    c = ml_collections.ConfigDict()
+    c.trainer = trainer
+    c.seed = 0
+    c.data = data_config(scale, clouds=clouds, manual=manual)
+    c.data.sources = sources
+    c.out_channels = 4
+    c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
+    return c
+
+
 def wants_clouds(clouds: bool, sources) -> bool:
     """The cloud-removal dataset: asked for, or needed by the cloudy image as a source."""
     return bool(clouds) or CLOUDY in tuple(sources)

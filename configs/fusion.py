@@ -53,15 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          model="rs_spade", objective="", steps=0, clouds=False, manual=False)
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
-    c = ml_collections.ConfigDict()
-    c.trainer = "fusion"
-    c.seed = 0
     sources = common.parse_sources(a.sources)
-    c.data = common.data_config(scale, clouds=common.wants_clouds(a.clouds, sources),
-                                manual=a.manual)
-    c.data.sources = sources
-    c.out_channels = 4
-    c.dtype = "float32"              # or "bfloat16" (compute only; params stay float32)
+    c = common.optical_output_config("fusion", scale, sources, manual=a.manual,
+                                     clouds=common.wants_clouds(a.clouds, sources))
 
     if a.model == "rs_spade":
         # NVlabs SPADE defaults: ngf/ndf 64, multi-scale PatchGAN (2 scales, 4 layers),

@@ -54,17 +54,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split_seed", type=int, default=None,
                         help="salt of the split hash: another value, another partition "
                              "(default: the config's)")
-    parser.add_argument("--s2_offset", type=float, default=None,
-                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of "
-                             "baseline 04.00+; default: what each file declares)")
-    parser.add_argument("--lulc_map", default=None,
-                        help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
-    parser.add_argument("--lulc_legend", default=None, choices=("auto", "dynamic_world"),
-                        help="'dynamic_world': take land cover that looks like another legend as it is "
-                             "(default: the config's, auto)")
-    parser.add_argument("--s1_units", default=None, choices=("auto", "linear", "db"),
-                        help="units of the S1 files (default: the config's, auto: each file's "
-                             "metadata, else its values)")
+    from rsjax.commands.ingest import add_reading_options
+
+    add_reading_options(parser, from_config=True)
     parser.add_argument("--skip_incomplete_scenes", action="store_true", default=None,
                         help="skip (and list in the build report) scenes that miss a source, "
                              "instead of failing")

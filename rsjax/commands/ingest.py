@@ -19,6 +19,24 @@ from rsjax.data.contract import find_scenes
 from rsjax.data.ingest import IngestOptions, IngestReport, TileProgress, iter_scene_tiles
 
 
+def add_reading_options(parser, *, from_config: bool) -> None:
+    """How the files' values are read (units, offsets, legends), for `ingest` and
+    `build`; with `from_config`, an option left out keeps the dataset config's."""
+    default = (lambda value: None) if from_config else (lambda value: value)
+    note = " (default: the config's)" if from_config else ""
+    parser.add_argument("--s1_units", default=default("auto"), choices=sar.UNITS,
+                        help="units of the S1 files (auto: each file's metadata, else its "
+                             "values)" + note)
+    parser.add_argument("--s2_offset", type=float, default=None,
+                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A "
+                             "of baseline 04.00+; default: what each file declares)")
+    parser.add_argument("--lulc_map", default=None,
+                        help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
+    parser.add_argument("--lulc_legend", default=default("auto"), choices=landcover.LEGENDS,
+                        help="'dynamic_world': take a land-cover file whose values look like "
+                             "another legend as it is" + note)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("folder", help="folder of <scene>_{s2,s1,lulc,dem}.tif files (local, gs://, "
                         "s3://, https://) or a .txt list of scene prefixes")
@@ -33,22 +51,13 @@ def add_arguments(parser) -> None:
                         help="registration pixel size in metres (default: the S2 file's)")
     parser.add_argument("--target_grid", default=None,
                         help="GeoTIFF whose grid to use (default: each S2 file's)")
-    parser.add_argument("--s1_units", default="auto", choices=sar.UNITS,
-                        help="units of the S1 files (auto: detected from the values)")
     parser.add_argument("--allow_missing_lulc", action="store_true",
                         help="scenes may lack <scene>_lulc.tif")
     parser.add_argument("--clouds", action="store_true",
                         help="cloud removal: every scene also has <scene>_s2_cloudy.tif and maybe "
                              "<scene>_cloudmask.tif (0 clear, 1 cloud, 2 shadow); the report counts "
                              "tiles per cloud-cover bin")
-    parser.add_argument("--s2_offset", type=float, default=None,
-                        help="added to S2 values to give reflectance x 10000 (e.g. -1000 for L2A of "
-                             "baseline 04.00+); default: what the file declares")
-    parser.add_argument("--lulc_map", default=None,
-                        help="map another land-cover legend onto Dynamic World, e.g. '1:4,0:255'")
-    parser.add_argument("--lulc_legend", default="auto", choices=landcover.LEGENDS,
-                        help="'dynamic_world': take a land-cover file whose values look like another "
-                             "legend as it is")
+    add_reading_options(parser, from_config=False)
     parser.add_argument("--max_grid_pixels", type=int, default=None,
                         help="refuse a target grid of more pixels (default 2.5e9, about 20 "
                              "Sentinel-2 granules, or $RSJAX_MAX_GRID_PIXELS)")

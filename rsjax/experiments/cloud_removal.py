@@ -17,7 +17,6 @@ describes every method and metric.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,7 +30,7 @@ from etils import epath
 from rsjax import cli
 from rsjax import cloud_metrics as cm
 from rsjax.errors import UserError
-from rsjax.experiments import runner, stats, workers
+from rsjax.experiments import arguments, runner, stats, workers
 
 SCALES = ("demo", "bench")
 SEEDS = {"demo": 1, "bench": 2}
@@ -431,28 +430,13 @@ RENAMED_OPTIONS = {"--no_run": None}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--scale", default="demo", choices=SCALES, help="experiment scale")
-    parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
-    parser.add_argument("--seeds", type=cli.positive_int, default=None,
-                        help="seeds per method (default: the scale's, "
-                             + ", ".join(f"{k} {v}" for k, v in SEEDS.items()) + ")")
+    arguments.add_experiment_arguments(parser, SCALES, SEEDS)
     parser.add_argument("--only", type=cli.name_list(tuple(m.key for m in METHODS)),
                         default=",".join(m.key for m in METHODS),
                         help="comma-separated methods to run, of " + ",".join(m.key for m in METHODS))
     parser.add_argument("--steps", type=cli.nonnegative_int, default=0,
                         help="every run's length (0: the scale's)")
-    parser.add_argument("--data_dir", default=None,
-                        help="TFDS data_dir of the datasets (default: the configs')")
-    parser.add_argument("--run", action="store_true",
-                        help="first train every run that has not finished (resuming "
-                             "one that was stopped): minutes at the demo scale, hours at bench; "
-                             "without it, the report is written from the finished runs only")
-    parser.add_argument("--workers", type=cli.positive_int, default=1,
-                        help="runs at once on this machine, each on its share of the CPU cores "
-                             "(see docs/experiments.md); more machines sharing the workdir can "
-                             "each run the same command")
-    parser.add_argument("--worker_cpus", default=None, help=argparse.SUPPRESS)
-
+    arguments.add_run_arguments(parser)
 
 def run(args) -> int:
     seeds = args.seeds or SEEDS[args.scale]

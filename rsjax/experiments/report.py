@@ -16,7 +16,6 @@ finished and says what has not. docs/experiments.md describes the protocol.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from etils import epath
 from rsjax import cli
 from rsjax.runtime import host
 from rsjax.experiments import plan as plan_lib
-from rsjax.experiments import runner, stats, workers
+from rsjax.experiments import arguments, runner, stats, workers
 
 PAPER_TABLE1 = {"pix2pix": (18.84, 0.62, 0.23), "rs_spade": (23.14, 0.84, 0.19)}
 PAPER_TABLE2 = {"s1": (18.83, 0.76, 0.25), "lulc": (20.77, 0.80, 0.21),
@@ -432,27 +431,11 @@ RENAMED_OPTIONS = {"--no_run": None}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--scale", default="demo", choices=plan_lib.SCALES, help="experiment scale")
-    parser.add_argument("--workdir", required=True, help="root folder of the experiment's runs")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per method (default: the scale's, "
-                             + ", ".join(f"{k} {v}" for k, v in plan_lib.SEEDS.items()) + ")")
+    arguments.add_experiment_arguments(parser, plan_lib.SCALES, plan_lib.SEEDS)
     parser.add_argument("--tables", default="table1,table2,table3",
                         help="comma-separated subset of table1, table2, table3")
-    parser.add_argument("--data_dir", default=None,
-                        help="TFDS data_dir of the datasets (default: the configs')")
-    parser.add_argument("--run", action="store_true",
-                        help="first train every run of the plan that has not finished (resuming "
-                             "one that was stopped): minutes at the demo scale, hours at bench; "
-                             "without it, the report is written from the finished runs only")
     parser.add_argument("--list", action="store_true", help="print the plan's runs and exit")
-    parser.add_argument("--workers", type=cli.positive_int, default=1,
-                        help="runs at once on this machine, each on its share of the CPU cores "
-                             "(for CPU machines with more cores than one small run uses; see "
-                             "docs/experiments.md); more machines sharing the workdir can each "
-                             "run the same command")
-    parser.add_argument("--worker_cpus", default=None, help=argparse.SUPPRESS)
-
+    arguments.add_run_arguments(parser)
 
 def run(args) -> int:
     from rsjax.errors import UserError
@@ -461,8 +444,6 @@ def run(args) -> int:
     bad = [t for t in tables if t not in ("table1", "table2", "table3")]
     if bad or not tables:
         raise UserError(f"--tables {args.tables}: choose from table1, table2, table3.")
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: give at least 1.")
     runs = plan_lib.plan(args.scale, args.seeds, tables)
     if args.list:
         for r in runs:

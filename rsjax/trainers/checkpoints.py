@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -355,6 +355,18 @@ def restore_state(config, workdir: str, init_fn, mesh, step: Optional[int] = Non
         return ckpt.restore_state_only(mesh_lib.abstract_replicated(init_fn, mesh), step)
     finally:
         ckpt.close()
+
+
+def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None, *,
+                     make_setup: Callable[[Any], Any]):
+    """(setup, state, step, mesh) for evaluation and inference: the checkpoint at
+    `step` (default: the latest), written on any device count, restored onto a
+    mesh over `devices` (default: all); `make_setup(config)` is the trainer's
+    Setup. Each trainer binds its own: `functools.partial(..., make_setup=Setup)`."""
+    mesh = mesh_lib.create_mesh(devices)
+    setup = make_setup(config)
+    state, step = restore_state(config, workdir, setup.init_state, mesh, step)
+    return setup, state, step, mesh
 
 
 def abstract_like(tree: Any) -> Any:

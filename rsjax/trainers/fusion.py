@@ -349,13 +349,8 @@ def evaluate_split(setup: Setup, state: dict, config, split: str, mesh,
 # ---------------------------------------------------------------------------
 # Checkpoints: evaluation and inference
 # ---------------------------------------------------------------------------
-def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
-    """(setup, state, step, mesh): a checkpoint written on any device count, on
-    a mesh over `devices` (default: all)."""
-    mesh = mesh_lib.create_mesh(devices)
-    setup = make_setup(config, selected_sources(config))
-    state, step = checkpoints.restore_state(config, workdir, setup.init_state, mesh, step)
-    return setup, state, step, mesh
+restore_for_eval = functools.partial(
+    checkpoints.restore_for_eval, make_setup=lambda config: make_setup(config, selected_sources(config)))
 
 
 def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optional[int] = None,

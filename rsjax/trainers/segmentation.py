@@ -109,13 +109,7 @@ def evaluate_split(setup: Setup, state, config, split: str, mesh,
     return scores, cm, shown
 
 
-def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None):
-    """(setup, state, step, mesh): a checkpoint written on any device count, on
-    a mesh over `devices` (default: all)."""
-    mesh = mesh_lib.create_mesh(devices)
-    setup = Setup(config)
-    state, step = checkpoints.restore_state(config, workdir, setup.init_state, mesh, step)
-    return setup, state, step, mesh
+restore_for_eval = functools.partial(checkpoints.restore_for_eval, make_setup=Setup)
 
 
 def evaluate_checkpoint(config, workdir: str, split: str = "test", step: Optional[int] = None,
