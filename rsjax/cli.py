@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("rsjax.evaluate", "score a checkpoint on a split"),
     "synthesize": ("rsjax.synthesize", "generated optical images for every tile of a split"),
     "predict": ("rsjax.commands.predict", "whole-scene prediction to a georeferenced GeoTIFF"),
-    "report": ("rsjax.report", "an HTML page of one run or a folder of runs"),
+    "report": ("rsjax.html_report", "an HTML page of one run or a folder of runs"),
     "experiments": ("rsjax.experiments", "the paper's experiments (Tables 1-3) and cloud removal"),
     "couplings": ("rsjax.commands.couplings", "how much each source tells about the optical bands"),
     "params": ("rsjax.commands.params", "parameter table of the models"),

@@ -59,7 +59,7 @@ def run(args) -> int:
     cli.print_json(result)
     if result.get("preempted"):
         return 143
-    log.info("Next: rsjax evaluate --workdir %s | rsjax report %s | rsjax predict --workdir %s "
+    log.info("Next: rsjax evaluate --workdir %s | rsjax report --workdir %s | rsjax predict --workdir %s "
              "%s--out OUT.tif", workdir, workdir, workdir, _predict_inputs(config))
     return 0
 

@@ -11,6 +11,7 @@ from etils import epath
 
 from rsjax import cloud_metrics as cm
 from rsjax.experiments import cloud_removal as experiment
+from rsjax.experiments import runner
 
 _parts = jax.jit(cm.cloud_metric_parts)
 
@@ -124,7 +125,6 @@ def _hold(folder: epath.Path, pid: int) -> None:
     import psutil
 
     from rsjax import locks
-    from rsjax.experiments import runner
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / runner.CLAIM_FILE).write_text(json.dumps({
@@ -134,7 +134,11 @@ def _hold(folder: epath.Path, pid: int) -> None:
 
 
 def _finish(root: epath.Path, key: str, seed: int) -> dict:
-    record = {"method": key, "seed": seed, "seconds": 3.0}
+    """The record a finished run leaves, with the config the experiment asks for."""
+
+    method = next(m for m in experiment.METHODS if m.key == key)
+    config = runner.config_record(experiment.method_config(method, "demo", seed), root)
+    record = {"method": key, "seed": seed, "seconds": 3.0, "config": config}
     out = root / key / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / experiment.RUN_FILE).write_text(json.dumps(record))
@@ -142,43 +146,41 @@ def _finish(root: epath.Path, key: str, seed: int) -> dict:
 
 
 def test_workers_share_the_runs_skip_held_ones_and_wait_for_them(tmp_path):
-    """run_all: a finished run is read, a run another live worker holds is
-    skipped and waited for (its record read once it appears), the others run
-    here, each under a claim that is released after it."""
+    """The experiment's runs go through the experiments' runner (run_plan): a
+    finished run is read, a run another live worker holds is skipped and waited
+    for (its record read once it appears), the others run here, each under a
+    claim on `<workdir>/<method>/seed<k>` that is released after it."""
     import subprocess
     import sys
     import threading
 
-    from rsjax.experiments import runner
 
     root = epath.Path(tmp_path)
     a, b, c = (m for m in experiment.METHODS if m.key in ("rs_spade_s1", "dsen2cr", "dsen2cr_all"))
-    todo = [(a, 0), (b, 0), (c, 0)]
+    runs = [experiment.method_run(m, "demo", 0) for m in (a, b, c)]
     _finish(root, a.key, 0)
     ran = []
 
-    def run_one(method, seed):
-        out = root / method.key / f"seed{seed}"
-        if not (out / experiment.RUN_FILE).exists():
-            assert (out / runner.CLAIM_FILE).exists()        # claimed while it runs
-            ran.append(method.key)
-            return _finish(root, method.key, seed)
-        return json.loads((out / experiment.RUN_FILE).read_text())
+    def run_one(run, root_, data_dir, extra, devices):       # stands in for training
+        assert (root_ / run.name / runner.CLAIM_FILE).exists()        # claimed while it runs
+        ran.append(run.method)
+        return _finish(root_, run.method, run.seed)
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     lines = []
     try:
         _hold(root / b.key / "seed0", other.pid)
         threading.Timer(1.5, _finish, (root, b.key, 0)).start()
-        records = experiment.run_all(todo, root, run_one, print_fn=lines.append,
-                                     poll_seconds=0.2)
+        records = runner.run_plan(runs, root, print_fn=lines.append, poll_seconds=0.2,
+                                  execute_run=run_one)
     finally:
         other.kill()
         other.wait()
     assert ran == ["dsen2cr_all"]                             # only the free, unfinished run
     assert [r["method"] for r in records] == ["rs_spade_s1", "dsen2cr", "dsen2cr_all"]
     assert not (root / c.key / "seed0" / runner.CLAIM_FILE).exists()     # released
-    assert any(line.startswith("[2/3] dsen2cr_all/seed0 | ETA of the rest") for line in lines)
+    assert any(line.startswith("[2/3] dsen2cr_all/seed0 (cloud_removal) | ETA of the rest")
+               for line in lines)
     assert any("waiting for other workers (dsen2cr/seed0)" in line for line in lines)
 
 
@@ -200,7 +202,7 @@ def test_a_worker_is_the_same_command_on_its_cores():
 
 
 # ---------------------------------------------------------------------------
-# run_method and write_grid on a real run: the suite's tiny DSen2-CR, 2 steps
+# A real run through the runner, and write_grid: the suite's tiny DSen2-CR, 2 steps
 # ---------------------------------------------------------------------------
 def _method_with_config(config, folder) -> experiment.Method:
     """The experiment's DSen2-CR method with `config`: a Method's config may
@@ -221,13 +223,13 @@ def finished_dsen2cr(cloudy_data_dir, tmp_path_factory):
 
     method = _method_with_config(tiny_cloud_config(cloudy_data_dir), tmp_path_factory.mktemp("config"))
     root = epath.Path(tmp_path_factory.mktemp("experiment"))
-    return root, method, experiment.run_method(method, "demo", 0, root)
+    [record] = runner.run_plan([experiment.method_run(method, "demo", 0)], root)
+    return root, method, record
 
 
-def test_run_method_trains_once_then_reads_its_record(finished_dsen2cr, cloudy_data_dir, tmp_path):
+def test_a_method_trains_once_then_its_record_is_read(finished_dsen2cr, cloudy_data_dir, tmp_path):
     from trainer_utils import tiny_cloud_config
 
-    from rsjax.experiments import runner
 
     root, method, record = finished_dsen2cr
     out = root / "dsen2cr" / "seed0"
@@ -246,14 +248,15 @@ def test_run_method_trains_once_then_reads_its_record(finished_dsen2cr, cloudy_d
     # Asked again, the finished run is read, not trained (no new attempt), also
     # from datasets moved elsewhere (data_dir is not part of a run's identity).
     attempts = (out / runner.ATTEMPTS_FILE).read_text()
-    assert experiment.run_method(method, "demo", 0, root, data_dir=str(tmp_path)) == record
+    assert runner.run_plan([experiment.method_run(method, "demo", 0)], root,
+                           data_dir=str(tmp_path)) == [record]
     assert (out / runner.ATTEMPTS_FILE).read_text() == attempts
     # Another config for the same folder is refused, naming the folder; nothing moves.
     other = tiny_cloud_config(cloudy_data_dir)
     other.optim.lr = 1e-3
     changed = _method_with_config(other, tmp_path)
     with pytest.raises(experiment.UserError, match="finished with another config") as err:
-        experiment.run_method(changed, "demo", 0, root)
+        runner.run_plan([experiment.method_run(changed, "demo", 0)], root)
     assert str(out) in str(err.value)
     assert json.loads((out / experiment.RUN_FILE).read_text()) == record
 

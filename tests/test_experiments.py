@@ -12,7 +12,7 @@ from etils import epath
 
 from rsjax import config_loader, input_pipeline
 from rsjax.experiments import plan as plan_lib
-from rsjax.experiments import report, runner, stats, workers
+from rsjax.experiments import paper_tables as report, runner, stats, workers
 
 
 @pytest.mark.parametrize("scale", plan_lib.SCALES)

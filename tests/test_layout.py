@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rsjax"
 # printing, and the benchmark and experiment commands.
 COMMAND_LINE = ("rsjax.cli", "rsjax.commands", "rsjax.bench")
 COMMAND_MODULES = COMMAND_LINE + ("rsjax.experiments", "rsjax.train", "rsjax.evaluate",
-                                  "rsjax.synthesize", "rsjax.build_dataset", "rsjax.report")
+                                  "rsjax.synthesize", "rsjax.build_dataset", "rsjax.html_report")
 
 
 def _name(path: Path) -> str:

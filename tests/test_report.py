@@ -172,7 +172,7 @@ def _srcs(checker):
 
 
 def test_report_of_one_run(fusion_run, tmp_path, capsys):
-    from rsjax import report
+    from rsjax import html_report as report
 
     assert report.main(["--workdir", str(fusion_run), "--out_dir", str(tmp_path / "out")]) == 0
     assert '"report":' in capsys.readouterr().out
@@ -200,7 +200,7 @@ def test_report_of_one_run(fusion_run, tmp_path, capsys):
 
 
 def test_report_of_a_folder_of_runs(fusion_run, tmp_path):
-    from rsjax import report
+    from rsjax import html_report as report
 
     root = tmp_path / "experiments"
     ignore = shutil.ignore_patterns("checkpoints", "report")
@@ -223,7 +223,7 @@ def test_report_of_a_folder_of_runs(fusion_run, tmp_path):
 
 
 def test_report_user_errors_exit_2_and_create_nothing(tmp_path, capsys):
-    from rsjax import report
+    from rsjax import html_report as report
 
     assert report.main(["--workdir", str(tmp_path / "missing")]) == 2
     assert "missing: no such folder" in capsys.readouterr().err
@@ -251,7 +251,7 @@ def test_report_segmentation_scores_as_tables(tmp_path):
     NaN (a class absent from the split) shown, not dropped."""
     import json
 
-    from rsjax import metrics, report
+    from rsjax import html_report as report, metrics
     from rsjax.data.contract import LULC_CLASSES
 
     run = tmp_path / "seg_real"
@@ -289,7 +289,7 @@ def test_report_folder_and_files_follow_the_umask(tmp_path):
     import os
     import stat
 
-    from rsjax import report
+    from rsjax import html_report as report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -356,7 +356,7 @@ def rendered(page: Path, tmp_path: Path) -> dict:
 def test_report_renders_in_a_real_browser_with_every_image_and_names_escaped(fusion_run, tmp_path):
     """A run named with HTML in it: the browser shows the name as text (no element,
     no script run), every figure loads and is laid out, and the page has a body."""
-    from rsjax import report
+    from rsjax import html_report as report
 
     hostile = '<img src=x onerror="window.pwned=1">'
     root = tmp_path / "runs"

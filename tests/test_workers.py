@@ -1,7 +1,7 @@
 """--workers of the experiment commands (rsjax.experiments.workers): real
 worker processes, started by run_workers as the commands start them, each
 pinned to its share of the cores, sharing an experiment's runs through
-run_all's claims. The runs are tiny scripts: the launcher, the pinning and the
+the runner's claims (runner.run_plan). The runs are tiny scripts: the launcher, the pinning and the
 claims are what is tested, not training."""
 import json
 import os
@@ -19,35 +19,36 @@ CORES = sorted(os.sched_getaffinity(0))
 needs_2_cores = pytest.mark.skipif(len(CORES) < 2, reason="needs 2 CPU cores to give 2 workers one each")
 
 # One worker, as `--workers` starts a copy of the experiment command: it pins
-# itself (become_worker) and runs what is left of 4 runs through run_all.
+# itself (become_worker) and runs what is left of 4 runs through the
+# experiments' runner, a stand-in writing each run's record instead of training.
 WORKER = r"""
 import json, os, sys, time
 from etils import epath
-from rsjax.experiments import cloud_removal as experiment, workers
+from rsjax.experiments import cloud_removal as experiment, runner, workers
 
 cores = workers.become_worker(sys.argv[sys.argv.index("--worker_cpus") + 1])
 root = epath.Path(sys.argv[1])
 (root / f"ready_{os.getpid()}").write_text("")
 
-def run_one(method, seed):
-    out = root / method.key / f"seed{seed}"
-    if not (out / experiment.RUN_FILE).exists():
-        # Hold this run until both workers are up: the other one then finds it
-        # claimed and takes the next, so each worker runs at least one.
-        while len(list(root.glob("ready_*"))) < 2:
-            time.sleep(0.05)
-        with (out / "ran_by").open("a") as f:        # a run done twice shows two lines
-            f.write(f"{os.getpid()}\n")
-        time.sleep(0.2)
-        (out / experiment.RUN_FILE).write_text(json.dumps({
-            "method": method.key, "seed": seed, "seconds": 0.2, "pid": os.getpid(),
-            "affinity": sorted(os.sched_getaffinity(0)), "cores": cores,
-            "intra_op_threads": os.environ["TF_NUM_INTRAOP_THREADS"],
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}))
-    return json.loads((out / experiment.RUN_FILE).read_text())
+def run_one(run, root, data_dir, extra, devices):
+    out = root / run.name
+    # Hold this run until both workers are up: the other one then finds it
+    # claimed and takes the next, so each worker runs at least one.
+    while len(list(root.glob("ready_*"))) < 2:
+        time.sleep(0.05)
+    with (out / "ran_by").open("a") as f:        # a run done twice shows two lines
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.2)
+    record = {"method": run.method, "seed": run.seed, "seconds": 0.2, "pid": os.getpid(),
+              "affinity": sorted(os.sched_getaffinity(0)), "cores": cores,
+              "intra_op_threads": os.environ["TF_NUM_INTRAOP_THREADS"],
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "config": runner.config_record(runner.run_config(run, root), root)}
+    (out / experiment.RUN_FILE).write_text(json.dumps(record))
+    return record
 
-experiment.run_all([(m, 0) for m in experiment.METHODS[:4]], root, run_one, workers=2,
-                   poll_seconds=0.05, print_fn=lambda line: None)
+runner.run_plan([experiment.method_run(m, "demo", 0) for m in experiment.METHODS[:4]], root,
+                workers=2, poll_seconds=0.05, print_fn=lambda line: None, execute_run=run_one)
 """
 
 

@@ -12,7 +12,7 @@ tables, claims and figures of the finished runs;
 
 # name -> (module, one-line summary), for `rsjax experiments NAME` (see rsjax.cli).
 SUBCOMMANDS = {
-    "report": ("rsjax.experiments.report",
+    "report": ("rsjax.experiments.paper_tables",
                "Tables 1-3 and Figure 8 at a scale, over seeds, with intervals and verdicts"),
     "cloud_removal": ("rsjax.experiments.cloud_removal",
                       "beyond the paper: cloud removal as SEN12MS-CR reports it, with the peers' "

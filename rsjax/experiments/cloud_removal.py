@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -31,6 +30,7 @@ from rsjax import cli
 from rsjax import cloud_metrics as cm
 from rsjax.errors import UserError
 from rsjax.experiments import arguments, runner, stats, workers
+from rsjax.experiments.plan import Run, seed_overrides
 
 SCALES = ("demo", "bench")
 SEEDS = {"demo": 1, "bench": 2}
@@ -150,95 +150,22 @@ UNCERTAINTY_FILE = "eval_test_uncertainty.npz"
 UNCERTAINTY_COLUMNS = (("nll", "NLL", "{:.3f}"), ("uce", "UCE", "{:.4f}"), ("auce", "AUCE", "{:.4f}"),
                        ("rmse", "RMSE", "{:.4f}"), ("rmv", "RMV", "{:.4f}"),
                        ("spearman_variance_error", "Spearman (variance, error)", "{:.2f}"))
-RUN_FILE = "run.json"
+RUN_FILE = runner.RUN_FILE
+
+
+def method_run(method: Method, scale: str, seed: int, steps: int = 0) -> Run:
+    """One method's run at one seed, as the experiments' runner runs it (in
+    `<workdir>/<method>/seed<k>`; `steps`: another length, the learning rates
+    decaying over its second half as at the scale's own length)."""
+    spec = method.config.format(scale=scale) + (f",steps={steps}" if steps else "")
+    return Run(name=f"{method.key}/seed{seed}", kind="cloud_removal", config=spec,
+               overrides=seed_overrides(seed), table="cloud_removal", method=method.key, seed=seed)
 
 
 def method_config(method: Method, scale: str, seed: int, data_dir: Optional[str] = None,
                   steps: int = 0):
-    """The locked config of one run (`steps`: another length, the learning
-    rates decaying over its second half as at the scale's own length)."""
-    from rsjax.config_loader import load_config
-
-    spec = method.config.format(scale=scale) + (f",steps={steps}" if steps else "")
-    overrides = [f"seed={seed}"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
-    return load_config(spec, overrides)
-
-
-def _config_json(config) -> dict:
-    return json.loads(json.dumps(config.to_dict(), default=str, sort_keys=True))
-
-
-def run_method(method: Method, scale: str, seed: int, root: epath.Path,
-               data_dir: Optional[str] = None, steps: int = 0) -> dict:
-    """Trains (or resumes) one run unless it has finished; returns its record."""
-    from rsjax.trainers import trainer_module
-
-    config = method_config(method, scale, seed, data_dir, steps)
-    out = root / method.key / f"seed{seed}"
-    record_path = out / RUN_FILE
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if runner.without_locations(record["config"]) != runner.without_locations(
-                _config_json(config)):
-            raise UserError(f"{out}: this run finished with another config than the experiment now "
-                            "asks for. Remove that folder to redo it, or use another --workdir.")
-        return record
-    attempt = runner.start_attempt(out)
-    result = trainer_module(config.trainer).train_and_evaluate(config, str(out))
-    if result.get("preempted"):
-        raise KeyboardInterrupt(f"{out} stopped on request; rerun to resume")
-    from rsjax import provenance
-
-    record = {"method": method.key, "seed": seed, "config": _config_json(config),
-              "step": result["step"], **runner.finish_attempt(attempt),
-              "provenance": provenance.record(config.data)}
-    record_path.write_text(json.dumps(record, indent=2))
-    return record
-
-
-def run_all(todo: Sequence[tuple[Method, int]], root: epath.Path, run_one, *,
-            print_fn=print, workers: int = 1, poll_seconds: float = 15.0) -> list[dict]:
-    """Runs (`run_one(method, seed)`) every run of `todo` in order, each under
-    a claim on its folder (runner.claim_folder): a run another live worker
-    holds is skipped and waited for at the end, so several workers (`--workers`,
-    or the same command on machines sharing the workdir) share the experiment.
-    Returns the runs' records in `todo` order. `workers` only scales the ETA."""
-    from rsjax import logging_utils
-
-    records: dict = {}
-    spent, done, announced = 0.0, 0, False
-    while len(records) < len(todo):
-        busy, ran = [], False
-        for method, seed in todo:
-            key = (method.key, seed)
-            if key in records:
-                continue
-            out = root / method.key / f"seed{seed}"
-            if (out / RUN_FILE).exists():               # finished, here or by another worker
-                records[key] = run_one(method, seed)
-                continue
-            lock = runner.claim_folder(out)
-            if lock is None:
-                busy.append(f"{method.key}/seed{seed}")
-                continue
-            left = len(todo) - len(records)
-            eta = logging_utils.format_duration(
-                spent / done * left / max(workers, 1) if done else None)
-            print_fn(f"[{len(records) + 1}/{len(todo)}] {method.key}/seed{seed} | "
-                     f"ETA of the rest {eta}")
-            try:
-                records[key] = run_one(method, seed)
-            finally:
-                lock.release()
-            spent += records[key]["seconds"]
-            done += 1
-            ran, announced = True, False
-        if len(records) < len(todo) and not ran:
-            if not announced:
-                print_fn(f"    waiting for other workers ({', '.join(busy)})")
-                announced = True
-            time.sleep(poll_seconds)
-    return [records[(m.key, s)] for m, s in todo]
+    """The locked config of one run."""
+    return runner.run_config(method_run(method, scale, seed, steps), epath.Path("."), data_dir)
 
 
 def load_parts(root: epath.Path, method: Method, seed: int) -> dict:
@@ -405,15 +332,14 @@ def report_json(rows: Mapping[str, dict]) -> dict:
         for label, inputs, (p, s_, a) in PEERS]}
 
 
-def _run(args, todo, root: epath.Path, tag: str = "") -> list[dict]:
+def _run(args, runs: Sequence[Run], root: epath.Path, tag: str = "") -> list[dict]:
+    """Every run of `runs` finished, by rsjax.experiments.runner as Tables 1-3
+    are (resumed run by run, claimed when several workers share the workdir)."""
     from rsjax.runtime import prepare_process
 
     prepare_process()
-    root.mkdir(parents=True, exist_ok=True)
-    return run_all(todo, root, lambda m, s: run_method(m, args.scale, s, root, args.data_dir,
-                                                       args.steps),
-                   print_fn=lambda line: print(tag + line, flush=True),
-                   workers=args.workers)
+    return runner.run_plan(runs, root, args.data_dir, workers=args.workers,
+                           print_fn=lambda line: print(tag + line, flush=True))
 
 
 def _worker_command(args, root: epath.Path) -> list[str]:
@@ -445,26 +371,24 @@ def run(args) -> int:
         method_config(m, args.scale, 0, args.data_dir, args.steps)
     root = epath.Path(args.workdir).resolve() if "://" not in args.workdir else epath.Path(args.workdir)
     records = []
-    todo = [(m, s) for s in range(seeds) for m in methods]
+    runs = [method_run(m, args.scale, s, args.steps) for s in range(seeds) for m in methods]
     if args.worker_cpus is not None:          # one of --workers' processes: run, no report
         workers.become_worker(args.worker_cpus)
-        _run(args, todo, root, f"[cores {args.worker_cpus}] ")
+        _run(args, runs, root, f"[cores {args.worker_cpus}] ")
         return 0
     if args.run and args.workers > 1:
         workers.build_datasets(method_config(m, args.scale, 0, args.data_dir, args.steps).data
                                for m in methods)
         workers.run_workers(_worker_command(args, root), args.workers, str(root))
     if args.run:
-        records = _run(args, todo, root)       # with --workers: every run finished, read in
+        records = _run(args, runs, root)       # with --workers: every run finished, read in
     elif not root.exists():
         raise UserError(f"{args.workdir}: no such experiment folder; add --run to train its "
-                        f"{len(todo)} runs.")
+                        f"{len(runs)} runs.")
     else:
-        records = [json.loads((root / m.key / f"seed{s}" / RUN_FILE).read_text())
-                   for s in range(seeds) for m in methods
-                   if (root / m.key / f"seed{s}" / RUN_FILE).exists()]
-        if len(records) < len(todo):
-            print(f"note: {len(todo) - len(records)} of {len(todo)} runs have not finished; add "
+        records = [r for r in (runner.load_finished(run, root) for run in runs) if r is not None]
+        if len(records) < len(runs):
+            print(f"note: {len(runs) - len(records)} of {len(runs)} runs have not finished; add "
                   "--run to train them.", file=sys.stderr)
     rows = collect(root, methods, seeds)
     if not rows:

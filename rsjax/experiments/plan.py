@@ -50,10 +50,10 @@ TABLE2 = ("s1", "lulc", "lulc+s1", "lulc+dem", "s1+dem")
 @dataclasses.dataclass(frozen=True)
 class Run:
     name: str                       # path under the experiment's workdir
-    kind: str                       # "fusion", "segmentation" or "synthesize"
+    kind: str                       # "fusion", "segmentation", "synthesize" or "cloud_removal"
     config: str                     # config spec, e.g. "fusion:bench,model=pix2pix"
     overrides: tuple[str, ...] = ()  # "key=value" config overrides
-    table: str = ""                 # "table1", "table2", "table3"
+    table: str = ""                 # "table1", "table2", "table3" or "cloud_removal"
     method: str = ""                # the row of its table
     seed: int = 0
     # synthesize: the fusion run whose generator is used, and what to generate for

@@ -151,6 +151,12 @@ def _resolved(config) -> dict:
     return json.loads(json.dumps(config.to_dict(), default=str, sort_keys=True))
 
 
+def config_record(config, root: epath.Path) -> dict:
+    """The config as a run.json records it: resolved to JSON, the experiment's
+    folder written as '<workdir>' (what `check_matches` compares against)."""
+    return _portable(_resolved(config), root)
+
+
 def _portable(config_dict: dict, root: epath.Path) -> dict:
     """The config with the experiment's own folder written as '<workdir>', so a
     moved or copied experiment still matches its plan."""
@@ -199,8 +205,7 @@ def without_locations(config_dict: Optional[dict]) -> Optional[dict]:
 
 def check_matches(run: Run, record: dict, config, root: epath.Path) -> None:
     recorded = without_locations(record.get("config"))
-    want = without_locations(_without_added_keys(_portable(_resolved(config), root),
-                                                  recorded or {}))
+    want = without_locations(_without_added_keys(config_record(config, root), recorded or {}))
     if recorded != want:
         raise UserError(
             f"{root / run.name}: this run finished with another config than the plan now asks "
@@ -229,19 +234,22 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         result = trainer.train_and_evaluate(config, str(out), devices=devices)
         if result.get("preempted"):
             raise KeyboardInterrupt(f"{run.name} stopped on request; rerun to resume")
-        # Per-tile metric parts (paired intervals) and the best and worst tiles (grids).
-        tiles, shown = trainer.score_tiles(config, str(out), "test", devices=devices)
-        tiles["scene_id"] = test_scene_ids(config.data, len(next(iter(tiles.values()))))
-        np.savez_compressed((out / TILES_FILE).open("wb"), **tiles)
-        np.savez_compressed((out / SHOWN_FILE).open("wb"), **shown)
-        record = {"kind": run.kind, "scores": _jsonable(result)}
+        record = {"kind": run.kind, "step": result.get("step"), "scores": _jsonable(result)}
+        if run.kind != "cloud_removal":
+            # Per-tile metric parts (paired intervals) and the best and worst tiles
+            # (grids); a cloud-removal run's final evaluation wrote its own
+            # per-image parts by region and cover bin (eval_test_clouds.npz).
+            tiles, shown = trainer.score_tiles(config, str(out), "test", devices=devices)
+            tiles["scene_id"] = test_scene_ids(config.data, len(next(iter(tiles.values()))))
+            np.savez_compressed((out / TILES_FILE).open("wb"), **tiles)
+            np.savez_compressed((out / SHOWN_FILE).open("wb"), **shown)
         history = out / "val_history.jsonl"
         if history.exists():
             record["val_history"] = [json.loads(l) for l in history.read_text().splitlines() if l]
     from rsjax import provenance
 
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
-                  config=_portable(_resolved(config), root), **finish_attempt(attempt),
+                  config=config_record(config, root), **finish_attempt(attempt),
                   finished=round(time.time(), 1), provenance=provenance.record(config.data))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -296,13 +304,17 @@ def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = No
              extra: Optional[Callable[[Run], Sequence[str]]] = None,
              limit: Optional[int] = None, devices=None, workers: int = 1,
              poll_seconds: float = 15.0,
-             max_wait: Optional[float] = None) -> list[Optional[dict]]:
+             max_wait: Optional[float] = None, execute_run: Optional[Callable] = None
+             ) -> list[Optional[dict]]:
     """Runs the unfinished runs of `runs` (at most `limit` of them) on `devices`
     (default: all), each once its needs are finished, skipping runs another
     worker holds and waiting while others run what is left; returns every
     run's record (None for runs not finished). `workers` (how many share the
     experiment) only scales the ETA. `max_wait` (seconds, default none) bounds
-    one wait for other workers: past it, a TimeoutError names the runs waited for."""
+    one wait for other workers: past it, a TimeoutError names the runs waited for.
+    `execute_run` (default: `execute`) runs one run and returns its record; the
+    tests give a stand-in that writes a record without training."""
+    execute_run = execute_run or execute
     from rsjax import logging_utils
 
     root.mkdir(parents=True, exist_ok=True)
@@ -329,7 +341,7 @@ def run_plan(runs: Sequence[Run], root: epath.Path, data_dir: Optional[str] = No
         print_fn(f"[{len(runs) - left + 1}/{len(runs)}] {runs[i].name} ({runs[i].kind}) | "
                  f"ETA of the rest {eta}")
         try:
-            records[i] = execute(runs[i], root, data_dir, extra, devices)
+            records[i] = execute_run(runs[i], root, data_dir, extra, devices)
         finally:
             lock.release()
         spent += records[i]["seconds"]

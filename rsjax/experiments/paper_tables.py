@@ -478,7 +478,7 @@ def _run_workers(args, runs, root: epath.Path) -> None:
     waits for them (rsjax.experiments.workers); each claims runs as they become
     ready (runner.run_plan)."""
     workers.build_datasets(runner.run_config(run, root, args.data_dir).data for run in runs)
-    base = [sys.executable, "-m", "rsjax.experiments.report", "--scale", args.scale,
+    base = [sys.executable, "-m", "rsjax.experiments.paper_tables", "--scale", args.scale,
             "--workdir", str(root), "--tables", args.tables, "--workers", str(args.workers)]
     base += ["--seeds", str(args.seeds)] if args.seeds is not None else []
     base += ["--data_dir", args.data_dir] if args.data_dir else []
