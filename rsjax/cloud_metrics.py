@@ -1,42 +1,14 @@
-"""Cloud-removal metrics as SEN12MS-CR reports them: MAE, RMSE, PSNR, SSIM and
-SAM, over the whole tile and separately under cloud, under shadow and in the
-clear part, and by cloud-cover bin.
+"""Cloud-removal metrics as SEN12MS-CR papers report them: MAE, RMSE, PSNR, SSIM
+and SAM, over the whole tile, under cloud, under shadow, in the clear part, and
+by cloud-cover bin.
 
-Inputs are reflectance in [0, 1] (the stored `s2` / 10000, clipped), NHWC,
-with the cloud/shadow mask of the *cloudy* image, (B, H, W) uint8 codes 0
-clear, 1 cloud, 2 shadow, 255 unknown (a scene exported without a mask), and
-an optional (B, H, W) bool `valid_mask` (True where the clear target has
-data). The device side (`cloud_metric_parts`, jit-able) gives additive
-per-image parts; the host side (`cloud_scores`) turns the parts of a whole
-split into the table. Keeping per-image parts lets the experiments resample
-test tiles and recompute every number exactly (rsjax.experiments.stats).
-
-How each number is defined (the protocol of the SEN12MS-CR papers, DSen2-CR
-and UnCRtainTS: per-image metrics averaged over images; the choices they leave
-implicit written down):
-
-- A *region* of an image is its valid pixels that are: any (`all`), cloud
-  (code 1), shadow (code 2) or clear (code 0).
-- MAE and RMSE of an image in a region: over its pixels and the 4 bands,
-  `mean |p - t|` and `sqrt(mean (p - t)^2)`.
-- PSNR = 10 log10(1 / MSE) with the same MSE (data range 1), floored at
-  MSE 1e-10 (100 dB for an exact copy, as rsjax.metrics).
-- SAM: the mean over the region's pixels of the spectral angle, in degrees
-  (Kahan's form, rsjax.metrics.spectral_angle).
-- SSIM: rsjax.metrics' SSIM map (11x11 Gaussian, sigma 1.5, per band, averaged
-  over bands; matches scikit-image) of the prediction *with the truth put
-  back outside the region* against the truth, averaged over the windows whose
-  centre pixel lies in the region and that contain no no-data pixel. So a
-  window at a cloud's edge sees only the region's own errors: the cloudy
-  input scores SSIM 1 in the clear part, as it does PSNR 100 there, and a
-  model is not charged under cloud for what it does in the clear part.
-- Split level: the mean over images of the image's value, over the images
-  that have pixels (for SSIM, such a window) in the region; the counts are
-  reported. An image whose mask is unknown (any 255 on its valid pixels)
-  counts in `all` only.
-- Cloud cover of an image: its cloud pixels (code 1, not shadow) over its
-  valid pixels. Bins 0-10 %, 10-50 %, 50-90 %, 90-100 %, half open
-  [low, high) except the last, which holds 100 %.
+Inputs: reflectance in [0, 1], NHWC; the *cloudy* image's mask, (B, H, W) uint8
+(0 clear, 1 cloud, 2 shadow, 255 unknown); optionally a (B, H, W) bool
+`valid_mask`. `cloud_metric_parts` (device, jit-able) gives additive per-image
+parts, `cloud_scores` (host) turns a split's parts into the table; per-image
+parts let rsjax.experiments.stats resample test tiles and recompute exactly.
+docs/cloud_removal.md (section "How the cloud-removal metrics are defined")
+defines each number: regions, PSNR's floor, SSIM's windows, the cover bins.
 """
 from __future__ import annotations
 

@@ -1,27 +1,14 @@
 """How well a predicted per-pixel variance tells the error (UnCRtainTS, Ebel et
 al. 2023): the paper's per-image evaluation, written down.
 
-Each test image i gives an error, its mean squared error MSE_i over valid
-pixels and bands, and an uncertainty, its mean predicted variance V_i, both in
-metric space (reflectance mapped to [0, 1] by the train split's percentiles,
-as every image metric in rsjax; a model-space variance is a quarter of it).
-
-- Calibration: images binned by V_i into `BINS` equal-width bins from the
-  split's smallest to its largest V_i; per bin RMSE = sqrt(mean MSE_i) and
-  RMV = sqrt(mean V_i) (root mean variance). UCE = sum over bins of the bin's
-  share of images x |RMSE - RMV|; AUCE = their plain mean over non-empty
-  bins. A calibrated model has RMSE = RMV in every bin: UCE 0.
-- Error by uncertainty (the paper's "discard" plot): images sorted by V_i, the
-  mean MSE of the most certain 5 %, 10 %, ..., 100 %. It rises towards 100 %
-  when uncertainty ranks error; Spearman's rho of (V_i, MSE_i) says it in one
-  number.
-- NLL: the Gaussian negative log-likelihood without its constant, per valid
-  pixel and band (rsjax.losses.gaussian_nll), in metric space.
-
-Two differences from the authors' code (model/train_reconstruct.py), on
-purpose: it takes an image's mean *signed* error where the RMSE the paper
-defines needs the squared one, and its np.digitize over 19 inner edges leaves
-its last bin only the largest variance.
+Each test image gives its MSE over valid pixels and bands and its mean predicted
+variance, both in metric space (a model-space variance is 4 times larger:
+`MODEL_TO_METRIC_VARIANCE`). `UncertaintyEvaluator` gathers per-image parts
+(`image_parts`); `calibration` (RMSE against RMV in `BINS` bins, UCE, AUCE),
+`error_by_uncertainty` (the "discard" curve) and `uncertainty_scores` make the
+table; `write` and `plot` the files. docs/cloud_removal.md (section "How the
+uncertainty metrics are defined") gives the formulas and the two choices that
+differ from the authors' code on purpose.
 """
 from __future__ import annotations
 
@@ -83,7 +70,7 @@ class UncertaintyEvaluator:
 
 
 def calibration(mse, variance, bins: int = BINS) -> dict:
-    """UCE, AUCE and the bins (see the module docstring) of per-image MSE and mean variance."""
+    """UCE, AUCE and the bins (docs/cloud_removal.md) of per-image MSE and mean variance."""
     mse, variance = np.asarray(mse, np.float64), np.asarray(variance, np.float64)
     low, high = float(variance.min()), float(variance.max())
     edges = np.linspace(low, high, bins + 1)

@@ -4,19 +4,13 @@
     rsjax bench layers --sizes 128 --batches 1,4 --models G,D,unet
     rsjax bench layers --models gan --sizes 128 --batches 1   # one G+D GAN step
 
-Run it with XLA_FLAGS unset (one device): it measures a single device.
-
-Models at the paper's reference configuration: the RS-SPADE generator with the
-15 conditioning channels (land cover 9 + SAR 2 + terrain 4, all at the tile's
-resolution) and 4 output bands; SPADE's multi-scale discriminator on 15 + 4
-channels; RS-UNet on 4 bands with 9 classes. A step is the loss's forward pass
-and the gradient with respect to every parameter (training mode: BatchNorm batch
-statistics, spectral-norm power iteration), jitted, inputs already on device.
-`gan` is one step of both networks as a trainer would run it: G forward, D on
-real and fake, hinge + feature-matching losses, gradients of both (the G
-forward is reused by the D update, see docs/training.md).
-
-FLOPs per step come from `jax.jit(f).lower(...).compile().cost_analysis()`.
+Run it with XLA_FLAGS unset (one device): it measures a single device. The
+models are at the paper's reference configuration (RS-SPADE generator, SPADE's
+multi-scale discriminator, RS-UNet); a step is the loss's forward pass and the
+gradient of every parameter, jitted, in training mode; `gan` is one step of
+both networks as a trainer runs it. FLOPs per step come from
+`jax.jit(f).lower(...).compile().cost_analysis()`.
+docs/benchmarks.md (section "Single models: `rsjax bench layers`") says more.
 """
 from __future__ import annotations
 

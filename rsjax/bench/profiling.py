@@ -2,28 +2,13 @@
 each traced XLA operation's time put in a class by what the compiled HLO says
 it computes, summed per class and per operation.
 
-`rsjax bench steps --profile` adds this to every train step it times (profile
-first, then rewrite). Works the same on CPU (XLA:CPU's thunks, each traced on the
-thread that ran it) and on accelerators (the device's "XLA Ops" line).
-
-Classes, in the order a fusion is put in the first that matches what it
-contains (a fusion of a convolution and its BatchNorm epilogue counts as the
-convolution):
-
-- `convolution/matmul`: convolution, dot (and custom calls into BLAS-like
-  libraries);
-- `pooling`: reduce-window, select-and-scatter (max-pool and its gradient);
-- `reduction`: reduce (BatchNorm's statistics, losses, the gradient norm);
-- `concatenate`, `copy/transpose`, `elementwise` (everything else that
-  computes: the optimizer's update, activations, normalization);
-- `control`: while/call/conditional, whose bodies' operations are traced on
-  their own; left out of the sums so nothing is counted twice.
-
-The per-class seconds are operation time summed over threads (CPU) or
-streams, per step: with several operations running at once their sum can
-exceed the wall time, which the report gives beside it. Written by hand: JAX
-gives the trace (`jax.profiler.ProfileData`) but no per-class summary, and
-TensorBoard's profile plugin is a UI, not an API.
+`profile_calls` traces a warmed-up call and `summarize` sums the trace;
+`classify` puts a fusion in the first of `CLASSES` it contains (a convolution
+with its BatchNorm epilogue is the convolution); `control` is left out of the
+sums. `rsjax bench steps --profile` adds this to every train step it times, on
+CPU (XLA:CPU's thunks) and on accelerators (the device's "XLA Ops" line).
+docs/benchmarks.md (section "How `--profile` classifies time") says what each
+class holds and how its seconds add up.
 """
 from __future__ import annotations
 
@@ -122,7 +107,7 @@ def _opcodes_within(name: str, instructions: Mapping, computations: Mapping,
 
 
 def classify(name: str, instructions: Mapping, computations: Mapping) -> str:
-    """The class of one traced operation (see the module docstring)."""
+    """The class of one traced operation (docs/benchmarks.md, "How `--profile` classifies time")."""
     if name not in instructions:
         return "other"
     opcode = instructions[name][0]

@@ -2,25 +2,13 @@
 
     python -m rsjax.bench.pytorch --batch 4 --size 256 --steps 3
 
-A plain PyTorch U-Net with RS-UNet's layout (rsjax/models/unet.py): 4 input
-bands, 9 classes, widths 64 to 1024 (doubling per level, capped at 16 x 64),
-two (3x3 conv without bias, BatchNorm, ReLU) per level, 2x2 max-pool down,
-2x2 stride-2 transposed conv up and concatenation, a 1x1 head; 82,428,169
-parameters, like rsjax's. One step is forward, cross-entropy, backward and
-AdamW (RS-UNet's optimizer and settings: lr 1e-3, betas 0.9/0.999, weight
-decay 1e-4), in float32 (or bfloat16 autocast), channels-last, on the CPU
-threads given. `--width`/`--depth` give the layout of a config variant (the
-demo's width 16). Printed as JSON.
-
-`--convs` times the U-Net's 3x3 convolutions one by one instead (forward,
-kernel gradient and, except for the first layer, whose input is data, the
-input gradient: what the train step computes for each), one entry per
-distinct (in, out, resolution) with how often the step has it
-(`unet_conv_layers`); `rsjax bench steps --parts convs` times rsjax's side.
-
-It runs in its own process (rsjax.bench starts it), so PyTorch's and XLA's
-thread pools never compete, and the two frameworks are timed in the same run
-on the same machine. Needs the `bench` extra (PyTorch's CPU build).
+`build_unet`: a plain PyTorch U-Net with RS-UNet's layout (82,428,169
+parameters, like rsjax's); `time_unet_step`: forward, cross-entropy, backward
+and AdamW as RS-UNet trains; `--convs` (`time_conv_layers`): its 3x3
+convolutions one by one instead. Printed as JSON, in its own process, so
+PyTorch's and XLA's thread pools never compete. Needs the `bench` extra.
+docs/benchmarks.md (section "The PyTorch side") gives the layout, the
+optimizer's settings and the options.
 """
 from __future__ import annotations
 

@@ -1,27 +1,14 @@
 """Seconds to the first step: `rsjax bench steps --parts startup`.
 
-Runs the quick start's training command, one step (`rsjax train --config
-fusion:demo --config.total_steps=1`, dataset already built), in a fresh process,
-twice: with an empty compilation cache (cold, a user's first run) and again with
-the cache the first run filled (warm, every later run). Each run reports, as
-JSON, where its seconds went:
-
-- `interpreter_and_imports_s`: from the process's start to the command's
-  libraries imported (jax, flax, optax, orbax, rsjax's trainer);
-- `first_step_s`: from the process's start to the first step's losses in
-  metrics.jsonl;
-- `total_s`: the whole command (it also evaluates, checkpoints and draws grids);
-- `compile_s`, `trace_s`, `lower_s`: XLA compilation (or loading the program
-  from the cache), tracing to jaxprs and lowering to MLIR, summed over every
-  jitted program (jax.monitoring's events), `programs` how many and
-  `cache_hits` how many were loaded from the cache (`cache_read_s`),
-  `compile_s_by_program` the compile seconds of each (0.05 s or more);
-- `checkpoint_blocking_s`: the time Orbax held the training loop (its own
-  event; the rest of a save runs in the background);
-- `tensorflow_imported`: whether training imported TensorFlow (it must not).
-
-The measured process is `python -m rsjax.bench.startup` (this module's own
-command line); the parent only starts it and reads its JSON line.
+`startup` runs the quick start's training command for one step (`rsjax train
+--config fusion:demo --config.total_steps=1`, dataset already built) in a fresh
+process, twice: with an empty compilation cache (cold, a user's first run) and
+with the cache the first run filled (warm). Each run reports as JSON where its
+seconds went (imports, first step, the whole command, XLA compile/trace/lower,
+cache hits, Orbax's blocking time, whether TensorFlow was imported). The
+measured process is `python -m rsjax.bench.startup` (`main`); the parent only
+starts it and reads its JSON line.
+docs/benchmarks.md (the `startup` part of `rsjax bench steps`) names each field.
 """
 from __future__ import annotations
 
@@ -81,7 +68,7 @@ def _watch_for(path: Path, found: dict, stop: threading.Event) -> None:
 
 
 def measure(config: str, workdir: str, data_dir: str, overrides: tuple = ()) -> dict:
-    """In this process: the train command's phases (see the module docstring);
+    """In this process: the train command's phases (the fields docs/benchmarks.md lists);
     `overrides`: more `--config.key=value` arguments."""
     # What the train command imports, imported first so their seconds are counted here.
     import flax.nnx  # noqa: F401

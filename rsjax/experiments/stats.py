@@ -1,29 +1,14 @@
 """Uncertainty for the experiments: a result is a distribution over seeds and
 test tiles, never one number.
 
-Two sources of variation decide whether a difference between two methods is
-real: the training run (model initialisation and data order, i.e. the seed)
-and the finite test set (which tiles happen to be in it). The experiments
-train every method with the same seeds and score every run on the same test
-tiles, so differences are *paired* by seed and by tile.
-
-- A table cell is the mean over seeds of the split-level metric, with a 95%
-  Student-t interval over seeds (`seed_interval`).
-- A claim ("A beats B on PSNR") is judged from the paired difference
-  `paired_difference`: D = mean over seeds of (metric_A(s) - metric_B(s)),
-  with variance  var_seed / S  +  var_tiles, where var_seed is the sample
-  variance of the per-seed differences (training noise on this test set)
-  and var_tiles the bootstrap variance of D when the test tiles are
-  resampled with replacement (the same resample for both methods and every
-  seed, which keeps the pairing). The interval uses Student's t with S - 1
-  degrees of freedom: with 3 seeds it is wide (t = 4.30), on purpose, since
-  percentile bootstraps over 3 seeds cover far less than their nominal level.
-- `verdict` turns the interval into holds / reversed / not resolved.
-
-Metrics are given per tile as additive parts, so that split-level metrics
-that are ratios (SAM is a pixel-weighted mean, mIoU comes from a summed
-confusion matrix) are recomputed exactly on every resample: see
-`image_metric` and `segmentation_metric`.
+Every method is trained with the same seeds and scored on the same test tiles,
+so differences are paired. `seed_interval`: a table cell (mean over seeds, 95%
+Student-t interval); `paired_difference`: a claim's interval, the seeds' spread
+plus a bootstrap of the test set (`resampler`: tiles, or scenes with all their
+tiles); `verdict`: holds / reversed / not resolved. Metrics come per tile as
+additive parts (`image_metric`, `segmentation_metric`), so ratios (SAM, mIoU)
+are recomputed exactly on every resample.
+docs/experiments.md (section "Intervals and verdicts") gives the formulas.
 """
 from __future__ import annotations
 

@@ -1,22 +1,14 @@
 """Convolutions rewritten for XLA:CPU, where some of its own are slow.
 
-`layers.Conv2d` asks `rewrite_for(...)` how to compute a call; on other
-backends the answer is always None (XLA's convolution). Both rewrites compute
-the same function as the convolution, forward and backward (tests/test_models.py
-checks them against it); they only take faster paths on CPU (jax 0.10, 2-core
-AMD EPYC Zen 4, measured in the comments below):
-
-- "matmul": the whole convolution as one matmul over im2col patches, for big
-  kernels on small images (SPADE's 4x4 and 8x8 starting resolutions) and for
-  every 1x1 stride-1 convolution (its patches are the input itself).
-- "row_kernel_grad": XLA's forward and input gradient, the kernel gradient as
-  matmuls over chunks of rows (stride-1 convolutions wider than 1x1 with >= 32
-  outputs), `conv_valid_row_kernel_grad` on the padded input.
-
-Whether they apply is an explicit switch, `rewrites(mode)`, read when a model
-is traced: "auto" (the default) when JAX's default backend is the CPU, "off"
-never (e.g. to count the model's FLOPs from a program XLA's cost analysis
-reads exactly: it counts a loop's body once, and "row_kernel_grad" loops).
+`layers.Conv2d` asks `rewrite_for(...)` how to compute a call: None (XLA's
+convolution; always so off the CPU), "matmul" (one matmul over im2col patches)
+or "row_kernel_grad" (the kernel gradient as matmuls over chunks of rows).
+Both compute the same function as the convolution, forward and backward.
+`rewrites(mode)`, read when a model is traced, switches them: "auto" (the
+default; on when JAX's default backend is the CPU) or "off" (e.g. to count
+FLOPs exactly). The comments below hold the measurements behind each rule.
+docs/benchmarks.md (section "The CPU convolution rewrites") says when each
+applies and why "off" counts FLOPs right.
 """
 from __future__ import annotations
 

@@ -1,29 +1,13 @@
 """DSen2-CR: the residual network of Meraner et al. 2020 for cloud removal with
 SAR-optical fusion (ISPRS J. Photogramm. 166, 333-346), in Flax NNX, NHWC.
 
-The architecture, as published (B = 16 residual blocks of width F = 256):
-
-    x = concat(cloudy optical, SAR)
-    x = ReLU(conv3x3(x -> F))
-    16 x:  x = x + 0.1 * conv3x3(ReLU(conv3x3(x)))          (residual scaling 0.1)
-    out = conv3x3(x -> optical bands) + cloudy optical       (the long skip)
-
-Every conv is 3x3 'same' with a bias, He-uniform initialised; no
-normalisation, no activation at the output: the network predicts the residual
-that turns the cloudy image into the clear one. With 13 Sentinel-2 bands and
-VV/VH that is 18,947,341 parameters; rsjax's 4 bands give 18,905,860
-(tests/test_dsen2cr.py counts both layer by layer).
-
-Differences from the published setting, on purpose: the inputs are rsjax's
-normalised channels (optical and SAR scaled to [-1, 1] by the train split's
-percentiles) instead of reflectance / 2000 and SAR clipped to [0, 2], so the
-residual is added in that space (an affine map of reflectance per band, which
-the long skip passes through unchanged); and the network takes any set of
-sources (`source_channels`, concatenated in order; terrain or land cover can
-join), adding its residual to the one named `base`.
-
-The loss that goes with it, the cloud-adaptive regularized L1 (CARL), is
-rsjax.losses.cloud_adaptive_l1.
+`DSen2CR` concatenates its sources (`source_channels`, in order), runs a
+conv3x3 + ReLU, 16 residual blocks of width 256 scaled by 0.1 and a conv3x3 back
+to the bands, and adds that residual to the source named `base` (the cloudy
+image, in rsjax's normalised model space). Its loss, the cloud-adaptive
+regularized L1 (CARL), is rsjax.losses.cloud_adaptive_l1.
+docs/models.md (section "DSen2-CR") gives the architecture, its parameter
+counts and the differences from the published setting on purpose.
 """
 from __future__ import annotations
 

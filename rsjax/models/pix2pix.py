@@ -1,21 +1,14 @@
 """The pix2pix baseline generator: junyanz's U-Net-256 (Flax NNX, NHWC).
 
-`num_downs` 4x4 stride-2 convs down to 1x1 (for 256 tiles, 8 of them) and as
-many 4x4 stride-2 transposed convs back up, each level's encoder output
-concatenated (skip first, as torch.cat([x, model(x)])) before the next decoder
-layer. Encoder: LeakyReLU(0.2) -> conv -> BatchNorm (the outermost conv has no
-activation before it and no norm; the innermost no norm). Decoder: ReLU ->
-transposed conv -> BatchNorm, with dropout 0.5 in the `num_downs - 5` decoder
-layers next to the innermost one; the outermost ends in tanh. Convs followed by
-BatchNorm have no bias. Widths ngf, 2ngf, 4ngf, then 8ngf.
-
-Dropout: pix2pix keeps it active at test time as its noise source; here
-`model.eval()` switches it off like BatchNorm's batch statistics. Call
+`UNetGenerator` goes down `num_downs` 4x4 stride-2 convs to 1x1 (8 for 256
+tiles) and back up through as many transposed convs, each level's encoder
+output concatenated as a skip. pix2pix keeps dropout active at test time as its
+noise source; here `model.eval()` switches it off: call
 `model.set_attributes(nnx.Dropout, deterministic=False)` after `eval()` to
-sample pix2pix-style.
-
-The 70x70 PatchGAN is `rsjax.models.patchgan.NLayerDiscriminator(in_channels,
-ndf=64, n_layers=3, norm='batch', use_spectral_norm=False)`.
+sample pix2pix-style. The 70x70 PatchGAN is
+`rsjax.models.patchgan.NLayerDiscriminator`.
+docs/models.md (section "pix2pix") gives the layers, norms and widths, and the
+PatchGAN's arguments.
 """
 from __future__ import annotations
 

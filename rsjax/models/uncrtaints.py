@@ -1,29 +1,13 @@
 """UnCRtainTS, mono-temporal (Ebel et al. 2023, CVPR EarthVision), in Flax NNX, NHWC:
 cloud removal with a per-pixel, per-band predicted variance.
 
-The architecture as the authors' code builds it for one input date
-(PatrickTUM/UnCRtainTS, model/src/backbones/uncrtaints.py, `is_mono`;
-defaults of model/parse_args.py; read, not copied):
-
-    x = concat(cloudy optical, SAR)
-    x = ReLU(GroupNorm_4(conv1x1(x -> 128)))                       the input block
-    1 x MBConv(128, GroupNorm), 5 x MBConv(128, BatchNorm)        encoder, then decoder
-    conv1x1(128 -> 2 x bands): a mean and a variance per band      (`covmode='diag'`)
-
-    MBConv(x) = x + BN(pw(SE(GELU(N(dw3x3(GELU(N(pw(N(x)))))))))   (expansion 2)
-
-with pw a bias-free conv1x1 (128 -> 256 -> 128), dw a bias-free depthwise
-conv3x3 with reflect padding, SE a squeeze-and-excitation (mean over pixels,
-dense 256 -> 32, GELU, dense 32 -> 256, sigmoid, no biases) and N the block's
-norm (the first one is the block's pre-norm). With 13 bands and VV/VH that is
-520,218 parameters (tests/test_uncrtaints.py counts it layer by layer), the
-0.52 M the SEN12MS-CR tables give.
-
-Differences on purpose: the mean lives in rsjax's model space [-1, 1] (2
-sigmoid - 1, where the authors' is scale_by x sigmoid in [0, scale_by]); the
-variance is softplus + 1e-3 (their `var_nonLinearity='softplus'` with the
-epsilon they use when scale_by != 1), in model-space units; any set of
-sources may join (concatenated in order).
+`UnCRtainTS` takes the concatenated sources (cloudy optical, SAR, any others, in
+order) through a conv1x1 input block to width 128, 1 + 5 `MBConv` blocks and a
+conv1x1 to a mean and a variance per band: the mean in rsjax's model space
+[-1, 1] (2 sigmoid - 1), the variance softplus + 1e-3 in model-space units.
+`depthwise_reflect` is its depthwise conv3x3 as nine shifted sums (fast on CPU).
+docs/models.md (section "UnCRtainTS") gives the architecture as read from the
+authors' code, its 520,218 parameters and the differences from it on purpose.
 """
 from __future__ import annotations
 
@@ -74,7 +58,8 @@ def depthwise_reflect(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class MBConv(nnx.Module):
-    """The inverted-residual block with squeeze-and-excitation (see the module docstring)."""
+    """The inverted-residual block with squeeze-and-excitation (docs/models.md,
+    section "UnCRtainTS")."""
 
     def __init__(self, width: int, *, norm: str, rngs: nnx.Rngs):
         hidden = width * EXPANSION
