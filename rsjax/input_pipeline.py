@@ -1,79 +1,14 @@
 """TFDS data source -> grain -> global batches sharded on a Mesh 'data' axis.
 
-The dataset stores tiles in physical units (see rsjax.data.contract). This
-module turns them into model inputs:
-
-    batch = {
-      'image': (B, H, W, 4) float32 in [-1, 1]   S2 B, G, R, NIR
-      'lulc':  (B, H, W, 9) float32 one-hot       if 'lulc' in sources (no data -> all zeros)
-      's1':    (B, H, W, 2) float32 in [-1, 1]    if 's1' in sources (VV, VH)
-      'dem':   (B, H, W, 5) float32               if 'dem' in sources:
-               elevation standardized, slope / 90, sin(aspect), cos(aspect), hillshade in [-1, 1]
-      'label': (B, H, W) int32, Dynamic World label, 255 = no data
-      'valid': (B, H, W) bool, True where the optical target and every selected source have data
-    }
-
-and from a dataset with clouds (a `clouds` builder config: cloud removal),
-whatever the sources:
-
-      's2_cloudy':  (B, H, W, 4) float32   the cloudy S2 image in the optical image's
-                    model space (a source when 's2_cloudy' is in sources)
-      'cloud_mask': (B, H, W) int32        0 clear, 1 cloud, 2 shadow, 255 unknown
-
-Normalization (from the statistics stored with the dataset, computed over the
-train split at build time; see rsjax.data.statistics):
-- optical (per band) and SAR (per polarization): clipped to the train split's
-  [1st, 99th] percentile and mapped linearly to [-1, 1];
-- elevation: (z - mean) / std;  slope: degrees / 90, in [0, 1];
-- aspect: sin and cos of the angle (it is circular); flat cells (no aspect) -> (0, 0);
-- hillshade: 0..255 mapped to [-1, 1];
-- land cover: one-hot over the 9 Dynamic World classes, no data -> all zeros;
-- the cloudy S2 image: the clear image's map (the same affine per band, so a
-  clear pixel of it lands where the target's does, which a residual model
-  like DSen2-CR relies on), clipped only to reflectance 0..1, not to the
-  clear image's percentiles: clouds keep their brightness (up to about 3-8
-  in model units) and the image maps back to its stored values exactly.
-No data: every value that is missing in the record (s2 all-zero pixel, NaN in
-s1/dem, label 255) is 0 after normalization, and `valid` is False there.
-
-Augmentation (training only): a random left-right flip then a random number
-k of counterclockwise quarter turns, applied to every source alike (the
-cloudy image and the cloud mask too). The
-pixels move, and the aspect angles (clockwise from north) move with them:
-a flip maps aspect a to 360 - a, a counterclockwise quarter turn to a - 90.
-Slope is invariant. Hillshade moves with the pixels unchanged: it then shows
-the moved terrain lit from a sun moved with it, which is how the moved optical
-image is lit too, so the two stay consistent.
-
-Evaluation (train=False) reads each tile once, in order, and pads the last
-batch with examples whose `valid` is all False and label all 255. (On several
-hosts each reads an equal share; the few tiles left over by the division are
-skipped, as grain's ShardByJaxProcess(drop_remainder=True) does.)
-
-Back from model space: `image_to_reflectance01(x) = clip((x + 1) / 2, 0, 1)`
-maps it to [0, 1] for metrics, where 0 and 1 are a band's train-split 1st and
-99th percentile of reflectance; `image_to_reflectance(x, normalizer)` gives
-physical reflectance and `image_to_s2(x, normalizer)` the dataset's S2 unit
-(uint16 reflectance x 10000), in which generated images are stored and
-written.
-
-Data config fields (an ml_collections.ConfigDict, `data_cfg`):
-- name: TFDS name with config, e.g. 'rs_multisource/synthetic'.
-- data_dir: the TFDS data_dir; None: $TFDS_DATA_DIR, else TFDS's default
-  (~/tensorflow_datasets), see data_dir_of.
-- tile_size: tile side in pixels; when it differs from the named config's,
-  a derived config '<config>_t<tile_size>' is used (see builder_config_for).
-- worker_count: grain worker processes (0 = read in the main process).
-- augment: flips and quarter turns in training (default True).
-- Optional, tiling options that select a derived config: stride,
-  max_nodata_fraction, split_mode, block_tiles, split_seed (and, for the
-  synthetic configs, synthetic_scenes and synthetic_size: how many scenes of
-  what size, e.g. a small dataset for tests); how the manual
-  config reads exports: s2_offset (e.g. -1000), lulc_map ("1:4,0:255"),
-  lulc_legend ("dynamic_world"); manual_dir (the
-  manual config's input folder); worker_buffer_size (default 2);
-  read_threads (grain reader threads per process, default 2).
-Statistics always come from the train split.
+`create_iterator(data_cfg, split, ...)` turns the dataset's tiles (physical
+units, rsjax.data.contract) into batches of model inputs: 'image' (B, H, W, 4)
+in [-1, 1], one array per selected source, 'label' (B, H, W) int32 with
+255 = no data, and 'valid' (B, H, W) bool. A `Normalizer` holds the train
+split's stored statistics; `image_to_reflectance01`, `image_to_reflectance`
+and `image_to_s2` map model space back. The one rule: every missing value is
+0 after normalization, and `valid` is False there.
+docs/training.md ("The input pipeline") gives every key, the normalization,
+augmentation, evaluation order and the data config fields.
 """
 from __future__ import annotations
 

@@ -1,36 +1,14 @@
 """One writer per folder: a lock file naming its owner, with stale locks detected.
 
-Two `rsjax train` runs on one workdir would both write checkpoints and
-metrics (one crashes, a mixed checkpoint and duplicated metrics lines are
-left); two builds of one dataset config would race on TFDS's folders. So the
-writer holds a lock file while it runs:
-
-    <folder>/<name>   {"host": ..., "pid": ..., "started": ..., "command": ..., "since": ...}
-
-created exclusively (O_EXCL on a local disk, so of two runs started at once
-exactly one gets it) and removed when the writer ends. A second writer is
-refused with a message naming the owner. A lock left behind by a process that
-died (SIGKILL, a power cut) is *stale* and is taken over with a warning:
-stale means written on this host by a process that no longer runs, or by
-another process that reuses its pid (told apart by the process's `identity`:
-on Linux the boot's id and the process's start in clock ticks since boot,
-which no clock change moves; a wall-clock start time is not enough, as a
-virtual machine paused and resumed shifts every process's computed start
-time by the pause and made live locks look stale). A lock written on another
-host cannot be checked from here; the message says which host and how to
-remove it once that run is gone.
-
-Taking over a stale lock is check, delete, create: two runs restarted
-together after a crash would both find the stale lock, and the slower one
-would delete the faster one's fresh lock and both would run. So every
-check-and-take (and release) on a local disk happens under an advisory
-`flock` on the folder itself (`_guarded`): the kernel drops it when the
-process dies, and the folder, unlike the lock file, is never deleted and
-recreated, so every contender locks the same inode and only one takes over.
-
-On object storage (gs://, s3://) there is no exclusive create: the lock is
-written after checking that none is there, which catches a second run
-started any time later but not one started in the same second.
+`FolderLock` (for training runs `workdir_lock` and the `one_writer` decorator)
+holds `<folder>/<name>`, a JSON record of host, pid, start and command, created
+exclusively and removed when the writer ends; a second writer gets `FolderBusy`
+naming the owner. A lock left by a process of this host that no longer runs is
+stale (`is_stale`, by `process_identity`, not by wall-clock time) and is taken
+over with a warning; every check-and-take on a local disk runs under an
+advisory `flock` on the folder (`_guarded`).
+docs/training.md ("One writer per workdir") explains why, the races this
+closes and what object storage cannot guarantee.
 """
 from __future__ import annotations
 

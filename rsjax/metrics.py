@@ -1,47 +1,14 @@
 """Evaluation metrics: PSNR, SSIM and SAM for synthetic optical images, and
 confusion-matrix accuracy / per-class IoU / mIoU for land-cover segmentation.
 
-Image metrics take reflectance scaled to [0, 1] (the stored `s2` / 10000,
-clipped), NHWC, and an optional boolean no-data mask of shape (B, H, W) that is
-True where a pixel is valid. Everything that takes arrays is jit-able and runs
-on device; a whole evaluation split is handled by summing per-batch results on
-the host:
-
+Image metrics take NHWC reflectance scaled to [0, 1] and an optional (B, H, W)
+mask, True where valid; everything is jit-able, and a split is summed on the
+host (segmentation: `confusion_matrix` per batch, then `segmentation_scores`):
     sums = ImageMetricSums.zeros()
     for batch in split:
         sums = sums.merge(jax.device_get(jitted_image_metric_sums(pred, target, mask)))
     scores = sums.compute()   # {"psnr": .., "ssim": .., "sam_rad": .., "sam_deg": .., ...}
-
-How the split-level numbers are defined (the choices papers leave implicit):
-
-- PSNR is the mean over images of each image's PSNR (each image's MSE over its
-  valid pixels and bands), the usual convention of image-to-image translation
-  papers (pix2pix-style evaluations); it is not the PSNR of the split's pooled
-  MSE. An image's MSE is floored at 1e-10 so
-  an exact copy scores 10*log10(data_range**2 / 1e-10) = 100 dB, not infinity.
-- SSIM is the mean over images of each image's mean SSIM. Each image's SSIM map
-  comes from dm-pix (11x11 Gaussian window, sigma 1.5, k1 0.01, k2 0.03) on the
-  'valid' region, i.e. only windows that lie fully inside the image, averaged
-  over bands. With a mask, only windows that contain no no-data pixel count.
-  (The Gaussian filter is passed to dm-pix as two banded matmuls: the same
-  values as dm-pix's own filter, about 7x faster on CPU.)
-  scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False)` filters with reflected borders and then crops a
-  5-pixel border before averaging, which leaves exactly the same windows: the
-  two agree without further cropping (tested).
-- SAM (spectral angle mapper) is the mean over all valid pixels of the split
-  (pixel-weighted, not image-weighted) of the angle between the predicted and
-  the true band vectors, in radians; degrees are reported too.
-- Images without any valid pixel (or, for SSIM, without any fully valid
-  window) are left out of that metric's mean; the counts are reported.
-  NaN or inf in a *valid* pixel is not hidden: it makes the metric NaN/inf,
-  so a diverged generator shows in the numbers. Under the mask anything goes.
-
-Segmentation: `confusion_matrix` per batch on device (rows = truth, columns =
-prediction), summed over the split on the host in int64, then
-`segmentation_scores` once. A class that appears neither in the truth nor in
-the prediction over the whole split has no IoU (NaN) and is left out of mIoU
-(nanmean); a class that appears in only one of them has IoU 0 and counts.
+docs/training.md ("Metrics") defines each split-level number and its caveats.
 """
 from __future__ import annotations
 

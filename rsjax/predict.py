@@ -1,78 +1,14 @@
-"""Whole-scene prediction to GeoTIFF.
+"""Whole-scene prediction to GeoTIFF: a run's model over scenes of any size.
 
-    # synthetic optical image from SAR, land cover and terrain (a fusion run)
-    rsjax predict --workdir work/fusion_demo --s1 scene_s1.tif \\
-        --lulc scene_lulc.tif --dem scene_dem.tif --out scene_synthetic_s2.tif
-    # land-cover map from an optical image (a segmentation run)
-    rsjax predict --workdir work/seg_real --s2 scene_s2.tif --out scene_lulc_pred.tif
-    # cloud removal (a run whose sources include the cloudy image: DSen2-CR, or
-    # RS-SPADE with sources=s2_cloudy+...); with a mask, only clouds and shadows change
-    rsjax predict --workdir work/dsen2cr --s2_cloudy scene_s2_cloudy.tif \\
-        --s1 scene_s1.tif [--cloud_mask scene_cloudmask.tif] --out scene_declouded_s2.tif
-
-The workdir's saved config (`config.json`, written by `python -m rsjax.train`)
-says which trainer made the checkpoint, so which inputs are needed (`--config`
-overrides it, as in `rsjax.evaluate`), the tile size, and the dataset whose
-stored train-split statistics normalize the inputs exactly as in training.
-
-The steps:
-1. registration: the inputs go through ingestion's own code
-   (`rsjax.data.ingest.RegisteredScene`): the same validation, resampling,
-   SAR-to-dB conversion, DEM void filling and slope/aspect/hillshade on the
-   target grid. The target grid is `target_grid` (any GeoTIFF) when given,
-   else the land-cover file (fusion; without one the S1 file, then the DEM
-   file), the S2 file (segmentation) or the cloudy S2 file (cloud removal),
-   by ingestion's rule: a metric file's
-   own grid, a geographic one's UTM zone at its pixel size in whole metres;
-   `target_crs` / `target_resolution` change it as in ingestion.
-2. tiled inference (`rsjax.tiling`): tiles of the training tile size at a
-   step of `tile - overlap` (default overlap: a quarter tile), the last tile of
-   a row or column flush with the scene's edge; a scene smaller than a tile is
-   padded with no-data. Tiles go through the trainer's inference entry point
-   (`load_inference`: the jitted eval-mode model, EMA weights when the config
-   evaluates with them) in batches sharded over the devices of this process.
-3. blending (`rsjax.tiling`): each tile's output is weighted by a flat-top
-   window with squared-cosine ramps over the overlap; weighted sums and
-   weights are accumulated and divided, so overlapping tiles cross-fade with
-   weights that sum to one and there are no seams. Fusion blends the model's
-   image, segmentation blends softmax probabilities and then takes the argmax.
-4. writing: a Cloud Optimized GeoTIFF (GDAL's COG driver: 256 x 256 tiles,
-   deflate with a predictor, overviews down to one tile, IFDs before the
-   data) with the target grid's CRS and transform. Fusion: uint16 surface
-   reflectance x 10000 (B2, B3, B4, B8; the dataset's S2 unit), 0 = no data
-   wherever a source the model takes is missing, overviews by averaging.
-   Cloud removal: the same uint16 reflectance; with `cloud_mask` (codes 0
-   clear, 1 cloud, 2 shadow) the cloudy image is kept where the mask says
-   clear and the model's image taken under cloud and shadow (the composite,
-   made tile by tile before blending: the same as after, since a pixel's
-   cloudy value and code do not depend on the tile), without it the model's
-   image everywhere.
-   Segmentation: uint8 Dynamic World labels with Dynamic World's colour map,
-   255 = no data wherever the optical image is missing, overviews by the
-   most frequent label (mode). The rows are written into a tiled GeoTIFF in a
-   temporary folder beside the output, copied as a COG under a temporary
-   name and renamed when complete, with the permissions a new file of the
-   user gets (their umask), so a failed run leaves no half-written output
-   (and keeps an older file of that name).
-5. describing (`rsjax.predict_outputs`): reflectance bands carry GDAL scale
-   1e-4 and offset 0 (so GIS software reads reflectance), descriptions B2,
-   B3, B4, B8 and colour interpretation blue, green, red, undefined; land
-   cover carries its colour table and class names (band tags CLASS_<value>);
-   the run is named by its workdir's last component, never by a local path.
-   Then a STAC Item goes beside the output, `<out>.stac.json` (footprint,
-   projection and raster fields read from the file, the model, links to the
-   inputs). Loading, compilation, progress (with an ETA) and the paths
-   written are logged.
-
-Each tile is read through its own window of the target grid, exactly as
-ingestion reads a training tile, so a tile of the scene at a training tile's
-place gets the very inputs that tile had. Memory is bounded by two batches of
-tiles and the output accumulators of the rows that tiles in flight touch (a
-row of tiles plus one block row, about `(tile + 256) x width x channels`
-float32, when a batch holds less than a row of tiles), never by the scene's
-height. Runs in one process, on its local devices. Many scenes: `--scenes`
-and `--out_dir` run them on Apache Beam, one model load per worker
-(`rsjax.predict_beam`, `load_model` and the `model=` argument here).
+`predict` (mode from the workdir's saved config.json), `predict_fusion`,
+`predict_landcover`, `predict_clouds`: register the inputs with ingestion's
+code (`rsjax.data.ingest.RegisteredScene`), run tiles of the training size
+through the trainer's `load_inference` on this process's devices, blend them
+without seams (`rsjax.tiling`), write a Cloud Optimized GeoTIFF under a
+temporary name (renamed when complete) and describe it (`rsjax.predict_outputs`,
+a STAC Item beside it). `load_model` loads a run once for many scenes
+(`model=`, used by `rsjax.predict_beam`). Memory grows with the scene's width,
+never its height. docs/prediction.md describes each step and the outputs.
 """
 from __future__ import annotations
 

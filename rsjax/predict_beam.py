@@ -3,24 +3,11 @@
     rsjax predict --workdir RUN --scenes FOLDER_OR_LIST.txt --out_dir OUT \\
         [--beam_pipeline_options direct_num_workers=2,direct_running_mode=multi_processing]
 
-`--scenes` is a folder of `<scene>_{s2,s1,lulc,dem}.tif` files (local, gs://,
-s3://, http(s):// with an index page) or a `.txt` list of scene prefixes
-(rsjax.data.storage). Each scene is one Beam element; each worker process
-restores the checkpoint and compiles the model once (Beam's `Shared`, so the
-DoFn instances of a process share one model) and predicts scene after scene
-with the one-scene code (`rsjax.predict.predict`), so every output is the
-file the one-scene command writes for that scene, byte for byte:
-`<out_dir>/<scene>_synthetic_s2.tif` (fusion) or `<scene>_landcover.tif`
-(segmentation), each written under a temporary name and renamed when
-complete, with its STAC Item beside it (`<output>.stac.json`, the same but
-for its `created` time). A scene that fails (a missing source, a corrupt file) is reported
-with its reason and the others finish; the command prints every scene's
-result as JSON and exits with status 1 when any failed.
-
-Without `--beam_pipeline_options` the pipeline runs on Beam's DirectRunner in
-this process. Outputs to gs:// or s3:// are written locally first and copied
-when complete (one object, never a partial one), the STAC Item after the
-GeoTIFF it describes.
+Each scene is one Beam element; each worker process loads the model once
+(Beam's `Shared`) and predicts scene after scene with the one-scene code
+(`rsjax.predict.predict`), so every output is, byte for byte, the file the
+one-scene command writes. A scene that fails is reported; the others finish.
+docs/scaling.md ("Prediction over many scenes") describes inputs and outputs.
 """
 from __future__ import annotations
 

@@ -1,27 +1,14 @@
 """What a command does before its first JAX computation: the compilation cache
 and joining a multi-host job. Cheap to import (JAX is imported when called).
 
-Logging is `rsjax.cli.setup_process`'s job; `prepare_process` only quiets the
-INFO lines of processes other than 0 in a multi-host job.
-
-When a process joins a job (`jax.distributed.initialize`), in this order:
-
-1. a coordinator is named: `JAX_COORDINATOR_ADDRESS` (host:port), with
-   `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (or a cluster JAX detects that
-   gives them); `RSJAX_COORDINATOR`, `RSJAX_NUM_PROCESSES` and
-   `RSJAX_PROCESS_ID` are accepted as aliases (several local CPU processes,
-   as in tests/test_multihost.py);
-2. `RSJAX_DISTRIBUTED=1`: JAX's own cluster detection decides everything
-   (Cloud TPU VM slices, whose peers come from the VM's metadata server, which
-   no environment variable announces: the launcher, `rsjax tpu run`, sets it;
-   Kubernetes with jax[k8s]);
-3. a launcher started several processes: SLURM (`srun`, more than one task),
-   Open MPI (`mpirun`, more than one rank), a multi-host GKE TPU slice
-   (several `TPU_WORKER_HOSTNAMES`), a Cloud TPU task (`CLOUD_TPU_TASK_ID`);
-   JAX's detection reads the rest.
-
-Anything else (a laptop, one SLURM task, a Kubernetes pod, a single TPU VM)
-runs as one process, without a coordinator. `RSJAX_DISTRIBUTED=0` forces that.
+`prepare_process` enables the cache (`compilation_cache_dir`) and, through
+`maybe_initialize_distributed`, calls `jax.distributed.initialize` when the
+environment names a coordinator (JAX_COORDINATOR_ADDRESS or RSJAX_COORDINATOR),
+sets RSJAX_DISTRIBUTED=1, or comes from a launcher of several processes;
+anything else runs as one process (RSJAX_DISTRIBUTED=0 forces that). Logging
+is `rsjax.cli.setup_process`'s job; here only processes other than 0 of a
+multi-host job have their INFO lines quieted.
+docs/scaling.md ("Multi-host") gives the rules in order and the launchers.
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
 """PNG figures: image grids (true colour, NIR-R-G false colour, land-cover maps
 in the Dynamic World palette) and metric curves (the paper's Figure 8).
 
-Grids are composed pixel-exactly with PIL (each tile pixel becomes a
-`scale` x `scale` block, no interpolation), so what is drawn is what the
-model produced. By default `scale` is the smallest integer that makes a cell
-at least MIN_CELL pixels wide (3 for the demo's 64 px tiles, 1 from 192 px). Curves use matplotlib's Agg canvas without pyplot's global
-state, which is safe in any thread and needs no display.
-
-Layout of a grid (all in output pixels): a `label_width` column of row names
-on the left, then one column per example; every cell is (H*scale, W*scale)
-and cells are separated and framed by GAP pixels of white. Rows are
-row_height = max(H*scale, MIN_ROW_HEIGHT) apart so their two-line titles fit;
-display row r, column c starts at x = label_width + GAP + c*(W*scale + GAP),
-y = top + GAP + r*(row_height + GAP), where top is 0, or COLUMN_TITLE_HEIGHT
-when column titles are given (a line of text above each column). Display rows come in the order of the `rows`
-mapping given. A row's title is its name, with a second line saying what is
-shown (RGB, NIR-R-G, land cover) unless the name says it already. When any
-row is a land-cover map a legend follows below the grid.
+`image_grid` (`render_grid` for the array) composes a grid pixel-exactly with
+PIL: each tile pixel becomes a `scale` x `scale` block, no interpolation, so
+what is drawn is what the model produced. `plot_curves` draws on matplotlib's
+Agg canvas without pyplot's global state (safe in any thread, no display).
+docs/training.md ("Figures") gives the grid's layout in output pixels.
 """
 from __future__ import annotations
 

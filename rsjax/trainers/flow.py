@@ -1,23 +1,14 @@
 """The rectified-flow generator's training step and sampler, behind the fusion
 trainer (`--config fusion:demo,model=flow`).
 
-`Setup` offers what the fusion trainer asks of its GAN Setup (`sources`,
-`init_state`, `learning_rates`, `generate_jit`), so the fusion trainer's
-loop, evaluation, per-tile scores, image grids, checkpoints and inference
-serve the flow model unchanged; only the step (`train_step`) and how an
-image is made (`generate`: a few ODE steps from noise) are its own.
-
-One network, one Adam optimizer, and EMA weights whose decay warms up as
-min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage
-with num_updates): a run of a few hundred steps gets an average of its late
-weights, not of its initialization. Evaluation samples with the EMA weights
-by default (`eval_use_ema`).
-
-Sampling is deterministic for a given `seed`: the starting noise is drawn
-from `jax.random.key(seed)` at the batch's shape (the same for every batch of
-an evaluation), or given with the batch as `noise`. Whole-scene prediction
-gives `grid_noise`: a function of the seed and the pixel's place in the
-scene, so the tiles that overlap at a pixel start from the same noise there.
+`Setup` offers what the fusion trainer asks of its GAN Setup, so the fusion
+trainer's loop, evaluation, checkpoints and inference serve the flow model
+unchanged; only the step (`train_step`) and how an image is made
+(`generate`: a few ODE steps from noise) are its own. Sampling is
+deterministic for a given `seed` (`sampling_noise`; whole scenes take
+`grid_noise`, a function of the seed and the pixel's place in the scene).
+docs/training.md ("The flow generator's trainer") gives the EMA warm-up and
+the noise conventions.
 """
 from __future__ import annotations
 

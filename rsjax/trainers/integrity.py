@@ -1,27 +1,14 @@
 """Checkpoints that can be trusted: a checksum of every file of a saved step, verified on restore.
 
-Orbax writes a step to a temporary folder and renames it when complete, so a
-kill mid-save cannot leave a half-written step current. It does not protect a
-finished step against what happens to the disk later: a truncated `_METADATA`
-surfaces as a JSONDecodeError, and bytes overwritten inside a data file
-restore silently (zstd-compressed chunks carry no checksum). So once Orbax has
-finished a step, rsjax records the size and SHA-256 of each of its files in
-`<step>/rsjax_checksums.json` (`write_manifest`), and checks them before the
-step is restored (`verify`). A step that fails the check, or that Orbax
-cannot read, is corrupt: training and evaluation fall back to the newest
-intact step and say which one and why (`checkpoints.Checkpointer.restore`);
-training moves the corrupt steps aside (`quarantine`) so that new saves and
-Orbax's `max_to_keep` see only good ones, and nothing is deleted. A step
-that is intact but does not fit the state restored into it (a checkpoint of
-another model, width or sources) is not corrupt: an error naming how its
-arrays differ, nothing moved (`mismatch`, `is_damage`).
-
-On object storage (gs://, whose objects carry their own CRC32C checked on
-every read) there is no manifest, and none is needed. A local step without
-one (written before checksums existed, or by a run killed between the save's
-commit and its checksums) is unverified: restored with a warning, its values
-checked finite (`unsafe_to_save`), never reported as the last good step, and
-an unreadable one still falls back.
+Once Orbax has finished a step, `write_manifest` records each file's size and
+SHA-256 in `<step>/rsjax_checksums.json`, and `verify` checks them before the
+step is restored. A step that fails, or that Orbax cannot read, is corrupt:
+restore falls back to the newest intact step (`checkpoints.Checkpointer.restore`)
+and training moves corrupt steps aside (`quarantine`); one that is intact but
+does not fit the state is an error, nothing moved (`mismatch`, `is_damage`).
+`unsafe_to_save` says why a state must not become a checkpoint. On gs:// no
+manifest is written (its objects carry their own CRC32C).
+docs/training.md ("Checkpoints") says why, and what each case does.
 """
 from __future__ import annotations
 
