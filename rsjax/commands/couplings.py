@@ -6,7 +6,7 @@ A per-pixel ridge regression predicts B2, B3, B4, B8 from each subset of the
 sources (land cover, SAR, terrain); held-out blocks give each subset's R².
 Prints a Markdown table and the JSON result, and exits with status 1 when a
 subset does not beat its parts (on the synthetic scenes every source adds
-something). rsjax.data.couplings describes the features and the split.
+something). docs/data.md (Measuring the couplings) describes the features and the split.
 """
 from __future__ import annotations
 

@@ -1,27 +1,12 @@
 """The data contract shared by ingestion, the TFDS builder and the input pipeline.
 
 One place for the names, units and no-data conventions of every source, so the
-writer of a record and its reader cannot drift apart. See docs/data.md.
-
-Stored per tile (physical units, channels last):
-
-| feature   | shape      | dtype   | no data                                      |
-|-----------|------------|---------|----------------------------------------------|
-| s2        | (H, W, 4)  | uint16  | 0 in every band (reflectance x 10000, B G R NIR) |
-| s1        | (H, W, 2)  | float32 | NaN (backscatter in dB, VV VH)               |
-| lulc      | (H, W)     | uint8   | 255 (Dynamic World labels 0..8)              |
-| dem       | (H, W, 4)  | float32 | NaN (elevation m, slope deg, aspect deg, hillshade 0..255) |
-| tile_id, scene_id | () | string |                                              |
-| crs       | ()         | string  | WKT or "EPSG:n"                              |
-| transform | (6,)       | float64 | affine a, b, c, d, e, f (rasterio order)     |
-
-With clouds (the cloud-removal datasets, `clouds=True` builder configs):
-
-| feature     | shape      | dtype   | no data                                      |
-|-------------|------------|---------|----------------------------------------------|
-| s2_cloudy   | (H, W, 4)  | uint16  | 0 in every band (the cloudy S2 image, as s2) |
-| cloud_mask  | (H, W)     | uint8   | 255 = unknown (0 clear, 1 cloud, 2 cloud shadow) |
-| cloud_cover | ()         | float32 | NaN when the mask is unknown (share of cloud pixels, code 1, among the tile's pixels with a known mask) |
+writer of a record and its reader cannot drift apart. Per tile, channels last:
+s2 (H, W, 4) uint16 reflectance x 10000 (no data 0), s1 (H, W, 2) float32 dB
+(NaN), lulc (H, W) uint8 Dynamic World labels (255), dem (H, W, 4) float32
+elevation, slope, aspect, hillshade (NaN); tile_id, scene_id, crs, transform;
+cloud-removal datasets add s2_cloudy, cloud_mask and cloud_cover.
+docs/data.md (section 'The data contract') has the full table.
 """
 from __future__ import annotations
 

@@ -1,36 +1,14 @@
 """How much each source tells about the optical bands: ridge-regression R².
 
-Before any GAN exists, this checks the premise of multi-source fusion on a
-dataset: a simple per-pixel regression predicts the four optical bands (B2,
-B3, B4, B8 reflectance) from each subset of the conditioning sources, and the
-held-out R² says how much each subset explains. On the synthetic scenes every
-source carries something the others lack, so all three must beat every pair
-and every pair must beat each of its members (`ordering_violations`).
-
-    rsjax couplings --scenes_dir work/scenes   # or none: demo scenes in a temp dir
-
-Features per pixel, for each source in the subset, and the same channels'
-3x3 local mean (so the regression sees a little context and less speckle):
-
-- lulc: one-hot of the 9 Dynamic World classes;
-- s1: VV and VH in dB;
-- dem: elevation, slope, sin and cos of aspect (0 and 0 on flat cells),
-  hillshade.
-
-Pixels with no data in any source (s2 0, s1 NaN, lulc 255, dem NaN) are
-dropped; a fixed number of pixels is drawn per tile (seeded). One 32 x 32
-block in four, in diagonal stripes laid over each scene (so tiles of any size,
-even smaller than four blocks, get their share), is held out for scoring,
-the rest trains a ridge regression (closed form on standardised features,
-unpenalised intercept). Held-out blocks rather than held-out tiles: a few
-demo tiles cannot all contain snow, lakes and towns, and a test set without
-them would measure the split, not the sources. R² is 1 - SS_res / SS_tot
-per band on the held-out pixels, then averaged over the four bands.
-
-The functions take any iterable of tile dicts in the data-contract format
-(s2 (H, W, 4) uint16, s1 (H, W, 2) dB, lulc (H, W) uint8, dem (H, W, 4)); the
-command gets them from `rsjax.data.ingest.iter_scene_tiles`, prints a Markdown
-table and the JSON result, and exits with status 1 when the ordering fails.
+`coupling_r2` fits a per-pixel ridge regression of B2, B3, B4, B8 on each
+subset of the sources (lulc one-hot, s1 dB, dem channels, each with its 3x3
+local mean) and scores it on held-out 32 x 32 blocks; `ordering_violations`
+lists the subsets that do not beat their parts (on the synthetic scenes all
+three must beat every pair, every pair each of its members). The functions
+take any iterable of tile dicts in the data-contract format; `rsjax couplings`
+feeds them from `rsjax.data.ingest.iter_scene_tiles`.
+docs/data.md (section 'Measuring the couplings') gives the features, the
+held-out split and why blocks rather than tiles.
 """
 from __future__ import annotations
 

@@ -1,45 +1,13 @@
 """Export scenes from Earth Engine as the four GeoTIFFs ingestion reads, for a list of areas.
 
-    rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \\
-        --bucket my-bucket --prefix exports --dry_run          # print every task, touch nothing
-    rsjax export_ee --areas areas.geojson --start 2023-06-01 --end 2023-09-01 \\
-        --bucket my-bucket --prefix exports --project my-ee-project
-    rsjax build --dataset manual --manual_dir gs://my-bucket/exports   # once the tasks are done
-
-For every area (a GeoJSON Feature, in longitude/latitude) four export tasks
-write Cloud Optimized GeoTIFFs with explicit no-data, named as ingestion pairs
-them (`<scene>_s2.tif`, `<scene>_s1.tif`, `<scene>_lulc.tif`, `<scene>_dem.tif`),
-to Cloud Storage (`--bucket`) or Google Drive (`--drive_folder`):
-
-- s2: Sentinel-2 L2A surface reflectance (COPERNICUS/S2_SR_HARMONIZED, the
-  processing-baseline offset removed), images over `--max_cloud_percent`
-  dropped, clouds and shadows masked with Cloud Score+ (cs_cdf >= threshold),
-  median composite of B2 B3 B4 B8, uint16 reflectance x 10000; valid values
-  are kept >= 1 so that 0 means masked only.
-- s1: Sentinel-1 GRD (COPERNICUS/S1_GRD, already in dB), IW mode, VV+VH, one
-  orbit direction (`--orbit`; ascending looks east, as the synthetic scenes
-  do), median composite (a median commutes with the dB log, so it is the
-  median power too), float32 dB, bilinear resampling; no data -32768.
-- lulc: Dynamic World (GOOGLE/DYNAMICWORLD/V1) `label`, the most frequent
-  label of the period (mode), uint8, `unmask(255)`.
-- dem: Copernicus DEM GLO-30 (COPERNICUS/DEM/GLO30) `DEM`, mosaic, float32
-  metres, bilinear, at 30 m with a margin of `--dem_margin_px` pixels around
-  the scene (terrain derivatives at the scene's edge need neighbours);
-  no data -32767 (the void value ingestion fills).
-
-Every product is exported on an exact grid: the area's UTM zone (from its
-centroid; `--crs` overrides), the bounds of the area snapped outward to whole
-pixels of `--scale` metres (origin on multiples of the pixel size, which is
-the Sentinel-2 tiles' own 10 m grid, so S2 pixels are not resampled when the
-zone matches), given to Earth Engine as crs + crsTransform + dimensions.
-Composites cover [start, end) (end exclusive, as `filterDate`).
-
-`--dry_run` prints every task's full description as JSON (collection ids and
-filters, bands, region, CRS, transform, dimensions, file names, no-data)
-without importing `ee`, without credentials or network. The descriptions are
-built as plain data first; the real run translates the same data into
-Earth Engine calls (`pip install rsjax[ee]`, then `earthengine authenticate`)
-and starts the tasks; check them with `earthengine task list`.
+For every area (a GeoJSON Feature in longitude/latitude) `task_descriptions`
+builds four export tasks as plain data: Cloud Optimized GeoTIFFs with explicit
+no-data named `<scene>_{s2,s1,lulc,dem}.tif`, on one exact grid (the area's UTM
+zone, its bounds snapped outward to whole pixels of `scale` metres). A dry run
+prints them without importing `ee`; `start_task` translates the same data into
+Earth Engine calls. The command is rsjax/commands/export_ee.py.
+docs/data.md (section 'Earth Engine exports') says what each product holds and
+how the grid is chosen.
 """
 from __future__ import annotations
 
@@ -81,7 +49,7 @@ _SCENE_ID = re.compile(r"[^A-Za-z0-9_-]+")
 
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
-    """What every area's export looks like (see the module docstring).
+    """What every area's export looks like (docs/data.md, 'Earth Engine exports').
 
     start, end: ISO dates, the composites' period [start, end).
     destination: 'gcs' (bucket, prefix) or 'drive' (drive_folder).

@@ -1,69 +1,14 @@
-"""Ingestion: validate, register and tile scenes' GeoTIFFs into the data contract.
+"""Ingestion: validate, register and tile a scene's GeoTIFFs into the data contract.
 
-As a command, a dry run over a folder of exports (nothing is written), the
-check to run before `rsjax build --dataset manual --manual_dir FOLDER`; it
-prints the report (tiles kept and dropped per scene, grid, S1 units) as JSON,
-and a bad file as one `error:` line naming it (exit 2):
-
-    rsjax ingest work/exports
-    rsjax ingest work/exports --tile_size 128 --allow_missing_lulc
-    rsjax ingest work/cloudy_exports --clouds      # with <scene>_s2_cloudy.tif (+ _cloudmask.tif)
-
-As a library:
-
-    from rsjax.data.contract import find_scenes
-    from rsjax.data.ingest import IngestOptions, IngestReport, iter_scene_tiles
-
-    report = IngestReport()
-    for scene in find_scenes("scenes/"):
-        for tile in iter_scene_tiles(scene, IngestOptions(tile_size=256), report):
-            ...  # tile: dict per rsjax/data/contract.py
-    print(report.to_dict())
-
-Steps, in order:
-1. validate every file (`validate_scene`): errors name the file and what to do;
-2. register every source onto the target grid (`RegisteredScene`, see
-   `register.py`): the S2 grid by default, bilinear for S2, S1 and the DEM,
-   nearest for labels, with GDAL's exact transformer (a pixel's value does not
-   depend on the window read), no-data carried through and wherever a source
-   does not cover the grid; S2 gets its declared BOA offset (`optical.py`),
-   land cover its legend mapping (`landcover.py`);
-3. S1 to dB with a floor (`sar.py`); units detected from the values unless
-   `s1_units` says. Resampling happens in the file's own units, before the
-   conversion: linear power is interpolated as power, dB files (Earth
-   Engine) are interpolated in dB;
-4. DEM voids filled up to `dem_fill_distance` source pixels, then slope,
-   aspect and hillshade by Horn's method with gdaldem's conventions
-   (`terrain.py`) on the metric target grid, from a window with a one-pixel
-   halo so tiles agree with a whole-scene computation; flat cells get aspect
-   -9999 (`contract.ASPECT_FLAT`);
-5. tiles of `tile_size` at offsets 0, stride, 2 stride, ... that fit entirely
-   in the grid (a remainder narrower than a tile at the right and bottom edges
-   is not covered); tiles with a no-data fraction above `max_nodata_fraction`
-   are dropped and counted. A scene that yields no tile (smaller than a tile,
-   or every tile dropped) is logged as a warning that says why, kept in the
-   report (`SceneCounts.warning`), and `IngestReport.require_tiles` makes no
-   tile from any scene an error.
-
-A pixel counts as no-data when any source is missing there: S2 (0 in a band),
-S1 (NaN in a band), DEM (NaN: no elevation there, i.e. outside the DEM or in
-a void too large to fill; pixels next to missing ones still get derivatives,
-as with gdaldem -compute_edges), land cover (255) or, for cloud removal, the
-cloudy S2 image (0 in a band). A scene without a land-cover file gets
-`lulc` all 255 and those pixels do not count as no-data, so such scenes are
-tiled on their other sources alone. The same holds for a scene read for
-prediction without S2, S1 or DEM (`RegisteredScene` with `target_grid` when
-there is no S2 file): the absent source reads as its no-data.
-
-Cloud removal (a scene with `s2_cloudy`): the cloudy image is registered and
-read as S2 is (bilinear, its own declared offset), the cloud mask
-(`cloud_mask`, codes 0 clear, 1 cloud, 2 shadow) by nearest neighbour with
-255 where it is missing or unknown (a scene without a mask file: all 255); a
-tile then also holds `s2_cloudy`, `cloud_mask` and `cloud_cover` (the share
-of cloud pixels among those with a known mask, NaN when none is known).
-
-Memory is bounded by the tile size, not the scene size: only windows are read,
-and GDAL's block cache is capped at `gdal_cache_mb` while reading.
+`iter_scene_tiles(scene, IngestOptions(tile_size=256), report)` yields the tile
+dicts (rsjax/data/contract.py) of a scene from `contract.find_scenes` and counts
+kept and dropped tiles in an `IngestReport`. In order: validate every file
+(`validate.py`), register every source onto the target grid (`register.py`),
+S1 to dB (`sar.py`), fill DEM voids and derive the terrain (`terrain.py`), cut
+tiles at multiples of `stride`; a tile is dropped when more than
+`max_nodata_fraction` of its pixels miss a source. Only windows are read.
+docs/data.md (section 'Ingestion: GeoTIFFs to registered tiles') describes
+every step, the no-data rules and the cloud-removal inputs.
 """
 from __future__ import annotations
 

@@ -1,24 +1,13 @@
 """Land-cover legends: Dynamic World labels, other legends mapped onto them.
 
-The contract stores Dynamic World labels (0 water, 1 trees, 2 grass, ... 8
-snow_and_ice; 255 no data). A land-cover file with another legend whose
-values happen to lie in 0..8 would be read silently as the wrong classes: a
-0/1 cropland map (as tests/data/worldcereal_belgium_2021 carries) would become
-water and trees. Validation therefore looks at the set of values a file holds:
-
-- values outside 0..8 (and the file's no-data) cannot be Dynamic World: an
-  error lists them;
-- a file holding exactly the values 0 and 1 is a binary map (crop / no crop,
-  water / land, forest / non-forest), not a Dynamic World composite, which
-  over a scene of useful size holds more classes: an error says so. (Only 0,
-  or only 1, is a plausible scene: all water, all trees.) If it really is
-  Dynamic World (a scene of nothing but water and trees), say
-  `lulc_legend="dynamic_world"` and it is taken as it is.
-
-`lulc_map` maps another legend onto Dynamic World instead: `{file value:
-label}`, each label in 0..8 or 255 (no data), written `"1:4,0:255"` or as a
-JSON object `{"1": 4, "0": 255}`. Every value the file holds must then be
-mapped (an error lists the others), and the file's no-data stays no data.
+The contract stores Dynamic World labels (0 water ... 8 snow_and_ice; 255 no
+data). A file whose values lie outside 0..8, or that holds exactly 0 and 1 (a
+binary map, which would read as water and trees), is an error
+(`not_dynamic_world`) unless `lulc_legend="dynamic_world"` takes it as it is or
+`lulc_map` (`"1:4,0:255"` or `{"1": 4, "0": 255}`, `parse_lulc_map`) maps
+every value it holds onto labels (`apply_lulc_map`).
+docs/data.md (section 'Ingestion: GeoTIFFs to registered tiles', item 'Land
+cover') gives the rules.
 """
 from __future__ import annotations
 

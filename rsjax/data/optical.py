@@ -1,28 +1,13 @@
 """Sentinel-2 values: the BOA offset of processing baseline 04.00 and later.
 
-From processing baseline 04.00 (products from 25 January 2022 on, and ESA's
-reprocessed Collection-1) Level-2A files store DN = 10000 x reflectance + 1000,
-so that dark surfaces keep negative reflectances instead of being clamped:
-reflectance = (DN + BOA_ADD_OFFSET) / 10000 with BOA_ADD_OFFSET = -1000 (Level-1C
-likewise with RADIO_ADD_OFFSET). Earth Engine's COPERNICUS/S2_SR_HARMONIZED
-has the offset removed already; ESA's products and archives of them keep it.
-The contract stores reflectance x 10000, so ingestion adds the offset to the
-file's values (after resampling, which commutes with adding a constant; the
-no-data value 0 is recognised before), and a valid pixel that would fall to 0
-or below is stored as 1, the smallest valid value.
-
-The offset comes, per band, from what the file says:
-- band metadata `BOA_ADD_OFFSET` or `RADIO_ADD_OFFSET`, as GDAL's SENTINEL2
-  driver reports them for a product of baseline 04.00 or later, and as
-  `gdal_translate` copies them into a GeoTIFF;
-- dataset metadata `BOA_ADD_OFFSET_<band>` (e.g. `BOA_ADD_OFFSET_B2`, the
-  per-band product properties) or `BOA_ADD_OFFSET`;
-- GDAL's band offset and scale (rasterio's `offsets` and `scales`), meaning
-  value = DN x scale + offset: in reflectance x 10000 when the scale is 1, in
-  reflectance when it is 1e-4 (offset -0.1 is then -1000 DN).
-Sources that disagree are an error naming the file. An explicit option
-(`IngestOptions.s2_offset`, e.g. -1000, or 0 to add nothing) overrides what
-the file says, for exports that carry no such metadata.
+Level-2A files of baseline 04.00 on store DN = 10000 x reflectance + 1000
+(BOA_ADD_OFFSET -1000); the contract stores reflectance x 10000, so ingestion
+adds the offset after resampling and stores a valid pixel that would fall to
+0 or below as 1. `s2_offsets` takes the offset per band from what the file
+says (band or dataset metadata, GDAL's offset and scale); sources that
+disagree are an error, and `IngestOptions.s2_offset` overrides them.
+docs/data.md (section 'Sentinel-2 offset') lists the metadata read and which
+products carry the offset.
 """
 from __future__ import annotations
 

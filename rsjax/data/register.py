@@ -1,43 +1,14 @@
 """Registration: every source read, window by window, on one target grid.
 
-The target grid is the optical (S2) file's own grid by default. Terrain
-derivatives need a metric grid, so when the S2 file is in geographic
-coordinates (Earth Engine exports often are, EPSG:4326) the default becomes the
-UTM zone of the scene centre at the S2 pixel size in metres, rounded to whole
-metres. A CRS and/or a resolution can be given instead; the grid then covers
-the S2 footprint and its origin is aligned to multiples of the resolution, so
-scenes of one area share pixel edges.
-
-Reading never loads a whole scene: each source is read for one window of the
-target grid at a time. Every warp uses GDAL's exact coordinate transformer
-(`gdalwarp -et 0`): GDAL's default approximates the transformation by
-interpolating between exactly transformed points, to within 0.125 pixel,
-over whatever chunk it warps, so a value would depend on the window it was
-read through (metres of elevation between a 768-pixel read and 64-pixel
-tiles of an Earth Engine-like scene, and a tenth of that in slope). With the
-exact transformer a pixel's value is the same in every window, and equals
-`gdalwarp -et 0` (tests/test_registration.py). rasterio 1.4 cannot ask for it
-(`reproject` always approximates; `WarpedVRT(tolerance=0)` fails), so
-`exact_warped_vrt` takes the warped VRT GDAL builds for rasterio, removes its
-approximating transformer and opens the VRT description that remains.
-- S2, S1 and land cover are read through such a VRT on the target grid
-  (bilinear for continuous values, nearest for labels). A source already on
-  the target grid is read directly (no resampling at all). Source no-data is
-  passed to GDAL's warper, which leaves it out of the bilinear kernel; target
-  pixels the source does not cover get the destination no-data (0 for S2, NaN
-  for S1, 255 for labels), never a valid value or class.
-- The DEM is read in its own CRS for the source window under the target
-  window (plus margins), its voids are filled there by
-  `rasterio.fill.fillnodata` (up to `fill_distance` source pixels from valid
-  data; larger voids stay missing), and it is then warped bilinearly onto the
-  target window (an exact VRT over the filled window, held in memory). Filling
-  before resampling keeps a void from growing by the kernel width, and
-  filling a window with margins gives the same values whatever window a pixel
-  is read through. Like any void rim, a no-data collar inside the DEM file is
-  extrapolated up to `fill_distance` pixels; beyond the file's own extent
-  nothing is extrapolated (no-data), and `DemSource.read` says which missing
-  pixels lie beyond that extent, so the terrain derivatives can treat them as
-  gdaldem treats its raster's edge (`terrain.py`).
+`target_grid_for` picks the grid: the S2 file's own, its UTM zone when the S2
+file is geographic, or the `target_crs`/`target_resolution` given. S2, S1 and
+land cover are read per window through `WarpedSource`, the DEM through
+`DemSource`, which fills its voids in its own CRS before warping and says which
+missing pixels lie beyond the DEM file's extent (for `terrain.py`). Every warp
+uses GDAL's exact transformer (`gdalwarp -et 0`, via `exact_warped_vrt`), so a
+pixel's value does not depend on the window it is read through.
+docs/data.md (section 'Ingestion: GeoTIFFs to registered tiles', items 'Target
+grid', 'Resampling', 'Exact, whatever the window', 'DEM and terrain') says why.
 """
 from __future__ import annotations
 

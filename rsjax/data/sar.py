@@ -1,26 +1,13 @@
 """Sentinel-1 backscatter units: linear power to dB with a floor, or pass-through.
 
-ESA GRD products and most processors (SNAP, openEO) deliver sigma0 as linear
-power; Earth Engine's COPERNICUS/S1_GRD delivers it already in dB. Ingestion
-stores dB (contract: float32, NaN = no data).
-
-- Zero or negative power (thermal-noise removal produces both) would be -inf or
-  NaN in dB; it is clamped to a floor instead (default -50 dB, well below the
-  Sentinel-1 noise-equivalent sigma0 of about -22 to -25 dB), so it stays a
-  valid, very dark value and never turns into no-data by accident.
-- Units, when not given (`s1_units`), come from the file's metadata where it
-  declares them (`declared_units`: a band's unit type, a `units` tag, band
-  names such as `VV_dB` or SNAP's `Sigma0_VV_db`), else from the values
-  (`detect_units`). The sign of the values is not enough: thermal-noise
-  removal leaves many linear files with a large share of small negative
-  values (a median below 0 is common over water). What tells the two apart
-  is magnitude: dB backscatter is mostly far below -1 (VH is about -30..-10
-  dB everywhere, VV about -25..+5), while linear power below -1 would be
-  noise ten times stronger than the brightest land surface, which noise
-  removal never produces (its negatives are about the noise floor, 0.001..0.01).
-  So: at least `DB_SHARE` of the values below -1 means dB, at most
-  `LINEAR_SHARE` means linear, and anything between is ambiguous and an
-  error that asks for `s1_units`.
+Ingestion stores dB (contract: float32, NaN = no data). Zero or negative power
+is clamped to a floor (-50 dB by default) instead of becoming -inf or NaN.
+Units, unless `s1_units` says, come from the file's metadata
+(`declared_units`), else from the values (`detect_units`): at least `DB_SHARE`
+of them below -1 means dB, at most `LINEAR_SHARE` means linear, anything
+between is an error asking for `s1_units`.
+docs/data.md (section 'SAR units') says which products deliver which units
+and why magnitude, not sign, tells them apart.
 """
 from __future__ import annotations
 

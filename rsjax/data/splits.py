@@ -1,29 +1,13 @@
 """Deterministic train/validation/test assignment of tiles, by spatial block.
 
-Neighbouring tiles of a scene look alike (spatial autocorrelation), so a plain
-random split lets a model be evaluated on tiles that almost overlap the ones it
-was trained on. We split by *block* instead:
-
-1. Every tile sits on a lattice of `stride` pixels in its CRS. Its lattice
-   index is computed from its georeference alone (origin / (stride x pixel
-   size)), so it does not depend on which other tiles survived the no-data
-   filter or on the order in which they were cut.
-2. Lattice cells are grouped into square blocks of `block_tiles` x
-   `block_tiles` cells.
-3. Each block goes to one split, chosen by a hash of (scene id, block row,
-   block column) mapped to [0, 1) and cut at the split fractions (7:2:1 by
-   default). The ratio holds in expectation over blocks; with few blocks the
-   realized ratio varies, but it is fixed for given inputs.
-
-So no block is shared across splits, and most neighbours of a tile are in its
-own split. Tiles of different splits can touch along a block edge but share
-no pixel: when `stride < tile_size`, tiles overlap, and a tile whose
-footprint reaches into a block of another split is dropped (`None`), so
-that no pixel appears in two splits. Scenes are assumed not to overlap each
-other on the ground (the scene id is part of the hash).
-
-`split_mode="random"` gives the paper's plain random split instead: each
-tile is placed by a hash of its tile id alone.
+A tile's lattice index (origin / (stride x pixel size)) comes from its
+georeference alone; lattice cells form square blocks of `block_tiles` x
+`block_tiles`, and each block goes to the split that a hash of (scene id,
+block row, block column) picks (7:2:1 by default). `assign_split` returns None
+for a tile reaching into a block of another split, so no pixel appears in two
+splits. `split_mode="random"` places each tile by a hash of its tile id alone
+(the paper's split).
+docs/data.md (section 'Splits') gives the reasons and the caveats.
 """
 from __future__ import annotations
 

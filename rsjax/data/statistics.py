@@ -1,38 +1,14 @@
 """Per-channel statistics of every source and land-cover class frequencies.
 
-Accumulated tile by tile during the dataset build (over the train split) and
-stored in the dataset's metadata as plain JSON, so that the input pipeline
-normalizes from numbers that travel with the data.
-
-The accumulators are mergeable, and the result does not depend on the order
-in which tiles arrive or on how they are grouped: the single-process build
-feeds tiles one after the other, the Beam build (rs_multisource with a
-runner) feeds them on many workers and merges the partial accumulators with
-`merge` in a Beam combiner (`StatisticsCombineFn`), and both give the same
-numbers, bit for bit. That is what each statistic is built for:
-
-- count, mean and std: exact, over every valid pixel. Each tile's count,
-  sum and sum of squared deviations from its own mean are computed in
-  float64 (deterministic: they depend on the tile alone); across tiles they
-  are added as exact rationals (`fractions.Fraction`; floats are dyadic, so
-  the denominators stay powers of two), and the dataset's sum of squared
-  deviations is sum(m2_tile) + sum(sum_tile^2 / n_tile) - sum^2 / n, the
-  pairwise (Chan et al.) combination written so that no step rounds across
-  tiles.
-- min and max: exact.
-- percentiles (1, 2, 50, 98, 99 by default): from a uniform random sample of
-  the valid pixels (a bottom-k sketch: every offered pixel gets a random key
-  and the `max_samples` smallest keys are kept), so memory stays bounded on
-  any number of tiles. Each tile offers at most `samples_per_tile` pixels.
-  The random draws of a tile are seeded by (seed, channel, tile id), so a
-  tile gets the same keys wherever it is processed, and the k smallest keys
-  of a union are the same whichever way it was merged (ties broken by value).
-- class frequencies: exact pixel counts of every Dynamic World label and of
-  no-data (255).
-
-No-data conventions are the data contract's: s2 0 in every band, s1 NaN,
-lulc 255, dem NaN; aspect's flat marker (-9999) is not an angle and is left
-out of aspect's statistics.
+Accumulated tile by tile over the train split during the dataset build and
+stored in the dataset's metadata as plain JSON, so the input pipeline
+normalizes from numbers that travel with the data. The accumulators are
+mergeable (`merge`, used by the Beam build's combiner) and give the same
+numbers, bit for bit, whatever the order and grouping of the tiles: count,
+mean, std, min and max exact, percentiles from a seeded bottom-k sample, class
+counts exact. No-data follows the data contract.
+docs/data.md (section 'Statistics') says how each statistic stays exact and
+order-independent.
 """
 from __future__ import annotations
 

@@ -1,26 +1,13 @@
 """Scene files on local disk or in object storage: gs://, s3://, http(s)://.
 
-Pixels are read by GDAL (through rasterio), which opens URLs itself:
-`gs://b/k` through /vsigs/, `s3://b/k` through /vsis3/, `https://h/p` through
-/vsicurl/. A windowed read of a tiled GeoTIFF (a COG, as `rsjax export_ee`
-writes) fetches only the byte ranges of the blocks it needs, never the whole
-file; `gdal_options` turns off GDAL's probing of sibling files, which over
-HTTP would be one request each. Credentials are GDAL's: for gs://, e.g.
-`GOOGLE_APPLICATION_CREDENTIALS` or `gcloud auth application-default login`;
-for s3://, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or `~/.aws`.
-
-Folders are listed with etils.epath (local paths, gs:// and s3://; the `gcs`
-/ `s3` extras bring its backends) or fsspec (http(s):// folders whose server
-answers with an HTML index, with the `remote` extra). Object stores served
-over https rarely list folders, so a scene source may instead be a list
-file: a text file (`*.txt`, local or remote) with one scene prefix per line,
-`<prefix>_s2.tif` etc. being that scene's files (a line may also name one
-file; blank lines and `#` comments are skipped; relative prefixes are taken
-from the list file's folder). A remote list names files on its own scheme
-and host (bucket) only, below its folder; no list takes `/vsi...` paths or
-query strings (see `list_entry`).
-
-Paths stay strings when they are URLs: `pathlib.Path` would fold `//`.
+GDAL (through rasterio) reads pixels from URLs itself (/vsigs/, /vsis3/,
+/vsicurl/), fetching only the blocks a window needs; `gdal_options` turns off
+its probing of sibling files. Folders are listed with etils.epath or fsspec,
+or a scene source is a list file (`*.txt`, one scene prefix per line, each
+entry checked by `list_entry`). Paths stay strings when they are URLs:
+`pathlib.Path` would fold `//`.
+docs/data.md (section 'Scene files in object storage') gives credentials,
+extras and the list-file rules.
 """
 from __future__ import annotations
 

@@ -1,55 +1,14 @@
-"""Terrain derivatives by Horn's method, with exactly gdaldem's conventions.
+"""Terrain derivatives (slope, aspect, hillshade) by Horn's method, exactly as gdaldem.
 
-All functions take an elevation array that carries a one-pixel halo around the
-area of interest, shape (H + 2, W + 2), and return (H, W): the 3x3 window of
-every output pixel lies inside the input, so a tile's derivatives never depend
-on how the scene was cut into tiles.
-
-Missing elevation is NaN. A pixel whose own elevation is missing gets NaN in
-every output (the contract's no-data for `dem`; gdaldem writes its no-data
-value there). Its neighbours follow `gdaldem -compute_edges`, which tells two
-kinds of missing cells apart:
-- cells beyond the edge of the elevation raster (`outside`; in rsjax, target
-  pixels whose centre lies beyond the DEM file's extent, e.g. the halo of a
-  scene whose DEM covers exactly the scene): gdaldem extrapolates linearly.
-  Where a column beyond the edge lies west or east of a pixel, each of its
-  three cells becomes 2 x (the cell beside it) - (the next one) along its row;
-  a row beyond the edge north or south becomes 2 x (the cell below/above) -
-  (the next one) along its column; at a corner (a column and a row beyond the
-  edge) gdaldem first repeats the centre column, then extrapolates the row.
-  A plane therefore keeps its exact slope at the edge, except at the four
-  corners, where gdaldem's column repetition halves the east-west gradient; we
-  do the same there. A missing diagonal cell whose two neighbours are present
-  (an inner corner of a staircase edge, which a rectangular raster never has)
-  is completed as the plane through them: nw = n + w - c.
-- other missing cells (voids inside the raster, or an extrapolation that
-  needed one): the centre cell's value, gdaldem's no-data rule.
-`compute_edges=False` gives gdaldem's default instead: no-data wherever the
-3x3 window is incomplete.
-
-Conventions (those of `gdaldem slope|aspect|hillshade`, GDAL 3.x, Horn):
-- the grid is north-up with metric pixels: `xres` (> 0) is the pixel width in
-  metres, `yres` the pixel height as the affine transform stores it (negative
-  for north-up). `scale` is gdaldem's `-s`, the ratio of vertical to
-  horizontal units (1 for metres over metres). Derivatives are therefore only
-  meaningful on a projected metric grid, never on a geographic one.
-- slope: degrees, atan(|grad z|) with Horn's 3x3 weighted differences;
-- aspect: degrees clockwise from north, the direction the slope faces
-  (downhill), in [0, 360); flat cells (both Horn differences exactly 0, as
-  gdaldem tests them) get `contract.ASPECT_FLAT` = -9999, gdaldem's value;
-- hillshade: 1 + 254 cos(i) for the angle i between the surface normal and
-  the sun (azimuth 315, altitude 45 by default), 1 where the cell faces away
-  from the sun, rounded to a whole number as gdaldem's Byte output is; so
-  values lie in 1..255 and 0 never occurs (gdaldem's no-data is 0).
-
-Precision: we compute in float64, gdaldem sums the 3x3 window in float32 for a
-float32 DEM. Slope agrees to about 1e-4 degree and hillshade to one level (a
-value on a rounding boundary; gdaldem also divides by an approximate square
-root). Aspect agrees to a few thousandths of a degree where the slope is
-above about 0.1 degree; on near-flat cells (slope below 0.01 degree) the
-direction of a vanishing gradient is ill-conditioned and gdaldem's float32
-rounding moves its aspect by up to several degrees (3.8 measured): compare
-aspect there with that tolerance, or not at all.
+Every function takes elevation with a one-pixel halo, shape (H + 2, W + 2), and
+returns (H, W), so a tile's derivatives never depend on how the scene was cut.
+Missing elevation is NaN, and a pixel without elevation is NaN in every output;
+next to missing cells the `gdaldem -compute_edges` rules apply (`outside` cells,
+beyond the DEM's extent, are extrapolated linearly; voids take the centre value).
+The grid is north-up and metric (`xres` > 0, `yres` as the transform stores it);
+flat cells get aspect `contract.ASPECT_FLAT` (-9999).
+docs/data.md (section 'Terrain derivatives') gives the conventions, the edge
+rules and how closely the results match gdaldem.
 """
 from __future__ import annotations
 
@@ -70,7 +29,7 @@ def _key(row: str, col: str) -> str:
 
 
 def _extrapolate_beyond_edge(cells: dict, beyond: dict) -> dict:
-    """gdaldem -compute_edges at the raster's edge (see the module docstring).
+    """gdaldem -compute_edges at the raster's edge (docs/data.md, 'Terrain derivatives').
 
     `beyond[k]` marks window cells beyond the edge. Columns first (a corner
     repeats the centre column, elsewhere each row is extrapolated), then rows,

@@ -1,35 +1,13 @@
 """Input files are data, never instructions: what rsjax lets GDAL do with a file it is given.
 
-GDAL opens whatever it recognizes, and several formats and sidecar files make
-it read *other* files or URLs: a VRT (an XML text file, whatever its name) can
-take its pixels from any local file (`/etc/passwd`, a key file) or from
-`/vsicurl/http://...`; a GeoTIFF can carry, in its own metadata or in a
-`.aux.xml` sidecar, an `OVERVIEW_FILE` that GDAL opens on a decimated read; an
-external overview (`.ovr`) or mask (`.msk`) beside it may itself be such a
-VRT. Scene folders are often assembled from exports someone else made, so a
-file named `scene_s2.tif` could otherwise copy a local file's bytes into a
-dataset or make rsjax send HTTP requests.
-
-So every source file is opened by `open_input`:
-- with the GTiff driver only (a VRT or any other format is refused, naming
-  the file and what it is), unless the caller passes `any_format=True`
-  (`IngestOptions.allow_any_format`, for files the user made and trusts);
-- with GDAL's sidecar machinery off (`SIDECARS_OFF`: no `.aux.xml`, and no
-  listing of the folder, so no `.ovr`, `.msk` or `.aux` is found), both for
-  the open and, through `ingest._gdal_env`, for every read;
-- refused when the GeoTIFF names an external overview file in its own
-  metadata, or when a sidecar beside it would point GDAL elsewhere or change
-  what its pixels mean (see `sidecar_problem`).
-
-GDAL reopens a checked file by its name where rsjax builds a VRT over it (the
-exact warp in `register.exact_warped_vrt`, a split export's mosaic); a file
-replaced by a VRT between the check and that reopen would be read as the VRT,
-so the name GDAL is given there is `reopen_name`'s, which opens GeoTIFF only.
-
-Paths a user names on purpose (`gs://`, `s3://`, `https://`, `/vsi...` on a
-command line) are opened as given, still as GeoTIFF only; nothing beside them
-is looked at. rsjax's own in-memory mosaics of split exports are built from
-pieces that each passed `open_input`.
+Every source file is opened by `open_input`: GTiff driver only (unless
+`any_format=True`, i.e. `IngestOptions.allow_any_format`), GDAL's sidecar
+machinery off (`SIDECARS_OFF`, also for every read), and refused when the
+file or a sidecar beside it would point GDAL elsewhere (`sidecar_problem`).
+Where GDAL reopens a checked file by name (an exact warp, a split export's
+mosaic) it is given `reopen_name`'s name, which opens GeoTIFF only.
+docs/data.md (sections 'Untrusted input files' and, under 'Ingestion', item
+'Files as data') says what a file could otherwise make GDAL do.
 """
 from __future__ import annotations
 

@@ -1,25 +1,13 @@
 """Checks every file of a scene before any work starts.
 
-Each source file must: open as a raster (a truncated or corrupt GeoTIFF gives
-an InputError, not a GDAL traceback), have the expected bands (see
-`rasterio_io.select_bands`), have a CRS, overlap the target grid, and not be
-entirely no-data. Land cover must hold Dynamic World labels: whole numbers in
-0..8, or 255 / the file's declared no-data for missing pixels; int32 and float
-files are accepted (and converted to uint8), fractional or out-of-range values
-are an error that lists the bad values, and a value set that cannot be Dynamic
-World (a 0/1 map) is an error too, unless a legend mapping (`lulc_map`) or
-`lulc_legend='dynamic_world'` says what the values are (`landcover.py`).
-Sentinel-2 files are checked for a declared BOA offset (`optical.py`).
-
-Costs are bounded whatever the scene size: the no-data and SAR-units checks
-look at a decimated read of at most `SAMPLE_PIXELS` per side (a valid area
-smaller than the sampling step may be missed, which no useful scene has),
-which also reads through every block row and so finds truncated data; the
-label check reads the whole label band block by block, because one bad value
-anywhere matters.
-
-All problems of a scene are collected and raised together in one InputError,
-one line per file, so a user fixes them in one round.
+Each file must open as a raster, have the expected bands and a CRS, overlap
+the target grid and not be all no-data; land cover must hold Dynamic World
+labels (or come with `lulc_map` / `lulc_legend`); S2 files are checked for a
+declared BOA offset. Costs are bounded: a decimated read of at most
+`SAMPLE_PIXELS` per side, except the label band, read whole block by block.
+All problems of a scene are raised together in one InputError, one line per
+file.
+docs/data.md (section 'Validation') lists the checks and what they cost.
 """
 from __future__ import annotations
 
