@@ -39,7 +39,7 @@ def check_config(config) -> None:
         _check_int(config, key, 0)
     _check_int(config, "data.tile_size", MIN_TILE_SIZE)
     _check_learning_rates(config)
-    _check_sources(config)
+    model_sources(config)
 
 
 def _get(config, key: str):
@@ -100,8 +100,11 @@ def _check_learning_rates(config) -> None:
                                   "finite number above 0.")
 
 
-def _check_sources(config) -> None:
-    from rsjax.data.contract import MODEL_SOURCES
+def model_sources(config) -> tuple[str, ...]:
+    """The sources the run's model takes, in the contract's order: the one check of
+    `config.data.sources`, made by `rsjax train` before anything starts and by
+    every trainer's Setup (its `selected_sources`) for library callers."""
+    from rsjax.data.contract import CLOUDY, MODEL_SOURCES
 
     sources = tuple(_get(config, "data.sources") or ())
     unknown = [s for s in sources if s not in MODEL_SOURCES]
@@ -110,3 +113,8 @@ def _check_sources(config) -> None:
                           f"{', '.join(MODEL_SOURCES)}.")
     if config.get("trainer") in ("fusion", "cloud_removal") and not sources:
         raise ConfigError("--config.data.sources is empty: the model needs at least one source.")
+    if config.get("trainer") == "cloud_removal" and CLOUDY not in sources:
+        raise ConfigError(f"--config.data.sources={'+'.join(sources)}: cloud removal needs {CLOUDY} "
+                          f"and any of {', '.join(s for s in MODEL_SOURCES if s != CLOUDY)} "
+                          "(e.g. s2_cloudy+s1, as DSen2-CR).")
+    return tuple(s for s in MODEL_SOURCES if s in sources)

@@ -31,9 +31,9 @@ import optax
 from etils import epath
 from flax import nnx
 
-from rsjax import input_pipeline, losses, metrics, uncertainty_metrics, viz
+from rsjax import config_checks, input_pipeline, losses, metrics, uncertainty_metrics, viz
 from rsjax import mesh as mesh_lib
-from rsjax.data.contract import CLOUD, CLOUD_SHADOW, CLOUDY, MODEL_SOURCES, CLOUD_MASK_UNKNOWN
+from rsjax.data.contract import CLOUD, CLOUD_SHADOW, CLOUDY, CLOUD_MASK_UNKNOWN
 from rsjax.errors import ConfigError
 from rsjax.models import MODELS, create_model
 from rsjax.locks import one_writer
@@ -51,14 +51,8 @@ def predicts_variance(config) -> bool:
     return bool(getattr(MODELS.get(config.model.name), "predicts_variance", False))
 
 
-def selected_sources(config) -> tuple[str, ...]:
-    """The model's inputs, in the contract's order; the cloudy image must be one."""
-    sources = tuple(config.data.sources)
-    unknown = set(sources) - set(MODEL_SOURCES)
-    if unknown or CLOUDY not in sources:
-        raise ConfigError(f"config.data.sources={sources}: cloud removal needs {CLOUDY} and any "
-                          f"of {MODEL_SOURCES[:-1]} (e.g. s2_cloudy+s1, as DSen2-CR).")
-    return input_pipeline.check_sources(sources)
+# The model's inputs, in the contract's order; the cloudy image must be one.
+selected_sources = config_checks.model_sources
 
 
 class Setup(SingleModelSetup):

@@ -32,11 +32,9 @@ import optax
 from etils import epath
 from flax import nnx
 
-from rsjax import input_pipeline, losses, metrics
+from rsjax import config_checks, input_pipeline, losses, metrics
 from rsjax import mesh as mesh_lib
 from rsjax import viz
-from rsjax.data.contract import MODEL_SOURCES
-from rsjax.errors import ConfigError
 from rsjax.models import create_model
 from rsjax.locks import one_writer
 from rsjax.trainers import checkpoints, cloud_eval, flow, loop
@@ -49,14 +47,9 @@ log = logging.getLogger("rsjax")
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
-def selected_sources(config) -> tuple[str, ...]:
-    """The sources the generator is conditioned on, in the contract's order
-    (`s2_cloudy`, the cloudy image, for cloud removal on a dataset with clouds)."""
-    unknown = set(config.data.sources) - set(MODEL_SOURCES)
-    if unknown or not config.data.sources:
-        raise ConfigError(f"config.data.sources={tuple(config.data.sources)}: choose a non-empty "
-                          f"subset of {MODEL_SOURCES}.")
-    return input_pipeline.check_sources(config.data.sources)
+# The sources the generator is conditioned on, in the contract's order (`s2_cloudy`,
+# the cloudy image, for cloud removal on a dataset with clouds).
+selected_sources = config_checks.model_sources
 
 
 def condition_channels(sources) -> int:
