@@ -75,6 +75,60 @@ def test_report_from_finished_runs(tmp_path):
     assert {p["method"] for p in published} == {label for label, _, _ in experiment.PEERS}
 
 
+def test_claims_pair_seeds_and_resample_scenes_where_runs_name_them(tmp_path):
+    """A claim is the paired difference of a per-image metric in a region over
+    the seeds both methods ran: its mean is the seeds' mean difference of the
+    split metrics (recomputed here from the parts), its verdict follows the
+    metric's direction, and the test images' scenes are resampled once the
+    runs record them."""
+    from rsjax.experiments import stats
+
+    root = epath.Path(tmp_path)
+    for seed in (0, 1, 2):
+        _write_run(root, "rs_spade_s1", seed, 0.02)
+        _write_run(root, "dsen2cr", seed, 0.06)
+    methods = [m for m in experiment.METHODS if m.key in ("rs_spade_s1", "dsen2cr")]
+
+    def psnr_under_cloud(parts):
+        r = cm.REGIONS.index("cloud")
+        n = np.asarray(parts["n_pixels"])[:, r]
+        mse = np.asarray(parts["sq_sum"])[n > 0, r] / n[n > 0]
+        return np.mean(10 * np.log10(1 / mse))
+
+    def found(rows):
+        return {(r["a"], r["b"], r["region"], r["metric"]): r for r in experiment.claims(rows)}
+
+    rows = experiment.collect(root, methods, seeds=3)
+    want = np.mean([psnr_under_cloud(a) - psnr_under_cloud(b)
+                    for a, b in zip(rows["rs_spade_s1"]["runs"], rows["dsen2cr"]["runs"])])
+    row = found(rows)[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]
+    assert row["difference"]["mean"] == pytest.approx(want) and want > 5
+    assert row["seeds"] == [0, 1, 2] and row["verdict"] == stats.HOLDS
+    assert row["interval"] == stats.TILE_BOOTSTRAP                 # no scenes recorded yet
+    assert found(rows)[("rs_spade_s1", "dsen2cr", "cloud", "sam_deg")]["verdict"] == stats.HOLDS
+    assert found(rows)[("rs_spade_all", "dsen2cr_all", "cloud", "psnr")]["verdict"] == "not run"
+    assert ("dsen2cr", "cloudy_input", "shadow", "ssim") in found(rows)   # each row vs the input
+    # Each run names its test images' scenes: the scenes are resampled, the mean is the same.
+    for key in ("rs_spade_s1", "dsen2cr"):
+        for seed in (0, 1, 2):
+            with (root / key / f"seed{seed}" / runner.SCENES_FILE).open("wb") as f:
+                np.savez_compressed(f, scene_id=np.array(["a", "a", "b", "b", "c", "c"]))
+    rows = experiment.collect(root, methods, seeds=3)
+    row = found(rows)[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]
+    assert row["interval"] == stats.SCENE_BOOTSTRAP
+    assert row["difference"]["mean"] == pytest.approx(want)
+    # One scene for every image: nothing to resample by scene, so images are (and say so).
+    for key in ("rs_spade_s1", "dsen2cr"):
+        for seed in (0, 1, 2):
+            with (root / key / f"seed{seed}" / runner.SCENES_FILE).open("wb") as f:
+                np.savez_compressed(f, scene_id=np.array(["a"] * 6))
+    one_scene = found(experiment.collect(root, methods, seeds=3))
+    assert one_scene[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]["interval"] == stats.TILE_BOOTSTRAP
+    text = experiment.report_markdown(rows, "demo", [], None, claim_rows=experiment.claims(rows))
+    assert ("| RS-SPADE beats DSen2-CR on the peers' inputs (S2 cloudy + S1) | cloud | PSNR (dB) | "
+            f"{want:+.4g} [") in text
+
+
 def test_the_uncertainty_table_is_each_seeds_scores_averaged(tmp_path):
     from rsjax import uncertainty_metrics as um
 
@@ -245,6 +299,9 @@ def test_a_method_trains_once_then_its_record_is_read(finished_dsen2cr, cloudy_d
     rows = experiment.collect(root, [method], seeds=1)
     assert list(rows) == ["cloudy_input", "dsen2cr"]
     assert len(np.asarray(rows["dsen2cr"]["runs"][0]["cover"])) == 5    # conftest.CLOUDY_DATA's test split
+    # The run names its test images' scenes, in the split's order, for the claims' bootstrap.
+    assert list(rows["dsen2cr"]["scenes"]) == list(runner.test_scene_ids(
+        tiny_cloud_config(cloudy_data_dir).data, 5))
     # Asked again, the finished run is read, not trained (no new attempt), also
     # from datasets moved elsewhere (data_dir is not part of a run's identity).
     attempts = (out / runner.ATTEMPTS_FILE).read_text()

@@ -183,17 +183,95 @@ def collect(root: epath.Path, methods: Sequence[Method], seeds: int) -> dict:
     if first is None:
         return rows
     rows["cloudy_input"] = {"label": "cloudy input (no removal)", "inputs": "—",
-                            "runs": [load_parts(root, *first)["cloudy_input"]]}
+                            "runs": [load_parts(root, *first)["cloudy_input"]], "seeds": None,
+                            "scenes": load_scenes(root, *first)}
     for m in methods:
         if not finished[m.key]:
             continue
         runs = [load_parts(root, m, s) for s in finished[m.key]]
-        rows[m.key] = {"label": m.label, "inputs": m.inputs, "runs": [r["output"] for r in runs]}
+        common = {"seeds": finished[m.key], "scenes": load_scenes(root, m, finished[m.key][0])}
+        rows[m.key] = {"label": m.label, "inputs": m.inputs, "runs": [r["output"] for r in runs],
+                       **common}
         if m.composite:
             rows[f"{m.key}_composite"] = {
                 "label": f"{m.label}, under the mask only", "inputs": m.inputs + " (+ mask)",
-                "runs": [r["composite"] for r in runs]}
+                "runs": [r["composite"] for r in runs], **common}
     return rows
+
+
+def load_scenes(root: epath.Path, method: Method, seed: int) -> Optional[np.ndarray]:
+    """The scene of each test image of a run (None for runs recorded before it was kept)."""
+    path = root / method.key / f"seed{seed}" / runner.SCENES_FILE
+    if not path.exists():
+        return None
+    with path.open("rb") as f, np.load(f) as z:
+        return np.asarray(z["scene_id"])
+
+
+# ---------------------------------------------------------------------------
+# Claims: paired differences over seeds and test scenes, as for Tables 1-3
+# ---------------------------------------------------------------------------
+CLAIM_METRICS = (("psnr", "PSNR (dB)", True), ("ssim", "SSIM", True), ("sam_deg", "SAM (deg)", False))
+CLAIM_REGIONS = ("cloud", "shadow", "clear")
+# (A, B, what "A beats B" says); and every row against the cloudy input (claims()).
+CLAIM_PAIRS = (
+    ("rs_spade_s1", "dsen2cr", "RS-SPADE beats DSen2-CR on the peers' inputs (S2 cloudy + S1)"),
+    ("rs_spade_all", "dsen2cr_all", "RS-SPADE beats DSen2-CR on all four sources"),
+    ("rs_spade_all", "rs_spade_s1", "terrain and land cover help RS-SPADE"),
+    ("dsen2cr_all", "dsen2cr", "terrain and land cover help DSen2-CR"),
+)
+
+
+def claim(rows: Mapping[str, dict], a: str, b: str, metric: str, region: str, higher: bool,
+          text: str) -> dict:
+    """One claim row: A beats B on `metric` in `region`, from the paired
+    difference over the seeds both ran (the cloudy input pairs with every seed)
+    and the test images, their scenes resampled where the runs name them."""
+    row = {"claim": text, "a": a, "b": b, "region": region, "metric": metric}
+    if a not in rows or b not in rows:
+        return {**row, "seeds": [], "difference": None, "verdict": "not run"}
+    ea, eb = rows[a], rows[b]
+    seeds = ea["seeds"] if eb["seeds"] is None else sorted(set(ea["seeds"]) & set(eb["seeds"]))
+    if not seeds:
+        return {**row, "seeds": [], "difference": None, "verdict": "not run"}
+    a_runs = [ea["runs"][ea["seeds"].index(s)] for s in seeds]
+    b_runs = (eb["runs"] * len(seeds) if eb["seeds"] is None
+              else [eb["runs"][eb["seeds"].index(s)] for s in seeds])
+    scenes = stats.resamplable_scenes(ea["scenes"])
+    n = len(np.asarray(a_runs[0]["cover"]))
+    if scenes is not None and (len(scenes) != n or (eb["scenes"] is not None
+                                                    and not np.array_equal(scenes, eb["scenes"]))):
+        scenes = None
+    iv = stats.paired_difference(a_runs, b_runs, cm.split_metric(metric, region), clusters=scenes)
+    verdict = (stats.verdict(iv, higher) if len(seeds) > 1
+               else f"{stats.NOT_RESOLVED} (1 seed)")
+    return {**row, "seeds": list(seeds), "difference": iv.as_dict(), "verdict": verdict,
+            "interval": stats.TILE_BOOTSTRAP if scenes is None else stats.SCENE_BOOTSTRAP}
+
+
+def claims(rows: Mapping[str, dict]) -> list[dict]:
+    """Every claim of the experiment: the method pairs of CLAIM_PAIRS, and each
+    row against the cloudy input, under cloud, under shadow and where clear,
+    on PSNR, SSIM and SAM."""
+    pairs = list(CLAIM_PAIRS) + [(key, "cloudy_input", f"{e['label']} ({e['inputs']}) improves "
+                                  "on the cloudy input") for key, e in rows.items()
+                                 if key != "cloudy_input"]
+    return [claim(rows, a, b, metric, region, higher, text)
+            for a, b, text in pairs for region in CLAIM_REGIONS
+            for metric, _, higher in CLAIM_METRICS]
+
+
+def claims_table(rows: Sequence[dict]) -> str:
+    labels = {m: label for m, label, _ in CLAIM_METRICS}
+    lines = ["| claim | region | metric | A - B [95 % interval] | seeds | verdict |",
+             "|---|---|---|---:|---:|---|"]
+    for r in rows:
+        d = r["difference"]
+        cell = ("—" if d is None else f"{d['mean']:+.4g}" if not np.isfinite(d["low"])
+                else f"{d['mean']:+.4g} [{d['low']:+.4g}, {d['high']:+.4g}]")
+        lines.append(f"| {r['claim']} | {r['region']} | {labels[r['metric']]} | {cell} | "
+                     f"{len(r['seeds'])} | {r['verdict']} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +361,8 @@ def uncertainty_table(rows: Mapping[str, dict]) -> str:
 
 
 def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict],
-                    grid: Optional[str], uncertainty: Optional[Mapping[str, dict]] = None) -> str:
+                    grid: Optional[str], uncertainty: Optional[Mapping[str, dict]] = None,
+                    claim_rows: Optional[Sequence[dict]] = None) -> str:
     first = next(iter(rows.values()))["runs"][0]
     n = len(np.asarray(first["cover"]))
     seeds = max(len(r["runs"]) for r in rows.values())
@@ -304,6 +383,14 @@ def report_markdown(rows: Mapping[str, dict], scale: str, records: Sequence[dict
                   "metrics' [0, 1] space; UCE and AUCE over 20 variance bins, RMSE against "
                   "RMV (root mean variance); NLL per pixel and band (rsjax.uncertainty_metrics).",
                   "", uncertainty_table(uncertainty), ""]
+    if claim_rows:
+        methods = sorted({r["interval"] for r in claim_rows if r.get("interval")})
+        lines += ["### Claims", "",
+                  "A beats B: the paired difference A - B of the per-image metric in the region, "
+                  "over the seeds both ran and the test images (" + "; ".join(methods) + "); "
+                  "'holds' when the whole 95 % interval is on A's side, 'reversed' when it is "
+                  "all on B's (lower SAM is better). A region a test image lacks does not count "
+                  "for it.", "", claims_table(claim_rows), ""]
     lines += ["### Runs", "",
              "| run | steps | wall time (all attempts) | CPU time |", "|---|---:|---:|---:|"]
     for r in records:
@@ -395,10 +482,12 @@ def run(args) -> int:
         raise UserError(f"{args.workdir}: no finished run to report on.")
     grid = write_grid(root, methods, args.scale, 0, args.data_dir, args.steps)
     uncertainty = uncertainty_rows(root, methods, seeds)
-    text = report_markdown(rows, args.scale, records, grid, uncertainty)
+    claim_rows = claims(rows)
+    text = report_markdown(rows, args.scale, records, grid, uncertainty, claim_rows)
     (root / "cloud_removal.md").write_text(text)
     (root / "cloud_removal.json").write_text(json.dumps(
         {"scale": args.scale, "seeds": seeds, "runs": records, **report_json(rows),
+         "claims": claim_rows,
          "uncertainty": {k: {"label": e["label"], "inputs": e["inputs"],
                              "cells": {m: c.as_dict() for m, c in e["cells"].items()}}
                          for k, e in uncertainty.items()}}, indent=1, default=float))

@@ -85,11 +85,10 @@ def tile_scenes(entries) -> Optional[np.ndarray]:
     ids = [e["tiles"].get("scene_id") for e in entries]
     if not ids or any(i is None for i in ids) or any(not np.array_equal(ids[0], i) for i in ids[1:]):
         return None
-    return ids[0]
+    return stats.resamplable_scenes(ids[0])
 
 
-SCENE_BOOTSTRAP = "scene-cluster bootstrap (the scenes resampled, each with all its tiles)"
-TILE_BOOTSTRAP = "tile bootstrap (tiles resampled as if independent)"
+SCENE_BOOTSTRAP, TILE_BOOTSTRAP = stats.SCENE_BOOTSTRAP, stats.TILE_BOOTSTRAP
 
 
 def paired(ea: dict, eb: dict, seeds, metric: str) -> tuple[dict, stats.Interval]:

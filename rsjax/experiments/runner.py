@@ -34,6 +34,7 @@ log = logging.getLogger("rsjax")
 
 RUN_FILE = "run.json"
 TILES_FILE = "tiles_test.npz"
+SCENES_FILE = "scenes_test.npz"     # a cloud-removal run's test tiles' scenes, in split order
 SHOWN_FILE = "shown_test.npz"
 ATTEMPTS_FILE = "attempts.jsonl"
 CLAIM_FILE = "worker.lock"
@@ -235,10 +236,14 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
         if result.get("preempted"):
             raise KeyboardInterrupt(f"{run.name} stopped on request; rerun to resume")
         record = {"kind": run.kind, "step": result.get("step"), "scores": _jsonable(result)}
-        if run.kind != "cloud_removal":
-            # Per-tile metric parts (paired intervals) and the best and worst tiles
-            # (grids); a cloud-removal run's final evaluation wrote its own
-            # per-image parts by region and cover bin (eval_test_clouds.npz).
+        if run.kind == "cloud_removal":
+            # Its final evaluation wrote per-image parts by region and cover bin
+            # (eval_test_clouds.npz), in the split's order: their scenes, for the
+            # claims' scene bootstrap.
+            np.savez_compressed((out / SCENES_FILE).open("wb"),
+                                scene_id=test_scene_ids(config.data))
+        else:
+            # Per-tile metric parts (paired intervals) and the best and worst tiles (grids).
             tiles, shown = trainer.score_tiles(config, str(out), "test", devices=devices)
             tiles["scene_id"] = test_scene_ids(config.data, len(next(iter(tiles.values()))))
             np.savez_compressed((out / TILES_FILE).open("wb"), **tiles)
@@ -255,14 +260,14 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
     return record
 
 
-def test_scene_ids(data_cfg, num_tiles: int) -> np.ndarray:
+def test_scene_ids(data_cfg, num_tiles: Optional[int] = None) -> np.ndarray:
     """The scene of each test tile, in the order the trainers score them (the
     split's): what the reports resample together (rsjax.experiments.stats.resampler)."""
     from rsjax import input_pipeline
 
     source = input_pipeline.get_builder(data_cfg).as_data_source(split="test")
     ids = np.asarray(input_pipeline.record_scene_ids(source))
-    if len(ids) != num_tiles:
+    if num_tiles is not None and len(ids) != num_tiles:
         raise RuntimeError(f"{len(ids)} test records but {num_tiles} scored tiles")
     return ids
 

@@ -131,6 +131,15 @@ def resampler(n_tiles: int, clusters: Optional[Sequence] = None) -> Callable:
                                        rng.integers(0, len(members), len(members))])
 
 
+def resamplable_scenes(ids: Optional[Sequence]) -> Optional[np.ndarray]:
+    """`ids` when they name at least two scenes, else None: one scene drawn with
+    replacement is always itself, and such a bootstrap would say the test set
+    has no spread at all (the tile bootstrap is then the one to use, named so)."""
+    if ids is None or len(np.unique(np.asarray(ids))) < 2:
+        return None
+    return np.asarray(ids)
+
+
 def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
                       b_runs: Sequence[Mapping[str, np.ndarray]], metric: Metric,
                       level: float = LEVEL, n_boot: int = 1000, seed: int = 0,
@@ -167,6 +176,9 @@ def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
 
 
 HOLDS, REVERSED, NOT_RESOLVED = "holds", "reversed", "not resolved"
+# How a claim's interval resampled the test set (named in every report row).
+SCENE_BOOTSTRAP = "scene-cluster bootstrap (the scenes resampled, each with all its tiles)"
+TILE_BOOTSTRAP = "tile bootstrap (tiles resampled as if independent)"
 
 
 def verdict(interval: Interval, higher_is_better: bool = True) -> str:
