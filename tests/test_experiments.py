@@ -301,6 +301,14 @@ def test_report_tables_and_verdicts_from_the_runs_files(tmp_path):
     assert verdicts["the L1 term improves RS-SPADE (the objective) on PSNR (dB)"] == stats.NOT_RESOLVED
     assert verdicts["Mix 1:1 beats True Data on mIoU"] == stats.REVERSED
     assert verdicts["all three sources beat S1 on PSNR (dB)"] == "not run"
+    # A not-resolved claim says how many seeds would resolve its observed difference
+    # (rsjax.experiments.stats.seeds_to_resolve); a resolved one does not.
+    for row in rep["claims"]:
+        assert ("seeds_to_resolve" in row) == (row["verdict"] == stats.NOT_RESOLVED), row["claim"]
+    l1 = next(r for r in rep["claims"]
+              if r["claim"] == "the L1 term improves RS-SPADE (the objective) on PSNR (dB)")
+    assert l1["seeds_to_resolve"] is None or l1["seeds_to_resolve"] > 3
+    assert "| seeds to resolve |" in (root / "report.md").read_text()
     per_seed = [stats.image_metric("psnr")(np.load(root / r.name / runner.TILES_FILE))
                 for r in runs if r.table == "table1" and r.method == "rs_spade"]
     cell = rep["table1"]["rs_spade"]["psnr"]

@@ -238,3 +238,28 @@ def test_resampling_scenes_draws_whole_scenes():
         assert len(tiles) == 2 * (counts[0]) + 3 * counts[2] + counts[5]
     with pytest.raises(ValueError, match="3 cluster labels for 6 tiles"):
         stats.resampler(6, clusters=["a", "b", "c"])
+
+
+def test_seeds_to_resolve_is_the_power_rule_and_simulations_agree():
+    """The fewest seeds for 80 % power: checked by hand for one case, then by
+    simulating experiments with that many seeds (and one fewer) from the same
+    truth: the interval leaves 0 out in about 80 % of them (less with one fewer)."""
+    from scipy import stats as scipy_stats
+
+    iv = stats.Interval(0.5, math.nan, math.nan, 2, seed_variance=0.16, test_variance=0.002)
+    s = stats.seeds_to_resolve(iv)
+    need = lambda k: (scipy_stats.t.ppf(0.975, k - 1) + scipy_stats.t.ppf(0.8, k - 1)) * math.sqrt(
+        0.16 / k + 0.002)
+    assert s is not None and 0.5 >= need(s) and 0.5 < need(s - 1)
+
+    def power(k, trials=4000):
+        rng = np.random.default_rng(k)
+        test_offset = rng.normal(0, math.sqrt(0.002), trials)
+        seeds = rng.normal(0.5, 0.4, (trials, k)) + test_offset[:, None]
+        half = scipy_stats.t.ppf(0.975, k - 1) * np.sqrt(seeds.var(axis=1, ddof=1) / k + 0.002)
+        return float(np.mean(seeds.mean(axis=1) - half > 0))
+    assert 0.75 <= power(s) and power(s - 1) < 0.8 + 0.03
+    # Where the test set's own spread is as wide as the difference, no seed count does.
+    assert stats.seeds_to_resolve(stats.Interval(0.1, 0, 0, 2, seed_variance=0.01,
+                                                 test_variance=0.01)) is None
+    assert stats.seeds_to_resolve(stats.Interval(0.1, 0, 0, 1)) is None     # no spread known

@@ -245,8 +245,11 @@ def claim(rows: Mapping[str, dict], a: str, b: str, metric: str, region: str, hi
     iv = stats.paired_difference(a_runs, b_runs, cm.split_metric(metric, region), clusters=scenes)
     verdict = (stats.verdict(iv, higher) if len(seeds) > 1
                else f"{stats.NOT_RESOLVED} (1 seed)")
-    return {**row, "seeds": list(seeds), "difference": iv.as_dict(), "verdict": verdict,
-            "interval": stats.TILE_BOOTSTRAP if scenes is None else stats.SCENE_BOOTSTRAP}
+    row.update(seeds=list(seeds), difference=iv.as_dict(), verdict=verdict,
+               interval=stats.TILE_BOOTSTRAP if scenes is None else stats.SCENE_BOOTSTRAP)
+    if verdict == stats.NOT_RESOLVED:
+        row["seeds_to_resolve"] = stats.seeds_to_resolve(iv)
+    return row
 
 
 def claims(rows: Mapping[str, dict]) -> list[dict]:
@@ -263,14 +266,14 @@ def claims(rows: Mapping[str, dict]) -> list[dict]:
 
 def claims_table(rows: Sequence[dict]) -> str:
     labels = {m: label for m, label, _ in CLAIM_METRICS}
-    lines = ["| claim | region | metric | A - B [95 % interval] | seeds | verdict |",
-             "|---|---|---|---:|---:|---|"]
+    lines = ["| claim | region | metric | A - B [95 % interval] | seeds | verdict | seeds to resolve |",
+             "|---|---|---|---:|---:|---|---:|"]
     for r in rows:
         d = r["difference"]
         cell = ("—" if d is None else f"{d['mean']:+.4g}" if not np.isfinite(d["low"])
                 else f"{d['mean']:+.4g} [{d['low']:+.4g}, {d['high']:+.4g}]")
         lines.append(f"| {r['claim']} | {r['region']} | {labels[r['metric']]} | {cell} | "
-                     f"{len(r['seeds'])} | {r['verdict']} |")
+                     f"{len(r['seeds'])} | {r['verdict']} | {stats.resolve_note(r)} |")
     return "\n".join(lines)
 
 

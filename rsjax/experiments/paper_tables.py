@@ -117,6 +117,8 @@ def claim(results: dict, a: tuple, b: tuple, metric: str, higher: bool, text: st
     fields, iv = paired(ea, eb, seeds, metric)
     row.update(fields, verdict=stats.verdict(iv, higher) if len(seeds) > 1
                else f"{stats.NOT_RESOLVED} (1 seed)")
+    if row["verdict"] == stats.NOT_RESOLVED:
+        row["seeds_to_resolve"] = stats.seeds_to_resolve(iv)
     return row
 
 
@@ -278,12 +280,14 @@ def table_rows(results: dict, table: str, methods, metrics, paper: dict) -> tupl
 
 
 def claim_lines(rows: list[dict]) -> list[str]:
-    lines = ["| claim | seeds | difference (A - B) [95% interval] | verdict |", "|---|---:|---|---|"]
+    lines = ["| claim | seeds | difference (A - B) [95% interval] | verdict | seeds to resolve |",
+             "|---|---:|---|---|---:|"]
     for r in rows:
         d = r.get("difference")
         diff = "" if not d else (f"{d['mean']:+.4g}" + (
             f" [{d['low']:+.4g}, {d['high']:+.4g}]" if d["low"] == d["low"] else ""))
-        lines.append(f"| {r['claim']} | {len(r['seeds'])} | {diff} | **{r['verdict']}** |")
+        lines.append(f"| {r['claim']} | {len(r['seeds'])} | {diff} | **{r['verdict']}** | "
+                     f"{stats.resolve_note(r)} |")
     return lines
 
 

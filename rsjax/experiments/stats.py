@@ -27,6 +27,10 @@ class Interval:
     low: float
     high: float
     n_seeds: int
+    # A paired difference's two parts (paired_difference): one seed's variance
+    # and the test set's (the bootstrap's) variance of the mean over seeds.
+    seed_variance: float = dataclasses.field(default=math.nan, compare=False)
+    test_variance: float = dataclasses.field(default=math.nan, compare=False)
 
     @property
     def half_width(self) -> float:
@@ -172,7 +176,30 @@ def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
     # Welch-Satterthwaite value covered only 0.88-0.92 in simulations with 3
     # seeds (tests/test_stats.py), this 0.95-1.0.
     half = t_quantile(level, s - 1) * math.sqrt(var_seed + var_tiles)
-    return Interval(mean, mean - half, mean + half, s)
+    return Interval(mean, mean - half, mean + half, s, seed_variance=var_seed * s,
+                    test_variance=var_tiles)
+
+
+def seeds_to_resolve(interval: Interval, power: float = 0.8, level: float = LEVEL,
+                     max_seeds: int = 30) -> Optional[int]:
+    """The fewest seeds whose interval (as paired_difference makes it) would
+    leave 0 out with probability `power`, were the observed difference, one
+    seed's variance and the test set's variance the truth: the smallest s with
+    |d| >= (t_{level, s-1} + t_{power, s-1}) sqrt(var_seed / s + var_test)
+    (the usual power rule for a t interval). The test set's term stays as it
+    is: more seeds are scored on the same test set, so they do not shrink it.
+    None where no count up to `max_seeds` does (then the test set, not the
+    seeds, is what a claim would need more of)."""
+    from scipy import stats as scipy_stats
+
+    d, var_seed, var_test = abs(interval.mean), interval.seed_variance, interval.test_variance
+    if not all(np.isfinite(v) for v in (d, var_seed, var_test)):
+        return None
+    for s in range(2, max_seeds + 1):
+        need = t_quantile(level, s - 1) + float(scipy_stats.t.ppf(power, s - 1))
+        if d >= need * math.sqrt(var_seed / s + var_test):
+            return s
+    return None
 
 
 HOLDS, REVERSED, NOT_RESOLVED = "holds", "reversed", "not resolved"
@@ -192,6 +219,15 @@ def verdict(interval: Interval, higher_is_better: bool = True) -> str:
     if high < 0:
         return REVERSED
     return NOT_RESOLVED
+
+
+def resolve_note(row: Mapping) -> str:
+    """A claim row's seeds-to-resolve cell: the count, '> 30' where more seeds
+    would not do, or blank where the claim is resolved (or has one seed)."""
+    if "seeds_to_resolve" not in row:
+        return ""
+    return "> 30 (the test set's spread)" if row["seeds_to_resolve"] is None else str(
+        row["seeds_to_resolve"])
 
 
 def band(curves: Sequence[Sequence[float]], level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
