@@ -199,3 +199,11 @@ def split_metric(name: str, region: str = "all", cover_bin: Optional[int] = None
         ok = _counted(parts, name, r)
         return float(per_image_values(parts)[name][ok, r].mean()) if ok.any() else math.nan
     return metric
+
+
+def per_image_metric(parts: Mapping[str, np.ndarray], name: str, region: str = "all") -> np.ndarray:
+    """(B,) one metric per image in one region, NaN for an image that does not
+    count there: `split_metric(name, region)(parts)` is their nanmean (what the
+    claims' bootstrap resamples, computed once instead of per draw)."""
+    r = REGIONS.index(region)
+    return np.where(_counted(parts, name, r), per_image_values(parts)[name][:, r], np.nan)

@@ -99,22 +99,30 @@ def test_claims_pair_seeds_and_resample_scenes_where_runs_name_them(tmp_path):
         return {(r["a"], r["b"], r["region"], r["metric"]): r for r in experiment.claims(rows)}
 
     rows = experiment.collect(root, methods, seeds=3)
+    # The claims average per-image values: their nanmean is the split metric.
+    for parts in rows["dsen2cr"]["runs"][:1] + rows["cloudy_input"]["runs"]:
+        for metric in cm.METRICS:
+            for region in cm.REGIONS:
+                assert np.nanmean(cm.per_image_metric(parts, metric, region)) == pytest.approx(
+                    cm.split_metric(metric, region)(parts), nan_ok=True)
     want = np.mean([psnr_under_cloud(a) - psnr_under_cloud(b)
                     for a, b in zip(rows["rs_spade_s1"]["runs"], rows["dsen2cr"]["runs"])])
-    row = found(rows)[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]
+    claimed = found(rows)
+    row = claimed[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]
     assert row["difference"]["mean"] == pytest.approx(want) and want > 5
     assert row["seeds"] == [0, 1, 2] and row["verdict"] == stats.HOLDS
     assert row["interval"] == stats.TILE_BOOTSTRAP                 # no scenes recorded yet
-    assert found(rows)[("rs_spade_s1", "dsen2cr", "cloud", "sam_deg")]["verdict"] == stats.HOLDS
-    assert found(rows)[("rs_spade_all", "dsen2cr_all", "cloud", "psnr")]["verdict"] == "not run"
-    assert ("dsen2cr", "cloudy_input", "shadow", "ssim") in found(rows)   # each row vs the input
+    assert claimed[("rs_spade_s1", "dsen2cr", "cloud", "sam_deg")]["verdict"] == stats.HOLDS
+    assert claimed[("rs_spade_all", "dsen2cr_all", "cloud", "psnr")]["verdict"] == "not run"
+    assert ("dsen2cr", "cloudy_input", "shadow", "ssim") in claimed   # each row vs the input
     # Each run names its test images' scenes: the scenes are resampled, the mean is the same.
     for key in ("rs_spade_s1", "dsen2cr"):
         for seed in (0, 1, 2):
             with (root / key / f"seed{seed}" / runner.SCENES_FILE).open("wb") as f:
                 np.savez_compressed(f, scene_id=np.array(["a", "a", "b", "b", "c", "c"]))
     rows = experiment.collect(root, methods, seeds=3)
-    row = found(rows)[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]
+    claimed = found(rows)
+    row = claimed[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]
     assert row["interval"] == stats.SCENE_BOOTSTRAP
     assert row["difference"]["mean"] == pytest.approx(want)
     # One scene for every image: nothing to resample by scene, so images are (and say so).
@@ -124,7 +132,7 @@ def test_claims_pair_seeds_and_resample_scenes_where_runs_name_them(tmp_path):
                 np.savez_compressed(f, scene_id=np.array(["a"] * 6))
     one_scene = found(experiment.collect(root, methods, seeds=3))
     assert one_scene[("rs_spade_s1", "dsen2cr", "cloud", "psnr")]["interval"] == stats.TILE_BOOTSTRAP
-    text = experiment.report_markdown(rows, "demo", [], None, claim_rows=experiment.claims(rows))
+    text = experiment.report_markdown(rows, "demo", [], None, claim_rows=list(claimed.values()))
     assert ("| RS-SPADE beats DSen2-CR on the peers' inputs (S2 cloudy + S1) | cloud | PSNR (dB) | "
             f"{want:+.4g} [") in text
 

@@ -242,7 +242,11 @@ def claim(rows: Mapping[str, dict], a: str, b: str, metric: str, region: str, hi
     if scenes is not None and (len(scenes) != n or (eb["scenes"] is not None
                                                     and not np.array_equal(scenes, eb["scenes"]))):
         scenes = None
-    iv = stats.paired_difference(a_runs, b_runs, cm.split_metric(metric, region), clusters=scenes)
+    # Each run's per-image values, computed once; the bootstrap averages them.
+    def values(runs):
+        return [{"value": cm.per_image_metric(p, metric, region)} for p in runs]
+
+    iv = stats.paired_difference(values(a_runs), values(b_runs), _mean_of_counted, clusters=scenes)
     verdict = (stats.verdict(iv, higher) if len(seeds) > 1
                else f"{stats.NOT_RESOLVED} (1 seed)")
     row.update(seeds=list(seeds), difference=iv.as_dict(), verdict=verdict,
@@ -250,6 +254,13 @@ def claim(rows: Mapping[str, dict], a: str, b: str, metric: str, region: str, hi
     if verdict == stats.NOT_RESOLVED:
         row["seeds_to_resolve"] = stats.seeds_to_resolve(iv)
     return row
+
+
+def _mean_of_counted(parts: Mapping[str, np.ndarray]) -> float:
+    """The split metric of per-image values (NaN: the image lacks the region)."""
+    v = parts["value"]
+    counted = v[np.isfinite(v)]
+    return float(counted.mean()) if counted.size else math.nan
 
 
 def claims(rows: Mapping[str, dict]) -> list[dict]:
