@@ -237,22 +237,16 @@ def claim(rows: Mapping[str, dict], a: str, b: str, metric: str, region: str, hi
     a_runs = [ea["runs"][ea["seeds"].index(s)] for s in seeds]
     b_runs = (eb["runs"] * len(seeds) if eb["seeds"] is None
               else [eb["runs"][eb["seeds"].index(s)] for s in seeds])
-    scenes = stats.resamplable_scenes(ea["scenes"])
-    n = len(np.asarray(a_runs[0]["cover"]))
-    if scenes is not None and (len(scenes) != n or (eb["scenes"] is not None
-                                                    and not np.array_equal(scenes, eb["scenes"]))):
-        scenes = None
+    # The cloudy input's row may name none; A's scenes then stand for both.
+    scenes = stats.shared_scenes([ea["scenes"]] + [eb["scenes"]] * (eb["scenes"] is not None),
+                                 len(np.asarray(a_runs[0]["cover"])))
     # Each run's per-image values, computed once; the bootstrap averages them.
     def values(runs):
         return [{"value": cm.per_image_metric(p, metric, region)} for p in runs]
 
     iv = stats.paired_difference(values(a_runs), values(b_runs), _mean_of_counted, clusters=scenes)
-    verdict = (stats.verdict(iv, higher) if len(seeds) > 1
-               else f"{stats.NOT_RESOLVED} (1 seed)")
-    row.update(seeds=list(seeds), difference=iv.as_dict(), verdict=verdict,
+    row.update(seeds=list(seeds), difference=iv.as_dict(), **stats.judge(iv, higher),
                interval=stats.TILE_BOOTSTRAP if scenes is None else stats.SCENE_BOOTSTRAP)
-    if verdict == stats.NOT_RESOLVED:
-        row["seeds_to_resolve"] = stats.seeds_to_resolve(iv)
     return row
 
 

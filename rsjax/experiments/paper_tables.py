@@ -81,11 +81,11 @@ def cell(entries: dict, metric: str) -> stats.Interval:
 
 def tile_scenes(entries) -> Optional[np.ndarray]:
     """The scene of each test tile, where every run's per-tile record has it and
-    they agree (runs recorded before scene ids were kept have none)."""
-    ids = [e["tiles"].get("scene_id") for e in entries]
-    if not ids or any(i is None for i in ids) or any(not np.array_equal(ids[0], i) for i in ids[1:]):
+    they agree (stats.shared_scenes)."""
+    if not entries:
         return None
-    return stats.resamplable_scenes(ids[0])
+    return stats.shared_scenes([e["tiles"].get("scene_id") for e in entries],
+                               len(next(iter(entries[0]["tiles"].values()))))
 
 
 SCENE_BOOTSTRAP, TILE_BOOTSTRAP = stats.SCENE_BOOTSTRAP, stats.TILE_BOOTSTRAP
@@ -115,10 +115,7 @@ def claim(results: dict, a: tuple, b: tuple, metric: str, higher: bool, text: st
         row.update(difference=None, verdict="not run")
         return row
     fields, iv = paired(ea, eb, seeds, metric)
-    row.update(fields, verdict=stats.verdict(iv, higher) if len(seeds) > 1
-               else f"{stats.NOT_RESOLVED} (1 seed)")
-    if row["verdict"] == stats.NOT_RESOLVED:
-        row["seeds_to_resolve"] = stats.seeds_to_resolve(iv)
+    row.update(fields, **stats.judge(iv, higher))
     return row
 
 

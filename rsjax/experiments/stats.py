@@ -135,13 +135,19 @@ def resampler(n_tiles: int, clusters: Optional[Sequence] = None) -> Callable:
                                        rng.integers(0, len(members), len(members))])
 
 
-def resamplable_scenes(ids: Optional[Sequence]) -> Optional[np.ndarray]:
-    """`ids` when they name at least two scenes, else None: one scene drawn with
-    replacement is always itself, and such a bootstrap would say the test set
-    has no spread at all (the tile bootstrap is then the one to use, named so)."""
-    if ids is None or len(np.unique(np.asarray(ids))) < 2:
+def shared_scenes(ids: Sequence[Optional[Sequence]], n_tiles: int) -> Optional[np.ndarray]:
+    """The scene of each of `n_tiles` test tiles, where every run names them and
+    alike (runs recorded before scene ids were kept name none), and they are at
+    least two scenes; else None, and the tile bootstrap is the one to use (one
+    scene drawn with replacement is always itself: a bootstrap over it would
+    say the test set has no spread at all)."""
+    if not ids or any(i is None for i in ids):
         return None
-    return np.asarray(ids)
+    first = np.asarray(ids[0])
+    if len(first) != n_tiles or any(not np.array_equal(first, i) for i in ids[1:]) \
+            or len(np.unique(first)) < 2:
+        return None
+    return first
 
 
 def paired_difference(a_runs: Sequence[Mapping[str, np.ndarray]],
@@ -206,6 +212,16 @@ HOLDS, REVERSED, NOT_RESOLVED = "holds", "reversed", "not resolved"
 # How a claim's interval resampled the test set (named in every report row).
 SCENE_BOOTSTRAP = "scene-cluster bootstrap (the scenes resampled, each with all its tiles)"
 TILE_BOOTSTRAP = "tile bootstrap (tiles resampled as if independent)"
+
+
+def judge(interval: Interval, higher_is_better: bool = True) -> dict:
+    """A claim's verdict from its paired interval, with one seed always not
+    resolved, and how many seeds would resolve it where it is not."""
+    if interval.n_seeds < 2:
+        return {"verdict": f"{NOT_RESOLVED} (1 seed)"}
+    found = verdict(interval, higher_is_better)
+    return {"verdict": found, **({"seeds_to_resolve": seeds_to_resolve(interval)}
+                                 if found == NOT_RESOLVED else {})}
 
 
 def verdict(interval: Interval, higher_is_better: bool = True) -> str:
