@@ -84,6 +84,11 @@ def normalize_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def note_renamed(old: str, new: str) -> None:
+    """The one line an old name of the previous release prints before it runs as `new`."""
+    print(f"note: {old} is now {new}; the old form goes in the next release.", file=sys.stderr)
+
+
 def rename_options(argv: Sequence[str], renamed: dict[str, Optional[str]], prog: str) -> list[str]:
     """Old option names still work for one release: each becomes its new name
     (None: dropped, what it asked for is now the default), with one note line."""
@@ -92,9 +97,7 @@ def rename_options(argv: Sequence[str], renamed: dict[str, Optional[str]], prog:
         name, sep, value = token.partition("=")
         if name in renamed:
             new = renamed[name]
-            now = f"`{prog} {new}`" if new else "the default"
-            print(f"note: {name} is now {now}; the old form goes in the next release.",
-                  file=sys.stderr)
+            note_renamed(name, f"`{prog} {new}`" if new else "the default")
             if new is None:
                 continue
             token = new + sep + value
@@ -415,8 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = argv[0].replace("-", "_")
     if name in RENAMED:
         new = RENAMED[name]
-        print(f"note: `rsjax {argv[0]}` is now `rsjax {' '.join(new)}`; the old name goes in "
-              f"the next release.", file=sys.stderr)
+        note_renamed(f"`rsjax {argv[0]}`", f"`rsjax {' '.join(new)}`")
         argv, name = [*new, *argv[1:]], new[0]
     if name not in COMMANDS:
         import difflib
@@ -442,8 +444,7 @@ def _run_group(group: str, package, argv: Sequence[str]) -> int:
         return 0 if argv else 2
     default = getattr(package, "DEFAULT_SUBCOMMAND", None)
     if default and argv[0].startswith("-"):        # `rsjax bench --parts ...`: the old form
-        print(f"note: `rsjax {group} {argv[0]} ...` is now `rsjax {group} {default} {argv[0]} ...`; "
-              f"the old form goes in the next release.", file=sys.stderr)
+        note_renamed(f"`rsjax {group} {argv[0]} ...`", f"`rsjax {group} {default} {argv[0]} ...`")
         argv = [default, *argv]
     name = argv[0].replace("-", "_")
     if name not in commands:

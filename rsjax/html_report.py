@@ -484,8 +484,8 @@ def run(args) -> int:
     if args.old_workdir is not None:
         if args.workdir is not None:
             raise UserError(f"give the run's folder once: --workdir {args.workdir}.")
-        print(f"note: `rsjax report {args.old_workdir}` is now `rsjax report --workdir "
-              f"{args.old_workdir}`; the old form goes in the next release.", file=sys.stderr)
+        cli.note_renamed(f"`rsjax report {args.old_workdir}`",
+                         f"`rsjax report --workdir {args.old_workdir}`")
         args.workdir = args.old_workdir
     if args.workdir is None:
         raise UserError("give --workdir: a training run's workdir, or a folder with runs in its "

@@ -121,10 +121,9 @@ def add_arguments(parser) -> None:
 
 
 def worker_counts(values: list[str]) -> list[int]:
-    """`--workers 0,1,2` as [0, 1, 2]; the old `--workers 0,1,2` too, with a note."""
+    """`--workers 0,1,2` as [0, 1, 2]; the old `--workers 0 1 2` too, with a note."""
     if len(values) > 1:
-        print(f"note: --workers {' '.join(values)} is now --workers {','.join(values)}; the old "
-              "form goes in the next release.", file=sys.stderr)
+        cli.note_renamed(f"--workers {' '.join(values)}", f"--workers {','.join(values)}")
     try:
         return cli.nonnegative_int_list(",".join(values))
     except argparse.ArgumentTypeError as err:
