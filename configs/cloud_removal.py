@@ -13,7 +13,7 @@ at 256 px; `demo`: a narrower, shallower network on 64 px tiles, minutes on
 2 CPU cores; `bench`: the demo's network, longer, on the bench scenes;
 `paper`: the published network on the paper-scale scenes), `sources=` the
 inputs (the cloudy image `s2_cloudy` and any of lulc, s1, dem; DSen2-CR's
-own are s2_cloudy+s1), `steps=N`, `manual` (your own exports with a cloudy
+own are s2_cloudy+s1), `steps=N` or `epochs=E`, `manual` (your own exports with a cloudy
 image, `<scene>_s2_cloudy.tif`, in `--config.data.manual_dir=DIR`: the
 `manual_cloudy` dataset). Any field can be overridden:
 `--config.model.num_blocks=8`.
@@ -40,7 +40,7 @@ from rsjax.configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="s2_cloudy+s1", steps=0,
-                         manual=False, model="dsen2cr")
+                         epochs=0.0, manual=False, model="dsen2cr")
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
     sources = common.parse_sources(a.sources)
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                  decoder_blocks=5))
         c.optim = ml_collections.ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999,
                                                  decay_start_step=None))
-        common.add_image_model_loop_settings(c, scale=scale, steps=a.steps)
+        common.add_image_model_loop_settings(c, scale=scale, steps=a.steps, epochs=a.epochs)
         if scale == "full":
             c.global_batch_size = c.eval_batch_size = 4
         return c
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(carl_weight=1.0))
     c.optim = ml_collections.ConfigDict(dict(name="nadam", lr=7e-5, b1=0.9, b2=0.999,
                                              decay_start_step=None))
-    common.add_image_model_loop_settings(c, scale=scale, steps=a.steps)
+    common.add_image_model_loop_settings(c, scale=scale, steps=a.steps, epochs=a.epochs)
     if small:
         c.model.features = 64
         c.model.num_blocks = 6

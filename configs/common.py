@@ -6,6 +6,8 @@ name, or a file: `--config path/to/fusion.py:demo`).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import ml_collections
 
 from rsjax.data.contract import CLOUDY, MODEL_SOURCES, SOURCES
@@ -118,11 +120,16 @@ PAPER_STEPS = -(-PAPER_TRAIN_TILES * PAPER_EPOCHS // PAPER_BATCH)      # 4869
 
 
 def add_loop_settings(c: ml_collections.ConfigDict, *, scale: str, steps: int,
-                      total_steps: dict, eval_every_steps: dict) -> None:
+                      total_steps: dict, eval_every_steps: dict, epochs: float = 0,
+                      total_epochs: Optional[dict] = None) -> None:
     """The fields of the training loop every trainer's config has (batch sizes,
     length, logging, evaluation and checkpoint cadences) at a scale:
-    `total_steps` and `eval_every_steps` map each scale to its value. `steps`
-    (the config argument) replaces the length. Needs `c.optim`: the learning
+    `total_steps` and `eval_every_steps` map each scale to its value. The
+    length is in epochs instead where `total_epochs` names the scale (the
+    paper's protocol: each arm trains that many passes over its own training
+    set; `total_steps` is then set when the run starts, see
+    rsjax.trainers.loop.resolve_length). `steps` or `epochs` (the config
+    arguments) replace the length. Needs `c.optim`: the learning
     rates stay constant for the first half and decay linearly to zero over
     the second half (SPADE and pix2pix's niter = niter_decay), except at the
     full reference size, where they stay constant."""
@@ -130,6 +137,10 @@ def add_loop_settings(c: ml_collections.ConfigDict, *, scale: str, steps: int,
     c.global_batch_size = 8 if small else 16
     c.eval_batch_size = c.global_batch_size
     c.total_steps = steps or total_steps[scale]
+    # > 0: the length in epochs of the run's own training set (real tiles, plus
+    # generated ones in a Mix run), which sets total_steps (and moves the
+    # learning-rate decay with it) when the run starts; 0: total_steps as given.
+    c.total_epochs = float(0 if steps else (epochs or (total_epochs or {}).get(scale, 0)))
     c.max_nonfinite_steps = 10
     c.log_every_steps = 10 if small else 50
     c.eval_every_steps = eval_every_steps[scale]
@@ -147,13 +158,19 @@ def add_loop_settings(c: ml_collections.ConfigDict, *, scale: str, steps: int,
 # one-core workers (docs/experiments.md has the measured costs).
 IMAGE_MODEL_STEPS = {"full": 100_000, "demo": 300, "bench": 400, "paper": PAPER_STEPS}
 IMAGE_MODEL_EVAL_EVERY = {"full": 5000, "demo": 0, "bench": 0, "paper": 1000}
+# The experiments' scales train by epochs (the paper's protocol, 50 epochs of
+# its own data): bench 5 epochs of its 667 training tiles at batch 8 (417
+# steps, the length that fits Tables 1 and 3 in a few hours of 2 CPU cores),
+# paper 50. These replace IMAGE_MODEL_STEPS at those scales.
+IMAGE_MODEL_EPOCHS = {"bench": 5, "paper": PAPER_EPOCHS}
 
 
 def add_image_model_loop_settings(c: ml_collections.ConfigDict, *, scale: str,
-                                  steps: int) -> None:
+                                  steps: int, epochs: float = 0) -> None:
     """`add_loop_settings` with the image models' lengths, plus their image
     grids and the number of validation batches scored."""
     c.image_every_steps = 100 if scale in ("demo", "bench") else 1000
     c.eval_max_batches = 20
     add_loop_settings(c, scale=scale, steps=steps, total_steps=IMAGE_MODEL_STEPS,
-                      eval_every_steps=IMAGE_MODEL_EVAL_EVERY)
+                      eval_every_steps=IMAGE_MODEL_EVAL_EVERY, epochs=epochs,
+                      total_epochs=IMAGE_MODEL_EPOCHS)

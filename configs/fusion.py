@@ -21,7 +21,8 @@ Arguments (comma-separated after ':'):
   model's own (RS-SPADE: hinge + feature matching x10; pix2pix: vanilla GAN +
   L1 x100); `spade+l1` adds pix2pix's L1 x100 term to SPADE's, so that
   RS-SPADE and pix2pix can be compared with the same pixel loss;
-- `steps=N`: the run's length;
+- `steps=N` or `epochs=E`: the run's length (in epochs of its own training set;
+  the bench and paper scales train 5 and 50 epochs by default);
 - cloud removal: `sources=s2_cloudy+s1+dem+lulc` (or any subset with the
   cloudy image) trains on the scale's dataset under clouds
   (`synthetic_cloudy_demo`, ...), the cloudy image being one more source with
@@ -50,7 +51,8 @@ def set_objective(gan: ml_collections.ConfigDict, name: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, demo=False, bench=False, paper=False, sources="all",
-                         model="rs_spade", objective="", steps=0, clouds=False, manual=False)
+                         model="rs_spade", objective="", steps=0, epochs=0.0, clouds=False,
+                         manual=False)
     scale = common.scale_of(a)
     small = scale in ("demo", "bench")
     sources = common.parse_sources(a.sources)
@@ -100,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The GANs are scored on their own weights (the same for every model in the
     # experiments); the flow model on its EMA weights, part of the method.
     c.eval_use_ema = a.model == "flow"
-    common.add_image_model_loop_settings(c, scale=scale, steps=a.steps)
+    common.add_image_model_loop_settings(c, scale=scale, steps=a.steps, epochs=a.epochs)
     if small:
         # Small enough that building the synthetic dataset and training finish on
         # 2 CPU cores in minutes, big enough that the sources visibly help.

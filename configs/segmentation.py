@@ -10,7 +10,8 @@ adds generated images, `data.mix_rate` per real tile (default 1, the paper's
 with its tile's real land-cover map; `data.generated_dir`
 names the folder(s) of generated images ('+'-separated). Validation and test
 always use real tiles. Scales as in the fusion config: none, `demo`, `bench`,
-`paper`; `steps=N` sets the length; `manual` trains on your own exports
+`paper`; `steps=N` or `epochs=E` sets the length (bench and paper: 4 and 50
+epochs of the run's own training set, real plus generated in a Mix run); `manual` trains on your own exports
 (`--config.data.manual_dir=DIR`, as in the fusion config).
 """
 import ml_collections
@@ -18,15 +19,17 @@ import ml_collections
 from rsjax.configs import common
 
 
-# 300 steps of batch 8 (2,400 tiles, about 4 epochs of the bench train
-# split): a one-core worker's U-Net step takes 0.53 s at 64 px, and Table 3
-# trains 18 U-Nets at bench scale.
+# Bench: 4 epochs of each arm's own training set (334 steps of batch 8 on
+# the 667 real tiles; a Mix 1:1 run twice that): a one-core worker's U-Net
+# step takes 0.53 s at 64 px, and Table 3 trains 18 U-Nets at bench scale.
+# BENCH_STEPS is the length when epochs are turned off (epochs=0 with steps).
 BENCH_STEPS = 300
+BENCH_EPOCHS = 4
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, demo=False, bench=False, paper=False, data="real", steps=0,
-                         manual=False)
+                         epochs=0.0, manual=False)
     if a.data not in ("real", "mix"):
         raise ValueError(f"data='{a.data}': choose real or mix.")
     scale = common.scale_of(a)
@@ -48,12 +51,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Cross-entropy class weights from the train split's class frequencies:
     # none, or a weighting of rsjax.losses.class_weights_from_counts.
     c.class_weights = "none"
+    # The model a run is scored and used with: its best validation mIoU
+    # checkpoint (the paper's "best model"), or "last".
+    c.evaluate_checkpoint = "best_validation"
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=1e-4,
                                              decay_start_step=None))
     common.add_loop_settings(
         c, scale=scale, steps=a.steps,
         total_steps={"full": 20_000, "demo": 300, "bench": BENCH_STEPS, "paper": common.PAPER_STEPS},
-        eval_every_steps={"full": 1000, "demo": 50, "bench": 50, "paper": 100})
+        eval_every_steps={"full": 1000, "demo": 50, "bench": 50, "paper": 100},
+        epochs=a.epochs, total_epochs={"bench": BENCH_EPOCHS, "paper": common.PAPER_EPOCHS})
     if scale in ("demo", "bench"):
         c.model.width = 16
     return c

@@ -218,7 +218,11 @@ def parse_value(text: str, current: Any, key: str) -> Any:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
-    """Applies 'a.b=value' overrides in place; unknown keys are an error."""
+    """Applies 'a.b=value' overrides in place; unknown keys are an error.
+
+    A length named in steps (`total_steps=N`) wins over the scale's length in
+    epochs: total_epochs becomes 0 unless the same overrides set it too."""
+    given = set()
     for item in overrides:
         item = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
         key, sep, text = item.partition("=")
@@ -237,6 +241,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
             node[leaf] = value
         except TypeError as err:
             raise ConfigError(f"--config.{key}={text}: {err}") from err
+        given.add(key)
+    if "total_steps" in given and "total_epochs" not in given and config.get("total_epochs"):
+        config.total_epochs = 0.0
 
 
 def _current_value(node: ml_collections.ConfigDict, leaf: str) -> Any:

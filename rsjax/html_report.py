@@ -52,7 +52,7 @@ LEARNING_RATE = "learning_rate/"
 # Scores shown in the summary table across runs, when a run has them.
 HEADLINE = ("psnr", "ssim", "sam", "sam_deg", "miou", "accuracy", "mean_accuracy")
 FINAL_LOSSES = ("g_loss", "d_loss", "loss")
-SKIP_DIRS = {"checkpoints", "images"}       # never hold runs; can be large
+SKIP_DIRS = {"checkpoints", "best_checkpoint", "images"}   # never hold runs; can be large
 
 
 @dataclasses.dataclass

@@ -187,6 +187,71 @@ def speed_claim(results: dict, a: str = "mix_1", b: str = "real") -> dict:
     return row
 
 
+# Has validation flattened? The best validation mIoU of a run's last third of
+# validations gains less than this on the best before it (fixed in advance:
+# half a point of mIoU, under the seeds' spread at bench scale).
+PLATEAU_TOLERANCE = 0.005
+
+
+def plateau(history: list, tolerance: float = PLATEAU_TOLERANCE) -> dict:
+    """Whether one run's validation curve ([{"step", "miou"}, ...]) has
+    flattened: `gain` is the best mIoU of its last third of validations minus
+    the best before them; `flat` whether that gain is below `tolerance`
+    (None with fewer than 3 validations). A resumed run's repeated steps
+    count once (the later value)."""
+    by_step = {int(h["step"]): float(h["miou"]) for h in history}
+    steps = sorted(by_step)
+    out = {"validations": len(steps), "best_step": None, "last_step": steps[-1] if steps else None,
+           "gain": None, "flat": None}
+    if not steps:
+        return out
+    values = [by_step[s] for s in steps]
+    out["best_step"] = steps[int(np.argmax(values))]
+    if len(steps) < 3:
+        return out
+    cut = len(steps) - max(1, len(steps) // 3)
+    out["gain"] = max(values[cut:]) - max(values[:cut])
+    out["flat"] = bool(out["gain"] < tolerance)
+    return out
+
+
+def validation_summary(results: dict) -> tuple[list[str], dict]:
+    """Markdown lines and JSON of whether each Table 3 method's validation
+    mIoU has flattened, over its seeds, and which step its scored model is."""
+    lines, out = [], {}
+    rows = []
+    for method in ("real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts"):
+        seeds = results.get(("table3", method), {})
+        if not seeds:
+            continue
+        per_seed = {}
+        for seed, e in sorted(seeds.items()):
+            record = e["record"]
+            info = plateau(record.get("val_history") or [])
+            info["scored_step"] = (record.get("scores") or {}).get("scored_step",
+                                                                  record.get("step"))
+            per_seed[seed] = info
+        flat = [i["flat"] for i in per_seed.values() if i["flat"] is not None]
+        gains = [i["gain"] for i in per_seed.values() if i["gain"] is not None]
+        out[method] = {"seeds": per_seed, "flat": sum(flat), "judged": len(flat)}
+        rows.append(f"| {LABELS[method]} | {sum(flat)} of {len(flat)} | "
+                    + (f"{np.median(gains):+.3f}" if gains else "-") + " | "
+                    + ", ".join(f"{i['best_step']}/{i['last_step']}" for i in per_seed.values())
+                    + " |")
+    if not rows:
+        return lines, out
+    lines = ["Has validation flattened? A run's validation mIoU counts as flat when the best "
+             f"of its last third of validations gains less than {PLATEAU_TOLERANCE:g} on the best "
+             "before it. Each run is scored with its best validation checkpoint (the paper's "
+             "best model).", "",
+             "| method | flat (seeds) | median gain, last third | best / last step per seed |",
+             "|---|---|---|---|", *rows, ""]
+    still = [LABELS[m] for m, v in out.items() if v["judged"] and v["flat"] < v["judged"]]
+    lines += [f"Still rising in some seeds: {', '.join(still)}; longer training may change "
+              "Table 3." if still else "Validation has flattened in every run.", ""]
+    return lines, out
+
+
 def figure8(results: dict, path: epath.Path) -> Optional[str]:
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -305,6 +370,8 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
                                                "real_optical_half", "new_layouts")]
     lines, report["table3"] = table_rows(results, "table3", t3_methods, SEG_METRICS, PAPER_TABLE3)
     md += ["## Table 3: RS-UNet with generated images", "", *lines, ""]
+    lines, report["validation"] = validation_summary(results)
+    md += lines
 
     rows = claims(results) + [speed_claim(results)]
     report["claims"] = rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -83,10 +85,11 @@ class Checkpointer:
     falls back to the newest intact step, naming the corrupt ones.
     """
 
-    def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int, async_save: bool = True,
+                 folder: str = "checkpoints"):
         # epath: a gs:// workdir stays a URI (Orbax and tensorstore write GCS natively).
         self.workdir = epath.Path(workdir_path(workdir))
-        self.directory = self.workdir / "checkpoints"
+        self.directory = self.workdir / folder
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=save_policy(every_steps), max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
@@ -347,25 +350,102 @@ class Checkpointer:
                 "another --workdir.") from err
 
 
-def restore_state(config, workdir: str, init_fn, mesh, step: Optional[int] = None):
+def restore_state(config, workdir: str, init_fn, mesh, step: Optional[int] = None,
+                  folder: str = "checkpoints"):
     """(state, step) of a checkpoint in `workdir` (default: the latest), restored
     onto `mesh` whatever the device count it was written on."""
-    ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints,
+                        folder=folder)
     try:
         return ckpt.restore_state_only(mesh_lib.abstract_replicated(init_fn, mesh), step)
     finally:
         ckpt.close()
 
 
+# ---------------------------------------------------------------------------
+# The best validation checkpoint (the paper's "best model")
+# ---------------------------------------------------------------------------
+# A run with config.evaluate_checkpoint = "best_validation" also keeps the
+# state of its best validation score so far in <workdir>/BEST_FOLDER (one
+# step) and describes it in BEST_RECORD; evaluation, inference and the
+# experiments then use that state unless a step is named.
+BEST_FOLDER = "best_checkpoint"
+BEST_RECORD = "best_validation.json"
+EVALUATE_CHECKPOINTS = ("last", "best_validation")
+
+
+def evaluates_best(config) -> bool:
+    """Whether a run's model is its best validation checkpoint, not its last one."""
+    choice = config.get("evaluate_checkpoint", "last")
+    if choice not in EVALUATE_CHECKPOINTS:
+        raise UserError(f"config.evaluate_checkpoint={choice!r}: choose one of "
+                        f"{', '.join(EVALUATE_CHECKPOINTS)}.")
+    return choice == "best_validation"
+
+
+def best_record(workdir: str) -> Optional[dict]:
+    """The run's best validation so far ({"step", "metric", "value", ...}), or None."""
+    path = epath.Path(workdir_path(workdir)) / BEST_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class BestCheckpoint:
+    """Keeps the state of the best validation score in <workdir>/BEST_FOLDER.
+
+    `offer(step, state, value)` saves the state (synchronously, replacing the
+    one kept) when `value` beats the best so far, then rewrites BEST_RECORD;
+    a resumed run reads the best so far from that record. `higher`: whether a
+    larger value is better."""
+
+    def __init__(self, config, workdir: str, metric: str, higher: bool = True):
+        self.workdir, self.metric, self.higher = workdir, metric, higher
+        self._ckpt = Checkpointer(workdir, 1, 1, async_save=False, folder=BEST_FOLDER)
+        record = best_record(workdir)
+        self.best = None if record is None else record
+
+    def offer(self, step: int, state: Any, value: float, **extra) -> bool:
+        if not np.isfinite(value):
+            return False
+        if self.best is not None:
+            if step <= int(self.best["step"]):
+                return False     # a resumed run revalidating steps it had seen
+            better = value > self.best["value"] if self.higher else value < self.best["value"]
+            if not better:
+                return False
+        if not self._ckpt.save(step, state, force=True):
+            return False
+        self._ckpt.wait()
+        self.best = {"step": int(step), "metric": self.metric, "value": float(value), **extra}
+        if jax.process_index() == 0:
+            (epath.Path(workdir_path(self.workdir)) / BEST_RECORD).write_text(
+                json.dumps(self.best, indent=2))
+        log.info("Best validation %s so far: %.4g at step %d (kept in %s).", self.metric,
+                 value, step, BEST_FOLDER)
+        return True
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+
 def restore_for_eval(config, workdir: str, step: Optional[int] = None, devices=None, *,
                      make_setup: Callable[[Any], Any]):
     """(setup, state, step, mesh) for evaluation and inference: the checkpoint at
-    `step` (default: the latest), written on any device count, restored onto a
-    mesh over `devices` (default: all); `make_setup(config)` is the trainer's
-    Setup. Each trainer binds its own: `functools.partial(..., make_setup=Setup)`."""
+    `step` (default: the run's model: its best validation checkpoint where
+    `config.evaluate_checkpoint` says so and one was kept, else the latest),
+    written on any device count, restored onto a mesh over `devices`
+    (default: all); `make_setup(config)` is the trainer's Setup. Each trainer
+    binds its own: `functools.partial(..., make_setup=Setup)`."""
     mesh = mesh_lib.create_mesh(devices)
     setup = make_setup(config)
-    state, step = restore_state(config, workdir, setup.init_state, mesh, step)
+    folder = "checkpoints"
+    if evaluates_best(config):
+        record = best_record(workdir)
+        if record is not None and (step is None or int(step) == int(record["step"])):
+            folder, step = BEST_FOLDER, int(record["step"])
+        elif step is None:
+            log.warning("%s: no best validation checkpoint was kept (no validation ran); "
+                        "using the latest checkpoint.", workdir)
+    state, step = restore_state(config, workdir, setup.init_state, mesh, step, folder=folder)
     return setup, state, step, mesh
 
 

@@ -200,8 +200,9 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
 @one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
-    setup = Setup(config)                       # config errors before anything is created
+    Setup(config)                               # config errors before anything is created
     workdir, mesh = loop.start_run(config, workdir, devices)
+    setup = Setup(config)                       # with the length start_run resolved
     is_main = jax.process_index() == 0
     log.info("Cloud removal (%s) on %d devices, sources %s", config.model.name,
              mesh.devices.size, setup.sources)

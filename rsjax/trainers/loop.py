@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Optional
 
@@ -42,15 +43,43 @@ def ema_update(ema, params, decay):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+def steps_for_epochs(epochs: float, records: int, batch_size: int) -> int:
+    """Steps of `batch_size` that pass over `records` records `epochs` times
+    (rounded up: the loader's batches run on across epoch boundaries)."""
+    return max(1, math.ceil(epochs * records / batch_size))
+
+
+def resolve_length(config, records: int) -> None:
+    """A run measured in epochs (`config.total_epochs` > 0) gets its
+    `total_steps` from its training set's size, `records`; the learning-rate
+    decay's start (`optim.decay_start_step`) moves in proportion, so "decay
+    over the second half" stays the second half. Done when the run starts, so
+    config.json records the steps the run took; a run without epochs is left
+    as it is."""
+    epochs = float(config.get("total_epochs", 0) or 0)
+    if epochs <= 0:
+        return
+    steps = steps_for_epochs(epochs, records, int(config.global_batch_size))
+    decay = config.optim.get("decay_start_step")
+    if decay is not None:
+        config.optim.decay_start_step = int(round(decay * steps / max(1, int(config.total_steps))))
+    config.total_steps = steps
+    log.info("%g epochs of %d training records at batch %d: %d steps.", epochs, records,
+             int(config.global_batch_size), steps)
+
+
 def start_run(config, workdir: str, devices=None):
     """(workdir as a string every library takes, mesh) of a training run: the
     workdir created, the mesh over `devices` (default: all) checked against the
-    batch size, the dataset built when missing."""
+    batch size, the dataset built when missing, the run's length in steps
+    resolved from its epochs (`resolve_length`)."""
     workdir = workdir_path(workdir)      # local (made absolute) or gs://
     mesh = mesh_lib.create_mesh(devices)
     mesh_lib.check_batch_size(config.global_batch_size, mesh)
     # The dataset first: a missing or mismatched one is an error that leaves no workdir.
     input_pipeline.ensure_dataset(config.data)
+    if float(config.get("total_epochs", 0) or 0) > 0:
+        resolve_length(config, input_pipeline.training_set_size(config.data))
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     return workdir, mesh
 

@@ -196,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     train_iter = input_pipeline.create_iterator(
         config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
         train=True, seed=int(config.seed), sources=(),
-        generated_dir=config.data.generated_dir if config.data.train_data == "mix" else None)
+        generated_dir=input_pipeline.training_generated_dir(config.data))
 
     setup = Setup(config)
     weights = class_weights(config)
@@ -205,9 +205,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     step_fn = jax.jit(functools.partial(train_step, setup, weights), donate_argnums=(0,))
     history_path = epath.Path(workdir) / "val_history.jsonl"
     history = []
+    # The paper's "best model": the state of the best validation mIoU is kept
+    # beside the periodic checkpoints, and it is what the run is scored with.
+    best = (checkpoints.BestCheckpoint(config, workdir, "miou")
+            if checkpoints.evaluates_best(config) else None)
+    validated = []
 
     def validate(step, state, batch, writer):
         scores, _, _ = evaluate_split(setup, state, config, "validation", mesh)
+        validated.append(step)
         writer.write_scalars(step, {f"val_{k}": v for k, v in scores.items() if np.isscalar(v)})
         if is_main:   # the learning curve of Figure 8
             if not history and history_path.exists():     # a resumed run extends its file
@@ -216,18 +222,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                        "accuracy": scores["accuracy"]}) + "\n")
             # Rewritten whole: objects on Cloud Storage cannot be appended to.
             history_path.write_text("".join(history))
+        if best is not None:
+            best.offer(step, state, scores["miou"], accuracy=scores["accuracy"])
 
     def final_evaluation(state, split, step, writer):
+        selected = {}
+        if best is not None:
+            if config.eval_every_steps and step not in validated:
+                validate(step, state, None, writer)       # the last steps count too
+            if best.best is not None and int(best.best["step"]) != step:
+                state, _ = checkpoints.restore_state(config, workdir, setup.init_state, mesh,
+                                                     int(best.best["step"]),
+                                                     folder=checkpoints.BEST_FOLDER)
+            if best.best is not None:
+                step = int(best.best["step"])
+                selected = {"selected": "best_validation", "scored_step": step,
+                            "validation_miou": best.best["value"]}
+                log.info("Scoring the best validation checkpoint: step %d (validation mIoU %.4g).",
+                         step, best.best["value"])
         scores, cm, shown = evaluate_split(setup, state, config, split, mesh, collect=4)
         loop.write_final_evaluation(workdir, split, step,
-                                    {**scores, "confusion_matrix": cm.tolist()})
+                                    {**scores, **selected, "confusion_matrix": cm.tolist()})
         if is_main and shown is not None:
             grid = viz.render_grid(_grid_rows(shown))
             viz.save_png(grid, epath.Path(workdir) / f"eval_{split}.png")
             writer.write_images(step, {f"{split}_images": grid})
-        return scores
+        return {**scores, **selected}
 
-    return loop.run_and_evaluate(
-        config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
-        periodic=((config.eval_every_steps, validate),), learning_rates=setup.learning_rates,
-        final_evaluation=final_evaluation)
+    try:
+        return loop.run_and_evaluate(
+            config, workdir, state=state, step_fn=step_fn, train_iter=train_iter,
+            periodic=((config.eval_every_steps, validate),), learning_rates=setup.learning_rates,
+            final_evaluation=final_evaluation)
+    finally:
+        if best is not None:
+            best.close()
