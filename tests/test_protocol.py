@@ -101,6 +101,7 @@ def test_best_checkpoint_keeps_the_best_state_and_survives_a_restart(tmp_path):
     assert not best.offer(4, _state(4.0), 0.20)             # worse: not kept
     assert not best.offer(5, _state(5.0), float("nan"))     # never a NaN score
     assert best.offer(6, _state(6.0), 0.40, accuracy=0.7)
+    assert not best.offer(7, _state(7.0), 0.10)             # the last offer is not the best
     best.close()
     record = checkpoints.best_record(workdir)
     assert record == {"step": 6, "metric": "miou", "value": 0.40, "accuracy": 0.7}
@@ -113,6 +114,7 @@ def test_best_checkpoint_keeps_the_best_state_and_survives_a_restart(tmp_path):
     assert not again.offer(6, _state(0.0), 0.99)
     assert not again.offer(8, _state(8.0), 0.35)
     assert again.offer(10, _state(10.0), 0.45)
+    assert not again.offer(12, _state(12.0), 0.2)
     again.close()
     ckpt = checkpoints.Checkpointer(workdir, 1, 1, folder=checkpoints.BEST_FOLDER)
     state, step = ckpt.restore_state_only(checkpoints.abstract_like(_state(0.0)))
