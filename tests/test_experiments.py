@@ -12,6 +12,8 @@ from etils import epath
 
 from rsjax import config_loader, input_pipeline
 from rsjax.experiments import plan as plan_lib
+from rsjax.errors import UserError
+from rsjax.experiments import export
 from rsjax.experiments import paper_tables as report, runner, stats, workers
 
 
@@ -149,7 +151,9 @@ def _tiny(run):
     is tested (on one device: 8-device programs compile a quarter slower, and data
     parallelism has its own tests)."""
     if run.config.startswith("segmentation"):
-        return ("model.width=4", "total_steps=2", "eval_every_steps=1", "log_every_steps=1",
+        # A length in epochs, as at the bench and paper scales (2 steps real-only,
+        # 4 with Mix 1:1 on the demo split's 79 tiles).
+        return ("model.width=4", "total_epochs=0.2", "eval_every_steps=1", "log_every_steps=1",
                 "data.name=rs_multisource/synthetic_demo")
     out = ["generator.ngf=4", "discriminator.ndf=4", "total_steps=2", "log_every_steps=1",
            "image_every_steps=0", "data.name=rs_multisource/synthetic_demo"]
@@ -225,6 +229,14 @@ def test_runner_resumes_run_by_run_and_the_report_reads_the_runs(demo_data_dir, 
     md = (root / "report.md").read_text()
     assert "## Table 1" in md and "| RS-SPADE | 1 |" in md
     assert (root / "grids" / "table1_rs_spade.png").exists()
+
+    # Runs in epochs trained the steps their own training set makes, and a later
+    # session finds every run finished: the record holds the planned config,
+    # not the steps resolved from it.
+    assert (records[2]["step"], records[3]["step"]) == (2, 4)
+    runner.run_plan(runs, root, str(demo_data_dir), print_fn=lines.append, extra=_tiny,
+                    devices=jax.devices()[:1])
+    assert lines[-1] == "4 of 4 runs already finished; 0 to run."
 
     # A finished run whose config no longer matches the plan is an error, not a silent mix.
     def longer(run):
@@ -520,3 +532,90 @@ def test_the_machine_record_names_the_cpu_model_where_linux_gives_one():
     if names:
         assert facts["cpu"] == names[0]
     assert facts["memory_gib"] is None or facts["memory_gib"] > 0
+
+
+def _fake_table1_and_3(root, seeds=2):
+    """Finished Table 1 RS-SPADE, its syntheses and Table 3's real and Mix 1:1
+    runs (records only), with the large files the records leave behind."""
+    rng = np.random.default_rng(1)
+    runs = [r for r in plan_lib.plan("bench", seeds=seeds, tables=("table3",))
+            if r.method in ("rs_spade", "real", "mix_1")
+            or (r.kind == "synthesize" and "optical" not in r.name)]
+    for run in runs:
+        if run.kind == "fusion":
+            _fake_run(root, run, {"psnr": rng.normal(20, 1, 30), "ssim": np.full(30, 0.5),
+                                  "sam_sum": np.full(30, 10.0), "sam_count": np.full(30, 100.0)})
+            (root / run.name / "checkpoints" / "400").mkdir(parents=True)
+            (root / run.name / "checkpoints" / "400" / "big").write_bytes(b"x" * 1000)
+        elif run.kind == "synthesize":
+            _fake_run(root, run, {})
+            (root / run.name / "part-00000.npz").write_bytes(b"x" * 1000)
+        else:
+            cm = rng.integers(50, 80, (20, 9, 9))
+            _fake_run(root, run, {"cm": cm}, [{"step": s, "miou": 0.1 * s} for s in (1, 2, 3)])
+        # The config as the runner records it, so the plan finds these runs finished.
+        path = root / run.name / runner.RUN_FILE
+        record = json.loads(path.read_text())
+        record["config"] = runner.config_record(runner.run_config(run, root), root)
+        path.write_text(json.dumps(record))
+    return runs
+
+
+def test_export_carries_the_records_and_the_report_redraws_from_them(tmp_path):
+    from rsjax import cli
+
+    root = epath.Path(tmp_path / "exp")
+    runs = _fake_table1_and_3(root)
+    report.build_report(root, "bench", runs)
+    out = tmp_path / "records"
+    assert cli.main(["experiments", "export", "--workdir", str(root), "--out_dir", str(out)]) == 0
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert "table1/rs_spade/seed0/run.json" in copied
+    assert "table3/mix_1/seed1/tiles_test.npz" in copied
+    assert "report.json" in copied and "figure8.png" in copied
+    assert not [p for p in copied if "checkpoints" in p or "part-" in p]     # left behind
+    # The report redrawn from the records alone says what the original said.
+    again = report.build_report(epath.Path(out), "bench", runs)
+    first = json.loads((root / "report.json").read_text())
+    assert json.dumps(again["claims"], default=float) == json.dumps(first["claims"])
+    assert json.dumps(again["table3"], default=float) == json.dumps(first["table3"])
+    with pytest.raises(UserError, match="inside the experiment"):
+        export.export_records(root, root / "records")
+    with pytest.raises(UserError, match="no finished run"):
+        export.export_records(epath.Path(tmp_path / "empty_exp").mkdir() or
+                              epath.Path(tmp_path / "empty_exp"), tmp_path / "r2")
+
+
+def test_a_fresh_machine_continues_from_records_and_says_what_a_run_lacks(tmp_path):
+    """Records of finished runs count as finished on another machine; a run
+    that reads a finished run's checkpoints or images that stayed behind
+    stops before anything runs, naming them, instead of failing mid-way."""
+    root = epath.Path(tmp_path / "exp")
+    runs = _fake_table1_and_3(root, seeds=1)
+    moved = epath.Path(tmp_path / "fresh")
+    export.export_records(root, moved)
+    # Table 3's runs have not finished on the new machine; its synthesis has.
+    for run in runs:
+        if run.kind == "segmentation":
+            (moved / run.name / runner.RUN_FILE).unlink()
+    ran = []
+
+    def run_one(run, root, data_dir, extra, devices):
+        ran.append(run.name)
+        return {"seconds": 0.0}
+
+    with pytest.raises(UserError) as err:
+        runner.run_plan(runs, moved, execute_run=run_one, print_fn=lambda line: None)
+    message = str(err.value)
+    assert "table3/mix_1/seed0 needs" in message and "part-*.npz" in message
+    assert "generated/rs_spade/seed0/run.json aside" in message
+    assert ran == ["table3/real/seed0"]        # the run that needs nothing ran first
+    # With the images copied in, the rest runs.
+    (moved / "generated/rs_spade/seed0/part-00000.npz").write_bytes(b"x")
+    runner.run_plan(runs, moved, execute_run=run_one, print_fn=lambda line: None)
+    assert ran[-1] == "table3/mix_1/seed0"
+    # A synthesis whose generator came without checkpoints says so too.
+    synth = next(r for r in runs if r.kind == "synthesize")
+    assert runner.missing_inputs(synth, moved) == [
+        f"{moved / 'table1/rs_spade/seed0/checkpoints'} (the generator's checkpoints)"]
+    assert runner.missing_inputs(synth, root) == []

@@ -17,4 +17,7 @@ SUBCOMMANDS = {
     "cloud_removal": ("rsjax.experiments.cloud_removal",
                       "beyond the paper: cloud removal as SEN12MS-CR reports it, with the peers' "
                       "numbers"),
+    "export": ("rsjax.experiments.export",
+               "copy an experiment's records (no checkpoints) to commit or carry to another "
+               "machine"),
 }

@@ -178,6 +178,7 @@ def load_finished(run: Run, root: epath.Path) -> Optional[dict]:
 # other value, or any other difference, is a mismatch.
 ADDED_KEYS = {
     ("data", "mix_all"): False,
+    ("total_epochs",): 0.0,                 # a length in steps, as before epochs
 }
 
 
@@ -222,6 +223,9 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
 
     out = root / run.name
     config = run_config(run, root, data_dir, extra)
+    # The config as planned: what a later session's plan is checked against. A
+    # run in epochs resolves its steps when it starts (its config.json has them).
+    planned = config_record(config, root)
     attempt = start_attempt(out)
     if run.kind == "synthesize":
         from rsjax import synthesize
@@ -254,7 +258,7 @@ def execute(run: Run, root: epath.Path, data_dir: Optional[str] = None,
     from rsjax import provenance
 
     record.update(name=run.name, table=run.table, method=run.method, seed=run.seed,
-                  config=config_record(config, root), **finish_attempt(attempt),
+                  config=planned, **finish_attempt(attempt),
                   finished=round(time.time(), 1), provenance=provenance.record(config.data))
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -284,6 +288,36 @@ def needs(run: Run) -> tuple[str, ...]:
     if run.kind == "segmentation" and run.generator:
         return tuple(run.generator.split(","))
     return ()
+
+
+def missing_inputs(run: Run, root: epath.Path) -> list[str]:
+    """What `run` reads from the runs it needs that is not in this workdir:
+    a synthesis needs its generator's checkpoints, a segmentation the
+    generated images of its syntheses. Both stay behind when finished runs
+    are carried over as records only (`rsjax experiments export`)."""
+    missing = []
+    for name in needs(run):
+        folder = root / name
+        if run.kind == "synthesize":
+            checkpoints = folder / "checkpoints"
+            if not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+                missing.append(f"{folder / 'checkpoints'} (the generator's checkpoints)")
+        elif not any(folder.glob("part-*.npz")):
+            missing.append(f"{folder}/part-*.npz (the generated images)")
+    return missing
+
+
+def check_inputs(run: Run, root: epath.Path) -> None:
+    """A UserError naming what `run` needs from finished runs that is not here,
+    and the two ways on: copy it in, or rerun those runs here."""
+    missing = missing_inputs(run, root)
+    if missing:
+        reruns = ", ".join(str(root / name / RUN_FILE) for name in needs(run))
+        raise UserError(
+            f"{run.name} needs what its finished runs made, which is not in {root}: "
+            f"{'; '.join(missing)}. Their records came without it (an exported "
+            "experiment). Copy those folders from the machine that ran them, or move "
+            f"{reruns} aside to run them again here.")
 
 
 def claim(run: Run, root: epath.Path):
@@ -382,6 +416,7 @@ def _next_run(runs, records, root, data_dir, extra):
             continue
         if not all(name in finished or (root / name / RUN_FILE).exists() for name in needs(run)):
             continue
+        check_inputs(run, root)
         lock = claim(run, root)
         if lock is None:
             busy.append(run.name)
