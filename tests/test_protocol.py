@@ -94,9 +94,8 @@ def _state(value: float) -> dict:
 
 
 def test_best_checkpoint_keeps_the_best_state_and_survives_a_restart(tmp_path):
-    config = config_loader.load_config("segmentation:demo", lock=False)
     workdir = str(tmp_path)
-    best = checkpoints.BestCheckpoint(config, workdir, "miou")
+    best = checkpoints.BestCheckpoint(workdir, "miou")
     assert best.offer(2, _state(2.0), 0.30)
     assert not best.offer(4, _state(4.0), 0.20)             # worse: not kept
     assert not best.offer(5, _state(5.0), float("nan"))     # never a NaN score
@@ -110,7 +109,7 @@ def test_best_checkpoint_keeps_the_best_state_and_survives_a_restart(tmp_path):
 
     # A resumed run knows the best so far: a lower score later is not kept,
     # and steps it validated before the restart are not offered again.
-    again = checkpoints.BestCheckpoint(config, workdir, "miou")
+    again = checkpoints.BestCheckpoint(workdir, "miou")
     assert not again.offer(6, _state(0.0), 0.99)
     assert not again.offer(8, _state(8.0), 0.35)
     assert again.offer(10, _state(10.0), 0.45)

@@ -397,11 +397,11 @@ class BestCheckpoint:
     a resumed run reads the best so far from that record. `higher`: whether a
     larger value is better."""
 
-    def __init__(self, config, workdir: str, metric: str, higher: bool = True):
+    def __init__(self, workdir: str, metric: str, higher: bool = True):
         self.workdir, self.metric, self.higher = workdir, metric, higher
+        # Synchronous: the state is kept before the next step donates its buffers.
         self._ckpt = Checkpointer(workdir, 1, 1, async_save=False, folder=BEST_FOLDER)
-        record = best_record(workdir)
-        self.best = None if record is None else record
+        self.best = best_record(workdir)
 
     def offer(self, step: int, state: Any, value: float, **extra) -> bool:
         if not np.isfinite(value):

@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     history = []
     # The paper's "best model": the state of the best validation mIoU is kept
     # beside the periodic checkpoints, and it is what the run is scored with.
-    best = (checkpoints.BestCheckpoint(config, workdir, "miou")
+    best = (checkpoints.BestCheckpoint(workdir, "miou")
             if checkpoints.evaluates_best(config) else None)
     validated = []
 
