@@ -19,8 +19,8 @@ import ml_collections
 from rsjax.configs import common
 
 
-# Bench: 4 epochs of each arm's own training set (334 steps of batch 8 on
-# the 667 real tiles; a Mix 1:1 run twice that): a one-core worker's U-Net
+# Bench: 4 epochs of each arm's own training set (336 steps of batch 8 on
+# the 672 real tiles; a Mix 1:1 run twice that): a one-core worker's U-Net
 # step takes 0.53 s at 64 px, and Table 3 trains 18 U-Nets at bench scale.
 # BENCH_STEPS is the length when epochs are turned off (epochs=0 with steps).
 BENCH_STEPS = 300
