@@ -230,3 +230,28 @@ def test_report_says_which_methods_are_still_rising():
     text = "\n".join(lines)
     assert "Still rising in some seeds: Mix 1:1 (the paper's)" in text
     assert "| True Data (real only) | 2 of 2 |" in text
+
+
+def test_figure8_and_the_speed_claim_count_epochs_when_runs_trained_in_epochs():
+    """Under epochs a Mix 1:1 run takes twice the steps per pass over its data:
+    Figure 8 and its speed claim compare per epoch, the paper's axis. Here both
+    reach the threshold after 50 steps, which is 2 epochs of real-only
+    training and 1 of Mix."""
+    def record(steps, total, curve):
+        return {"record": {"config": {"total_epochs": 4.0}, "step": total,
+                           "val_history": [{"step": s, "miou": v} for s, v in zip(steps, curve)]}}
+    results = {("table3", "real"): {k: record((25, 50, 75, 100), 100, (.1, .5, .5, .5))
+                                    for k in (0, 1)},
+               ("table3", "mix_1"): {k: record((50, 100, 150, 200), 200, (.5, .5, .5, .5))
+                                     for k in (0, 1)}}
+    assert paper_tables.curve_unit(results) == "epoch"
+    assert paper_tables.curves(results, "mix_1", "epoch")[0][0] == [1.0, 2.0, 3.0, 4.0]
+    row = paper_tables.speed_claim(results)
+    assert row["claim"].endswith("in fewer epochs")
+    assert row["epochs_saved_per_seed"] == [1.0, 1.0]
+    # Runs with a length in steps keep the steps axis.
+    for seeds in results.values():
+        for e in seeds.values():
+            e["record"]["config"] = {}
+    assert paper_tables.curve_unit(results) == "step"
+    assert paper_tables.speed_claim(results)["steps_saved_per_seed"] == [0.0, 0.0]

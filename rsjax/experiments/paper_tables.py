@@ -146,12 +146,31 @@ def claims(results: dict) -> list[dict]:
 # ---------------------------------------------------------------------------
 # Figure 8: validation mIoU during training, and the speed claim
 # ---------------------------------------------------------------------------
-def curves(results: dict, method: str) -> dict:
-    """{seed: (steps, val mIoU)} of one Table 3 method."""
+def epochs_per_step(record: dict) -> Optional[float]:
+    """The epochs of its own training set one step of a run is, or None for
+    a run whose length was given in steps (its record's planned config has no
+    total_epochs; its final `step` is the steps its epochs made)."""
+    epochs = float((record.get("config") or {}).get("total_epochs") or 0)
+    steps = record.get("step")
+    return epochs / steps if epochs > 0 and steps else None
+
+
+def curve_unit(results: dict) -> str:
+    """"epoch" when every Table 3 run trained in epochs (the paper's Figure 8
+    axis: runs of different training sets compare per pass over their own
+    data), else "step"."""
+    records = [e["record"] for (table, _), seeds in results.items() if table == "table3"
+               for e in seeds.values()]
+    return "epoch" if records and all(epochs_per_step(r) for r in records) else "step"
+
+
+def curves(results: dict, method: str, unit: str = "step") -> dict:
+    """{seed: (steps or epochs, val mIoU)} of one Table 3 method."""
     out = {}
     for seed, e in results.get(("table3", method), {}).items():
         history = e["record"].get("val_history") or []
-        out[seed] = ([h["step"] for h in history], [h["miou"] for h in history])
+        scale = epochs_per_step(e["record"]) if unit == "epoch" else 1.0
+        out[seed] = ([h["step"] * scale for h in history], [h["miou"] for h in history])
     return out
 
 
@@ -164,10 +183,11 @@ def steps_to_reach(steps, values, threshold: float) -> float:
 
 
 def speed_claim(results: dict, a: str = "mix_1", b: str = "real") -> dict:
-    ca, cb = curves(results, a), curves(results, b)
+    unit = curve_unit(results)
+    ca, cb = curves(results, a, unit), curves(results, b, unit)
     seeds = sorted(set(ca) & set(cb))
     row = {"claim": f"{LABELS[a]} reaches a validation mIoU of {SPEED_THRESHOLD:g} x True Data's "
-                    "final one in fewer steps", "metric": "steps", "seeds": seeds}
+                    f"final one in fewer {unit}s", "metric": f"{unit}s", "seeds": seeds}
     if not seeds or not all(cb[s][1] for s in seeds):
         row.update(difference=None, verdict="not run")
         return row
@@ -181,7 +201,7 @@ def speed_claim(results: dict, a: str = "mix_1", b: str = "real") -> dict:
         return last + interval if math.isnan(v) else v
     saved = [reach(cb[s]) - reach(ca[s]) for s in seeds]
     iv = stats.seed_interval(saved)
-    row.update(threshold=threshold, steps_saved_per_seed=saved, difference=iv.as_dict(),
+    row.update(threshold=threshold, **{f"{unit}s_saved_per_seed": saved}, difference=iv.as_dict(),
                verdict=stats.verdict(iv, True) if len(seeds) > 1
                else f"{stats.NOT_RESOLVED} (1 seed)")
     return row
@@ -262,8 +282,9 @@ def figure8(results: dict, path: epath.Path) -> Optional[str]:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     drawn = 0
+    unit = curve_unit(results)
     for method in ("real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts"):
-        c = curves(results, method)
+        c = curves(results, method, unit)
         if not c:
             continue
         length = min(len(v[1]) for v in c.values())
@@ -277,7 +298,7 @@ def figure8(results: dict, path: epath.Path) -> Optional[str]:
         drawn += 1
     if not drawn:
         return None
-    ax.set_xlabel("training step")
+    ax.set_xlabel(f"training {unit}" + (" (of the run's own training set)" if unit == "epoch" else ""))
     ax.set_ylabel("validation mIoU")
     ax.set_title("RS-UNet: validation mIoU, mean and 95% band over seeds")
     ax.legend(fontsize=7)
