@@ -777,8 +777,10 @@ class BatchIterator:
     as it takes grain's own iterators.
     """
 
-    def __init__(self, loader: grain.DataLoader, mesh, per_process_batch: int, pad_final: bool):
+    def __init__(self, loader: grain.DataLoader, mesh, per_process_batch: int, pad_final: bool,
+                 num_records: int):
         self._loader = loader
+        self.num_records = num_records      # one epoch: the records of its source
         self._iterator = iter(loader)
         self._mesh = mesh
         self._per_process_batch = per_process_batch
@@ -816,11 +818,24 @@ def split_size(data_cfg, split: str) -> int:
     return int(get_builder(data_cfg).info.splits[split].num_examples)
 
 
-def split_source(data_cfg, split: str, *, sources: Sequence[str] = (),
-                 generated_dir: Optional[str] = None):
-    """(random-access source of contract tiles, normalizer) of one split, as
-    `create_iterator` reads it: the train split restricted to
-    `data_cfg.train_scenes`, generated images added from `generated_dir`."""
+def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, train: bool,
+                    seed: int, sources: Sequence[str] = contract.SOURCES,
+                    num_epochs: Optional[int] = None,
+                    generated_dir: Optional[str] = None) -> BatchIterator:
+    """Batches of one split of the dataset named by data_cfg (see the module docstring).
+
+    train=True: shuffled (seeded), repeated for num_epochs (None = forever),
+    augmented (unless data_cfg.augment is False), final partial batch dropped.
+    train=False: in order, not augmented, num_epochs defaults to 1, and the
+    final partial batch is padded with examples whose `valid` is all False
+    and label 255, so that every tile is seen once and masked metrics ignore
+    the padding.
+    generated_dir: add generated optical images to the split (see generated_source;
+    `data_cfg.mix_rate` generated images per real one, default 1; or every
+    image in the folders with `data_cfg.mix_all`).
+    `data_cfg.train_scenes` ('all', 'optical', 'no_optical'; see scene_half)
+    restricts the train split's real tiles to half of its scenes.
+    """
     builder = get_builder(data_cfg)
     if not builder.is_prepared():
         raise FileNotFoundError(
@@ -843,45 +858,6 @@ def split_source(data_cfg, split: str, *, sources: Sequence[str] = (),
                                   real_indices=real_indices)
     elif real_indices is not None:
         source = SubsetSource(source, real_indices)
-    return source, normalizer
-
-
-def training_generated_dir(data_cfg) -> Optional[str]:
-    """The generated images a training run mixes into its train split:
-    `data_cfg.generated_dir` in a Mix run (`train_data` "mix"), else None."""
-    if data_cfg.get("train_data", "real") != "mix":
-        return None
-    return data_cfg.get("generated_dir")
-
-
-def training_set_size(data_cfg) -> int:
-    """The records one epoch of a training run passes over: its train split's
-    real tiles (all, or `train_scenes`' half) plus, in a Mix run, the
-    generated images it mixes in."""
-    source, _ = split_source(data_cfg, "train", generated_dir=training_generated_dir(data_cfg))
-    return len(source)
-
-
-def create_iterator(data_cfg, split: str, *, global_batch_size: int, mesh=None, train: bool,
-                    seed: int, sources: Sequence[str] = contract.SOURCES,
-                    num_epochs: Optional[int] = None,
-                    generated_dir: Optional[str] = None) -> BatchIterator:
-    """Batches of one split of the dataset named by data_cfg (see the module docstring).
-
-    train=True: shuffled (seeded), repeated for num_epochs (None = forever),
-    augmented (unless data_cfg.augment is False), final partial batch dropped.
-    train=False: in order, not augmented, num_epochs defaults to 1, and the
-    final partial batch is padded with examples whose `valid` is all False
-    and label 255, so that every tile is seen once and masked metrics ignore
-    the padding.
-    generated_dir: add generated optical images to the split (see generated_source;
-    `data_cfg.mix_rate` generated images per real one, default 1; or every
-    image in the folders with `data_cfg.mix_all`).
-    `data_cfg.train_scenes` ('all', 'optical', 'no_optical'; see scene_half)
-    restricts the train split's real tiles to half of its scenes.
-    """
-    source, normalizer = split_source(data_cfg, split, sources=sources,
-                                      generated_dir=generated_dir)
     return batch_iterator(
         source, normalizer, global_batch_size=global_batch_size, mesh=mesh, train=train, seed=seed,
         sources=sources, num_epochs=num_epochs, augment=train and bool(data_cfg.get("augment", True)),
@@ -952,4 +928,5 @@ def batch_iterator(source, normalizer: Normalizer, *, global_batch_size: int, me
         # grain's default of 16 reader threads thrashes a few cores; records are
         # small and decode fast, so 2 threads per process keep up (measured).
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=8 * read_threads))
-    return BatchIterator(loader, mesh, per_process_batch, pad_final=not train)
+    return BatchIterator(loader, mesh, per_process_batch, pad_final=not train,
+                         num_records=len(source))

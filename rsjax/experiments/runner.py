@@ -295,12 +295,13 @@ def missing_inputs(run: Run, root: epath.Path) -> list[str]:
     a synthesis needs its generator's checkpoints, a segmentation the
     generated images of its syntheses. Both stay behind when finished runs
     are carried over as records only (`rsjax experiments export`)."""
+    from rsjax.trainers.resume_check import latest_checkpoint_step
+
     missing = []
     for name in needs(run):
         folder = root / name
         if run.kind == "synthesize":
-            checkpoints = folder / "checkpoints"
-            if not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+            if latest_checkpoint_step(folder) is None:
                 missing.append(f"{folder / 'checkpoints'} (the generator's checkpoints)")
         elif not any(folder.glob("part-*.npz")):
             missing.append(f"{folder}/part-*.npz (the generated images)")

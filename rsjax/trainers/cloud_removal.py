@@ -200,15 +200,13 @@ def load_inference(config, workdir: str, step: Optional[int] = None, devices=Non
 @one_writer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
-    Setup(config)                               # config errors before anything is created
+    sources = Setup(config).sources             # config errors before anything is created
     workdir, mesh = loop.start_run(config, workdir, devices)
-    setup = Setup(config)                       # with the length start_run resolved
     is_main = jax.process_index() == 0
     log.info("Cloud removal (%s) on %d devices, sources %s", config.model.name,
-             mesh.devices.size, setup.sources)
-    train_iter = input_pipeline.create_iterator(
-        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
-        train=True, seed=int(config.seed), sources=setup.sources)
+             mesh.devices.size, sources)
+    train_iter = loop.training_iterator(config, mesh, sources)
+    setup = Setup(config)                       # with the length its training set gives
     state = mesh_lib.init_replicated(setup.init_state, mesh)
     step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,))
 

@@ -470,9 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     is_main = jax.process_index() == 0
     log.info("Fusion training (%s) on %d devices, sources %s", config.generator.name,
              mesh.devices.size, sources)
-    train_iter = input_pipeline.create_iterator(
-        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
-        train=True, seed=int(config.seed), sources=sources)
+    train_iter = loop.training_iterator(config, mesh, sources)
     setup = make_setup(config, sources)
     state = mesh_lib.init_replicated(setup.init_state, mesh)
     step_fn = step_function(setup)

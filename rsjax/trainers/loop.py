@@ -49,6 +49,11 @@ def steps_for_epochs(epochs: float, records: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * records / batch_size))
 
 
+def total_epochs(config) -> float:
+    """The run's length in epochs of its training set, 0 when given in steps."""
+    return float(config.get("total_epochs", 0) or 0)
+
+
 def resolve_length(config, records: int) -> None:
     """A run measured in epochs (`config.total_epochs` > 0) gets its
     `total_steps` from its training set's size, `records`; the learning-rate
@@ -56,7 +61,7 @@ def resolve_length(config, records: int) -> None:
     over the second half" stays the second half. Done when the run starts, so
     config.json records the steps the run took; a run without epochs is left
     as it is."""
-    epochs = float(config.get("total_epochs", 0) or 0)
+    epochs = total_epochs(config)
     if epochs <= 0:
         return
     steps = steps_for_epochs(epochs, records, int(config.global_batch_size))
@@ -71,17 +76,27 @@ def resolve_length(config, records: int) -> None:
 def start_run(config, workdir: str, devices=None):
     """(workdir as a string every library takes, mesh) of a training run: the
     workdir created, the mesh over `devices` (default: all) checked against the
-    batch size, the dataset built when missing, the run's length in steps
-    resolved from its epochs (`resolve_length`)."""
+    batch size, the dataset built when missing."""
     workdir = workdir_path(workdir)      # local (made absolute) or gs://
     mesh = mesh_lib.create_mesh(devices)
     mesh_lib.check_batch_size(config.global_batch_size, mesh)
     # The dataset first: a missing or mismatched one is an error that leaves no workdir.
     input_pipeline.ensure_dataset(config.data)
-    if float(config.get("total_epochs", 0) or 0) > 0:
-        resolve_length(config, input_pipeline.training_set_size(config.data))
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     return workdir, mesh
+
+
+def training_iterator(config, mesh, sources, generated_dir: Optional[str] = None):
+    """A run's training batches (shuffled by its seed, augmented, endless),
+    with `sources` and `generated_dir` (a Mix run's generated images) as
+    `input_pipeline.create_iterator` takes them; a run in epochs gets its
+    steps from the records they pass over (`resolve_length`). Call it before
+    anything reads `config.total_steps` (the learning-rate schedules)."""
+    it = input_pipeline.create_iterator(
+        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
+        train=True, seed=int(config.seed), sources=sources, generated_dir=generated_dir)
+    resolve_length(config, it.num_records)
+    return it
 
 
 def write_final_evaluation(workdir: str, split: str, step: int, scores: dict) -> None:

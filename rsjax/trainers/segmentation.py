@@ -193,10 +193,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains, checkpoints, resumes and evaluates; `devices` (default: all) sets the mesh."""
     workdir, mesh = loop.start_run(config, workdir, devices)
     is_main = jax.process_index() == 0
-    train_iter = input_pipeline.create_iterator(
-        config.data, "train", global_batch_size=config.global_batch_size, mesh=mesh,
-        train=True, seed=int(config.seed), sources=(),
-        generated_dir=input_pipeline.training_generated_dir(config.data))
+    train_iter = loop.training_iterator(
+        config, mesh, sources=(),
+        generated_dir=config.data.generated_dir if config.data.train_data == "mix" else None)
 
     setup = Setup(config)
     weights = class_weights(config)
@@ -230,12 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if best is not None:
             if config.eval_every_steps and step not in validated:
                 validate(step, state, None, writer)       # the last steps count too
-            if best.best is not None and int(best.best["step"]) != step:
-                state, _ = checkpoints.restore_state(config, workdir, setup.init_state, mesh,
-                                                     int(best.best["step"]),
-                                                     folder=checkpoints.BEST_FOLDER)
             if best.best is not None:
-                step = int(best.best["step"])
+                if int(best.best["step"]) != step:
+                    step = int(best.best["step"])
+                    state, _ = checkpoints.restore_state(config, workdir, setup.init_state, mesh,
+                                                         step, folder=checkpoints.BEST_FOLDER)
                 selected = {"selected": "best_validation", "scored_step": step,
                             "validation_miou": best.best["value"]}
                 log.info("Scoring the best validation checkpoint: step %d (validation mIoU %.4g).",
