@@ -42,6 +42,8 @@ LABELS = {"pix2pix": "pix2pix", "rs_spade": "RS-SPADE", "rs_spade_l1": "RS-SPADE
           "mix_0.5": "Mix 0.5:1", "mix_1": "Mix 1:1 (the paper's)", "mix_2": "Mix 2:1",
           "real_optical_half": "real, optical half only",
           "new_layouts": "optical half + generated for the other half"}
+# Table 3's rows (its segmentation runs' methods), in the tables' order.
+TABLE3_METHODS = ("real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts")
 IMAGE_METRICS = (("psnr", "PSNR (dB)", True, "{:.2f}"), ("ssim", "SSIM", True, "{:.3f}"),
                  ("sam", "SAM (rad)", False, "{:.3f}"))
 SEG_METRICS = (("miou", "mIoU", True, "{:.3f}"), ("accuracy", "accuracy", True, "{:.3f}"))
@@ -240,7 +242,7 @@ def validation_summary(results: dict) -> tuple[list[str], dict]:
     mIoU has flattened, over its seeds, and which step its scored model is."""
     lines, out = [], {}
     rows = []
-    for method in ("real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts"):
+    for method in TABLE3_METHODS:
         seeds = results.get(("table3", method), {})
         if not seeds:
             continue
@@ -283,7 +285,7 @@ def figure8(results: dict, path: epath.Path) -> Optional[str]:
     ax = fig.add_subplot(1, 1, 1)
     drawn = 0
     unit = curve_unit(results)
-    for method in ("real", "mix_0.5", "mix_1", "mix_2", "real_optical_half", "new_layouts"):
+    for method in TABLE3_METHODS:
         c = curves(results, method, unit)
         if not c:
             continue
@@ -387,8 +389,7 @@ def build_report(root: epath.Path, scale: str, runs) -> dict:
     t2_methods.append(("all", ("table1", "rs_spade")))
     lines, report["table2"] = table_rows(results, "table2", t2_methods, IMAGE_METRICS, PAPER_TABLE2)
     md += ["## Table 2: RS-SPADE on source subsets", "", *lines, ""]
-    t3_methods = [(m, ("table3", m)) for m in ("real", "mix_0.5", "mix_1", "mix_2",
-                                               "real_optical_half", "new_layouts")]
+    t3_methods = [(m, ("table3", m)) for m in TABLE3_METHODS]
     lines, report["table3"] = table_rows(results, "table3", t3_methods, SEG_METRICS, PAPER_TABLE3)
     md += ["## Table 3: RS-UNet with generated images", "", *lines, ""]
     lines, report["validation"] = validation_summary(results)
